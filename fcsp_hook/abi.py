@@ -1,0 +1,138 @@
+"""Python mirror of shim/fcsp_slot.h, the slot ABI.
+
+The C header is the source of truth; tests/test_abi.py compiles a program that
+prints every offset and size there and compares them with these structures.
+Pure data: no I/O here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+
+LIMITS_MAGIC = 0x4C505346
+USAGE_MAGIC = 0x55505346
+SLOT_VERSION = 1
+
+MAX_DEVICES = 16
+MAX_PROCS = 64
+UUID_LEN = 48
+ID_LEN = 72
+TENANT_LEN = 64
+
+CONTAINER_SLOT_DIR = "/run/fcsp"
+LIMITS_FILE = "limits"
+USAGE_FILE = "usage"
+
+DEV_SELECTED_BY_UUID = 0x1
+CENTI_PER_PERCENT = 100
+WHOLE_GPU_CENTI = 100 * CENTI_PER_PERCENT
+
+
+class IsolationMode(enum.IntEnum):
+    NONE = 0
+    BALANCED = 1
+    STRICT = 2
+    ADAPTIVE = 3
+
+
+class MemMode(enum.IntEnum):
+    HARD = 0
+    SOFT = 1
+
+
+class Priority(enum.IntEnum):
+    BEST_EFFORT = 0
+    LATENCY = 1
+
+
+class ProcState(enum.IntEnum):
+    FREE = 0
+    LIVE = 1
+    REAPING = 2
+
+
+u32 = ctypes.c_uint32
+i32 = ctypes.c_int32
+u64 = ctypes.c_uint64
+
+
+class LimitsDevice(ctypes.Structure):
+    _fields_ = (
+        ("uuid", ctypes.c_char * UUID_LEN),
+        ("host_index", i32),
+        ("flags", u32),
+        ("mem_limit_bytes", u64),
+        ("mem_limit_basis_points", u32),
+        ("sm_requested_centi", u32),
+        ("sm_effective_centi", u32),
+        ("reserved0", u32),
+        ("reserved", u64 * 4),
+    )
+
+
+class Limits(ctypes.Structure):
+    _fields_ = (
+        ("magic", u32),
+        ("version", u32),
+        ("size", u32),
+        ("seq", u32),
+        ("isolation_mode", u32),
+        ("mem_mode", u32),
+        ("priority", u32),
+        ("device_count", u32),
+        ("generation", u64),
+        ("observer_heartbeat_ns", u64),
+        ("container_id", ctypes.c_char * ID_LEN),
+        ("tenant", ctypes.c_char * TENANT_LEN),
+        ("reserved", u64 * 9),
+        ("device", LimitsDevice * MAX_DEVICES),
+    )
+
+
+class UsageDevice(ctypes.Structure):
+    _fields_ = (
+        ("mem_used_bytes", u64),
+        ("mem_peak_bytes", u64),
+        ("mem_soft_excess_bytes", u64),
+        ("mem_rejected", u64),
+        ("launches", u64),
+        ("tokens_used", u64),
+        ("busy_ns", u64),
+        ("throttled_ns", u64),
+        ("demand_centi", u64),
+        ("reserved", u64 * 7),
+    )
+
+
+class UsageProc(ctypes.Structure):
+    _fields_ = (
+        ("state", u32),
+        ("pid", i32),
+        ("start_time", u64),
+        ("heartbeat_ns", u64),
+        ("mem_used_bytes", u64 * MAX_DEVICES),
+        ("reserved", u64 * 2),
+    )
+
+
+class Usage(ctypes.Structure):
+    _fields_ = (
+        ("magic", u32),
+        ("version", u32),
+        ("size", u32),
+        ("reserved0", u32),
+        ("heartbeat_ns", u64),
+        ("reserved", u64 * 7),
+        ("device", UsageDevice * MAX_DEVICES),
+        ("proc", UsageProc * MAX_PROCS),
+    )
+
+
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "fcsp_limits_device": LimitsDevice,
+    "fcsp_limits": Limits,
+    "fcsp_usage_device": UsageDevice,
+    "fcsp_usage_proc": UsageProc,
+    "fcsp_usage": Usage,
+}

@@ -1,0 +1,175 @@
+/*
+ * The FCSP tenant slot: the ABI between the host (fcsp-hook, fcsp-observer,
+ * fcspctl; Python) and libvgpu.so (C) inside the tenant's processes.
+ *
+ * This header is the single source of truth for the layout.  The Python
+ * mirror lives in fcsp_hook/abi.py and tests/test_abi.py compiles a program
+ * that prints every offset and size below and compares them byte for byte.
+ *
+ * A slot is a directory, /run/fcsp/tenants/<container-id>/ on the host,
+ * mounted read-only at /run/fcsp inside the container.  It holds two files,
+ * so that the separation between what the host grants and what the tenant
+ * reports is enforced by the kernel, not by convention:
+ *
+ *   limits  struct fcsp_limits, written by the host only.  Inside the
+ *           container it is reachable only through the read-only mount, so
+ *           a tenant (even root in the container) cannot raise its limits.
+ *   usage   struct fcsp_usage, written by the shim, bind-mounted read-write
+ *           over its own path.  The host treats every byte of it as
+ *           untrusted input.
+ *
+ * Rules for every field: fixed width, naturally aligned, little endian (the
+ * host's), no pointers, no platform-sized types.  Reserved bytes are zero.
+ */
+#ifndef FCSP_SLOT_H
+#define FCSP_SLOT_H
+
+#include <stdalign.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define FCSP_LIMITS_MAGIC 0x4c505346u /* "FSPL" as little-endian bytes */
+#define FCSP_USAGE_MAGIC 0x55505346u  /* "FSPU" */
+#define FCSP_SLOT_VERSION 1u
+
+#define FCSP_MAX_DEVICES 16u
+#define FCSP_MAX_PROCS 64u
+#define FCSP_UUID_LEN 48u
+#define FCSP_ID_LEN 72u
+#define FCSP_TENANT_LEN 64u
+
+/* Paths as the container sees them; the host side creates them. */
+#define FCSP_SLOT_DIR "/run/fcsp"
+#define FCSP_LIMITS_FILE "limits"
+#define FCSP_USAGE_FILE "usage"
+
+/* fcsp_limits.isolation_mode */
+enum fcsp_isolation_mode {
+    FCSP_MODE_NONE = 0,
+    FCSP_MODE_BALANCED = 1,
+    FCSP_MODE_STRICT = 2,
+    FCSP_MODE_ADAPTIVE = 3,
+};
+
+/* fcsp_limits.mem_mode */
+enum fcsp_mem_mode {
+    FCSP_MEM_HARD = 0, /* an allocation past the quota fails */
+    FCSP_MEM_SOFT = 1, /* it succeeds, the excess is counted, a warning is logged once */
+};
+
+/* fcsp_limits.priority */
+enum fcsp_priority {
+    FCSP_PRIORITY_BEST_EFFORT = 0,
+    FCSP_PRIORITY_LATENCY = 1,
+};
+
+/* fcsp_limits_device.flags */
+#define FCSP_DEV_SELECTED_BY_UUID 0x1u
+
+/*
+ * One GPU the container sees, in the order it sees them (entry i is CUDA
+ * ordinal i when CUDA_VISIBLE_DEVICES is not set inside the container).
+ */
+struct fcsp_limits_device {
+    char uuid[FCSP_UUID_LEN];      /* "GPU-..." when known, NUL padded */
+    int32_t host_index;            /* nvidia<N> minor on the host, -1 if unknown */
+    uint32_t flags;                /* FCSP_DEV_* */
+    uint64_t mem_limit_bytes;      /* 0: no byte quota */
+    uint32_t mem_limit_basis_points; /* quota as 1/100 % of the real total; 0: none */
+    uint32_t sm_requested_centi;   /* requested share, 1/100 %: 4000 = 40 %; 10000 = whole GPU */
+    /*
+     * The share in force now, 1/100 %.  Written by the observer as a single
+     * aligned 32-bit store and read by the shim with one relaxed load; it is
+     * the only field the host rewrites while tenants run, outside the seqlock.
+     */
+    _Atomic uint32_t sm_effective_centi;
+    uint32_t reserved0;
+    uint64_t reserved[4];
+};
+
+struct fcsp_limits {
+    uint32_t magic;                /* FCSP_LIMITS_MAGIC */
+    uint32_t version;              /* FCSP_SLOT_VERSION */
+    uint32_t size;                 /* sizeof(struct fcsp_limits) */
+    /*
+     * Seqlock over every field below except sm_effective_centi and
+     * observer_heartbeat_ns: odd while the host writes, bumped before and
+     * after.  Readers retry until they see the same even value twice.
+     */
+    _Atomic uint32_t seq;
+    uint32_t isolation_mode;       /* enum fcsp_isolation_mode */
+    uint32_t mem_mode;             /* enum fcsp_mem_mode */
+    uint32_t priority;             /* enum fcsp_priority */
+    uint32_t device_count;         /* entries in use in device[] */
+    uint64_t generation;           /* bumped on every host update */
+    /* CLOCK_MONOTONIC ns of the observer's last tick; 0: no observer. */
+    _Atomic uint64_t observer_heartbeat_ns;
+    char container_id[FCSP_ID_LEN];
+    char tenant[FCSP_TENANT_LEN];
+    uint64_t reserved[9];
+    struct fcsp_limits_device device[FCSP_MAX_DEVICES];
+};
+
+/* Per GPU, summed over all of the tenant's processes.  Written by the shim. */
+struct fcsp_usage_device {
+    /*
+     * Device memory charged to the tenant.  An allocation reserves its size
+     * here with one compare-and-swap that also checks the quota, so two
+     * processes racing for the last bytes can never both pass.
+     */
+    _Atomic uint64_t mem_used_bytes;
+    _Atomic uint64_t mem_peak_bytes;
+    _Atomic uint64_t mem_soft_excess_bytes; /* soft mode: bytes granted past the quota */
+    _Atomic uint64_t mem_rejected;          /* allocations refused (hard mode) */
+    _Atomic uint64_t launches;
+    _Atomic uint64_t tokens_used;
+    _Atomic uint64_t busy_ns;               /* measured GPU time of the tenant's kernels */
+    _Atomic uint64_t throttled_ns;          /* time launching threads waited for tokens */
+    _Atomic uint64_t demand_centi;          /* share the tenant would use unthrottled, 1/100 % */
+    uint64_t reserved[7];
+};
+
+/* fcsp_usage_proc.state */
+enum fcsp_proc_state {
+    FCSP_PROC_FREE = 0,
+    FCSP_PROC_LIVE = 1,
+    FCSP_PROC_REAPING = 2, /* claimed by a reaper, which releases its charge */
+};
+
+/* One process of the tenant, claimed by CAS on state. */
+struct fcsp_usage_proc {
+    _Atomic uint32_t state;        /* enum fcsp_proc_state */
+    int32_t pid;                   /* in the container's pid namespace */
+    uint64_t start_time;           /* /proc/<pid>/stat field 22, to tell a reused pid */
+    _Atomic uint64_t heartbeat_ns; /* CLOCK_MONOTONIC of its last report */
+    _Atomic uint64_t mem_used_bytes[FCSP_MAX_DEVICES];
+    uint64_t reserved[2];
+};
+
+struct fcsp_usage {
+    uint32_t magic;                /* FCSP_USAGE_MAGIC */
+    uint32_t version;              /* FCSP_SLOT_VERSION */
+    uint32_t size;                 /* sizeof(struct fcsp_usage) */
+    uint32_t reserved0;
+    _Atomic uint64_t heartbeat_ns; /* CLOCK_MONOTONIC of the shim's last report */
+    uint64_t reserved[7];
+    struct fcsp_usage_device device[FCSP_MAX_DEVICES];
+    struct fcsp_usage_proc proc[FCSP_MAX_PROCS];
+};
+
+/*
+ * The ABI is pinned: a change to any of these numbers is a new
+ * FCSP_SLOT_VERSION, and tests/test_abi.py must change with it.
+ */
+_Static_assert(sizeof(_Atomic uint64_t) == 8 && alignof(_Atomic uint64_t) == 8,
+               "64-bit atomics must be plain 8-byte words");
+_Static_assert(sizeof(struct fcsp_limits_device) == 112, "fcsp_limits_device size");
+_Static_assert(sizeof(struct fcsp_limits) == 2048, "fcsp_limits size");
+_Static_assert(offsetof(struct fcsp_limits, seq) == 12, "seq offset");
+_Static_assert(offsetof(struct fcsp_limits, device) == 256, "limits device[] offset");
+_Static_assert(sizeof(struct fcsp_usage_device) == 128, "fcsp_usage_device size");
+_Static_assert(sizeof(struct fcsp_usage_proc) == 168, "fcsp_usage_proc size");
+_Static_assert(offsetof(struct fcsp_usage, device) == 80, "usage device[] offset");
+_Static_assert(sizeof(struct fcsp_usage) == 12880, "fcsp_usage size");
+
+#endif /* FCSP_SLOT_H */
