@@ -1,0 +1,154 @@
+"""/etc/fcsp/config.toml: host-wide defaults.  Loading is I/O; validation is pure.
+
+Unknown sections and keys are errors, so that a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fcsp_hook import abi
+from fcsp_hook.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_PATH = Path("/etc/fcsp/config.toml")
+
+FAIL_CLOSED = "fail-closed"
+FAIL_OPEN = "fail-open"
+
+_MODES = {m.name.lower(): m for m in abi.IsolationMode}
+_MEM_MODES = {m.name.lower(): m for m in abi.MemMode}
+
+
+@dataclass(frozen=True)
+class DefaultsConfig:
+    mode: abi.IsolationMode = abi.IsolationMode.BALANCED
+    mem_mode: abi.MemMode = abi.MemMode.HARD
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    # fail-closed: a container whose FCSP setup fails does not start.
+    # fail-open: it starts without FCSP, and the failure is logged.
+    failure_policy: str = FAIL_CLOSED
+    library: Path = Path("/usr/local/lib/fcsp/libvgpu.so")
+    log_file: Path = Path("/var/log/fcsp/hook.log")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    run_dir: Path = Path("/run/fcsp")
+    # Where the host's /dev/nvidia<N> nodes are listed for NVIDIA_VISIBLE_DEVICES=all.
+    dev_dir: Path = Path("/dev")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    tenant_floor_pct: int = 20
+    shared_pool_pct: int = 40
+    burst_max_pct: int = 40
+
+
+@dataclass(frozen=True)
+class Config:
+    defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
+    hook: HookConfig = field(default_factory=HookConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+
+def _choice(section: str, key: str, value: object, choices: Mapping[str, Any]) -> Any:
+    if isinstance(value, str) and value in choices:
+        return choices[value]
+    raise ConfigError(f"[{section}] {key} = {value!r} is invalid: expected one of {', '.join(choices)}")
+
+
+def _path(section: str, key: str, value: object) -> Path:
+    if isinstance(value, str) and value.startswith("/"):
+        return Path(value)
+    raise ConfigError(f"[{section}] {key} = {value!r} is invalid: expected an absolute path")
+
+
+def _percent(section: str, key: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100:
+        return value
+    raise ConfigError(f"[{section}] {key} = {value!r} is invalid: expected an integer from 0 to 100")
+
+
+def _check_keys(section: str, table: Mapping[str, object], cls: type) -> None:
+    allowed = {f.name for f in fields(cls)}
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"[{section}] {key} is unknown: expected one of {', '.join(sorted(allowed))}")
+
+
+def _table(data: Mapping[str, object], section: str, cls: type) -> Mapping[str, object]:
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table")
+    _check_keys(section, table, cls)
+    return table
+
+
+def from_mapping(data: Mapping[str, object]) -> Config:
+    """Validate a parsed TOML document."""
+    sections = {f.name for f in fields(Config)}
+    for section in data:
+        if section not in sections:
+            raise ConfigError(f"[{section}] is unknown: expected one of {', '.join(sorted(sections))}")
+
+    d = _table(data, "defaults", DefaultsConfig)
+    defaults = DefaultsConfig(
+        mode=_choice("defaults", "mode", d.get("mode", "balanced"), _MODES),
+        mem_mode=_choice("defaults", "mem_mode", d.get("mem_mode", "hard"), _MEM_MODES),
+    )
+    h = _table(data, "hook", HookConfig)
+    hook = HookConfig(
+        failure_policy=_choice(
+            "hook", "failure_policy", h.get("failure_policy", FAIL_CLOSED),
+            {FAIL_CLOSED: FAIL_CLOSED, FAIL_OPEN: FAIL_OPEN},
+        ),
+        library=_path("hook", "library", h.get("library", str(HookConfig.library))),
+        log_file=_path("hook", "log_file", h.get("log_file", str(HookConfig.log_file))),
+    )
+    p = _table(data, "paths", PathsConfig)
+    paths = PathsConfig(
+        run_dir=_path("paths", "run_dir", p.get("run_dir", str(PathsConfig.run_dir))),
+        dev_dir=_path("paths", "dev_dir", p.get("dev_dir", str(PathsConfig.dev_dir))),
+    )
+    q = _table(data, "policy", PolicyConfig)
+    policy = PolicyConfig(
+        **{f.name: _percent("policy", f.name, q.get(f.name, f.default)) for f in fields(PolicyConfig)}
+    )
+    if policy.tenant_floor_pct + policy.shared_pool_pct + policy.burst_max_pct > 100:
+        raise ConfigError(
+            "[policy] tenant_floor_pct + shared_pool_pct + burst_max_pct must not exceed 100"
+        )
+    return Config(defaults=defaults, hook=hook, paths=paths, policy=policy)
+
+
+def load(path: Path = DEFAULT_PATH) -> Config:
+    """Read and validate config.toml; a missing file means every default."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return from_mapping(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,133 @@
+"""The OCI state (hook stdin) and the few fields of the bundle's config.json we use.
+
+Decoding only; the hook decides what to do with them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcsp_hook.errors import HookError
+
+MAX_STATE_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class State:
+    id: str
+    status: str
+    pid: int | None
+    bundle: Path | None
+    annotations: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Device:
+    path: str
+    major: int | None
+    minor: int | None
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """What config.json says; every field empty when it could not be read."""
+
+    root: Path | None = None
+    env: tuple[str, ...] = ()
+    devices: tuple[Device, ...] = ()
+    readable: bool = True
+    problem: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def parse_state(raw: bytes) -> State:
+    if len(raw) > MAX_STATE_BYTES:
+        raise HookError(f"OCI state on stdin is larger than {MAX_STATE_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HookError(f"OCI state on stdin is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise HookError("OCI state on stdin is not a JSON object")
+    cid = doc.get("id")
+    if not isinstance(cid, str) or not cid:
+        raise HookError("OCI state has no container id")
+    pid = doc.get("pid")
+    bundle = doc.get("bundle")
+    annotations = doc.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise HookError("OCI state annotations are not an object")
+    return State(
+        id=cid,
+        status=str(doc.get("status", "")),
+        pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None,
+        bundle=Path(bundle) if isinstance(bundle, str) and bundle.startswith("/") else None,
+        annotations={str(k): str(v) for k, v in annotations.items()},
+    )
+
+
+def _devices(doc: dict[str, Any]) -> tuple[Device, ...]:
+    linux = doc.get("linux")
+    entries = linux.get("devices") if isinstance(linux, dict) else None
+    if not isinstance(entries, list):
+        return ()
+    found = []
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            major, minor = entry.get("major"), entry.get("minor")
+            found.append(
+                Device(
+                    entry["path"],
+                    major if isinstance(major, int) else None,
+                    minor if isinstance(minor, int) else None,
+                )
+            )
+    return tuple(found)
+
+
+def decode_bundle_config(doc: object, bundle: Path) -> BundleConfig:
+    if not isinstance(doc, dict):
+        return BundleConfig(readable=False, problem="config.json is not a JSON object")
+    root = doc.get("root")
+    root_path = root.get("path") if isinstance(root, dict) else None
+    process = doc.get("process")
+    env = process.get("env") if isinstance(process, dict) else None
+    annotations = doc.get("annotations")
+    return BundleConfig(
+        root=(bundle / root_path) if isinstance(root_path, str) and root_path else None,
+        env=tuple(e for e in env if isinstance(e, str)) if isinstance(env, list) else (),
+        devices=_devices(doc),
+        annotations=(
+            {str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, dict) else {}
+        ),
+    )
+
+
+def read_bundle_config(bundle: Path | None) -> BundleConfig:
+    """Read <bundle>/config.json; an unreadable one is reported, not fatal."""
+    if bundle is None:
+        return BundleConfig(readable=False, problem="the OCI state names no bundle")
+    path = bundle / "config.json"
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            return BundleConfig(readable=False, problem=f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+        doc = json.loads(raw)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return BundleConfig(readable=False, problem=f"cannot read {path}: {exc}")
+    return decode_bundle_config(doc, bundle)
+
+
+def env_value(env: tuple[str, ...], name: str) -> str | None:
+    """The value of name in an OCI env list; the last definition wins, as in execve's environment."""
+    value = None
+    prefix = name + "="
+    for entry in env:
+        if entry.startswith(prefix):
+            value = entry[len(prefix) :]
+    return value
