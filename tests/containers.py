@@ -1,0 +1,112 @@
+"""Real containers for the end-to-end tests: tiny rootfs trees run by podman + runc with the
+real fcsp hook from a hooks.d directory.  No registry, no image store: `podman --rootfs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcsp_hook import hooksd
+
+REPO = Path(__file__).resolve().parent.parent
+LIBRARY = REPO / "shim" / "libvgpu.so"
+BUSYBOX = Path("/bin/busybox")
+# A dynamically linked glibc program and what it needs: this is what ld.so.preload reaches.
+GLIBC_PROGRAM = Path("/bin/cat")
+GLIBC_IN_ROOTFS = Path("/usr/bin/cat")
+# This machine's hard limit for open files is 20000, and crun refuses RLIMIT_NPROC here.
+ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096")
+
+
+def podman_usable() -> str | None:
+    """None when podman and runc can run containers here, else why not."""
+    if os.geteuid() != 0:
+        return "end-to-end tests need root"
+    for tool in ("podman", "runc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    return None
+
+
+def _copy_with_libs(program: Path, root: Path) -> None:
+    out = subprocess.run(["ldd", str(program)], capture_output=True, text=True, check=True).stdout
+    needed = [program]
+    for line in out.splitlines():
+        parts = line.split()
+        path = next((p for p in parts if p.startswith("/")), None)
+        if path:
+            needed.append(Path(path))
+    for path in needed:
+        dest = root / (GLIBC_IN_ROOTFS if path == program else path).relative_to("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path.resolve(), dest)
+
+
+def build_base_rootfs(root: Path) -> Path:
+    """busybox-static (ignores ld.so.preload) plus glibc's /bin/cat (honours it)."""
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "run"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "ls", "grep", "sleep", "echo", "test", "stat", "readlink"):
+        (root / "bin" / applet).symlink_to("busybox")
+    _copy_with_libs(GLIBC_PROGRAM, root)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    return root
+
+
+@dataclass
+class HookSetup:
+    """A hooks.d directory whose entry runs the real hook with a test config.toml."""
+
+    hooks_dir: Path
+    run_dir: Path
+    log_file: Path
+    config_path: Path
+
+    @classmethod
+    def create(cls, base: Path, failure_policy: str = "fail-closed") -> HookSetup:
+        hooks_dir, run_dir = base / "hooks.d", base / "run"
+        hooks_dir.mkdir(parents=True)
+        log_file = base / "hook.log"
+        config_path = base / "config.toml"
+        config_path.write_text(
+            f'[hook]\nlibrary = "{LIBRARY}"\nlog_file = "{log_file}"\n'
+            f'failure_policy = "{failure_policy}"\n[paths]\nrun_dir = "{run_dir}"\n'
+        )
+        entry = hooksd.render(sys.executable, config_path)
+        (hooks_dir / "fcsp.json").write_text(entry)
+        return cls(hooks_dir, run_dir, log_file, config_path)
+
+    def slots(self) -> list[Path]:
+        tenants = self.run_dir / "tenants"
+        return sorted(tenants.iterdir()) if tenants.is_dir() else []
+
+    def log_records(self) -> list[dict[str, object]]:
+        if not self.log_file.exists():
+            return []
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+
+def podman(
+    hook: HookSetup,
+    rootfs: Path,
+    command: list[str],
+    annotations: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    runtime: str = "runc",
+    extra: tuple[str, ...] = ("--rm",),
+) -> subprocess.CompletedProcess[str]:
+    argv = ["podman", "--hooks-dir", str(hook.hooks_dir), "run", "--runtime", runtime, *ULIMITS]
+    argv += list(extra)
+    for key, value in (annotations or {}).items():
+        argv += ["--annotation", f"{key}={value}"]
+    for key, value in (env or {}).items():
+        argv += ["-e", f"{key}={value}"]
+    argv += ["--rootfs", str(rootfs), *command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)

@@ -1,0 +1,237 @@
+"""The container path end to end: podman + runc run the real hook from hooks.d, which
+gives a glibc process in the container libvgpu.so, its slot and a merged ld.so.preload."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook import abi, slot
+from tests.containers import GLIBC_IN_ROOTFS, HookSetup, podman
+
+pytestmark = pytest.mark.e2e
+
+GPU = {"NVIDIA_VISIBLE_DEVICES": "0"}
+LIB = "/run/fcsp/libvgpu.so"
+CAT = str(GLIBC_IN_ROOTFS)
+
+
+def _podman(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _no_fcsp_traces(hook: HookSetup, rootfs: Path) -> None:
+    assert hook.slots() == []
+    assert not (rootfs / "run" / "fcsp").exists()
+    assert not (rootfs / "etc" / "ld.so.preload").exists()
+
+
+def test_glibc_process_maps_shim_and_slot_and_rm_removes_slot(hook: HookSetup, rootfs: Path) -> None:
+    """A long-running glibc process has libvgpu.so and both slot files mapped, has claimed a
+    process record in the host's slot, and the slot is gone once the container is removed."""
+    name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
+    started = podman(
+        hook, rootfs, [CAT], {"fcsp.sm": "40", "fcsp.mem": "8G", "fcsp.tenant": "team-a"},
+        GPU, extra=("-d", "-i", "--name", name),
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        maps = _podman("exec", name, CAT, "/proc/1/maps")
+        assert maps.returncode == 0, maps.stderr
+        for mapped in (LIB, "/run/fcsp/limits", "/run/fcsp/usage"):
+            assert mapped in maps.stdout
+        preload = _podman("exec", name, CAT, "/etc/ld.so.preload")
+        assert preload.stdout == f"{LIB}\n"
+
+        container_id = _podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
+        slot_dir = hook.run_dir / "tenants" / container_id
+        assert hook.slots() == [slot_dir]
+        limits = slot.read_limits(slot_dir / "limits")
+        assert limits.container_id.decode() == container_id
+        assert limits.tenant == b"team-a"
+        assert limits.device_count == 1
+        assert limits.device[0].host_index == 0
+        assert limits.device[0].sm_requested_centi == 4000
+        assert limits.device[0].mem_limit_bytes == 8 << 30
+        usage = slot.read_usage(slot_dir / "usage")
+        live = [p for p in usage.proc if p.state == abi.ProcState.LIVE]
+        assert 1 in [p.pid for p in live]
+    finally:
+        removed = _podman("rm", "-f", "-t", "0", name)
+    assert removed.returncode == 0, removed.stderr
+    assert hook.slots() == []
+
+
+def test_limits_are_read_only_inside_the_container(hook: HookSetup, rootfs: Path) -> None:
+    """Even root in the container cannot write its limits: the slot is mounted read-only,
+    while the usage file the shim reports into stays writable."""
+    script = (
+        "echo x > /run/fcsp/limits && echo limits-writable; "
+        "test -w /run/fcsp/usage && echo usage-writable; "
+        "grep ' /run/fcsp ' /proc/self/mountinfo"
+    )
+    result = podman(hook, rootfs, ["/bin/sh", "-c", script], {"fcsp.sm": "40"}, GPU)
+    assert result.returncode == 0, result.stderr
+    assert "limits-writable" not in result.stdout
+    assert "usage-writable" in result.stdout
+    assert " ro," in result.stdout
+
+
+def test_image_preload_entries_are_merged_after_the_shim(hook: HookSetup, rootfs: Path) -> None:
+    """The image's own /etc/ld.so.preload entries survive, after libvgpu.so, and the image's
+    file itself is left as it was."""
+    own = rootfs / "etc" / "ld.so.preload"
+    own.write_text("/lib/x86_64-linux-gnu/libc.so.6\n")
+    result = podman(hook, rootfs, [CAT, "/etc/ld.so.preload"], {"fcsp.sm": "40"}, GPU)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{LIB}\n/lib/x86_64-linux-gnu/libc.so.6\n"
+    assert own.read_text() == "/lib/x86_64-linux-gnu/libc.so.6\n"
+
+
+def test_static_binaries_do_not_load_the_shim(hook: HookSetup, rootfs: Path) -> None:
+    """The documented limitation holds: a static binary (busybox) ignores ld.so.preload,
+    while a glibc program in the same container loads the shim."""
+    result = podman(
+        hook, rootfs, ["/bin/sh", "-c", f"/bin/busybox cat /proc/self/maps; echo ===; {CAT} /proc/self/maps"],
+        {"fcsp.sm": "40"}, GPU,
+    )
+    assert result.returncode == 0, result.stderr
+    static, dynamic = result.stdout.split("===")
+    assert LIB not in static
+    assert LIB in dynamic
+
+
+def test_container_without_gpu_is_left_untouched(hook: HookSetup, rootfs: Path) -> None:
+    """fcsp annotations on a container that asks for no GPU: no slot, no mounts, a log line."""
+    result = podman(hook, rootfs, [CAT, "/proc/self/maps"], {"fcsp.sm": "40"})
+    assert result.returncode == 0, result.stderr
+    assert LIB not in result.stdout
+    _no_fcsp_traces(hook, rootfs)
+    assert any(r["event"] == "no GPU requested; container left untouched" for r in hook.log_records())
+
+
+@pytest.mark.parametrize(
+    ("annotation", "message"),
+    [
+        (("fcsp.sm", "abc"), 'annotation fcsp.sm="abc" is invalid: expected a percentage'),
+        (("fcsp.mem", "8GB?"), 'annotation fcsp.mem="8GB?" is invalid: expected bytes'),
+        (("fcsp.smm", "40"), "annotation fcsp.smm is unknown"),
+        (("fcsp.sm.1", "40"), "GPU index 1 is out of range"),
+    ],
+)
+def test_bad_annotation_fails_the_start_with_one_line(
+    hook: HookSetup, rootfs: Path, annotation: tuple[str, str], message: str
+) -> None:
+    """podman run fails, podman's stderr carries the hook's one-line reason, and nothing is
+    left behind: no slot, no mount point, no preload file."""
+    result = podman(hook, rootfs, [CAT, "/proc/self/maps"], dict([annotation]), GPU)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    hook_lines = [line for line in result.stderr.split("stderr: ")[-1].splitlines() if line.strip()]
+    assert len(hook_lines) == 1
+    _no_fcsp_traces(hook, rootfs)
+
+
+def test_fail_open_policy_starts_the_container_without_fcsp(tmp_path: Path, rootfs: Path) -> None:
+    """With failure_policy = fail-open, a bad annotation is logged and the container runs
+    without the shim."""
+    hook = HookSetup.create(tmp_path / "open", failure_policy="fail-open")
+    result = podman(hook, rootfs, [CAT, "/proc/self/maps"], {"fcsp.sm": "abc"}, GPU)
+    assert result.returncode == 0, result.stderr
+    assert LIB not in result.stdout
+    _no_fcsp_traces(hook, rootfs)
+    assert any(r["level"] == "error" for r in hook.log_records())
+
+
+def test_restarted_container_reuses_its_slot(hook: HookSetup, rootfs: Path) -> None:
+    """Starting a stopped container again gives it the same slot path (keyed by its id)."""
+    name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
+    first = podman(hook, rootfs, [CAT, "/etc/ld.so.preload"], {"fcsp.sm": "40"}, GPU, extra=("--name", name))
+    try:
+        assert first.returncode == 0, first.stderr
+        second = _podman("--hooks-dir", str(hook.hooks_dir), "start", "-a", name)
+        assert second.returncode == 0, second.stderr
+        assert second.stdout == first.stdout == f"{LIB}\n"
+    finally:
+        _podman("rm", "-f", "-t", "0", name)
+    ready = [r["slot"] for r in hook.log_records() if r["event"] == "tenant slot ready"]
+    assert len(ready) == 2
+    assert ready[0] == ready[1]
+    assert hook.slots() == []
+
+
+# Malicious images: the rootfs is the tenant's, the hook is root on the host.
+
+
+def test_etc_symlinked_to_an_absolute_path_stays_inside_the_rootfs(hook: HookSetup, rootfs: Path) -> None:
+    """/etc -> /tmp/elsewhere resolves inside the rootfs, as the container sees it; the
+    host's /tmp/elsewhere is never created or written."""
+    elsewhere = f"/tmp/fcsp-elsewhere-{uuid.uuid4().hex[:8]}"
+    (rootfs / elsewhere.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc").rename(rootfs / elsewhere.lstrip("/"))
+    (rootfs / "etc").symlink_to(elsewhere)
+    result = podman(hook, rootfs, [CAT, "/etc/ld.so.preload"], {"fcsp.sm": "40"}, GPU)
+    assert not Path(elsewhere).exists()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{LIB}\n"
+
+
+@pytest.mark.parametrize("target", ["host-file", "/etc/passwd"])
+def test_preload_symlinked_to_a_file_is_refused(hook: HookSetup, rootfs: Path, tmp_path: Path, target: str) -> None:
+    """/etc/ld.so.preload -> a host file, or -> /etc/passwd: the hook refuses to mount over a
+    link, the start fails with a clear reason, and neither file changes."""
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_text("host secret\n")
+    link_target = str(sentinel) if target == "host-file" else target
+    (rootfs / "etc" / "ld.so.preload").symlink_to(link_target)
+    before = {p: _digest(p) for p in (sentinel, Path("/etc/passwd"), rootfs / "etc" / "passwd")}
+    result = podman(hook, rootfs, [CAT, "/etc/passwd"], {"fcsp.sm": "40"}, GPU)
+    assert result.returncode != 0
+    assert "/etc/ld.so.preload in the image is a symlink" in result.stderr
+    assert {p: _digest(p) for p in before} == before
+    assert hook.slots() == []
+    assert not (rootfs / "run" / "fcsp").exists()
+
+
+def test_relative_dotdot_symlink_never_leaves_the_rootfs(hook: HookSetup, rootfs: Path) -> None:
+    """/etc -> ../../../../tmp/x climbs no higher than the rootfs: the host's /tmp/x is
+    never created, and the container either starts with the preload or fails clearly."""
+    name = f"fcsp-rel-{uuid.uuid4().hex[:8]}"
+    (rootfs / "tmp" / name).mkdir()
+    for entry in (rootfs / "etc").iterdir():
+        entry.rename(rootfs / "tmp" / name / entry.name)
+    (rootfs / "etc").rmdir()
+    (rootfs / "etc").symlink_to(f"../../../../../../tmp/{name}")
+    result = podman(hook, rootfs, [CAT, "/etc/ld.so.preload"], {"fcsp.sm": "40"}, GPU)
+    assert not Path("/tmp", name).exists()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{LIB}\n"
+    assert (rootfs / "tmp" / name / "ld.so.preload").exists()
+
+
+def test_missing_etc_is_created_inside_the_rootfs(hook: HookSetup, rootfs: Path) -> None:
+    """An image without /etc still starts and gets the preload."""
+    subprocess.run(["rm", "-rf", str(rootfs / "etc")], check=True)
+    result = podman(hook, rootfs, [CAT, "/etc/ld.so.preload"], {"fcsp.sm": "40"}, GPU)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{LIB}\n"
+
+
+def test_run_symlinked_inside_the_rootfs_is_followed(hook: HookSetup, rootfs: Path) -> None:
+    """/run -> /var/run (common in images) is followed inside the rootfs."""
+    (rootfs / "run").rmdir()
+    (rootfs / "var" / "run").mkdir(parents=True)
+    (rootfs / "run").symlink_to("/var/run")
+    result = podman(hook, rootfs, [CAT, "/proc/self/maps"], {"fcsp.sm": "40"}, GPU)
+    assert result.returncode == 0, result.stderr
+    assert LIB in result.stdout
+    assert (rootfs / "var" / "run" / "fcsp").is_dir()
