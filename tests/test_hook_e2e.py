@@ -4,6 +4,7 @@ gives a glibc process in the container libvgpu.so, its slot and a merged ld.so.p
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fcsp_hook import abi, slot
-from tests.containers import GLIBC_IN_ROOTFS, HookSetup, podman
+from tests.containers import GLIBC_IN_ROOTFS, ULIMITS, HookSetup, podman
 
 pytestmark = pytest.mark.e2e
 
@@ -235,3 +236,23 @@ def test_run_symlinked_inside_the_rootfs_is_followed(hook: HookSetup, rootfs: Pa
     assert result.returncode == 0, result.stderr
     assert LIB in result.stdout
     assert (rootfs / "var" / "run" / "fcsp").is_dir()
+
+
+def test_hook_ignores_the_engines_and_the_containers_environment(
+    hook: HookSetup, rootfs: Path, tmp_path: Path
+) -> None:
+    """A PYTHONPATH planted in podman's environment and in the container's env never reaches
+    the hook (explicit env in hooks.d, python -I): the planted module does not run."""
+    evil = tmp_path / "evil" / "fcsp_hook"
+    evil.mkdir(parents=True)
+    marker = tmp_path / "evil-ran"
+    (evil / "__init__.py").write_text(f"open('{marker}', 'w').write('ran')\n")
+    (evil / "hook.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": str(evil.parent), "PYTHONSTARTUP": str(evil / "__init__.py")}
+    argv = ["podman", "--hooks-dir", str(hook.hooks_dir), "run", "--rm", "--runtime", "runc",
+            *ULIMITS, "--annotation", "fcsp.sm=40", "-e", "NVIDIA_VISIBLE_DEVICES=0",
+            "-e", f"PYTHONPATH={evil.parent}", "--rootfs", str(rootfs), CAT, "/etc/ld.so.preload"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{LIB}\n"
+    assert not marker.exists()

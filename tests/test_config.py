@@ -1,0 +1,64 @@
+"""config.toml: the shipped file is valid and complete; bad values are one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook import abi, config
+from fcsp_hook.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_equals_the_defaults() -> None:
+    """etc/config.toml documents every default, with the values the code uses."""
+    assert config.load(REPO / "etc" / "config.toml") == config.Config()
+
+
+def test_missing_file_means_defaults(tmp_path: Path) -> None:
+    """A host without /etc/fcsp/config.toml runs on the defaults."""
+    assert config.load(tmp_path / "absent.toml") == config.Config()
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    """Each section's keys reach the Config."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[defaults]\nmode = "strict"\nmem_mode = "soft"\n'
+        '[hook]\nfailure_policy = "fail-open"\n[paths]\nrun_dir = "/tmp/x"\n'
+        "[policy]\ntenant_floor_pct = 10\nshared_pool_pct = 30\nburst_max_pct = 60\n"
+    )
+    cfg = config.load(path)
+    assert cfg.defaults.mode == abi.IsolationMode.STRICT
+    assert cfg.defaults.mem_mode == abi.MemMode.SOFT
+    assert cfg.hook.failure_policy == config.FAIL_OPEN
+    assert cfg.paths.run_dir == Path("/tmp/x")
+    assert cfg.policy == config.PolicyConfig(10, 30, 60)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[defaults]\nmode = 'fast'\n", "[defaults] mode = 'fast' is invalid: expected one of none"),
+        ("[hook]\nfailure_policy = 'maybe'\n", "expected one of fail-closed, fail-open"),
+        ("[hook]\nlibrary = 'relative/lib.so'\n", "expected an absolute path"),
+        ("[policy]\ntenant_floor_pct = 101\n", "expected an integer from 0 to 100"),
+        ("[policy]\ntenant_floor_pct = true\n", "expected an integer from 0 to 100"),
+        ("[policy]\ntenant_floor_pct = 50\nshared_pool_pct = 40\n", "must not exceed 100"),
+        ("[hook]\nlibary = '/x'\n", "[hook] libary is unknown"),
+        ("[hooks]\n", "[hooks] is unknown"),
+        ("defaults = 3\n", "[defaults] must be a table"),
+        ("[defaults\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    """Typos and bad values are refused with the section, the key and the accepted form."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
