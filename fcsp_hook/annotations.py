@@ -24,7 +24,9 @@ MEM_FORM = (
 MEM_MODE_FORM = "hard or soft"
 MODE_FORM = "none, balanced, strict or adaptive"
 PRIORITY_FORM = "latency or best-effort"
-TENANT_FORM = "1 to 63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+TENANT_FORM = (
+    "1 to 63 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
 
 _DECIMAL = r"(?:0|[1-9][0-9]{0,2})(?:\.[0-9]{1,2})?"
 _SM_RE = re.compile(rf"^{_DECIMAL}$")

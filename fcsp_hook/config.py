@@ -18,7 +18,7 @@ from fcsp_hook.errors import ConfigError
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found]  # 3.10 only
 
 DEFAULT_PATH = Path("/etc/fcsp/config.toml")
 
@@ -69,7 +69,9 @@ class Config:
 def _choice(section: str, key: str, value: object, choices: Mapping[str, Any]) -> Any:
     if isinstance(value, str) and value in choices:
         return choices[value]
-    raise ConfigError(f"[{section}] {key} = {value!r} is invalid: expected one of {', '.join(choices)}")
+    raise ConfigError(
+        f"[{section}] {key} = {value!r} is invalid: expected one of {', '.join(choices)}"
+    )
 
 
 def _path(section: str, key: str, value: object) -> Path:
@@ -81,14 +83,18 @@ def _path(section: str, key: str, value: object) -> Path:
 def _percent(section: str, key: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100:
         return value
-    raise ConfigError(f"[{section}] {key} = {value!r} is invalid: expected an integer from 0 to 100")
+    raise ConfigError(
+        f"[{section}] {key} = {value!r} is invalid: expected an integer from 0 to 100"
+    )
 
 
 def _check_keys(section: str, table: Mapping[str, object], cls: type) -> None:
     allowed = {f.name for f in fields(cls)}
     for key in table:
         if key not in allowed:
-            raise ConfigError(f"[{section}] {key} is unknown: expected one of {', '.join(sorted(allowed))}")
+            raise ConfigError(
+                f"[{section}] {key} is unknown: expected one of {', '.join(sorted(allowed))}"
+            )
 
 
 def _table(data: Mapping[str, object], section: str, cls: type) -> Mapping[str, object]:
@@ -104,7 +110,9 @@ def from_mapping(data: Mapping[str, object]) -> Config:
     sections = {f.name for f in fields(Config)}
     for section in data:
         if section not in sections:
-            raise ConfigError(f"[{section}] is unknown: expected one of {', '.join(sorted(sections))}")
+            raise ConfigError(
+                f"[{section}] is unknown: expected one of {', '.join(sorted(sections))}"
+            )
 
     d = _table(data, "defaults", DefaultsConfig)
     defaults = DefaultsConfig(
@@ -114,7 +122,9 @@ def from_mapping(data: Mapping[str, object]) -> Config:
     h = _table(data, "hook", HookConfig)
     hook = HookConfig(
         failure_policy=_choice(
-            "hook", "failure_policy", h.get("failure_policy", FAIL_CLOSED),
+            "hook",
+            "failure_policy",
+            h.get("failure_policy", FAIL_CLOSED),
             {FAIL_CLOSED: FAIL_CLOSED, FAIL_OPEN: FAIL_OPEN},
         ),
         library=_path("hook", "library", h.get("library", str(HookConfig.library))),
@@ -127,7 +137,10 @@ def from_mapping(data: Mapping[str, object]) -> Config:
     )
     q = _table(data, "policy", PolicyConfig)
     policy = PolicyConfig(
-        **{f.name: _percent("policy", f.name, q.get(f.name, f.default)) for f in fields(PolicyConfig)}
+        **{
+            f.name: _percent("policy", f.name, q.get(f.name, f.default))
+            for f in fields(PolicyConfig)
+        }
     )
     if policy.tenant_floor_pct + policy.shared_pool_pct + policy.burst_max_pct > 100:
         raise ConfigError(

@@ -77,14 +77,20 @@ def from_devices(devices: Iterable[Device]) -> list[Gpu]:
     return gpus
 
 
-def visible_gpus(visible_devices: str | None, devices: Iterable[Device], dev_dir: Path) -> list[Gpu]:
+def visible_gpus(
+    visible_devices: str | None, devices: Iterable[Device], dev_dir: Path
+) -> list[Gpu]:
     """The environment's list first, in its order, then device nodes it did not name."""
     gpus: list[Gpu] = []
     if visible_devices is not None:
         needs_host = visible_devices.strip().lower() == "all"
-        gpus = parse_visible_devices(visible_devices, host_gpu_indices(dev_dir) if needs_host else ())
+        gpus = parse_visible_devices(
+            visible_devices, host_gpu_indices(dev_dir) if needs_host else ()
+        )
     named = {g.host_index for g in gpus}
     gpus += [g for g in from_devices(devices) if g.host_index not in named]
     if len(gpus) > abi.MAX_DEVICES:
-        raise HookError(f"the container sees {len(gpus)} GPUs; FCSP supports at most {abi.MAX_DEVICES}")
+        raise HookError(
+            f"the container sees {len(gpus)} GPUs; FCSP supports at most {abi.MAX_DEVICES}"
+        )
     return gpus

@@ -16,7 +16,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import abi, annotations, config, gpus, mounts, oci, slot
+from fcsp_hook import abi, config, gpus, mounts, oci, slot
+from fcsp_hook import annotations as fcsp_annotations
 from fcsp_hook.errors import FcspError, HookError
 from fcsp_hook.log import HookLogger
 
@@ -32,8 +33,9 @@ POSTSTOP_STATUSES = {"stopped"}
 class Setup:
     """What prestart decided for one container."""
 
-    request: annotations.TenantRequest
+    request: fcsp_annotations.TenantRequest
     gpus: tuple[gpus.Gpu, ...]
+    pid: int
     rootfs: Path
 
 
@@ -66,7 +68,7 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
         log.warning("bundle config unreadable; using the OCI state alone", problem=bundle.problem)
     visible = oci.env_value(bundle.env, "NVIDIA_VISIBLE_DEVICES")
     found = tuple(gpus.visible_gpus(visible, bundle.devices, cfg.paths.dev_dir))
-    request = annotations.parse(
+    request = fcsp_annotations.parse(
         state.annotations, len(found), cfg.defaults.mode, cfg.defaults.mem_mode
     )
     if not found:
@@ -77,11 +79,11 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     rootfs = bundle.root or Path(os.readlink(f"/proc/{state.pid}/cwd"))
     if not cfg.hook.library.is_file():
         raise HookError(f"{cfg.hook.library} is missing; run `make install` or set [hook] library")
-    return Setup(request=request, gpus=found, rootfs=rootfs)
+    return Setup(request=request, gpus=found, pid=state.pid, rootfs=rootfs)
 
 
 def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
-    if not annotations.has_fcsp_annotations(state.annotations):
+    if not fcsp_annotations.has_fcsp_annotations(state.annotations):
         return
     setup = plan_setup(state, cfg, log)
     if setup is None:
@@ -91,8 +93,7 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     placeholders = {mounts.LIBRARY_NAME: (b"", 0o644), mounts.PRELOAD_NAME: (b"", 0o644)}
     slot.write_slot(slot_dir, slot_spec(state.id, setup), placeholders)
     try:
-        assert state.pid is not None  # plan_setup checked
-        mounts.install(mounts.MountPlan(state.pid, setup.rootfs, slot_dir, cfg.hook.library))
+        mounts.install(mounts.MountPlan(setup.pid, setup.rootfs, slot_dir, cfg.hook.library))
     except BaseException:
         slot.remove_slot(cfg.paths.run_dir, state.id)
         raise
@@ -137,7 +138,9 @@ def run(stage: str, raw_state: bytes, cfg: config.Config, log: HookLogger) -> in
         try:
             poststop(state, cfg, log)
         except (FcspError, OSError) as exc:
-            log.warning("poststop could not remove the slot; the observer will reap it", error=str(exc))
+            log.warning(
+                "poststop could not remove the slot; the observer will reap it", error=str(exc)
+            )
         return EXIT_OK  # poststop must never fail a container's removal
     prestart(state, cfg, log)
     return EXIT_OK

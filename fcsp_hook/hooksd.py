@@ -27,7 +27,13 @@ def hook_entry(python: str, config_path: Path) -> dict[str, object]:
             # argv[0] is the full path: Python finds its prefix (and site-packages) from it.
             # -I: isolated mode, so PYTHONPATH, PYTHONHOME and user site-packages are ignored.
             "args": [
-                python, "-I", "-m", "fcsp_hook.hook", "--config", str(config_path), "oci",
+                python,
+                "-I",
+                "-m",
+                "fcsp_hook.hook",
+                "--config",
+                str(config_path),
+                "oci",
             ],
             "env": list(HOOK_ENV),
             "timeout": 10,
@@ -43,7 +49,9 @@ def render(python: str, config_path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcsp_hook.hooksd", description=__doc__)
-    parser.add_argument("--python", default="/usr/bin/python3", help="interpreter that has fcsp_hook")
+    parser.add_argument(
+        "--python", default="/usr/bin/python3", help="interpreter that has fcsp_hook"
+    )
     parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH, help="config.toml path")
     args = parser.parse_args(argv)
     if not args.python.startswith("/"):

@@ -36,7 +36,12 @@ class HookLogger:
     def _write(self, level: str, event: str, values: dict[str, object]) -> None:
         if self.path is None:
             return
-        record = {"event": event, "level": level, "timestamp": _timestamp(), "logger": "fcsp-hook"}
+        record: dict[str, object] = {
+            "event": event,
+            "level": level,
+            "timestamp": _timestamp(),
+            "logger": "fcsp-hook",
+        }
         record.update(self.bound)
         record.update(values)
         line = json.dumps(record, default=str, ensure_ascii=True) + "\n"

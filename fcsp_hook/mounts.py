@@ -151,7 +151,9 @@ def install(plan: MountPlan) -> None:
     try:
         ns_fd = os.open(f"/proc/{plan.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise HookError(f"cannot reach the container's mount namespace (pid {plan.pid}): {exc.strerror}") from exc
+        raise HookError(
+            f"cannot reach the container's mount namespace (pid {plan.pid}): {exc.strerror}"
+        ) from exc
     try:
         # Written from inside the namespace, where the image's own entries are read.
         preload_out = os.open(

@@ -102,7 +102,9 @@ def decode_bundle_config(doc: object, bundle: Path) -> BundleConfig:
         env=tuple(e for e in env if isinstance(e, str)) if isinstance(env, list) else (),
         devices=_devices(doc),
         annotations=(
-            {str(k): str(v) for k, v in annotations.items()} if isinstance(annotations, dict) else {}
+            {str(k): str(v) for k, v in annotations.items()}
+            if isinstance(annotations, dict)
+            else {}
         ),
     )
 
@@ -116,7 +118,9 @@ def read_bundle_config(bundle: Path | None) -> BundleConfig:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
-            return BundleConfig(readable=False, problem=f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+            return BundleConfig(
+                readable=False, problem=f"{path} is larger than {MAX_CONFIG_BYTES} bytes"
+            )
         doc = json.loads(raw)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         return BundleConfig(readable=False, problem=f"cannot read {path}: {exc}")
@@ -124,7 +128,7 @@ def read_bundle_config(bundle: Path | None) -> BundleConfig:
 
 
 def env_value(env: tuple[str, ...], name: str) -> str | None:
-    """The value of name in an OCI env list; the last definition wins, as in execve's environment."""
+    """The value of name in an OCI env list; the last definition wins, as in a process's env."""
     value = None
     prefix = name + "="
     for entry in env:

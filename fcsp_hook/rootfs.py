@@ -41,7 +41,9 @@ class Rootfs:
         try:
             self.fd = os.open(self.path, _DIR_FLAGS)
         except OSError as exc:
-            raise UnsafePathError(f"cannot open the container rootfs {self.path}: {exc.strerror}") from exc
+            raise UnsafePathError(
+                f"cannot open the container rootfs {self.path}: {exc.strerror}"
+            ) from exc
         self.in_root = linux.has_openat2()
 
     def close(self) -> None:
@@ -58,7 +60,9 @@ class Rootfs:
         parts = _parts(path)
         if self.in_root:
             resolve = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS
-            return linux.openat2(self.fd, "/".join(parts) or ".", flags | os.O_CLOEXEC, mode, resolve)
+            return linux.openat2(
+                self.fd, "/".join(parts) or ".", flags | os.O_CLOEXEC, mode, resolve
+            )
         return self._walk(parts, flags, mode)
 
     def _walk(self, parts: list[str], flags: int, mode: int) -> int:
@@ -115,8 +119,9 @@ class Rootfs:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise UnsafePathError(f"{current} in the image is not a directory we can use: "
-                                      f"{exc.strerror}") from exc
+                raise UnsafePathError(
+                    f"{current} in the image is not a directory we can use: {exc.strerror}"
+                ) from exc
             if self.lstat(current) is not None:
                 raise UnsafePathError(f"{current} in the image is a symlink that leads nowhere")
             parent = self.open("/" + "/".join(parts[: depth - 1]), _DIR_FLAGS)
@@ -136,15 +141,23 @@ class Rootfs:
         st = self.lstat(path)
         if st is not None:
             if stat.S_ISLNK(st.st_mode):
-                raise UnsafePathError(f"{path} in the image is a symlink; refusing to mount over it")
+                raise UnsafePathError(
+                    f"{path} in the image is a symlink; refusing to mount over it"
+                )
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafePathError(f"{path} in the image is not a regular file")
             return False
         head, name = os.path.split(path)
         parent = self.open(head, _DIR_FLAGS)
         try:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o644, dir_fd=parent))
+            os.close(
+                os.open(
+                    name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=parent,
+                )
+            )
         finally:
             os.close(parent)
         return True

@@ -62,7 +62,9 @@ def slot_path(run_dir: Path, container_id: str) -> Path:
 
 def encode_limits(spec: SlotSpec) -> bytes:
     if len(spec.devices) > abi.MAX_DEVICES:
-        raise SlotError(f"{len(spec.devices)} GPUs requested; a slot holds at most {abi.MAX_DEVICES}")
+        raise SlotError(
+            f"{len(spec.devices)} GPUs requested; a slot holds at most {abi.MAX_DEVICES}"
+        )
     limits = abi.Limits()
     limits.magic = abi.LIMITS_MAGIC
     limits.version = abi.SLOT_VERSION
@@ -113,7 +115,7 @@ def write_slot(directory: Path, spec: SlotSpec, extra_files: dict[str, tuple[byt
     """
     try:
         directory.mkdir(mode=0o755, parents=False, exist_ok=True)
-        os.chmod(directory, 0o755)
+        os.chmod(directory, 0o755)  # noqa: S103  # every uid in the container traverses it
         _write_atomically(directory / abi.LIMITS_FILE, encode_limits(spec), 0o644)
         # Any uid in the container must be able to report its usage.
         _write_atomically(directory / abi.USAGE_FILE, empty_usage(), 0o666)
@@ -129,7 +131,7 @@ def ensure_tenants_dir(run_dir: Path) -> Path:
     try:
         run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         path.mkdir(mode=0o711, exist_ok=True)
-        os.chmod(path, 0o711)
+        os.chmod(path, 0o711)  # noqa: S103  # traversable, not listable
     except OSError as exc:
         raise SlotError(f"cannot create {path}: {exc.strerror}") from exc
     return path

@@ -99,6 +99,7 @@ def podman(
     command: list[str],
     annotations: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    *,
     runtime: str = "runc",
     extra: tuple[str, ...] = ("--rm",),
 ) -> subprocess.CompletedProcess[str]:

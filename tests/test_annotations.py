@@ -62,20 +62,24 @@ def test_defaults_without_annotations_values() -> None:
 
 def test_per_device_keys_override_the_default() -> None:
     """fcsp.sm.<i> and fcsp.mem.<i> apply to the i-th GPU; the others keep fcsp.sm/fcsp.mem."""
-    request = parse(
-        {"fcsp.sm": "30", "fcsp.sm.1": "70", "fcsp.mem": "4G", "fcsp.mem.0": "25%"}, 3
-    )
+    request = parse({"fcsp.sm": "30", "fcsp.sm.1": "70", "fcsp.mem": "4G", "fcsp.mem.0": "25%"}, 3)
     assert [d.sm_centi for d in request.devices] == [3000, 7000, 3000]
     assert [d.mem for d in request.devices] == [
-        MemQuota(basis_points=2500), MemQuota(bytes=4 * G), MemQuota(bytes=4 * G)
+        MemQuota(basis_points=2500),
+        MemQuota(bytes=4 * G),
+        MemQuota(bytes=4 * G),
     ]
 
 
 def test_modes_priority_and_tenant() -> None:
     """The enumerated keys map to the slot's enums; tenant is kept as given."""
     request = _one(
-        {"fcsp.mode": "adaptive", "fcsp.mem-mode": "soft", "fcsp.priority": "latency",
-         "fcsp.tenant": "team-a.prod_1"}
+        {
+            "fcsp.mode": "adaptive",
+            "fcsp.mem-mode": "soft",
+            "fcsp.priority": "latency",
+            "fcsp.tenant": "team-a.prod_1",
+        }
     )
     assert request.mode == abi.IsolationMode.ADAPTIVE
     assert request.mem_mode == abi.MemMode.SOFT
@@ -96,7 +100,7 @@ BAD = [
     ("fcsp.sm", "-5", "expected a percentage"),
     ("fcsp.sm", "1e99", "expected a percentage"),
     ("fcsp.sm", "", "expected a percentage"),
-    ("fcsp.sm", "４０", "expected a percentage"),
+    ("fcsp.sm", "４０", "expected a percentage"),  # noqa: RUF001  # full-width digits on purpose
     ("fcsp.sm", "40 ", "expected a percentage"),
     ("fcsp.mem", "8GB?", "expected bytes with a binary suffix"),
     ("fcsp.mem", "abc", "expected bytes"),
@@ -127,7 +131,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("key", "value", "form"), BAD)
-def test_malformed_values_give_one_line_naming_key_value_and_form(key: str, value: str, form: str) -> None:
+def test_malformed_values_give_one_line_naming_key_value_and_form(
+    key: str, value: str, form: str
+) -> None:
     """Each malformed annotation raises one line naming the key, the value and the form."""
     with pytest.raises(AnnotationError) as info:
         _one({key: value})
@@ -155,14 +161,27 @@ def test_long_and_control_values_are_escaped_and_bounded() -> None:
 
 
 fcsp_keys = st.one_of(
-    st.sampled_from(["fcsp.sm", "fcsp.mem", "fcsp.mem-mode", "fcsp.mode", "fcsp.priority",
-                     "fcsp.tenant", "fcsp.sm.0", "fcsp.mem.3", "fcsp.sm.16"]),
+    st.sampled_from(
+        [
+            "fcsp.sm",
+            "fcsp.mem",
+            "fcsp.mem-mode",
+            "fcsp.mode",
+            "fcsp.priority",
+            "fcsp.tenant",
+            "fcsp.sm.0",
+            "fcsp.mem.3",
+            "fcsp.sm.16",
+        ]
+    ),
     st.text(min_size=0, max_size=12).map(lambda s: "fcsp." + s),
 )
 
 
 @given(st.dictionaries(fcsp_keys, st.text(max_size=40), max_size=4), st.integers(0, 20))
-def test_any_input_parses_or_fails_with_one_clean_line(annotations: dict[str, str], devices: int) -> None:
+def test_any_input_parses_or_fails_with_one_clean_line(
+    annotations: dict[str, str], devices: int
+) -> None:
     """Fuzz: whatever the keys and values, parse returns a request within bounds or raises
     AnnotationError with one line; no other exception escapes."""
     try:

@@ -41,7 +41,10 @@ def test_values_are_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[defaults]\nmode = 'fast'\n", "[defaults] mode = 'fast' is invalid: expected one of none"),
+        (
+            "[defaults]\nmode = 'fast'\n",
+            "[defaults] mode = 'fast' is invalid: expected one of none",
+        ),
         ("[hook]\nfailure_policy = 'maybe'\n", "expected one of fail-closed, fail-open"),
         ("[hook]\nlibrary = 'relative/lib.so'\n", "expected an absolute path"),
         ("[policy]\ntenant_floor_pct = 101\n", "expected an integer from 0 to 100"),

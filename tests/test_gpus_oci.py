@@ -51,15 +51,27 @@ def test_all_lists_host_device_nodes(tmp_path: Path) -> None:
 
 def test_device_nodes_add_gpus_the_env_did_not_name(tmp_path: Path) -> None:
     """linux.devices /dev/nvidia<N> (podman --device) counts as a GPU request."""
-    devices = (Device("/dev/nvidia1", 195, 1), Device("/dev/nvidiactl", 195, 255), Device("/dev/null", 1, 3))
+    devices = (
+        Device("/dev/nvidia1", 195, 1),
+        Device("/dev/nvidiactl", 195, 255),
+        Device("/dev/null", 1, 3),
+    )
     assert gpus.visible_gpus(None, devices, tmp_path) == [Gpu(1)]
     assert gpus.visible_gpus("0,1", devices, tmp_path) == [Gpu(0), Gpu(1)]
 
 
 def test_state_fields() -> None:
     """The hook takes id, status, pid, bundle and annotations from the state."""
-    raw = json.dumps({"ociVersion": "1.0.2", "id": "abc", "status": "creating", "pid": 42,
-                      "bundle": "/b", "annotations": {"fcsp.sm": "40"}}).encode()
+    raw = json.dumps(
+        {
+            "ociVersion": "1.0.2",
+            "id": "abc",
+            "status": "creating",
+            "pid": 42,
+            "bundle": "/b",
+            "annotations": {"fcsp.sm": "40"},
+        }
+    ).encode()
     state = oci.parse_state(raw)
     assert (state.id, state.status, state.pid, state.bundle) == ("abc", "creating", 42, Path("/b"))
     assert state.annotations == {"fcsp.sm": "40"}
@@ -72,7 +84,9 @@ def test_poststop_state_without_pid() -> None:
     assert state.annotations == {}
 
 
-@pytest.mark.parametrize("raw", [b"", b"[]", b"{", b'{"status": "creating"}', b'{"id": "a", "annotations": "x"}'])
+@pytest.mark.parametrize(
+    "raw", [b"", b"[]", b"{", b'{"status": "creating"}', b'{"id": "a", "annotations": "x"}']
+)
 def test_bad_state_is_a_hook_error(raw: bytes) -> None:
     """Garbage on stdin is a one-line HookError."""
     with pytest.raises(HookError):
@@ -81,11 +95,15 @@ def test_bad_state_is_a_hook_error(raw: bytes) -> None:
 
 def test_bundle_config(tmp_path: Path) -> None:
     """root.path is relative to the bundle; env and devices are read."""
-    (tmp_path / "config.json").write_text(json.dumps({
-        "root": {"path": "rootfs"},
-        "process": {"env": ["A=1", "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=1"]},
-        "linux": {"devices": [{"path": "/dev/nvidia0", "major": 195, "minor": 0}]},
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "root": {"path": "rootfs"},
+                "process": {"env": ["A=1", "NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=1"]},
+                "linux": {"devices": [{"path": "/dev/nvidia0", "major": 195, "minor": 0}]},
+            }
+        )
+    )
     cfg = oci.read_bundle_config(tmp_path)
     assert cfg.readable
     assert cfg.root == tmp_path / "rootfs"

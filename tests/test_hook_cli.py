@@ -14,7 +14,9 @@ from fcsp_hook import hooksd
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _hook(tmp_path: Path, stage: str, stdin: bytes, config_text: str = "") -> subprocess.CompletedProcess[str]:
+def _hook(
+    tmp_path: Path, stage: str, stdin: bytes, config_text: str = ""
+) -> subprocess.CompletedProcess[str]:
     cfg = tmp_path / "config.toml"
     cfg.write_text(
         config_text
@@ -22,13 +24,23 @@ def _hook(tmp_path: Path, stage: str, stdin: bytes, config_text: str = "") -> su
     )
     return subprocess.run(
         [sys.executable, "-I", "-m", "fcsp_hook.hook", "--config", str(cfg), stage],
-        input=stdin.decode(), capture_output=True, text=True, timeout=60, check=False,
+        input=stdin.decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 def _state(**fields: object) -> bytes:
-    doc: dict[str, object] = {"ociVersion": "1.0.2", "id": "c1", "status": "creating", "pid": 1,
-                              "bundle": "/nonexistent", "annotations": {"fcsp.sm": "40"}}
+    doc: dict[str, object] = {
+        "ociVersion": "1.0.2",
+        "id": "c1",
+        "status": "creating",
+        "pid": 1,
+        "bundle": "/nonexistent",
+        "annotations": {"fcsp.sm": "40"},
+    }
     doc.update(fields)
     return json.dumps(doc).encode()
 
@@ -73,7 +85,9 @@ def test_failures_are_logged_as_json_with_the_container_id(tmp_path: Path) -> No
     """The log file gets a JSON line with level, event and container_id."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}}))
+    (bundle / "config.json").write_text(
+        json.dumps({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}})
+    )
     result = _hook(tmp_path, "prestart", _state(bundle=str(bundle), annotations={"fcsp.sm": "0"}))
     assert result.returncode == 1
     records = [json.loads(x) for x in (tmp_path / "hook.log").read_text().splitlines()]
@@ -108,7 +122,9 @@ def test_hooksd_needs_an_absolute_interpreter(python: str) -> None:
     """A relative interpreter would be looked up on the engine's PATH: refused."""
     result = subprocess.run(
         [sys.executable, "-m", "fcsp_hook.hooksd", "--python", python],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2
     assert "absolute path" in result.stderr

@@ -22,7 +22,9 @@ CAT = str(GLIBC_IN_ROOTFS)
 
 
 def _podman(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        ["podman", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def _digest(path: Path) -> str:
@@ -35,13 +37,19 @@ def _no_fcsp_traces(hook: HookSetup, rootfs: Path) -> None:
     assert not (rootfs / "etc" / "ld.so.preload").exists()
 
 
-def test_glibc_process_maps_shim_and_slot_and_rm_removes_slot(hook: HookSetup, rootfs: Path) -> None:
+def test_glibc_process_maps_shim_and_slot_and_rm_removes_slot(
+    hook: HookSetup, rootfs: Path
+) -> None:
     """A long-running glibc process has libvgpu.so and both slot files mapped, has claimed a
     process record in the host's slot, and the slot is gone once the container is removed."""
     name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
     started = podman(
-        hook, rootfs, [CAT], {"fcsp.sm": "40", "fcsp.mem": "8G", "fcsp.tenant": "team-a"},
-        GPU, extra=("-d", "-i", "--name", name),
+        hook,
+        rootfs,
+        [CAT],
+        {"fcsp.sm": "40", "fcsp.mem": "8G", "fcsp.tenant": "team-a"},
+        GPU,
+        extra=("-d", "-i", "--name", name),
     )
     assert started.returncode == 0, started.stderr
     try:
@@ -101,8 +109,11 @@ def test_static_binaries_do_not_load_the_shim(hook: HookSetup, rootfs: Path) -> 
     """The documented limitation holds: a static binary (busybox) ignores ld.so.preload,
     while a glibc program in the same container loads the shim."""
     result = podman(
-        hook, rootfs, ["/bin/sh", "-c", f"/bin/busybox cat /proc/self/maps; echo ===; {CAT} /proc/self/maps"],
-        {"fcsp.sm": "40"}, GPU,
+        hook,
+        rootfs,
+        ["/bin/sh", "-c", f"/bin/busybox cat /proc/self/maps; echo ===; {CAT} /proc/self/maps"],
+        {"fcsp.sm": "40"},
+        GPU,
     )
     assert result.returncode == 0, result.stderr
     static, dynamic = result.stdout.split("===")
@@ -116,7 +127,9 @@ def test_container_without_gpu_is_left_untouched(hook: HookSetup, rootfs: Path) 
     assert result.returncode == 0, result.stderr
     assert LIB not in result.stdout
     _no_fcsp_traces(hook, rootfs)
-    assert any(r["event"] == "no GPU requested; container left untouched" for r in hook.log_records())
+    assert any(
+        r["event"] == "no GPU requested; container left untouched" for r in hook.log_records()
+    )
 
 
 @pytest.mark.parametrize(
@@ -156,7 +169,9 @@ def test_fail_open_policy_starts_the_container_without_fcsp(tmp_path: Path, root
 def test_restarted_container_reuses_its_slot(hook: HookSetup, rootfs: Path) -> None:
     """Starting a stopped container again gives it the same slot path (keyed by its id)."""
     name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
-    first = podman(hook, rootfs, [CAT, "/etc/ld.so.preload"], {"fcsp.sm": "40"}, GPU, extra=("--name", name))
+    first = podman(
+        hook, rootfs, [CAT, "/etc/ld.so.preload"], {"fcsp.sm": "40"}, GPU, extra=("--name", name)
+    )
     try:
         assert first.returncode == 0, first.stderr
         second = _podman("--hooks-dir", str(hook.hooks_dir), "start", "-a", name)
@@ -173,7 +188,9 @@ def test_restarted_container_reuses_its_slot(hook: HookSetup, rootfs: Path) -> N
 # Malicious images: the rootfs is the tenant's, the hook is root on the host.
 
 
-def test_etc_symlinked_to_an_absolute_path_stays_inside_the_rootfs(hook: HookSetup, rootfs: Path) -> None:
+def test_etc_symlinked_to_an_absolute_path_stays_inside_the_rootfs(
+    hook: HookSetup, rootfs: Path
+) -> None:
     """/etc -> /tmp/elsewhere resolves inside the rootfs, as the container sees it; the
     host's /tmp/elsewhere is never created or written."""
     elsewhere = f"/tmp/fcsp-elsewhere-{uuid.uuid4().hex[:8]}"
@@ -187,7 +204,9 @@ def test_etc_symlinked_to_an_absolute_path_stays_inside_the_rootfs(hook: HookSet
 
 
 @pytest.mark.parametrize("target", ["host-file", "/etc/passwd"])
-def test_preload_symlinked_to_a_file_is_refused(hook: HookSetup, rootfs: Path, tmp_path: Path, target: str) -> None:
+def test_preload_symlinked_to_a_file_is_refused(
+    hook: HookSetup, rootfs: Path, tmp_path: Path, target: str
+) -> None:
     """/etc/ld.so.preload -> a host file, or -> /etc/passwd: the hook refuses to mount over a
     link, the start fails with a clear reason, and neither file changes."""
     sentinel = tmp_path / "sentinel"
@@ -249,9 +268,26 @@ def test_hook_ignores_the_engines_and_the_containers_environment(
     (evil / "__init__.py").write_text(f"open('{marker}', 'w').write('ran')\n")
     (evil / "hook.py").write_text("")
     env = {**os.environ, "PYTHONPATH": str(evil.parent), "PYTHONSTARTUP": str(evil / "__init__.py")}
-    argv = ["podman", "--hooks-dir", str(hook.hooks_dir), "run", "--rm", "--runtime", "runc",
-            *ULIMITS, "--annotation", "fcsp.sm=40", "-e", "NVIDIA_VISIBLE_DEVICES=0",
-            "-e", f"PYTHONPATH={evil.parent}", "--rootfs", str(rootfs), CAT, "/etc/ld.so.preload"]
+    argv = [
+        "podman",
+        "--hooks-dir",
+        str(hook.hooks_dir),
+        "run",
+        "--rm",
+        "--runtime",
+        "runc",
+        *ULIMITS,
+        "--annotation",
+        "fcsp.sm=40",
+        "-e",
+        "NVIDIA_VISIBLE_DEVICES=0",
+        "-e",
+        f"PYTHONPATH={evil.parent}",
+        "--rootfs",
+        str(rootfs),
+        CAT,
+        "/etc/ld.so.preload",
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{LIB}\n"

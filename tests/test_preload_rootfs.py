@@ -47,7 +47,9 @@ def test_regular_preload_is_read(open_root: tuple[Rootfs, Path]) -> None:
     assert rootfs.read_regular_file("/etc/ld.so.preload", 100) == b"/lib/x.so\n"
 
 
-def test_preload_link_to_host_file_is_refused(open_root: tuple[Rootfs, Path], tmp_path: Path) -> None:
+def test_preload_link_to_host_file_is_refused(
+    open_root: tuple[Rootfs, Path], tmp_path: Path
+) -> None:
     """A link as the last component is refused for reading and for mounting over."""
     rootfs, root = open_root
     secret = tmp_path / "secret"
