@@ -1,0 +1,103 @@
+"""fcspctl status / check-config / doctor against real slot files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook import abi, ctl, slot
+
+
+@pytest.fixture
+def cfg_path(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[paths]\nrun_dir = "{tmp_path}/run"\n[hook]\nlibrary = "{tmp_path}/lib.so"\n')
+    return path
+
+
+def _slot(run_dir: Path, cid: str, **kw: object) -> Path:
+    slot.ensure_tenants_dir(run_dir)
+    directory = slot.slot_path(run_dir, cid)
+    devices = (
+        slot.DeviceLimits(host_index=0, mem_limit_bytes=8 << 30, sm_requested_centi=4000),
+        slot.DeviceLimits(uuid="GPU-abc", mem_limit_basis_points=5000, sm_requested_centi=2500),
+    )
+    slot.write_slot(
+        directory, slot.SlotSpec(container_id=cid, tenant="team-a", devices=devices), {}
+    )
+    return directory
+
+
+def test_status_table_shows_each_tenant_gpu(
+    cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One row per tenant and GPU with requested/effective share and memory quota."""
+    _slot(tmp_path / "run", "c0ffee" * 4)
+    assert ctl.main(["--config", str(cfg_path), "status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["CONTAINER", "TENANT", "MODE"]
+    assert "c0ffeec0ffee" in out[1] and "team-a" in out[1] and "40%" in out[1] and "8.0Gi" in out[1]
+    assert "GPU-abc" in out[2] and "25%" in out[2] and "50%" in out[2]
+
+
+def test_status_json_is_machine_readable(
+    cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json gives the same facts as a list of tenants."""
+    _slot(tmp_path / "run", "abc")
+    assert ctl.main(["--config", str(cfg_path), "status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc[0]["container_id"] == "abc"
+    assert doc[0]["mode"] == "balanced"
+    assert [d["sm_requested_pct"] for d in doc[0]["devices"]] == [40.0, 25.0]
+
+
+def test_status_survives_a_corrupt_usage_file(
+    cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tenant's usage file is untrusted: a truncated one is reported on its row."""
+    directory = _slot(tmp_path / "run", "abc")
+    (directory / abi.USAGE_FILE).write_bytes(b"garbage")
+    assert ctl.main(["--config", str(cfg_path), "status"]) == 0
+    assert "expected" in capsys.readouterr().out
+
+
+def test_status_clamps_hostile_values(
+    cfg_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Out-of-range numbers from a slot are clamped, not shown or trusted as given."""
+    directory = _slot(tmp_path / "run", "abc")
+    row = ctl.read_tenant(directory)
+    assert row.devices[0].sm_effective_pct == 40.0
+    limits = slot.read_limits(directory / abi.LIMITS_FILE)
+    limits.device[0].sm_effective_centi = 4_000_000_000
+    limits.device_count = 99
+    (directory / abi.LIMITS_FILE).write_bytes(bytes(limits))
+    row = ctl.read_tenant(directory)
+    assert row.devices[0].sm_effective_pct == 100.0
+    assert len(row.devices) == abi.MAX_DEVICES
+
+
+def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config: 0 for a valid file, 1 with one line for a bad or missing one."""
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text('[defaults]\nmode = "strict"\n')
+    bad.write_text('[defaults]\nmode = "fast"\n')
+    assert ctl.main(["check-config", str(good)]) == 0
+    assert ctl.main(["check-config", str(bad)]) == 1
+    assert ctl.main(["check-config", str(tmp_path / "none.toml")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "mode = 'fast' is invalid" in err[0]
+    assert "does not exist" in err[1]
+
+
+def test_doctor_reports_a_missing_library(
+    cfg_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """doctor fails and names what is missing."""
+    assert ctl.main(["--config", str(cfg_path), "doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "[!!] library" in out and "lib.so is missing" in out
+    assert "[ok] slots" in out
