@@ -7,10 +7,17 @@ SYSCONFDIR  ?= /etc
 LIBDIR      ?= $(PREFIX)/lib/fcsp
 HOOKSDIR    ?= /usr/share/containers/oci/hooks.d
 UNITDIR     ?= /etc/systemd/system
-PYTHON      ?= $(shell command -v python3)
-# The interpreter the hook runs under, resolved past wrappers such as pyenv's
+# FCSP's Python lives in its own virtual environment, so that it never fights the
+# distribution's packages (PEP 668) and the hook's interpreter is a fixed path.
+VENV        ?= /opt/fcsp/venv
+BASE_PYTHON ?= python3
+# Tests run with the venv's interpreter once `make deps` made it, else with python3.
+PYTHON      ?= $(shell test -x $(VENV)/bin/python3 && echo $(VENV)/bin/python3 || command -v python3)
+# The interpreter the hook runs under: a real binary, never a wrapper such as pyenv's
 # shims, which would cost a shell and 80 ms on every container start.
-HOOK_PYTHON ?= $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
+HOOK_PYTHON ?= $(VENV)/bin/python3
+APT_PACKAGES = build-essential python3 python3-venv python3-pip podman runc crun \
+               busybox-static uidmap
 CUDA_INCLUDE ?= /usr/local/cuda/include
 
 CC      ?= gcc
@@ -22,7 +29,7 @@ SHIM_LDFLAGS = -shared -Wl,--version-script=shim/libvgpu.map -Wl,-z,now -Wl,-z,r
 SHIM_SRC = $(wildcard shim/*.c)
 SHIM_HDR = $(wildcard shim/*.h) shim/libvgpu.map
 
-.PHONY: all shim install uninstall test lint clean demo
+.PHONY: all shim deps venv install uninstall test lint clean demo
 all: shim
 
 shim: shim/libvgpu.so
@@ -30,8 +37,22 @@ shim: shim/libvgpu.so
 shim/libvgpu.so: $(SHIM_SRC) $(SHIM_HDR)
 	$(CC) $(SHIM_CFLAGS) -o $@ $(SHIM_SRC) $(SHIM_LDFLAGS)
 
-install: shim/libvgpu.so
-	$(PYTHON) -m pip install --no-deps --no-build-isolation --root-user-action=ignore $(if $(DESTDIR),--root $(DESTDIR)) .
+# Everything a fresh Debian/Ubuntu host needs to build, run and test FCSP (as root).
+deps: venv
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+	$(VENV)/bin/python3 -m pip install -q -e '.[test]'
+
+venv:
+	[ -x $(VENV)/bin/python3 ] || { command -v $(BASE_PYTHON) >/dev/null && $(BASE_PYTHON) -m venv $(VENV) 2>/dev/null; } || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
+		  $(BASE_PYTHON) -m venv $(VENV); }
+
+install: shim/libvgpu.so venv
+	$(VENV)/bin/python3 -m pip install -q .
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin
+	ln -sf $(VENV)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcsp-hook
+	ln -sf $(VENV)/bin/fcspctl $(DESTDIR)$(PREFIX)/bin/fcspctl
 	install -D -m 0755 shim/libvgpu.so $(DESTDIR)$(LIBDIR)/libvgpu.so
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/fcsp
 	[ -e $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml ] || \
@@ -43,8 +64,9 @@ install: shim/libvgpu.so
 		install -D -m 0644 $$unit $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
 
 uninstall:
-	-$(PYTHON) -m pip uninstall -y --root-user-action=ignore fcsp
+	-$(VENV)/bin/python3 -m pip uninstall -q -y fcsp
 	rm -f $(DESTDIR)$(LIBDIR)/libvgpu.so $(DESTDIR)$(HOOKSDIR)/fcsp.json
+	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcspctl
 	-rmdir $(DESTDIR)$(LIBDIR)
 	for unit in $(wildcard systemd/*.service); do rm -f $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
 	@echo "kept $(SYSCONFDIR)/fcsp/config.toml (your settings); remove it by hand if unwanted"
@@ -57,7 +79,7 @@ lint:
 	$(PYTHON) -m mypy
 
 demo: install
-	bash bench/demo.sh
+	bash demo/demo.sh
 
 clean:
 	rm -f shim/libvgpu.so

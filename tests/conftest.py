@@ -39,8 +39,14 @@ def rootfs(base_rootfs: Path, tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def hook_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The interpreter hooks.d entries name in tests: it imports this checkout."""
+    return containers.hook_interpreter(tmp_path_factory.mktemp("hook") / "venv")
+
+
 @pytest.fixture
-def hook(tmp_path: Path, e2e_ready: None) -> Iterator[containers.HookSetup]:
-    setup = containers.HookSetup.create(tmp_path / "fcsp")
+def hook(tmp_path: Path, e2e_ready: None, hook_python: Path) -> Iterator[containers.HookSetup]:
+    setup = containers.HookSetup.create(tmp_path / "fcsp", hook_python)
     yield setup
     shutil.rmtree(setup.run_dir, ignore_errors=True)

@@ -24,6 +24,24 @@ GLIBC_IN_ROOTFS = Path("/usr/bin/cat")
 ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096")
 
 
+def hook_interpreter(venv: Path) -> Path:
+    """A venv whose only addition is this checkout, so hooks run the working tree's code.
+
+    The hook runs `python -I`, which ignores PYTHONPATH and the current directory but
+    still reads the venv's .pth files: the same way an installed package is found.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python3"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(site) / "fcsp-checkout.pth").write_text(f"{REPO}\n")
+    return python
+
+
 def podman_usable() -> str | None:
     """None when podman and runc can run containers here, else why not."""
     if os.geteuid() != 0:
@@ -70,7 +88,7 @@ class HookSetup:
     config_path: Path
 
     @classmethod
-    def create(cls, base: Path, failure_policy: str = "fail-closed") -> HookSetup:
+    def create(cls, base: Path, python: Path, failure_policy: str = "fail-closed") -> HookSetup:
         hooks_dir, run_dir = base / "hooks.d", base / "run"
         hooks_dir.mkdir(parents=True)
         log_file = base / "hook.log"
@@ -79,7 +97,7 @@ class HookSetup:
             f'[hook]\nlibrary = "{LIBRARY}"\nlog_file = "{log_file}"\n'
             f'failure_policy = "{failure_policy}"\n[paths]\nrun_dir = "{run_dir}"\n'
         )
-        entry = hooksd.render(sys.executable, config_path)
+        entry = hooksd.render(str(python), config_path)
         (hooks_dir / "fcsp.json").write_text(entry)
         return cls(hooks_dir, run_dir, log_file, config_path)
 

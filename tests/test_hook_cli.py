@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _hook(
-    tmp_path: Path, stage: str, stdin: bytes, config_text: str = ""
+    python: Path, tmp_path: Path, stage: str, stdin: bytes, config_text: str = ""
 ) -> subprocess.CompletedProcess[str]:
     cfg = tmp_path / "config.toml"
     cfg.write_text(
@@ -23,7 +23,7 @@ def _hook(
         or f'[hook]\nlog_file = "{tmp_path}/hook.log"\n[paths]\nrun_dir = "{tmp_path}/run"\n'
     )
     return subprocess.run(
-        [sys.executable, "-I", "-m", "fcsp_hook.hook", "--config", str(cfg), stage],
+        [str(python), "-I", "-m", "fcsp_hook.hook", "--config", str(cfg), stage],
         input=stdin.decode(),
         capture_output=True,
         text=True,
@@ -45,50 +45,56 @@ def _state(**fields: object) -> bytes:
     return json.dumps(doc).encode()
 
 
-def test_garbage_state_fails_with_one_line(tmp_path: Path) -> None:
+def test_garbage_state_fails_with_one_line(hook_python: Path, tmp_path: Path) -> None:
     """Non-JSON stdin: exit 1, one line on stderr naming the problem, no traceback."""
-    result = _hook(tmp_path, "prestart", b"{nope")
+    result = _hook(hook_python, tmp_path, "prestart", b"{nope")
     assert result.returncode == 1
     assert result.stderr.startswith("fcsp-hook: OCI state on stdin is not JSON")
     assert result.stderr.count("\n") == 1
 
 
-def test_poststop_always_exits_zero(tmp_path: Path) -> None:
+def test_poststop_always_exits_zero(hook_python: Path, tmp_path: Path) -> None:
     """poststop never fails a container's removal, even on garbage."""
-    assert _hook(tmp_path, "poststop", b"{nope").returncode == 0
-    assert _hook(tmp_path, "poststop", _state(status="stopped")).returncode == 0
+    assert _hook(hook_python, tmp_path, "poststop", b"{nope").returncode == 0
+    assert _hook(hook_python, tmp_path, "poststop", _state(status="stopped")).returncode == 0
 
 
-def test_container_without_fcsp_annotations_is_a_no_op(tmp_path: Path) -> None:
+def test_container_without_fcsp_annotations_is_a_no_op(hook_python: Path, tmp_path: Path) -> None:
     """No fcsp.* annotation: exit 0 and nothing created."""
-    result = _hook(tmp_path, "oci", _state(annotations={"io.podman.x": "1"}))
+    result = _hook(hook_python, tmp_path, "oci", _state(annotations={"io.podman.x": "1"}))
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_status_for_oci_stage_is_an_error(tmp_path: Path) -> None:
+def test_unknown_status_for_oci_stage_is_an_error(hook_python: Path, tmp_path: Path) -> None:
     """The oci stage dispatches on status; an unexpected one is named."""
-    result = _hook(tmp_path, "oci", _state(status="running"))
+    result = _hook(hook_python, tmp_path, "oci", _state(status="running"))
     assert result.returncode == 1
     assert "status 'running'" in result.stderr
 
 
-def test_bad_config_fails_closed_with_one_line(tmp_path: Path) -> None:
+def test_bad_config_fails_closed_with_one_line(hook_python: Path, tmp_path: Path) -> None:
     """A broken config.toml stops the hook with the file and the key."""
-    result = _hook(tmp_path, "prestart", _state(), "[hook]\nfailure_policy = 'sometimes'\n")
+    result = _hook(
+        hook_python, tmp_path, "prestart", _state(), "[hook]\nfailure_policy = 'sometimes'\n"
+    )
     assert result.returncode == 1
     assert "failure_policy = 'sometimes' is invalid" in result.stderr
     assert result.stderr.count("\n") == 1
 
 
-def test_failures_are_logged_as_json_with_the_container_id(tmp_path: Path) -> None:
+def test_failures_are_logged_as_json_with_the_container_id(
+    hook_python: Path, tmp_path: Path
+) -> None:
     """The log file gets a JSON line with level, event and container_id."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(
         json.dumps({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}})
     )
-    result = _hook(tmp_path, "prestart", _state(bundle=str(bundle), annotations={"fcsp.sm": "0"}))
+    result = _hook(
+        hook_python, tmp_path, "prestart", _state(bundle=str(bundle), annotations={"fcsp.sm": "0"})
+    )
     assert result.returncode == 1
     records = [json.loads(x) for x in (tmp_path / "hook.log").read_text().splitlines()]
     assert records[-1]["level"] == "error"

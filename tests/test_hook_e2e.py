@@ -155,10 +155,12 @@ def test_bad_annotation_fails_the_start_with_one_line(
     _no_fcsp_traces(hook, rootfs)
 
 
-def test_fail_open_policy_starts_the_container_without_fcsp(tmp_path: Path, rootfs: Path) -> None:
+def test_fail_open_policy_starts_the_container_without_fcsp(
+    tmp_path: Path, rootfs: Path, hook_python: Path
+) -> None:
     """With failure_policy = fail-open, a bad annotation is logged and the container runs
     without the shim."""
-    hook = HookSetup.create(tmp_path / "open", failure_policy="fail-open")
+    hook = HookSetup.create(tmp_path / "open", hook_python, failure_policy="fail-open")
     result = podman(hook, rootfs, [CAT, "/proc/self/maps"], {"fcsp.sm": "abc"}, GPU)
     assert result.returncode == 0, result.stderr
     assert LIB not in result.stdout
