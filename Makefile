@@ -22,31 +22,77 @@ CUDA_INCLUDE ?= /usr/local/cuda/include
 
 CC      ?= gcc
 CFLAGS  ?= -O2 -g
+GEN_DIR  = shim/build
 SHIM_CFLAGS = -std=c11 -fPIC -fvisibility=hidden -Wall -Wextra -Werror -Wno-unused-parameter \
-              -D_GNU_SOURCE -I$(CUDA_INCLUDE) -Ishim $(CFLAGS)
-SHIM_LDFLAGS = -shared -Wl,--version-script=shim/libvgpu.map -Wl,-z,now -Wl,-z,relro -ldl -lpthread
+              -D_GNU_SOURCE -I$(CUDA_INCLUDE) -Ishim -I$(GEN_DIR) $(CFLAGS)
+SHIM_LDFLAGS = -shared -Wl,--version-script=$(GEN_DIR)/libvgpu.map -Wl,-z,now -Wl,-z,relro \
+               -ldl -lpthread -lm
 
+# shim/hooks.def is the one list of hooked entry points: the enum, the dispatch
+# table and the export list are generated from it.
+SHIM_GEN = $(GEN_DIR)/hooks_gen.h $(GEN_DIR)/hooks_gen.c $(GEN_DIR)/libvgpu.map
 SHIM_SRC = $(wildcard shim/*.c)
-SHIM_HDR = $(wildcard shim/*.h) shim/libvgpu.map
+SHIM_HDR = $(wildcard shim/*.h)
 
-.PHONY: all shim deps venv install uninstall test lint clean demo
-all: shim
+# The GPU-less tier: a simulated driver and NVML, and driver-API test programs.
+SIM_DIR  = tests/build/sim
+TPROG_DIR = tests/build/shim
+SIM_CFLAGS = -std=c11 -fPIC -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE \
+             -D__CUDA_API_VERSION_INTERNAL -I$(CUDA_INCLUDE) -Ishim -Itests/sim $(CFLAGS)
+SIM_LIBS = $(SIM_DIR)/libcuda.so.1 $(SIM_DIR)/libnvidia-ml.so.1
+TPROGS   = $(TPROG_DIR)/drv_procaddr $(TPROG_DIR)/drv_direct $(TPROG_DIR)/nvmlq \
+           $(TPROG_DIR)/rtld_next
+
+.PHONY: all shim sim install uninstall test lint clean demo
+all: shim sim
 
 shim: shim/libvgpu.so
 
-shim/libvgpu.so: $(SHIM_SRC) $(SHIM_HDR)
-	$(CC) $(SHIM_CFLAGS) -o $@ $(SHIM_SRC) $(SHIM_LDFLAGS)
+$(SHIM_GEN) &: shim/hooks.def shim/gen_hooks.py
+	$(PYTHON) shim/gen_hooks.py shim/hooks.def $(GEN_DIR)
 
-# Everything a fresh Debian/Ubuntu host needs to build, run and test FCSP (as root).
-deps: venv
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
-	$(VENV)/bin/python3 -m pip install -q -e '.[test]'
+shim/libvgpu.so: $(SHIM_SRC) $(SHIM_HDR) $(SHIM_GEN)
+	$(CC) $(SHIM_CFLAGS) -o $@ $(SHIM_SRC) $(GEN_DIR)/hooks_gen.c $(SHIM_LDFLAGS)
 
-venv:
-	[ -x $(VENV)/bin/python3 ] || { command -v $(BASE_PYTHON) >/dev/null && $(BASE_PYTHON) -m venv $(VENV) 2>/dev/null; } || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
-		  $(BASE_PYTHON) -m venv $(VENV); }
+sim: $(SIM_LIBS) $(TPROGS)
+
+# -Bsymbolic: the simulator's cuGetProcAddress must hand out its own functions,
+# not the preloaded shim's exports of the same names (as the real driver does).
+$(SIM_DIR)/libcuda.so.1: tests/sim/cuda_sim.c tests/sim/sim_state.c tests/sim/sim_state.h
+	@mkdir -p $(SIM_DIR)
+	$(CC) $(SIM_CFLAGS) -shared -Wl,-soname,libcuda.so.1 -Wl,-Bsymbolic -o $@ \
+		tests/sim/cuda_sim.c tests/sim/sim_state.c -lpthread
+	ln -sf libcuda.so.1 $(SIM_DIR)/libcuda.so
+
+$(SIM_DIR)/libnvidia-ml.so.1: tests/sim/nvml_sim.c tests/sim/sim_state.c tests/sim/sim_state.h
+	@mkdir -p $(SIM_DIR)
+	$(CC) $(SIM_CFLAGS) -shared -Wl,-soname,libnvidia-ml.so.1 -Wl,-Bsymbolic -o $@ \
+		tests/sim/nvml_sim.c tests/sim/sim_state.c -lpthread
+
+$(TPROG_DIR)/drv_procaddr: tests/shim/drv.c tests/shim/drv_procaddr.c tests/shim/drv.h
+	@mkdir -p $(TPROG_DIR)
+	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_procaddr.c -ldl
+
+# Linked against the simulated libcuda.so.1 like a program built with -lcuda.
+$(TPROG_DIR)/drv_direct: tests/shim/drv.c tests/shim/drv_direct.c tests/shim/drv.h $(SIM_DIR)/libcuda.so.1
+	@mkdir -p $(TPROG_DIR)
+	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_direct.c -L$(SIM_DIR) -lcuda -ldl
+
+$(TPROG_DIR)/nvmlq: tests/shim/nvmlq.c
+	@mkdir -p $(TPROG_DIR)
+	$(CC) $(SIM_CFLAGS) -o $@ $< -ldl
+
+$(TPROG_DIR)/librtld_a.so: tests/shim/rtld_a.c
+	@mkdir -p $(TPROG_DIR)
+	$(CC) $(SIM_CFLAGS) -shared -o $@ $< -ldl
+
+$(TPROG_DIR)/librtld_b.so: tests/shim/rtld_b.c
+	@mkdir -p $(TPROG_DIR)
+	$(CC) $(SIM_CFLAGS) -shared -o $@ $<
+
+$(TPROG_DIR)/rtld_next: tests/shim/rtld_main.c $(TPROG_DIR)/librtld_a.so $(TPROG_DIR)/librtld_b.so $(SIM_DIR)/libcuda.so.1
+	$(CC) $(SIM_CFLAGS) -o $@ $< -L$(TPROG_DIR) -lrtld_a -lrtld_b -L$(SIM_DIR) -lcuda -ldl \
+		-Wl,-rpath,'$$ORIGIN'
 
 install: shim/libvgpu.so venv
 	$(VENV)/bin/python3 -m pip install -q .
@@ -83,4 +129,4 @@ demo: install
 
 clean:
 	rm -f shim/libvgpu.so
-	rm -rf tests/build
+	rm -rf tests/build $(GEN_DIR)

@@ -1,11 +1,18 @@
-/* Library entry: find the slot once, before main(), and never in a hot path. */
+/*
+ * Library entry: find the slot and read the environment once, before main(),
+ * and never in a hot path.  Nothing here touches CUDA: the driver is loaded
+ * only when the process itself uses it.
+ */
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 
+#include "shim.h"
 #include "slot.h"
 
-static struct shim_slot the_slot;
+struct shim_state shim;
+
 
 /*
  * Inside a container the hook mounts the slot at FCSP_SLOT_DIR, and nothing
@@ -22,16 +29,43 @@ static const char *slot_dir(void)
     return dir && *dir ? dir : FCSP_SLOT_DIR;
 }
 
+/* BUD_* limits without a slot: the same accounting, in memory private to the process. */
+static struct fcsp_usage private_usage;
+
 static void child_after_fork(void)
 {
-    shim_slot_register_process(&the_slot);
+    shim_after_fork_child();
+    shim_memory_after_fork_child();
 }
 
 __attribute__((constructor)) static void shim_init(void)
 {
+    shim_log_init();
+    shim_env_init();
+    shim_dispatch_init();
+
+    struct shim_slot slot;
     const char *err = NULL;
-    if (shim_slot_open(&the_slot, slot_dir(), &err) == 0) {
-        shim_slot_register_process(&the_slot);
-        pthread_atfork(NULL, NULL, child_after_fork);
+    const char *dir = slot_dir();
+    if (shim_slot_open(&slot, dir, &err) == 0) {
+        shim.limits = slot.limits;
+        shim.usage = slot.usage;
+        shim.have_slot = true;
+        shim_log(LOG_DEBUG, "slot %s mapped", dir);
+    } else if (shim_env.any_limit) {
+        shim.usage = &private_usage;
+        shim_log(LOG_DEBUG, "no slot (%s); BUD_* limits apply to this process", err);
     }
+    shim.active = shim.usage != NULL;
+    shim_launch_init();
+    if (!shim.active)
+        return;
+    shim_memory_init();
+    pthread_atfork(NULL, NULL, child_after_fork);
+}
+
+__attribute__((destructor)) static void shim_fini(void)
+{
+    if (shim.active)
+        shim_process_exit();
 }

@@ -7,7 +7,6 @@
 struct shim_slot {
     const struct fcsp_limits *limits; /* read-only mapping; NULL without a slot */
     struct fcsp_usage *usage;         /* read-write mapping; NULL without a slot */
-    struct fcsp_usage_proc *proc;     /* this process's record; NULL if the table is full */
 };
 
 /*
@@ -15,8 +14,5 @@ struct shim_slot {
  * success, -1 when there is no usable slot, with a reason in err.
  */
 int shim_slot_open(struct shim_slot *slot, const char *dir, const char **err);
-
-/* Claim this process's record (after exec and in a forked child). */
-void shim_slot_register_process(struct shim_slot *slot);
 
 #endif

@@ -1,0 +1,141 @@
+/* Interfaces shared by the files of libvgpu.so. */
+#ifndef FCSP_SHIM_H
+#define FCSP_SHIM_H
+
+/*
+ * The driver's own view of cuda.h: it declares every ABI variant of an entry
+ * point side by side (cuMemAlloc and cuMemAlloc_v2, cuLaunchKernel and
+ * cuLaunchKernel_ptsz), so each hook is type-checked against its variant.
+ */
+#define __CUDA_API_VERSION_INTERNAL 1
+#include <cuda.h>
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fcsp_slot.h"
+#include "hooks_gen.h"
+#include "nvml_api.h"
+
+#define SHIM_EXPORT __attribute__((visibility("default")))
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+/* ---- dispatch.c: symbol table, the real driver, dlsym ---------------------- */
+
+enum shim_lib { SHIM_LIB_CUDA, SHIM_LIB_NVML, SHIM_LIB_COUNT };
+
+struct shim_sym_info {
+    const char *name;
+    enum shim_lib lib;
+    void *hook; /* our exported function; NULL for entries we only resolve */
+};
+extern const struct shim_sym_info shim_syms[SYM_COUNT]; /* hooks_gen.c, sorted by name */
+
+/* Real entry points, filled once per library when it is first needed. */
+extern _Atomic(void *) shim_real_ptrs[SYM_COUNT];
+void *shim_real_slow(enum shim_sym sym);
+
+static inline void *shim_real(enum shim_sym sym)
+{
+    void *p = atomic_load_explicit(&shim_real_ptrs[sym], memory_order_acquire);
+    return likely(p != NULL) ? p : shim_real_slow(sym);
+}
+
+/* The real driver function, with the type of our own hook of the same name. */
+#define REAL(sym) ((__typeof__(&sym))shim_real(SYM_##sym))
+
+/* Our hook for a pointer the real driver handed out, or p itself. */
+void *shim_substitute(enum shim_lib lib, void *p);
+void shim_dispatch_init(void);
+
+/* ---- state shared by the hooks --------------------------------------------- */
+
+struct shim_state {
+    /*
+     * Set once in the constructor, before any other thread can exist.  false:
+     * no slot and no BUD_* limit, every hook is a straight call to the driver
+     * and dlsym/cuGetProcAddress hand out the driver's own pointers.
+     */
+    bool active;
+    bool have_slot;
+    const struct fcsp_limits *limits; /* NULL without a slot */
+    struct fcsp_usage *usage;         /* the slot's, or a private one for BUD_* only */
+    _Atomic(struct fcsp_usage_proc *) proc; /* this process's record, claimed lazily */
+    _Atomic bool exiting;             /* charges released by the destructor */
+};
+extern struct shim_state shim;
+
+/* ---- log.c ------------------------------------------------------------------ */
+
+enum shim_log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
+void shim_log_init(void);
+void shim_log(enum shim_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* ---- env.c: BUD_* variables, read once ----------------------------------- */
+
+struct shim_env_limit {
+    uint64_t bytes;         /* 0: none */
+    uint32_t basis_points;  /* 1/100 % of the real total; 0: none */
+};
+
+struct shim_env {
+    struct shim_env_limit dev[FCSP_MAX_DEVICES]; /* BUD_MEMORY_LIMIT_DEV<n>, else BUD_MEMORY_LIMIT */
+    bool any_limit;
+    int mode; /* -1: unset, else enum fcsp_mem_mode */
+};
+extern struct shim_env shim_env;
+void shim_env_init(void);
+/* "512M", "8G", "1.5G", "1073741824", "50%": 0 on success, -1 if malformed. */
+int shim_parse_size(const char *text, struct shim_env_limit *out);
+
+/* ---- device.c: CUDA ordinals, slot entries, limits ----------------------- */
+
+struct shim_limit {
+    uint64_t bytes; /* 0: no quota */
+    bool soft;
+};
+
+/* The quota of slot entry `entry` seen as device `index`, on a device of real_total bytes. */
+struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total);
+/* Slot entry for a device UUID string ("GPU-..."), else `index` if the slot has one. */
+int shim_slot_entry_for(const char *uuid, int index);
+
+/* After cuInit: map CUDA ordinals to slot entries, cache real totals. */
+void shim_devices_init(void);
+bool shim_devices_ready(void);
+/* Usage index (slot entry) of the current context's device, and its ordinal; -1 if none. */
+int shim_current_device(int *ordinal);
+int shim_device_entry(int ordinal);
+int shim_device_ordinal(CUdevice dev);
+/* The quota in force for a CUDA ordinal (follows limits->generation). */
+struct shim_limit shim_device_limit(int ordinal);
+uint64_t shim_device_real_total(int ordinal);
+/* Number of CUDA devices the process sees (0 before cuInit). */
+extern int shim_ndevices;
+/* Bumped when a context is destroyed, so caches keyed by context handle start over. */
+extern _Atomic uint32_t shim_context_epoch;
+
+/* ---- launch.c --------------------------------------------------------------- */
+
+void shim_launch_init(void);
+
+/* ---- slot.c: per-process records ------------------------------------------ */
+
+struct fcsp_usage_proc *shim_proc(void);   /* claims on first use */
+void shim_reap_dead(void);                  /* release the charge of dead processes */
+void shim_process_exit(void);
+void shim_after_fork_child(void);
+
+/* ---- memory.c --------------------------------------------------------------- */
+
+void shim_memory_init(void);
+void shim_memory_after_fork_child(void);
+/* Free bytes and total as the tenant sees them, for usage entry `entry`. */
+void shim_memory_view(int entry, struct shim_limit limit, uint64_t real_free,
+                      uint64_t real_total, uint64_t *free_out, uint64_t *total_out);
+
+#endif
