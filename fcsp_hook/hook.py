@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
 
 
 def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
+    started = time.monotonic()
     if not fcsp_annotations.has_fcsp_annotations(state.annotations):
         return
     setup = plan_setup(state, cfg, log)
@@ -104,6 +106,7 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
         sm_percent=[d.sm_centi / abi.CENTI_PER_PERCENT for d in setup.request.devices],
         mem_bytes=[d.mem.bytes for d in setup.request.devices],
         mode=setup.request.mode.name.lower(),
+        duration_ms=round((time.monotonic() - started) * 1000, 2),
     )
 
 

@@ -129,3 +129,16 @@ def podman(
         argv += ["-e", f"{key}={value}"]
     argv += ["--rootfs", str(rootfs), *command]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.containers rootfs DIR`: build the demo's tiny rootfs."""
+    if len(argv) != 2 or argv[0] != "rootfs":
+        print("usage: python -m tests.containers rootfs DIR", file=sys.stderr)
+        return 2
+    build_base_rootfs(Path(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
