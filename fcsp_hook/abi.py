@@ -85,7 +85,10 @@ class Limits(ctypes.Structure):
         ("observer_heartbeat_ns", u64),
         ("container_id", ctypes.c_char * ID_LEN),
         ("tenant", ctypes.c_char * TENANT_LEN),
-        ("reserved", u64 * 9),
+        ("init_host_pid", i32),
+        ("reserved1", u32),
+        ("init_start_time", u64),
+        ("reserved", u64 * 7),
         ("device", LimitsDevice * MAX_DEVICES),
     )
 

@@ -106,7 +106,16 @@ struct fcsp_limits {
     _Atomic uint64_t observer_heartbeat_ns;
     char container_id[FCSP_ID_LEN];
     char tenant[FCSP_TENANT_LEN];
-    uint64_t reserved[9];
+    /*
+     * The container's init process on the host, written by the hook at
+     * prestart (state.pid and field 22 of /proc/<pid>/stat).  The observer
+     * reaps the slot once that process is gone or its start time differs
+     * (the pid was reused).  0: unknown, the slot is never reaped.
+     */
+    int32_t init_host_pid;
+    uint32_t reserved1;
+    uint64_t init_start_time;
+    uint64_t reserved[7];
     struct fcsp_limits_device device[FCSP_MAX_DEVICES];
 };
 
@@ -167,6 +176,8 @@ _Static_assert(sizeof(struct fcsp_limits_device) == 112, "fcsp_limits_device siz
 _Static_assert(sizeof(struct fcsp_limits) == 2048, "fcsp_limits size");
 _Static_assert(offsetof(struct fcsp_limits, seq) == 12, "seq offset");
 _Static_assert(offsetof(struct fcsp_limits, device) == 256, "limits device[] offset");
+_Static_assert(offsetof(struct fcsp_limits, init_host_pid) == 184, "init_host_pid offset");
+_Static_assert(offsetof(struct fcsp_limits, init_start_time) == 192, "init_start_time offset");
 _Static_assert(sizeof(struct fcsp_usage_device) == 128, "fcsp_usage_device size");
 _Static_assert(sizeof(struct fcsp_usage_proc) == 168, "fcsp_usage_proc size");
 _Static_assert(offsetof(struct fcsp_usage, device) == 80, "usage device[] offset");
