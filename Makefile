@@ -43,7 +43,7 @@ SIM_LIBS = $(SIM_DIR)/libcuda.so.1 $(SIM_DIR)/libnvidia-ml.so.1
 TPROGS   = $(TPROG_DIR)/drv_procaddr $(TPROG_DIR)/drv_direct $(TPROG_DIR)/nvmlq \
            $(TPROG_DIR)/rtld_next
 
-.PHONY: all shim sim install uninstall test lint clean demo
+.PHONY: all shim sim deps venv install uninstall test lint clean demo
 all: shim sim
 
 shim: shim/libvgpu.so
@@ -91,8 +91,19 @@ $(TPROG_DIR)/librtld_b.so: tests/shim/rtld_b.c
 	$(CC) $(SIM_CFLAGS) -shared -o $@ $<
 
 $(TPROG_DIR)/rtld_next: tests/shim/rtld_main.c $(TPROG_DIR)/librtld_a.so $(TPROG_DIR)/librtld_b.so $(SIM_DIR)/libcuda.so.1
-	$(CC) $(SIM_CFLAGS) -o $@ $< -L$(TPROG_DIR) -lrtld_a -lrtld_b -L$(SIM_DIR) -lcuda -ldl \
+	$(CC) $(SIM_CFLAGS) -o $@ $< -L$(TPROG_DIR) -Wl,--no-as-needed -lrtld_a -lrtld_b -L$(SIM_DIR) -lcuda -ldl \
 		-Wl,-rpath,'$$ORIGIN'
+
+# Everything a fresh Debian/Ubuntu host needs to build, run and test FCSP (as root).
+deps: venv
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)
+	$(VENV)/bin/python3 -m pip install -q -e '.[test]'
+
+venv:
+	[ -x $(VENV)/bin/python3 ] || { command -v $(BASE_PYTHON) >/dev/null && $(BASE_PYTHON) -m venv $(VENV) 2>/dev/null; } || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
+		  $(BASE_PYTHON) -m venv $(VENV); }
 
 install: shim/libvgpu.so venv
 	$(VENV)/bin/python3 -m pip install -q .

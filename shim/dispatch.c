@@ -161,11 +161,22 @@ static void *dlsym_next(const void *caller, const char *name)
     if (!dladdr1(caller, &info, (void **)&self, RTLD_DL_LINKMAP) || !self)
         return NULL;
     for (struct link_map *map = self->l_next; map; map = map->l_next) {
-        void *p = call_real_dlsym(map, name);
-        if (!p)
+        /*
+         * Only objects dlopen can name are searchable: the vDSO's link map,
+         * for one, has no scope and would crash dlsym.  RTLD_NOLOAD turns
+         * the name back into a proper handle without loading anything.
+         */
+        if (!map->l_name || !map->l_name[0])
             continue;
+        void *handle = dlopen(map->l_name, RTLD_LAZY | RTLD_NOLOAD);
+        if (!handle)
+            continue;
+        void *p = call_real_dlsym(handle, name);
         struct link_map *owner = NULL;
-        if (dladdr1(p, &info, (void **)&owner, RTLD_DL_LINKMAP) && owner == map)
+        bool defined_here = p && dladdr1(p, &info, (void **)&owner, RTLD_DL_LINKMAP) &&
+                            owner == map;
+        dlclose(handle);
+        if (defined_here)
             return p;
     }
     return NULL;

@@ -1,0 +1,374 @@
+/*
+ * A tiny interpreter over the driver API, driven by tests/test_shim_*.py:
+ *
+ *   drv_procaddr [--ptsz] CMD ARGS... CMD ARGS...
+ *
+ * Each command prints one line the test parses.  Objects (allocations,
+ * contexts) are numbered in creation order from 0.  Commands:
+ *   init | device D | ctx D | destroyctx ID | releaseprimary D | resetprimary D
+ *   alloc FAMILY SIZE      FAMILY: mem mem1 managed pitch async pool vmm array
+ *                          array3d mipmap; SIZE: bytes or 512K/64M/1G
+ *   free ID | ipcget ID | ipcopen HEX | trim
+ *   meminfo | meminfo1 | totalmem D | launch KIND N | count NAME
+ *   resolve NAME VERSION FLAGS | usage | wait | fork | sleep MS
+ */
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "drv.h"
+#include "fcsp_slot.h"
+
+enum obj_kind { OBJ_LINEAR, OBJ_LINEAR_V1, OBJ_ASYNC, OBJ_VMM, OBJ_ARRAY, OBJ_MIPMAP, OBJ_IPC, OBJ_CTX };
+
+struct object {
+    enum obj_kind kind;
+    unsigned long long value;
+};
+
+static struct api api;
+static struct object objects[4096];
+static int nobjects;
+
+static unsigned long long parse_size(const char *s)
+{
+    char *end;
+    double v = strtod(s, &end);
+    switch (*end) {
+    case 'K': return (unsigned long long)(v * 1024);
+    case 'M': return (unsigned long long)(v * 1024 * 1024);
+    case 'G': return (unsigned long long)(v * 1024 * 1024 * 1024);
+    default: return (unsigned long long)v;
+    }
+}
+
+static void add_object(enum obj_kind kind, unsigned long long value)
+{
+    objects[nobjects] = (struct object){kind, value};
+    printf("ok %d\n", nobjects++);
+}
+
+static void report(CUresult rc, enum obj_kind kind, unsigned long long value)
+{
+    if (rc == CUDA_SUCCESS)
+        add_object(kind, value);
+    else
+        printf("err %d\n", (int)rc);
+}
+
+static CUresult use_device(int ordinal)
+{
+    CUdevice dev;
+    CUcontext ctx;
+    CUresult rc = api.device_get(&dev, ordinal);
+    if (rc == CUDA_SUCCESS)
+        rc = api.primary_retain(&ctx, dev);
+    if (rc == CUDA_SUCCESS)
+        rc = api.ctx_set_current(ctx);
+    return rc;
+}
+
+static void alloc(const char *family, unsigned long long size)
+{
+    CUresult rc;
+    if (strcmp(family, "mem") == 0) {
+        CUdeviceptr p = 0;
+        rc = api.mem_alloc(&p, size);
+        report(rc, OBJ_LINEAR, p);
+    } else if (strcmp(family, "mem1") == 0) {
+        CUdeviceptr_v1 p = 0;
+        rc = api.mem_alloc_v1(&p, (unsigned int)size);
+        report(rc, OBJ_LINEAR_V1, p);
+    } else if (strcmp(family, "managed") == 0) {
+        CUdeviceptr p = 0;
+        rc = api.mem_alloc_managed(&p, size, CU_MEM_ATTACH_GLOBAL);
+        report(rc, OBJ_LINEAR, p);
+    } else if (strcmp(family, "pitch") == 0) { /* SIZE bytes wide, 4 rows */
+        CUdeviceptr p = 0;
+        size_t pitch = 0;
+        rc = api.mem_alloc_pitch(&p, &pitch, size, 4, 4);
+        report(rc, OBJ_LINEAR, p);
+    } else if (strcmp(family, "async") == 0) {
+        CUdeviceptr p = 0;
+        rc = api.mem_alloc_async(&p, size, NULL);
+        report(rc, OBJ_ASYNC, p);
+    } else if (strcmp(family, "pool") == 0) {
+        CUmemoryPool pool;
+        CUdeviceptr p = 0;
+        rc = api.default_pool(&pool, 0);
+        if (rc == CUDA_SUCCESS)
+            rc = api.mem_alloc_pool(&p, size, pool, NULL);
+        report(rc, OBJ_ASYNC, p);
+    } else if (strcmp(family, "vmm") == 0) {
+        CUmemAllocationProp prop;
+        memset(&prop, 0, sizeof(prop));
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = 0;
+        CUmemGenericAllocationHandle h = 0;
+        rc = api.mem_create(&h, size, &prop, 0);
+        report(rc, OBJ_VMM, h);
+    } else if (strcmp(family, "array") == 0) { /* SIZE bytes of uint8, one row */
+        CUDA_ARRAY_DESCRIPTOR d = {.Width = size, .Height = 1,
+                                   .Format = CU_AD_FORMAT_UNSIGNED_INT8, .NumChannels = 1};
+        CUarray a = NULL;
+        rc = api.array_create(&a, &d);
+        report(rc, OBJ_ARRAY, (unsigned long long)(uintptr_t)a);
+    } else if (strcmp(family, "array3d") == 0) { /* SIZE/4 floats, one row, one slice */
+        CUDA_ARRAY3D_DESCRIPTOR d = {.Width = size / 4, .Height = 1, .Depth = 1,
+                                     .Format = CU_AD_FORMAT_FLOAT, .NumChannels = 1};
+        CUarray a = NULL;
+        rc = api.array3d_create(&a, &d);
+        report(rc, OBJ_ARRAY, (unsigned long long)(uintptr_t)a);
+    } else if (strcmp(family, "mipmap") == 0) { /* SIZE bytes at level 0, two levels */
+        CUDA_ARRAY3D_DESCRIPTOR d = {.Width = size, .Height = 0, .Depth = 0,
+                                     .Format = CU_AD_FORMAT_UNSIGNED_INT8, .NumChannels = 1};
+        CUmipmappedArray m = NULL;
+        rc = api.mipmap_create(&m, &d, 2);
+        report(rc, OBJ_MIPMAP, (unsigned long long)(uintptr_t)m);
+    } else {
+        fprintf(stderr, "unknown family %s\n", family);
+        exit(2);
+    }
+}
+
+static CUresult free_object(int id)
+{
+    struct object *o = &objects[id];
+    switch (o->kind) {
+    case OBJ_LINEAR: return api.mem_free(o->value);
+    case OBJ_LINEAR_V1: return api.mem_free_v1((CUdeviceptr_v1)o->value);
+    case OBJ_ASYNC: return api.mem_free_async(o->value, NULL);
+    case OBJ_VMM: return api.mem_release(o->value);
+    case OBJ_ARRAY: return api.array_destroy((CUarray)(uintptr_t)o->value);
+    case OBJ_MIPMAP: return api.mipmap_destroy((CUmipmappedArray)(uintptr_t)o->value);
+    case OBJ_IPC: return api.ipc_close(o->value);
+    case OBJ_CTX: return api.ctx_destroy((CUcontext)(uintptr_t)o->value);
+    }
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+static void host_fn(void *data)
+{
+    (*(int *)data)++;
+}
+
+static CUresult launch(const char *kind)
+{
+    if (strcmp(kind, "kernel") == 0)
+        return api.launch_kernel(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL);
+    if (strcmp(kind, "kernelex") == 0) {
+        CUlaunchConfig config;
+        memset(&config, 0, sizeof(config));
+        config.gridDimX = config.gridDimY = config.gridDimZ = 1;
+        config.blockDimX = config.blockDimY = config.blockDimZ = 1;
+        return api.launch_kernel_ex(&config, NULL, NULL, NULL);
+    }
+    if (strcmp(kind, "coop") == 0)
+        return api.launch_coop(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL);
+    if (strcmp(kind, "graph") == 0)
+        return api.graph_launch(NULL, NULL);
+    if (strcmp(kind, "host") == 0) {
+        static int calls;
+        return api.launch_host(NULL, host_fn, &calls);
+    }
+    fprintf(stderr, "unknown launch kind %s\n", kind);
+    exit(2);
+}
+
+static void print_usage(void)
+{
+    const char *dir = getenv("FCSP_SLOT_DIR");
+    char path[512];
+    snprintf(path, sizeof(path), "%s/%s", dir ? dir : FCSP_SLOT_DIR, FCSP_USAGE_FILE);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        printf("usage none\n");
+        return;
+    }
+    const struct fcsp_usage *u = mmap(NULL, sizeof(*u), PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (u == MAP_FAILED) {
+        printf("usage none\n");
+        return;
+    }
+    for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++)
+        if (u->device[d].mem_used_bytes || u->device[d].launches)
+            printf("used %u %llu launches %llu\n", d,
+                   (unsigned long long)u->device[d].mem_used_bytes,
+                   (unsigned long long)u->device[d].launches);
+    for (unsigned i = 0; i < FCSP_MAX_PROCS; i++)
+        if (u->proc[i].state == FCSP_PROC_LIVE)
+            printf("proc %d %llu\n", (int)u->proc[i].pid,
+                   (unsigned long long)u->proc[i].mem_used_bytes[0]);
+    printf("usage end\n");
+    munmap((void *)u, sizeof(*u));
+}
+
+static void resolve(const char *name, int version, unsigned long long flags)
+{
+    void *p = NULL;
+    CUdriverProcAddressQueryResult status = 0;
+    CUresult rc = api.get_proc(name, &p, version, flags, &status);
+    Dl_info info;
+    memset(&info, 0, sizeof(info));
+    const char *lib = "-", *sym = "-";
+    if (p && dladdr(p, &info)) {
+        lib = info.dli_fname ? strrchr(info.dli_fname, '/') ? strrchr(info.dli_fname, '/') + 1
+                                                            : info.dli_fname
+                             : "-";
+        sym = info.dli_sname ? info.dli_sname : "-";
+    }
+    printf("resolve %s rc=%d status=%d lib=%s sym=%s\n", name, (int)rc, (int)status, lib, sym);
+}
+
+int main(int argc, char **argv)
+{
+    int i = 1;
+    cuuint64_t flags = CU_GET_PROC_ADDRESS_DEFAULT;
+    if (i < argc && strcmp(argv[i], "--ptsz") == 0) {
+        flags = CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM;
+        i++;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (drv_load(&api, flags) < 0) {
+        printf("load failed\n");
+        return 3;
+    }
+#define ARG(n) (i + (n) < argc ? argv[i + (n)] : (fprintf(stderr, "missing argument\n"), exit(2), ""))
+    while (i < argc) {
+        const char *cmd = argv[i];
+        if (strcmp(cmd, "init") == 0) {
+            CUresult rc = api.init(0);
+            if (rc == CUDA_SUCCESS)
+                rc = use_device(0);
+            printf("init %d\n", (int)rc);
+            i += 1;
+        } else if (strcmp(cmd, "device") == 0) {
+            printf("device %d\n", (int)use_device(atoi(ARG(1))));
+            i += 2;
+        } else if (strcmp(cmd, "ctx") == 0) {
+            CUcontext ctx = NULL;
+            CUdevice dev;
+            CUresult rc = api.device_get(&dev, atoi(ARG(1)));
+            if (rc == CUDA_SUCCESS)
+                rc = api.ctx_create(&ctx, NULL, 0, dev);
+            report(rc, OBJ_CTX, (unsigned long long)(uintptr_t)ctx);
+            i += 2;
+        } else if (strcmp(cmd, "releaseprimary") == 0 || strcmp(cmd, "resetprimary") == 0) {
+            CUdevice dev;
+            CUresult rc = api.device_get(&dev, atoi(ARG(1)));
+            if (rc == CUDA_SUCCESS)
+                rc = cmd[1] == 'e' && cmd[2] == 'l' ? api.primary_release(dev)
+                                                    : api.primary_reset(dev);
+            printf("%s %d\n", cmd, (int)rc);
+            i += 2;
+        } else if (strcmp(cmd, "alloc") == 0) {
+            alloc(ARG(1), parse_size(ARG(2)));
+            i += 3;
+        } else if (strcmp(cmd, "free") == 0 || strcmp(cmd, "destroyctx") == 0) {
+            printf("free %d\n", (int)free_object(atoi(ARG(1))));
+            i += 2;
+        } else if (strcmp(cmd, "ipcget") == 0) {
+            CUipcMemHandle h;
+            CUresult rc = api.ipc_get(&h, objects[atoi(ARG(1))].value);
+            printf("ipc ");
+            for (size_t b = 0; b < sizeof(h.reserved); b++)
+                printf("%02x", (unsigned char)h.reserved[b]);
+            printf(" %d\n", (int)rc);
+            i += 2;
+        } else if (strcmp(cmd, "ipcopen") == 0) {
+            CUipcMemHandle h;
+            const char *hex = ARG(1);
+            for (size_t b = 0; b < sizeof(h.reserved); b++) {
+                unsigned v = 0;
+                sscanf(hex + 2 * b, "%2x", &v);
+                h.reserved[b] = (char)v;
+            }
+            CUdeviceptr p = 0;
+            report(api.ipc_open(&p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), OBJ_IPC, p);
+            i += 2;
+        } else if (strcmp(cmd, "trim") == 0) {
+            CUmemoryPool pool;
+            CUresult rc = api.default_pool(&pool, 0);
+            if (rc == CUDA_SUCCESS)
+                rc = api.pool_trim(pool, 0);
+            printf("trim %d\n", (int)rc);
+            i += 1;
+        } else if (strcmp(cmd, "meminfo") == 0) {
+            size_t f = 0, t = 0;
+            CUresult rc = api.mem_get_info(&f, &t);
+            printf("meminfo %zu %zu %d\n", f, t, (int)rc);
+            i += 1;
+        } else if (strcmp(cmd, "meminfo1") == 0) {
+            unsigned int f = 0, t = 0;
+            CUresult rc = api.mem_get_info_v1(&f, &t);
+            printf("meminfo1 %u %u %d\n", f, t, (int)rc);
+            i += 1;
+        } else if (strcmp(cmd, "totalmem") == 0) {
+            CUdevice dev;
+            size_t bytes = 0;
+            CUresult rc = api.device_get(&dev, atoi(ARG(1)));
+            if (rc == CUDA_SUCCESS)
+                rc = api.device_total_mem(&bytes, dev);
+            printf("totalmem %zu %d\n", bytes, (int)rc);
+            i += 2;
+        } else if (strcmp(cmd, "launch") == 0) {
+            int n = atoi(ARG(2));
+            CUresult rc = CUDA_SUCCESS;
+            for (int k = 0; k < n && rc == CUDA_SUCCESS; k++)
+                rc = launch(ARG(1));
+            printf("launch %d\n", (int)rc);
+            i += 3;
+        } else if (strcmp(cmd, "count") == 0) {
+            uint64_t (*counter)(const char *) =
+                (uint64_t(*)(const char *))dlsym(RTLD_DEFAULT, "fcspSimCount");
+            if (!counter) {
+                void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+                counter = lib ? (uint64_t(*)(const char *))dlsym(lib, "fcspSimCount") : NULL;
+            }
+            printf("count %s %llu\n", ARG(1),
+                   counter ? (unsigned long long)counter(ARG(1)) : 0ull);
+            i += 2;
+        } else if (strcmp(cmd, "resolve") == 0) {
+            resolve(ARG(1), atoi(ARG(2)), strtoull(ARG(3), NULL, 0));
+            i += 4;
+        } else if (strcmp(cmd, "usage") == 0) {
+            print_usage();
+            i += 1;
+        } else if (strcmp(cmd, "wait") == 0) { /* block until the test writes a line */
+            printf("ready\n");
+            char line[64];
+            if (!fgets(line, sizeof(line), stdin))
+                line[0] = '\0';
+            i += 1;
+        } else if (strcmp(cmd, "fork") == 0) { /* the child runs the rest; the parent waits */
+            fflush(stdout);
+            pid_t pid = fork();
+            if (pid < 0)
+                return 4;
+            i += 1;
+            if (pid > 0) {
+                int status = 0;
+                waitpid(pid, &status, 0);
+                printf("child %d %d\n", (int)pid, WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+                return 0;
+            }
+            printf("forked %d\n", (int)getpid());
+        } else if (strcmp(cmd, "sleep") == 0) {
+            struct timespec ts = {0, atol(ARG(1)) * 1000000L};
+            nanosleep(&ts, NULL);
+            i += 2;
+        } else {
+            fprintf(stderr, "unknown command %s\n", cmd);
+            return 2;
+        }
+    }
+    return 0;
+}

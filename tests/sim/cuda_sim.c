@@ -1,0 +1,1008 @@
+/*
+ * A simulated CUDA driver (libcuda.so.1) for the GPU-less test tier.
+ *
+ * It models what the shim depends on: devices with memory shared across
+ * processes (sim_state.c), contexts and primary contexts, every allocation
+ * family with its free, cuGetProcAddress with versions and the
+ * per-thread-default-stream flag, and launches as counters.  Each exported
+ * variant counts its own calls (fcspSimCount("cuLaunchKernel_ptsz")), so a
+ * test can see which variant a call really reached.
+ *
+ * Launches go through sim_launch(), the one place where a later model of
+ * execution time on a per-device timeline will go.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda.h>
+
+#include "sim_state.h"
+
+#define SIM_EXPORT __attribute__((visibility("default")))
+#define SIM_DRIVER_VERSION 13000
+
+/* ---- call counters ---------------------------------------------------------------- */
+
+struct counter {
+    const char *name;
+    _Atomic uint64_t calls;
+};
+
+static struct counter counters[] = {
+    {"cuLaunch", 0}, {"cuLaunchGrid", 0}, {"cuLaunchGridAsync", 0},
+    {"cuLaunchKernel", 0}, {"cuLaunchKernel_ptsz", 0},
+    {"cuLaunchKernelEx", 0}, {"cuLaunchKernelEx_ptsz", 0},
+    {"cuLaunchCooperativeKernel", 0}, {"cuLaunchCooperativeKernel_ptsz", 0},
+    {"cuLaunchCooperativeKernelMultiDevice", 0},
+    {"cuLaunchHostFunc", 0}, {"cuLaunchHostFunc_ptsz", 0},
+    {"cuGraphLaunch", 0}, {"cuGraphLaunch_ptsz", 0},
+    {"cuMemAllocAsync", 0}, {"cuMemAllocAsync_ptsz", 0},
+    {"cuMemAllocFromPoolAsync", 0}, {"cuMemAllocFromPoolAsync_ptsz", 0},
+    {"cuMemFreeAsync", 0}, {"cuMemFreeAsync_ptsz", 0},
+};
+
+static void count(const char *name)
+{
+    for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
+        if (strcmp(counters[i].name, name) == 0)
+            atomic_fetch_add(&counters[i].calls, 1);
+}
+
+/* Test hook: how many times the named variant was called in this process. */
+SIM_EXPORT uint64_t fcspSimCount(const char *name)
+{
+    for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
+        if (strcmp(counters[i].name, name) == 0)
+            return atomic_load(&counters[i].calls);
+    return 0;
+}
+
+/* ---- devices and contexts ---------------------------------------------------------- */
+
+struct CUctx_st {
+    int device;
+    int alive;
+};
+
+struct CUmemPoolHandle_st {
+    int device;
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int initialized;
+static struct CUctx_st contexts[256];
+static struct CUctx_st primary[SIM_MAX_DEVICES];
+static int primary_refs[SIM_MAX_DEVICES];
+static struct CUmemPoolHandle_st default_pools[SIM_MAX_DEVICES];
+static __thread CUcontext current;
+
+static int ndevices(void)
+{
+    return sim_config()->devices;
+}
+
+static int valid_device(CUdevice dev)
+{
+    return dev >= 0 && dev < ndevices();
+}
+
+SIM_EXPORT CUresult cuInit(unsigned int flags)
+{
+    initialized = 1;
+    return ndevices() > 0 ? CUDA_SUCCESS : CUDA_ERROR_NO_DEVICE;
+}
+
+SIM_EXPORT CUresult cuDriverGetVersion(int *version)
+{
+    *version = SIM_DRIVER_VERSION;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDeviceGetCount(int *n)
+{
+    if (!initialized)
+        return CUDA_ERROR_NOT_INITIALIZED;
+    *n = ndevices();
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDeviceGet(CUdevice *dev, int ordinal)
+{
+    if (!initialized)
+        return CUDA_ERROR_NOT_INITIALIZED;
+    if (!valid_device(ordinal))
+        return CUDA_ERROR_INVALID_DEVICE;
+    *dev = ordinal;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDeviceGetName(char *name, int len, CUdevice dev)
+{
+    if (!valid_device(dev) || len <= 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    strncpy(name, "FCSP Simulated GPU", (size_t)len - 1);
+    name[len - 1] = '\0';
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev)
+{
+    if (!valid_device(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    memcpy(uuid->bytes, sim_config()->uuid[dev], 16);
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev)
+{
+    return cuDeviceGetUuid_v2(uuid, dev);
+}
+
+SIM_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
+{
+    if (!valid_device(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = sim_config()->mem_bytes;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev)
+{
+    size_t total;
+    CUresult rc = cuDeviceTotalMem_v2(&total, dev);
+    if (rc == CUDA_SUCCESS)
+        *bytes = total > 0xffffffffu ? 0xffffffffu : (unsigned int)total;
+    return rc;
+}
+
+static CUresult new_context(CUcontext *pctx, CUdevice dev)
+{
+    if (!initialized)
+        return CUDA_ERROR_NOT_INITIALIZED;
+    if (!valid_device(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < sizeof(contexts) / sizeof(contexts[0]); i++) {
+        if (!contexts[i].alive) {
+            contexts[i].alive = 1;
+            contexts[i].device = dev;
+            pthread_mutex_unlock(&lock);
+            *pctx = &contexts[i];
+            current = *pctx;
+            return CUDA_SUCCESS;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+SIM_EXPORT CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev)
+{
+    return new_context(pctx, dev);
+}
+
+SIM_EXPORT CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *params, unsigned int flags,
+                                   CUdevice dev)
+{
+    return new_context(pctx, dev);
+}
+
+static void free_context_allocations(CUcontext ctx);
+
+static CUresult destroy_context(CUcontext ctx)
+{
+    if (!ctx || !ctx->alive || (ctx >= primary && ctx < primary + SIM_MAX_DEVICES))
+        return CUDA_ERROR_INVALID_CONTEXT;
+    free_context_allocations(ctx);
+    ctx->alive = 0;
+    if (current == ctx)
+        current = NULL;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx)
+{
+    return destroy_context(ctx);
+}
+
+SIM_EXPORT CUresult cuCtxDestroy(CUcontext ctx)
+{
+    return destroy_context(ctx);
+}
+
+SIM_EXPORT CUresult cuCtxGetCurrent(CUcontext *pctx)
+{
+    if (!initialized)
+        return CUDA_ERROR_NOT_INITIALIZED;
+    *pctx = current;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx)
+{
+    current = ctx;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxPushCurrent_v2(CUcontext ctx)
+{
+    current = ctx;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxPopCurrent_v2(CUcontext *pctx)
+{
+    if (pctx)
+        *pctx = current;
+    current = NULL;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxGetDevice(CUdevice *dev)
+{
+    if (!current || !current->alive)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    *dev = current->device;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxSynchronize(void)
+{
+    return current ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
+}
+
+SIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
+{
+    if (!initialized)
+        return CUDA_ERROR_NOT_INITIALIZED;
+    if (!valid_device(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    pthread_mutex_lock(&lock);
+    primary[dev].device = dev;
+    primary[dev].alive = 1;
+    primary_refs[dev]++;
+    pthread_mutex_unlock(&lock);
+    *pctx = &primary[dev];
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int *flags, int *active)
+{
+    if (!valid_device(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    *flags = 0;
+    *active = primary[dev].alive;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev)
+{
+    if (!valid_device(dev) || primary_refs[dev] <= 0)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    pthread_mutex_lock(&lock);
+    int last = --primary_refs[dev] == 0;
+    pthread_mutex_unlock(&lock);
+    if (last) {
+        free_context_allocations(&primary[dev]);
+        primary[dev].alive = 0;
+    }
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice dev)
+{
+    return cuDevicePrimaryCtxRelease_v2(dev);
+}
+
+SIM_EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
+{
+    if (!valid_device(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    free_context_allocations(&primary[dev]);
+    primary[dev].alive = 0;
+    primary_refs[dev] = 0;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuDevicePrimaryCtxReset(CUdevice dev)
+{
+    return cuDevicePrimaryCtxReset_v2(dev);
+}
+
+static int current_device(void)
+{
+    return current && current->alive ? current->device : -1;
+}
+
+/* ---- allocations ------------------------------------------------------------------ */
+
+enum alloc_kind { A_LINEAR = 1, A_VMM, A_ARRAY, A_MIPMAP, A_IPC };
+
+struct allocation {
+    enum alloc_kind kind;
+    uint64_t key, size;
+    int device;
+    CUcontext ctx; /* NULL for VMM handles, which outlive contexts */
+    int counted;   /* holds device memory (an IPC mapping does not) */
+};
+
+static struct allocation *allocs;
+static size_t nallocs, capacity;
+static uint64_t next_linear = 0x7f0000000000ull; /* a UVA-looking range */
+static uint64_t next_v1 = 0x10000000ull;           /* 32-bit range for the legacy entry points */
+static uint64_t next_handle = 0x1000;
+
+static uint64_t new_address(uint64_t size, int v1)
+{
+    uint64_t *next = v1 ? &next_v1 : &next_linear;
+    uint64_t addr = *next;
+    *next += (size + 0xfffff) & ~0xfffffull; /* 1 MiB steps, and a gap for the next one */
+    *next += 0x100000;
+    return addr;
+}
+
+/* Record an allocation of size on dev; CUDA_ERROR_OUT_OF_MEMORY when the device is full. */
+static CUresult record(enum alloc_kind kind, uint64_t size, int dev, CUcontext ctx, int counted,
+                       int v1, uint64_t *key_out)
+{
+    if (dev < 0)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    if (size == 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (counted && sim_take(dev, size) < 0)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    pthread_mutex_lock(&lock);
+    if (nallocs == capacity) {
+        capacity = capacity ? capacity * 2 : 256;
+        allocs = realloc(allocs, capacity * sizeof(*allocs));
+    }
+    uint64_t key = kind == A_LINEAR || kind == A_IPC ? new_address(size, v1)
+                                                      : (next_handle += 0x40);
+    allocs[nallocs++] = (struct allocation){kind, key, size, dev, ctx, counted};
+    pthread_mutex_unlock(&lock);
+    *key_out = key;
+    return CUDA_SUCCESS;
+}
+
+static CUresult forget(enum alloc_kind kind, uint64_t key)
+{
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < nallocs; i++) {
+        if (allocs[i].kind == kind && allocs[i].key == key) {
+            struct allocation a = allocs[i];
+            allocs[i] = allocs[--nallocs];
+            pthread_mutex_unlock(&lock);
+            if (a.counted)
+                sim_give(a.device, a.size);
+            return CUDA_SUCCESS;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+static void free_context_allocations(CUcontext ctx)
+{
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < nallocs;) {
+        if (allocs[i].ctx == ctx) {
+            if (allocs[i].counted)
+                sim_give(allocs[i].device, allocs[i].size);
+            allocs[i] = allocs[--nallocs];
+        } else {
+            i++;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+static const struct allocation *find_containing(uint64_t addr)
+{
+    for (size_t i = 0; i < nallocs; i++)
+        if ((allocs[i].kind == A_LINEAR || allocs[i].kind == A_IPC) && addr >= allocs[i].key &&
+            addr < allocs[i].key + allocs[i].size)
+            return &allocs[i];
+    return NULL;
+}
+
+static CUresult alloc_linear(CUdeviceptr *dptr, uint64_t size, int dev)
+{
+    uint64_t key;
+    CUresult rc = record(A_LINEAR, size, dev, current, 1, 0, &key);
+    if (rc == CUDA_SUCCESS)
+        *dptr = key;
+    return rc;
+}
+
+SIM_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
+{
+    return alloc_linear(dptr, bytesize, current_device());
+}
+
+SIM_EXPORT CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize)
+{
+    uint64_t key;
+    CUresult rc = record(A_LINEAR, bytesize, current_device(), current, 1, 1, &key);
+    if (rc == CUDA_SUCCESS)
+        *dptr = (CUdeviceptr_v1)key;
+    return rc;
+}
+
+SIM_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags)
+{
+    return alloc_linear(dptr, bytesize, current_device());
+}
+
+static uint64_t sim_pitch(uint64_t width)
+{
+    return (width + 511) & ~(uint64_t)511;
+}
+
+SIM_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width,
+                                       size_t height, unsigned int elem)
+{
+    *pitch = sim_pitch(width);
+    return alloc_linear(dptr, *pitch * height, current_device());
+}
+
+SIM_EXPORT CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pitch, unsigned int width,
+                                    unsigned int height, unsigned int elem)
+{
+    *pitch = (unsigned int)sim_pitch(width);
+    uint64_t key;
+    CUresult rc = record(A_LINEAR, (uint64_t)*pitch * height, current_device(), current, 1, 1,
+                         &key);
+    if (rc == CUDA_SUCCESS)
+        *dptr = (CUdeviceptr_v1)key;
+    return rc;
+}
+
+SIM_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
+{
+    return forget(A_LINEAR, dptr);
+}
+
+SIM_EXPORT CUresult cuMemFree(CUdeviceptr_v1 dptr)
+{
+    return forget(A_LINEAR, dptr);
+}
+
+SIM_EXPORT CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdeviceptr dptr)
+{
+    pthread_mutex_lock(&lock);
+    const struct allocation *a = find_containing(dptr);
+    if (a) {
+        if (base)
+            *base = a->key;
+        if (size)
+            *size = a->size;
+    }
+    pthread_mutex_unlock(&lock);
+    return a ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
+}
+
+SIM_EXPORT CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
+{
+    int dev = current_device();
+    if (dev < 0)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    uint64_t t = sim_config()->mem_bytes, used = sim_used(dev);
+    *total = t;
+    *free = used < t ? t - used : 0;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuMemGetInfo(unsigned int *free, unsigned int *total)
+{
+    size_t f, t;
+    CUresult rc = cuMemGetInfo_v2(&f, &t);
+    if (rc == CUDA_SUCCESS) {
+        *free = f > 0xffffffffu ? 0xffffffffu : (unsigned int)f;
+        *total = t > 0xffffffffu ? 0xffffffffu : (unsigned int)t;
+    }
+    return rc;
+}
+
+/* Stream-ordered allocations: the sim has no streams to order against. */
+SIM_EXPORT CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)
+{
+    count("cuMemAllocAsync");
+    return alloc_linear(dptr, bytesize, current_device());
+}
+
+SIM_EXPORT CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)
+{
+    count("cuMemAllocAsync_ptsz");
+    return alloc_linear(dptr, bytesize, current_device());
+}
+
+SIM_EXPORT CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev)
+{
+    if (!valid_device(dev))
+        return CUDA_ERROR_INVALID_DEVICE;
+    default_pools[dev].device = dev;
+    *pool = &default_pools[dev];
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuMemPoolCreate(CUmemoryPool *pool, const CUmemPoolProps *props)
+{
+    if (!props || props->location.type != CU_MEM_LOCATION_TYPE_DEVICE ||
+        !valid_device(props->location.id))
+        return CUDA_ERROR_INVALID_VALUE;
+    struct CUmemPoolHandle_st *p = calloc(1, sizeof(*p));
+    p->device = props->location.id;
+    *pool = p;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuMemPoolDestroy(CUmemoryPool pool)
+{
+    if (pool < default_pools || pool >= default_pools + SIM_MAX_DEVICES)
+        free(pool);
+    return CUDA_SUCCESS;
+}
+
+/* The sim's pools cache nothing, so there is nothing to trim. */
+SIM_EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t minBytesToKeep)
+{
+    return pool ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_EXPORT CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                            CUstream hStream)
+{
+    count("cuMemAllocFromPoolAsync");
+    return pool ? alloc_linear(dptr, bytesize, pool->device) : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize,
+                                                 CUmemoryPool pool, CUstream hStream)
+{
+    count("cuMemAllocFromPoolAsync_ptsz");
+    return pool ? alloc_linear(dptr, bytesize, pool->device) : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)
+{
+    count("cuMemFreeAsync");
+    return forget(A_LINEAR, dptr);
+}
+
+SIM_EXPORT CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)
+{
+    count("cuMemFreeAsync_ptsz");
+    return forget(A_LINEAR, dptr);
+}
+
+SIM_EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
+                                const CUmemAllocationProp *prop, unsigned long long flags)
+{
+    if (!prop)
+        return CUDA_ERROR_INVALID_VALUE;
+    int on_device = prop->location.type == CU_MEM_LOCATION_TYPE_DEVICE;
+    if (on_device && !valid_device(prop->location.id))
+        return CUDA_ERROR_INVALID_DEVICE;
+    uint64_t key;
+    CUresult rc = record(A_VMM, size, on_device ? prop->location.id : 0, NULL, on_device, 0, &key);
+    if (rc == CUDA_SUCCESS)
+        *handle = key;
+    return rc;
+}
+
+SIM_EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
+{
+    return forget(A_VMM, handle);
+}
+
+SIM_EXPORT CUresult cuMemGetAllocationGranularity(size_t *granularity,
+                                                  const CUmemAllocationProp *prop,
+                                                  CUmemAllocationGranularity_flags option)
+{
+    *granularity = 2u << 20;
+    return CUDA_SUCCESS;
+}
+
+/* ---- arrays ------------------------------------------------------------------------- */
+
+static uint64_t format_bytes(CUarray_format f)
+{
+    switch (f) {
+    case CU_AD_FORMAT_UNSIGNED_INT8:
+    case CU_AD_FORMAT_SIGNED_INT8:
+        return 1;
+    case CU_AD_FORMAT_UNSIGNED_INT16:
+    case CU_AD_FORMAT_SIGNED_INT16:
+    case CU_AD_FORMAT_HALF:
+        return 2;
+    default:
+        return 4;
+    }
+}
+
+static uint64_t nz(uint64_t v)
+{
+    return v ? v : 1;
+}
+
+/* Arrays are laid out in 64 KiB tiles: more than the shim's estimate, as on real GPUs. */
+static uint64_t tiled(uint64_t bytes)
+{
+    return (bytes + 0xffff) & ~(uint64_t)0xffff;
+}
+
+static CUresult new_array(CUarray *handle, uint64_t bytes)
+{
+    uint64_t key;
+    CUresult rc = record(A_ARRAY, tiled(bytes), current_device(), current, 1, 0, &key);
+    if (rc == CUDA_SUCCESS)
+        *handle = (CUarray)(uintptr_t)key;
+    return rc;
+}
+
+SIM_EXPORT CUresult cuArrayCreate_v2(CUarray *handle, const CUDA_ARRAY_DESCRIPTOR *d)
+{
+    return new_array(handle, nz(d->Width) * nz(d->Height) * format_bytes(d->Format) *
+                                 nz(d->NumChannels));
+}
+
+SIM_EXPORT CUresult cuArrayCreate(CUarray *handle, const CUDA_ARRAY_DESCRIPTOR_v1 *d)
+{
+    return new_array(handle, nz(d->Width) * nz(d->Height) * format_bytes(d->Format) *
+                                 nz(d->NumChannels));
+}
+
+SIM_EXPORT CUresult cuArray3DCreate_v2(CUarray *handle, const CUDA_ARRAY3D_DESCRIPTOR *d)
+{
+    return new_array(handle, nz(d->Width) * nz(d->Height) * nz(d->Depth) *
+                                 format_bytes(d->Format) * nz(d->NumChannels));
+}
+
+SIM_EXPORT CUresult cuArray3DCreate(CUarray *handle, const CUDA_ARRAY3D_DESCRIPTOR_v1 *d)
+{
+    return new_array(handle, nz(d->Width) * nz(d->Height) * nz(d->Depth) *
+                                 format_bytes(d->Format) * nz(d->NumChannels));
+}
+
+SIM_EXPORT CUresult cuArrayDestroy(CUarray handle)
+{
+    return forget(A_ARRAY, (uint64_t)(uintptr_t)handle);
+}
+
+static CUresult requirements(enum alloc_kind kind, uint64_t key,
+                             CUDA_ARRAY_MEMORY_REQUIREMENTS *req)
+{
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < nallocs; i++) {
+        if (allocs[i].kind == kind && allocs[i].key == key) {
+            memset(req, 0, sizeof(*req));
+            req->size = allocs[i].size;
+            req->alignment = 0x10000;
+            pthread_mutex_unlock(&lock);
+            return CUDA_SUCCESS;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return CUDA_ERROR_INVALID_HANDLE;
+}
+
+SIM_EXPORT CUresult cuArrayGetMemoryRequirements(CUDA_ARRAY_MEMORY_REQUIREMENTS *req,
+                                                 CUarray array, CUdevice dev)
+{
+    return requirements(A_ARRAY, (uint64_t)(uintptr_t)array, req);
+}
+
+SIM_EXPORT CUresult cuMipmappedArrayCreate(CUmipmappedArray *handle,
+                                           const CUDA_ARRAY3D_DESCRIPTOR *d, unsigned int levels)
+{
+    uint64_t bytes = 0;
+    for (unsigned l = 0; l < nz(levels) && l < 64; l++)
+        bytes += nz(d->Width >> l) * nz(d->Height >> l) * nz(d->Depth >> l) *
+                 format_bytes(d->Format) * nz(d->NumChannels);
+    uint64_t key;
+    CUresult rc = record(A_MIPMAP, tiled(bytes), current_device(), current, 1, 0, &key);
+    if (rc == CUDA_SUCCESS)
+        *handle = (CUmipmappedArray)(uintptr_t)key;
+    return rc;
+}
+
+SIM_EXPORT CUresult cuMipmappedArrayDestroy(CUmipmappedArray handle)
+{
+    return forget(A_MIPMAP, (uint64_t)(uintptr_t)handle);
+}
+
+SIM_EXPORT CUresult cuMipmappedArrayGetMemoryRequirements(CUDA_ARRAY_MEMORY_REQUIREMENTS *req,
+                                                          CUmipmappedArray mipmap, CUdevice dev)
+{
+    return requirements(A_MIPMAP, (uint64_t)(uintptr_t)mipmap, req);
+}
+
+/* ---- IPC ------------------------------------------------------------------------------ */
+
+struct ipc_payload {
+    uint32_t magic;
+    int32_t device;
+    uint64_t size;
+};
+_Static_assert(sizeof(struct ipc_payload) <= CU_IPC_HANDLE_SIZE, "payload fits the handle");
+#define IPC_MAGIC 0x4d495346u
+
+SIM_EXPORT CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr)
+{
+    pthread_mutex_lock(&lock);
+    const struct allocation *a = find_containing(dptr);
+    struct ipc_payload payload = {IPC_MAGIC, a ? a->device : 0, a ? a->size : 0};
+    pthread_mutex_unlock(&lock);
+    if (!a)
+        return CUDA_ERROR_INVALID_VALUE;
+    memset(handle, 0, sizeof(*handle));
+    memcpy(handle->reserved, &payload, sizeof(payload));
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *dptr, CUipcMemHandle handle,
+                                          unsigned int flags)
+{
+    struct ipc_payload payload;
+    memcpy(&payload, handle.reserved, sizeof(payload));
+    if (payload.magic != IPC_MAGIC)
+        return CUDA_ERROR_INVALID_VALUE;
+    uint64_t key;
+    /* The exporter holds the memory: the mapping takes none of the device's. */
+    CUresult rc = record(A_IPC, payload.size, payload.device, current, 0, 0, &key);
+    if (rc == CUDA_SUCCESS)
+        *dptr = key;
+    return rc;
+}
+
+SIM_EXPORT CUresult cuIpcOpenMemHandle(CUdeviceptr *dptr, CUipcMemHandle handle,
+                                       unsigned int flags)
+{
+    return cuIpcOpenMemHandle_v2(dptr, handle, flags);
+}
+
+SIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
+{
+    return forget(A_IPC, dptr);
+}
+
+/* ---- launches --------------------------------------------------------------------------- */
+
+/* Every launch ends here: the future device-timeline model plugs in at this point. */
+static CUresult sim_launch(const char *variant, CUstream stream)
+{
+    (void)stream;
+    if (current_device() < 0)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    count(variant);
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
+                                   unsigned int bx, unsigned int by, unsigned int bz,
+                                   unsigned int shmem, CUstream s, void **params, void **extra)
+{
+    return sim_launch("cuLaunchKernel", s);
+}
+
+SIM_EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy,
+                                        unsigned int gz, unsigned int bx, unsigned int by,
+                                        unsigned int bz, unsigned int shmem, CUstream s,
+                                        void **params, void **extra)
+{
+    return sim_launch("cuLaunchKernel_ptsz", s);
+}
+
+SIM_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params,
+                                     void **extra)
+{
+    return sim_launch("cuLaunchKernelEx", config ? config->hStream : NULL);
+}
+
+SIM_EXPORT CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f,
+                                          void **params, void **extra)
+{
+    return sim_launch("cuLaunchKernelEx_ptsz", config ? config->hStream : NULL);
+}
+
+SIM_EXPORT CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gx, unsigned int gy,
+                                              unsigned int gz, unsigned int bx, unsigned int by,
+                                              unsigned int bz, unsigned int shmem, CUstream s,
+                                              void **params)
+{
+    return sim_launch("cuLaunchCooperativeKernel", s);
+}
+
+SIM_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy,
+                                                   unsigned int gz, unsigned int bx,
+                                                   unsigned int by, unsigned int bz,
+                                                   unsigned int shmem, CUstream s, void **params)
+{
+    return sim_launch("cuLaunchCooperativeKernel_ptsz", s);
+}
+
+SIM_EXPORT CUresult cuLaunchCooperativeKernelMultiDevice(CUDA_LAUNCH_PARAMS *list,
+                                                         unsigned int n, unsigned int flags)
+{
+    return sim_launch("cuLaunchCooperativeKernelMultiDevice", NULL);
+}
+
+SIM_EXPORT CUresult cuLaunch(CUfunction f)
+{
+    return sim_launch("cuLaunch", NULL);
+}
+
+SIM_EXPORT CUresult cuLaunchGrid(CUfunction f, int w, int h)
+{
+    return sim_launch("cuLaunchGrid", NULL);
+}
+
+SIM_EXPORT CUresult cuLaunchGridAsync(CUfunction f, int w, int h, CUstream s)
+{
+    return sim_launch("cuLaunchGridAsync", s);
+}
+
+SIM_EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream s)
+{
+    return sim_launch("cuGraphLaunch", s);
+}
+
+SIM_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec exec, CUstream s)
+{
+    return sim_launch("cuGraphLaunch_ptsz", s);
+}
+
+SIM_EXPORT CUresult cuLaunchHostFunc(CUstream s, CUhostFn fn, void *data)
+{
+    count("cuLaunchHostFunc");
+    if (fn)
+        fn(data);
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuLaunchHostFunc_ptsz(CUstream s, CUhostFn fn, void *data)
+{
+    count("cuLaunchHostFunc_ptsz");
+    if (fn)
+        fn(data);
+    return CUDA_SUCCESS;
+}
+
+/* ---- cuGetProcAddress ------------------------------------------------------------------ */
+
+enum flavor { ANY, PER_THREAD };
+
+struct proc_entry {
+    const char *api;   /* the name asked for, without variant suffix */
+    int version;       /* first CUDA version in which this variant is the answer */
+    enum flavor flavor;
+    void *fn;
+};
+
+static const struct proc_entry procs[] = {
+    {"cuInit", 2000, ANY, (void *)cuInit},
+    {"cuDriverGetVersion", 2020, ANY, (void *)cuDriverGetVersion},
+    {"cuDeviceGet", 2000, ANY, (void *)cuDeviceGet},
+    {"cuDeviceGetCount", 2000, ANY, (void *)cuDeviceGetCount},
+    {"cuDeviceGetName", 2000, ANY, (void *)cuDeviceGetName},
+    {"cuDeviceGetUuid", 9020, ANY, (void *)cuDeviceGetUuid},
+    {"cuDeviceGetUuid", 11040, ANY, (void *)cuDeviceGetUuid_v2},
+    {"cuDeviceTotalMem", 2000, ANY, (void *)cuDeviceTotalMem},
+    {"cuDeviceTotalMem", 3020, ANY, (void *)cuDeviceTotalMem_v2},
+    {"cuCtxCreate", 3020, ANY, (void *)cuCtxCreate_v2},
+    {"cuCtxCreate", 12050, ANY, (void *)cuCtxCreate_v4},
+    {"cuCtxDestroy", 2000, ANY, (void *)cuCtxDestroy},
+    {"cuCtxDestroy", 4000, ANY, (void *)cuCtxDestroy_v2},
+    {"cuCtxGetCurrent", 4000, ANY, (void *)cuCtxGetCurrent},
+    {"cuCtxSetCurrent", 4000, ANY, (void *)cuCtxSetCurrent},
+    {"cuCtxPushCurrent", 4000, ANY, (void *)cuCtxPushCurrent_v2},
+    {"cuCtxPopCurrent", 4000, ANY, (void *)cuCtxPopCurrent_v2},
+    {"cuCtxGetDevice", 2000, ANY, (void *)cuCtxGetDevice},
+    {"cuCtxSynchronize", 2000, ANY, (void *)cuCtxSynchronize},
+    {"cuDevicePrimaryCtxRetain", 7000, ANY, (void *)cuDevicePrimaryCtxRetain},
+    {"cuDevicePrimaryCtxGetState", 7000, ANY, (void *)cuDevicePrimaryCtxGetState},
+    {"cuDevicePrimaryCtxRelease", 7000, ANY, (void *)cuDevicePrimaryCtxRelease},
+    {"cuDevicePrimaryCtxRelease", 11000, ANY, (void *)cuDevicePrimaryCtxRelease_v2},
+    {"cuDevicePrimaryCtxReset", 7000, ANY, (void *)cuDevicePrimaryCtxReset},
+    {"cuDevicePrimaryCtxReset", 11000, ANY, (void *)cuDevicePrimaryCtxReset_v2},
+    {"cuMemAlloc", 2000, ANY, (void *)cuMemAlloc},
+    {"cuMemAlloc", 3020, ANY, (void *)cuMemAlloc_v2},
+    {"cuMemAllocPitch", 2000, ANY, (void *)cuMemAllocPitch},
+    {"cuMemAllocPitch", 3020, ANY, (void *)cuMemAllocPitch_v2},
+    {"cuMemAllocManaged", 6000, ANY, (void *)cuMemAllocManaged},
+    {"cuMemFree", 2000, ANY, (void *)cuMemFree},
+    {"cuMemFree", 3020, ANY, (void *)cuMemFree_v2},
+    {"cuMemGetInfo", 2000, ANY, (void *)cuMemGetInfo},
+    {"cuMemGetInfo", 3020, ANY, (void *)cuMemGetInfo_v2},
+    {"cuMemGetAddressRange", 3020, ANY, (void *)cuMemGetAddressRange_v2},
+    {"cuMemAllocAsync", 11020, ANY, (void *)cuMemAllocAsync},
+    {"cuMemAllocAsync", 11020, PER_THREAD, (void *)cuMemAllocAsync_ptsz},
+    {"cuMemAllocFromPoolAsync", 11020, ANY, (void *)cuMemAllocFromPoolAsync},
+    {"cuMemAllocFromPoolAsync", 11020, PER_THREAD, (void *)cuMemAllocFromPoolAsync_ptsz},
+    {"cuMemFreeAsync", 11020, ANY, (void *)cuMemFreeAsync},
+    {"cuMemFreeAsync", 11020, PER_THREAD, (void *)cuMemFreeAsync_ptsz},
+    {"cuDeviceGetDefaultMemPool", 11020, ANY, (void *)cuDeviceGetDefaultMemPool},
+    {"cuMemPoolCreate", 11020, ANY, (void *)cuMemPoolCreate},
+    {"cuMemPoolDestroy", 11020, ANY, (void *)cuMemPoolDestroy},
+    {"cuMemPoolTrimTo", 11020, ANY, (void *)cuMemPoolTrimTo},
+    {"cuMemCreate", 10020, ANY, (void *)cuMemCreate},
+    {"cuMemRelease", 10020, ANY, (void *)cuMemRelease},
+    {"cuMemGetAllocationGranularity", 10020, ANY, (void *)cuMemGetAllocationGranularity},
+    {"cuArrayCreate", 2000, ANY, (void *)cuArrayCreate},
+    {"cuArrayCreate", 3020, ANY, (void *)cuArrayCreate_v2},
+    {"cuArray3DCreate", 2000, ANY, (void *)cuArray3DCreate},
+    {"cuArray3DCreate", 3020, ANY, (void *)cuArray3DCreate_v2},
+    {"cuArrayDestroy", 2000, ANY, (void *)cuArrayDestroy},
+    {"cuArrayGetMemoryRequirements", 11060, ANY, (void *)cuArrayGetMemoryRequirements},
+    {"cuMipmappedArrayCreate", 5000, ANY, (void *)cuMipmappedArrayCreate},
+    {"cuMipmappedArrayDestroy", 5000, ANY, (void *)cuMipmappedArrayDestroy},
+    {"cuMipmappedArrayGetMemoryRequirements", 11060, ANY,
+     (void *)cuMipmappedArrayGetMemoryRequirements},
+    {"cuIpcGetMemHandle", 4010, ANY, (void *)cuIpcGetMemHandle},
+    {"cuIpcOpenMemHandle", 4010, ANY, (void *)cuIpcOpenMemHandle},
+    {"cuIpcOpenMemHandle", 11000, ANY, (void *)cuIpcOpenMemHandle_v2},
+    {"cuIpcCloseMemHandle", 4010, ANY, (void *)cuIpcCloseMemHandle},
+    {"cuLaunch", 2000, ANY, (void *)cuLaunch},
+    {"cuLaunchGrid", 2000, ANY, (void *)cuLaunchGrid},
+    {"cuLaunchGridAsync", 2000, ANY, (void *)cuLaunchGridAsync},
+    {"cuLaunchKernel", 4000, ANY, (void *)cuLaunchKernel},
+    {"cuLaunchKernel", 7000, PER_THREAD, (void *)cuLaunchKernel_ptsz},
+    {"cuLaunchKernelEx", 11060, ANY, (void *)cuLaunchKernelEx},
+    {"cuLaunchKernelEx", 11060, PER_THREAD, (void *)cuLaunchKernelEx_ptsz},
+    {"cuLaunchCooperativeKernel", 9000, ANY, (void *)cuLaunchCooperativeKernel},
+    {"cuLaunchCooperativeKernel", 9000, PER_THREAD, (void *)cuLaunchCooperativeKernel_ptsz},
+    {"cuLaunchCooperativeKernelMultiDevice", 9000, ANY,
+     (void *)cuLaunchCooperativeKernelMultiDevice},
+    {"cuLaunchHostFunc", 10000, ANY, (void *)cuLaunchHostFunc},
+    {"cuLaunchHostFunc", 10000, PER_THREAD, (void *)cuLaunchHostFunc_ptsz},
+    {"cuGraphLaunch", 10000, ANY, (void *)cuGraphLaunch},
+    {"cuGraphLaunch", 10000, PER_THREAD, (void *)cuGraphLaunch_ptsz},
+    {"cuGetProcAddress", 11030, ANY, (void *)cuGetProcAddress},
+    {"cuGetProcAddress", 12000, ANY, (void *)cuGetProcAddress_v2},
+};
+
+/*
+ * The newest variant of `symbol` no newer than `version`; with the
+ * per-thread flag a _ptsz variant wins over the legacy-stream one.
+ */
+static CUresult resolve(const char *symbol, void **pfn, int version, cuuint64_t flags,
+                        CUdriverProcAddressQueryResult *status)
+{
+    const struct proc_entry *best = NULL;
+    int known = 0;
+    int per_thread = (flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM) != 0;
+    for (size_t i = 0; i < sizeof(procs) / sizeof(procs[0]); i++) {
+        const struct proc_entry *e = &procs[i];
+        if (strcmp(e->api, symbol) != 0)
+            continue;
+        known = 1;
+        if (e->version > version || (e->flavor == PER_THREAD && !per_thread))
+            continue;
+        if (!best || e->version > best->version ||
+            (e->version == best->version && e->flavor == PER_THREAD))
+            best = e;
+    }
+    if (status)
+        *status = best ? CU_GET_PROC_ADDRESS_SUCCESS
+                       : known ? CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT
+                               : CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    *pfn = best ? best->fn : NULL;
+    return best ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
+}
+
+SIM_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version,
+                                        cuuint64_t flags, CUdriverProcAddressQueryResult *status)
+{
+    if (!symbol || !pfn)
+        return CUDA_ERROR_INVALID_VALUE;
+    return resolve(symbol, pfn, version, flags, status);
+}
+
+SIM_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, cuuint64_t flags)
+{
+    if (!symbol || !pfn)
+        return CUDA_ERROR_INVALID_VALUE;
+    return resolve(symbol, pfn, version, flags, NULL);
+}

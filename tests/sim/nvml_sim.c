@@ -1,0 +1,100 @@
+/*
+ * A simulated NVML (libnvidia-ml.so.1): the devices of sim_state.c, with the
+ * memory every process holds on them, as nvidia-smi and pynvml would read it.
+ */
+#include <string.h>
+
+#include "nvml_api.h"
+#include "sim_state.h"
+
+#define SIM_EXPORT __attribute__((visibility("default")))
+#define NVML_ERROR_UNINITIALIZED 1
+#define NVML_ERROR_INSUFFICIENT_SIZE 7
+
+struct nvmlDevice_st {
+    unsigned int index;
+};
+
+static struct nvmlDevice_st devices[SIM_MAX_DEVICES];
+static int initialized;
+
+SIM_EXPORT nvmlReturn_t nvmlInit_v2(void)
+{
+    for (unsigned i = 0; i < SIM_MAX_DEVICES; i++)
+        devices[i].index = i;
+    initialized = 1;
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlInit(void)
+{
+    return nvmlInit_v2();
+}
+
+SIM_EXPORT nvmlReturn_t nvmlShutdown(void)
+{
+    initialized = 0;
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    *count = (unsigned int)sim_config()->devices;
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (index >= (unsigned int)sim_config()->devices)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *device = &devices[index];
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
+{
+    if (!device || !index)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *index = device->index;
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length)
+{
+    if (!device || !uuid)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    const char *text = sim_config()->uuid_text[device->index];
+    if (strlen(text) + 1 > length)
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    strcpy(uuid, text);
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
+{
+    if (!device || !memory)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    uint64_t total = sim_config()->mem_bytes, used = sim_used((int)device->index);
+    memory->total = total;
+    memory->used = used < total ? used : total;
+    memory->free = total - memory->used;
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
+{
+    if (!device || !memory)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    /* A real driver reserves a little for itself; show some so that the shim must hide it. */
+    uint64_t total = sim_config()->mem_bytes, used = sim_used((int)device->index);
+    uint64_t reserved = total / 100;
+    memory->total = total;
+    memory->reserved = reserved;
+    memory->used = used + reserved < total ? used : total - reserved;
+    memory->free = total - reserved - memory->used;
+    return NVML_SUCCESS;
+}

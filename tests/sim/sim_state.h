@@ -1,0 +1,34 @@
+/*
+ * State shared by the simulated driver and NVML: the devices (from the
+ * environment) and the device memory every process holds, in a file mapped
+ * MAP_SHARED (FCSP_SIM_STATE) so that free memory is system-wide, like on a
+ * real GPU.  A process's memory returns when it dies, as with the real driver.
+ *
+ *   FCSP_SIM_DEVICES    number of devices (default 1, at most 16)
+ *   FCSP_SIM_MEM_BYTES  memory per device in bytes (default 16 GiB)
+ *   FCSP_SIM_UUIDS      comma-separated GPU-... UUIDs (default derived from the index)
+ *   FCSP_SIM_STATE      path of the shared state file (default: private to the process)
+ */
+#ifndef FCSP_SIM_STATE_H
+#define FCSP_SIM_STATE_H
+
+#include <stdint.h>
+
+#define SIM_MAX_DEVICES 16
+#define SIM_MAX_PROCS 256
+
+struct sim_config {
+    int devices;
+    uint64_t mem_bytes;
+    unsigned char uuid[SIM_MAX_DEVICES][16];
+    char uuid_text[SIM_MAX_DEVICES][48];
+};
+
+const struct sim_config *sim_config(void);
+/* Bytes in use on dev by every live process. */
+uint64_t sim_used(int dev);
+/* Take size bytes on dev for this process: 0, or -1 when the device is full. */
+int sim_take(int dev, uint64_t size);
+void sim_give(int dev, uint64_t size);
+
+#endif
