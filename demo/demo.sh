@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-/opt/fcsp/venv/bin/python3}
 work=${FCSP_DEMO_DIR:-/var/tmp/fcsp-demo}
 rootfs=$work/rootfs
-ulimits=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit "nproc=$(ulimit -Hu):$(ulimit -Hu)")
+ulimits=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-cleanup() { podman rm -f -t 0 fcsp-demo-a fcsp-demo-b >/dev/null 2>&1 || true; }
+cleanup() { podman rm -f --ignore -t 0 fcsp-demo-a fcsp-demo-b >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 cleanup
 

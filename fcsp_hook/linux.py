@@ -6,11 +6,10 @@ Thin ctypes wrappers that raise OSError with errno, like the os module does.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library is already loaded; naming it avoids find_library, which runs ldconfig.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 # openat2(2) has the same number on every architecture that has it.
 SYS_OPENAT2 = 437
@@ -62,8 +61,6 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
 
 def has_openat2() -> bool:
     """openat2 exists from Linux 5.6; older kernels answer ENOSYS."""
-    if platform.system() != "Linux":
-        return False
     try:
         os.close(openat2(-100, "/", os.O_RDONLY | O_PATH | os.O_CLOEXEC, 0, 0))
     except OSError:

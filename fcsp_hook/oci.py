@@ -6,7 +6,7 @@ Decoding only; the hook decides what to do with them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class BundleConfig:
     devices: tuple[Device, ...] = ()
     readable: bool = True
     problem: str = ""
-    annotations: dict[str, str] = field(default_factory=dict)
 
 
 def parse_state(raw: bytes) -> State:
@@ -96,16 +95,10 @@ def decode_bundle_config(doc: object, bundle: Path) -> BundleConfig:
     root_path = root.get("path") if isinstance(root, dict) else None
     process = doc.get("process")
     env = process.get("env") if isinstance(process, dict) else None
-    annotations = doc.get("annotations")
     return BundleConfig(
         root=(bundle / root_path) if isinstance(root_path, str) and root_path else None,
         env=tuple(e for e in env if isinstance(e, str)) if isinstance(env, list) else (),
         devices=_devices(doc),
-        annotations=(
-            {str(k): str(v) for k, v in annotations.items()}
-            if isinstance(annotations, dict)
-            else {}
-        ),
     )
 
 

@@ -10,7 +10,6 @@ import contextlib
 import ctypes
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,11 +137,18 @@ def ensure_tenants_dir(run_dir: Path) -> Path:
 
 
 def remove_slot(run_dir: Path, container_id: str) -> bool:
-    """Remove a tenant's slot; True if there was one."""
+    """Remove a tenant's slot (a flat directory of files we wrote); True if there was one."""
     path = slot_path(run_dir, container_id)
-    if not path.is_dir() or path.is_symlink():
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return False
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        for name in os.listdir(fd):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
     with contextlib.suppress(FileNotFoundError):
         path.rmdir()
     return not path.exists()

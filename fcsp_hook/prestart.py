@@ -1,0 +1,98 @@
+"""prestart: give a container its slot and the shim.
+
+Steps, each a small function: read the bundle -> find GPUs -> parse annotations ->
+create the slot -> mount into the container.  Everything is validated before
+anything is created.  Nothing here touches CUDA or NVML.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcsp_hook import abi, config, gpus, mounts, oci, slot
+from fcsp_hook import annotations as fcsp_annotations
+from fcsp_hook.errors import HookError
+from fcsp_hook.log import HookLogger
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What prestart decided for one container."""
+
+    request: fcsp_annotations.TenantRequest
+    gpus: tuple[gpus.Gpu, ...]
+    pid: int
+    rootfs: Path
+
+
+def slot_spec(container_id: str, setup: Setup) -> slot.SlotSpec:
+    request = setup.request
+    devices = tuple(
+        slot.DeviceLimits(
+            host_index=gpu.host_index,
+            uuid=gpu.uuid,
+            mem_limit_bytes=dev.mem.bytes,
+            mem_limit_basis_points=dev.mem.basis_points,
+            sm_requested_centi=dev.sm_centi,
+        )
+        for gpu, dev in zip(setup.gpus, request.devices, strict=True)
+    )
+    return slot.SlotSpec(
+        container_id=container_id,
+        tenant=request.tenant,
+        isolation_mode=request.mode,
+        mem_mode=request.mem_mode,
+        priority=request.priority,
+        devices=devices,
+    )
+
+
+def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup | None:
+    """Validate everything before anything is created.  None: not ours to touch."""
+    bundle = oci.read_bundle_config(state.bundle)
+    if not bundle.readable:
+        log.warning("bundle config unreadable; using the OCI state alone", problem=bundle.problem)
+    visible = oci.env_value(bundle.env, "NVIDIA_VISIBLE_DEVICES")
+    found = tuple(gpus.visible_gpus(visible, bundle.devices, cfg.paths.dev_dir))
+    request = fcsp_annotations.parse(
+        state.annotations, len(found), cfg.defaults.mode, cfg.defaults.mem_mode
+    )
+    if not found:
+        log.info("no GPU requested; container left untouched", nvidia_visible_devices=visible)
+        return None
+    if state.pid is None:
+        raise HookError("the OCI state has no pid; prestart needs the container's init process")
+    rootfs = bundle.root or Path(os.readlink(f"/proc/{state.pid}/cwd"))
+    if not cfg.hook.library.is_file():
+        raise HookError(f"{cfg.hook.library} is missing; run `make install` or set [hook] library")
+    return Setup(request=request, gpus=found, pid=state.pid, rootfs=rootfs)
+
+
+def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
+    started = time.monotonic()
+    if not fcsp_annotations.has_fcsp_annotations(state.annotations):
+        return
+    setup = plan_setup(state, cfg, log)
+    if setup is None:
+        return
+    slot.ensure_tenants_dir(cfg.paths.run_dir)
+    slot_dir = slot.slot_path(cfg.paths.run_dir, state.id)
+    placeholders = {mounts.LIBRARY_NAME: (b"", 0o644), mounts.PRELOAD_NAME: (b"", 0o644)}
+    slot.write_slot(slot_dir, slot_spec(state.id, setup), placeholders)
+    try:
+        mounts.install(mounts.MountPlan(setup.pid, setup.rootfs, slot_dir, cfg.hook.library))
+    except BaseException:
+        slot.remove_slot(cfg.paths.run_dir, state.id)
+        raise
+    log.info(
+        "tenant slot ready",
+        slot=str(slot_dir),
+        gpus=[g.describe() for g in setup.gpus],
+        sm_percent=[d.sm_centi / abi.CENTI_PER_PERCENT for d in setup.request.devices],
+        mem_bytes=[d.mem.bytes for d in setup.request.devices],
+        mode=setup.request.mode.name.lower(),
+        duration_ms=round((time.monotonic() - started) * 1000, 2),
+    )
