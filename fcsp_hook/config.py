@@ -58,12 +58,44 @@ class PolicyConfig:
     burst_max_pct: int = 40
 
 
+OVER_QUOTA_WARN = "warn"
+OVER_QUOTA_KILL = "kill"
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    # 25 ms: an idle tenant that starts is noticed within one tick, so it holds its
+    # share again well inside the 100 ms reclaim target, for ~1% of a core (32 tenants).
+    interval_ms: int = 25
+    # A tenant with no launches, GPU time or throttled time for this long is idle.
+    idle_window_ms: int = 500
+    # What an idle tenant keeps (capped at its request), so its first launches run.
+    idle_share_pct: int = 1
+    # Below this fraction of a tick spent throttled, a tenant has no unmet demand.
+    throttled_min_pct: int = 2
+    # Adaptive mode: contention (unmet demand, % of the GPU) above high tightens
+    # towards strict, below low relaxes again; the gap is the hysteresis.
+    contention_high_pct: int = 50
+    contention_low_pct: int = 20
+    # How far adaptive moves between relaxed (0) and strict (100) per tick.
+    adaptive_step_pct: int = 25
+    # Prometheus metrics on 127.0.0.1:<port>; 0 turns them off.
+    metrics_port: int = 9401
+    # NVML process lists hold the driver's lock: polled at most once a second.
+    nvml_interval_ms: int = 1000
+    # A tenant over its memory quota by NVML's count: warn (log) or kill its processes.
+    over_quota_action: str = OVER_QUOTA_WARN
+    # How often slots of containers that are gone are looked for.
+    reap_interval_ms: int = 2000
+
+
 @dataclass(frozen=True)
 class Config:
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     hook: HookConfig = field(default_factory=HookConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
 
 
 def _choice(section: str, key: str, value: object, choices: Mapping[str, Any]) -> Any:
@@ -86,6 +118,47 @@ def _percent(section: str, key: str, value: object) -> int:
     raise ConfigError(
         f"[{section}] {key} = {value!r} is invalid: expected an integer from 0 to 100"
     )
+
+
+def _integer(section: str, key: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    raise ConfigError(
+        f"[{section}] {key} = {value!r} is invalid: expected an integer from {low} to {high}"
+    )
+
+
+# Bounds of the [observer] integers; everything else there is a choice.
+_OBSERVER_RANGES = {
+    "interval_ms": (1, 10_000),
+    "idle_window_ms": (1, 3_600_000),
+    "idle_share_pct": (0, 100),
+    "throttled_min_pct": (0, 100),
+    "contention_high_pct": (0, 100),
+    "contention_low_pct": (0, 100),
+    "adaptive_step_pct": (1, 100),
+    "metrics_port": (0, 65_535),
+    "nvml_interval_ms": (1_000, 3_600_000),
+    "reap_interval_ms": (100, 3_600_000),
+}
+
+
+def _observer(data: Mapping[str, object]) -> ObserverConfig:
+    o = _table(data, "observer", ObserverConfig)
+    values: dict[str, Any] = {
+        key: _integer("observer", key, o.get(key, getattr(ObserverConfig, key)), low, high)
+        for key, (low, high) in _OBSERVER_RANGES.items()
+    }
+    values["over_quota_action"] = _choice(
+        "observer",
+        "over_quota_action",
+        o.get("over_quota_action", OVER_QUOTA_WARN),
+        {OVER_QUOTA_WARN: OVER_QUOTA_WARN, OVER_QUOTA_KILL: OVER_QUOTA_KILL},
+    )
+    cfg = ObserverConfig(**values)
+    if cfg.contention_low_pct > cfg.contention_high_pct:
+        raise ConfigError("[observer] contention_low_pct must not exceed contention_high_pct")
+    return cfg
 
 
 def _check_keys(section: str, table: Mapping[str, object], cls: type) -> None:
@@ -146,7 +219,9 @@ def from_mapping(data: Mapping[str, object]) -> Config:
         raise ConfigError(
             "[policy] tenant_floor_pct + shared_pool_pct + burst_max_pct must not exceed 100"
         )
-    return Config(defaults=defaults, hook=hook, paths=paths, policy=policy)
+    return Config(
+        defaults=defaults, hook=hook, paths=paths, policy=policy, observer=_observer(data)
+    )
 
 
 def load(path: Path = DEFAULT_PATH) -> Config:

@@ -1,0 +1,131 @@
+"""Prometheus metrics of the observer, served on 127.0.0.1:<metrics_port>/metrics.
+
+The observer publishes an immutable Snapshot after each tick; a collector turns the
+latest one into metric families when scraped, so tenants that disappear disappear
+from the metrics with them (no stale label sets to clean up).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+NS_PER_S = 1e9
+CENTI_PER_RATIO = 10_000
+
+
+@dataclass(frozen=True)
+class TenantGpuSample:
+    container_id: str
+    tenant: str
+    gpu: str
+    mode: str
+    requested_centi: int
+    effective_centi: int
+    mem_used_bytes: int
+    mem_quota_bytes: int
+    throttled_ns: int
+    busy_ns: int
+    active: bool
+    unshimmed_processes: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    samples: tuple[TenantGpuSample, ...] = ()
+    contention_pct: dict[str, int] = field(default_factory=dict)  # per GPU
+    ticks: int = 0
+    tick_seconds_total: float = 0.0
+
+
+class _Collector(Collector):
+    def __init__(self) -> None:
+        self.snapshot = Snapshot()
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot  # one reference read: the observer swaps whole snapshots
+        labels = ["container_id", "tenant", "gpu"]
+        fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "req": GaugeMetricFamily(
+                "fcsp_sm_requested_ratio", "Requested compute share (0-1)", labels=labels
+            ),
+            "eff": GaugeMetricFamily(
+                "fcsp_sm_effective_ratio", "Compute share in force (0-1)", labels=labels
+            ),
+            "mem": GaugeMetricFamily(
+                "fcsp_memory_used_bytes", "Device memory charged to the tenant", labels=labels
+            ),
+            "quota": GaugeMetricFamily(
+                "fcsp_memory_quota_bytes", "Memory quota (0: none)", labels=labels
+            ),
+            "thr": CounterMetricFamily(
+                "fcsp_throttled_seconds", "Time the tenant waited for compute tokens", labels=labels
+            ),
+            "busy": CounterMetricFamily(
+                "fcsp_busy_seconds", "GPU time of the tenant's kernels", labels=labels
+            ),
+            "active": GaugeMetricFamily(
+                "fcsp_tenant_active", "1 if the tenant used the GPU lately", labels=labels
+            ),
+            "unshim": GaugeMetricFamily(
+                "fcsp_unshimmed_processes",
+                "Processes of the tenant on the GPU without the shim",
+                labels=labels,
+            ),
+        }
+        for s in snap.samples:
+            key = [s.container_id, s.tenant, s.gpu]
+            fams["req"].add_metric(key, s.requested_centi / CENTI_PER_RATIO)
+            fams["eff"].add_metric(key, s.effective_centi / CENTI_PER_RATIO)
+            fams["mem"].add_metric(key, s.mem_used_bytes)
+            fams["quota"].add_metric(key, s.mem_quota_bytes)
+            fams["thr"].add_metric(key, s.throttled_ns / NS_PER_S)
+            fams["busy"].add_metric(key, s.busy_ns / NS_PER_S)
+            fams["active"].add_metric(key, 1.0 if s.active else 0.0)
+            fams["unshim"].add_metric(key, s.unshimmed_processes)
+        yield from fams.values()
+        contention = GaugeMetricFamily(
+            "fcsp_gpu_contention_ratio", "Unmet compute demand on the GPU (0-1)", labels=["gpu"]
+        )
+        for gpu, pct in sorted(snap.contention_pct.items()):
+            contention.add_metric([gpu], pct / 100)
+        yield contention
+        ticks = CounterMetricFamily("fcsp_observer_ticks", "Observer ticks")
+        ticks.add_metric([], snap.ticks)
+        yield ticks
+        cost = CounterMetricFamily("fcsp_observer_tick_seconds", "Time spent in ticks")
+        cost.add_metric([], snap.tick_seconds_total)
+        yield cost
+
+
+class Metrics:
+    """Holds the registry; `serve` starts the HTTP thread (port 0: no server)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._collector = _Collector()
+        self.registry.register(self._collector)
+        self._server: object | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, port: int) -> None:
+        if port:
+            # Localhost only: tenant names and ids are not for the network at large.
+            # prometheus-client >= 0.19 returns (server, thread); older ones return None.
+            started: Any = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            if isinstance(started, tuple):
+                self._server, self._thread = started
+
+    def publish(self, snapshot: Snapshot) -> None:
+        self._collector.snapshot = snapshot
+
+    def close(self) -> None:
+        shutdown = getattr(self._server, "shutdown", None)
+        if shutdown is not None:
+            shutdown()

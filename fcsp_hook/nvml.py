@@ -1,0 +1,159 @@
+"""NVML: the slow cross-check of what the shims report (at most once a second).
+
+Two parts: `Nvml`, the I/O (pynvml; absent driver or library means "unavailable"
+with a reason, never an exception), and `cross_check`, pure code that matches NVML's
+per-process view against the tenants: memory per tenant and GPU, processes in a
+tenant's container that run without the shim (static or musl binaries), and
+tenants over their memory quota.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    uuid: str
+    minor: int
+    memory_total: int
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    host_pid: int
+    used_bytes: int
+
+
+class Nvml:
+    """pynvml behind a small interface; every failure turns into `available = False`."""
+
+    def __init__(self, loader: Callable[[], Any] | None = None) -> None:
+        self.available = False
+        self.reason = ""
+        self._nv: Any = None
+        try:
+            self._nv = loader() if loader else _import_pynvml()
+            self._nv.nvmlInit()
+        except Exception as exc:  # any NVML failure means "no NVML here"
+            self.reason = f"NVML unavailable: {exc}"
+            return
+        self.available = True
+
+    def inventory(self) -> list[GpuInfo]:
+        if not self.available:
+            return []
+        try:
+            out = []
+            for i in range(self._nv.nvmlDeviceGetCount()):
+                handle = self._nv.nvmlDeviceGetHandleByIndex(i)
+                uuid = self._nv.nvmlDeviceGetUUID(handle)
+                out.append(
+                    GpuInfo(
+                        index=i,
+                        uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+                        minor=int(self._nv.nvmlDeviceGetMinorNumber(handle)),
+                        memory_total=int(self._nv.nvmlDeviceGetMemoryInfo(handle).total),
+                    )
+                )
+        except Exception as exc:  # the driver went away: report, go on
+            self.reason = f"NVML inventory failed: {exc}"
+            return []
+        return out
+
+    def processes(self, gpus: Sequence[GpuInfo]) -> dict[str, list[GpuProcess]]:
+        """Compute processes per GPU UUID (one driver-locked query per GPU)."""
+        out: dict[str, list[GpuProcess]] = {}
+        if not self.available:
+            return out
+        for gpu in gpus:
+            try:
+                handle = self._nv.nvmlDeviceGetHandleByIndex(gpu.index)
+                procs = self._nv.nvmlDeviceGetComputeRunningProcesses(handle)
+            except Exception as exc:  # one GPU failing must not hide others
+                self.reason = f"NVML process list of {gpu.uuid} failed: {exc}"
+                continue
+            out[gpu.uuid] = [
+                GpuProcess(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs
+            ]
+        return out
+
+    def close(self) -> None:
+        if self.available:
+            with contextlib.suppress(Exception):  # shutting down: nothing left to tell
+                self._nv.nvmlShutdown()
+            self.available = False
+
+
+def _import_pynvml() -> Any:
+    import pynvml  # type: ignore[import-untyped]  # noqa: PLC0415  # only when NVML is wanted; absent on GPU-less hosts
+
+    return pynvml
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """What the observer knows of one tenant for the cross-check."""
+
+    container_id: str
+    gpus: Mapping[str, int]  # GPU UUID -> memory quota in bytes (0: none)
+    shimmed_pids: frozenset[int]  # LIVE records: pids in the container's namespace
+
+
+@dataclass(frozen=True)
+class OverQuota:
+    container_id: str
+    gpu: str
+    used_bytes: int
+    quota_bytes: int
+    # Host pids to act on: processes without the shim first, else the largest one.
+    culprits: tuple[int, ...]
+
+
+@dataclass
+class CrossCheck:
+    memory: dict[tuple[str, str], int] = field(default_factory=dict)  # (cid, uuid) -> bytes
+    unshimmed: dict[str, list[int]] = field(default_factory=dict)  # cid -> host pids
+    foreign: dict[str, list[int]] = field(default_factory=dict)  # uuid -> host pids of no tenant
+    over_quota: list[OverQuota] = field(default_factory=list)
+
+
+def cross_check(
+    tenants: Sequence[TenantView],
+    processes: Mapping[str, Sequence[GpuProcess]],
+    owner_of: Callable[[int], tuple[str, int] | None],
+) -> CrossCheck:
+    """Match NVML's processes to tenants.
+
+    owner_of(host_pid) gives (container id, pid inside its namespace) for a process in
+    a tenant's container, or None for any other process.
+    """
+    result = CrossCheck()
+    by_id = {t.container_id: t for t in tenants}
+    tenant_gpus = {uuid for t in tenants for uuid in t.gpus}
+    per_tenant: dict[tuple[str, str], list[tuple[GpuProcess, bool]]] = {}
+    for uuid, procs in processes.items():
+        for proc in procs:
+            owner = owner_of(proc.host_pid)
+            if owner is None or owner[0] not in by_id:
+                if uuid in tenant_gpus:
+                    result.foreign.setdefault(uuid, []).append(proc.host_pid)
+                continue
+            cid, ns_pid = owner
+            shimmed = ns_pid in by_id[cid].shimmed_pids
+            if not shimmed:
+                result.unshimmed.setdefault(cid, []).append(proc.host_pid)
+            per_tenant.setdefault((cid, uuid), []).append((proc, shimmed))
+    for (cid, uuid), entries in per_tenant.items():
+        used = sum(p.used_bytes for p, _ in entries)
+        result.memory[(cid, uuid)] = used
+        quota = by_id[cid].gpus.get(uuid, 0)
+        if quota and used > quota:
+            bypassing = tuple(p.host_pid for p, shimmed in entries if not shimmed)
+            largest = max(entries, key=lambda e: e[0].used_bytes)[0].host_pid
+            result.over_quota.append(OverQuota(cid, uuid, used, quota, bypassing or (largest,)))
+    return result

@@ -1,0 +1,733 @@
+"""fcsp-observer: the host-wide daemon that shares every GPU among its tenants.
+
+Each tick (config [observer] interval_ms): discover slots under <run_dir>/tenants,
+read each tenant's usage (pread, bounded: the tenant writes it), decide per GPU with
+fcsp_hook.policy, write the shares back (one aligned store each) and the heartbeat.
+Less often: reap slots of containers that are gone, cross-check with NVML, publish
+state for fcspctl and metrics, talk to systemd.
+
+Decisions worth knowing:
+
+- Per-process records (pid LIVE in a usage file) are reaped by the shims, not here:
+  releasing a dead process's memory charge exactly once needs a compare-and-swap on
+  shared memory, which the shim does natively on its next allocation.  The observer
+  only reports dead records (status, metrics, log), mapping pids through the
+  container's pid namespace (/proc/<host pid>/status NSpid).
+- A whole tenant is reaped when the container's init process, recorded by the hook in
+  limits (init_host_pid, init_start_time), is gone or its pid was reused.  A slot
+  without that record is never reaped (we cannot tell a dead container from an idle
+  one), only reported.
+- The observer keeps no state of its own on disk: a restarted observer rebuilds
+  everything from /run/fcsp (new tenants are presumed active for one idle window).
+- On SIGTERM it writes every tenant's requested share back as its effective share and
+  a zero heartbeat ("no observer"), so the shims run on their requests at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import selectors
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from fcsp_hook import abi, config, metrics, notify, nvml, policy, slot, slotio
+from fcsp_hook.errors import ConfigError, FcspError, SlotError
+
+NS_PER_MS = 1_000_000
+NS_PER_US = 1_000
+STATUS_PERIOD_NS = 1_000_000_000
+STATE_FILE = "observer.json"
+INTERVAL_ENV = "BUD_OBSERVER_INTERVAL_US"
+
+Logger = Any  # structlog's BoundLogger: its methods are dynamically typed
+
+
+def configure_logging() -> Logger:
+    """JSON lines on stderr (journald keeps them), one object per event."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    return structlog.get_logger("fcsp-observer")
+
+
+# ---- /proc: is a container still there, which of its processes are dead ----------------
+
+
+def proc_stat(pid: int, proc: Path = Path("/proc")) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a host process, None if it is gone."""
+    try:
+        data = (proc / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def container_alive(pid: int, start_time: int, proc: Path = Path("/proc")) -> bool | None:
+    """True/False for a recorded init process; None when the slot has no record."""
+    if pid <= 0:
+        return None
+    stat = proc_stat(pid, proc)
+    if stat is None or stat[0] in {"Z", "X"}:
+        return False
+    return not (start_time and stat[1] != start_time)
+
+
+def namespace_members(
+    init_pids: dict[str, int], proc: Path = Path("/proc")
+) -> dict[int, tuple[str, int]]:
+    """Every host process in the tenants' pid namespaces: host pid -> (container id, ns pid)."""
+    ns_owner: dict[str, str] = {}
+    for cid, pid in init_pids.items():
+        with contextlib.suppress(OSError):
+            ns_owner[os.readlink(proc / str(pid) / "ns" / "pid")] = cid
+    members: dict[int, tuple[str, int]] = {}
+    if not ns_owner:
+        return members
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                owner = ns_owner.get(os.readlink(f"{entry.path}/ns/pid"))
+                if owner is None:
+                    continue
+                status = Path(entry.path, "status").read_text()
+            except OSError:
+                continue  # exited while we looked
+            for line in status.splitlines():
+                if line.startswith("NSpid:"):
+                    members[int(entry.name)] = (owner, int(line.split()[-1]))
+                    break
+    return members
+
+
+# ---- per-tenant tracking ------------------------------------------------------------------
+
+
+@dataclass
+class DeviceTrack:
+    """One GPU of one tenant: last counters, and what they say about demand."""
+
+    last_active_ns: int
+    launches: int = -1  # -1: no sample yet
+    busy_ns: int = 0
+    throttled_ns: int = 0
+    active: bool = True
+    unmet: int = 0
+    throttled_pct: int = 0  # smoothed share of the last ticks spent waiting for tokens
+    usage: slotio.DeviceUsage = field(default_factory=slotio.DeviceUsage)
+
+
+@dataclass
+class Tenant:
+    container_id: str
+    directory: Path
+    limits: slotio.LimitsMap
+    usage: slotio.UsageReader
+    spec: abi.Limits
+    log: Logger
+    devices: list[DeviceTrack] = field(default_factory=list)
+    problem: str = ""
+    dead_processes: list[int] = field(default_factory=list)
+    dead_bytes: int = 0
+    unshimmed: list[int] = field(default_factory=list)
+
+    @property
+    def device_count(self) -> int:
+        return min(int(self.spec.device_count), abi.MAX_DEVICES)
+
+    def close(self) -> None:
+        self.limits.close()
+        self.usage.close()
+
+
+def _mode(value: int) -> abi.IsolationMode:
+    try:
+        return abi.IsolationMode(value)
+    except ValueError:
+        return abi.IsolationMode.BALANCED  # host-written, but never let a bad byte stop us
+
+
+def _priority(value: int) -> abi.Priority:
+    try:
+        return abi.Priority(value)
+    except ValueError:
+        return abi.Priority.BEST_EFFORT
+
+
+def update_track(
+    track: DeviceTrack,
+    sample: slotio.DeviceUsage,
+    *,
+    effective: int,
+    now_ns: int,
+    dt_ns: int,
+    obs: config.ObserverConfig,
+) -> None:
+    """Fold one usage sample into a device's track: activity, idleness, unmet demand."""
+    first = track.launches < 0
+    # Counters only grow; one that went backwards was reset (or forged): rebase on it.
+    d_launch = max(sample.launches - track.launches, 0) if not first else 0
+    d_busy = max(sample.busy_ns - track.busy_ns, 0) if not first else 0
+    d_throttle = max(sample.throttled_ns - track.throttled_ns, 0) if not first else 0
+    track.launches, track.busy_ns, track.throttled_ns = (
+        sample.launches,
+        sample.busy_ns,
+        sample.throttled_ns,
+    )
+    track.usage = sample
+    if d_launch or d_busy or d_throttle:
+        track.last_active_ns = now_ns
+    track.active = now_ns - track.last_active_ns < obs.idle_window_ms * NS_PER_MS
+    # Several threads can wait at once: the throttled fraction is capped at 1.  It is
+    # averaged (half old, half new) so that a shim reporting in bursts does not make
+    # the tenant's burst share flap tick by tick.
+    sample_pct = min(d_throttle * 100 // max(dt_ns, 1), 100)
+    track.throttled_pct = (track.throttled_pct + sample_pct) // 2
+    throttled_pct = track.throttled_pct
+    if throttled_pct < max(obs.throttled_min_pct, 1):
+        track.unmet = 0
+    else:
+        estimate = effective * throttled_pct // 100
+        track.unmet = max(sample.demand_centi - effective, estimate, 1)
+
+
+def gpu_key(dev: abi.LimitsDevice, container_id: str, index: int, minors: dict[int, str]) -> str:
+    """The host GPU a tenant's device entry is: UUID, else nvidia<minor>, else its own."""
+    uuid = str(dev.uuid.decode(errors="replace"))
+    if uuid:
+        return uuid
+    if dev.host_index >= 0:
+        return minors.get(int(dev.host_index), f"nvidia{dev.host_index}")
+    return f"{container_id}/{index}"  # unknown GPU: shares it with nobody we know of
+
+
+# ---- the daemon ---------------------------------------------------------------------------
+
+
+def interval_ns(cfg: config.Config, env: dict[str, str]) -> int:
+    raw = env.get(INTERVAL_ENV, "")
+    if not raw:
+        return cfg.observer.interval_ms * NS_PER_MS
+    if not raw.isdigit() or not 100 <= int(raw) <= 10_000_000:
+        raise ConfigError(
+            f"{INTERVAL_ENV}={raw!r} is invalid: expected microseconds from 100 to 10000000"
+        )
+    return int(raw) * NS_PER_US
+
+
+@dataclass
+class Observer:
+    cfg: config.Config
+    config_path: Path
+    log: Logger
+    notifier: notify.Notifier
+    nvml_factory: Callable[[], nvml.Nvml] = nvml.Nvml
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    gpu_states: dict[str, policy.GpuState] = field(default_factory=dict)
+    contention: dict[str, int] = field(default_factory=dict)
+    exporter: metrics.Metrics = field(default_factory=metrics.Metrics)
+    ticks: int = 0
+    tick_ns_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.interval = interval_ns(self.cfg, self.env)
+        self.nv = self.nvml_factory()
+        self.gpus = self.nv.inventory()
+        self.minors = {g.minor: g.uuid for g in self.gpus}
+        self.memory_total = {g.uuid: g.memory_total for g in self.gpus}
+        self.nvml_memory: dict[tuple[str, str], int] = {}
+        self.over_quota: set[tuple[str, str]] = set()
+        self.foreign: dict[str, list[int]] = {}
+        self.members: dict[int, tuple[str, int]] = {}
+        self.last_tick_ns = slotio.monotonic_ns()
+        self.next_reap_ns = 0
+        self.next_nvml_ns = 0
+        self.next_status_ns = 0
+        self.next_watchdog_ns = 0
+        self.status_line = ""
+        self.dirty_status = True
+        if not self.nv.available:
+            self.log.info("running without NVML", reason=self.nv.reason)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.paths.run_dir
+
+    # -- discovery --
+
+    def discover(self, now_ns: int) -> None:
+        """Open new slots, drop vanished ones, reopen slots that were recreated."""
+        base = slot.tenants_dir(self.run_dir)
+        seen: set[str] = set()
+        try:
+            with os.scandir(base) as entries:
+                names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                slot.validate_container_id(name)
+            except SlotError:
+                continue
+            seen.add(name)
+            tenant = self.tenants.get(name)
+            if tenant is not None and not self._same_file(tenant):
+                self._drop(name, "tenant slot recreated")
+                tenant = None
+            if tenant is None:
+                self._open(name, base / name, now_ns)
+        for name in set(self.tenants) - seen:
+            self._drop(name, "tenant slot gone")
+
+    @staticmethod
+    def _same_file(tenant: Tenant) -> bool:
+        try:
+            return os.stat(tenant.directory / abi.LIMITS_FILE).st_ino == tenant.limits.inode
+        except OSError:
+            return False
+
+    def _open(self, name: str, directory: Path, now_ns: int) -> None:
+        log = self.log.bind(container_id=name)
+        try:
+            limits = slotio.LimitsMap(directory / abi.LIMITS_FILE)
+        except SlotError as exc:
+            log.debug("slot not ready", error=str(exc))  # the hook may be writing it now
+            return
+        try:
+            usage = slotio.UsageReader(directory / abi.USAGE_FILE)
+            spec = limits.snapshot()
+        except SlotError as exc:
+            limits.close()
+            log.debug("slot not ready", error=str(exc))
+            return
+        tenant = Tenant(name, directory, limits, usage, spec, log)
+        self._resize(tenant, now_ns)
+        self.tenants[name] = tenant
+        self.dirty_status = True
+        log.info(
+            "tenant found",
+            tenant=spec.tenant.decode(errors="replace"),
+            mode=_mode(spec.isolation_mode).name.lower(),
+            gpus=tenant.device_count,
+        )
+
+    def _drop(self, name: str, why: str) -> None:
+        tenant = self.tenants.pop(name)
+        tenant.close()
+        self.dirty_status = True
+        tenant.log.info(why)
+
+    @staticmethod
+    def _resize(tenant: Tenant, now_ns: int) -> None:
+        count = tenant.device_count
+        # A new tenant (or a restarted observer) presumes activity for one idle window.
+        while len(tenant.devices) < count:
+            tenant.devices.append(DeviceTrack(last_active_ns=now_ns))
+        del tenant.devices[count:]
+
+    # -- one tick --
+
+    def tick(self, now_ns: int) -> None:
+        started = slotio.monotonic_ns()
+        dt = max(now_ns - self.last_tick_ns, 1)
+        self.last_tick_ns = now_ns
+        self.discover(now_ns)
+        for tenant in self.tenants.values():
+            self._sample(tenant, now_ns, dt)
+        self._decide()
+        for tenant in self.tenants.values():
+            tenant.limits.set_heartbeat(slotio.monotonic_ns())
+        if now_ns >= self.next_reap_ns:
+            self.next_reap_ns = now_ns + self.cfg.observer.reap_interval_ms * NS_PER_MS
+            self.reap()
+        if self.nv.available and now_ns >= self.next_nvml_ns:
+            self.next_nvml_ns = now_ns + self.cfg.observer.nvml_interval_ms * NS_PER_MS
+            self.check_nvml()
+        self.ticks += 1
+        self.tick_ns_total += slotio.monotonic_ns() - started
+        if now_ns >= self.next_status_ns or self.dirty_status:
+            self.next_status_ns = now_ns + STATUS_PERIOD_NS
+            self.dirty_status = False
+            self.publish()
+
+    def _sample(self, tenant: Tenant, now_ns: int, dt: int) -> None:
+        if tenant.limits.generation != tenant.spec.generation:
+            try:
+                tenant.spec = tenant.limits.snapshot()
+            except SlotError as exc:
+                tenant.log.warning("limits unreadable", error=str(exc))
+            self._resize(tenant, now_ns)
+            self.dirty_status = True
+        try:
+            samples = tenant.usage.devices(tenant.device_count)
+        except SlotError as exc:
+            if tenant.problem != str(exc):
+                tenant.log.warning("usage unreadable; keeping the last view", error=str(exc))
+            tenant.problem = str(exc)
+            return
+        tenant.problem = ""
+        for i, (track, sample) in enumerate(zip(tenant.devices, samples, strict=True)):
+            was_active = track.active
+            update_track(
+                track,
+                sample,
+                effective=tenant.limits.effective(i),
+                now_ns=now_ns,
+                dt_ns=dt,
+                obs=self.cfg.observer,
+            )
+            if track.active != was_active:
+                tenant.log.info("tenant active" if track.active else "tenant idle", device=i)
+                self.dirty_status = True
+
+    def _decide(self) -> None:
+        """Run the policy on every GPU and store the shares that changed."""
+        groups: dict[str, list[tuple[policy.TenantInput, Tenant, int]]] = {}
+        for tenant in self.tenants.values():
+            spec = tenant.spec
+            for i, track in enumerate(tenant.devices):
+                dev = spec.device[i]
+                entry = policy.TenantInput(
+                    key=f"{tenant.container_id}/{i}",
+                    mode=_mode(spec.isolation_mode),
+                    requested=min(int(dev.sm_requested_centi), abi.WHOLE_GPU_CENTI),
+                    active=track.active,
+                    unmet=track.unmet,
+                    priority=_priority(spec.priority),
+                )
+                key = gpu_key(dev, tenant.container_id, i, self.minors)
+                groups.setdefault(key, []).append((entry, tenant, i))
+        pools = policy.Pools(**vars(self.cfg.policy))
+        obs = self.cfg.observer
+        params = policy.AdaptiveParams(
+            obs.contention_high_pct, obs.contention_low_pct, obs.adaptive_step_pct
+        )
+        idle = obs.idle_share_pct * abi.CENTI_PER_PERCENT
+        self.contention = {}
+        for gpu, members in groups.items():
+            inputs = [m[0] for m in members]
+            result = policy.allocate(
+                inputs, pools, idle, self.gpu_states.get(gpu, policy.GpuState()), params
+            )
+            self.gpu_states[gpu] = result.state
+            self.contention[gpu] = policy.contention_pct(inputs)
+            for entry, tenant, i in members:
+                share = result.shares[entry.key]
+                if tenant.limits.effective(i) != share:
+                    tenant.limits.set_effective(i, share)
+        for gpu in set(self.gpu_states) - set(groups):
+            del self.gpu_states[gpu]
+
+    # -- slower duties --
+
+    def reap(self) -> None:
+        """Remove slots of containers that are gone; report dead per-process records."""
+        init_pids: dict[str, int] = {}
+        for cid, tenant in list(self.tenants.items()):
+            alive = container_alive(
+                int(tenant.spec.init_host_pid), int(tenant.spec.init_start_time)
+            )
+            if alive is False:
+                self._drop(cid, "container gone, slot reaped")
+                slot.remove_slot(self.run_dir, cid)
+            elif alive:
+                init_pids[cid] = int(tenant.spec.init_host_pid)
+        self.members = namespace_members(init_pids) if init_pids else {}
+        live_ns: dict[str, set[int]] = {}
+        for cid, ns_pid in self.members.values():
+            live_ns.setdefault(cid, set()).add(ns_pid)
+        for cid, tenant in self.tenants.items():
+            self._report_dead(tenant, live_ns.get(cid) if cid in init_pids else None)
+
+    def _report_dead(self, tenant: Tenant, live: set[int] | None) -> None:
+        try:
+            records = tenant.usage.live_processes()
+        except SlotError:
+            return
+        if live is None:  # no namespace to look in: cannot tell
+            tenant.dead_processes, tenant.dead_bytes = [], 0
+            return
+        dead = [r for r in records if r.pid not in live]
+        pids = [r.pid for r in dead]
+        if pids != tenant.dead_processes:
+            if pids:
+                tenant.log.warning(
+                    "dead processes still charged; the shim releases them on its next allocation",
+                    pids=pids,
+                )
+            self.dirty_status = True
+        tenant.dead_processes = pids
+        tenant.dead_bytes = sum(sum(r.mem_used_bytes) for r in dead)
+
+    def check_nvml(self) -> None:
+        """NVML's view: memory per tenant, processes without the shim, quotas."""
+        views = []
+        for cid, tenant in self.tenants.items():
+            gpus = {}
+            for i in range(tenant.device_count):
+                dev = tenant.spec.device[i]
+                uuid = gpu_key(dev, cid, i, self.minors)
+                quota = int(dev.mem_limit_bytes) or (
+                    self.memory_total.get(uuid, 0) * int(dev.mem_limit_basis_points)
+                    // abi.WHOLE_GPU_CENTI
+                )
+                gpus[uuid] = quota
+            try:
+                shimmed = frozenset(r.pid for r in tenant.usage.live_processes())
+            except SlotError:
+                shimmed = frozenset()
+            views.append(nvml.TenantView(cid, gpus, shimmed))
+        result = nvml.cross_check(views, self.nv.processes(self.gpus), self.members.get)
+        self.apply_cross_check(result)
+
+    def apply_cross_check(self, result: nvml.CrossCheck) -> None:
+        self.nvml_memory = result.memory
+        self.foreign = result.foreign
+        for cid, tenant in self.tenants.items():
+            pids = sorted(result.unshimmed.get(cid, []))
+            if pids != tenant.unshimmed and pids:
+                tenant.log.warning("processes on the GPU without the shim", host_pids=pids)
+            tenant.unshimmed = pids
+        now_over = set()
+        for over in result.over_quota:
+            key = (over.container_id, over.gpu)
+            now_over.add(key)
+            log = self.log.bind(container_id=over.container_id)
+            if self.cfg.observer.over_quota_action == config.OVER_QUOTA_KILL:
+                for pid in over.culprits:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                log.error(
+                    "over memory quota: processes killed",
+                    gpu=over.gpu,
+                    used=over.used_bytes,
+                    quota=over.quota_bytes,
+                    host_pids=list(over.culprits),
+                )
+            elif key not in self.over_quota:
+                log.warning(
+                    "over memory quota", gpu=over.gpu, used=over.used_bytes, quota=over.quota_bytes
+                )
+        self.over_quota = now_over
+
+    # -- reporting --
+
+    def status_text(self) -> str:
+        gpus = {
+            gpu_key(t.spec.device[i], cid, i, self.minors)
+            for cid, t in self.tenants.items()
+            for i in range(t.device_count)
+        }
+        worst = max(self.contention.values(), default=0) / 100
+        return (
+            f"{len(self.tenants)} tenant{'s' if len(self.tenants) != 1 else ''} on "
+            f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}, contention {worst:.2f}"
+        )
+
+    def snapshot(self) -> dict[str, object]:
+        tenants: dict[str, object] = {}
+        for cid, t in self.tenants.items():
+            tenants[cid] = {
+                "active": [d.active for d in t.devices],
+                "unmet_centi": [d.unmet for d in t.devices],
+                "dead_processes": t.dead_processes,
+                "dead_bytes": t.dead_bytes,
+                "unshimmed_host_pids": t.unshimmed,
+                "problem": t.problem,
+            }
+        return {
+            "pid": os.getpid(),
+            "updated_ns": slotio.monotonic_ns(),
+            "interval_ms": self.interval / NS_PER_MS,
+            "nvml": "ok" if self.nv.available else self.nv.reason,
+            "gpus": {
+                gpu: {
+                    "contention_pct": self.contention.get(gpu, 0),
+                    "tightness_pct": state.tightness_pct,
+                }
+                for gpu, state in self.gpu_states.items()
+            },
+            "foreign_host_pids": self.foreign,
+            "tenants": tenants,
+            "ticks": self.ticks,
+            "tick_seconds_total": self.tick_ns_total / 1e9,
+        }
+
+    def publish(self) -> None:
+        """State file for fcspctl, metrics snapshot, and the systemd STATUS line."""
+        doc = self.snapshot()
+        path = self.run_dir / STATE_FILE
+        tmp = path.with_name(f".{STATE_FILE}.tmp")
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.log.warning("cannot write state file", path=str(path), error=exc.strerror)
+        self.exporter.publish(self._metrics_snapshot())
+        text = self.status_text()
+        if text != self.status_line:
+            self.status_line = text
+            self.notifier.status(text)
+
+    def _metrics_snapshot(self) -> metrics.Snapshot:
+        samples = []
+        for cid, t in self.tenants.items():
+            for i, track in enumerate(t.devices):
+                dev = t.spec.device[i]
+                uuid = gpu_key(dev, cid, i, self.minors)
+                samples.append(
+                    metrics.TenantGpuSample(
+                        container_id=cid,
+                        tenant=t.spec.tenant.decode(errors="replace"),
+                        gpu=uuid,
+                        mode=_mode(t.spec.isolation_mode).name.lower(),
+                        requested_centi=int(dev.sm_requested_centi),
+                        effective_centi=t.limits.effective(i),
+                        mem_used_bytes=track.usage.mem_used_bytes,
+                        mem_quota_bytes=int(dev.mem_limit_bytes)
+                        or self.memory_total.get(uuid, 0) * int(dev.mem_limit_basis_points)
+                        // abi.WHOLE_GPU_CENTI,
+                        throttled_ns=track.usage.throttled_ns,
+                        busy_ns=track.usage.busy_ns,
+                        active=track.active,
+                        unshimmed_processes=len(t.unshimmed),
+                    )
+                )
+        return metrics.Snapshot(
+            tuple(samples), dict(self.contention), self.ticks, self.tick_ns_total / 1e9
+        )
+
+    # -- lifecycle --
+
+    def reload(self) -> None:
+        """SIGHUP: a new config.toml, or the old one kept if the new one is bad."""
+        self.notifier.reloading(slotio.monotonic_ns() // NS_PER_US)
+        try:
+            new = config.load(self.config_path)
+            new_interval = interval_ns(new, self.env)
+        except ConfigError as exc:
+            self.log.error("config reload rejected; keeping the running config", error=str(exc))
+            self.notifier.send(READY="1", STATUS=f"config reload rejected: {exc}")
+            return
+        if new.paths.run_dir != self.cfg.paths.run_dir:
+            self.log.warning("paths.run_dir changes need a restart; keeping the old one")
+            new = replace(new, paths=self.cfg.paths)
+        if new.observer.metrics_port != self.cfg.observer.metrics_port:
+            self.log.warning("metrics_port changes need a restart")
+        self.cfg, self.interval = new, new_interval
+        self.log.info("config reloaded", path=str(self.config_path))
+        self.notifier.send(READY="1", STATUS=self.status_text())
+
+    def release(self) -> None:
+        """Clean exit: tenants go back to their requests, heartbeat 0 ("no observer")."""
+        for tenant in self.tenants.values():
+            for i in range(tenant.device_count):
+                tenant.limits.set_effective(i, int(tenant.spec.device[i].sm_requested_centi))
+            tenant.limits.set_heartbeat(0)
+        for name in list(self.tenants):
+            self.tenants.pop(name).close()
+        self.nv.close()
+        self.exporter.close()
+        with contextlib.suppress(OSError):
+            (self.run_dir / STATE_FILE).unlink()
+
+    def watchdog(self, now_ns: int) -> None:
+        if self.notifier.watchdog_ns and now_ns >= self.next_watchdog_ns:
+            self.next_watchdog_ns = now_ns + self.notifier.watchdog_ns // 2
+            self.notifier.watchdog()
+
+    def run(self) -> int:
+        """The loop: ticks on time, signals through a self-pipe (SIGHUP, SIGTERM, SIGINT)."""
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous_fd = signal.set_wakeup_fd(write_fd)
+        handled = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+        previous = {s: signal.signal(s, lambda *_: None) for s in handled}
+        selector = selectors.DefaultSelector()
+        selector.register(read_fd, selectors.EVENT_READ)
+        try:
+            slot.ensure_tenants_dir(self.run_dir)
+            self.exporter.serve(self.cfg.observer.metrics_port)
+            now = slotio.monotonic_ns()
+            self.tick(now)
+            self.notifier.ready(self.status_text())
+            self.log.info("observer ready", interval_ms=self.interval / NS_PER_MS)
+            return self._loop(selector, read_fd, now + self.interval)
+        finally:
+            selector.close()
+            signal.set_wakeup_fd(previous_fd)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            os.close(read_fd)
+            os.close(write_fd)
+            self.release()
+
+    def _loop(self, selector: selectors.BaseSelector, read_fd: int, next_tick: int) -> int:
+        while True:
+            now = slotio.monotonic_ns()
+            for _ in selector.select(max(next_tick - now, 0) / 1e9):
+                for signum in _drain(read_fd):
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                    elif signum in (signal.SIGTERM, signal.SIGINT):
+                        self.notifier.stopping()
+                        self.log.info("stopping", signal=signal.Signals(signum).name)
+                        return 0
+            now = slotio.monotonic_ns()
+            if now >= next_tick:
+                self.tick(now)
+                # Late (suspended, overloaded): skip the missed ticks rather than burst.
+                next_tick = max(next_tick + self.interval, now + self.interval // 2)
+            self.watchdog(now)
+
+
+def _drain(fd: int) -> Iterable[int]:
+    try:
+        return os.read(fd, 512)
+    except BlockingIOError:
+        return b""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcsp-observer", description="Share every GPU among its FCSP tenants."
+    )
+    parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH, help="config.toml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log = configure_logging()
+    try:
+        cfg = config.load(args.config)
+        observer = Observer(cfg, args.config, log, notify.Notifier())
+        return observer.run()
+    except FcspError as exc:
+        print(f"fcsp-observer: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

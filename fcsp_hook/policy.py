@@ -1,0 +1,238 @@
+"""The share policy: who gets how much of one GPU.  Pure code, no I/O.
+
+The observer calls `allocate` once per GPU per tick with what every tenant on that
+GPU requested and whether it is active and wants more; it writes the shares back.
+All shares are in 1/100 % of the GPU (abi.WHOLE_GPU_CENTI is the whole GPU), and
+all arithmetic is on integers, so that "the shares sum to at most 100 %" is exact.
+
+Modes, per tenant:
+
+- none: never throttled (the observer writes the whole GPU); accounting only.  Such
+  tenants are outside the sum: nothing they get is taken from anyone's share.
+- strict: exactly the request, active or idle, never more (MIG-like).  Strict
+  requests are reserved first; if they alone oversubscribe the GPU they are scaled
+  down proportionally, since no mode may hand out more than the GPU.
+- balanced: the capacity left after strict reservations is shared in steps:
+    1. floor: each active tenant is first given tenant_floor_pct % of its request;
+    2. entitlement: then the rest of its request, latency-priority tenants first;
+       when active requests oversubscribe the GPU, tenants get their floor plus a
+       proportional part of the rest (so no active tenant falls below its floor);
+    3. idle tenants keep a small wake-up share (idle_share, at most their request);
+    4. shared pool: capacity nobody is entitled to (idle tenants' shares, unrequested
+       capacity), up to shared_pool_pct % of the GPU, is split among the active
+       tenants by requested share, whether they asked for more or not;
+    5. burst pool: what is still free goes to active tenants with unmet demand,
+       latency-priority first, each capped at burst_max_pct % of the GPU.
+- adaptive: balanced, except that what steps 4 and 5 lend an adaptive tenant is
+  scaled by (1 - tightness); tightness moves towards 1 while the GPU's contention is
+  above a high mark and back towards 0 once it drops below a low mark (hysteresis).
+  At tightness 1 an adaptive tenant gets exactly what strict would give it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from fcsp_hook.abi import WHOLE_GPU_CENTI, IsolationMode, Priority
+
+PERCENT = 100
+
+
+@dataclass(frozen=True)
+class Pools:
+    """config.toml [policy]: the pools, in percent of the GPU."""
+
+    tenant_floor_pct: int = 20
+    shared_pool_pct: int = 40
+    burst_max_pct: int = 40
+
+
+@dataclass(frozen=True)
+class AdaptiveParams:
+    """config.toml [observer]: adaptive mode's thresholds, in percent."""
+
+    contention_high_pct: int = 50
+    contention_low_pct: int = 20
+    step_pct: int = 25
+
+
+@dataclass(frozen=True)
+class TenantInput:
+    """One tenant on one GPU, as the observer sees it this tick."""
+
+    key: str
+    mode: IsolationMode
+    requested: int
+    active: bool = True
+    unmet: int = 0  # share it would use beyond what it has now, centi; 0: satisfied
+    priority: Priority = Priority.BEST_EFFORT
+
+
+@dataclass(frozen=True)
+class GpuState:
+    """What adaptive mode remembers about a GPU between ticks."""
+
+    tight: bool = False  # above the high mark, not yet back below the low one
+    tightness_pct: int = 0  # 0 relaxed (balanced) .. 100 strict
+
+
+@dataclass(frozen=True)
+class Allocation:
+    shares: dict[str, int]
+    state: GpuState = field(default_factory=GpuState)
+
+
+def _clamp_centi(value: int) -> int:
+    return min(max(value, 0), WHOLE_GPU_CENTI)
+
+
+def contention_pct(tenants: Iterable[TenantInput]) -> int:
+    """Unmet demand of the GPU's active tenants, in percent of the GPU, 0..100.
+
+    A tenant alone on a GPU contends with nobody, however throttled it is: contention
+    needs at least two active (throttled) tenants.
+    """
+    active = [t for t in tenants if t.active and t.mode != IsolationMode.NONE]
+    if len(active) < 2:
+        return 0
+    unmet = sum(_clamp_centi(t.unmet) for t in active)
+    return min(unmet * PERCENT // WHOLE_GPU_CENTI, PERCENT)
+
+
+def step_adaptive(state: GpuState, contention: int, params: AdaptiveParams) -> GpuState:
+    """Move tightness one step; the state flips only past the high or below the low mark."""
+    tight = state.tight
+    if contention >= params.contention_high_pct:
+        tight = True
+    elif contention <= params.contention_low_pct:
+        tight = False
+    target = PERCENT if tight else 0
+    if state.tightness_pct < target:
+        level = min(state.tightness_pct + params.step_pct, target)
+    else:
+        level = max(state.tightness_pct - params.step_pct, target)
+    return GpuState(tight=tight, tightness_pct=level)
+
+
+def _proportional(weights: dict[str, int], amount: int) -> dict[str, int]:
+    """Split amount by weight, rounding down (so the parts never exceed amount)."""
+    total = sum(weights.values())
+    if total <= 0 or amount <= 0:
+        return dict.fromkeys(weights, 0)
+    return {k: w * amount // total for k, w in weights.items()}
+
+
+def _fill(caps: dict[str, int], weights: dict[str, int], amount: int) -> dict[str, int]:
+    """Water-fill amount over keys by weight, none past its cap; returns what each got."""
+    got = dict.fromkeys(caps, 0)
+    open_keys = {k for k, c in caps.items() if c > 0 and weights.get(k, 0) > 0}
+    while amount > 0 and open_keys:
+        parts = _proportional({k: weights[k] for k in open_keys}, amount)
+        if not any(parts.values()):  # rounding left less than one unit per key
+            for k in sorted(open_keys)[:amount]:
+                got[k] += 1
+            break
+        for k, part in parts.items():
+            give = min(part, caps[k] - got[k])
+            got[k] += give
+            amount -= give
+            if got[k] >= caps[k]:
+                open_keys.discard(k)
+    return got
+
+
+def _scaled(requests: dict[str, int], capacity: int) -> dict[str, int]:
+    """Each request, or a proportional part of capacity when they oversubscribe it."""
+    if sum(requests.values()) <= capacity:
+        return dict(requests)
+    return _proportional(requests, capacity)
+
+
+def _entitlements(
+    active: Sequence[TenantInput], capacity: int, floor_pct: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Floors, then the rest of each request (latency first); returns (shares, floors)."""
+    requests = {t.key: _clamp_centi(t.requested) for t in active}
+    floors = {k: r * floor_pct // PERCENT for k, r in requests.items()}
+    if sum(floors.values()) > capacity:
+        # Floors alone oversubscribe the GPU: no floor can be kept; share by request.
+        shares = _proportional(requests, capacity)
+        return shares, shares
+    shares = dict(floors)
+    left = capacity - sum(floors.values())
+    for priority in (Priority.LATENCY, Priority.BEST_EFFORT):
+        rest = {t.key: requests[t.key] - floors[t.key] for t in active if t.priority == priority}
+        top = _fill(rest, rest, left)
+        for k, v in top.items():
+            shares[k] += v
+            left -= v
+    return shares, floors
+
+
+def _lend(
+    active: Sequence[TenantInput], shares: dict[str, int], free: int, pools: Pools, capacity: int
+) -> dict[str, int]:
+    """Steps 4 and 5: the shared pool by request, then the burst pool to unmet demand."""
+    shared_amount = min(free, capacity * pools.shared_pool_pct // PERCENT)
+    weights = {t.key: _clamp_centi(t.requested) for t in active}
+    headroom = {t.key: WHOLE_GPU_CENTI - shares[t.key] for t in active}
+    lent = _fill(headroom, weights, shared_amount)
+    free -= sum(lent.values())
+    burst_cap = capacity * pools.burst_max_pct // PERCENT
+    for priority in (Priority.LATENCY, Priority.BEST_EFFORT):
+        wanting = [t for t in active if t.priority == priority and t.unmet > 0]
+        caps = {
+            t.key: min(burst_cap, WHOLE_GPU_CENTI - shares[t.key] - lent[t.key]) for t in wanting
+        }
+        burst = _fill(caps, {t.key: weights[t.key] for t in wanting}, free)
+        for k, v in burst.items():
+            lent[k] += v
+            free -= v
+    return lent
+
+
+def allocate(
+    tenants: Sequence[TenantInput],
+    pools: Pools,
+    idle_share: int,
+    state: GpuState = GpuState(),  # frozen, so sharing the default is safe
+    params: AdaptiveParams = AdaptiveParams(),  # frozen as well
+) -> Allocation:
+    """Every tenant's share of one GPU this tick, and adaptive mode's next state."""
+    shares: dict[str, int] = {}
+    for t in tenants:
+        if t.mode == IsolationMode.NONE:
+            shares[t.key] = WHOLE_GPU_CENTI
+    strict = {t.key: _clamp_centi(t.requested) for t in tenants if t.mode == IsolationMode.STRICT}
+    shares.update(_scaled(strict, WHOLE_GPU_CENTI))
+    capacity = WHOLE_GPU_CENTI - sum(shares[k] for k in strict)
+
+    flexible = [t for t in tenants if t.mode in (IsolationMode.BALANCED, IsolationMode.ADAPTIVE)]
+    active = [t for t in flexible if t.active]
+    idle = [t for t in flexible if not t.active]
+    base, _ = _entitlements(active, capacity, pools.tenant_floor_pct)
+    shares.update(base)
+    free = capacity - sum(base.values())
+
+    # Idle tenants' wake-up shares come after active entitlements, at most half of what
+    # is left, so waking tenants can always be heard without starving the active ones.
+    wake = {t.key: min(_clamp_centi(t.requested), _clamp_centi(idle_share)) for t in idle}
+    wake = _scaled(wake, free // 2)
+    shares.update(wake)
+    free -= sum(wake.values())
+
+    contention = contention_pct(tenants)
+    next_state = step_adaptive(state, contention, params)
+    lent = _lend(active, shares, free, pools, capacity)
+    for t in active:
+        loan = lent[t.key]
+        if t.mode == IsolationMode.ADAPTIVE:
+            loan = loan * (PERCENT - next_state.tightness_pct) // PERCENT
+        shares[t.key] += loan
+    return Allocation(shares=shares, state=next_state)
+
+
+def floor_of(tenant: TenantInput, pools: Pools) -> int:
+    """The least an active balanced or adaptive tenant gets when floors are feasible."""
+    return _clamp_centi(tenant.requested) * pools.tenant_floor_pct // PERCENT

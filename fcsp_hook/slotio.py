@@ -1,0 +1,222 @@
+"""Live access to slots while tenants run: the observer's and fcspctl set's side of the ABI.
+
+fcsp_hook.slot creates and removes slots with whole-file writes; this module reads and
+writes them in place, the way the shim sees them:
+
+- limits is mapped read-write (only the host can write it: inside the container it is a
+  read-only mount).  sm_effective_centi and observer_heartbeat_ns are single aligned
+  stores outside the seqlock; every other field is written under the seqlock `seq`
+  (odd while writing) with `generation` bumped, and read by retrying until `seq` is
+  the same even value before and after the copy.  Host-side writers of seqlocked
+  fields serialise on flock(limits).
+- usage belongs to the tenant, which can truncate or rewrite it at will: it is never
+  mapped (a truncated mapping would SIGBUS the observer), only pread, and every value
+  read from it is bounded by the caller.
+
+Stores from Python are plain ctypes stores to naturally aligned fields: on x86-64
+(the only target so far) each is a single store instruction and stores are not
+reordered with other stores, which is what the seqlock writer needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import mmap
+import os
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcsp_hook import abi
+from fcsp_hook.errors import SlotError
+
+LIMITS_SIZE = ctypes.sizeof(abi.Limits)
+USAGE_SIZE = ctypes.sizeof(abi.Usage)
+_USAGE_DEVICE_OFFSET = abi.Usage.device.offset
+_USAGE_PROC_OFFSET = abi.Usage.proc.offset
+_DEVICE_SIZE = ctypes.sizeof(abi.UsageDevice)
+_PROC_SIZE = ctypes.sizeof(abi.UsageProc)
+_DEVICE_FMT = struct.Struct("<9Q")  # the counters at the start of fcsp_usage_device
+_PROC_HEAD_FMT = struct.Struct("<IiQQ")  # state, pid, start_time, heartbeat_ns
+_PROC_MEM_FMT = struct.Struct(f"<{abi.MAX_DEVICES}Q")
+_HEADER_FMT = struct.Struct("<IIIIQ")  # magic, version, size, reserved0, heartbeat_ns
+SEQLOCK_TRIES = 1000
+
+# Nothing a tenant reports can be larger than these; beyond them it is lying.
+MAX_BYTES = 1 << 50  # 1 PiB of device memory
+MAX_COUNTER = 1 << 62
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC, the clock of every *_ns timestamp in the slot."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+class LimitsMap:
+    """A tenant's limits file mapped shared, read-write."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SlotError(f"{path}: cannot open: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if st.st_size != LIMITS_SIZE:
+                raise SlotError(f"{path}: {st.st_size} bytes, expected {LIMITS_SIZE}")
+            self._mm = mmap.mmap(fd, LIMITS_SIZE, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.path = path
+        self.inode = st.st_ino
+        self.view = abi.Limits.from_buffer(self._mm)
+        if self.view.magic != abi.LIMITS_MAGIC or self.view.version != abi.SLOT_VERSION:
+            self.close()
+            raise SlotError(f"{path}: not an FCSP v{abi.SLOT_VERSION} limits file")
+
+    def snapshot(self) -> abi.Limits:
+        """A consistent copy of the seqlocked fields (the two live fields as of the copy)."""
+        for _ in range(SEQLOCK_TRIES):
+            before = self.view.seq
+            if before % 2:
+                continue
+            copy = abi.Limits.from_buffer_copy(self._mm)
+            if self.view.seq == before:
+                return copy
+        raise SlotError(f"{self.path}: the seqlock never settled (a writer died mid-update?)")
+
+    @property
+    def generation(self) -> int:
+        return int(self.view.generation)
+
+    def set_effective(self, index: int, centi: int) -> None:
+        """One aligned 32-bit store: the shim picks it up on its next refill."""
+        self.view.device[index].sm_effective_centi = centi
+
+    def effective(self, index: int) -> int:
+        return int(self.view.device[index].sm_effective_centi)
+
+    def set_heartbeat(self, now_ns: int) -> None:
+        self.view.observer_heartbeat_ns = now_ns
+
+    @property
+    def heartbeat_ns(self) -> int:
+        return int(self.view.observer_heartbeat_ns)
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[abi.Limits]:
+        """Write seqlocked fields: seq odd, the caller's stores, generation+1, seq even."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            if self.view.seq % 2:  # a writer died mid-update; its half-write is ours to finish
+                self.view.seq += 1
+            self.view.seq += 1
+            try:
+                yield self.view
+            finally:
+                self.view.generation += 1
+                self.view.seq += 1
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        # The ctypes view exports the buffer; it must go before the mapping can.
+        del self.view
+        # A caller may still hold a sub-view; the GC unmaps it later then.
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+        os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class DeviceUsage:
+    """One GPU's counters from a usage file, already bounded."""
+
+    mem_used_bytes: int = 0
+    launches: int = 0
+    tokens_used: int = 0
+    busy_ns: int = 0
+    throttled_ns: int = 0
+    demand_centi: int = 0
+
+
+@dataclass(frozen=True)
+class ProcRecord:
+    """A LIVE per-process record from a usage file (pid in the container's namespace)."""
+
+    pid: int
+    start_time: int
+    heartbeat_ns: int
+    mem_used_bytes: tuple[int, ...]
+
+
+def _bounded(value: int, limit: int) -> int:
+    return value if 0 <= value <= limit else 0
+
+
+class UsageReader:
+    """pread-only access to a tenant's usage file."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise SlotError(f"{path}: cannot open: {exc.strerror}") from exc
+        self.path = path
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self.fd, size, offset)
+        except OSError as exc:
+            raise SlotError(f"{self.path}: cannot read: {exc.strerror}") from exc
+        if len(data) != size:
+            raise SlotError(f"{self.path}: truncated (a tenant rewrote its usage file?)")
+        return data
+
+    def devices(self, count: int) -> list[DeviceUsage]:
+        """The first count devices' counters; SlotError if the file is not a usage file."""
+        count = min(max(count, 0), abi.MAX_DEVICES)
+        data = self._pread(_USAGE_DEVICE_OFFSET + count * _DEVICE_SIZE, 0)
+        magic, version, size, _, _ = _HEADER_FMT.unpack_from(data, 0)
+        if magic != abi.USAGE_MAGIC or version != abi.SLOT_VERSION or size != USAGE_SIZE:
+            raise SlotError(f"{self.path}: not an FCSP v{abi.SLOT_VERSION} usage file")
+        out = []
+        for i in range(count):
+            used, _peak, _excess, _rej, launches, tokens, busy, throttled, demand = (
+                _DEVICE_FMT.unpack_from(data, _USAGE_DEVICE_OFFSET + i * _DEVICE_SIZE)
+            )
+            out.append(
+                DeviceUsage(
+                    mem_used_bytes=_bounded(used, MAX_BYTES),
+                    launches=_bounded(launches, MAX_COUNTER),
+                    tokens_used=_bounded(tokens, MAX_COUNTER),
+                    busy_ns=_bounded(busy, MAX_COUNTER),
+                    throttled_ns=_bounded(throttled, MAX_COUNTER),
+                    demand_centi=min(demand, abi.WHOLE_GPU_CENTI),
+                )
+            )
+        return out
+
+    def live_processes(self) -> list[ProcRecord]:
+        """Records in state LIVE with a plausible pid; anything else is skipped."""
+        data = self._pread(abi.MAX_PROCS * _PROC_SIZE, _USAGE_PROC_OFFSET)
+        out = []
+        for i in range(abi.MAX_PROCS):
+            base = i * _PROC_SIZE
+            state, pid, start, heartbeat = _PROC_HEAD_FMT.unpack_from(data, base)
+            if state != abi.ProcState.LIVE or pid <= 0:
+                continue
+            mem = _PROC_MEM_FMT.unpack_from(data, base + _PROC_HEAD_FMT.size)
+            out.append(
+                ProcRecord(pid, start, heartbeat, tuple(_bounded(m, MAX_BYTES) for m in mem))
+            )
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
