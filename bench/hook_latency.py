@@ -53,6 +53,16 @@ def time_run(rootfs: Path, annotated: bool) -> float:
     return elapsed * 1000
 
 
+def process_ms(argv: list[str], stdin: bytes, runs: int) -> list[float]:
+    """Wall time of a whole process, start-up included."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, input=stdin, capture_output=True, check=False)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
 def hook_durations(log: Path, since: str) -> list[float]:
     durations = []
     for line in log.read_text().splitlines():
@@ -80,6 +90,13 @@ def main() -> int:
             for annotated in order:
                 (fcsp if annotated else plain).append(time_run(rootfs, annotated))
     hook_ms = hook_durations(args.log, since) if args.log.exists() else []
+    python = json.loads(Path("/usr/share/containers/oci/hooks.d/fcsp.json").read_text())["hook"][
+        "path"
+    ]
+    bare = process_ms([python, "-I", "-c", "pass"], b"", args.runs)
+    stopped = json.dumps({"id": "bench-absent", "status": "stopped"}).encode()
+    hook_argv = [python, "-I", "-m", "fcsp_hook.hook", "oci"]
+    post = process_ms(hook_argv, stopped, args.runs)
 
     def row(name: str, values: list[float]) -> str:
         q = statistics.quantiles(values, n=10)
@@ -113,7 +130,9 @@ def main() -> int:
         row("with fcsp annotations", fcsp),
     ]
     if len(hook_ms) >= 2:
-        lines.append(row("fcsp-hook prestart itself (from its log)", hook_ms))
+        lines.append(row("fcsp-hook prestart, its own work (from its log)", hook_ms))
+    lines.append(row("`python3 -I -c pass` (the hook's interpreter, bare start)", bare))
+    lines.append(row("`fcsp-hook oci` poststop process, whole", post))
     lines += [
         "",
         f"**Difference of medians: {diff:+.1f} ms per container start** "
