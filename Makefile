@@ -26,7 +26,7 @@ GEN_DIR  = shim/build
 SHIM_CFLAGS = -std=c11 -fPIC -fvisibility=hidden -Wall -Wextra -Werror -Wno-unused-parameter \
               -D_GNU_SOURCE -I$(CUDA_INCLUDE) -Ishim -I$(GEN_DIR) $(CFLAGS)
 SHIM_LDFLAGS = -shared -Wl,--version-script=$(GEN_DIR)/libvgpu.map -Wl,-z,now -Wl,-z,relro \
-               -ldl -lpthread -lm
+               -ldl -lpthread
 
 # shim/hooks.def is the one list of hooked entry points: the enum, the dispatch
 # table and the export list are generated from it.

@@ -32,10 +32,12 @@ static const char *slot_dir(void)
 /* BUD_* limits without a slot: the same accounting, in memory private to the process. */
 static struct fcsp_usage private_usage;
 
+/* A forked child is a process of its own: fresh record, no inherited allocations. */
 static void child_after_fork(void)
 {
     shim_after_fork_child();
     shim_memory_after_fork_child();
+    shim_proc();
 }
 
 __attribute__((constructor)) static void shim_init(void)
@@ -61,6 +63,11 @@ __attribute__((constructor)) static void shim_init(void)
     if (!shim.active)
         return;
     shim_memory_init();
+    /*
+     * Claim the process record now, so that the observer sees every process of the
+     * tenant; the records of dead processes are recycled while claiming.
+     */
+    shim_proc();
     pthread_atfork(NULL, NULL, child_after_fork);
 }
 

@@ -5,7 +5,6 @@
  */
 #include <ctype.h>
 #include <errno.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,21 +41,21 @@ int shim_parse_size(const char *text, struct shim_env_limit *out)
     errno = 0;
     char *end = NULL;
     double value = strtod(text, &end);
-    if (errno || end == text || !(value > 0) || !isfinite(value))
+    if (errno || end == text || !(value > 0) || !(value < 1e30)) /* also rejects NaN and inf */
         return -1;
     while (*end == ' ')
         end++;
     if (strcmp(end, "%") == 0) {
         if (value > 100)
             return -1;
-        uint32_t bp = (uint32_t)llround(value * 100);
+        uint32_t bp = (uint32_t)(value * 100 + 0.5);
         out->basis_points = bp ? bp : 1;
         return 0;
     }
     unsigned shift;
     if (unit_shift(end, &shift) < 0)
         return -1;
-    double bytes = ldexp(value, (int)shift);
+    double bytes = value * (double)(1ull << shift);
     if (bytes < 1 || bytes >= 18446744073709551615.0)
         return -1;
     out->bytes = (uint64_t)bytes;

@@ -2,10 +2,12 @@
  * The tenant slot: mapping and validating it, and the per-process records
  * in its usage file.
  *
- * A process claims a record the first time it touches CUDA (cuInit or its
- * first allocation), not at load: every shell and tool in the container loads
- * libvgpu.so through ld.so.preload, and none of them should use up one of the
- * FCSP_MAX_PROCS records.  The record carries the process's charge per device,
+ * A process claims a record when the library loads (and a forked child when
+ * it starts), so the observer sees every process of the tenant.  Claiming
+ * first recycles the records of dead processes, so only FCSP_MAX_PROCS live
+ * processes at once can exhaust the table; past that a process keeps a
+ * private record (its charge is then not reclaimable after SIGKILL, and a
+ * warning says so).  The record carries the process's charge per device,
  * so that whoever finds it dead (kill(pid, 0) == ESRCH, a zombie, or a reused
  * pid with another start time) can give its charge back: the owner cannot,
  * after SIGKILL.  Claims and reaps are compare-and-swaps on the record's
@@ -265,8 +267,8 @@ void shim_process_exit(void)
 }
 
 /*
- * The child of fork() shares nothing of the parent's CUDA state: it starts
- * without a record (it claims its own when it uses CUDA) and without charges.
+ * The child of fork() shares nothing of the parent's CUDA state: it drops the
+ * parent's record pointer (the caller then claims the child's own).
  */
 void shim_after_fork_child(void)
 {

@@ -10,7 +10,7 @@
  *                          array3d mipmap; SIZE: bytes or 512K/64M/1G
  *   free ID | ipcget ID | ipcopen HEX | trim
  *   meminfo | meminfo1 | totalmem D | launch KIND N | count NAME
- *   resolve NAME VERSION FLAGS | usage | wait | fork | sleep MS
+ *   resolve NAME VERSION FLAGS | usage | wait | fork | exec | sleep MS
  */
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -292,7 +292,8 @@ int main(int argc, char **argv)
                 h.reserved[b] = (char)v;
             }
             CUdeviceptr p = 0;
-            report(api.ipc_open(&p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), OBJ_IPC, p);
+            CUresult rc = api.ipc_open(&p, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
+            report(rc, OBJ_IPC, p);
             i += 2;
         } else if (strcmp(cmd, "trim") == 0) {
             CUmemoryPool pool;
@@ -361,6 +362,11 @@ int main(int argc, char **argv)
                 return 0;
             }
             printf("forked %d\n", (int)getpid());
+        } else if (strcmp(cmd, "exec") == 0) { /* the rest runs in a new image, same pid */
+            fflush(stdout);
+            argv[i] = argv[0];
+            execv(argv[0], argv + i);
+            return 4;
         } else if (strcmp(cmd, "sleep") == 0) {
             struct timespec ts = {0, atol(ARG(1)) * 1000000L};
             nanosleep(&ts, NULL);

@@ -1,0 +1,101 @@
+"""The slot ABI: shim/fcsp_slot.h and its ctypes mirror fcsp_hook/abi.py agree byte for byte."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+
+from fcsp_hook import abi
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONSTANTS = {
+    "FCSP_LIMITS_MAGIC": abi.LIMITS_MAGIC,
+    "FCSP_USAGE_MAGIC": abi.USAGE_MAGIC,
+    "FCSP_SLOT_VERSION": abi.SLOT_VERSION,
+    "FCSP_MAX_DEVICES": abi.MAX_DEVICES,
+    "FCSP_MAX_PROCS": abi.MAX_PROCS,
+    "FCSP_UUID_LEN": abi.UUID_LEN,
+    "FCSP_ID_LEN": abi.ID_LEN,
+    "FCSP_TENANT_LEN": abi.TENANT_LEN,
+    "FCSP_DEV_SELECTED_BY_UUID": abi.DEV_SELECTED_BY_UUID,
+    "FCSP_MODE_NONE": abi.IsolationMode.NONE,
+    "FCSP_MODE_BALANCED": abi.IsolationMode.BALANCED,
+    "FCSP_MODE_STRICT": abi.IsolationMode.STRICT,
+    "FCSP_MODE_ADAPTIVE": abi.IsolationMode.ADAPTIVE,
+    "FCSP_MEM_HARD": abi.MemMode.HARD,
+    "FCSP_MEM_SOFT": abi.MemMode.SOFT,
+    "FCSP_PRIORITY_BEST_EFFORT": abi.Priority.BEST_EFFORT,
+    "FCSP_PRIORITY_LATENCY": abi.Priority.LATENCY,
+    "FCSP_PROC_FREE": abi.ProcState.FREE,
+    "FCSP_PROC_LIVE": abi.ProcState.LIVE,
+    "FCSP_PROC_REAPING": abi.ProcState.REAPING,
+}
+
+
+def _program() -> str:
+    """A C program printing the layout of every field the Python mirror names."""
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "fcsp_slot.h"',
+        "int main(void) {",
+    ]
+    for cname, struct in abi.STRUCTS.items():
+        lines.append(f'printf("{cname}:sizeof %zu\\n", sizeof(struct {cname}));')
+        lines.append(f'printf("{cname}:alignof %zu\\n", _Alignof(struct {cname}));')
+        for field, *_ in struct._fields_:
+            lines.append(
+                f'printf("{cname}.{field} %zu %zu\\n", offsetof(struct {cname}, {field}), '
+                f"sizeof(((struct {cname} *)0)->{field}));"
+            )
+    for name in CONSTANTS:
+        lines.append(f'printf("{name} %llu\\n", (unsigned long long){name});')
+    lines += ['printf("FCSP_SLOT_DIR %s\\n", FCSP_SLOT_DIR);', "return 0; }"]
+    return "\n".join(lines) + "\n"
+
+
+def _c_layout(tmp_path: Path) -> dict[str, str]:
+    source = tmp_path / "layout.c"
+    source.write_text(_program())
+    exe = tmp_path / "layout"
+    subprocess.run(
+        ["gcc", "-std=c11", "-Wall", "-Werror", f"-I{REPO / 'shim'}", "-o", str(exe), str(source)],
+        check=True,
+    )
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_every_field_has_the_same_offset_and_size(tmp_path: Path) -> None:
+    """Each field of each slot struct sits at the same offset with the same size in C and Python."""
+    layout = _c_layout(tmp_path)
+    checked = 0
+    for cname, struct in abi.STRUCTS.items():
+        assert layout[f"{cname}:sizeof"] == str(ctypes.sizeof(struct)), cname
+        assert int(layout[f"{cname}:alignof"]) <= 8, cname
+        for field, *_ in struct._fields_:
+            descriptor = getattr(struct, field)
+            assert layout[f"{cname}.{field}"] == f"{descriptor.offset} {descriptor.size}", (
+                f"{cname}.{field}"
+            )
+            checked += 1
+    assert checked >= 40
+
+
+def test_constants_agree(tmp_path: Path) -> None:
+    """Magics, version, array bounds, enum values and the slot path are the same on both sides."""
+    layout = _c_layout(tmp_path)
+    for name, value in CONSTANTS.items():
+        assert int(layout[name]) == int(value), name
+    assert layout["FCSP_SLOT_DIR"] == abi.CONTAINER_SLOT_DIR
+
+
+def test_python_mirror_covers_every_struct_of_the_header() -> None:
+    """No struct is added to fcsp_slot.h without its mirror in abi.STRUCTS."""
+    header = (REPO / "shim" / "fcsp_slot.h").read_text()
+
+    declared = set(re.findall(r"^struct (fcsp_\w+) \{", header, re.MULTILINE))
+    assert declared == set(abi.STRUCTS)
