@@ -1,6 +1,8 @@
 """fcspctl: look at and check an FCSP host.
 
 fcspctl status [--json]     tenants, their GPUs, shares and memory (from /run/fcsp)
+fcspctl top                 the same, refreshed live
+fcspctl set CONTAINER ...   resize a running tenant (--sm, --mem, --mode, --priority)
 fcspctl check-config [PATH] validate config.toml
 fcspctl doctor              is this host set up right?
 """
@@ -9,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from fcsp_hook import abi, config, slot
-from fcsp_hook.errors import FcspError
+from fcsp_hook import abi, config, slot, slotio
+from fcsp_hook import annotations as ann
+from fcsp_hook.errors import FcspError, SlotError
 
 HOOKS_DIRS = (Path("/usr/share/containers/oci/hooks.d"), Path("/etc/containers/oci/hooks.d"))
 
@@ -30,6 +36,9 @@ class DeviceRow:
     sm_effective_pct: float
     mem_used_bytes: int
     mem_quota: str
+    # From the observer's state file; None while no observer runs.
+    active: bool | None = None
+    throttled_pct: int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,8 @@ class TenantRow:
     processes: int
     devices: list[DeviceRow]
     problem: str = ""
+    unshimmed_host_pids: list[int] = field(default_factory=list)
+    dead_processes: list[int] = field(default_factory=list)
 
 
 def _quota(dev: abi.LimitsDevice) -> str:
@@ -107,9 +118,121 @@ def tenants(run_dir: Path) -> Iterator[TenantRow]:
     base = slot.tenants_dir(run_dir)
     if not base.is_dir():
         return
+    state = observer_state(run_dir)
     for entry in sorted(base.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
-            yield read_tenant(entry)
+            yield _with_observer_view(read_tenant(entry), state)
+
+
+# ---- what the observer says ----------------------------------------------------------------
+
+OBSERVER_STATE_FILE = "observer.json"
+# Past this, the shims stop trusting the observer and run on their requests.
+HEARTBEAT_STALE_NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class ObserverView:
+    running: bool
+    summary: str
+    heartbeat_age_ms: float | None = None
+    # Parsed JSON from the observer: read defensively where used.
+    gpus: dict[str, Any] = field(default_factory=dict)
+    tenants: dict[str, Any] = field(default_factory=dict)
+    nvml: str = ""
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _heartbeat_age_ns(run_dir: Path) -> int | None:
+    """Age of the newest observer heartbeat in any slot; None if no slot has one."""
+    base = slot.tenants_dir(run_dir)
+    newest = 0
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            newest = max(newest, slot.read_limits(entry / abi.LIMITS_FILE).observer_heartbeat_ns)
+        except (FcspError, OSError):
+            continue
+    return slotio.monotonic_ns() - newest if newest else None
+
+
+def observer_state(run_dir: Path) -> ObserverView:
+    """Is fcsp-observer running, and what did it last publish (run_dir/observer.json)?"""
+    try:
+        doc = json.loads((run_dir / OBSERVER_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        doc = None
+    age = _heartbeat_age_ns(run_dir)
+    age_ms = None if age is None else age / 1e6
+    if not isinstance(doc, dict) or not _pid_alive(doc.get("pid")):
+        return ObserverView(False, "fcsp-observer is not running", age_ms)
+    gpus: dict[str, Any] = doc["gpus"] if isinstance(doc.get("gpus"), dict) else {}
+    tenants_doc: dict[str, Any] = doc["tenants"] if isinstance(doc.get("tenants"), dict) else {}
+    worst = max(
+        (_int(g.get("contention_pct")) for g in gpus.values() if isinstance(g, dict)), default=0
+    )
+    beat = "no tenants" if age_ms is None else f"heartbeat {age_ms:.0f} ms ago"
+    stale = age is not None and age > HEARTBEAT_STALE_NS
+    return ObserverView(
+        running=not stale,
+        summary=(
+            f"fcsp-observer pid {doc['pid']}: {beat}"
+            f"{' (STALE: shims run on their requests)' if stale else ''}, "
+            f"contention {worst / 100:.2f}, NVML {doc.get('nvml', '?')}"
+        ),
+        heartbeat_age_ms=age_ms,
+        gpus=gpus,
+        tenants=tenants_doc,
+        nvml=str(doc.get("nvml", "")),
+    )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _with_observer_view(row: TenantRow, state: ObserverView) -> TenantRow:
+    info = state.tenants.get(row.container_id)
+    if not state.running or not isinstance(info, dict):
+        return row
+    active = _list(info.get("active"))
+    throttled = _list(info.get("throttled_pct"))
+    devices = [
+        DeviceRow(
+            **{
+                **asdict(dev),
+                "active": bool(active[i]) if i < len(active) else None,
+                "throttled_pct": _int(throttled[i]) if i < len(throttled) else None,
+            }
+        )
+        for i, dev in enumerate(row.devices)
+    ]
+    return TenantRow(
+        **{
+            **asdict(row),
+            "devices": devices,
+            "unshimmed_host_pids": [_int(p) for p in _list(info.get("unshimmed_host_pids"))],
+            "dead_processes": [_int(p) for p in _list(info.get("dead_processes"))],
+        }
+    )
 
 
 def render_status(rows: list[TenantRow]) -> str:
@@ -122,12 +245,18 @@ def render_status(rows: list[TenantRow]) -> str:
         "SM EFF",
         "MEMORY USED / QUOTA",
         "PROCS",
+        "STATE",
+        "THROTTLED",
+        "UNSHIMMED",
     )
     lines = [header]
     for row in rows:
         if row.problem:
-            lines.append((row.container_id[:12], "?", "?", "?", "?", "?", row.problem, "?"))
+            lines.append(
+                (row.container_id[:12], "?", "?", "?", "?", "?", row.problem, "?", "?", "?", "?")
+            )
             continue
+        unshimmed = str(len(row.unshimmed_host_pids)) if row.unshimmed_host_pids else "-"
         if not row.devices:
             lines.append(
                 (
@@ -139,6 +268,9 @@ def render_status(rows: list[TenantRow]) -> str:
                     "-",
                     "-",
                     str(row.processes),
+                    "-",
+                    "-",
+                    unshimmed,
                 )
             )
         for dev in row.devices:
@@ -152,6 +284,9 @@ def render_status(rows: list[TenantRow]) -> str:
                     f"{dev.sm_effective_pct:g}%",
                     f"{format_bytes(dev.mem_used_bytes)} / {dev.mem_quota}",
                     str(row.processes),
+                    "-" if dev.active is None else ("active" if dev.active else "idle"),
+                    "-" if dev.throttled_pct is None else f"{dev.throttled_pct}%",
+                    unshimmed,
                 )
             )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -160,15 +295,121 @@ def render_status(rows: list[TenantRow]) -> str:
     )
 
 
+def status_text(run_dir: Path) -> str:
+    rows = list(tenants(run_dir))
+    head = observer_state(run_dir).summary
+    if not rows:
+        return f"no FCSP tenants (no slots under {slot.tenants_dir(run_dir)})\n{head}"
+    # The table first (scripts and eyes look there), the observer's line under it.
+    return f"{render_status(rows)}\n\n{head}"
+
+
 def cmd_status(cfg: config.Config, args: argparse.Namespace) -> int:
-    rows = list(tenants(cfg.paths.run_dir))
     if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2))
-    elif rows:
-        print(render_status(rows))
+        print(json.dumps([asdict(r) for r in tenants(cfg.paths.run_dir)], indent=2))
     else:
-        print(f"no FCSP tenants (no slots under {slot.tenants_dir(cfg.paths.run_dir)})")
+        print(status_text(cfg.paths.run_dir))
     return 0
+
+
+def cmd_top(cfg: config.Config, args: argparse.Namespace) -> int:
+    """status, redrawn every --interval seconds until Ctrl-C (or --count frames)."""
+    frames = 0
+    try:
+        while args.count is None or frames < args.count:
+            if frames and args.interval > 0:
+                time.sleep(args.interval)
+            clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{clear}fcspctl top  {stamp}\n{status_text(cfg.paths.run_dir)}", flush=True)
+            frames += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def resolve_container(run_dir: Path, name: str) -> Path:
+    """A slot by container id, unique id prefix, or tenant name (fcsp.tenant)."""
+    base = slot.tenants_dir(run_dir)
+    try:
+        exact = slot.slot_path(run_dir, name)
+    except SlotError:
+        exact = None
+    if exact is not None and exact.is_dir() and not exact.is_symlink():
+        return exact
+    try:
+        entries = sorted(e for e in base.iterdir() if e.is_dir() and not e.is_symlink())
+    except OSError:
+        entries = []
+    matches = [e for e in entries if e.name.startswith(name)]
+    if not matches:
+        matches = [e for e in entries if read_tenant(e).tenant == name]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise SlotError(f"{name!r} matches {len(matches)} tenants; give more of the id")
+    raise SlotError(f"no tenant {name!r} under {base}")
+
+
+def cmd_set(cfg: config.Config, args: argparse.Namespace) -> int:
+    """Change a running tenant's limits in place, under the slot's seqlock."""
+    directory = resolve_container(cfg.paths.run_dir, args.container)
+    limits = slotio.LimitsMap(directory / abi.LIMITS_FILE)
+    try:
+        count = min(int(limits.view.device_count), abi.MAX_DEVICES)
+        wanted = {
+            k: v
+            for k, v in (
+                ("fcsp.sm", args.sm),
+                ("fcsp.mem", args.mem),
+                ("fcsp.mode", args.mode),
+                ("fcsp.priority", args.priority),
+            )
+            if v is not None
+        }
+        if not wanted:
+            raise SlotError("nothing to set: give --sm, --mem, --mode or --priority")
+        # The same parser as the annotations: the same forms, the same one-line errors.
+        request = ann.parse(wanted, count)
+        targets = range(count) if args.device is None else [args.device]
+        if args.device is not None and not 0 <= args.device < count:
+            raise SlotError(f"--device {args.device}: the tenant sees GPUs 0 to {count - 1}")
+        observer_alive = (
+            limits.heartbeat_ns and slotio.monotonic_ns() - limits.heartbeat_ns < HEARTBEAT_STALE_NS
+        )
+        with limits.update() as view:
+            _apply(view, request, wanted, targets, bool(observer_alive))
+        generation = limits.generation
+    finally:
+        limits.close()
+    print(
+        f"{directory.name}: {', '.join(f'{k}={v}' for k, v in wanted.items())} "
+        f"(generation {generation})"
+    )
+    return 0
+
+
+def _apply(
+    view: abi.Limits,
+    request: ann.TenantRequest,
+    wanted: dict[str, str],
+    targets: range | list[int],
+    observer_alive: bool,
+) -> None:
+    if "fcsp.mode" in wanted:
+        view.isolation_mode = request.mode
+    if "fcsp.priority" in wanted:
+        view.priority = request.priority
+    for i in targets:
+        dev = view.device[i]
+        if "fcsp.sm" in wanted:
+            dev.sm_requested_centi = request.devices[i].sm_centi
+            if not observer_alive:
+                # No observer to recompute it: the new request is the share in force.
+                dev.sm_effective_centi = request.devices[i].sm_centi
+        if "fcsp.mem" in wanted:
+            dev.mem_limit_bytes = request.devices[i].mem.bytes
+            dev.mem_limit_basis_points = request.devices[i].mem.basis_points
 
 
 def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -230,6 +471,24 @@ def _check_gpus(cfg: config.Config) -> Check:
     )
 
 
+def _check_observer(cfg: config.Config) -> Check:
+    state = observer_state(cfg.paths.run_dir)
+    return Check(state.running, "observer", state.summary)
+
+
+def _check_nvml() -> Check:
+    from fcsp_hook import nvml  # noqa: PLC0415  # only doctor needs NVML
+
+    probe = nvml.Nvml()
+    try:
+        gpus = probe.inventory()
+    finally:
+        probe.close()
+    if not probe.available:
+        return Check(False, "NVML", probe.reason)
+    return Check(True, "NVML", f"{len(gpus)} GPU(s): " + ", ".join(g.uuid for g in gpus))
+
+
 def _check_engines() -> Check:
     engines = [e for e in ("podman", "docker", "containerd", "crio") if shutil.which(e)]
     return Check(bool(engines), "engines", ", ".join(engines) or "no container engine found")
@@ -241,16 +500,21 @@ def cmd_doctor(cfg: config.Config, args: argparse.Namespace) -> int:
         _check_library(cfg),
         _check_hooks(),
         _check_run_dir(cfg),
+        _check_observer(cfg),
         _check_gpus(cfg),
+        _check_nvml(),
         _check_engines(),
     ]
     for check in checks:
         print(f"[{'ok' if check.ok else '!!'}] {check.what:8} {check.detail}")
-    return 0 if all(c.ok for c in checks if c.what not in {"GPUs", "engines"}) else 1
+    # A GPU-less host (CI) is not a broken one: GPUs, NVML and engines only inform.
+    return 0 if all(c.ok for c in checks if c.what not in {"GPUs", "NVML", "engines"}) else 1
 
 
 COMMANDS: dict[str, Callable[[config.Config, argparse.Namespace], int]] = {
     "status": cmd_status,
+    "top": cmd_top,
+    "set": cmd_set,
     "check-config": cmd_check_config,
     "doctor": cmd_doctor,
 }
@@ -262,6 +526,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="tenants, GPUs, shares and memory")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    top = sub.add_parser("top", help="status, refreshed live")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    top.add_argument("--count", type=int, default=None, help="stop after this many frames")
+    resize = sub.add_parser("set", help="resize a running tenant (takes effect within a tick)")
+    resize.add_argument("container", help="container id, unique id prefix, or tenant name")
+    resize.add_argument("--sm", help=f"compute share: {ann.SM_FORM}")
+    resize.add_argument("--mem", help=f"memory quota: {ann.MEM_FORM}")
+    resize.add_argument("--mode", help=f"isolation mode: {ann.MODE_FORM}")
+    resize.add_argument("--priority", help=f"priority: {ann.PRIORITY_FORM}")
+    resize.add_argument("--device", type=int, help="only the i-th GPU the container sees")
     check = sub.add_parser("check-config", help="validate config.toml")
     check.add_argument("path", nargs="?", type=Path, help="file to check (default: --config)")
     sub.add_parser("doctor", help="is this host set up right?")

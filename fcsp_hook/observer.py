@@ -490,7 +490,8 @@ class Observer:
                 dev = tenant.spec.device[i]
                 uuid = gpu_key(dev, cid, i, self.minors)
                 quota = int(dev.mem_limit_bytes) or (
-                    self.memory_total.get(uuid, 0) * int(dev.mem_limit_basis_points)
+                    self.memory_total.get(uuid, 0)
+                    * int(dev.mem_limit_basis_points)
                     // abi.WHOLE_GPU_CENTI
                 )
                 gpus[uuid] = quota
@@ -552,6 +553,7 @@ class Observer:
             tenants[cid] = {
                 "active": [d.active for d in t.devices],
                 "unmet_centi": [d.unmet for d in t.devices],
+                "throttled_pct": [d.throttled_pct for d in t.devices],
                 "dead_processes": t.dead_processes,
                 "dead_bytes": t.dead_bytes,
                 "unshimmed_host_pids": t.unshimmed,
@@ -607,7 +609,8 @@ class Observer:
                         effective_centi=t.limits.effective(i),
                         mem_used_bytes=track.usage.mem_used_bytes,
                         mem_quota_bytes=int(dev.mem_limit_bytes)
-                        or self.memory_total.get(uuid, 0) * int(dev.mem_limit_basis_points)
+                        or self.memory_total.get(uuid, 0)
+                        * int(dev.mem_limit_basis_points)
                         // abi.WHOLE_GPU_CENTI,
                         throttled_ns=track.usage.throttled_ns,
                         busy_ns=track.usage.busy_ns,
