@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import abi, config, gpus, mounts, oci, slot
+from fcsp_hook import abi, config, gpus, mounts, oci, procfs, slot
 from fcsp_hook import annotations as fcsp_annotations
 from fcsp_hook.errors import HookError
 from fcsp_hook.log import HookLogger
@@ -28,7 +28,7 @@ class Setup:
     rootfs: Path
 
 
-def slot_spec(container_id: str, setup: Setup) -> slot.SlotSpec:
+def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> slot.SlotSpec:
     request = setup.request
     devices = tuple(
         slot.DeviceLimits(
@@ -47,6 +47,8 @@ def slot_spec(container_id: str, setup: Setup) -> slot.SlotSpec:
         mem_mode=request.mem_mode,
         priority=request.priority,
         devices=devices,
+        init_host_pid=setup.pid,
+        init_start_time=init_start_time,
     )
 
 
@@ -81,7 +83,9 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     slot.ensure_tenants_dir(cfg.paths.run_dir)
     slot_dir = slot.slot_path(cfg.paths.run_dir, state.id)
     placeholders = {mounts.LIBRARY_NAME: (b"", 0o644), mounts.PRELOAD_NAME: (b"", 0o644)}
-    slot.write_slot(slot_dir, slot_spec(state.id, setup), placeholders)
+    init = procfs.proc_stat(setup.pid)
+    spec = slot_spec(state.id, setup, init[1] if init else 0)
+    slot.write_slot(slot_dir, spec, placeholders)
     try:
         mounts.install(mounts.MountPlan(setup.pid, setup.rootfs, slot_dir, cfg.hook.library))
     except BaseException:

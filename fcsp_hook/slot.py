@@ -43,6 +43,9 @@ class SlotSpec:
     mem_mode: abi.MemMode = abi.MemMode.HARD
     priority: abi.Priority = abi.Priority.BEST_EFFORT
     devices: tuple[DeviceLimits, ...] = field(default_factory=tuple)
+    # The container's init process on the host: the observer reaps the slot once it is gone.
+    init_host_pid: int = 0
+    init_start_time: int = 0
 
 
 def validate_container_id(container_id: str) -> str:
@@ -75,6 +78,8 @@ def encode_limits(spec: SlotSpec) -> bytes:
     limits.generation = 1
     limits.container_id = spec.container_id.encode()[: abi.ID_LEN - 1]
     limits.tenant = spec.tenant.encode()[: abi.TENANT_LEN - 1]
+    limits.init_host_pid = spec.init_host_pid
+    limits.init_start_time = spec.init_start_time
     for i, dev in enumerate(spec.devices):
         entry = limits.device[i]
         entry.host_index = dev.host_index

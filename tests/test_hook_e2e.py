@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, slot
+from fcsp_hook import abi, procfs, slot
 from tests.containers import GLIBC_IN_ROOTFS, ULIMITS, HookSetup, podman
 
 pytestmark = pytest.mark.e2e
@@ -70,6 +70,9 @@ def test_glibc_process_maps_shim_and_slot_and_rm_removes_slot(
         assert limits.device[0].host_index == 0
         assert limits.device[0].sm_requested_centi == 4000
         assert limits.device[0].mem_limit_bytes == 8 << 30
+        host_pid = int(_podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
+        assert limits.init_host_pid == host_pid
+        assert limits.init_start_time == procfs.proc_stat(host_pid)[1]  # type: ignore[index]
         usage = slot.read_usage(slot_dir / "usage")
         live = [p for p in usage.proc if p.state == abi.ProcState.LIVE]
         assert 1 in [p.pid for p in live]
