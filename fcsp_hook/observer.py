@@ -205,7 +205,7 @@ def update_track(
     sample_pct = min(d_throttle * 100 // max(dt_ns, 1), 100)
     track.throttled_pct = (track.throttled_pct + sample_pct) // 2
     throttled_pct = track.throttled_pct
-    if throttled_pct < max(obs.throttled_min_pct, 1):
+    if not track.active or throttled_pct < max(obs.throttled_min_pct, 1):
         track.unmet = 0
     else:
         estimate = effective * throttled_pct // 100
