@@ -57,6 +57,7 @@ def quota(limit: int) -> dict[str, object]:
     reserved = torch.cuda.memory_reserved()
     # Some work, so that launches reach the usage counters (matmuls launch via cuLaunchKernelEx).
     del held
+    torch.cuda.empty_cache()  # give the cached blocks back, or cuBLAS finds no room
     a = torch.randn(1024, 1024, device="cuda")
     for _ in range(50):
         a = a @ a
