@@ -49,6 +49,9 @@ class PathsConfig:
     run_dir: Path = Path("/run/fcsp")
     # Where the host's /dev/nvidia<N> nodes are listed for NVIDIA_VISIBLE_DEVICES=all.
     dev_dir: Path = Path("/dev")
+    # The driver's per-GPU files (gpus/<bus>/information): minor number -> UUID, read
+    # without initialising NVML, so slots name GPUs by UUID whatever their CUDA order.
+    driver_dir: Path = Path("/proc/driver/nvidia")
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ def from_mapping(data: Mapping[str, object]) -> Config:
     paths = PathsConfig(
         run_dir=_path("paths", "run_dir", p.get("run_dir", str(PathsConfig.run_dir))),
         dev_dir=_path("paths", "dev_dir", p.get("dev_dir", str(PathsConfig.dev_dir))),
+        driver_dir=_path("paths", "driver_dir", p.get("driver_dir", str(PathsConfig.driver_dir))),
     )
     q = _table(data, "policy", PolicyConfig)
     policy = PolicyConfig(

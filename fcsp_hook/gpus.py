@@ -44,6 +44,40 @@ def host_gpu_indices(dev_dir: Path) -> list[int]:
     return sorted(indices)
 
 
+def parse_driver_information(text: str) -> tuple[int, str] | None:
+    """(minor, UUID) from a /proc/driver/nvidia/gpus/<bus>/information file."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    minor, uuid = fields.get("Device Minor", ""), fields.get("GPU UUID", "")
+    if not minor.isdigit() or not _UUID.match(uuid):
+        return None
+    return int(minor), uuid
+
+
+def host_gpu_uuids(driver_dir: Path) -> dict[int, str]:
+    """Minor number -> UUID of the host's GPUs, from the driver's procfs files."""
+    uuids = {}
+    for info in sorted(driver_dir.glob("gpus/*/information")):
+        try:
+            parsed = parse_driver_information(info.read_text(errors="replace")[:4096])
+        except OSError:
+            continue
+        if parsed:
+            uuids[parsed[0]] = parsed[1]
+    return uuids
+
+
+def with_uuids(gpus: list[Gpu], uuids: dict[int, str]) -> list[Gpu]:
+    """Name each GPU selected by index by its UUID too, where the driver says it."""
+    return [
+        Gpu(g.host_index, uuids.get(g.host_index, "")) if not g.uuid and g.host_index >= 0 else g
+        for g in gpus
+    ]
+
+
 def parse_visible_devices(value: str, host_indices: Iterable[int]) -> list[Gpu]:
     """NVIDIA_VISIBLE_DEVICES: all, none/void/empty, or a comma list of indices and UUIDs."""
     value = value.strip()

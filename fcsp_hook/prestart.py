@@ -58,7 +58,12 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     if not bundle.readable:
         log.warning("bundle config unreadable; using the OCI state alone", problem=bundle.problem)
     visible = oci.env_value(bundle.env, "NVIDIA_VISIBLE_DEVICES")
-    found = tuple(gpus.visible_gpus(visible, bundle.devices, cfg.paths.dev_dir))
+    found = tuple(
+        gpus.with_uuids(
+            gpus.visible_gpus(visible, bundle.devices, cfg.paths.dev_dir),
+            gpus.host_gpu_uuids(cfg.paths.driver_dir),
+        )
+    )
     request = fcsp_annotations.parse(
         state.annotations, len(found), cfg.defaults.mode, cfg.defaults.mem_mode
     )

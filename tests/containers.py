@@ -88,14 +88,16 @@ class HookSetup:
     config_path: Path
 
     @classmethod
-    def create(cls, base: Path, python: Path, failure_policy: str = "fail-closed") -> HookSetup:
+    def create(
+        cls, base: Path, python: Path, failure_policy: str = "fail-closed", paths: str = ""
+    ) -> HookSetup:
         hooks_dir, run_dir = base / "hooks.d", base / "run"
         hooks_dir.mkdir(parents=True)
         log_file = base / "hook.log"
         config_path = base / "config.toml"
         config_path.write_text(
             f'[hook]\nlibrary = "{LIBRARY}"\nlog_file = "{log_file}"\n'
-            f'failure_policy = "{failure_policy}"\n[paths]\nrun_dir = "{run_dir}"\n'
+            f'failure_policy = "{failure_policy}"\n[paths]\nrun_dir = "{run_dir}"\n{paths}'
         )
         entry = hooksd.render(str(python), config_path)
         (hooks_dir / "fcsp.json").write_text(entry)

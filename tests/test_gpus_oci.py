@@ -120,3 +120,34 @@ def test_unreadable_bundle_config_is_survived(tmp_path: Path, content: str | Non
     assert not cfg.readable
     assert cfg.problem
     assert cfg.env == ()
+
+
+INFORMATION = """Model: \t\t NVIDIA H200
+IRQ:   \t\t 16
+GPU UUID: \t GPU-8d3b1c52-5a2e-4f6b-9a1d-0c2e4f6a8b10
+Video BIOS: \t 96.00.af.00.01
+Bus Location: \t 0000:18:00.0
+Device Minor: \t 2
+GPU Excluded:\t No
+"""
+
+
+def test_driver_information_names_minor_and_uuid() -> None:
+    """The driver's per-GPU procfs file gives the minor number and UUID."""
+    assert gpus.parse_driver_information(INFORMATION) == (2, UUID)
+    assert gpus.parse_driver_information("Model: x\n") is None
+
+
+def test_gpus_chosen_by_index_are_named_by_uuid(tmp_path: Path) -> None:
+    """With the driver's files present, index-selected GPUs carry their UUID (so the shim
+    matches them whatever order CUDA enumerates them in); unknown minors keep none."""
+    info = tmp_path / "gpus" / "0000:18:00.0" / "information"
+    info.parent.mkdir(parents=True)
+    info.write_text(INFORMATION)
+    uuids = gpus.host_gpu_uuids(tmp_path)
+    assert uuids == {2: UUID}
+    assert gpus.with_uuids([Gpu(2), Gpu(0), Gpu(uuid="GPU-x")], uuids) == [
+        Gpu(2, UUID),
+        Gpu(0),
+        Gpu(uuid="GPU-x"),
+    ]

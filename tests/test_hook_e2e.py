@@ -82,6 +82,45 @@ def test_glibc_process_maps_shim_and_slot_and_rm_removes_slot(
     assert hook.slots() == []
 
 
+def test_slot_names_gpus_by_uuid_from_the_driver(
+    tmp_path: Path, rootfs: Path, hook_python: Path
+) -> None:
+    """NVIDIA_VISIBLE_DEVICES=2,0 with the driver's procfs files: slot entries keep that
+    order and carry each GPU's UUID, so the shim maps CUDA ordinals by UUID."""
+    driver = tmp_path / "driver"
+    for minor, gpu_uuid in (
+        (0, "GPU-00000000-0000-0000-0000-000000000000"),
+        (2, "GPU-22222222-2222-2222-2222-222222222222"),
+    ):
+        info = driver / "gpus" / f"0000:{minor:02x}:00.0" / "information"
+        info.parent.mkdir(parents=True)
+        info.write_text(f"GPU UUID: \t {gpu_uuid}\nDevice Minor: \t {minor}\n")
+    hook = HookSetup.create(tmp_path / "fcsp", hook_python, paths=f'driver_dir = "{driver}"\n')
+    name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
+    started = podman(
+        hook,
+        rootfs,
+        [CAT],
+        {"fcsp.sm.0": "30", "fcsp.sm.1": "70"},
+        {"NVIDIA_VISIBLE_DEVICES": "2,0"},
+        extra=("-d", "-i", "--name", name),
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        (slot_dir,) = hook.slots()
+        limits = slot.read_limits(slot_dir / "limits")
+        entries = [limits.device[i] for i in range(limits.device_count)]
+        assert [e.host_index for e in entries] == [2, 0]
+        assert [e.uuid for e in entries] == [
+            b"GPU-22222222-2222-2222-2222-222222222222",
+            b"GPU-00000000-0000-0000-0000-000000000000",
+        ]
+        assert all(e.flags & abi.DEV_SELECTED_BY_UUID for e in entries)
+        assert [e.sm_requested_centi for e in entries] == [3000, 7000]
+    finally:
+        _podman("rm", "-f", "-t", "0", name)
+
+
 def test_limits_are_read_only_inside_the_container(hook: HookSetup, rootfs: Path) -> None:
     """Even root in the container cannot write its limits: the slot is mounted read-only,
     while the usage file the shim reports into stays writable."""
