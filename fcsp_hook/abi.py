@@ -104,7 +104,12 @@ class UsageDevice(ctypes.Structure):
         ("busy_ns", u64),
         ("throttled_ns", u64),
         ("demand_centi", u64),
-        ("reserved", u64 * 7),
+        # The shim's compute limiter (see fcsp_slot.h); the host never reads them.
+        ("tat_ns", u64),
+        ("demand_window_ns", u64),
+        ("demand_busy_ns", u64),
+        ("demand_throttled_ns", u64),
+        ("reserved", u64 * 3),
     )
 
 

@@ -37,6 +37,7 @@ static void child_after_fork(void)
 {
     shim_after_fork_child();
     shim_memory_after_fork_child();
+    shim_calib_after_fork_child();
     shim_proc();
 }
 
@@ -73,6 +74,8 @@ __attribute__((constructor)) static void shim_init(void)
 
 __attribute__((destructor)) static void shim_fini(void)
 {
-    if (shim.active)
+    if (shim.active) {
+        shim_compute_thread_flush(); /* the exiting thread's batched busy time */
         shim_process_exit();
+    }
 }

@@ -75,8 +75,46 @@ static void read_limit(const char *name, struct shim_env_limit *out)
     shim_env.any_limit = true;
 }
 
+uint32_t shim_parse_share(const char *text)
+{
+    if (!text)
+        return 0;
+    errno = 0;
+    char *end = NULL;
+    double value = strtod(text, &end);
+    if (errno || end == text || !(value > 0) || value > 100)
+        return 0;
+    if (*end == '%')
+        end++;
+    if (*end)
+        return 0;
+    uint32_t centi = (uint32_t)(value * 100 + 0.5);
+    return centi ? centi : 1;
+}
+
+static uint32_t read_share(const char *name)
+{
+    const char *value = getenv(name);
+    if (!value || !*value)
+        return 0;
+    uint32_t centi = shim_parse_share(value);
+    if (!centi)
+        shim_log(LOG_WARN, "%s=%s is not a share in (0, 100] %%; ignored", name, value);
+    else
+        shim_env.any_limit = true;
+    return centi;
+}
+
 void shim_env_init(void)
 {
+    uint32_t sm_all = read_share("BUD_SM_LIMIT");
+    for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++) {
+        char name[32];
+        snprintf(name, sizeof(name), "BUD_SM_LIMIT_DEV%u", d);
+        uint32_t centi = read_share(name);
+        shim_env.sm_centi[d] = centi ? centi : sm_all;
+    }
+
     struct shim_env_limit all = {0};
     read_limit("BUD_MEMORY_LIMIT", &all);
     for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++) {

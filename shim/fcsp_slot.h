@@ -135,7 +135,19 @@ struct fcsp_usage_device {
     _Atomic uint64_t busy_ns;               /* measured GPU time of the tenant's kernels */
     _Atomic uint64_t throttled_ns;          /* time launching threads waited for tokens */
     _Atomic uint64_t demand_centi;          /* share the tenant would use unthrottled, 1/100 % */
-    uint64_t reserved[7];
+    /*
+     * Compute limiter state shared by all of the tenant's processes (shim
+     * only; the host reads nothing here).  tat_ns is the GCRA theoretical
+     * arrival time: the CLOCK_MONOTONIC instant up to which the tenant's
+     * admitted launches have used its share.  The demand_* words are the
+     * start of the current demand-estimation window and the busy/throttled
+     * counters at that start, claimed by one process per window with a CAS.
+     */
+    _Atomic uint64_t tat_ns;
+    _Atomic uint64_t demand_window_ns;
+    _Atomic uint64_t demand_busy_ns;
+    _Atomic uint64_t demand_throttled_ns;
+    uint64_t reserved[3];
 };
 
 /* fcsp_usage_proc.state */
@@ -179,6 +191,7 @@ _Static_assert(offsetof(struct fcsp_limits, device) == 256, "limits device[] off
 _Static_assert(offsetof(struct fcsp_limits, init_host_pid) == 184, "init_host_pid offset");
 _Static_assert(offsetof(struct fcsp_limits, init_start_time) == 192, "init_start_time offset");
 _Static_assert(sizeof(struct fcsp_usage_device) == 128, "fcsp_usage_device size");
+_Static_assert(offsetof(struct fcsp_usage_device, tat_ns) == 72, "tat_ns offset");
 _Static_assert(sizeof(struct fcsp_usage_proc) == 168, "fcsp_usage_proc size");
 _Static_assert(offsetof(struct fcsp_usage, device) == 80, "usage device[] offset");
 _Static_assert(sizeof(struct fcsp_usage) == 12880, "fcsp_usage size");

@@ -1,49 +1,12 @@
 /*
  * Launches.  Every launch family is hooked (PyTorch and cuBLAS launch through
  * cuLaunchKernelEx, graphs through cuGraphLaunch), each variant separately so
- * that a _ptsz launch stays on the per-thread default stream.  Today a hook
- * counts the launch in the tenant's usage; the compute limiter (token bucket)
- * will sit at the same spot.
- *
- * Hot path: one relaxed load (which usage entry, if any) and one relaxed
- * atomic add; no lock, no getenv, no logging.
+ * that a _ptsz launch stays on the per-thread default stream.  Each hook
+ * brackets the real call with compute_begin/compute_end (compute.h): count,
+ * charge the tenant's share, wait if it is spent, and now and then measure
+ * the launch with a pair of events.
  */
-#include "shim.h"
-
-/*
- * >= 0: the usage entry every launch of this process counts against (one
- * device); LAUNCH_SLOW: look the device up (several devices, or not yet
- * known); LAUNCH_OFF: inactive, count nothing.
- */
-#define LAUNCH_SLOW (-1)
-#define LAUNCH_OFF (-2)
-static _Atomic int launch_entry = LAUNCH_SLOW;
-
-void shim_launch_init(void)
-{
-    atomic_store_explicit(&launch_entry, shim.active ? LAUNCH_SLOW : LAUNCH_OFF,
-                          memory_order_relaxed);
-}
-
-static void count_launch_slow(void)
-{
-    int ordinal;
-    int entry = shim_current_device(&ordinal);
-    if (entry < 0)
-        return;
-    if (shim_ndevices == 1)
-        atomic_store_explicit(&launch_entry, entry, memory_order_relaxed);
-    atomic_fetch_add_explicit(&shim.usage->device[entry].launches, 1, memory_order_relaxed);
-}
-
-static inline void count_launch(void)
-{
-    int entry = atomic_load_explicit(&launch_entry, memory_order_relaxed);
-    if (likely(entry >= 0))
-        atomic_fetch_add_explicit(&shim.usage->device[entry].launches, 1, memory_order_relaxed);
-    else if (entry == LAUNCH_SLOW)
-        count_launch_slow();
-}
+#include "compute.h"
 
 SHIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
                                     unsigned int gridDimZ, unsigned int blockDimX,
@@ -51,9 +14,13 @@ SHIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigne
                                     unsigned int sharedMemBytes, CUstream hStream,
                                     void **kernelParams, void **extra)
 {
-    count_launch();
-    return REAL(cuLaunchKernel)(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
-                                sharedMemBytes, hStream, kernelParams, extra);
+    struct compute_launch l;
+    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, false);
+    CUresult rc = REAL(cuLaunchKernel)(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
+                                       blockDimZ, sharedMemBytes, hStream, kernelParams, extra);
+    compute_end(&l, rc);
+    return rc;
 }
 
 SHIM_EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX,
@@ -62,23 +29,42 @@ SHIM_EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX,
                                          unsigned int blockDimZ, unsigned int sharedMemBytes,
                                          CUstream hStream, void **kernelParams, void **extra)
 {
-    count_launch();
-    return REAL(cuLaunchKernel_ptsz)(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
-                                     blockDimZ, sharedMemBytes, hStream, kernelParams, extra);
+    struct compute_launch l;
+    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, true);
+    CUresult rc = REAL(cuLaunchKernel_ptsz)(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
+                                            blockDimZ, sharedMemBytes, hStream, kernelParams,
+                                            extra);
+    compute_end(&l, rc);
+    return rc;
+}
+
+static uint64_t config_key(const CUlaunchConfig *c, CUfunction f)
+{
+    if (!c)
+        return compute_kernel_key(f, 0, 0, 0, 0, 0, 0);
+    return compute_kernel_key(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY,
+                      c->blockDimZ);
 }
 
 SHIM_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f,
                                       void **kernelParams, void **extra)
 {
-    count_launch();
-    return REAL(cuLaunchKernelEx)(config, f, kernelParams, extra);
+    struct compute_launch l;
+    compute_begin(&l, config_key(config, f), config ? config->hStream : NULL, false);
+    CUresult rc = REAL(cuLaunchKernelEx)(config, f, kernelParams, extra);
+    compute_end(&l, rc);
+    return rc;
 }
 
 SHIM_EXPORT CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f,
                                            void **kernelParams, void **extra)
 {
-    count_launch();
-    return REAL(cuLaunchKernelEx_ptsz)(config, f, kernelParams, extra);
+    struct compute_launch l;
+    compute_begin(&l, config_key(config, f), config ? config->hStream : NULL, true);
+    CUresult rc = REAL(cuLaunchKernelEx_ptsz)(config, f, kernelParams, extra);
+    compute_end(&l, rc);
+    return rc;
 }
 
 SHIM_EXPORT CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDimX,
@@ -88,9 +74,14 @@ SHIM_EXPORT CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDi
                                                unsigned int sharedMemBytes, CUstream hStream,
                                                void **kernelParams)
 {
-    count_launch();
-    return REAL(cuLaunchCooperativeKernel)(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
-                                           blockDimZ, sharedMemBytes, hStream, kernelParams);
+    struct compute_launch l;
+    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, false);
+    CUresult rc = REAL(cuLaunchCooperativeKernel)(f, gridDimX, gridDimY, gridDimZ, blockDimX,
+                                                  blockDimY, blockDimZ, sharedMemBytes, hStream,
+                                                  kernelParams);
+    compute_end(&l, rc);
+    return rc;
 }
 
 SHIM_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gridDimX,
@@ -100,53 +91,86 @@ SHIM_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int g
                                                     unsigned int sharedMemBytes, CUstream hStream,
                                                     void **kernelParams)
 {
-    count_launch();
-    return REAL(cuLaunchCooperativeKernel_ptsz)(f, gridDimX, gridDimY, gridDimZ, blockDimX,
-                                                blockDimY, blockDimZ, sharedMemBytes, hStream,
-                                                kernelParams);
+    struct compute_launch l;
+    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, true);
+    CUresult rc = REAL(cuLaunchCooperativeKernel_ptsz)(f, gridDimX, gridDimY, gridDimZ, blockDimX,
+                                                       blockDimY, blockDimZ, sharedMemBytes,
+                                                       hStream, kernelParams);
+    compute_end(&l, rc);
+    return rc;
 }
 
+/*
+ * Deprecated, one kernel per device: each is charged (to the current
+ * device's entry, which is all the launch path knows) and none is measured.
+ */
 SHIM_EXPORT CUresult cuLaunchCooperativeKernelMultiDevice(CUDA_LAUNCH_PARAMS *launchParamsList,
                                                           unsigned int numDevices,
                                                           unsigned int flags)
 {
-    for (unsigned int i = 0; i < numDevices; i++)
-        count_launch();
+    for (unsigned int i = 0; i < numDevices; i++) {
+        const CUDA_LAUNCH_PARAMS *p = launchParamsList ? &launchParamsList[i] : NULL;
+        struct compute_launch l;
+        compute_begin(&l, p ? compute_kernel_key(p->function, p->gridDimX, p->gridDimY, p->gridDimZ,
+                                         p->blockDimX, p->blockDimY, p->blockDimZ)
+                            : compute_kernel_key(NULL, i, 0, 0, 0, 0, 0),
+                      p ? p->hStream : NULL, false);
+        compute_end(&l, CUDA_ERROR_NOT_SUPPORTED); /* drops any sample */
+    }
     return REAL(cuLaunchCooperativeKernelMultiDevice)(launchParamsList, numDevices, flags);
 }
 
 SHIM_EXPORT CUresult cuLaunch(CUfunction f)
 {
-    count_launch();
-    return REAL(cuLaunch)(f);
+    struct compute_launch l;
+    compute_begin(&l, compute_kernel_key(f, 1, 1, 1, 0, 0, 0), NULL, false);
+    CUresult rc = REAL(cuLaunch)(f);
+    compute_end(&l, rc);
+    return rc;
 }
 
 SHIM_EXPORT CUresult cuLaunchGrid(CUfunction f, int grid_width, int grid_height)
 {
-    count_launch();
-    return REAL(cuLaunchGrid)(f, grid_width, grid_height);
+    struct compute_launch l;
+    compute_begin(&l, compute_kernel_key(f, (unsigned)grid_width, (unsigned)grid_height, 1, 0, 0, 0), NULL,
+                  false);
+    CUresult rc = REAL(cuLaunchGrid)(f, grid_width, grid_height);
+    compute_end(&l, rc);
+    return rc;
 }
 
 SHIM_EXPORT CUresult cuLaunchGridAsync(CUfunction f, int grid_width, int grid_height,
                                        CUstream hStream)
 {
-    count_launch();
-    return REAL(cuLaunchGridAsync)(f, grid_width, grid_height, hStream);
+    struct compute_launch l;
+    compute_begin(&l, compute_kernel_key(f, (unsigned)grid_width, (unsigned)grid_height, 1, 0, 0, 0),
+                  hStream, false);
+    CUresult rc = REAL(cuLaunchGridAsync)(f, grid_width, grid_height, hStream);
+    compute_end(&l, rc);
+    return rc;
 }
 
+/* A graph replay is charged and measured as one unit: graphs must not escape the share. */
 SHIM_EXPORT CUresult cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream)
 {
-    count_launch();
-    return REAL(cuGraphLaunch)(hGraphExec, hStream);
+    struct compute_launch l;
+    compute_begin(&l, compute_graph_key(hGraphExec), hStream, false);
+    CUresult rc = REAL(cuGraphLaunch)(hGraphExec, hStream);
+    compute_end(&l, rc);
+    return rc;
 }
 
 SHIM_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec hGraphExec, CUstream hStream)
 {
-    count_launch();
-    return REAL(cuGraphLaunch_ptsz)(hGraphExec, hStream);
+    struct compute_launch l;
+    compute_begin(&l, compute_graph_key(hGraphExec), hStream, true);
+    CUresult rc = REAL(cuGraphLaunch_ptsz)(hGraphExec, hStream);
+    compute_end(&l, rc);
+    return rc;
 }
 
-/* Host functions use no SMs: hooked so that the limiter can order them, not counted. */
+/* Host functions use no SMs: hooked so that the limiter could order them, not charged. */
 SHIM_EXPORT CUresult cuLaunchHostFunc(CUstream hStream, CUhostFn fn, void *userData)
 {
     return REAL(cuLaunchHostFunc)(hStream, fn, userData);

@@ -86,11 +86,15 @@ struct shim_env {
     struct shim_env_limit dev[FCSP_MAX_DEVICES]; /* BUD_MEMORY_LIMIT_DEV<n>, else BUD_MEMORY_LIMIT */
     bool any_limit;
     int mode; /* -1: unset, else enum fcsp_mem_mode */
+    /* BUD_SM_LIMIT_DEV<n>, else BUD_SM_LIMIT, in 1/100 %; 0: none.  Only ever lowers a share. */
+    uint32_t sm_centi[FCSP_MAX_DEVICES];
 };
 extern struct shim_env shim_env;
 void shim_env_init(void);
 /* "512M", "8G", "1.5G", "1073741824", "50%": 0 on success, -1 if malformed. */
 int shim_parse_size(const char *text, struct shim_env_limit *out);
+/* "30", "30%", "12.5": a share in (0, 100] % as 1/100 %; 0 if malformed. */
+uint32_t shim_parse_share(const char *text);
 
 /* ---- device.c: CUDA ordinals, slot entries, limits ----------------------- */
 
@@ -119,9 +123,11 @@ extern int shim_ndevices;
 /* Bumped when a context is destroyed, so caches keyed by context handle start over. */
 extern _Atomic uint32_t shim_context_epoch;
 
-/* ---- launch.c --------------------------------------------------------------- */
+/* ---- compute.c (compute.h has the launch-path interface) ------------------- */
 
 void shim_launch_init(void);
+void shim_compute_thread_flush(void);
+void shim_calib_after_fork_child(void);
 
 /* ---- slot.c: per-process records ------------------------------------------ */
 

@@ -1,0 +1,333 @@
+/*
+ * Launch cost calibration: how much GPU time a launch takes, measured with
+ * CUDA events recorded sparsely around real launches.
+ *
+ * Estimates live in a small lock-free table per process, keyed by the
+ * function and launch geometry (or the executable graph).  A key's first
+ * FIRST_SAMPLES launches are measured, then at most one every SAMPLE_PERIOD_NS.
+ * A measurement is a start/end event pair recorded on the launch's own stream
+ * (the _ptsz record for a _ptsz launch), so it spans exactly that kernel once
+ * the stream reaches it.  Launches on a capturing stream are not measured.
+ *
+ * Under time-slicing the span can include another tenant's slice, which
+ * would inflate the estimate, throttle the tenant below its share and so
+ * ratchet upwards.  The estimator is therefore asymmetric: a lower sample
+ * pulls the estimate down fast (1/4), a higher one pushes it up slowly
+ * (1/32, by at most the estimate itself), which tracks a low quantile of
+ * the samples: the kernel's own time.
+ *
+ * Unknown keys cost the process's running estimate (DEFAULT_COST_NS before
+ * any).  What launches of a key were charged before its first measurement
+ * came back is trued up against it then, so a burst of big kernels at start
+ * cannot escape the share.
+ *
+ * Concurrency: table entries are claimed with a CAS on the key; the sample
+ * ring is guarded by a try-lock (atomic_flag) that a thread failing to take
+ * simply skips: it does not sample or poll this time.  Driver calls made
+ * for the shim's own use run in relaxed stream-capture mode, so that a
+ * global-mode capture in another thread is never invalidated by them.
+ */
+#include <string.h>
+
+#include "compute.h"
+
+#define TABLE_SIZE 1024u /* power of two */
+#define PROBES 8u
+#define FIRST_SAMPLES 3u
+#define SAMPLE_PERIOD_NS 10000000ull
+#define DEFAULT_COST_NS 100000ull
+#define RING 16
+
+struct estimate {
+    _Atomic uint64_t key;            /* 0: free */
+    _Atomic uint64_t est_ns;         /* 0: not measured yet */
+    _Atomic uint64_t last_sample_ns;
+    _Atomic uint32_t started;        /* samples started */
+    _Atomic uint32_t uncalibrated;   /* launches charged before the first measurement */
+    _Atomic uint64_t uncalibrated_ns; /* what they were charged */
+};
+
+static struct estimate table[TABLE_SIZE];
+static _Atomic uint64_t average_ns; /* over every key; 0: nothing measured yet */
+
+enum sample_state { SAMPLE_FREE, SAMPLE_ARMED, SAMPLE_PENDING };
+
+struct sample {
+    _Atomic int state;
+    CUevent start, end;
+    CUcontext ctx;      /* events belong to the context they were created in */
+    uint32_t epoch;     /* shim_context_epoch at creation: a destroyed context took them */
+    uint32_t index;     /* table entry */
+    uint64_t key;
+    uint64_t charged_ns;
+    int entry;          /* usage entry charged */
+    CUstream stream;
+    bool ptsz;
+};
+
+static struct sample ring[RING];
+static atomic_flag ring_busy = ATOMIC_FLAG_INIT;
+static _Atomic int pending;
+
+typedef CUresult (*event_record_fn)(CUevent, CUstream);
+typedef CUresult (*is_capturing_fn)(CUstream, CUstreamCaptureStatus *);
+typedef CUresult (*elapsed_fn)(float *, CUevent, CUevent);
+typedef CUresult (*event_destroy_fn)(CUevent); /* cuEventDestroy_v2: not declared under
+                                                  __CUDA_API_VERSION_INTERNAL */
+
+/* ---- estimates -------------------------------------------------------------- */
+
+static void fold(_Atomic uint64_t *est, uint64_t sample)
+{
+    uint64_t old = atomic_load_explicit(est, memory_order_relaxed), next;
+    do {
+        if (old == 0)
+            next = sample;
+        else if (sample < old)
+            next = old - (old - sample) / 4;
+        else
+            next = old + ((sample - old < old ? sample - old : old) / 32);
+        if (next == 0)
+            next = 1;
+    } while (!atomic_compare_exchange_weak_explicit(est, &old, next, memory_order_relaxed,
+                                                    memory_order_relaxed));
+}
+
+static struct estimate *lookup(uint64_t key, uint32_t *index)
+{
+    uint32_t first = (uint32_t)(key >> 20) & (TABLE_SIZE - 1);
+    for (uint32_t p = 0; p < PROBES; p++) {
+        uint32_t i = (first + p) & (TABLE_SIZE - 1);
+        struct estimate *e = &table[i];
+        uint64_t k = atomic_load_explicit(&e->key, memory_order_relaxed);
+        if (likely(k == key)) {
+            *index = i;
+            return e;
+        }
+        if (k == 0 && atomic_compare_exchange_strong_explicit(&e->key, &k, key,
+                                                              memory_order_relaxed,
+                                                              memory_order_relaxed)) {
+            *index = i;
+            return e;
+        }
+        if (k == key) { /* another thread claimed it for the same key */
+            *index = i;
+            return e;
+        }
+    }
+    /*
+     * Full neighbourhood: the first entry goes to the new key.  A concurrent
+     * reader may briefly use the evicted key's estimate; a cost, never a fault.
+     */
+    struct estimate *e = &table[first];
+    atomic_store_explicit(&e->key, key, memory_order_relaxed);
+    atomic_store_explicit(&e->est_ns, 0, memory_order_relaxed);
+    atomic_store_explicit(&e->started, 0, memory_order_relaxed);
+    atomic_store_explicit(&e->uncalibrated, 0, memory_order_relaxed);
+    atomic_store_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
+    *index = first;
+    return e;
+}
+
+uint64_t shim_calib_cost(uint64_t key, uint64_t now, bool *sample, uint32_t *index)
+{
+    struct estimate *e = lookup(key, index);
+    uint64_t est = atomic_load_explicit(&e->est_ns, memory_order_relaxed);
+    uint64_t last = atomic_load_explicit(&e->last_sample_ns, memory_order_relaxed);
+    if (unlikely(atomic_load_explicit(&e->started, memory_order_relaxed) < FIRST_SAMPLES) ||
+        unlikely(now - last >= SAMPLE_PERIOD_NS)) {
+        /* One thread per period wins the right to measure this key. */
+        if (atomic_compare_exchange_strong_explicit(&e->last_sample_ns, &last, now,
+                                                    memory_order_relaxed, memory_order_relaxed)) {
+            /* Counted when granted, armed or not: a key that cannot be measured (a
+             * capturing stream) falls back to the periodic attempts. */
+            atomic_fetch_add_explicit(&e->started, 1, memory_order_relaxed);
+            *sample = true;
+        }
+    }
+    if (likely(est != 0))
+        return est;
+    uint64_t cost = atomic_load_explicit(&average_ns, memory_order_relaxed);
+    if (!cost)
+        cost = DEFAULT_COST_NS;
+    atomic_fetch_add_explicit(&e->uncalibrated, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->uncalibrated_ns, cost, memory_order_relaxed);
+    return cost;
+}
+
+/* ---- driver calls for our own use -------------------------------------------- */
+
+static void *real_or_null(enum shim_sym sym)
+{
+    return shim_real(sym);
+}
+
+/* Relaxed capture mode for this thread; returns the mode to restore. */
+static CUstreamCaptureMode relax_capture(bool *changed)
+{
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    __typeof__(&cuThreadExchangeStreamCaptureMode) exchange =
+        real_or_null(SYM_cuThreadExchangeStreamCaptureMode);
+    *changed = exchange && exchange(&mode) == CUDA_SUCCESS;
+    return mode;
+}
+
+static void restore_capture(CUstreamCaptureMode mode, bool changed)
+{
+    if (changed)
+        REAL(cuThreadExchangeStreamCaptureMode)(&mode);
+}
+
+static bool capturing(CUstream stream, bool ptsz)
+{
+    is_capturing_fn fn = real_or_null(ptsz ? SYM_cuStreamIsCapturing_ptsz : SYM_cuStreamIsCapturing);
+    CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (!fn || fn(stream, &status) != CUDA_SUCCESS)
+        return true; /* cannot tell: do not touch the stream */
+    return status != CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+static CUresult record(CUevent ev, CUstream stream, bool ptsz)
+{
+    event_record_fn fn = real_or_null(ptsz ? SYM_cuEventRecord_ptsz : SYM_cuEventRecord);
+    return fn ? fn(ev, stream) : CUDA_ERROR_NOT_SUPPORTED;
+}
+
+/* Events of slot s usable in the current context, created if need be. */
+static bool ready_events(struct sample *s)
+{
+    CUcontext ctx = NULL;
+    if (!REAL(cuCtxGetCurrent) || REAL(cuCtxGetCurrent)(&ctx) != CUDA_SUCCESS || !ctx)
+        return false;
+    uint32_t epoch = atomic_load_explicit(&shim_context_epoch, memory_order_relaxed);
+    if (s->start && s->ctx == ctx && s->epoch == epoch)
+        return true;
+    event_destroy_fn destroy = real_or_null(SYM_cuEventDestroy_v2);
+    /* Events of a destroyed context went with it: forget them rather than destroy them. */
+    if (s->start && s->epoch == epoch && destroy) {
+        destroy(s->start);
+        destroy(s->end);
+    }
+    s->start = s->end = NULL;
+    if (!destroy || !REAL(cuEventCreate) ||
+        REAL(cuEventCreate)(&s->start, CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+        s->start = NULL;
+        return false;
+    }
+    if (REAL(cuEventCreate)(&s->end, CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+        destroy(s->start);
+        s->start = NULL;
+        return false;
+    }
+    s->ctx = ctx;
+    s->epoch = epoch;
+    return true;
+}
+
+/* ---- samples ------------------------------------------------------------------ */
+
+int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
+                   CUstream stream, bool ptsz)
+{
+    if (atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
+        return -1; /* someone else is in the ring: skip this sample */
+    int slot = -1;
+    for (int i = 0; i < RING && slot < 0; i++)
+        if (atomic_load_explicit(&ring[i].state, memory_order_relaxed) == SAMPLE_FREE)
+            slot = i;
+    bool changed = false;
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    if (slot >= 0) {
+        struct sample *s = &ring[slot];
+        mode = relax_capture(&changed);
+        if (capturing(stream, ptsz) || !ready_events(s) ||
+            record(s->start, stream, ptsz) != CUDA_SUCCESS) {
+            slot = -1;
+        } else {
+            s->index = index;
+            s->key = key;
+            s->charged_ns = charged_ns;
+            s->entry = entry;
+            s->stream = stream;
+            s->ptsz = ptsz;
+            atomic_store_explicit(&s->state, SAMPLE_ARMED, memory_order_relaxed);
+        }
+        restore_capture(mode, changed);
+    }
+    atomic_flag_clear_explicit(&ring_busy, memory_order_release);
+    return slot;
+}
+
+void shim_calib_end(struct compute_launch *l, CUresult rc)
+{
+    struct sample *s = &ring[l->sample];
+    bool changed = false;
+    CUstreamCaptureMode mode = relax_capture(&changed);
+    bool ok = rc == CUDA_SUCCESS && record(s->end, s->stream, s->ptsz) == CUDA_SUCCESS;
+    restore_capture(mode, changed);
+    if (ok) {
+        atomic_fetch_add_explicit(&pending, 1, memory_order_relaxed);
+        atomic_store_explicit(&s->state, SAMPLE_PENDING, memory_order_release);
+    } else {
+        atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
+    }
+    l->sample = -1;
+}
+
+bool shim_calib_pending(void)
+{
+    return atomic_load_explicit(&pending, memory_order_relaxed) > 0;
+}
+
+static void finish(struct sample *s, uint64_t measured_ns)
+{
+    struct estimate *e = &table[s->index];
+    if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
+        return; /* evicted meanwhile */
+    fold(&e->est_ns, measured_ns);
+    fold(&average_ns, measured_ns);
+    /* True up what was charged before this key had any measurement. */
+    uint32_t n = atomic_exchange_explicit(&e->uncalibrated, 0, memory_order_relaxed);
+    uint64_t charged = atomic_exchange_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
+    if (n)
+        shim_compute_true_up(s->entry, (int64_t)(n * measured_ns) - (int64_t)charged);
+}
+
+void shim_calib_poll(void)
+{
+    if (atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
+        return;
+    bool changed = false;
+    CUstreamCaptureMode mode = relax_capture(&changed);
+    elapsed_fn elapsed = real_or_null(SYM_cuEventElapsedTime_v2);
+    if (!elapsed)
+        elapsed = real_or_null(SYM_cuEventElapsedTime);
+    for (int i = 0; i < RING; i++) {
+        struct sample *s = &ring[i];
+        if (atomic_load_explicit(&s->state, memory_order_acquire) != SAMPLE_PENDING)
+            continue;
+        CUresult rc = REAL(cuEventQuery)(s->end);
+        if (rc == CUDA_ERROR_NOT_READY)
+            continue;
+        float ms = 0;
+        if (rc == CUDA_SUCCESS && elapsed && elapsed(&ms, s->start, s->end) == CUDA_SUCCESS &&
+            ms >= 0)
+            finish(s, (uint64_t)((double)ms * 1e6) + 1);
+        atomic_fetch_sub_explicit(&pending, 1, memory_order_relaxed);
+        atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
+    }
+    restore_capture(mode, changed);
+    atomic_flag_clear_explicit(&ring_busy, memory_order_release);
+}
+
+void shim_calib_after_fork_child(void)
+{
+    /* The parent's contexts and events do not exist in the child. */
+    for (int i = 0; i < RING; i++) {
+        ring[i].start = ring[i].end = NULL;
+        ring[i].ctx = NULL;
+        atomic_store_explicit(&ring[i].state, SAMPLE_FREE, memory_order_relaxed);
+    }
+    atomic_store_explicit(&pending, 0, memory_order_relaxed);
+    atomic_flag_clear(&ring_busy);
+}

@@ -1,0 +1,281 @@
+/*
+ * Compute shares: a GCRA (virtual-time) limiter per tenant and device.
+ *
+ * The tenant's share s (1/100 %) of a GPU means: of every second of wall
+ * time, s/10000 may be spent running its kernels.  All of the tenant's
+ * processes share one theoretical arrival time, tat_ns, in the usage file.
+ * A launch whose kernel is estimated to take c ns of GPU time does
+ *
+ *     base = max(tat, now);  tat = base + c * 10000 / s     (one CAS)
+ *
+ * and may go at once if base - now <= BURST_NS, else its thread sleeps until
+ * base - BURST_NS.  So over any interval the tenant is admitted at most s of
+ * the GPU time, plus one burst; idle time earns no credit beyond the burst.
+ * The wait is taken before the launch call itself: stream order is kept and
+ * nothing is queued behind the driver's back.  Because tat is absolute, a
+ * thread that oversleeps (timer slack, a busy host) does not lose its rate:
+ * the next launches find the tenant behind its allowance and go at once.
+ *
+ * Why GCRA rather than a refilled token bucket: the bucket needs a refill
+ * (a second shared word and a timestamp, or a refill thread); GCRA is one
+ * word and one CAS, and a change of share applies to the next launch with
+ * no bucket state to rescale.  Its "gain" is the cost model itself: c is the
+ * kernel's measured GPU time (calib.c), so nothing depends on the SM count.
+ *
+ * The share in force: the observer's sm_effective_centi (one relaxed load).
+ * The observer may raise it above the request (work conservation); if the
+ * observer is gone (heartbeat 0 or older than 1 s) such a raise is ignored
+ * and the request applies, i.e. strict behaviour.  Isolation mode none means
+ * no compute limit.  BUD_SM_LIMIT(_DEV<n>) can only lower the result.
+ * 100 % skips everything but the launch counter.
+ *
+ * Reported in the usage file, per device:
+ *   launches      every launch (at once)
+ *   busy_ns       the GPU time admitted: the sum of the calibrated costs c,
+ *                 i.e. GPU time as measured by the events, extrapolated to
+ *                 every launch
+ *   tokens_used   the share-time consumed: the sum of c * 10000 / s
+ *   throttled_ns  time launching threads slept for their share
+ *   demand_centi  the share the tenant would use unthrottled (estimate)
+ * busy_ns and tokens_used are summed per thread and flushed every
+ * FLUSH_EVERY launches and before every wait, to keep atomics off the
+ * common path.
+ */
+#include <errno.h>
+#include <time.h>
+
+#include "compute.h"
+
+#define BURST_NS 4000000ull         /* may run this far ahead of its allowance */
+#define MIN_SLEEP_NS 1000000ull     /* fewer, longer sleeps; less than BURST_NS loses nothing */
+#define WAIT_CHUNK_NS 10000000ull   /* re-read the share at least this often while waiting */
+#define STALE_OBSERVER_NS 1000000000ll
+#define FLUSH_EVERY 16u
+#define DEMAND_WINDOW_NS 100000000ull
+#define TLS __attribute__((tls_model("initial-exec"))) __thread
+
+_Atomic int shim_launch_entry = LAUNCH_SLOW;
+
+void shim_launch_init(void)
+{
+    atomic_store_explicit(&shim_launch_entry, shim.active ? LAUNCH_SLOW : LAUNCH_OFF,
+                          memory_order_relaxed);
+}
+
+static inline uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no system call */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- the share in force ------------------------------------------------------ */
+
+static uint32_t env_cap(int ordinal)
+{
+    uint32_t cap = ordinal >= 0 && ordinal < (int)FCSP_MAX_DEVICES ? shim_env.sm_centi[ordinal] : 0;
+    return cap ? cap : SHARE_FULL_CENTI;
+}
+
+/*
+ * Slot entry `entry`, CUDA ordinal `ordinal`.  Common case: two plain loads
+ * from the same cache line of the limits file.  The heartbeat is read only
+ * when the observer granted more than the request.
+ */
+static uint32_t share_in_force(int entry, int ordinal)
+{
+    uint32_t cap = env_cap(ordinal);
+    const struct fcsp_limits *limits = shim.limits;
+    if (!limits)
+        return cap;
+    if (unlikely(limits->isolation_mode == FCSP_MODE_NONE))
+        return cap;
+    struct fcsp_limits_device *d = (struct fcsp_limits_device *)&limits->device[entry];
+    uint32_t share = atomic_load_explicit(&d->sm_effective_centi, memory_order_relaxed);
+    uint32_t requested = d->sm_requested_centi;
+    if (unlikely(share > requested || share == 0)) {
+        uint64_t beat = __atomic_load_n(&limits->observer_heartbeat_ns, __ATOMIC_RELAXED);
+        if (share == 0 || beat == 0 || (int64_t)(monotonic_ns() - beat) > STALE_OBSERVER_NS)
+            share = requested;
+    }
+    if (share == 0) /* a slot written without any compute share: not limited */
+        share = SHARE_FULL_CENTI;
+    return share < cap ? share : cap;
+}
+
+/* ---- per-thread counters, flushed in batches ---------------------------------- */
+
+struct thread_acc {
+    int entry;
+    uint32_t launches;
+    uint64_t busy_ns;
+    uint64_t tokens;
+};
+static TLS struct thread_acc acc = {.entry = -1};
+
+/*
+ * demand_centi: over windows of DEMAND_WINDOW_NS, the GPU time admitted
+ * divided by the time the tenant's threads were not waiting for their share,
+ * i.e. the share it would have used had it not been throttled.  One process
+ * per window wins the CAS on the window start and publishes it.
+ */
+static void update_demand(struct fcsp_usage_device *u, uint64_t now)
+{
+    uint64_t start = atomic_load_explicit(&u->demand_window_ns, memory_order_relaxed);
+    if (now - start < DEMAND_WINDOW_NS ||
+        !atomic_compare_exchange_strong_explicit(&u->demand_window_ns, &start, now,
+                                                 memory_order_relaxed, memory_order_relaxed))
+        return;
+    uint64_t busy = atomic_load_explicit(&u->busy_ns, memory_order_relaxed);
+    uint64_t throttled = atomic_load_explicit(&u->throttled_ns, memory_order_relaxed);
+    uint64_t d_busy = busy - atomic_exchange_explicit(&u->demand_busy_ns, busy,
+                                                      memory_order_relaxed);
+    uint64_t d_thr = throttled - atomic_exchange_explicit(&u->demand_throttled_ns, throttled,
+                                                          memory_order_relaxed);
+    uint64_t span = now - start;
+    if (start == 0 || span > 10 * DEMAND_WINDOW_NS) /* first window, or after a long idle */
+        span = DEMAND_WINDOW_NS;
+    uint64_t running = d_thr < span - span / 20 ? span - d_thr : span / 20;
+    uint64_t demand = (uint64_t)((unsigned __int128)d_busy * SHARE_FULL_CENTI / running);
+    atomic_store_explicit(&u->demand_centi, demand < SHARE_FULL_CENTI ? demand : SHARE_FULL_CENTI,
+                          memory_order_relaxed);
+    atomic_store_explicit(&shim.usage->heartbeat_ns, now, memory_order_relaxed);
+}
+
+static void flush(uint64_t now)
+{
+    if (acc.entry < 0)
+        return;
+    struct fcsp_usage_device *u = &shim.usage->device[acc.entry];
+    if (acc.busy_ns)
+        atomic_fetch_add_explicit(&u->busy_ns, acc.busy_ns, memory_order_relaxed);
+    if (acc.tokens)
+        atomic_fetch_add_explicit(&u->tokens_used, acc.tokens, memory_order_relaxed);
+    acc.busy_ns = acc.tokens = 0;
+    acc.launches = 0;
+    if (now)
+        update_demand(u, now);
+}
+
+void shim_compute_thread_flush(void)
+{
+    if (shim.active)
+        flush(monotonic_ns());
+}
+
+static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
+{
+    if (unlikely(acc.entry != entry)) {
+        flush(0);
+        acc.entry = entry;
+    }
+    acc.busy_ns += cost;
+    acc.tokens += tokens;
+    if (unlikely(++acc.launches >= FLUSH_EVERY)) {
+        flush(now);
+        if (shim_calib_pending())
+            shim_calib_poll();
+    }
+}
+
+/* ---- waiting for the share ---------------------------------------------------- */
+
+static void sleep_until(uint64_t deadline)
+{
+    struct timespec ts = {(time_t)(deadline / 1000000000u), (long)(deadline % 1000000000u)};
+    /* EINTR: the caller's loop re-reads the clock and sleeps again. */
+    clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+}
+
+/*
+ * Sleep until `deadline`, in chunks, re-reading the share after each: a
+ * share raised to 100 % ends the wait; another change rescales what is left
+ * of it and this launch's own reservation in tat.  Never spins, holds no lock.
+ */
+static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
+                           uint64_t deadline, uint32_t share, uint64_t cost, uint64_t *tokens,
+                           uint64_t now)
+{
+    flush(now); /* the observer sees this thread's work before it sees the wait */
+    uint64_t began = now;
+    while (now < deadline) {
+        uint64_t until = deadline - now > WAIT_CHUNK_NS ? now + WAIT_CHUNK_NS : deadline;
+        sleep_until(until);
+        now = monotonic_ns();
+        uint32_t current = share_in_force(entry, ordinal);
+        if (likely(current == share))
+            continue;
+        if (current >= SHARE_FULL_CENTI)
+            break;
+        if (deadline > now)
+            deadline = now + (uint64_t)((unsigned __int128)(deadline - now) * share / current);
+        uint64_t again = cost * SHARE_FULL_CENTI / current;
+        atomic_fetch_add_explicit(&u->tat_ns, again - *tokens, memory_order_relaxed);
+        *tokens = again;
+        share = current;
+    }
+    atomic_fetch_add_explicit(&u->throttled_ns, now - began, memory_order_relaxed);
+}
+
+/* ---- the launch path ------------------------------------------------------------ */
+
+static int entry_slow(int *ordinal)
+{
+    int entry = shim_current_device(ordinal);
+    if (entry >= 0 && shim_ndevices == 1)
+        atomic_store_explicit(&shim_launch_entry, entry, memory_order_relaxed);
+    return entry;
+}
+
+void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUstream stream,
+                         bool ptsz)
+{
+    int ordinal = 0; /* a cached entry means a single device: ordinal 0 */
+    if (unlikely(entry < 0)) {
+        entry = entry_slow(&ordinal);
+        if (entry < 0)
+            return;
+    }
+    struct fcsp_usage_device *u = &shim.usage->device[entry];
+    atomic_fetch_add_explicit(&u->launches, 1, memory_order_relaxed);
+    uint32_t share = share_in_force(entry, ordinal);
+    if (share >= SHARE_FULL_CENTI)
+        return;
+
+    uint64_t now = monotonic_ns();
+    bool sample = false;
+    uint32_t index = 0;
+    uint64_t cost = shim_calib_cost(key, now, &sample, &index);
+    uint64_t tokens = cost * SHARE_FULL_CENTI / share;
+    uint64_t tat = atomic_load_explicit(&u->tat_ns, memory_order_relaxed);
+    uint64_t base;
+    do {
+        base = tat > now ? tat : now;
+    } while (!atomic_compare_exchange_weak_explicit(&u->tat_ns, &tat, base + tokens,
+                                                    memory_order_relaxed, memory_order_relaxed));
+    if (unlikely(base - now > BURST_NS)) {
+        uint64_t deadline = base - BURST_NS;
+        if (deadline - now < MIN_SLEEP_NS)
+            deadline = now + MIN_SLEEP_NS;
+        wait_for_share(u, entry, ordinal, deadline, share, cost, &tokens, now);
+    }
+    account(entry, cost, tokens, now);
+    if (unlikely(sample))
+        l->sample = shim_calib_arm(index, key, cost, entry, stream, ptsz);
+}
+
+void shim_compute_true_up(int entry, int64_t gpu_ns)
+{
+    if (entry < 0 || !shim.active)
+        return;
+    uint32_t share = share_in_force(entry, entry); /* entry == ordinal unless UUID-mapped */
+    if (share >= SHARE_FULL_CENTI || gpu_ns == 0)
+        return;
+    int64_t tokens = gpu_ns * (int64_t)SHARE_FULL_CENTI / (int64_t)share;
+    struct fcsp_usage_device *u = &shim.usage->device[entry];
+    atomic_fetch_add_explicit(&u->tat_ns, (uint64_t)tokens, memory_order_relaxed);
+    if (gpu_ns > 0) {
+        atomic_fetch_add_explicit(&u->busy_ns, (uint64_t)gpu_ns, memory_order_relaxed);
+        atomic_fetch_add_explicit(&u->tokens_used, (uint64_t)tokens, memory_order_relaxed);
+    }
+}
