@@ -110,6 +110,7 @@ install: shim/libvgpu.so venv
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin
 	ln -sf $(VENV)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcsp-hook
 	ln -sf $(VENV)/bin/fcspctl $(DESTDIR)$(PREFIX)/bin/fcspctl
+	ln -sf $(VENV)/bin/fcsp-runtime $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	install -D -m 0755 shim/libvgpu.so $(DESTDIR)$(LIBDIR)/libvgpu.so
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/fcsp
 	[ -e $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml ] || \
@@ -124,6 +125,7 @@ uninstall:
 	-$(VENV)/bin/python3 -m pip uninstall -q -y fcsp
 	rm -f $(DESTDIR)$(LIBDIR)/libvgpu.so $(DESTDIR)$(HOOKSDIR)/fcsp.json
 	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcspctl
+	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	-rmdir $(DESTDIR)$(LIBDIR)
 	for unit in $(wildcard systemd/*.service); do rm -f $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
 	@echo "kept $(SYSCONFDIR)/fcsp/config.toml (your settings); remove it by hand if unwanted"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fcsp_hook import abi
+from fcsp_hook import abi, runtime
 from fcsp_hook.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -93,12 +93,20 @@ class ObserverConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    # The OCI runtime fcsp-runtime hands every command to: "auto" (nvidia-container-runtime
+    # when it is on PATH, else runc) or an absolute path.
+    next: str = runtime.NEXT_AUTO
+
+
+@dataclass(frozen=True)
 class Config:
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     hook: HookConfig = field(default_factory=HookConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def _choice(section: str, key: str, value: object, choices: Mapping[str, Any]) -> Any:
@@ -223,8 +231,16 @@ def from_mapping(data: Mapping[str, object]) -> Config:
         raise ConfigError(
             "[policy] tenant_floor_pct + shared_pool_pct + burst_max_pct must not exceed 100"
         )
+    r = _table(data, "runtime", RuntimeConfig)
+    # One check, shared with fcsp-runtime's fast path (which never imports this module).
+    runtime_cfg = RuntimeConfig(next=runtime.parse_next(r.get("next", runtime.NEXT_AUTO)))
     return Config(
-        defaults=defaults, hook=hook, paths=paths, policy=policy, observer=_observer(data)
+        defaults=defaults,
+        hook=hook,
+        paths=paths,
+        policy=policy,
+        observer=_observer(data),
+        runtime=runtime_cfg,
     )
 
 

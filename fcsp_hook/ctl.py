@@ -5,6 +5,8 @@ fcspctl top                 the same, refreshed live
 fcspctl set CONTAINER ...   resize a running tenant (--sm, --mem, --mode, --priority)
 fcspctl check-config [PATH] validate config.toml
 fcspctl doctor              is this host set up right?
+fcspctl install --engine E  configure docker|podman|containerd|crio for FCSP (--dry-run)
+fcspctl uninstall --engine E
 """
 
 from __future__ import annotations
@@ -511,13 +513,64 @@ def cmd_doctor(cfg: config.Config, args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks if c.what not in {"GPUs", "NVML", "engines"}) else 1
 
 
+def _engine_change(args: argparse.Namespace, action: str) -> int:
+    from fcsp_hook import engines  # noqa: PLC0415  # only install/uninstall need it
+
+    settings = engines.Settings(
+        root=args.root,
+        runtime_path=args.runtime_path,
+        config_path=args.config,
+        default_runtime=getattr(args, "default_runtime", False),
+        file=args.file,
+        containerd_version=getattr(args, "containerd_version", None),
+    )
+    change = engines.plan(args.engine, action, settings)
+    if not change.changed:
+        print(f"{change.path}: already {'configured' if action == 'install' else 'clean'}")
+    elif args.dry_run:
+        sys.stdout.write(engines.diff(change))
+        print(f"(dry run: {change.path} not written)")
+    else:
+        backup = engines.apply(change)
+        verb = "removed" if change.new is None else "wrote"
+        print(f"{verb} {change.path}" + (f" (backup: {backup})" if backup else ""))
+    if change.changed and not args.dry_run:
+        for note in change.notes:
+            print(f"note: {note}")
+    return 0
+
+
+def cmd_install(cfg: config.Config, args: argparse.Namespace) -> int:
+    return _engine_change(args, "install")
+
+
+def cmd_uninstall(cfg: config.Config, args: argparse.Namespace) -> int:
+    return _engine_change(args, "uninstall")
+
+
 COMMANDS: dict[str, Callable[[config.Config, argparse.Namespace], int]] = {
     "status": cmd_status,
     "top": cmd_top,
     "set": cmd_set,
     "check-config": cmd_check_config,
     "doctor": cmd_doctor,
+    "install": cmd_install,
+    "uninstall": cmd_uninstall,
 }
+
+
+def _engine_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+    parser.add_argument(
+        "--engine", required=True, choices=("docker", "podman", "containerd", "crio")
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the change as a diff")
+    parser.add_argument("--root", type=Path, default=Path("/"), help="prefix of every file")
+    parser.add_argument("--file", type=Path, help="the engine's file, if not the usual one")
+    parser.add_argument(
+        "--runtime-path", default="/usr/local/bin/fcsp-runtime", help="fcsp-runtime's path"
+    )
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -539,6 +592,17 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate config.toml")
     check.add_argument("path", nargs="?", type=Path, help="file to check (default: --config)")
     sub.add_parser("doctor", help="is this host set up right?")
+    install = _engine_parser(sub, "install", "configure a container engine for FCSP")
+    install.add_argument(
+        "--default-runtime", action="store_true", help="docker: make fcsp the default runtime"
+    )
+    install.add_argument(
+        "--containerd-version",
+        type=int,
+        choices=(2, 3),
+        help="config version for a new containerd file (default: from `containerd --version`)",
+    )
+    _engine_parser(sub, "uninstall", "undo `fcspctl install` for an engine")
     return parser
 
 

@@ -1,0 +1,454 @@
+"""fcsp-runtime: an OCI runtime wrapper, FCSP's way into Docker and containerd.
+
+    fcsp-runtime [global flags] COMMAND [flags] [ARGS]     (the runc command line)
+
+Every command goes, unchanged, to the next runtime ([runtime] next in config.toml:
+nvidia-container-runtime when it is on PATH, else runc).  Only `create` and `run` of a
+bundle whose config.json carries fcsp.* annotations do more first: the annotations are
+validated exactly as the hook validates them (a bad one fails `create` with the hook's
+one-line message), and FCSP's hook entries (createRuntime and poststop, explicit env,
+isolated Python) are added to config.json, atomically, keeping everything else.
+
+This runs on every container start of a Docker host, so the common case (no fcsp.*
+annotation) imports os and sys only and never parses JSON or writes anything:
+config.json is searched for the bytes `"fcsp.` first.  Everything else is imported on
+the FCSP path, inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from fcsp_hook.errors import ConfigError, FcspError, HookError
+
+# Not typing.TYPE_CHECKING: importing typing (15 ms) or json (11 ms, it pulls in re) would
+# cost every container start on this path; mypy treats this name the same way.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from fcsp_hook import config as config_mod
+    from fcsp_hook.log import HookLogger
+
+NEXT_AUTO = "auto"
+NVIDIA_RUNTIME = "nvidia-container-runtime"
+RUNC = "runc"
+CONFIG_ENV = "FCSP_CONFIG"
+DEFAULT_CONFIG = "/etc/fcsp/config.toml"
+# What the engines' (and systemd's) default PATH holds; used when PATH is unset.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_CONFIG_BYTES = 16 << 20
+
+EXIT_FAILED = 1
+EXIT_NOT_FOUND = 127
+
+# The runc/crun command line.  Global flags come before the command; these take a value
+# (as "--flag value" or "--flag=value"; Go's flag package accepts one or two dashes).
+_GLOBAL_VALUE_FLAGS = frozenset(
+    {"root", "log", "log-format", "log-level", "criu", "rootless", "cgroup-manager"}
+)
+# `create`/`run` flags that take a value; everything else there is boolean.
+_CREATE_VALUE_FLAGS = frozenset({"bundle", "b", "console-socket", "pid-file", "preserve-fds"})
+_BUNDLE_FLAGS = frozenset({"bundle", "b"})
+END_OF_FLAGS = "--"
+CREATE_COMMANDS = frozenset({"create", "run"})
+# The bytes every fcsp.* annotation key has in config.json (engines never escape ASCII).
+_FCSP_KEY_BYTES = b'"fcsp.'
+
+# Where fcsp-runtime puts the hook: createRuntime runs at prestart's point (namespaces
+# made, before pivot_root) and is what podman's hooks.d uses too; prestart is deprecated.
+CREATE_STAGE = "createRuntime"
+STOP_STAGE = "poststop"
+# A hook entry already in config.json counts as FCSP's in either create-time stage.
+_CREATE_STAGES = ("prestart", CREATE_STAGE)
+_HOOK_MODULE = "fcsp_hook.hook"
+
+
+# ---- the command line (pure) ----------------------------------------------------------------
+
+
+def _flag_name(arg: str) -> tuple[str, bool]:
+    """'--bundle=x' -> ('bundle', True): the name, and whether the value is attached."""
+    name, sep, _ = arg.lstrip("-").partition("=")
+    return name, bool(sep)
+
+
+def split_command(args: list[str]) -> tuple[str | None, int]:
+    """The command and its index in args (None, len(args) when there is none)."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == END_OF_FLAGS or not arg.startswith("-"):
+            index = i + 1 if arg == END_OF_FLAGS else i
+            return (args[index], index) if index < len(args) else (None, len(args))
+        name, attached = _flag_name(arg)
+        i += 1 if attached or name not in _GLOBAL_VALUE_FLAGS else 2
+    return None, len(args)
+
+
+def global_flag(args: list[str], wanted: str) -> str | None:
+    """A global flag's value (before the command), e.g. global_flag(args, 'log')."""
+    _, end = split_command(args)
+    i = 0
+    while i < end:
+        name, attached = _flag_name(args[i])
+        if name in _GLOBAL_VALUE_FLAGS and not attached and i + 1 < end:
+            if name == wanted:
+                return args[i + 1]
+            i += 2
+            continue
+        if name == wanted and attached:
+            return args[i].partition("=")[2]
+        i += 1
+    return None
+
+
+def bundle_of(args: list[str]) -> str | None:
+    """The bundle directory of a `create`/`run` (the cwd when not given), else None."""
+    command, index = split_command(args)
+    if command not in CREATE_COMMANDS:
+        return None
+    i = index + 1
+    while i < len(args) and args[i] != END_OF_FLAGS:
+        arg = args[i]
+        if not arg.startswith("-"):
+            i += 1
+            continue
+        name, attached = _flag_name(arg)
+        if name in _BUNDLE_FLAGS:
+            if attached:
+                return arg.partition("=")[2]
+            return args[i + 1] if i + 1 < len(args) else None
+        i += 1 if attached or name not in _CREATE_VALUE_FLAGS else 2
+    return "."
+
+
+def container_id_of(args: list[str]) -> str:
+    """The last positional argument of `create`/`run`: the container id ('' if none)."""
+    _, index = split_command(args)
+    found, i = "", index + 1
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-") and arg != END_OF_FLAGS:
+            name, attached = _flag_name(arg)
+            i += 1 if attached or name not in _CREATE_VALUE_FLAGS else 2
+            continue
+        if arg != END_OF_FLAGS:
+            found = arg
+        i += 1
+    return found
+
+
+# ---- which runtime comes next ---------------------------------------------------------------
+
+
+def parse_next(value: object) -> str:
+    """[runtime] next: "auto" or an absolute path (config.py validates with this too)."""
+    if isinstance(value, str) and (value == NEXT_AUTO or value.startswith("/")):
+        return value
+    raise ConfigError(
+        f"[runtime] next = {value!r} is invalid: expected {NEXT_AUTO!r} or an absolute path"
+    )
+
+
+def _which(name: str, search_path: str) -> str | None:
+    for directory in search_path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def resolve_next(setting: str, search_path: str) -> str:
+    """The next runtime's path: the setting itself, or what "auto" finds on PATH."""
+    if setting != NEXT_AUTO:
+        return setting
+    for name in (NVIDIA_RUNTIME, RUNC):
+        found = _which(name, search_path)
+        if found:
+            return found
+    raise ConfigError(
+        f"[runtime] next = {NEXT_AUTO!r} found neither {NVIDIA_RUNTIME} nor {RUNC} on PATH "
+        f"({search_path}); install one or set an absolute path"
+    )
+
+
+def next_setting(config_path: str) -> str:
+    """[runtime] next, read without loading (or validating) the rest of config.toml.
+
+    A container without FCSP must not fail because an unrelated key is wrong, so only
+    this value is checked here; a missing or unreadable file means "auto".
+    """
+    try:
+        with open(config_path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return NEXT_AUTO
+    if b"runtime" not in raw:  # saves the TOML parser's import on most hosts
+        return NEXT_AUTO
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415  # only when the file can name a runtime
+    else:  # pragma: no cover - Python 3.10 only
+        import tomli as tomllib  # type: ignore[import-not-found]  # noqa: PLC0415
+
+    try:
+        table = tomllib.loads(raw.decode("utf-8")).get("runtime", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{config_path}: not valid TOML: {exc}") from exc
+    return parse_next(table.get("next", NEXT_AUTO) if isinstance(table, dict) else None)
+
+
+# ---- config.json: does it ask for FCSP, and adding the hooks (pure) ------------------------
+
+
+def fcsp_annotations(doc: object) -> dict[str, str]:
+    """The spec's annotations when any key is under fcsp., else {}."""
+    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(annotations, dict):
+        return {}
+    if not any(isinstance(k, str) and k.startswith("fcsp.") for k in annotations):
+        return {}
+    return {str(k): str(v) for k, v in annotations.items()}
+
+
+def is_fcsp_hook(entry: object) -> bool:
+    """A hook entry that runs FCSP's hook (ours, or one podman merged from hooks.d)."""
+    if not isinstance(entry, dict):
+        return False
+    path, args = entry.get("path"), entry.get("args")
+    if isinstance(path, str) and os.path.basename(path) == "fcsp-hook":
+        return True
+    return isinstance(args, list) and _HOOK_MODULE in args
+
+
+def with_fcsp_hooks(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """doc with FCSP's hook at createRuntime and poststop, unless one is there already.
+
+    Returns doc itself when nothing is missing, else a copy; unknown fields, other
+    hooks and their order are kept (ours go last: nvidia's hook has run by then).
+    """
+    hooks = doc.get("hooks")
+    if hooks is not None and not isinstance(hooks, dict):
+        raise HookError("config.json hooks is not an object; refusing to edit it")
+    hooks = dict(hooks or {})
+    for stage in (*_CREATE_STAGES, STOP_STAGE):
+        if not isinstance(hooks.get(stage, []), list):
+            raise HookError(f"config.json hooks.{stage} is not a list; refusing to edit it")
+    changed = False
+    if not any(is_fcsp_hook(h) for stage in _CREATE_STAGES for h in hooks.get(stage, [])):
+        hooks[CREATE_STAGE] = [*hooks.get(CREATE_STAGE, []), dict(entry)]
+        changed = True
+    if not any(is_fcsp_hook(h) for h in hooks.get(STOP_STAGE, [])):
+        hooks[STOP_STAGE] = [*hooks.get(STOP_STAGE, []), dict(entry)]
+        changed = True
+    if not changed:
+        return doc
+    return {**doc, "hooks": hooks}
+
+
+def hook_entry(python: str, config_path: str) -> dict[str, Any]:
+    """The hook entry: the same one the hooks.d file carries (one source: hooksd)."""
+    from pathlib import Path  # noqa: PLC0415  # the FCSP path only
+
+    from fcsp_hook import hooksd  # noqa: PLC0415
+
+    hook = hooksd.hook_entry(python, Path(config_path))["hook"]
+    if not isinstance(hook, dict):
+        raise HookError("hooksd.hook_entry has no hook object")  # a bug, said in one line
+    return hook
+
+
+# ---- I/O --------------------------------------------------------------------------------------
+
+
+def read_spec(bundle: str) -> bytes | None:
+    """config.json's bytes, or None when it cannot be read (the next runtime will say why)."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            return f.read(MAX_CONFIG_BYTES + 1)
+    except OSError:
+        return None
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace path with data: a reader sees the old file or the new one, never a mix.
+
+    The temporary file sits next to path (same filesystem) and takes path's mode and
+    owner, so the next runtime reads it exactly as it would have read the original.
+    """
+    st = os.stat(path)
+    tmp = f"{path}.fcsp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o7777)
+    try:
+        try:
+            os.write(fd, data)
+            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                os.fchown(fd, st.st_uid, st.st_gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        import contextlib  # noqa: PLC0415  # failure path only
+
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def runtime_log_line(message: str, log_format: str | None, now: float) -> str:
+    """One error line in runc's --log format: containerd shows the last one on failure."""
+    import json  # noqa: PLC0415  # error path only
+    import time  # noqa: PLC0415
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    if log_format == "json":
+        return json.dumps({"level": "error", "msg": message, "time": stamp}) + "\n"
+    return f"time={json.dumps(stamp)} level=error msg={json.dumps(message)}\n"
+
+
+def report_error(message: str, args: list[str]) -> None:
+    """To stderr (podman and Docker show it) and to the runtime's --log file, if any."""
+    print(f"fcsp-runtime: {message}", file=sys.stderr)
+    log = global_flag(args, "log")
+    if not log:
+        return
+    import time  # noqa: PLC0415  # error path only
+
+    log_format = global_flag(args, "log-format")
+    line = runtime_log_line(f"fcsp-runtime: {message}", log_format, time.time())
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # stderr already has it
+
+
+# ---- the FCSP path ---------------------------------------------------------------------------
+
+
+def validate(doc: dict[str, Any], bundle: str, cfg: config_mod.Config) -> None:
+    """The hook's own checks, on the spec as the next runtime will see it."""
+    from pathlib import Path  # noqa: PLC0415  # the FCSP path only
+
+    from fcsp_hook import annotations, gpus, oci  # noqa: PLC0415
+
+    spec = oci.decode_bundle_config(doc, Path(bundle))
+    visible = oci.env_value(spec.env, "NVIDIA_VISIBLE_DEVICES")
+    found = gpus.visible_gpus(visible, spec.devices, cfg.paths.dev_dir)
+    annotations.parse(
+        fcsp_annotations(doc), len(found), cfg.defaults.mode, cfg.defaults.mem_mode
+    )
+
+
+def prepare_bundle(bundle: str, raw: bytes, config_path: str, cfg: config_mod.Config) -> bool:
+    """Validate and add FCSP's hooks to <bundle>/config.json.  True if it was rewritten."""
+    import json  # noqa: PLC0415  # the FCSP path only
+
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise HookError(f"{bundle}/config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HookError(f"{bundle}/config.json is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise HookError(f"{bundle}/config.json is not a JSON object")
+    validate(doc, bundle, cfg)
+    updated = with_fcsp_hooks(doc, hook_entry(sys.executable, config_path))
+    if updated is doc:
+        return False
+    data = json.dumps(updated, ensure_ascii=True, separators=(",", ":")).encode()
+    write_atomically(os.path.join(bundle, "config.json"), data)
+    return True
+
+
+def _log(cfg: config_mod.Config | None, args: list[str], bundle: str) -> HookLogger:
+    """The hook's JSON-lines log; stderr is left to report_error (prefix fcsp-runtime)."""
+    import io  # noqa: PLC0415  # the FCSP path only
+
+    from fcsp_hook.log import HookLogger  # noqa: PLC0415
+
+    log = HookLogger(path=cfg.hook.log_file if cfg else None, stderr=io.StringIO())
+    log.bind(stage="runtime-create", container_id=container_id_of(args), bundle=bundle)
+    return log
+
+
+def fcsp_create(bundle: str, raw: bytes, args: list[str], config_path: str) -> int | None:
+    """The FCSP path of `create`: None to go on to the next runtime, else an exit code."""
+    from pathlib import Path  # noqa: PLC0415  # the FCSP path only
+
+    from fcsp_hook import config  # noqa: PLC0415
+
+    cfg = None
+    details: dict[str, object] = {}
+    try:
+        cfg = config.load(Path(config_path))
+        rewritten = prepare_bundle(bundle, raw, config_path, cfg)
+        _log(cfg, args, bundle).info(
+            "FCSP hooks added to config.json" if rewritten else "FCSP hooks already present"
+        )
+        return None
+    except (FcspError, OSError) as exc:
+        message = str(exc) if isinstance(exc, FcspError) else f"{bundle}/config.json: {exc}"
+    except Exception as exc:  # a bug: one line for the user, the traceback in the log
+        import traceback  # noqa: PLC0415  # rare path
+
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        details["traceback"] = traceback.format_exc()
+    # The hook's failure policy: fail-open starts the container without FCSP.
+    fail_open = cfg is not None and cfg.hook.failure_policy == config.FAIL_OPEN
+    log = _log(cfg, args, bundle)
+    if fail_open:
+        log.warning(message, failure_policy=config.FAIL_OPEN, **details)
+        return None
+    log.error(message, failure_policy=config.FAIL_CLOSED, **details)
+    report_error(message, args)
+    return EXIT_FAILED
+
+
+def run(args: list[str]) -> int:
+    """Decide, then exec the next runtime with args unchanged (returns only on failure)."""
+    config_path = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    bundle = bundle_of(args)
+    if bundle is not None:
+        raw = read_spec(bundle)
+        # The fast path: no `"fcsp.` anywhere means no fcsp.* annotation; JSON is not parsed.
+        if raw is not None and _FCSP_KEY_BYTES in raw and fcsp_annotations(_loads(raw)):
+            code = fcsp_create(bundle, raw, args, config_path)
+            if code is not None:
+                return code
+    try:
+        target = resolve_next(next_setting(config_path), os.environ.get("PATH") or DEFAULT_PATH)
+    except ConfigError as exc:
+        report_error(str(exc), args)
+        return EXIT_FAILED
+    if os.path.realpath(target) == os.path.realpath(sys.argv[0]):
+        report_error(f"[runtime] next = {target} is fcsp-runtime itself", args)
+        return EXIT_FAILED
+    try:
+        os.execv(target, [target, *args])  # noqa: S606  # the point: become the next runtime
+    except OSError as exc:
+        report_error(f"cannot run the next runtime {target}: {exc.strerror}", args)
+    return EXIT_NOT_FOUND
+
+
+def _loads(raw: bytes) -> object:
+    """config.json for the annotation check; what is not JSON is the next runtime's to report."""
+    import json  # noqa: PLC0415  # only when the bytes mention fcsp.
+
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
