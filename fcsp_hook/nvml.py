@@ -77,9 +77,7 @@ class Nvml:
             except Exception as exc:  # one GPU failing must not hide others
                 self.reason = f"NVML process list of {gpu.uuid} failed: {exc}"
                 continue
-            out[gpu.uuid] = [
-                GpuProcess(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs
-            ]
+            out[gpu.uuid] = [GpuProcess(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs]
         return out
 
     def close(self) -> None:

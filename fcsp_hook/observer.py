@@ -151,6 +151,17 @@ class Tenant:
     dead_processes: list[int] = field(default_factory=list)
     dead_bytes: int = 0
     unshimmed: list[int] = field(default_factory=list)
+    last_samples: list[slotio.DeviceUsage] | None = None
+    # Per device, from the limits (rebuilt when their generation changes):
+    # (GPU key, policy key, mode, requested centi, priority).
+    described: list[tuple[str, str, abi.IsolationMode, int, abi.Priority]] = field(
+        default_factory=list
+    )
+
+    @property
+    def quiescent(self) -> bool:
+        """Idle on every GPU with no throttling left to decay: a tick can skip it."""
+        return not any(d.active or d.throttled_pct or d.unmet for d in self.devices)
 
     @property
     def device_count(self) -> int:
@@ -261,6 +272,10 @@ class Observer:
         self.over_quota: set[tuple[str, str]] = set()
         self.foreign: dict[str, list[int]] = {}
         self.members: dict[int, tuple[str, int]] = {}
+        self.tenants_mtime = -1
+        self.next_scan_ns = 0
+        # Per GPU: (signature of the policy's inputs, allocation); see _decide.
+        self.decisions: dict[str, tuple[tuple[object, ...], policy.Allocation]] = {}
         self.last_tick_ns = slotio.monotonic_ns()
         self.next_reap_ns = 0
         self.next_nvml_ns = 0
@@ -278,8 +293,21 @@ class Observer:
     # -- discovery --
 
     def discover(self, now_ns: int) -> None:
-        """Open new slots, drop vanished ones, reopen slots that were recreated."""
+        """Open new slots, drop vanished ones, reopen slots that were recreated.
+
+        A new or removed slot changes the tenants directory's mtime, so a tick costs one
+        stat() unless it changed; the full rescan (which also notices a slot rewritten in
+        place by a restarted container) runs at least once a second.
+        """
         base = slot.tenants_dir(self.run_dir)
+        try:
+            mtime = os.stat(base).st_mtime_ns
+        except OSError:
+            mtime = -1
+        if mtime == self.tenants_mtime and now_ns < self.next_scan_ns:
+            return
+        self.tenants_mtime = mtime
+        self.next_scan_ns = now_ns + STATUS_PERIOD_NS
         seen: set[str] = set()
         try:
             with os.scandir(base) as entries:
@@ -339,13 +367,24 @@ class Observer:
         self.dirty_status = True
         tenant.log.info(why)
 
-    @staticmethod
-    def _resize(tenant: Tenant, now_ns: int) -> None:
+    def _resize(self, tenant: Tenant, now_ns: int) -> None:
         count = tenant.device_count
         # A new tenant (or a restarted observer) presumes activity for one idle window.
         while len(tenant.devices) < count:
             tenant.devices.append(DeviceTrack(last_active_ns=now_ns))
         del tenant.devices[count:]
+        spec, cid = tenant.spec, tenant.container_id
+        tenant.last_samples = None  # the device list changed: sample afresh
+        tenant.described = [
+            (
+                gpu_key(spec.device[i], cid, i, self.minors),
+                f"{cid}/{i}",
+                _mode(spec.isolation_mode),
+                min(int(spec.device[i].sm_requested_centi), abi.WHOLE_GPU_CENTI),
+                _priority(spec.priority),
+            )
+            for i in range(count)
+        ]
 
     # -- one tick --
 
@@ -357,8 +396,9 @@ class Observer:
         for tenant in self.tenants.values():
             self._sample(tenant, now_ns, dt)
         self._decide()
+        beat = slotio.monotonic_ns()
         for tenant in self.tenants.values():
-            tenant.limits.set_heartbeat(slotio.monotonic_ns())
+            tenant.limits.set_heartbeat(beat)
         if now_ns >= self.next_reap_ns:
             self.next_reap_ns = now_ns + self.cfg.observer.reap_interval_ms * NS_PER_MS
             self.reap()
@@ -388,6 +428,9 @@ class Observer:
             tenant.problem = str(exc)
             return
         tenant.problem = ""
+        if samples is tenant.last_samples and tenant.quiescent:
+            return  # idle, nothing moved, nothing decaying: this tick changes nothing
+        tenant.last_samples = samples
         for i, (track, sample) in enumerate(zip(tenant.devices, samples, strict=True)):
             was_active = track.active
             update_track(
@@ -403,42 +446,77 @@ class Observer:
                 self.dirty_status = True
 
     def _decide(self) -> None:
-        """Run the policy on every GPU and store the shares that changed."""
-        groups: dict[str, list[tuple[policy.TenantInput, Tenant, int]]] = {}
+        """Run the policy on every GPU and store the shares that changed.
+
+        The policy looks at unmet demand only as "wants more or not", and at contention
+        only as "above the high mark, below the low one, or between": when those, the
+        requests and adaptive mode's state are what they were last tick, last tick's
+        answer stands and the policy is not run (the common, steady case).
+        """
+        groups: dict[str, list[tuple[Tenant, int]]] = {}
         for tenant in self.tenants.values():
-            spec = tenant.spec
-            for i, track in enumerate(tenant.devices):
-                dev = spec.device[i]
-                entry = policy.TenantInput(
-                    key=f"{tenant.container_id}/{i}",
-                    mode=_mode(spec.isolation_mode),
-                    requested=min(int(dev.sm_requested_centi), abi.WHOLE_GPU_CENTI),
-                    active=track.active,
-                    unmet=track.unmet,
-                    priority=_priority(spec.priority),
-                )
-                key = gpu_key(dev, tenant.container_id, i, self.minors)
-                groups.setdefault(key, []).append((entry, tenant, i))
-        pools = policy.Pools(**vars(self.cfg.policy))
+            for i, described in enumerate(tenant.described):
+                groups.setdefault(described[0], []).append((tenant, i))
         obs = self.cfg.observer
-        params = policy.AdaptiveParams(
-            obs.contention_high_pct, obs.contention_low_pct, obs.adaptive_step_pct
-        )
-        idle = obs.idle_share_pct * abi.CENTI_PER_PERCENT
         self.contention = {}
         for gpu, members in groups.items():
-            inputs = [m[0] for m in members]
-            result = policy.allocate(
-                inputs, pools, idle, self.gpu_states.get(gpu, policy.GpuState()), params
+            signature = tuple(
+                (*t.described[i][1:], t.devices[i].active, t.devices[i].unmet > 0)
+                for t, i in members
             )
+            contention = policy.contention_of(
+                [
+                    t.devices[i].unmet
+                    for t, i in members
+                    if t.devices[i].active and t.described[i][2] != abi.IsolationMode.NONE
+                ]
+            )
+            self.contention[gpu] = contention
+            state = self.gpu_states.get(gpu, policy.GpuState())
+            key = (
+                signature,
+                state,
+                contention >= obs.contention_high_pct,
+                contention <= obs.contention_low_pct,
+            )
+            cached = self.decisions.get(gpu)
+            if cached is None or cached[0] != key:
+                cached = (key, self._allocate(members, state))
+                self.decisions[gpu] = cached
+            result = cached[1]
             self.gpu_states[gpu] = result.state
-            self.contention[gpu] = policy.contention_pct(inputs)
-            for entry, tenant, i in members:
-                share = result.shares[entry.key]
+            for tenant, i in members:
+                share = result.shares[tenant.described[i][1]]
                 if tenant.limits.effective(i) != share:
                     tenant.limits.set_effective(i, share)
         for gpu in set(self.gpu_states) - set(groups):
             del self.gpu_states[gpu]
+            self.decisions.pop(gpu, None)
+
+    @staticmethod
+    def _inputs(members: list[tuple[Tenant, int]]) -> list[policy.TenantInput]:
+        out = []
+        for tenant, i in members:
+            _, key, mode, requested, priority = tenant.described[i]
+            track = tenant.devices[i]
+            out.append(
+                policy.TenantInput(key, mode, requested, track.active, track.unmet, priority)
+            )
+        return out
+
+    def _allocate(
+        self, members: list[tuple[Tenant, int]], state: policy.GpuState
+    ) -> policy.Allocation:
+        obs = self.cfg.observer
+        return policy.allocate(
+            self._inputs(members),
+            policy.Pools(**vars(self.cfg.policy)),
+            obs.idle_share_pct * abi.CENTI_PER_PERCENT,
+            state,
+            policy.AdaptiveParams(
+                obs.contention_high_pct, obs.contention_low_pct, obs.adaptive_step_pct
+            ),
+        )
 
     # -- slower duties --
 
@@ -640,6 +718,7 @@ class Observer:
         if new.observer.metrics_port != self.cfg.observer.metrics_port:
             self.log.warning("metrics_port changes need a restart")
         self.cfg, self.interval = new, new_interval
+        self.decisions.clear()  # cached answers were for the old pools and thresholds
         self.log.info("config reloaded", path=str(self.config_path))
         self.notifier.send(READY="1", STATUS=self.status_text())
 

@@ -93,10 +93,14 @@ def contention_pct(tenants: Iterable[TenantInput]) -> int:
     A tenant alone on a GPU contends with nobody, however throttled it is: contention
     needs at least two active (throttled) tenants.
     """
-    active = [t for t in tenants if t.active and t.mode != IsolationMode.NONE]
-    if len(active) < 2:
+    return contention_of([t.unmet for t in tenants if t.active and t.mode != IsolationMode.NONE])
+
+
+def contention_of(unmet_of_active: Sequence[int]) -> int:
+    """contention_pct, given the unmet demand of each active, throttled-mode tenant."""
+    if len(unmet_of_active) < 2:
         return 0
-    unmet = sum(_clamp_centi(t.unmet) for t in active)
+    unmet = sum(_clamp_centi(u) for u in unmet_of_active)
     return min(unmet * PERCENT // WHOLE_GPU_CENTI, PERCENT)
 
 

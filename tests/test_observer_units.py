@@ -304,7 +304,7 @@ def test_gpu_keys_prefer_uuids_then_nvml_minors() -> None:
 def test_interval_override_from_the_environment() -> None:
     """BUD_OBSERVER_INTERVAL_US overrides interval_ms; a bad value is a one-line error."""
     cfg = config.Config()
-    assert observer.interval_ns(cfg, {}) == 25_000_000
+    assert observer.interval_ns(cfg, {}) == 50_000_000
     assert observer.interval_ns(cfg, {"BUD_OBSERVER_INTERVAL_US": "2000"}) == 2_000_000
     with pytest.raises(config.ConfigError, match="BUD_OBSERVER_INTERVAL_US='fast'"):
         observer.interval_ns(cfg, {"BUD_OBSERVER_INTERVAL_US": "fast"})
