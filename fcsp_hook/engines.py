@@ -289,9 +289,18 @@ def containerd_install(
         # An empty file (comments at most) has no table yet: a top-level version goes first.
         head = base + ("" if not base or base.endswith("\n") else "\n")
         new = head + (f"version = {version}\n" if not doc else "") + "\n" + block
-    check = _dig(_parse_toml(new, "the new containerd config.toml"), (*runtimes_path(version),))
-    if not isinstance(check, dict) or check.get(RUNTIME_NAME) != entry:
-        raise EngineError(f"cannot add [{table}] to config.toml safely: add it by hand")
+    # The user's file may hold runtimes as an inline table or dotted keys, which a new
+    # [..runtimes.fcsp] section cannot extend: check the result rather than guess.
+    try:
+        check = _dig(tomllib.loads(new), runtimes_path(version))
+        problem = "" if isinstance(check, dict) and check.get(RUNTIME_NAME) == entry else "?"
+    except tomllib.TOMLDecodeError as exc:
+        problem = str(exc)
+    if problem:
+        raise EngineError(
+            f"cannot add [{table}] safely (the result would not read back: {problem}); "
+            "add it by hand"
+        )
     notes = (
         "run `systemctl restart containerd`; Kubernetes: kubectl apply -f "
         "etc/kubernetes/runtimeclass.yaml, then runtimeClassName: fcsp in the pod",

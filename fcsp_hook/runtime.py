@@ -340,9 +340,7 @@ def validate(doc: dict[str, Any], bundle: str, cfg: config_mod.Config) -> None:
     spec = oci.decode_bundle_config(doc, Path(bundle))
     visible = oci.env_value(spec.env, "NVIDIA_VISIBLE_DEVICES")
     found = gpus.visible_gpus(visible, spec.devices, cfg.paths.dev_dir)
-    annotations.parse(
-        fcsp_annotations(doc), len(found), cfg.defaults.mode, cfg.defaults.mem_mode
-    )
+    annotations.parse(fcsp_annotations(doc), len(found), cfg.defaults.mode, cfg.defaults.mem_mode)
 
 
 def prepare_bundle(bundle: str, raw: bytes, config_path: str, cfg: config_mod.Config) -> bool:

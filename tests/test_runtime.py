@@ -1,0 +1,403 @@
+"""fcsp-runtime without an engine: the runc command line, the config.json edit, the choice
+of the next runtime, and the real wrapper process handing over to a recording runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook import hooksd, runtime
+from fcsp_hook.errors import ConfigError, HookError
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "command", "bundle"),
+    [
+        (["create", "--bundle", "/b", "--pid-file", "/p", "id"], "create", "/b"),
+        (["create", "-b", "/b", "id"], "create", "/b"),
+        (["create", "--bundle=/b", "id"], "create", "/b"),
+        (["create", "-bundle", "/b", "id"], "create", "/b"),
+        (
+            ["--root", "/r", "--log", "/l", "--log-format", "json", "create", "-b", "/b", "i"],
+            "create",
+            "/b",
+        ),
+        (
+            ["--root=/r", "--systemd-cgroup", "--debug", "create", "--bundle", "/b", "i"],
+            "create",
+            "/b",
+        ),
+        (["create", "--console-socket", "/s", "--pid-file", "/p", "id"], "create", "."),
+        (["create", "--pid-file", "--bundle", "id"], "create", "."),  # a file named --bundle
+        (["run", "-d", "--bundle", "/b", "id"], "run", "/b"),
+        (["create", "id", "--", "-b", "/x"], "create", "."),
+        (["start", "id"], "start", None),
+        (["--root", "create", "start", "id"], "start", None),  # "create" is --root's value
+        (["delete", "--force", "id"], "delete", None),
+        (["features"], "features", None),
+        (["--version"], None, None),
+        ([], None, None),
+    ],
+)
+def test_command_and_bundle_are_found_like_runc_parses_them(
+    args: list[str], command: str | None, bundle: str | None
+) -> None:
+    """Global flags with values are skipped, both `--flag value` and `--flag=value`, one or
+    two dashes; the bundle is --bundle/-b of create/run, else the current directory."""
+    assert runtime.split_command(args)[0] == command
+    assert runtime.bundle_of(args) == bundle
+
+
+def test_global_flags_and_container_id() -> None:
+    """--log and --log-format are read before the command only; the id is the positional."""
+    args = ["--log", "/l.json", "--log-format=json", "create", "--log", "x", "-b", "/b", "cid"]
+    assert runtime.global_flag(args, "log") == "/l.json"
+    assert runtime.global_flag(args, "log-format") == "json"
+    assert runtime.global_flag(["create", "--log", "x"], "log") is None
+    assert runtime.container_id_of(args) == "cid"
+
+
+# ---- the config.json edit -----------------------------------------------------------------
+
+
+ENTRY = runtime.hook_entry("/opt/fcsp/venv/bin/python3", "/etc/fcsp/config.toml")
+
+
+def test_hook_entry_is_the_hooksd_entry() -> None:
+    """One source for the hook's argv and env: what podman's hooks.d file runs."""
+    expected = hooksd.hook_entry("/opt/fcsp/venv/bin/python3", Path("/etc/fcsp/config.toml"))
+    assert expected["hook"] == ENTRY
+    assert ENTRY["args"][:2] == ["/opt/fcsp/venv/bin/python3", "-I"]
+    assert ENTRY["env"] == list(hooksd.HOOK_ENV)
+
+
+def test_hooks_are_added_and_everything_else_is_kept() -> None:
+    """createRuntime and poststop get the entry after any existing hooks; other stages,
+    unknown fields and the input document itself are untouched."""
+    nvidia = {"path": "/usr/bin/nvidia-container-runtime-hook", "args": ["x", "prestart"]}
+    other = {"path": "/bin/true"}
+    doc = {
+        "ociVersion": "1.0.2",
+        "hooks": {"prestart": [nvidia], "poststop": [other], "startContainer": [other]},
+        "x-vendor": {"keep": [1, 2.5, None]},
+    }
+    before = json.dumps(doc)
+    new = runtime.with_fcsp_hooks(doc, ENTRY)
+    assert json.dumps(doc) == before
+    assert new["hooks"]["prestart"] == [nvidia]
+    assert new["hooks"]["createRuntime"] == [ENTRY]
+    assert new["hooks"]["poststop"] == [other, ENTRY]
+    assert new["hooks"]["startContainer"] == [other]
+    assert new["x-vendor"] == doc["x-vendor"]
+    assert list(new) == list(doc)
+
+
+def test_adding_hooks_twice_changes_nothing() -> None:
+    """Idempotent: a spec that already has FCSP's hook (ours, or podman's from hooks.d at
+    prestart, or a bare fcsp-hook binary) is returned as is, the same object."""
+    once = runtime.with_fcsp_hooks({}, ENTRY)
+    assert runtime.with_fcsp_hooks(once, ENTRY) is once
+    hooksd_style = {"hooks": {"prestart": [ENTRY], "poststop": [ENTRY]}}
+    assert runtime.with_fcsp_hooks(hooksd_style, ENTRY) is hooksd_style
+    binary = {"path": "/usr/local/bin/fcsp-hook", "args": ["fcsp-hook", "oci"]}
+    bare = {"hooks": {"createRuntime": [binary], "poststop": [binary]}}
+    assert runtime.with_fcsp_hooks(bare, ENTRY) is bare
+
+
+@pytest.mark.parametrize("hooks", [[], {"poststop": {}}])
+def test_malformed_hooks_are_refused_not_overwritten(hooks: object) -> None:
+    """A hooks field of the wrong shape is an error: replacing it would drop others' hooks."""
+    with pytest.raises(HookError, match="refusing to edit it"):
+        runtime.with_fcsp_hooks({"hooks": hooks}, ENTRY)
+
+
+def test_only_fcsp_keys_count_as_asking_for_fcsp() -> None:
+    """Annotations decide; 'xfcsp.sm' or an fcsp. value under another key do not."""
+    assert runtime.fcsp_annotations({"annotations": {"fcsp.sm": "40", "a": "b"}}) == {
+        "fcsp.sm": "40",
+        "a": "b",
+    }
+    assert runtime.fcsp_annotations({"annotations": {"xfcsp.sm": "40", "a": "fcsp.sm"}}) == {}
+    assert runtime.fcsp_annotations({"annotations": []}) == {}
+    assert runtime.fcsp_annotations([]) == {}
+
+
+# ---- the next runtime ---------------------------------------------------------------------
+
+
+def _executable(path: Path, text: str = "#!/bin/sh\nexit 0\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def test_auto_prefers_nvidia_container_runtime_then_runc(tmp_path: Path) -> None:
+    """auto: nvidia-container-runtime anywhere on PATH wins over runc; an absolute setting
+    is used as is; with neither on PATH the error says what to do."""
+    runc = _executable(tmp_path / "a" / "runc")
+    search = f"{tmp_path / 'a'}:{tmp_path / 'b'}"
+    assert runtime.resolve_next("auto", search) == str(runc)
+    nvidia = _executable(tmp_path / "b" / "nvidia-container-runtime")
+    assert runtime.resolve_next("auto", search) == str(nvidia)
+    assert runtime.resolve_next("/usr/bin/crun", search) == "/usr/bin/crun"
+    with pytest.raises(ConfigError, match="found neither nvidia-container-runtime nor runc"):
+        runtime.resolve_next("auto", str(tmp_path / "empty"))
+
+
+def test_next_setting_reads_only_the_runtime_table(tmp_path: Path) -> None:
+    """The fast path reads [runtime] next alone: other sections are not validated there,
+    a missing file means auto, and a bad value is the same one-line error as check-config."""
+    path = tmp_path / "config.toml"
+    assert runtime.next_setting(str(path)) == "auto"
+    path.write_text('[observer]\nbogus = 1\n[runtime]\nnext = "/usr/bin/crun"\n')
+    assert runtime.next_setting(str(path)) == "/usr/bin/crun"
+    path.write_text('[runtime]\nnext = "crun"\n')
+    with pytest.raises(ConfigError, match=r"\[runtime\] next = 'crun' is invalid"):
+        runtime.next_setting(str(path))
+
+
+# ---- the wrapper process ------------------------------------------------------------------
+
+
+@dataclass
+class Wrapper:
+    """fcsp-runtime run the way an engine runs it, handing over to a recording runtime."""
+
+    python: Path
+    config: Path
+    record: Path
+    next_runtime: Path
+    log_file: Path
+
+    def run(self, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ["PATH"], runtime.CONFIG_ENV: str(self.config)}
+        return subprocess.run(
+            [str(self.python), "-I", "-m", "fcsp_hook.runtime", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=60,
+            check=False,
+        )
+
+    def recorded(self) -> list[str] | None:
+        """The next runtime's argv (argv[0] first), or None if it never ran."""
+        argv = self.record / "argv"
+        return argv.read_text().split("\0")[:-1] if argv.exists() else None
+
+    def seen_spec(self) -> dict[str, object]:
+        doc: dict[str, object] = json.loads((self.record / "config.json").read_text())
+        return doc
+
+
+@pytest.fixture
+def wrapper(tmp_path: Path, hook_python: Path) -> Wrapper:
+    record = tmp_path / "record"
+    record.mkdir()
+    # Records its argv and the config.json it was handed (the bundle is in its argv).
+    next_runtime = _executable(
+        tmp_path / "bin" / "next-runtime",
+        "#!/bin/sh\n"
+        f'printf \'%s\\0\' "$0" "$@" > {record}/argv\n'
+        'b=.; prev=; for a in "$@"; do [ "$prev" = --bundle ] && b=$a; prev=$a; done\n'
+        f'[ -f "$b/config.json" ] && cp "$b/config.json" {record}/config.json\n'
+        "exit 0\n",
+    )
+    log_file = tmp_path / "hook.log"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[hook]\nlog_file = "{log_file}"\n[runtime]\nnext = "{next_runtime}"\n')
+    return Wrapper(hook_python, config, record, next_runtime, log_file)
+
+
+def _bundle(tmp_path: Path, annotations: dict[str, str], **extra: object) -> Path:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    doc = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["/bin/true"], "env": ["NVIDIA_VISIBLE_DEVICES=0"]},
+        "root": {"path": "rootfs"},
+        "annotations": annotations,
+        **extra,
+    }
+    # Tab-indented, non-ASCII: proves the fast path hands over the bytes as they were.
+    (bundle / "config.json").write_text(json.dumps(doc, indent="\t", ensure_ascii=False))
+    (bundle / "config.json").chmod(0o600)
+    return bundle
+
+
+CREATE = ["--root", "/run/x", "--log", "{log}", "--log-format", "json", "--systemd-cgroup",
+          "create", "--bundle", "{bundle}", "--pid-file", "/run/x/pid",
+          "--console-socket", "/run/x/sock", "--no-pivot", "ctr-1"]  # fmt: skip
+
+
+def _create_args(bundle: Path, log: Path) -> list[str]:
+    return [a.format(bundle=bundle, log=log) for a in CREATE]
+
+
+def test_container_without_fcsp_is_handed_over_untouched(wrapper: Wrapper, tmp_path: Path) -> None:
+    """No fcsp.* annotation: the next runtime gets argv unchanged and config.json keeps its
+    bytes, inode and mtime (it is neither parsed for hooks nor rewritten)."""
+    bundle = _bundle(tmp_path, {"io.podman.x": "fcsp.sm=40", "tenant": "é"})
+    spec = bundle / "config.json"
+    before, st = spec.read_bytes(), spec.stat()
+    args = _create_args(bundle, tmp_path / "runc.log")
+    result = wrapper.run(args)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert wrapper.recorded() == [str(wrapper.next_runtime), *args]
+    assert spec.read_bytes() == before
+    assert (spec.stat().st_ino, spec.stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert not wrapper.log_file.exists()
+
+
+def test_fcsp_container_gets_the_hooks_then_the_same_argv(wrapper: Wrapper, tmp_path: Path) -> None:
+    """fcsp.* annotations: config.json gains the hook at createRuntime and poststop (the
+    wrapper's interpreter, -I, the config it was given), keeps every other field and its
+    file mode, and the next runtime gets argv unchanged."""
+    other = {"path": "/bin/true", "args": ["true"]}
+    bundle = _bundle(
+        tmp_path, {"fcsp.sm": "40", "fcsp.mem": "8G"}, hooks={"poststop": [other]}, x={"y": 1}
+    )
+    args = _create_args(bundle, tmp_path / "runc.log")
+    result = wrapper.run(args)
+    assert result.returncode == 0, result.stderr
+    assert wrapper.recorded() == [str(wrapper.next_runtime), *args]
+    spec = wrapper.seen_spec()
+    assert spec == json.loads((bundle / "config.json").read_text())
+    entry = runtime.hook_entry(str(wrapper.python), str(wrapper.config))
+    assert spec["hooks"] == {"poststop": [other, entry], "createRuntime": [entry]}
+    assert spec["x"] == {"y": 1}
+    assert spec["annotations"] == {"fcsp.sm": "40", "fcsp.mem": "8G"}
+    assert stat.S_IMODE((bundle / "config.json").stat().st_mode) == 0o600
+    assert [p.name for p in bundle.iterdir()] == ["config.json"]  # no temporary file left
+    events = [json.loads(line)["event"] for line in wrapper.log_file.read_text().splitlines()]
+    assert events == ["FCSP hooks added to config.json"]
+
+
+def test_second_create_of_the_same_bundle_does_not_duplicate(
+    wrapper: Wrapper, tmp_path: Path
+) -> None:
+    """Idempotent: running the wrapper again on its own output leaves the bytes as they are."""
+    bundle = _bundle(tmp_path, {"fcsp.sm": "40"})
+    args = _create_args(bundle, tmp_path / "runc.log")
+    assert wrapper.run(args).returncode == 0
+    once = (bundle / "config.json").read_bytes()
+    assert wrapper.run(args).returncode == 0
+    assert (bundle / "config.json").read_bytes() == once
+
+
+def test_bundle_defaults_to_the_working_directory(wrapper: Wrapper, tmp_path: Path) -> None:
+    """`create ID` without --bundle uses the current directory, as runc does."""
+    bundle = _bundle(tmp_path, {"fcsp.sm": "40"})
+    result = wrapper.run(["create", "ctr-1"], cwd=bundle)
+    assert result.returncode == 0, result.stderr
+    assert "createRuntime" in json.loads((bundle / "config.json").read_text())["hooks"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        ({"fcsp.sm": "abc"}, 'annotation fcsp.sm="abc" is invalid: expected a percentage'),
+        ({"fcsp.smm": "40"}, "annotation fcsp.smm is unknown"),
+        ({"fcsp.sm.1": "40"}, "GPU index 1 is out of range"),
+    ],
+)
+def test_bad_annotation_fails_create_with_the_hooks_message(
+    wrapper: Wrapper, tmp_path: Path, annotations: dict[str, str], message: str
+) -> None:
+    """Fail-closed: exit 1, one stderr line with the hook's message, the same line as an
+    error record in runc's JSON --log (what containerd shows), config.json untouched, and
+    the next runtime never runs."""
+    bundle = _bundle(tmp_path, annotations)
+    before = (bundle / "config.json").read_bytes()
+    runc_log = tmp_path / "runc.log"
+    result = wrapper.run(_create_args(bundle, runc_log))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("fcsp-runtime: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    record = json.loads(runc_log.read_text())
+    assert record["level"] == "error"
+    assert record["msg"] == result.stderr.strip()
+    assert (bundle / "config.json").read_bytes() == before
+    assert wrapper.recorded() is None
+
+
+def test_fail_open_starts_the_container_without_fcsp(wrapper: Wrapper, tmp_path: Path) -> None:
+    """failure_policy = fail-open: a bad annotation is logged, config.json is left alone and
+    the next runtime runs."""
+    wrapper.config.write_text(
+        wrapper.config.read_text().replace("[hook]\n", '[hook]\nfailure_policy = "fail-open"\n')
+    )
+    bundle = _bundle(tmp_path, {"fcsp.sm": "abc"})
+    before = (bundle / "config.json").read_bytes()
+    result = wrapper.run(_create_args(bundle, tmp_path / "runc.log"))
+    assert result.returncode == 0, result.stderr
+    assert (bundle / "config.json").read_bytes() == before
+    assert wrapper.recorded() is not None
+    record = json.loads(wrapper.log_file.read_text())
+    assert record["level"] == "warning"
+    assert record["failure_policy"] == "fail-open"
+
+
+def test_broken_config_toml_fails_an_fcsp_create_like_the_hook(
+    wrapper: Wrapper, tmp_path: Path
+) -> None:
+    """An FCSP container on a host whose config.toml is invalid does not start (the hook
+    fails closed on it too); the message names the file and the key."""
+    wrapper.config.write_text(wrapper.config.read_text() + "[hook]\nlibary = '/x'\n")
+    bundle = _bundle(tmp_path, {"fcsp.sm": "40"})
+    result = wrapper.run(_create_args(bundle, tmp_path / "runc.log"))
+    assert result.returncode == 1
+    assert str(wrapper.config) in result.stderr
+    assert wrapper.recorded() is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["start", "ctr-1"],
+        ["state", "ctr-1"],
+        ["kill", "ctr-1", "KILL"],
+        ["--root", "/run/x", "delete", "--force", "ctr-1"],
+        ["features"],
+        ["exec", "--process", "/tmp/p.json", "--detach", "ctr-1"],
+        ["--version"],
+        ["create", "--bundle", "/nonexistent/bundle", "ctr-1"],
+    ],
+)
+def test_every_other_command_is_passed_through(wrapper: Wrapper, args: list[str]) -> None:
+    """Commands other than create/run, and a create whose config.json cannot be read (the
+    next runtime reports that itself), reach the next runtime with argv unchanged."""
+    result = wrapper.run(args)
+    assert result.returncode == 0, result.stderr
+    assert wrapper.recorded() == [str(wrapper.next_runtime), *args]
+
+
+def test_missing_next_runtime_is_one_line(wrapper: Wrapper) -> None:
+    """A next runtime that does not exist: exit 127 and one line naming it."""
+    wrapper.config.write_text('[runtime]\nnext = "/nonexistent/runc"\n')
+    result = wrapper.run(["state", "x"])
+    assert result.returncode == 127
+    assert result.stderr == (
+        "fcsp-runtime: cannot run the next runtime /nonexistent/runc: No such file or directory\n"
+    )
+
+
+def test_next_runtime_pointing_at_the_wrapper_is_refused(wrapper: Wrapper) -> None:
+    """[runtime] next naming fcsp-runtime itself would exec forever: refused in one line."""
+    wrapper.config.write_text(f'[runtime]\nnext = "{runtime.__file__}"\n')
+    result = wrapper.run(["state", "x"])
+    assert result.returncode == 1
+    assert "is fcsp-runtime itself" in result.stderr
