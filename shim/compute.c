@@ -152,7 +152,6 @@ static void flush(uint64_t now)
     if (acc.tokens)
         atomic_fetch_add_explicit(&u->tokens_used, acc.tokens, memory_order_relaxed);
     acc.busy_ns = acc.tokens = 0;
-    acc.launches = 0;
     if (now)
         update_demand(u, now);
 }
@@ -172,6 +171,7 @@ static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
     acc.busy_ns += cost;
     acc.tokens += tokens;
     if (unlikely(++acc.launches >= FLUSH_EVERY)) {
+        acc.launches = 0;
         flush(now);
         if (shim_calib_pending())
             shim_calib_poll();
@@ -215,6 +215,8 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
         share = current;
     }
     atomic_fetch_add_explicit(&u->throttled_ns, now - began, memory_order_relaxed);
+    if (shim_calib_pending()) /* measurements that finished while we slept */
+        shim_calib_poll();
 }
 
 /* ---- the launch path ------------------------------------------------------------ */

@@ -11,6 +11,12 @@
  *   free ID | ipcget ID | ipcopen HEX | trim
  *   meminfo | meminfo1 | totalmem D | launch KIND N | count NAME
  *   resolve NAME VERSION FLAGS | usage | wait | fork | exec | sleep MS
+ *   func NAME              a function; in the sim "k_200us" runs 200 us
+ *   graph US               a sim executable graph whose replay runs US us
+ *   run KIND ID SECONDS    launch KIND (kernel kernelex coop graph) on object ID
+ *                          (-1: none) for SECONDS, then synchronize; prints
+ *                          "run RC launched N wall_ns W cpu_ns C"
+ *   capture 0|1            the sim's legacy stream reports (not) capturing
  */
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -25,7 +31,7 @@
 #include "drv.h"
 #include "fcsp_slot.h"
 
-enum obj_kind { OBJ_LINEAR, OBJ_LINEAR_V1, OBJ_ASYNC, OBJ_VMM, OBJ_ARRAY, OBJ_MIPMAP, OBJ_IPC, OBJ_CTX };
+enum obj_kind { OBJ_LINEAR, OBJ_LINEAR_V1, OBJ_ASYNC, OBJ_VMM, OBJ_ARRAY, OBJ_MIPMAP, OBJ_IPC, OBJ_CTX, OBJ_FUNC };
 
 struct object {
     enum obj_kind kind;
@@ -150,6 +156,7 @@ static CUresult free_object(int id)
     case OBJ_MIPMAP: return api.mipmap_destroy((CUmipmappedArray)(uintptr_t)o->value);
     case OBJ_IPC: return api.ipc_close(o->value);
     case OBJ_CTX: return api.ctx_destroy((CUcontext)(uintptr_t)o->value);
+    case OBJ_FUNC: return CUDA_SUCCESS;
     }
     return CUDA_ERROR_INVALID_VALUE;
 }
@@ -159,27 +166,74 @@ static void host_fn(void *data)
     (*(int *)data)++;
 }
 
-static CUresult launch(const char *kind)
+/* One launch of `kind`; obj is a function (or a graph for "graph"), NULL for none. */
+static CUresult launch_obj(const char *kind, void *obj)
 {
     if (strcmp(kind, "kernel") == 0)
-        return api.launch_kernel(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL);
+        return api.launch_kernel(obj, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL);
     if (strcmp(kind, "kernelex") == 0) {
         CUlaunchConfig config;
         memset(&config, 0, sizeof(config));
         config.gridDimX = config.gridDimY = config.gridDimZ = 1;
         config.blockDimX = config.blockDimY = config.blockDimZ = 1;
-        return api.launch_kernel_ex(&config, NULL, NULL, NULL);
+        return api.launch_kernel_ex(&config, obj, NULL, NULL);
     }
     if (strcmp(kind, "coop") == 0)
-        return api.launch_coop(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL);
+        return api.launch_coop(obj, 1, 1, 1, 1, 1, 1, 0, NULL, NULL);
     if (strcmp(kind, "graph") == 0)
-        return api.graph_launch(NULL, NULL);
+        return api.graph_launch(obj, NULL);
     if (strcmp(kind, "host") == 0) {
         static int calls;
         return api.launch_host(NULL, host_fn, &calls);
     }
     fprintf(stderr, "unknown launch kind %s\n", kind);
     exit(2);
+}
+
+static CUresult launch(const char *kind)
+{
+    return launch_obj(kind, NULL);
+}
+
+static unsigned long long clock_ns(clockid_t clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+}
+
+/*
+ * Launch `kind` on object `id` (-1: none) for `seconds` of wall time, then
+ * wait for the device: every kernel launched has then completed.  Reports the
+ * launches, the wall time up to completion and the CPU time the process used.
+ */
+static void run_loop(const char *kind, int id, double seconds)
+{
+    void *obj = id >= 0 ? (void *)(uintptr_t)objects[id].value : NULL;
+    unsigned long long cpu0 = clock_ns(CLOCK_PROCESS_CPUTIME_ID), t0 = clock_ns(CLOCK_MONOTONIC);
+    unsigned long long deadline = t0 + (unsigned long long)(seconds * 1e9);
+    long n = 0;
+    CUresult rc = CUDA_SUCCESS;
+    while (rc == CUDA_SUCCESS && clock_ns(CLOCK_MONOTONIC) < deadline) {
+        rc = launch_obj(kind, obj);
+        n += rc == CUDA_SUCCESS;
+    }
+    if (rc == CUDA_SUCCESS)
+        rc = api.ctx_sync();
+    unsigned long long wall = clock_ns(CLOCK_MONOTONIC) - t0;
+    unsigned long long cpu = clock_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
+    printf("run %d launched %ld wall_ns %llu cpu_ns %llu\n", (int)rc, n, wall, cpu);
+}
+
+/* A sim-only entry point of the simulated driver (fcspSimCount, fcspSimGraphExec, ...). */
+static void *sim_entry(const char *name)
+{
+    void *p = dlsym(RTLD_DEFAULT, name);
+    if (!p) {
+        void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+        p = lib ? dlsym(lib, name) : NULL;
+    }
+    return p;
 }
 
 static void print_usage(void)
@@ -327,13 +381,31 @@ int main(int argc, char **argv)
                 rc = launch(ARG(1));
             printf("launch %d\n", (int)rc);
             i += 3;
+        } else if (strcmp(cmd, "func") == 0) { /* NAME: k_200us runs 200 us in the sim */
+            CUmodule mod = NULL;
+            CUfunction f = NULL;
+            CUresult rc = api.module_load(&mod, "");
+            if (rc == CUDA_SUCCESS)
+                rc = api.get_function(&f, mod, ARG(1));
+            report(rc, OBJ_FUNC, (unsigned long long)(uintptr_t)f);
+            i += 2;
+        } else if (strcmp(cmd, "graph") == 0) { /* US: a sim graph whose replay runs US us */
+            CUgraphExec (*make)(uint64_t) = (CUgraphExec(*)(uint64_t))sim_entry("fcspSimGraphExec");
+            CUgraphExec g = make ? make((uint64_t)(atof(ARG(1)) * 1000)) : NULL;
+            report(g ? CUDA_SUCCESS : CUDA_ERROR_NOT_SUPPORTED, OBJ_FUNC,
+                   (unsigned long long)(uintptr_t)g);
+            i += 2;
+        } else if (strcmp(cmd, "capture") == 0) { /* 0|1: the legacy stream reports capturing */
+            void (*set)(CUstream, int) = (void (*)(CUstream, int))sim_entry("fcspSimSetCapturing");
+            if (set)
+                set(NULL, atoi(ARG(1)));
+            printf("capture %d\n", set ? 0 : 1);
+            i += 2;
+        } else if (strcmp(cmd, "run") == 0) { /* KIND ID SECONDS */
+            run_loop(ARG(1), atoi(ARG(2)), atof(ARG(3)));
+            i += 4;
         } else if (strcmp(cmd, "count") == 0) {
-            uint64_t (*counter)(const char *) =
-                (uint64_t(*)(const char *))dlsym(RTLD_DEFAULT, "fcspSimCount");
-            if (!counter) {
-                void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-                counter = lib ? (uint64_t(*)(const char *))dlsym(lib, "fcspSimCount") : NULL;
-            }
+            uint64_t (*counter)(const char *) = (uint64_t(*)(const char *))sim_entry("fcspSimCount");
             printf("count %s %llu\n", ARG(1),
                    counter ? (unsigned long long)counter(ARG(1)) : 0ull);
             i += 2;

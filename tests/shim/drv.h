@@ -47,6 +47,9 @@ struct api {
     __typeof__(&cuGraphLaunch) graph_launch;
     __typeof__(&cuLaunchHostFunc) launch_host;
     __typeof__(&cuGetProcAddress_v2) get_proc; /* for the resolve command */
+    __typeof__(&cuModuleLoadData) module_load;
+    __typeof__(&cuModuleGetFunction) get_function;
+    __typeof__(&cuCtxSynchronize) ctx_sync;
 };
 
 /* Fill api; flags are the cuGetProcAddress flags (per-thread default stream or not). */

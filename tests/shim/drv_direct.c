@@ -45,5 +45,8 @@ int drv_load(struct api *api, cuuint64_t flags)
     api->graph_launch = ptsz ? cuGraphLaunch_ptsz : cuGraphLaunch;
     api->launch_host = ptsz ? cuLaunchHostFunc_ptsz : cuLaunchHostFunc;
     api->get_proc = cuGetProcAddress_v2;
+    api->module_load = cuModuleLoadData;
+    api->get_function = cuModuleGetFunction;
+    api->ctx_sync = cuCtxSynchronize;
     return 0;
 }

@@ -61,6 +61,9 @@ int drv_load(struct api *api, cuuint64_t flags)
         {"cuLaunchCooperativeKernel", offsetof(struct api, launch_coop)},
         {"cuGraphLaunch", offsetof(struct api, graph_launch)},
         {"cuLaunchHostFunc", offsetof(struct api, launch_host)},
+        {"cuModuleLoadData", offsetof(struct api, module_load)},
+        {"cuModuleGetFunction", offsetof(struct api, get_function)},
+        {"cuCtxSynchronize", offsetof(struct api, ctx_sync)},
     };
     for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++) {
         void **slot = (void **)((char *)api + wanted[i].offset);

@@ -15,6 +15,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cuda.h>
 
@@ -22,6 +23,7 @@
 
 #define SIM_EXPORT __attribute__((visibility("default")))
 #define SIM_DRIVER_VERSION 13000
+#define SIM_QUEUE_NS 10000000ull /* work a stream may hold before a launch blocks */
 
 /* ---- call counters ---------------------------------------------------------------- */
 
@@ -39,6 +41,7 @@ static struct counter counters[] = {
     {"cuLaunchHostFunc", 0}, {"cuLaunchHostFunc_ptsz", 0},
     {"cuGraphLaunch", 0}, {"cuGraphLaunch_ptsz", 0},
     {"cuMemAllocAsync", 0}, {"cuMemAllocAsync_ptsz", 0},
+    {"cuEventRecord", 0}, {"cuEventRecord_ptsz", 0},
     {"cuMemAllocFromPoolAsync", 0}, {"cuMemAllocFromPoolAsync_ptsz", 0},
     {"cuMemFreeAsync", 0}, {"cuMemFreeAsync_ptsz", 0},
 };
@@ -246,11 +249,6 @@ SIM_EXPORT CUresult cuCtxGetDevice(CUdevice *dev)
         return CUDA_ERROR_INVALID_CONTEXT;
     *dev = current->device;
     return CUDA_SUCCESS;
-}
-
-SIM_EXPORT CUresult cuCtxSynchronize(void)
-{
-    return current ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
 }
 
 SIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
@@ -768,23 +766,285 @@ SIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
     return forget(A_IPC, dptr);
 }
 
-/* ---- launches --------------------------------------------------------------------------- */
+/* ---- execution model: functions, graphs, streams, events ------------------------------- */
 
-/* Every launch ends here: the future device-timeline model plugs in at this point. */
-static CUresult sim_launch(const char *variant, CUstream stream)
+/*
+ * A function's duration comes from its name: "k_200us" runs 200 us, "k_5ms"
+ * 5 ms; any other name, and a NULL function, takes no time.  A graph made
+ * with fcspSimGraphExec(ns) runs ns as one unit.
+ */
+struct CUfunc_st {
+    uint64_t dur_ns;
+};
+
+struct CUgraphExec_st {
+    uint64_t dur_ns;
+};
+
+struct CUmod_st {
+    int loaded;
+};
+
+struct CUstream_st {
+    _Atomic uint64_t ready_ns; /* when the work queued on it so far is done */
+    _Atomic int capturing;     /* set by fcspSimSetCapturing */
+};
+
+struct CUevent_st {
+    _Atomic uint64_t at_ns; /* when the stream reaches it; 0: never recorded */
+};
+
+static struct CUstream_st legacy_stream;
+static __thread struct CUstream_st thread_stream;
+static _Atomic uint64_t all_ready_ns; /* the latest end of anything this process queued */
+static __thread CUstreamCaptureMode capture_mode = CU_STREAM_CAPTURE_MODE_GLOBAL;
+
+static uint64_t parse_duration(const char *name)
 {
-    (void)stream;
-    if (current_device() < 0)
+    if (strncmp(name, "k_", 2) != 0)
+        return 0;
+    char *end;
+    double v = strtod(name + 2, &end);
+    if (strcmp(end, "us") == 0)
+        return (uint64_t)(v * 1e3);
+    if (strcmp(end, "ms") == 0)
+        return (uint64_t)(v * 1e6);
+    return 0;
+}
+
+SIM_EXPORT CUresult cuModuleLoadData(CUmodule *module, const void *image)
+{
+    static struct CUmod_st the_module = {1};
+    *module = &the_module;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name)
+{
+    if (!hmod || !name)
+        return CUDA_ERROR_INVALID_VALUE;
+    struct CUfunc_st *f = calloc(1, sizeof(*f));
+    f->dur_ns = parse_duration(name);
+    *hfunc = f;
+    return CUDA_SUCCESS;
+}
+
+/* Test hook: an executable graph whose replay runs ns on the device. */
+SIM_EXPORT CUgraphExec fcspSimGraphExec(uint64_t ns)
+{
+    struct CUgraphExec_st *g = calloc(1, sizeof(*g));
+    g->dur_ns = ns;
+    return g;
+}
+
+static struct CUstream_st *stream_of(CUstream s, int ptsz)
+{
+    if (s == CU_STREAM_PER_THREAD || (!s && ptsz))
+        return &thread_stream;
+    if (!s || s == CU_STREAM_LEGACY)
+        return &legacy_stream;
+    return s;
+}
+
+/* Test hook: make a stream report itself as capturing (cuStreamIsCapturing). */
+SIM_EXPORT void fcspSimSetCapturing(CUstream s, int capturing)
+{
+    atomic_store(&stream_of(s, 0)->capturing, capturing);
+}
+
+static void sleep_until_ns(uint64_t t)
+{
+    struct timespec ts = {(time_t)(t / 1000000000u), (long)(t % 1000000000u)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) != 0)
+        ;
+}
+
+static void raise_to(_Atomic uint64_t *v, uint64_t t)
+{
+    uint64_t old = atomic_load(v);
+    while (old < t && !atomic_compare_exchange_weak(v, &old, t))
+        ;
+}
+
+SIM_EXPORT CUresult cuStreamCreate(CUstream *phStream, unsigned int flags)
+{
+    *phStream = calloc(1, sizeof(struct CUstream_st));
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuStreamDestroy_v2(CUstream s)
+{
+    if (s && s != CU_STREAM_LEGACY && s != CU_STREAM_PER_THREAD)
+        free(s);
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuStreamDestroy(CUstream s)
+{
+    return cuStreamDestroy_v2(s);
+}
+
+SIM_EXPORT CUresult cuStreamSynchronize(CUstream s)
+{
+    sleep_until_ns(atomic_load(&stream_of(s, 0)->ready_ns));
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuStreamSynchronize_ptsz(CUstream s)
+{
+    sleep_until_ns(atomic_load(&stream_of(s, 1)->ready_ns));
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuCtxSynchronize(void)
+{
+    if (!current)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    sleep_until_ns(atomic_load(&all_ready_ns));
+    return CUDA_SUCCESS;
+}
+
+static CUresult is_capturing(CUstream s, int ptsz, CUstreamCaptureStatus *status)
+{
+    *status = atomic_load(&stream_of(s, ptsz)->capturing) ? CU_STREAM_CAPTURE_STATUS_ACTIVE
+                                                            : CU_STREAM_CAPTURE_STATUS_NONE;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus *status)
+{
+    return is_capturing(s, 0, status);
+}
+
+SIM_EXPORT CUresult cuStreamIsCapturing_ptsz(CUstream s, CUstreamCaptureStatus *status)
+{
+    return is_capturing(s, 1, status);
+}
+
+SIM_EXPORT CUresult cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode)
+{
+    CUstreamCaptureMode old = capture_mode;
+    capture_mode = *mode;
+    *mode = old;
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuEventCreate(CUevent *ev, unsigned int flags)
+{
+    if (!current)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    *ev = calloc(1, sizeof(struct CUevent_st));
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuEventDestroy_v2(CUevent ev)
+{
+    free(ev);
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuEventDestroy(CUevent ev)
+{
+    return cuEventDestroy_v2(ev);
+}
+
+/*
+ * An event is reached when everything queued on its stream before it is
+ * done and the device gets to it: like a kernel, it waits for the device,
+ * as a time-sliced GPU processes a context's event records only in that
+ * context's slice.  It takes no time itself.
+ */
+static CUresult event_record(CUevent ev, CUstream s, int ptsz, const char *variant)
+{
+    int dev = current_device();
+    if (!ev)
+        return CUDA_ERROR_INVALID_HANDLE;
+    if (dev < 0)
         return CUDA_ERROR_INVALID_CONTEXT;
     count(variant);
+    atomic_store(&ev->at_ns, sim_timeline_run(dev, atomic_load(&stream_of(s, ptsz)->ready_ns), 0));
     return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuEventRecord(CUevent ev, CUstream s)
+{
+    return event_record(ev, s, 0, "cuEventRecord");
+}
+
+SIM_EXPORT CUresult cuEventRecord_ptsz(CUevent ev, CUstream s)
+{
+    return event_record(ev, s, 1, "cuEventRecord_ptsz");
+}
+
+SIM_EXPORT CUresult cuEventQuery(CUevent ev)
+{
+    uint64_t at = ev ? atomic_load(&ev->at_ns) : 0;
+    if (!at)
+        return CUDA_ERROR_INVALID_HANDLE;
+    return sim_now_ns() >= at ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+}
+
+SIM_EXPORT CUresult cuEventSynchronize(CUevent ev)
+{
+    uint64_t at = ev ? atomic_load(&ev->at_ns) : 0;
+    if (!at)
+        return CUDA_ERROR_INVALID_HANDLE;
+    sleep_until_ns(at);
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuEventElapsedTime_v2(float *ms, CUevent a, CUevent b)
+{
+    CUresult rc = cuEventQuery(a);
+    if (rc == CUDA_SUCCESS)
+        rc = cuEventQuery(b);
+    if (rc != CUDA_SUCCESS)
+        return rc;
+    *ms = (float)(((double)atomic_load(&b->at_ns) - (double)atomic_load(&a->at_ns)) / 1e6);
+    return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuEventElapsedTime(float *ms, CUevent a, CUevent b)
+{
+    return cuEventElapsedTime_v2(ms, a, b);
+}
+
+/* ---- launches --------------------------------------------------------------------------- */
+
+/*
+ * Every launch ends here.  Work that takes time goes on the device timeline
+ * after whatever its stream already holds; the call itself returns at once,
+ * as an asynchronous launch does.
+ */
+static CUresult sim_launch(const char *variant, CUstream stream, int ptsz, uint64_t dur_ns)
+{
+    int dev = current_device();
+    if (dev < 0)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    count(variant);
+    if (dur_ns) {
+        struct CUstream_st *st = stream_of(stream, ptsz);
+        /* A full launch queue blocks the caller, as the real driver's push buffer does. */
+        uint64_t backlog = atomic_load(&st->ready_ns);
+        if (backlog > sim_now_ns() + SIM_QUEUE_NS)
+            sleep_until_ns(backlog - SIM_QUEUE_NS);
+        uint64_t end = sim_timeline_run(dev, atomic_load(&st->ready_ns), dur_ns);
+        raise_to(&st->ready_ns, end);
+        raise_to(&all_ready_ns, end);
+    }
+    return CUDA_SUCCESS;
+}
+
+static uint64_t dur(CUfunction f)
+{
+    return f ? f->dur_ns : 0;
 }
 
 SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
                                    unsigned int bx, unsigned int by, unsigned int bz,
                                    unsigned int shmem, CUstream s, void **params, void **extra)
 {
-    return sim_launch("cuLaunchKernel", s);
+    return sim_launch("cuLaunchKernel", s, 0, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy,
@@ -792,19 +1052,19 @@ SIM_EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gx, unsigned 
                                         unsigned int bz, unsigned int shmem, CUstream s,
                                         void **params, void **extra)
 {
-    return sim_launch("cuLaunchKernel_ptsz", s);
+    return sim_launch("cuLaunchKernel_ptsz", s, 1, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params,
                                      void **extra)
 {
-    return sim_launch("cuLaunchKernelEx", config ? config->hStream : NULL);
+    return sim_launch("cuLaunchKernelEx", config ? config->hStream : NULL, 0, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f,
                                           void **params, void **extra)
 {
-    return sim_launch("cuLaunchKernelEx_ptsz", config ? config->hStream : NULL);
+    return sim_launch("cuLaunchKernelEx_ptsz", config ? config->hStream : NULL, 1, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gx, unsigned int gy,
@@ -812,7 +1072,7 @@ SIM_EXPORT CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gx, uns
                                               unsigned int bz, unsigned int shmem, CUstream s,
                                               void **params)
 {
-    return sim_launch("cuLaunchCooperativeKernel", s);
+    return sim_launch("cuLaunchCooperativeKernel", s, 0, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, unsigned int gy,
@@ -820,38 +1080,38 @@ SIM_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx
                                                    unsigned int by, unsigned int bz,
                                                    unsigned int shmem, CUstream s, void **params)
 {
-    return sim_launch("cuLaunchCooperativeKernel_ptsz", s);
+    return sim_launch("cuLaunchCooperativeKernel_ptsz", s, 1, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchCooperativeKernelMultiDevice(CUDA_LAUNCH_PARAMS *list,
                                                          unsigned int n, unsigned int flags)
 {
-    return sim_launch("cuLaunchCooperativeKernelMultiDevice", NULL);
+    return sim_launch("cuLaunchCooperativeKernelMultiDevice", NULL, 0, 0);
 }
 
 SIM_EXPORT CUresult cuLaunch(CUfunction f)
 {
-    return sim_launch("cuLaunch", NULL);
+    return sim_launch("cuLaunch", NULL, 0, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchGrid(CUfunction f, int w, int h)
 {
-    return sim_launch("cuLaunchGrid", NULL);
+    return sim_launch("cuLaunchGrid", NULL, 0, dur(f));
 }
 
 SIM_EXPORT CUresult cuLaunchGridAsync(CUfunction f, int w, int h, CUstream s)
 {
-    return sim_launch("cuLaunchGridAsync", s);
+    return sim_launch("cuLaunchGridAsync", s, 0, dur(f));
 }
 
 SIM_EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream s)
 {
-    return sim_launch("cuGraphLaunch", s);
+    return sim_launch("cuGraphLaunch", s, 0, exec ? exec->dur_ns : 0);
 }
 
 SIM_EXPORT CUresult cuGraphLaunch_ptsz(CUgraphExec exec, CUstream s)
 {
-    return sim_launch("cuGraphLaunch_ptsz", s);
+    return sim_launch("cuGraphLaunch_ptsz", s, 1, exec ? exec->dur_ns : 0);
 }
 
 SIM_EXPORT CUresult cuLaunchHostFunc(CUstream s, CUhostFn fn, void *data)
@@ -959,6 +1219,25 @@ static const struct proc_entry procs[] = {
     {"cuLaunchHostFunc", 10000, PER_THREAD, (void *)cuLaunchHostFunc_ptsz},
     {"cuGraphLaunch", 10000, ANY, (void *)cuGraphLaunch},
     {"cuGraphLaunch", 10000, PER_THREAD, (void *)cuGraphLaunch_ptsz},
+    {"cuModuleLoadData", 2000, ANY, (void *)cuModuleLoadData},
+    {"cuModuleGetFunction", 2000, ANY, (void *)cuModuleGetFunction},
+    {"cuStreamCreate", 2000, ANY, (void *)cuStreamCreate},
+    {"cuStreamDestroy", 2000, ANY, (void *)cuStreamDestroy},
+    {"cuStreamDestroy", 4000, ANY, (void *)cuStreamDestroy_v2},
+    {"cuStreamSynchronize", 2000, ANY, (void *)cuStreamSynchronize},
+    {"cuStreamSynchronize", 7000, PER_THREAD, (void *)cuStreamSynchronize_ptsz},
+    {"cuStreamIsCapturing", 10000, ANY, (void *)cuStreamIsCapturing},
+    {"cuStreamIsCapturing", 10000, PER_THREAD, (void *)cuStreamIsCapturing_ptsz},
+    {"cuThreadExchangeStreamCaptureMode", 10010, ANY, (void *)cuThreadExchangeStreamCaptureMode},
+    {"cuEventCreate", 2000, ANY, (void *)cuEventCreate},
+    {"cuEventDestroy", 2000, ANY, (void *)cuEventDestroy},
+    {"cuEventDestroy", 4000, ANY, (void *)cuEventDestroy_v2},
+    {"cuEventRecord", 2000, ANY, (void *)cuEventRecord},
+    {"cuEventRecord", 7000, PER_THREAD, (void *)cuEventRecord_ptsz},
+    {"cuEventQuery", 2000, ANY, (void *)cuEventQuery},
+    {"cuEventSynchronize", 2000, ANY, (void *)cuEventSynchronize},
+    {"cuEventElapsedTime", 2000, ANY, (void *)cuEventElapsedTime},
+    {"cuEventElapsedTime", 12080, ANY, (void *)cuEventElapsedTime_v2},
     {"cuGetProcAddress", 11030, ANY, (void *)cuGetProcAddress},
     {"cuGetProcAddress", 12000, ANY, (void *)cuGetProcAddress_v2},
 };

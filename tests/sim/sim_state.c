@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 struct sim_proc {
@@ -20,6 +21,7 @@ struct sim_proc {
 
 struct sim_shared {
     struct sim_proc proc[SIM_MAX_PROCS];
+    _Atomic uint64_t busy_until[SIM_MAX_DEVICES]; /* CLOCK_MONOTONIC ns */
 };
 
 static struct sim_config config;
@@ -184,4 +186,26 @@ void sim_give(int dev, uint64_t size)
     struct sim_proc *e = my_entry();
     uint64_t used = atomic_load(&e->used[dev]);
     atomic_store(&e->used[dev], used > size ? used - size : 0);
+}
+
+uint64_t sim_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns)
+{
+    sim_config();
+    _Atomic uint64_t *busy = &shared->busy_until[dev];
+    uint64_t now = sim_now_ns();
+    uint64_t free_at = atomic_load(busy), end;
+    do {
+        uint64_t start = free_at > now ? free_at : now;
+        if (ready_ns > start)
+            start = ready_ns;
+        end = start + dur_ns;
+    } while (!atomic_compare_exchange_weak(busy, &free_at, end));
+    return end;
 }

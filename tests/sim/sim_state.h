@@ -1,6 +1,7 @@
 /*
  * State shared by the simulated driver and NVML: the devices (from the
- * environment) and the device memory every process holds, in a file mapped
+ * environment), the device memory every process holds and each device's
+ * execution timeline (when it is next free), in a file mapped
  * MAP_SHARED (FCSP_SIM_STATE) so that free memory is system-wide, like on a
  * real GPU.  A process's memory returns when it dies, as with the real driver.
  *
@@ -30,5 +31,15 @@ uint64_t sim_used(int dev);
 /* Take size bytes on dev for this process: 0, or -1 when the device is full. */
 int sim_take(int dev, uint64_t size);
 void sim_give(int dev, uint64_t size);
+
+/* CLOCK_MONOTONIC in ns: the time base of the device timeline, events and the shim. */
+uint64_t sim_now_ns(void);
+/*
+ * Run a kernel of dur_ns on dev's timeline, shared by every process like one
+ * GPU time-sliced between contexts: it starts when the device is free, its
+ * stream has reached it (ready_ns) and it was launched (now), whichever is
+ * last, and holds the device until it ends.  Returns the end.
+ */
+uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns);
 
 #endif
