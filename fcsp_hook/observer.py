@@ -46,6 +46,7 @@ NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
 STATUS_PERIOD_NS = 1_000_000_000
 STATE_FILE = "observer.json"
+MIN_WRITTEN_CENTI = 1
 INTERVAL_ENV = "BUD_OBSERVER_INTERVAL_US"
 
 Logger = Any  # structlog's BoundLogger: its methods are dynamically typed
@@ -486,7 +487,9 @@ class Observer:
             result = cached[1]
             self.gpu_states[gpu] = result.state
             for tenant, i in members:
-                share = result.shares[tenant.described[i][1]]
+                # The shim reads 0 as "no share set" and falls back to the request, so
+                # "nothing" is written as the least share there is, 0.01 %.
+                share = max(result.shares[tenant.described[i][1]], MIN_WRITTEN_CENTI)
                 if tenant.limits.effective(i) != share:
                     tenant.limits.set_effective(i, share)
         for gpu in set(self.gpu_states) - set(groups):

@@ -250,6 +250,15 @@ def test_workday_pattern_end_to_end(
     assert sum(host.effective(c) for c in "abcd") <= abi.WHOLE_GPU_CENTI
 
 
+def test_no_share_is_written_as_zero(host: Host) -> None:
+    """With idle_share_pct = 0 idle tenants get 0.01 %, never 0 (the shim's "unset")."""
+    host.add("a")
+    host.add("b")
+    host.write_config("idle_share_pct = 0\n")
+    host.start()
+    wait_for("idle at the minimum", lambda: host.effective("a") == host.effective("b") == 1)
+
+
 def test_new_tenants_are_found_and_heartbeats_advance(host: Host) -> None:
     """A slot created while the observer runs gets heartbeats; they keep moving forward."""
     host.start()
