@@ -82,8 +82,14 @@ def loop_args(kernel: str, seconds: float = RUN_S, kind: str = "kernel") -> list
     return ["init", *obj, "run", kind, "0", str(seconds)]
 
 
-def run_loop(env: Env, kernel_us: int, *, kind: str = "kernel", seconds: float = RUN_S,
-             flags: tuple[str, ...] = ()) -> Loop:
+def run_loop(
+    env: Env,
+    kernel_us: int,
+    *,
+    kind: str = "kernel",
+    seconds: float = RUN_S,
+    flags: tuple[str, ...] = (),
+) -> Loop:
     r = run(env, *flags, *loop_args(str(kernel_us), seconds, kind), timeout=60)
     return parse_loop(r.lines, kernel_us)
 
@@ -125,7 +131,7 @@ def test_two_tenants_30_70_race_on_one_device(tmp_path: Path) -> None:
         procs.append(start(env, *loop_args("200", 2.0)))
     loops = []
     for p in procs:
-        out, err = p.communicate(timeout=60)
+        out, _err = p.communicate(timeout=60)
         loops.append(parse_loop(out.splitlines(), 200))
     a, b = (loop.device_fraction for loop in loops)
     assert 0.15 <= a <= 0.45, (a, b)
@@ -136,8 +142,9 @@ def test_two_tenants_30_70_race_on_one_device(tmp_path: Path) -> None:
 def test_graph_replays_are_charged(tmp_path: Path) -> None:
     """cuGraphLaunch is charged as one unit of its measured duration: 2 ms graphs at a
     30 % share get about 30 % of the device, where unlimited they get nearly all of it."""
-    free = run_loop(env_for(tmp_path, "free", compute_slot(tmp_path / "free", 10000)), 2000,
-                    kind="graph")
+    free = run_loop(
+        env_for(tmp_path, "free", compute_slot(tmp_path / "free", 10000)), 2000, kind="graph"
+    )
     slot = compute_slot(tmp_path / "thirty", 3000)
     limited = run_loop(env_for(tmp_path, "thirty", slot), 2000, kind="graph")
     assert free.device_fraction >= 0.7, free
@@ -149,8 +156,16 @@ def test_ptsz_launches_are_limited_and_measured_on_the_per_thread_stream(tmp_pat
     """Under the per-thread default stream the share holds too, and the calibration events
     are recorded with cuEventRecord_ptsz, on the launch's own stream."""
     env = env_for(tmp_path, "ptsz", compute_slot(tmp_path / "slot", 3000))
-    r = run(env, "--ptsz", *loop_args("200"), "count", "cuEventRecord_ptsz", "count",
-            "cuEventRecord", timeout=60)
+    r = run(
+        env,
+        "--ptsz",
+        *loop_args("200"),
+        "count",
+        "cuEventRecord_ptsz",
+        "count",
+        "cuEventRecord",
+        timeout=60,
+    )
     loop = parse_loop(r.lines, 200)
     assert 0.15 <= loop.device_fraction <= 0.45, loop
     counts = {line.split()[1]: int(line.split()[2]) for line in r.lines if line.startswith("count")}
@@ -168,7 +183,7 @@ def test_share_change_in_the_slot_changes_the_rate_while_running(tmp_path: Path)
     def launches_over(seconds: float) -> float:
         before = usage(slot).device[0].launches
         time.sleep(seconds)
-        return (usage(slot).device[0].launches - before) / seconds
+        return float(usage(slot).device[0].launches - before) / seconds
 
     time.sleep(0.3)
     slow = launches_over(1.0)
@@ -197,8 +212,9 @@ def test_a_thread_out_of_share_sleeps_instead_of_spinning(tmp_path: Path) -> Non
     [(8000, "20", 0.2), (2000, "80", 0.2), (None, "25%", 0.25)],
     ids=["lowers-a-slot", "cannot-raise-a-slot", "bare-process"],
 )
-def test_bud_sm_limit_only_lowers(tmp_path: Path, slot_share: int | None, bud: str,
-                                  expected: float) -> None:
+def test_bud_sm_limit_only_lowers(
+    tmp_path: Path, slot_share: int | None, bud: str, expected: float
+) -> None:
     """BUD_SM_LIMIT lowers a slot's share, never raises it, and limits a bare process."""
     slot = compute_slot(tmp_path / "slot", slot_share) if slot_share else None
     loop = run_loop(env_for(tmp_path, "bud", slot, BUD_SM_LIMIT=bud), 200)
@@ -207,8 +223,9 @@ def test_bud_sm_limit_only_lowers(tmp_path: Path, slot_share: int | None, bud: s
 
 def test_bud_sm_limit_dev_applies_to_its_device_only(tmp_path: Path) -> None:
     """BUD_SM_LIMIT_DEV0 limits device 0; a value for another device leaves it alone."""
-    other = run_loop(env_for(tmp_path, "dev1", None, BUD_SM_LIMIT_DEV1="10",
-                             BUD_MEMORY_LIMIT="1G"), 200)
+    other = run_loop(
+        env_for(tmp_path, "dev1", None, BUD_SM_LIMIT_DEV1="10", BUD_MEMORY_LIMIT="1G"), 200
+    )
     mine = run_loop(env_for(tmp_path, "dev0", None, BUD_SM_LIMIT_DEV0="20"), 200)
     assert other.device_fraction >= 0.7, other
     assert 0.1 <= mine.device_fraction <= 0.3, mine
@@ -264,8 +281,17 @@ def test_calibration_is_sparse_and_skips_capturing_streams(tmp_path: Path) -> No
     assert 0 < records <= 2 * (loop.launched // 20 + 10), (records, loop)
     captured = run(
         env_for(tmp_path, "capture", compute_slot(tmp_path / "cap", 5000)),
-        "init", "capture", "1", "func", "k_50us", "run", "kernel", "0", "0.3",
-        "count", "cuEventRecord",
+        "init",
+        "capture",
+        "1",
+        "func",
+        "k_50us",
+        "run",
+        "kernel",
+        "0",
+        "0.3",
+        "count",
+        "cuEventRecord",
     )
     assert int(captured.field("count")[2]) == 0, captured.lines
 
@@ -273,8 +299,17 @@ def test_calibration_is_sparse_and_skips_capturing_streams(tmp_path: Path) -> No
 def test_build_has_the_compute_entry_points() -> None:
     """The simulated driver exports the event and stream calls the shim resolves for itself."""
     build()
-    out = subprocess.run(["nm", "-D", "--defined-only", str(SIM_DIR / "libcuda.so.1")],
-                         check=True, capture_output=True, text=True).stdout
-    for name in ("cuEventRecord_ptsz", "cuEventElapsedTime_v2", "cuStreamIsCapturing_ptsz",
-                 "cuThreadExchangeStreamCaptureMode", "cuEventDestroy_v2"):
+    out = subprocess.run(
+        ["nm", "-D", "--defined-only", str(SIM_DIR / "libcuda.so.1")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for name in (
+        "cuEventRecord_ptsz",
+        "cuEventElapsedTime_v2",
+        "cuStreamIsCapturing_ptsz",
+        "cuThreadExchangeStreamCaptureMode",
+        "cuEventDestroy_v2",
+    ):
         assert f" {name}\n" in out, name

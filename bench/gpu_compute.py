@@ -1,0 +1,518 @@
+"""Compute-share benchmark on a real GPU, driven by bench/gpu_compute.sh.
+
+    python3 bench/gpu_compute.py run --out DIR --raw DIR --work DIR --shim PATH ...
+    python3 bench/gpu_compute.py worker --n N --seconds S [--barrier DIR]   (internal)
+    python3 bench/gpu_compute.py calibrate                                (internal)
+
+Sections (each independent; a failure becomes a table row):
+  1. calibrate: bf16 matmul sizes whose kernels take about 20 us, 500 us and 5 ms;
+  2. single tenant: per size, unthrottled (slot at 100 %) then sm = 10, 25, 50, 75;
+     achieved = throughput / unthrottled throughput, target |error| <= 3 points;
+  3. two tenants at 30/70 together, each relative to its own solo (unthrottled) throughput;
+  4. stability: coefficient of variation of the ops completed per 100 ms window (GPU time);
+  5. launch overhead when tokens are available: an empty-kernel loop native, preloaded at
+     100 % (count only) and preloaded at 90 % (full limiter path, never throttled by such
+     tiny kernels), interleaved ABCABC... and compared by medians (clocks drift).
+
+Throughput is measured on the GPU's clock: the worker records an event every few ops and
+reads their timestamps after a final synchronize, so the 100 ms windows are windows of
+GPU time and the host's launch-queue depth does not blur them.  Slots are created with
+fcsp_hook.slot.write_slot and reached through FCSP_SLOT_DIR; no observer runs, so each
+tenant is held to its requested share (strict behaviour).
+"""
+
+# torch and matplotlib are imported where used: the orchestrating process never needs
+# torch (only its workers do), and a bench without matplotlib still writes its table.
+# ruff: noqa: PLC0415
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGETS_MS = {"20us": 0.020, "500us": 0.5, "5ms": 5.0}
+SHARES = (10, 25, 50, 75)
+PAIR = (30, 70)
+SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
+WARMUP_S = 1.0
+WINDOW_S = 0.1
+TOLERANCE_POINTS = 3.0
+OVERHEAD_ROUNDS = 5
+OVERHEAD_LAUNCHES = 100000
+CANDIDATES = (
+    512,
+    768,
+    1024,
+    1280,
+    1536,
+    1792,
+    2048,
+    2560,
+    3072,
+    4096,
+    5120,
+    6144,
+    7168,
+    8192,
+    9216,
+    10240,
+    11264,
+    12288,
+    14336,
+    16384,
+)
+
+
+# ---- worker (runs under the shim) -----------------------------------------------------
+
+
+def _matmul(n: int) -> Any:
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    return lambda: torch.mm(a, b, out=c)
+
+
+def _kernel_ms(op: Any, reps: int) -> float:
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    op()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        op()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end)) / reps
+
+
+def calibrate() -> dict[str, object]:
+    """The matmul size closest (in log time) to each target, with its time per op."""
+    import math
+
+    times: dict[int, float] = {}
+    for n in CANDIDATES:
+        op = _matmul(n)
+        first = _kernel_ms(op, 3)
+        times[n] = _kernel_ms(op, max(3, min(200, int(50 / max(first, 1e-3)))))
+        if times[n] > 3 * TARGETS_MS["5ms"]:
+            break
+    chosen = {}
+    for name, target in TARGETS_MS.items():
+        n = min(times, key=lambda k: abs(math.log(times[k] / target)))
+        chosen[name] = {"n": n, "kernel_ms": times[n]}
+    return {"times": {str(k): v for k, v in times.items()}, "chosen": chosen}
+
+
+def worker(n: int, seconds: float, barrier: str | None) -> dict[str, object]:
+    import torch
+
+    op = _matmul(n)
+    kernel_ms = _kernel_ms(op, 5)
+    every = max(1, round(2.0 / max(kernel_ms, 1e-3)))  # an event every ~2 ms of GPU work
+    stop = time.monotonic() + WARMUP_S  # lets the shim calibrate before measuring
+    while time.monotonic() < stop:
+        op()
+    torch.cuda.synchronize()
+    if barrier:
+        Path(barrier, f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 120
+        while not Path(barrier, "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    base = torch.cuda.Event(enable_timing=True)
+    base.record()
+    marks = []
+    ops = 0
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        op()
+        ops += 1
+        if ops % every == 0:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append((ops, ev))
+    torch.cuda.synchronize()
+    points = [(i, float(base.elapsed_time(ev)) / 1000) for i, ev in marks]
+    return {"n": n, "ops": ops, "kernel_ms": kernel_ms, "marks": points}
+
+
+# ---- analysis -------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    throughput: float  # ops per second of GPU time
+    cv: float
+    windows: int
+
+
+def analyse(result: dict[str, Any]) -> Measured:
+    """Ops per GPU second from the marks, and the CV of ops per 100 ms window."""
+    marks = [(0, 0.0)] + [(int(i), float(t)) for i, t in result["marks"]]
+    if len(marks) < 3:
+        raise ValueError("too few marks")
+    (i0, t0), (i1, t1) = marks[0], marks[-1]
+    throughput = (i1 - i0) / (t1 - t0)
+
+    def ops_at(t: float) -> float:  # completed ops at GPU time t, interpolated
+        for (ia, ta), (ib, tb) in itertools.pairwise(marks):
+            if ta <= t <= tb:
+                return ia + (ib - ia) * ((t - ta) / (tb - ta) if tb > ta else 1)
+        return float(marks[-1][0])
+
+    counts = []
+    t = 0.0
+    while t + WINDOW_S <= t1:
+        counts.append(ops_at(t + WINDOW_S) - ops_at(t))
+        t += WINDOW_S
+    mean = statistics.fmean(counts) if counts else 0.0
+    cv = statistics.pstdev(counts) / mean if len(counts) > 1 and mean > 0 else float("nan")
+    return Measured(throughput, cv, len(counts))
+
+
+# ---- orchestration --------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    out: Path
+    raw: Path
+    work: Path
+    shim: Path
+    rows: list[str] = field(default_factory=list)
+    points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    pair_points: list[tuple[float, float]] = field(default_factory=list)
+
+    def row(self, *cells: object) -> None:
+        line = "| " + " | ".join(str(c) for c in cells) + " |"
+        self.rows.append(line)
+        print(line, flush=True)
+
+    def slot(self, name: str, share: int) -> Path:
+        from fcsp_hook import abi
+        from fcsp_hook.slot import DeviceLimits, SlotSpec, write_slot
+
+        directory = self.work / name
+        directory.mkdir(parents=True, exist_ok=True)
+        write_slot(
+            directory,
+            SlotSpec(
+                container_id=name,
+                isolation_mode=abi.IsolationMode.STRICT,
+                devices=(DeviceLimits(host_index=0, sm_requested_centi=share * 100),),
+            ),
+            {},
+        )
+        return directory
+
+    def env(self, slot: Path | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BUD_", "FCSP_"))}
+        env.pop("LD_PRELOAD", None)
+        if slot is not None:
+            env["LD_PRELOAD"] = str(self.shim)
+            env["FCSP_SLOT_DIR"] = str(slot)
+        return env
+
+    def spawn(self, args: list[str], slot: Path | None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, __file__, *args],
+            env=self.env(slot),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def collect(
+        self, proc: subprocess.Popen[str], tag: str, timeout: float = 120
+    ) -> dict[str, Any]:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        (self.raw / f"{tag}.out").write_text(out)
+        (self.raw / f"{tag}.err").write_text(err)
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit {proc.returncode}: {err.strip().splitlines()[-1:] or ''}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return result
+
+    def measure(self, n: int, share: int, tag: str) -> Measured:
+        proc = self.spawn(
+            ["worker", "--n", str(n), "--seconds", str(SECONDS)], self.slot(tag, share)
+        )
+        return analyse(self.collect(proc, tag))
+
+
+def section_calibrate(b: Bench) -> dict[str, dict[str, float]]:
+    b.rows += [
+        "",
+        "### Kernel sizes",
+        "",
+        "| size | matmul n (bf16) | time per op |",
+        "|---|---|---|",
+    ]
+    try:
+        result = b.collect(b.spawn(["calibrate"], None), "calibrate", timeout=180)
+    except Exception as exc:  # every failure is a row
+        b.row("calibrate", "FAIL", exc)
+        return {}
+    chosen: dict[str, dict[str, float]] = result["chosen"]
+    for name, c in chosen.items():
+        b.row(name, c["n"], f"{c['kernel_ms'] * 1000:.1f} us")
+    return chosen
+
+
+def section_single(b: Bench, chosen: dict[str, dict[str, float]]) -> dict[str, Measured]:
+    b.rows += [
+        "",
+        "### Single tenant",
+        "",
+        "| size | sm requested | achieved | error (points) | CV of 100 ms windows | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    solo: dict[str, Measured] = {}
+    for name, c in chosen.items():
+        n = int(c["n"])
+        try:
+            solo[name] = b.measure(n, 100, f"solo-{name}")
+            b.row(name, "100 (unthrottled)", "1.000", "-", f"{solo[name].cv:.3f}", "baseline")
+        except Exception as exc:
+            b.row(name, 100, "-", "-", "-", f"FAIL: {exc}")
+            continue
+        b.points[name] = []
+        for share in SHARES:
+            try:
+                m = b.measure(n, share, f"single-{name}-{share}")
+            except Exception as exc:
+                b.row(name, share, "-", "-", "-", f"FAIL: {exc}")
+                continue
+            achieved = m.throughput / solo[name].throughput
+            err = achieved * 100 - share
+            b.points[name].append((share, achieved * 100))
+            verdict = "PASS" if abs(err) <= TOLERANCE_POINTS else "FAIL"
+            b.row(name, share, f"{achieved:.3f}", f"{err:+.1f}", f"{m.cv:.3f}", verdict)
+    return solo
+
+
+def section_pair(b: Bench, chosen: dict[str, dict[str, float]], solo: dict[str, Measured]) -> None:
+    b.rows += [
+        "",
+        "### Two tenants together (30 / 70), each relative to its solo throughput",
+        "",
+        "| size | tenant | achieved | error (points) | CV of 100 ms windows | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in chosen.items():
+        if name not in solo:
+            b.row(name, "-", "-", "-", "-", "FAIL: no solo baseline")
+            continue
+        barrier = b.work / f"barrier-{name}"
+        barrier.mkdir(exist_ok=True)
+        procs = [
+            (
+                share,
+                b.spawn(
+                    [
+                        "worker",
+                        "--n",
+                        str(int(c["n"])),
+                        "--seconds",
+                        str(SECONDS),
+                        "--barrier",
+                        str(barrier),
+                    ],
+                    b.slot(f"pair-{name}-{share}", share),
+                ),
+            )
+            for share in PAIR
+        ]
+        deadline = time.monotonic() + 120
+        while len(list(barrier.glob("ready-*"))) < len(procs) and time.monotonic() < deadline:
+            if any(p.poll() is not None for _, p in procs):
+                break
+            time.sleep(0.01)
+        (barrier / "go").touch()
+        for share, proc in procs:
+            try:
+                m = analyse(b.collect(proc, f"pair-{name}-{share}"))
+            except Exception as exc:
+                b.row(name, share, "-", "-", "-", f"FAIL: {exc}")
+                continue
+            achieved = m.throughput / solo[name].throughput
+            err = achieved * 100 - share
+            b.pair_points.append((share, achieved * 100))
+            verdict = "PASS" if abs(err) <= TOLERANCE_POINTS else "FAIL"
+            b.row(name, share, f"{achieved:.3f}", f"{err:+.1f}", f"{m.cv:.3f}", verdict)
+
+
+def section_overhead(b: Bench, probe: str) -> None:
+    b.rows += [
+        "",
+        "### Extra cost per launch when tokens are available (empty kernel, "
+        f"{OVERHEAD_LAUNCHES} launches, {OVERHEAD_ROUNDS} interleaved rounds, medians)",
+        "",
+        "| mode | us per launch (median) | extra vs native | throttled | result |",
+        "|---|---|---|---|---|",
+    ]
+    if not probe:
+        b.row("launch probe", "-", "-", "-", "FAIL: nvcc build failed (see compute-raw/build.log)")
+        return
+    from fcsp_hook.slot import read_usage
+
+    modes = {
+        "native": None,
+        "preloaded, share 100 %": b.slot("ovh-100", 100),
+        "preloaded, share 90 %": b.slot("ovh-90", 90),
+    }
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(OVERHEAD_ROUNDS):
+        for mode, slot in modes.items():
+            r = subprocess.run(
+                [probe, str(OVERHEAD_LAUNCHES)],
+                env=b.env(slot),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            with contextlib.suppress(ValueError):
+                if r.returncode == 0:
+                    samples[mode].append(float(r.stdout.strip()))
+    native = statistics.median(samples["native"]) if samples["native"] else None
+    for mode, values in samples.items():
+        if not values:
+            b.row(mode, "-", "-", "-", "FAIL: probe did not run")
+            continue
+        med = statistics.median(values)
+        slot = modes[mode]
+        throttled = "-"
+        if slot is not None:
+            throttled = f"{read_usage(slot / 'usage').device[0].throttled_ns / 1e6:.1f} ms"
+        if native is None or mode == "native":
+            b.row(mode, f"{med:.3f}", "-", throttled, "baseline")
+            continue
+        extra = med - native
+        b.row(
+            mode,
+            f"{med:.3f}",
+            f"{extra:+.3f} us",
+            throttled,
+            "PASS" if extra <= 0.15 else "FAIL (target +0.15 us)",
+        )
+
+
+def plot(b: Bench, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        b.rows.append(f"\n(no plot: {exc})")
+        return
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([0, 100], [0, 100], color="grey", linestyle="--", label="ideal")
+    ax.fill_between([0, 100], [-3, 97], [3, 103], color="grey", alpha=0.15, label="±3 points")
+    for name, pts in b.points.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"single, {name}")
+    if b.pair_points:
+        ax.scatter(
+            [p[0] for p in b.pair_points],
+            [p[1] for p in b.pair_points],
+            marker="x",
+            color="black",
+            zorder=3,
+            label="30/70 together",
+        )
+    ax.set_xlabel("requested share (%)")
+    ax.set_ylabel("achieved (% of unthrottled throughput)")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("FCSP compute shares (libvgpu.so)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment() -> str:
+    parts = []
+    with contextlib.suppress(Exception):
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        parts.append(q.stdout.strip().splitlines()[0])
+    with contextlib.suppress(Exception):
+        import torch
+
+        parts.append(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+    return ", ".join(parts) or "unknown"
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    b = Bench(Path(args.out), Path(args.raw), Path(args.work), Path(args.shim))
+    b.rows += [
+        "# FCSP compute shares on a real GPU",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {environment()}; {SECONDS:.0f} s per run "
+        f"after {WARMUP_S:.0f} s warm-up; no MPS (time-slicing); no observer (requested "
+        "share enforced).",
+        "",
+    ]
+    if args.build_ok != "1":
+        b.row("build libvgpu.so", "FAIL", "see compute-raw/build.log")
+        (b.out / "compute.md").write_text("\n".join(b.rows) + "\n")
+        return 1
+    chosen = section_calibrate(b)
+    solo = section_single(b, chosen) if chosen else {}
+    if chosen:
+        section_pair(b, chosen, solo)
+    section_overhead(b, args.probe)
+    plot(b, b.out / "compute.png")
+    b.rows += ["", f"Total bench time: {time.monotonic() - started:.0f} s."]
+    (b.out / "compute.md").write_text("\n".join(b.rows) + "\n")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    for name in ("--out", "--raw", "--work", "--shim", "--build-ok", "--probe"):
+        r.add_argument(name, default="")
+    w = sub.add_parser("worker")
+    w.add_argument("--n", type=int, required=True)
+    w.add_argument("--seconds", type=float, required=True)
+    w.add_argument("--barrier", default=None)
+    sub.add_parser("calibrate")
+    args = parser.parse_args()
+    if args.cmd == "run":
+        return run(args)
+    if args.cmd == "worker":
+        print(json.dumps(worker(args.n, args.seconds, args.barrier)))
+    else:
+        print(json.dumps(calibrate()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# libvgpu.so compute shares on a real GPU (issue 4, item 5).
+#
+# Run as root from the repository root on the GPU machine:
+#     OUT=/some/dir bash bench/gpu_compute.sh
+# Needs: make, gcc, nvcc, python3 with torch (CUDA) and matplotlib.
+# Writes $OUT/compute.md (markdown), $OUT/compute.png (achieved vs requested) and keeps
+# raw worker outputs in $OUT/compute-raw/.  Every section runs on its own: a failure is
+# a row in the table, not an abort.  Budget: under 8 minutes (BENCH_SECONDS per run).
+set -u
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/bench/results/out}
+RAW=$OUT/compute-raw
+WORK=$(mktemp -d /tmp/fcsp-compute.XXXXXX)
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$RAW"
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+build_ok=1
+if ! make -C "$REPO" -s shim >"$RAW/build.log" 2>&1 || [ ! -f "$REPO/shim/libvgpu.so" ]; then
+    build_ok=0
+fi
+probe=""
+if nvcc -O2 -o "$WORK/launch_probe" "$REPO/bench/gpu_compute_launch.cu" >>"$RAW/build.log" 2>&1; then
+    probe=$WORK/launch_probe
+fi
+
+"$PY" "$REPO/bench/gpu_compute.py" run --out "$OUT" --raw "$RAW" --work "$WORK" \
+    --shim "$REPO/shim/libvgpu.so" --build-ok "$build_ok" --probe "$probe"
+rc=$?
+rm -rf "$WORK"
+echo "wrote $OUT/compute.md and $OUT/compute.png"
+exit $rc
