@@ -352,3 +352,23 @@ def test_default_runtime_is_for_docker_only(
     err = capsys.readouterr().err
     assert err == "fcspctl: --default-runtime is for docker only (Kubernetes: a RuntimeClass)\n"
     assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.e2e
+def test_podman_ignores_the_backup_left_in_hooks_d(tmp_path: Path, rootfs: Path) -> None:
+    """Backups of fcsp.json sit in hooks.d itself: podman reads *.json only, so a backup
+    (here one whose hook would fail every container) is never run."""
+    import subprocess  # noqa: PLC0415  # only this test runs an engine
+
+    from tests.containers import GLIBC_IN_ROOTFS, ULIMITS  # noqa: PLC0415
+
+    hooks = tmp_path / "hooks.d"
+    hooks.mkdir()
+    failing: dict[str, object] = {"version": "1.0.0", "hook": {"path": "/bin/false"}}
+    failing.update(when={"always": True}, stages=["prestart"])
+    backup = hooks / f"fcsp.json{engines.BACKUP_INFIX}20261129-120000"
+    backup.write_text(json.dumps(failing))
+    argv = ["podman", "--hooks-dir", str(hooks), "run", "--rm", "--runtime", "runc", *ULIMITS]
+    argv += ["--rootfs", str(rootfs), str(GLIBC_IN_ROOTFS), "/etc/passwd"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
