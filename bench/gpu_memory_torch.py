@@ -1,8 +1,8 @@
 """PyTorch probes for bench/gpu_memory.sh.  Each subcommand prints one JSON object.
 
-  quota QUOTA_BYTES   mem_get_info, allocate until OutOfMemoryError, NVML per-process use
-  context             (native) CUDA context size: NVML per-process use minus torch's reserve
-  race BYTES BARRIER  wait for BARRIER to exist, allocate BYTES once, hold 2 s, report
+quota QUOTA_BYTES   mem_get_info, allocate until OutOfMemoryError, NVML per-process use
+context             (native) CUDA context size: NVML per-process use minus torch's reserve
+race BYTES BARRIER  wait for BARRIER to exist, allocate BYTES once, hold 2 s, report
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ def context() -> dict[str, object]:
     used = nvml_process_used()
     reserved = torch.cuda.memory_reserved()
     del x
-    return {"nvml_process_used": used, "reserved": reserved,
-            "context": None if used is None else used - reserved}
+    return {
+        "nvml_process_used": used,
+        "reserved": reserved,
+        "context": None if used is None else used - reserved,
+    }
 
 
 def race(size: int, barrier: str) -> dict[str, object]:

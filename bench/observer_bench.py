@@ -188,7 +188,7 @@ class Scene:
         cfg.write_text(
             f'[paths]\nrun_dir = "{self.run_dir}"\n[observer]\nmetrics_port = 0\n{extra}'
         )
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": _pythonpath()}
         with (self.root / "observer.log").open("wb") as out:
             self.observer = subprocess.Popen(
                 [sys.executable, "-m", "fcsp_hook.observer", "--config", str(cfg)],
@@ -272,6 +272,11 @@ def scene(args: argparse.Namespace, label: str) -> Iterator[Scene]:
         if (root / "observer.log").exists():
             shutil.copy(root / "observer.log", args.out / f"observer-{label}.log")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _pythonpath() -> str:
+    """The checkout first, then whatever the caller set (wheels carried to the GPU machine)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def settle(seconds: float) -> None:
@@ -434,7 +439,7 @@ def resize(
     subprocess.run(
         [*cmd, "set", "A", "--sm", "60", "--mode", "strict"],
         check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": _pythonpath()},
         capture_output=True,
     )
     written = time.monotonic()

@@ -1,0 +1,114 @@
+"""Why a throttled tenant's throughput differs from its share: a diagnostic for the H200.
+
+For one matmul size, runs a worker unthrottled and at a given share (no observer), while
+sampling the GPU's SM clock and power with nvidia-smi, and prints per run: ops per GPU
+second, the op time the worker measured, the shim's own estimate (busy_ns / launches),
+and the mean SM clock and power.  If throttled kernels run at a higher clock than
+saturated ones, the limiter (which charges measured GPU time) grants more throughput
+than its share of time.
+
+    python3 bench/gpu_compute_diag.py --n 6144 --share 50 --seconds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fcsp_hook import slot  # noqa: E402  # after the path tweak, as a script
+
+SHIM = REPO / "shim" / "libvgpu.so"
+
+
+def run(n: int, share: int, seconds: float, work: Path) -> dict[str, float]:
+    directory = work / f"slot-{n}-{share}"
+    spec = slot.SlotSpec(
+        container_id="diag",
+        devices=(slot.DeviceLimits(host_index=0, sm_requested_centi=share * 100),),
+    )
+    slot.write_slot(directory, spec, {})
+    clocks = work / f"clocks-{n}-{share}.csv"
+    smi = subprocess.Popen(
+        [
+            "nvidia-smi",
+            "--query-gpu=clocks.sm,power.draw",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            "100",
+        ],
+        stdout=clocks.open("w"),
+        stderr=subprocess.DEVNULL,
+    )
+    env = {**os.environ, "LD_PRELOAD": str(SHIM), "FCSP_SLOT_DIR": str(directory)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_compute.py"),
+            "worker",
+            "--n",
+            str(n),
+            "--seconds",
+            str(seconds),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    smi.terminate()
+    smi.wait()
+    result = json.loads(out.strip().splitlines()[-1])
+    marks = result["marks"]
+    usage = slot.read_usage(directory / "usage").device[0]
+    samples = [line.split(",") for line in clocks.read_text().splitlines() if "," in line]
+    # Skip the first second (context creation, warm-up).
+    samples = samples[10:] or samples
+    return {
+        "ops_per_s": marks[-1][0] / marks[-1][1],
+        "op_ms": result["kernel_ms"],
+        "estimate_ms": usage.busy_ns / max(usage.launches, 1) / 1e6,
+        "throttled_s": usage.throttled_ns / 1e9,
+        "sm_mhz": statistics.mean(float(s[0]) for s in samples),
+        "power_w": statistics.mean(float(s[1]) for s in samples),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, action="append", required=True)
+    parser.add_argument("--share", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    print(
+        "| n | share | ops/s (GPU time) | achieved | op ms (worker) | shim estimate ms "
+        "| throttled s | SM MHz | power W |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.n:
+            base = run(n, 100, args.seconds, Path(tmp))
+            limited = run(n, args.share, args.seconds, Path(tmp))
+            for share, r in ((100, base), (args.share, limited)):
+                print(
+                    f"| {n} | {share} | {r['ops_per_s']:.1f} | "
+                    f"{r['ops_per_s'] / base['ops_per_s']:.3f} | {r['op_ms']:.3f} | "
+                    f"{r['estimate_ms']:.3f} | {r['throttled_s']:.2f} | {r['sm_mhz']:.0f} | "
+                    f"{r['power_w']:.0f} |",
+                    flush=True,
+                )
+            time.sleep(0.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
