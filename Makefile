@@ -143,7 +143,7 @@ lint:
 	$(PYTHON) -m ruff check fcsp_hook tests bench
 	$(PYTHON) -m mypy
 
-demo: install
+demo: install sim
 	bash demo/demo.sh
 
 clean:

@@ -194,7 +194,8 @@ def observer_state(run_dir: Path) -> ObserverView:
         summary=(
             f"fcsp-observer pid {doc['pid']}: {beat}"
             f"{' (STALE: shims run on their requests)' if stale else ''}, "
-            f"contention {worst / 100:.2f}, NVML {doc.get('nvml', '?')}"
+            f"contention {worst / 100:.2f}, "
+            + ("NVML ok" if doc.get("nvml") == "ok" else str(doc.get("nvml", "NVML ?")))
         ),
         heartbeat_age_ms=age_ms,
         gpus=gpus,

@@ -41,6 +41,7 @@ import structlog
 
 from fcsp_hook import abi, config, metrics, notify, nvml, policy, slot, slotio
 from fcsp_hook.errors import ConfigError, FcspError, SlotError
+from fcsp_hook.procfs import proc_stat
 
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
@@ -67,20 +68,6 @@ def configure_logging() -> Logger:
 
 
 # ---- /proc: is a container still there, which of its processes are dead ----------------
-
-
-def proc_stat(pid: int, proc: Path = Path("/proc")) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) of a host process, None if it is gone."""
-    try:
-        data = (proc / str(pid) / "stat").read_bytes()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return fields[0].decode(), int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def container_alive(pid: int, start_time: int, proc: Path = Path("/proc")) -> bool | None:

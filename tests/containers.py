@@ -52,7 +52,11 @@ def podman_usable() -> str | None:
     return None
 
 
-def _copy_with_libs(program: Path, root: Path) -> None:
+SIM_DIR = REPO / "tests" / "build" / "sim"
+SIM_CLIENT = REPO / "tests" / "build" / "shim" / "drv_procaddr"
+
+
+def _copy_with_libs(program: Path, root: Path, dest_path: Path | None = None) -> None:
     out = subprocess.run(["ldd", str(program)], capture_output=True, text=True, check=True).stdout
     needed = [program]
     for line in out.splitlines():
@@ -61,7 +65,7 @@ def _copy_with_libs(program: Path, root: Path) -> None:
         if path:
             needed.append(Path(path))
     for path in needed:
-        dest = root / (GLIBC_IN_ROOTFS if path == program else path).relative_to("/")
+        dest = root / ((dest_path or GLIBC_IN_ROOTFS) if path == program else path).relative_to("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path.resolve(), dest)
 
@@ -76,6 +80,16 @@ def build_base_rootfs(root: Path) -> Path:
     _copy_with_libs(GLIBC_PROGRAM, root)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     return root
+
+
+def add_cuda_sim(root: Path) -> None:
+    """The simulated CUDA driver and NVML where an image's driver libraries would be, and a
+    driver-API client (it loads libcuda.so.1 the way the CUDA runtime does)."""
+    libdir = root / "usr" / "lib" / "x86_64-linux-gnu"
+    libdir.mkdir(parents=True, exist_ok=True)
+    for lib in ("libcuda.so.1", "libnvidia-ml.so.1"):
+        shutil.copy2(SIM_DIR / lib, libdir / lib)
+    _copy_with_libs(SIM_CLIENT, root, Path("/usr/bin/fcsp-sim-client"))
 
 
 @dataclass
@@ -134,11 +148,13 @@ def podman(
 
 
 def main(argv: list[str]) -> int:
-    """`python -m tests.containers rootfs DIR`: build the demo's tiny rootfs."""
-    if len(argv) != 2 or argv[0] != "rootfs":
-        print("usage: python -m tests.containers rootfs DIR", file=sys.stderr)
+    """`python -m tests.containers rootfs DIR [--cuda-sim]`: build the demo's tiny rootfs."""
+    if len(argv) not in (2, 3) or argv[0] != "rootfs" or argv[2:] not in ([], ["--cuda-sim"]):
+        print("usage: python -m tests.containers rootfs DIR [--cuda-sim]", file=sys.stderr)
         return 2
-    build_base_rootfs(Path(argv[1]))
+    root = build_base_rootfs(Path(argv[1]))
+    if argv[2:]:
+        add_cuda_sim(root)
     return 0
 
 

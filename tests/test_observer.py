@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, ctl, observer, slot, slotio
+from fcsp_hook import abi, ctl, observer, procfs, slot, slotio
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 20.0
@@ -340,12 +340,12 @@ def test_reaper_removes_slots_of_dead_containers(host: Host) -> None:
     """A slot whose init process died, or whose pid now belongs to another process, is
     removed; a slot without an init record is left alone."""
     init = subprocess.Popen(["sleep", "600"])
-    stat = observer.proc_stat(init.pid)
+    stat = procfs.proc_stat(init.pid)
     assert stat is not None
     host.add("dead")
     host.set_init("dead", init.pid, stat[1])
     host.add("reused")
-    own = observer.proc_stat(os.getpid())
+    own = procfs.proc_stat(os.getpid())
     assert own is not None
     host.set_init("reused", os.getpid(), own[1] + 1)  # same pid, another start time
     host.add("unknown")
@@ -366,7 +366,7 @@ def test_dead_processes_are_reported_not_released(host: Host) -> None:
     """A LIVE record whose pid no longer exists in the container is reported (the shim
     releases its charge); a live one is not."""
     directory = host.add("c")
-    own = observer.proc_stat(os.getpid())
+    own = procfs.proc_stat(os.getpid())
     assert own is not None
     host.set_init("c", os.getpid(), own[1])  # the test's pid namespace is the container's
     gone = subprocess.Popen(["true"])
