@@ -87,6 +87,18 @@ def fake_shim() -> Callable[[int], None]:
     return report
 
 
+_out_lock = threading.Lock()
+
+
+def emit(doc: dict[str, object]) -> None:
+    """One JSON line.  Two threads print (stats replies and progress); a long line written
+    by one would otherwise be cut by the other's at the stream buffer's boundary."""
+    line = json.dumps(doc) + "\n"
+    with _out_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
 class Commands:
     """The latest command from stdin, and the latency samples."""
 
@@ -102,7 +114,7 @@ class Commands:
             if word == "stats":
                 with self.lock:
                     out, self.latencies = self.latencies, []
-                print(json.dumps({"lat": out}), flush=True)
+                emit({"lat": out})
             elif word:
                 self.mode = word
         self.mode = "exit"
@@ -122,7 +134,7 @@ def main() -> int:
     commands = Commands()
     done = 0
     last_report = 0.0
-    print(json.dumps({"ready": True}), flush=True)
+    emit({"ready": True})
     while (mode := commands.mode) != "exit":
         if mode == "run":
             batch()
@@ -143,7 +155,7 @@ def main() -> int:
         now = time.monotonic()
         if now - last_report >= REPORT_EVERY:
             last_report = now
-            print(json.dumps({"t": now, "n": done}), flush=True)
+            emit({"t": now, "n": done})
     return 0
 
 
