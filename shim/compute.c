@@ -197,11 +197,17 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
                            uint64_t now)
 {
     flush(now); /* the observer sees this thread's work before it sees the wait */
-    uint64_t began = now;
     while (now < deadline) {
         uint64_t until = deadline - now > WAIT_CHUNK_NS ? now + WAIT_CHUNK_NS : deadline;
         sleep_until(until);
-        now = monotonic_ns();
+        uint64_t woke = monotonic_ns();
+        /*
+         * Report the wait as it goes, not when it ends: a tenant whose launches are all
+         * waiting must not look idle to the observer, which would cut its share and
+         * lengthen the very wait it is in.
+         */
+        atomic_fetch_add_explicit(&u->throttled_ns, woke - now, memory_order_relaxed);
+        now = woke;
         uint32_t current = share_in_force(entry, ordinal);
         if (likely(current == share))
             continue;
@@ -214,7 +220,6 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
         *tokens = again;
         share = current;
     }
-    atomic_fetch_add_explicit(&u->throttled_ns, now - began, memory_order_relaxed);
     if (shim_calib_pending()) /* measurements that finished while we slept */
         shim_calib_poll();
 }

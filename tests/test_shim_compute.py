@@ -313,3 +313,20 @@ def test_build_has_the_compute_entry_points() -> None:
         "cuEventDestroy_v2",
     ):
         assert f" {name}\n" in out, name
+
+
+def test_a_waiting_tenant_reports_its_wait_while_it_waits(tmp_path: Path) -> None:
+    """At 1 % with 5 ms kernels every launch waits about half a second.  The wait shows in
+    throttled_ns while it lasts (not only when it ends): otherwise the observer would take
+    a tenant whose launches are all waiting for idle, cut its share, and lengthen the wait.
+    Seen from outside: throttled_ns grows while the launch count stands still."""
+    slot = compute_slot(tmp_path / "slot", 100)
+    proc = start(env_for(tmp_path, "wait", slot), *loop_args("5000", 2.0))
+    seen: dict[int, set[int]] = {}
+    while proc.poll() is None:
+        dev = usage(slot).device[0]
+        if dev.throttled_ns:
+            seen.setdefault(dev.launches, set()).add(dev.throttled_ns)
+        time.sleep(0.02)
+    proc.communicate()
+    assert any(len(values) > 1 for values in seen.values()), seen
