@@ -204,11 +204,18 @@ def update_track(
     sample_pct = min(d_throttle * 100 // max(dt_ns, 1), 100)
     track.throttled_pct = (track.throttled_pct + sample_pct) // 2
     throttled_pct = track.throttled_pct
-    if not track.active or throttled_pct < max(obs.throttled_min_pct, 1):
+    if not track.active:
         track.unmet = 0
-    else:
+    elif throttled_pct >= max(obs.throttled_min_pct, 1):
         estimate = effective * throttled_pct // 100
         track.unmet = max(sample.demand_centi - effective, estimate, 1)
+    else:
+        # Not throttled, but using (nearly) all it has: it still wants what it has.  Were
+        # that 0, a busy tenant's burst would be withdrawn the tick it stops being
+        # throttled, it would be throttled again, and its share would flap (seen on the
+        # H200: 97 % <-> 65 % every ~0.3 s for a lone busy tenant).  A claim alone never
+        # counts as more than that: 1 keeps the burst, it does not ask for more.
+        track.unmet = 1 if sample.demand_centi * 10 >= effective * 9 else 0
 
 
 def gpu_key(dev: abi.LimitsDevice, container_id: str, index: int, minors: dict[int, str]) -> str:

@@ -148,7 +148,13 @@ def test_activity_idleness_and_unmet_demand() -> None:
             obs=obs,
         )
     assert track.active
-    assert track.unmet == 0  # a demand claim without throttling is not unmet demand
+    # A demand claim without throttling is not unmet demand beyond what it has: 1 keeps
+    # the burst it holds (no flapping), it never asks for the 6500 claimed on top.
+    assert track.unmet == 1
+    observer.update_track(
+        track, _sample(9, 0, demand=1000), effective=2500, now_ns=290 * ms, dt_ns=10 * ms, obs=obs
+    )
+    assert track.active and track.unmet == 0  # using 40 % of its share: wants nothing more
 
 
 # ---- sd_notify ----------------------------------------------------------------------------
