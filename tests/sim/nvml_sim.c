@@ -31,6 +31,12 @@ SIM_EXPORT nvmlReturn_t nvmlInit(void)
     return nvmlInit_v2();
 }
 
+SIM_EXPORT nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
+{
+    (void)flags;
+    return nvmlInit_v2();
+}
+
 SIM_EXPORT nvmlReturn_t nvmlShutdown(void)
 {
     initialized = 0;
@@ -96,5 +102,46 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemo
     memory->reserved = reserved;
     memory->used = used + reserved < total ? used : total - reserved;
     memory->free = total - reserved - memory->used;
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t device, unsigned int *minor)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || !minor)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *minor = device->index; /* the simulator's /dev/nvidia<N> would be its index */
+    return NVML_SUCCESS;
+}
+
+/* nvmlProcessInfo_v2_t / _v3_t as the driver lays them out (pynvml reads this one). */
+struct sim_process_info {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+};
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
+                                                                unsigned int *count,
+                                                                struct sim_process_info *infos)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || !count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    uint32_t pids[256];
+    uint64_t used[256];
+    int n = sim_processes((int)device->index, pids, used, 256);
+    if (n > 256)
+        n = 256;
+    if (!infos || *count < (unsigned)n) {
+        *count = (unsigned)n;
+        return n ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_SUCCESS;
+    }
+    for (int i = 0; i < n; i++)
+        infos[i] = (struct sim_process_info){pids[i], used[i], 0xFFFFFFFFu, 0xFFFFFFFFu};
+    *count = (unsigned)n;
     return NVML_SUCCESS;
 }

@@ -169,6 +169,25 @@ uint64_t sim_used(int dev)
     return used;
 }
 
+int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max)
+{
+    sim_config();
+    int n = 0;
+    for (int i = 0; i < SIM_MAX_PROCS; i++) {
+        struct sim_proc *e = &shared->proc[i];
+        int32_t pid = atomic_load(&e->pid);
+        uint64_t bytes = atomic_load(&e->used[dev]);
+        if (pid <= 0 || !bytes || !alive(pid))
+            continue;
+        if (n < max) {
+            pids[n] = (uint32_t)pid;
+            used[n] = bytes;
+        }
+        n++;
+    }
+    return n;
+}
+
 int sim_take(int dev, uint64_t size)
 {
     struct sim_proc *e = my_entry();

@@ -31,6 +31,9 @@ uint64_t sim_used(int dev);
 /* Take size bytes on dev for this process: 0, or -1 when the device is full. */
 int sim_take(int dev, uint64_t size);
 void sim_give(int dev, uint64_t size);
+/* Live processes holding memory on dev (pid, bytes), as NVML lists them; returns how many
+ * there are, filling at most max entries. */
+int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max);
 
 /* CLOCK_MONOTONIC in ns: the time base of the device timeline, events and the shim. */
 uint64_t sim_now_ns(void);
