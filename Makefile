@@ -105,8 +105,10 @@ venv:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
 		  $(BASE_PYTHON) -m venv $(VENV); }
 
+# With DESTDIR (staging a package) only files are staged; the Python package goes into
+# $(VENV) on the target, by `make install` there without DESTDIR.
 install: shim/libvgpu.so venv
-	$(VENV)/bin/python3 -m pip install -q .
+	[ -n "$(DESTDIR)" ] || $(VENV)/bin/python3 -m pip install -q .
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin
 	ln -sf $(VENV)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcsp-hook
 	ln -sf $(VENV)/bin/fcspctl $(DESTDIR)$(PREFIX)/bin/fcspctl
@@ -122,13 +124,13 @@ install: shim/libvgpu.so venv
 	[ -e $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml ] || \
 		install -m 0644 etc/config.toml $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml
 	install -d -m 0755 $(DESTDIR)$(HOOKSDIR)
-	$(HOOK_PYTHON) -I -m fcsp_hook.hooksd --python $(HOOK_PYTHON) \
+	$(BASE_PYTHON) -m fcsp_hook.hooksd --python $(HOOK_PYTHON) \
 		--config $(SYSCONFDIR)/fcsp/config.toml > $(DESTDIR)$(HOOKSDIR)/fcsp.json
 	for unit in $(wildcard systemd/*.service); do \
 		install -D -m 0644 $$unit $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
 
 uninstall:
-	-$(VENV)/bin/python3 -m pip uninstall -q -y fcsp
+	[ -n "$(DESTDIR)" ] || $(VENV)/bin/python3 -m pip uninstall -q -y fcsp || true
 	rm -f $(DESTDIR)$(LIBDIR)/libvgpu.so $(DESTDIR)$(HOOKSDIR)/fcsp.json
 	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcspctl
 	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
