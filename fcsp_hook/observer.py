@@ -83,11 +83,23 @@ def container_alive(pid: int, start_time: int, proc: Path = Path("/proc")) -> bo
 def namespace_members(
     init_pids: dict[str, int], proc: Path = Path("/proc")
 ) -> dict[int, tuple[str, int]]:
-    """Every host process in the tenants' pid namespaces: host pid -> (container id, ns pid)."""
+    """Every host process in the tenants' pid namespaces: host pid -> (container id, ns pid).
+
+    A pid namespace that several tenants share (containers run with --pid=host, or joined
+    to one another's) names no single owner: its processes are attributed to none, rather
+    than all to whichever tenant came last (which would flag the others' processes as
+    running without the shim).
+    """
     ns_owner: dict[str, str] = {}
+    shared: set[str] = set()
     for cid, pid in init_pids.items():
         with contextlib.suppress(OSError):
-            ns_owner[os.readlink(proc / str(pid) / "ns" / "pid")] = cid
+            ns = os.readlink(proc / str(pid) / "ns" / "pid")
+            if ns in ns_owner and ns_owner[ns] != cid:
+                shared.add(ns)
+            ns_owner[ns] = cid
+    for ns in shared:
+        del ns_owner[ns]
     members: dict[int, tuple[str, int]] = {}
     if not ns_owner:
         return members

@@ -328,3 +328,16 @@ def test_observer_config_section_is_validated(tmp_path: Path) -> None:
     path.write_text("[observer]\ncontention_low_pct = 60\ncontention_high_pct = 50\n")
     with pytest.raises(config.ConfigError, match="must not exceed contention_high_pct"):
         config.load(path)
+
+
+# ---- pid namespaces -------------------------------------------------------------------------
+
+
+def test_processes_map_to_their_tenant_by_pid_namespace() -> None:
+    """A host process in a tenant's pid namespace belongs to that tenant, with its pid inside
+    the namespace; a namespace two tenants share (e.g. both run with --pid=host) is
+    ambiguous and attributes nothing, instead of giving every process to one of them."""
+    own = os.getpid()
+    members = observer.namespace_members({"solo": own})
+    assert members[own] == ("solo", own)  # this test runs in the host's pid namespace
+    assert observer.namespace_members({"a": own, "b": own}) == {}
