@@ -14,10 +14,7 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 # openat2(2) has the same number on every architecture that has it.
 SYS_OPENAT2 = 437
 
-RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 
 MS_RDONLY = 0x1
