@@ -40,21 +40,30 @@ static uint64_t charged(int entry, uint64_t total)
     return used < total ? used : total;
 }
 
+/* Put the tenant's view in place of the device's; false for a device not accounted. */
+static bool virtualise(nvmlDevice_t device, unsigned long long *total, unsigned long long *free,
+                       unsigned long long *used)
+{
+    int entry;
+    struct shim_limit limit;
+    if (!nvml_view(device, *total, &entry, &limit))
+        return false;
+    uint64_t view_free, view_total;
+    shim_memory_view(entry, limit, *free, *total, &view_free, &view_total);
+    *total = view_total;
+    *free = view_free;
+    *used = charged(entry, view_total);
+    return true;
+}
+
 SHIM_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory)
 {
     __typeof__(&nvmlDeviceGetMemoryInfo) real = REAL(nvmlDeviceGetMemoryInfo);
     if (!real)
         return NVML_ERROR_FUNCTION_NOT_FOUND;
     nvmlReturn_t rc = real(device, memory);
-    int entry;
-    struct shim_limit limit;
-    if (rc != NVML_SUCCESS || !memory || !nvml_view(device, memory->total, &entry, &limit))
-        return rc;
-    uint64_t free, total;
-    shim_memory_view(entry, limit, memory->free, memory->total, &free, &total);
-    memory->total = total;
-    memory->free = free;
-    memory->used = charged(entry, total);
+    if (rc == NVML_SUCCESS && memory)
+        virtualise(device, &memory->total, &memory->free, &memory->used);
     return rc;
 }
 
@@ -64,16 +73,9 @@ SHIM_EXPORT nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMem
     if (!real)
         return NVML_ERROR_FUNCTION_NOT_FOUND;
     nvmlReturn_t rc = real(device, memory);
-    int entry;
-    struct shim_limit limit;
-    if (rc != NVML_SUCCESS || !memory || !nvml_view(device, memory->total, &entry, &limit))
-        return rc;
-    uint64_t free, total;
-    shim_memory_view(entry, limit, memory->free, memory->total, &free, &total);
-    memory->total = total;
-    memory->free = free;
-    memory->used = charged(entry, total);
     /* The driver's reservation is not the tenant's to see; keep used + free <= total. */
-    memory->reserved = 0;
+    if (rc == NVML_SUCCESS && memory &&
+        virtualise(device, &memory->total, &memory->free, &memory->used))
+        memory->reserved = 0;
     return rc;
 }
