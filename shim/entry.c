@@ -32,13 +32,13 @@ static const char *slot_dir(void)
 /* BUD_* limits without a slot: the same accounting, in memory private to the process. */
 static struct fcsp_usage private_usage;
 
-/* A forked child is a process of its own: fresh record, no inherited allocations. */
+/* A forked child is a process of its own: no inherited record or allocations.  It claims
+ * a record of its own when it charges anything. */
 static void child_after_fork(void)
 {
     shim_after_fork_child();
     shim_memory_after_fork_child();
     shim_calib_after_fork_child();
-    shim_proc();
 }
 
 __attribute__((constructor)) static void shim_init(void)
@@ -65,10 +65,10 @@ __attribute__((constructor)) static void shim_init(void)
         return;
     shim_memory_init();
     /*
-     * Claim the process record now, so that the observer sees every process of the
-     * tenant; the records of dead processes are recycled while claiming.
+     * The process record is claimed at cuInit (or the first charge), not here: every
+     * program of the container loads this library, and shells, tools and non-CUDA workers
+     * must not use up the slot's FCSP_MAX_PROCS records that its CUDA processes need.
      */
-    shim_proc();
     pthread_atfork(NULL, NULL, child_after_fork);
 }
 

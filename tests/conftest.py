@@ -18,8 +18,9 @@ from tests import containers
 @pytest.fixture(scope="session")
 def e2e_ready() -> None:
     reason = containers.podman_usable()
-    if reason is None and not containers.LIBRARY.exists():
-        reason = f"{containers.LIBRARY} is not built (run make)"
+    for built in (containers.LIBRARY, containers.SIM_CLIENT):
+        if reason is None and not built.exists():
+            reason = f"{built} is not built (run make)"
     if reason is not None:
         if os.environ.get("CI"):
             pytest.fail(f"end-to-end tests cannot run in CI: {reason}")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from fcsp_hook import abi, procfs, slot
-from tests.containers import GLIBC_IN_ROOTFS, ULIMITS, HookSetup, podman
+from tests.containers import GLIBC_IN_ROOTFS, ULIMITS, HookSetup, add_cuda_sim, podman
 
 pytestmark = pytest.mark.e2e
 
@@ -37,16 +38,16 @@ def _no_fcsp_traces(hook: HookSetup, rootfs: Path) -> None:
     assert not (rootfs / "etc" / "ld.so.preload").exists()
 
 
-def test_glibc_process_maps_shim_and_slot_and_rm_removes_slot(
-    hook: HookSetup, rootfs: Path
-) -> None:
-    """A long-running glibc process has libvgpu.so and both slot files mapped, has claimed a
-    process record in the host's slot, and the slot is gone once the container is removed."""
+def test_cuda_process_maps_shim_and_slot_and_rm_removes_slot(hook: HookSetup, rootfs: Path) -> None:
+    """A CUDA process in the container (a driver-API client over the simulated driver) has
+    libvgpu.so and both slot files mapped, has claimed a process record in the host's slot
+    and charged its allocation there, and the slot is gone once the container is removed."""
+    add_cuda_sim(rootfs)
     name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
     started = podman(
         hook,
         rootfs,
-        [CAT],
+        ["/usr/bin/fcsp-sim-client", "init", "alloc", "mem", "64M", "wait"],
         {"fcsp.sm": "40", "fcsp.mem": "8G", "fcsp.tenant": "team-a"},
         GPU,
         extra=("-d", "-i", "--name", name),
@@ -73,9 +74,20 @@ def test_glibc_process_maps_shim_and_slot_and_rm_removes_slot(
         host_pid = int(_podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
         assert limits.init_host_pid == host_pid
         assert limits.init_start_time == procfs.proc_stat(host_pid)[1]  # type: ignore[index]
-        usage = slot.read_usage(slot_dir / "usage")
-        live = [p for p in usage.proc if p.state == abi.ProcState.LIVE]
-        assert 1 in [p.pid for p in live]
+
+        def record_of_pid_1() -> abi.UsageProc | None:
+            usage = slot.read_usage(slot_dir / "usage")
+            live = [p for p in usage.proc if p.state == abi.ProcState.LIVE and p.pid == 1]
+            return live[0] if live and live[0].mem_used_bytes[0] == 64 << 20 else None
+
+        deadline = time.monotonic() + 30
+        while record_of_pid_1() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert record_of_pid_1() is not None
+        assert slot.read_usage(slot_dir / "usage").device[0].mem_used_bytes == 64 << 20
+        # A program that never touches CUDA (cat) loads the shim but claims no record.
+        assert _podman("exec", name, CAT, "/etc/hostname").returncode == 0
+        assert len([p for p in slot.read_usage(slot_dir / "usage").proc if p.state]) == 1
     finally:
         removed = _podman("rm", "-f", "-t", "0", name)
     assert removed.returncode == 0, removed.stderr
