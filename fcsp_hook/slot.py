@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from fcsp_hook import abi
 from fcsp_hook.errors import SlotError
@@ -159,23 +160,26 @@ def remove_slot(run_dir: Path, container_id: str) -> bool:
     return not path.exists()
 
 
+_Record = TypeVar("_Record", abi.Limits, abi.Usage)
+
+
+def _read_record(path: Path, cls: type[_Record], magic: int, what: str) -> _Record:
+    """One slot file, read with a bound (the usage file is the tenant's) and checked."""
+    size = ctypes.sizeof(cls)
+    with path.open("rb") as f:
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise SlotError(f"{path}: {len(data)} bytes, expected {size}")
+    record = cls.from_buffer_copy(data)
+    if record.magic != magic or record.version != abi.SLOT_VERSION:
+        raise SlotError(f"{path}: not an FCSP v{abi.SLOT_VERSION} {what} file")
+    return record
+
+
 def read_limits(path: Path) -> abi.Limits:
-    data = path.read_bytes()
-    if len(data) != ctypes.sizeof(abi.Limits):
-        raise SlotError(f"{path}: {len(data)} bytes, expected {ctypes.sizeof(abi.Limits)}")
-    limits = abi.Limits.from_buffer_copy(data)
-    if limits.magic != abi.LIMITS_MAGIC or limits.version != abi.SLOT_VERSION:
-        raise SlotError(f"{path}: not an FCSP v{abi.SLOT_VERSION} limits file")
-    return limits
+    return _read_record(path, abi.Limits, abi.LIMITS_MAGIC, "limits")
 
 
 def read_usage(path: Path) -> abi.Usage:
     """Read a usage file.  Its content comes from the tenant: callers bound every value."""
-    with path.open("rb") as f:
-        data = f.read(ctypes.sizeof(abi.Usage) + 1)
-    if len(data) != ctypes.sizeof(abi.Usage):
-        raise SlotError(f"{path}: {len(data)} bytes, expected {ctypes.sizeof(abi.Usage)}")
-    usage = abi.Usage.from_buffer_copy(data)
-    if usage.magic != abi.USAGE_MAGIC or usage.version != abi.SLOT_VERSION:
-        raise SlotError(f"{path}: not an FCSP v{abi.SLOT_VERSION} usage file")
-    return usage
+    return _read_record(path, abi.Usage, abi.USAGE_MAGIC, "usage")
