@@ -54,7 +54,11 @@ $(SHIM_GEN) &: shim/hooks.def shim/gen_hooks.py
 shim/libvgpu.so: $(SHIM_SRC) $(SHIM_HDR) $(SHIM_GEN)
 	$(CC) $(SHIM_CFLAGS) -o $@ $(SHIM_SRC) $(GEN_DIR)/hooks_gen.c $(SHIM_LDFLAGS)
 
-sim: $(SIM_LIBS) $(TPROGS)
+sim: $(SIM_LIBS) $(TPROGS) $(SIM_DIR)/bin/nvidia-cuda-mps-control
+
+$(SIM_DIR)/bin/nvidia-cuda-mps-control: tests/sim/mps_control.c
+	@mkdir -p $(SIM_DIR)/bin
+	$(CC) $(SIM_CFLAGS) -Wno-format-truncation -o $@ $<
 
 # -Bsymbolic: the simulator's cuGetProcAddress must hand out its own functions,
 # not the preloaded shim's exports of the same names (as the real driver does).

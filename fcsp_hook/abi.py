@@ -41,6 +41,14 @@ class MemMode(enum.IntEnum):
     SOFT = 1
 
 
+class Backend(enum.IntEnum):
+    TIMESLICE = 0
+    MPS = 1
+
+
+MPS_DIR = "mps"
+
+
 class Priority(enum.IntEnum):
     BEST_EFFORT = 0
     LATENCY = 1
@@ -66,7 +74,7 @@ class LimitsDevice(ctypes.Structure):
         ("mem_limit_basis_points", u32),
         ("sm_requested_centi", u32),
         ("sm_effective_centi", u32),
-        ("reserved0", u32),
+        ("backend", u32),
         ("reserved", u64 * 4),
     )
 

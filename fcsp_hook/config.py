@@ -99,6 +99,30 @@ class RuntimeConfig:
     next: str = runtime.NEXT_AUTO
 
 
+BACKENDS = {b.name.lower(): b for b in abi.Backend}
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    # How each GPU's time is shared: timeslice (the driver's time slices, FCSP throttles
+    # launches) or mps (one MPS control daemon per GPU, run by fcsp-observer).
+    default: abi.Backend = abi.Backend.TIMESLICE
+    # Per GPU, by UUID ("GPU-...") or host index ("0"): overrides default.
+    gpus: Mapping[str, abi.Backend] = field(default_factory=dict)
+    # The MPS control program: a name looked up on PATH, or an absolute path.
+    mps_control: str = "nvidia-cuda-mps-control"
+
+    def for_gpu(self, uuid: str, host_index: int) -> abi.Backend:
+        for key in (uuid, str(host_index)):
+            if key and key in self.gpus:
+                return self.gpus[key]
+        return self.default
+
+    @property
+    def any_mps(self) -> bool:
+        return self.default == abi.Backend.MPS or abi.Backend.MPS in self.gpus.values()
+
+
 @dataclass(frozen=True)
 class Config:
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
@@ -107,6 +131,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
 
 
 def _choice(section: str, key: str, value: object, choices: Mapping[str, Any]) -> Any:
@@ -170,6 +195,31 @@ def _observer(data: Mapping[str, object]) -> ObserverConfig:
     if cfg.contention_low_pct > cfg.contention_high_pct:
         raise ConfigError("[observer] contention_low_pct must not exceed contention_high_pct")
     return cfg
+
+
+def _backend(data: Mapping[str, object]) -> BackendConfig:
+    b = _table(data, "backend", BackendConfig)
+    gpus = b.get("gpus", {})
+    if not isinstance(gpus, dict):
+        raise ConfigError('[backend] gpus must be a table such as { "0" = "mps" }')
+    per_gpu = {}
+    for key, value in gpus.items():
+        if not (key.startswith("GPU-") or key.isdigit()):
+            raise ConfigError(
+                f"[backend] gpus key {key!r} is invalid: expected a GPU UUID or host index"
+            )
+        per_gpu[key] = _choice("backend", f"gpus.{key}", value, BACKENDS)
+    control = b.get("mps_control", BackendConfig.mps_control)
+    relative_path = isinstance(control, str) and "/" in control and control[0] != "/"
+    if not isinstance(control, str) or not control or relative_path:
+        raise ConfigError(
+            f"[backend] mps_control = {control!r} is invalid: expected a name or absolute path"
+        )
+    return BackendConfig(
+        default=_choice("backend", "default", b.get("default", "timeslice"), BACKENDS),
+        gpus=per_gpu,
+        mps_control=control,
+    )
 
 
 def _check_keys(section: str, table: Mapping[str, object], cls: type) -> None:
@@ -241,6 +291,7 @@ def from_mapping(data: Mapping[str, object]) -> Config:
         policy=policy,
         observer=_observer(data),
         runtime=runtime_cfg,
+        backend=_backend(data),
     )
 
 

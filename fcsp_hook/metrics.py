@@ -34,6 +34,7 @@ class TenantGpuSample:
     busy_ns: int
     active: bool
     unshimmed_processes: int
+    mps_faults: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class _Collector(Collector):
                 "Processes of the tenant on the GPU without the shim",
                 labels=labels,
             ),
+            "mps_faults": CounterMetricFamily(
+                "fcsp_mps_faults",
+                "Neighbours' fatal GPU errors that tore down the tenant's MPS clients",
+                labels=labels,
+            ),
         }
         for s in snap.samples:
             key = [s.container_id, s.tenant, s.gpu]
@@ -89,6 +95,7 @@ class _Collector(Collector):
             fams["busy"].add_metric(key, s.busy_ns / NS_PER_S)
             fams["active"].add_metric(key, 1.0 if s.active else 0.0)
             fams["unshim"].add_metric(key, s.unshimmed_processes)
+            fams["mps_faults"].add_metric(key, s.mps_faults)
         yield from fams.values()
         contention = GaugeMetricFamily(
             "fcsp_gpu_contention_ratio", "Unmet compute demand on the GPU (0-1)", labels=["gpu"]

@@ -22,6 +22,7 @@ PRELOAD_NAME = "ld.so.preload"
 CONTAINER_SLOT_DIR = abi.CONTAINER_SLOT_DIR
 CONTAINER_LIBRARY = f"{CONTAINER_SLOT_DIR}/{LIBRARY_NAME}"
 CONTAINER_USAGE = f"{CONTAINER_SLOT_DIR}/{abi.USAGE_FILE}"
+CONTAINER_MPS = f"{CONTAINER_SLOT_DIR}/{abi.MPS_DIR}"
 PRELOAD_PATH = "/etc/ld.so.preload"
 
 READ_ONLY = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
@@ -34,6 +35,8 @@ class MountPlan:
     rootfs: Path
     slot_dir: Path
     library: Path
+    # The MPS daemon's client directory (only its control socket), for an MPS tenant.
+    mps_client: Path | None = None
 
 
 @dataclass
@@ -85,6 +88,7 @@ class _Sources:
     usage: int
     library: int
     preload: int
+    mps_client: int | None
 
     @classmethod
     def open(cls, plan: MountPlan) -> _Sources:
@@ -95,13 +99,17 @@ class _Sources:
                 usage=os.open(plan.slot_dir / abi.USAGE_FILE, flags),
                 library=os.open(plan.library, linux.O_PATH | os.O_CLOEXEC),
                 preload=os.open(plan.slot_dir / PRELOAD_NAME, flags),
+                mps_client=os.open(plan.mps_client, flags | os.O_DIRECTORY)
+                if plan.mps_client
+                else None,
             )
         except OSError as exc:
             raise HookError(f"cannot open {exc.filename}: {exc.strerror}") from exc
 
     def close(self) -> None:
-        for fd in (self.slot_dir, self.usage, self.library, self.preload):
-            os.close(fd)
+        for fd in (self.slot_dir, self.usage, self.library, self.preload, self.mps_client):
+            if fd is not None:
+                os.close(fd)
 
 
 def _install(rootfs: Rootfs, src: _Sources, preload_out: int) -> None:
@@ -120,6 +128,9 @@ def _install(rootfs: Rootfs, src: _Sources, preload_out: int) -> None:
         _bind(rootfs, src.usage, CONTAINER_USAGE, DATA_ONLY, undo)
         _bind(rootfs, src.library, CONTAINER_LIBRARY, READ_ONLY, undo)
         _bind(rootfs, src.preload, PRELOAD_PATH, READ_ONLY | linux.MS_NOEXEC, undo)
+        if src.mps_client is not None:
+            # Read-only: a client only connects to the socket, which a read-only mount allows.
+            _bind(rootfs, src.mps_client, CONTAINER_MPS, READ_ONLY | linux.MS_NOEXEC, undo)
     except BaseException:
         undo.run(rootfs)
         raise

@@ -32,21 +32,25 @@ import os
 import selectors
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from fcsp_hook import abi, config, metrics, notify, nvml, policy, slot, slotio
+from fcsp_hook import abi, config, metrics, mps, notify, nvml, policy, slot, slotio
 from fcsp_hook.errors import ConfigError, FcspError, SlotError
+from fcsp_hook.gpus import host_gpu_uuids
 from fcsp_hook.procfs import proc_stat
 
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
 STATUS_PERIOD_NS = 1_000_000_000
 STATE_FILE = "observer.json"
+# How often MPS daemons are checked (alive, faults in their log).
+MPS_CHECK_NS = 500_000_000
 MIN_WRITTEN_CENTI = 1
 INTERVAL_ENV = "BUD_OBSERVER_INTERVAL_US"
 
@@ -151,6 +155,7 @@ class Tenant:
     dead_processes: list[int] = field(default_factory=list)
     dead_bytes: int = 0
     unshimmed: list[int] = field(default_factory=list)
+    mps_faults: int = 0  # neighbours' fatal GPU errors that tore down this tenant's clients
     last_samples: list[slotio.DeviceUsage] | None = None
     # Per device, from the limits (rebuilt when their generation changes):
     # (GPU key, policy key, mode, requested centi, priority).
@@ -290,6 +295,8 @@ class Observer:
         self.next_watchdog_ns = 0
         self.status_line = ""
         self.dirty_status = True
+        self.mps: dict[str, mps.Daemon] = {}
+        self.next_mps_ns = 0
         if not self.nv.available:
             self.log.info("running without NVML", reason=self.nv.reason)
 
@@ -409,6 +416,9 @@ class Observer:
         if now_ns >= self.next_reap_ns:
             self.next_reap_ns = now_ns + self.cfg.observer.reap_interval_ms * NS_PER_MS
             self.reap()
+        if now_ns >= self.next_mps_ns:
+            self.next_mps_ns = now_ns + MPS_CHECK_NS
+            self.sync_backends()
         if self.nv.available and now_ns >= self.next_nvml_ns:
             self.next_nvml_ns = now_ns + self.cfg.observer.nvml_interval_ms * NS_PER_MS
             self.check_nvml()
@@ -529,6 +539,46 @@ class Observer:
 
     # -- slower duties --
 
+    def host_gpus(self) -> dict[int, str]:
+        """Host index -> UUID: the driver's procfs files, else NVML's inventory."""
+        return host_gpu_uuids(self.cfg.paths.driver_dir) or dict(self.minors)
+
+    def sync_backends(self) -> None:
+        """One MPS daemon per GPU configured for mps: started, kept alive, stopped when
+        the config no longer asks for it."""
+        wanted = {}
+        if self.cfg.backend.any_mps:
+            for index, uuid in self.host_gpus().items():
+                if self.cfg.backend.for_gpu(uuid, index) == abi.Backend.MPS:
+                    wanted[uuid] = index
+        for uuid in list(self.mps):
+            if uuid not in wanted:
+                self.log.info("MPS backend no longer configured; stopping its daemon", gpu=uuid)
+                self.mps.pop(uuid).stop()
+        now = time.monotonic()
+        for uuid in wanted:
+            daemon = self.mps.get(uuid)
+            if daemon is None:
+                daemon = mps.Daemon(self.run_dir, uuid, self.cfg.backend.mps_control, self.log)
+                self.mps[uuid] = daemon
+            before = (daemon.state.backend, daemon.state.faults)
+            daemon.ensure(now)
+            if daemon.state.faults != before[1]:
+                self._mark_fault(uuid)
+            if (daemon.state.backend, daemon.state.faults) != before:
+                self.dirty_status = True
+
+    def _mark_fault(self, uuid: str) -> None:
+        """Every tenant with processes on the GPU lost them to a neighbour's fault."""
+        for cid, tenant in self.tenants.items():
+            on_gpu = any(
+                gpu_key(tenant.spec.device[i], cid, i, self.minors) == uuid
+                for i in range(tenant.device_count)
+            )
+            if on_gpu and tenant.spec.device[0].backend == abi.Backend.MPS:
+                tenant.mps_faults += 1
+                self.log.error("tenant hit by an MPS fault on its GPU", container_id=cid, gpu=uuid)
+
     def reap(self) -> None:
         """Remove slots of containers that are gone; report dead per-process records."""
         init_pids: dict[str, int] = {}
@@ -629,10 +679,16 @@ class Observer:
             for i in range(t.device_count)
         }
         worst = max(self.contention.values(), default=0) / 100
-        return (
+        text = (
             f"{len(self.tenants)} tenant{'s' if len(self.tenants) != 1 else ''} on "
             f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}, contention {worst:.2f}"
         )
+        if self.mps:
+            text += "; mps: " + ", ".join(
+                f"{uuid[:12]} {d.state.backend if d.state.backend == 'mps' else 'FAILED'}"
+                for uuid, d in sorted(self.mps.items())
+            )
+        return text
 
     def snapshot(self) -> dict[str, object]:
         tenants: dict[str, object] = {}
@@ -645,6 +701,10 @@ class Observer:
                 "dead_bytes": t.dead_bytes,
                 "unshimmed_host_pids": t.unshimmed,
                 "problem": t.problem,
+                "backend": [
+                    mps.backend_name(int(t.spec.device[i].backend)) for i in range(t.device_count)
+                ],
+                "mps_faults": t.mps_faults,
             }
         return {
             "pid": os.getpid(),
@@ -658,6 +718,7 @@ class Observer:
                 }
                 for gpu, state in self.gpu_states.items()
             },
+            "backends": {uuid: asdict(d.state) for uuid, d in self.mps.items()},
             "foreign_host_pids": self.foreign,
             "tenants": tenants,
             "ticks": self.ticks,
@@ -703,6 +764,7 @@ class Observer:
                         busy_ns=track.usage.busy_ns,
                         active=track.active,
                         unshimmed_processes=len(t.unshimmed),
+                        mps_faults=t.mps_faults,
                     )
                 )
         return metrics.Snapshot(

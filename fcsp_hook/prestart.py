@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import abi, config, gpus, mounts, oci, procfs, slot
+from fcsp_hook import abi, config, gpus, mounts, mps, oci, procfs, slot
 from fcsp_hook import annotations as fcsp_annotations
 from fcsp_hook.errors import HookError
 from fcsp_hook.log import HookLogger
@@ -26,6 +26,41 @@ class Setup:
     gpus: tuple[gpus.Gpu, ...]
     pid: int
     rootfs: Path
+    # Per GPU: what the tenant gets (mps only for a single-GPU tenant whose daemon runs).
+    backends: tuple[abi.Backend, ...] = ()
+
+    @property
+    def mps_gpu(self) -> str:
+        """The UUID whose MPS daemon the tenant is a client of, or ''."""
+        if self.backends == (abi.Backend.MPS,):
+            return self.gpus[0].uuid
+        return ""
+
+
+def choose_backends(
+    found: tuple[gpus.Gpu, ...], cfg: config.Config, log: HookLogger
+) -> tuple[abi.Backend, ...]:
+    """mps where config.toml asks for it and it can work, else timeslice (logged)."""
+    wanted = [cfg.backend.for_gpu(g.uuid, g.host_index) for g in found]
+    timeslice = tuple(abi.Backend.TIMESLICE for _ in found)
+    if abi.Backend.MPS not in wanted:
+        return timeslice
+    if len(found) != 1:
+        log.warning(
+            "MPS serves single-GPU containers only (one process reaches one daemon); "
+            "this container is time-sliced",
+            gpus=[g.describe() for g in found],
+        )
+        return timeslice
+    if not mps.ready(cfg.paths.run_dir, found[0].uuid):
+        log.warning(
+            "GPU is configured for MPS but its daemon is not running (is fcsp-observer up?); "
+            "this container is time-sliced",
+            gpu=found[0].describe(),
+            state=mps.read_state(cfg.paths.run_dir, found[0].uuid),
+        )
+        return timeslice
+    return (abi.Backend.MPS,)
 
 
 def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> slot.SlotSpec:
@@ -37,8 +72,14 @@ def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> slot
             mem_limit_bytes=dev.mem.bytes,
             mem_limit_basis_points=dev.mem.basis_points,
             sm_requested_centi=dev.sm_centi,
+            backend=backend,
         )
-        for gpu, dev in zip(setup.gpus, request.devices, strict=True)
+        for gpu, dev, backend in zip(
+            setup.gpus,
+            request.devices,
+            setup.backends or [abi.Backend.TIMESLICE] * len(setup.gpus),
+            strict=True,
+        )
     )
     return slot.SlotSpec(
         container_id=container_id,
@@ -75,7 +116,13 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     rootfs = bundle.root or Path(os.readlink(f"/proc/{state.pid}/cwd"))
     if not cfg.hook.library.is_file():
         raise HookError(f"{cfg.hook.library} is missing; run `make install` or set [hook] library")
-    return Setup(request=request, gpus=found, pid=state.pid, rootfs=rootfs)
+    return Setup(
+        request=request,
+        gpus=found,
+        pid=state.pid,
+        rootfs=rootfs,
+        backends=choose_backends(found, cfg, log),
+    )
 
 
 def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
@@ -90,9 +137,12 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     placeholders = {mounts.LIBRARY_NAME: (b"", 0o644), mounts.PRELOAD_NAME: (b"", 0o644)}
     init = procfs.proc_stat(setup.pid)
     spec = slot_spec(state.id, setup, init[1] if init else 0)
-    slot.write_slot(slot_dir, spec, placeholders)
+    mps_client = mps.client_dir(cfg.paths.run_dir, setup.mps_gpu) if setup.mps_gpu else None
+    slot.write_slot(slot_dir, spec, placeholders, with_mps_dir=mps_client is not None)
     try:
-        mounts.install(mounts.MountPlan(setup.pid, setup.rootfs, slot_dir, cfg.hook.library))
+        mounts.install(
+            mounts.MountPlan(setup.pid, setup.rootfs, slot_dir, cfg.hook.library, mps_client)
+        )
     except BaseException:
         slot.remove_slot(cfg.paths.run_dir, state.id)
         raise
@@ -103,5 +153,6 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
         sm_percent=[d.sm_centi / abi.CENTI_PER_PERCENT for d in setup.request.devices],
         mem_bytes=[d.mem.bytes for d in setup.request.devices],
         mode=setup.request.mode.name.lower(),
+        backend=[b.name.lower() for b in setup.backends],
         duration_ms=round((time.monotonic() - started) * 1000, 2),
     )

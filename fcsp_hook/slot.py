@@ -32,6 +32,7 @@ class DeviceLimits:
     mem_limit_bytes: int = 0
     mem_limit_basis_points: int = 0
     sm_requested_centi: int = abi.WHOLE_GPU_CENTI
+    backend: abi.Backend = abi.Backend.TIMESLICE
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def encode_limits(spec: SlotSpec) -> bytes:
         entry.mem_limit_basis_points = dev.mem_limit_basis_points
         entry.sm_requested_centi = dev.sm_requested_centi
         entry.sm_effective_centi = dev.sm_requested_centi
+        entry.backend = dev.backend
     return bytes(limits)
 
 
@@ -112,8 +114,14 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def write_slot(directory: Path, spec: SlotSpec, extra_files: dict[str, tuple[bytes, int]]) -> None:
-    """Create or refresh a slot directory holding limits, usage and the given extra files.
+def write_slot(
+    directory: Path,
+    spec: SlotSpec,
+    extra_files: dict[str, tuple[bytes, int]],
+    with_mps_dir: bool = False,
+) -> None:
+    """Create or refresh a slot directory holding limits, usage and the given extra files,
+    and with_mps_dir, the empty directory the MPS client socket is mounted on.
 
     limits is always rewritten; usage is reset, since a slot is (re)created only when
     the container starts and none of its processes can hold it yet.
@@ -126,6 +134,8 @@ def write_slot(directory: Path, spec: SlotSpec, extra_files: dict[str, tuple[byt
         _write_atomically(directory / abi.USAGE_FILE, empty_usage(), 0o666)
         for name, (data, mode) in extra_files.items():
             _write_atomically(directory / name, data, mode)
+        if with_mps_dir:
+            (directory / abi.MPS_DIR).mkdir(mode=0o755, exist_ok=True)
     except OSError as exc:
         raise SlotError(f"cannot create slot {directory}: {exc.strerror}") from exc
 

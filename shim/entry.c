@@ -55,6 +55,7 @@ __attribute__((constructor)) static void shim_init(void)
         shim.usage = slot.usage;
         shim.have_slot = true;
         shim_log(LOG_DEBUG, "slot %s mapped", dir);
+        shim_mps_init(slot.limits, dir);
     } else if (shim_env.any_limit) {
         shim.usage = &private_usage;
         shim_log(LOG_DEBUG, "no slot (%s); BUD_* limits apply to this process", err);

@@ -63,6 +63,19 @@ enum fcsp_priority {
     FCSP_PRIORITY_LATENCY = 1,
 };
 
+/* fcsp_limits_device.backend: how the GPU's time is shared between tenants */
+enum fcsp_backend {
+    FCSP_BACKEND_TIMESLICE = 0, /* the driver time-slices contexts; FCSP throttles launches */
+    FCSP_BACKEND_MPS = 1,       /* the tenant is a client of FCSP's MPS daemon for this GPU */
+};
+
+/*
+ * With FCSP_BACKEND_MPS the slot directory holds FCSP_MPS_DIR: on the host a
+ * directory the observer keeps holding only the daemon's unprivileged `control`
+ * socket, mounted there read-only; the shim points CUDA_MPS_PIPE_DIRECTORY at it.
+ */
+#define FCSP_MPS_DIR "mps"
+
 /* fcsp_limits_device.flags */
 #define FCSP_DEV_SELECTED_BY_UUID 0x1u
 
@@ -83,7 +96,7 @@ struct fcsp_limits_device {
      * the only field the host rewrites while tenants run, outside the seqlock.
      */
     _Atomic uint32_t sm_effective_centi;
-    uint32_t reserved0;
+    uint32_t backend;              /* enum fcsp_backend, fixed at prestart */
     uint64_t reserved[4];
 };
 

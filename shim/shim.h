@@ -123,6 +123,12 @@ extern int shim_ndevices;
 /* Bumped when a context is destroyed, so caches keyed by context handle start over. */
 extern _Atomic uint32_t shim_context_epoch;
 
+/* ---- mps.c: the MPS backend, set up before the driver initialises ---------- */
+
+/* True when this process's MPS thread percentage is its strict share. */
+extern bool shim_mps_thread_capped;
+void shim_mps_init(const struct fcsp_limits *limits, const char *slot_dir);
+
 /* ---- compute.c (compute.h has the launch-path interface) ------------------- */
 
 void shim_launch_init(void);

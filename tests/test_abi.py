@@ -29,6 +29,8 @@ CONSTANTS = {
     "FCSP_MEM_SOFT": abi.MemMode.SOFT,
     "FCSP_PRIORITY_BEST_EFFORT": abi.Priority.BEST_EFFORT,
     "FCSP_PRIORITY_LATENCY": abi.Priority.LATENCY,
+    "FCSP_BACKEND_TIMESLICE": abi.Backend.TIMESLICE,
+    "FCSP_BACKEND_MPS": abi.Backend.MPS,
     "FCSP_PROC_FREE": abi.ProcState.FREE,
     "FCSP_PROC_LIVE": abi.ProcState.LIVE,
     "FCSP_PROC_REAPING": abi.ProcState.REAPING,
@@ -53,7 +55,8 @@ def _program() -> str:
             )
     for name in CONSTANTS:
         lines.append(f'printf("{name} %llu\\n", (unsigned long long){name});')
-    lines += ['printf("FCSP_SLOT_DIR %s\\n", FCSP_SLOT_DIR);', "return 0; }"]
+    lines += ['printf("FCSP_SLOT_DIR %s\\n", FCSP_SLOT_DIR);']
+    lines += ['printf("FCSP_MPS_DIR %s\\n", FCSP_MPS_DIR);', "return 0; }"]
     return "\n".join(lines) + "\n"
 
 
@@ -91,6 +94,7 @@ def test_constants_agree(tmp_path: Path) -> None:
     for name, value in CONSTANTS.items():
         assert int(layout[name]) == int(value), name
     assert layout["FCSP_SLOT_DIR"] == abi.CONTAINER_SLOT_DIR
+    assert layout["FCSP_MPS_DIR"] == abi.MPS_DIR
 
 
 def test_python_mirror_covers_every_struct_of_the_header() -> None:

@@ -13,9 +13,13 @@
  */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cuda.h>
 
@@ -91,8 +95,39 @@ static int valid_device(CUdevice dev)
     return dev >= 0 && dev < ndevices();
 }
 
+/*
+ * MPS: like the real driver, a process whose CUDA_MPS_PIPE_DIRECTORY holds a
+ * control socket becomes a client of that daemon at cuInit.  The simulated
+ * daemon (mps_control.c) logs the client with the limits it asked for.
+ */
+static void mps_announce(void)
+{
+    const char *dir = getenv("CUDA_MPS_PIPE_DIRECTORY");
+    if (!dir || !*dir)
+        return;
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof(addr.sun_path), "%s/control", dir);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0) {
+        const char *threads = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
+        const char *pinned = getenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT");
+        char line[200];
+        int n = snprintf(line, sizeof(line), "client %d threads=%s pinned=%s\n", (int)getpid(),
+                         threads ? threads : "-", pinned ? pinned : "-");
+        if (n > 0 && write(fd, line, (size_t)n) > 0) {
+            char reply[16];
+            (void)read(fd, reply, sizeof(reply));
+        }
+    }
+    close(fd);
+}
+
 SIM_EXPORT CUresult cuInit(unsigned int flags)
 {
+    if (!initialized)
+        mps_announce();
     initialized = 1;
     return ndevices() > 0 ? CUDA_SUCCESS : CUDA_ERROR_NO_DEVICE;
 }

@@ -1,0 +1,343 @@
+"""The MPS backend on the simulated driver: fcsp-observer runs one control daemon per GPU
+configured for mps (tests/sim/mps_control.c plays nvidia-cuda-mps-control), restarts it
+when it dies or after a client's fatal fault, marks the tenants hit, and falls back to
+time-slicing loudly when it cannot start one; the shim makes a tenant's processes clients
+with the slot's limits (the simulated libcuda announces itself to the daemon at cuInit,
+with the CUDA_MPS_* values it was given); a podman container gets only the control socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook import abi, config, mps, slot
+from fcsp_hook.errors import ConfigError
+from tests.containers import HookSetup, add_cuda_sim, podman
+from tests.shim.harness import SIM_DIR, Env, build, run
+from tests.test_observer import Host, wait_for
+
+SIM_CONTROL = SIM_DIR / "bin" / "nvidia-cuda-mps-control"
+GPU0 = "GPU-00000000-0000-0000-0000-0000000000a0"
+GPU1 = "GPU-00000000-0000-0000-0000-0000000000a1"
+# The line the real MPS server logged on the H200 when a client hit an illegal address.
+H200_FAULT_LINE = (
+    "[2026-11-29 13:17:21.118 Server  1094] Client {PID: 1263, Context: 1} "
+    "encountered a fatal GPU error.\n"
+)
+
+
+def _driver_dir(base: Path) -> Path:
+    """The driver's procfs files for two GPUs, minors 0 and 1."""
+    for minor, gpu in ((0, GPU0), (1, GPU1)):
+        info = base / "gpus" / f"0000:{minor:02x}:00.0" / "information"
+        info.parent.mkdir(parents=True)
+        info.write_text(f"GPU UUID: \t {gpu}\nDevice Minor: \t {minor}\n")
+    return base
+
+
+def _backends(host: Host) -> dict[str, dict[str, object]]:
+    value = host.state().get("backends", {})
+    return value if isinstance(value, dict) else {}
+
+
+def _daemon_pid(host: Host, gpu: str) -> int:
+    state = _backends(host).get(gpu, {})
+    return int(str(state.get("pid", 0))) if state.get("backend") == "mps" else 0
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A socket path must fit in 108 bytes; pytest's tmp_path can be longer than that."""
+    path = Path(tempfile.mkdtemp(prefix="fcsp-mps-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def mps_host(short_tmp: Path) -> Iterator[Host]:
+    tmp_path = short_tmp
+    build()
+    h = Host(tmp_path)
+    h.config.write_text(
+        f'[paths]\nrun_dir = "{h.run_dir}"\ndriver_dir = "{_driver_dir(tmp_path / "driver")}"\n'
+        "[observer]\ninterval_ms = 10\nidle_window_ms = 300\nmetrics_port = 0\n"
+        f'[backend]\ngpus = {{ "1" = "mps" }}\nmps_control = "{SIM_CONTROL}"\n'
+    )
+    yield h
+    h.stop_all()
+    for gpu in (GPU0, GPU1):
+        pid_file = mps.gpu_dir(h.run_dir, gpu) / "pipe" / mps.PID_FILE
+        if pid_file.exists():
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_backend_config_per_gpu_and_its_errors() -> None:
+    cfg = config.from_mapping({"backend": {"default": "mps", "gpus": {"GPU-1": "timeslice"}}})
+    assert cfg.backend.for_gpu("GPU-1", 0) == abi.Backend.TIMESLICE
+    assert cfg.backend.for_gpu("GPU-2", 1) == abi.Backend.MPS
+    assert config.Config().backend.for_gpu("GPU-1", 0) == abi.Backend.TIMESLICE
+    bad = [
+        (
+            {"default": "mig"},
+            "[backend] default = 'mig' is invalid: expected one of timeslice, mps",
+        ),
+        ({"gpus": {"first": "mps"}}, "[backend] gpus key 'first' is invalid"),
+        ({"gpus": {"0": "fast"}}, "[backend] gpus.0 = 'fast' is invalid"),
+        ({"mps_control": "bin/mps"}, "[backend] mps_control = 'bin/mps' is invalid"),
+    ]
+    for table, message in bad:
+        with pytest.raises(ConfigError) as err:
+            config.from_mapping({"backend": table})
+        assert str(err.value).startswith(message)
+
+
+def test_fault_lines_of_the_real_server_are_recognised() -> None:
+    log = b"[x Server 1] Client {PID: 7, Context ID: 1} connected\n" + H200_FAULT_LINE.encode()
+    assert mps.fault_pids(log) == [1263]
+    assert mps.fault_pids(b"[x Server 1] Client process 7 disconnected\n") == []
+
+
+def test_observer_runs_a_daemon_for_the_mps_gpu_only(mps_host: Host) -> None:
+    """GPU 1 is configured for mps: its daemon runs with its pipe directory private (0700)
+    and a client directory holding only a hard link to the control socket; GPU 0 has none;
+    the STATUS line and the state file name the backend."""
+    mps_host.start()
+    wait_for("daemon for GPU 1", lambda: _daemon_pid(mps_host, GPU1))
+    root = mps.gpu_dir(mps_host.run_dir, GPU1)
+    assert (root / "pipe").stat().st_mode & 0o777 == 0o700
+    client = root / "client"
+    assert sorted(p.name for p in client.iterdir()) == ["control"]
+    assert (client / "control").stat().st_ino == (root / "pipe" / "control").stat().st_ino
+    assert mps.ready(mps_host.run_dir, GPU1)
+    assert not mps.ready(mps_host.run_dir, GPU0)
+    assert GPU0 not in _backends(mps_host)
+    assert mps.read_state(mps_host.run_dir, GPU1)["backend"] == "mps"
+
+
+def test_a_dead_daemon_is_restarted_and_the_socket_relinked(mps_host: Host) -> None:
+    mps_host.start()
+    wait_for("daemon for GPU 1", lambda: _daemon_pid(mps_host, GPU1))
+    first = _daemon_pid(mps_host, GPU1)
+    os.kill(first, signal.SIGKILL)
+    wait_for("a new daemon", lambda: _daemon_pid(mps_host, GPU1) not in (0, first))
+    root = mps.gpu_dir(mps_host.run_dir, GPU1)
+    assert (root / "client" / "control").stat().st_ino == (root / "pipe" / "control").stat().st_ino
+    assert _backends(mps_host)[GPU1]["restarts"] == 1
+    assert "MPS daemon died; restarting" in mps_host.log_text()
+
+
+def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(mps_host: Host) -> None:
+    """The server's fatal-error line in server.log: the tenant on that GPU is marked (its
+    clients were torn down), the time-sliced tenant on the other GPU is not, the daemon is
+    replaced."""
+    slot.ensure_tenants_dir(mps_host.run_dir)
+    for cid, index, gpu, backend in (
+        ("on-mps", 1, GPU1, abi.Backend.MPS),
+        ("on-timeslice", 0, GPU0, abi.Backend.TIMESLICE),
+    ):
+        spec = slot.SlotSpec(
+            container_id=cid,
+            devices=(slot.DeviceLimits(host_index=index, uuid=gpu, backend=backend),),
+        )
+        slot.write_slot(slot.slot_path(mps_host.run_dir, cid), spec, {})
+    mps_host.start()
+    wait_for("daemon for GPU 1", lambda: _daemon_pid(mps_host, GPU1))
+    first = _daemon_pid(mps_host, GPU1)
+    with (mps.gpu_dir(mps_host.run_dir, GPU1) / "log" / mps.SERVER_LOG).open("a") as f:
+        f.write(H200_FAULT_LINE)
+
+    def tenant(cid: str) -> dict[str, object]:
+        tenants = mps_host.state().get("tenants", {})
+        assert isinstance(tenants, dict)
+        value = tenants.get(cid, {})
+        assert isinstance(value, dict)
+        return value
+
+    wait_for("fault counted", lambda: _backends(mps_host).get(GPU1, {}).get("faults") == 1)
+    wait_for("a new daemon", lambda: _daemon_pid(mps_host, GPU1) not in (0, first))
+    assert tenant("on-mps")["mps_faults"] == 1
+    assert tenant("on-mps")["backend"] == ["mps"]
+    assert tenant("on-timeslice")["mps_faults"] == 0
+    assert "MPS client fatal GPU error" in mps_host.log_text()
+
+
+def test_a_daemon_that_cannot_start_falls_back_to_timeslice_loudly(
+    mps_host: Host, tmp_path: Path
+) -> None:
+    text = mps_host.config.read_text().replace(str(SIM_CONTROL), str(tmp_path / "missing"))
+    mps_host.config.write_text(text)
+    mps_host.start()
+    wait_for(
+        "the failure in the state file", lambda: _backends(mps_host).get(GPU1, {}).get("error")
+    )
+    state = _backends(mps_host)[GPU1]
+    assert state["backend"] == "timeslice"
+    assert "not found" in str(state["error"])
+    assert "MPS backend unavailable" in mps_host.log_text()
+    assert not mps.ready(mps_host.run_dir, GPU1)
+
+
+# ---- the shim: a tenant's processes become clients with the slot's limits ----------------
+
+
+@pytest.fixture
+def daemon(short_tmp: Path) -> Iterator[Path]:
+    """A simulated control daemon; yields its log directory."""
+    build()
+    tmp_path = short_tmp
+    pipe, log = tmp_path / "pipe", tmp_path / "log"
+    log.mkdir()
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(log)}
+    subprocess.run([str(SIM_CONTROL), "-d"], env=env, check=True)
+    wait_for("control socket", (pipe / "control").is_socket)
+    yield log
+    subprocess.run([str(SIM_CONTROL)], env=env, input=b"quit\n", check=False, timeout=10)
+
+
+def _mps_slot(tmp_path: Path, daemon_log: Path, mode: abi.IsolationMode, socket: bool) -> Path:
+    directory = tmp_path / "slot"
+    spec = slot.SlotSpec(
+        container_id="t",
+        isolation_mode=mode,
+        devices=(
+            slot.DeviceLimits(
+                host_index=0,
+                sm_requested_centi=3000,
+                mem_limit_bytes=1 << 30,
+                backend=abi.Backend.MPS,
+            ),
+        ),
+    )
+    slot.write_slot(directory, spec, {}, with_mps_dir=True)
+    if socket:  # what the hook's bind mount gives a container, made here with a hard link
+        os.link(daemon_log.parent / "pipe" / "control", directory / abi.MPS_DIR / "control")
+    return directory
+
+
+def _clients(daemon_log: Path) -> list[str]:
+    text = (daemon_log / "control.log").read_text()
+    return [line.split("NEW CLIENT ", 1)[1] for line in text.splitlines() if "NEW CLIENT" in line]
+
+
+@pytest.mark.parametrize(
+    ("mode", "own", "expected"),
+    [
+        (abi.IsolationMode.STRICT, {}, "threads=30 pinned=0=1024M"),
+        (abi.IsolationMode.BALANCED, {}, "threads=100 pinned=0=1024M"),
+        (
+            abi.IsolationMode.STRICT,
+            {
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "10",
+                "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=512M",
+            },
+            "threads=10 pinned=0=512M",
+        ),
+        (
+            abi.IsolationMode.STRICT,
+            {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "90", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=4G"},
+            "threads=30 pinned=0=1024M",
+        ),
+        (
+            abi.IsolationMode.BALANCED,
+            {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/elsewhere"},
+            "threads=100 pinned=0=1024M",
+        ),
+    ],
+    ids=[
+        "strict-caps-threads",
+        "balanced-leaves-sms-open",
+        "tenant-may-lower",
+        "not-raise",
+        "pipe",
+    ],
+)
+def test_the_shim_makes_the_process_a_client_with_the_slots_limits(
+    tmp_path: Path, daemon: Path, mode: abi.IsolationMode, own: dict[str, str], expected: str
+) -> None:
+    directory = _mps_slot(daemon.parent, daemon, mode, socket=True)
+    result = run(Env(state=tmp_path / "sim", slot=directory, extra=own), "init")
+    assert result.field("init") == ["init", "0"], result.stderr
+    (client,) = _clients(daemon)
+    assert client.split(" ", 1)[1] == expected
+
+
+def test_without_the_socket_the_process_runs_time_sliced(tmp_path: Path, daemon: Path) -> None:
+    directory = _mps_slot(daemon.parent, daemon, abi.IsolationMode.STRICT, socket=False)
+    result = run(Env(state=tmp_path / "sim", slot=directory, extra={}), "init")
+    assert result.field("init") == ["init", "0"]
+    assert _clients(daemon) == []
+    assert "is not a socket: this process is time-sliced" in result.stderr
+
+
+# ---- a container ---------------------------------------------------------------------------
+
+
+def test_container_gets_only_the_control_socket_read_only(
+    short_tmp: Path, rootfs: Path, hook_python: Path
+) -> None:
+    """podman with the real hook, GPU 1 on mps with a running daemon: /run/fcsp/mps in the
+    container holds only `control`, read-only; the CUDA process in it became a client of
+    the host's daemon with its strict share; a two-GPU container is time-sliced."""
+    build()
+    tmp_path = short_tmp
+    driver = _driver_dir(tmp_path / "driver")
+    run_dir = tmp_path / "fcsp" / "run"
+    daemon = mps.Daemon(run_dir, GPU1, str(SIM_CONTROL), _NullLog())
+    daemon.ensure(time.monotonic())
+    assert mps.ready(run_dir, GPU1)
+    hook = HookSetup.create(
+        tmp_path / "fcsp",
+        hook_python,
+        paths=f'driver_dir = "{driver}"\n[backend]\ngpus = {{ "1" = "mps" }}\n',
+    )
+    add_cuda_sim(rootfs)
+    try:
+        script = (
+            "ls -A /run/fcsp/mps; (echo > /run/fcsp/mps/x) 2>/dev/null || echo read-only;"
+            " fcsp-sim-client init"
+        )
+        shell = [_shell(rootfs), "-c", script]
+        done = podman(
+            hook,
+            rootfs,
+            shell,
+            {"fcsp.sm": "40", "fcsp.mode": "strict"},
+            {"NVIDIA_VISIBLE_DEVICES": "1"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split("\n")[:3] == ["control", "read-only", "init 0"], done.stdout
+        clients = _clients(mps.gpu_dir(run_dir, GPU1) / "log")
+        assert [c.split(" ", 1)[1] for c in clients] == ["threads=40 pinned=-"]
+        ready = [r for r in hook.log_records() if r.get("event") == "tenant slot ready"]
+        assert ready[-1]["backend"] == ["mps"]
+
+        two = podman(hook, rootfs, shell, {"fcsp.sm": "40"}, {"NVIDIA_VISIBLE_DEVICES": "0,1"})
+        assert two.returncode == 0, two.stderr
+        assert len(_clients(mps.gpu_dir(run_dir, GPU1) / "log")) == 1
+        assert "single-GPU containers only" in hook.log_file.read_text()
+    finally:
+        daemon.stop()
+
+
+class _NullLog:
+    def info(self, *_: object, **__: object) -> None: ...
+    def error(self, *_: object, **__: object) -> None: ...
+
+
+def _shell(rootfs: Path) -> str:
+    for candidate in ("bin/sh", "usr/bin/sh", "bin/busybox"):
+        if (rootfs / candidate).exists():
+            return "/" + candidate
+    pytest.skip(f"no shell in the test rootfs {rootfs}")
+    raise AssertionError  # unreachable
