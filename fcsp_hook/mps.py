@@ -111,7 +111,7 @@ class Daemon:
     program: str
     log: Any  # the observer's structlog logger
     state: DaemonState = field(init=False)
-    log_offset: int = 0
+    log_offsets: dict[Path, int] = field(default_factory=dict)
     next_try: float = 0.0
 
     def __post_init__(self) -> None:
@@ -227,29 +227,37 @@ class Daemon:
             (self.root / "client" / CONTROL).unlink()
         self.state.backend = "timeslice"
 
+    def _server_logs(self) -> list[Path]:
+        # log/server.log, or log/<server>/server.log where the daemon names its servers
+        log = self.root / "log"
+        return [log / SERVER_LOG, *sorted(log.glob(f"*/{SERVER_LOG}"))]
+
     def _skip_old_log(self) -> None:
-        try:
-            self.log_offset = (self.root / "log" / SERVER_LOG).stat().st_size
-        except OSError:
-            self.log_offset = 0
+        self.log_offsets = {}
+        for path in self._server_logs():
+            with contextlib.suppress(OSError):
+                self.log_offsets[path] = path.stat().st_size
 
     def _read_log(self) -> None:
-        path = self.root / "log" / SERVER_LOG
+        pids = []
+        for path in self._server_logs():
+            pids += fault_pids(self._new_bytes(path))
+        if pids:
+            self.on_fault(pids)
+
+    def _new_bytes(self, path: Path) -> bytes:
+        offset = self.log_offsets.get(path, 0)
         try:
             with path.open("rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                if size < self.log_offset:  # rotated or truncated
-                    self.log_offset = 0
-                if size == self.log_offset:
-                    return
-                f.seek(max(self.log_offset, size - LOG_READ_MAX))
-                chunk = f.read(LOG_READ_MAX)
-                self.log_offset = size
+                if size < offset:  # rotated or truncated
+                    offset = 0
+                f.seek(max(offset, size - LOG_READ_MAX))
+                chunk = f.read(min(size - offset, LOG_READ_MAX)) if size > offset else b""
         except OSError:
-            return
-        pids = fault_pids(chunk)
-        if pids:
-            self.on_fault(pids)
+            return b""
+        self.log_offsets[path] = size
+        return chunk
 
     def on_fault(self, pids: list[int]) -> None:
         self.state.faults += 1
