@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcsp_hook import abi, config, slot, slotio
+from fcsp_hook import abi, config, mps, slot, slotio
 from fcsp_hook import annotations as ann
 from fcsp_hook.errors import FcspError, SlotError
 
@@ -38,6 +38,7 @@ class DeviceRow:
     sm_effective_pct: float
     mem_used_bytes: int
     mem_quota: str
+    backend: str = "timeslice"
     # From the observer's state file; None while no observer runs.
     active: bool | None = None
     throttled_pct: int | None = None
@@ -55,6 +56,7 @@ class TenantRow:
     problem: str = ""
     unshimmed_host_pids: list[int] = field(default_factory=list)
     dead_processes: list[int] = field(default_factory=list)
+    mps_faults: int = 0
 
 
 def _quota(dev: abi.LimitsDevice) -> str:
@@ -93,6 +95,7 @@ def read_tenant(directory: Path) -> TenantRow:
             sm_effective_pct=_percent(limits.device[i].sm_effective_centi),
             mem_used_bytes=usage.device[i].mem_used_bytes,
             mem_quota=_quota(limits.device[i]),
+            backend=mps.backend_name(limits.device[i].backend),
         )
         for i in range(count)
     ]
@@ -142,6 +145,7 @@ class ObserverView:
     gpus: dict[str, Any] = field(default_factory=dict)
     tenants: dict[str, Any] = field(default_factory=dict)
     nvml: str = ""
+    backends: dict[str, Any] = field(default_factory=dict)
 
 
 def _pid_alive(pid: object) -> bool:
@@ -201,7 +205,23 @@ def observer_state(run_dir: Path) -> ObserverView:
         gpus=gpus,
         tenants=tenants_doc,
         nvml=str(doc.get("nvml", "")),
+        backends=doc["backends"] if isinstance(doc.get("backends"), dict) else {},
     )
+
+
+def backend_lines(state: ObserverView) -> list[str]:
+    """One line per GPU the observer runs an MPS daemon for (other GPUs are time-sliced)."""
+    lines = []
+    for gpu, info in sorted(state.backends.items()):
+        if not isinstance(info, dict):
+            continue
+        counts = f"restarts {_int(info.get('restarts'))}, faults {_int(info.get('faults'))}"
+        if info.get("backend") == "mps":
+            lines.append(f"{gpu}: mps, daemon pid {_int(info.get('pid'))}, {counts}")
+        else:
+            error = str(info.get("error", ""))[:200]
+            lines.append(f"{gpu}: mps FAILED, tenants time-sliced: {error} ({counts})")
+    return lines
 
 
 def _int(value: object) -> int:
@@ -234,6 +254,7 @@ def _with_observer_view(row: TenantRow, state: ObserverView) -> TenantRow:
             "devices": devices,
             "unshimmed_host_pids": [_int(p) for p in _list(info.get("unshimmed_host_pids"))],
             "dead_processes": [_int(p) for p in _list(info.get("dead_processes"))],
+            "mps_faults": _int(info.get("mps_faults")),
         }
     )
 
@@ -244,6 +265,7 @@ def render_status(rows: list[TenantRow]) -> str:
         "TENANT",
         "MODE",
         "GPU",
+        "BACKEND",
         "SM REQ",
         "SM EFF",
         "MEMORY USED / QUOTA",
@@ -256,7 +278,7 @@ def render_status(rows: list[TenantRow]) -> str:
     for row in rows:
         if row.problem:
             lines.append(
-                (row.container_id[:12], "?", "?", "?", "?", "?", row.problem, "?", "?", "?", "?")
+                (row.container_id[:12], "?", "?", "?", "?", "?", "?", row.problem) + ("?",) * 4
             )
             continue
         unshimmed = str(len(row.unshimmed_host_pids)) if row.unshimmed_host_pids else "-"
@@ -266,6 +288,7 @@ def render_status(rows: list[TenantRow]) -> str:
                     row.container_id[:12],
                     row.tenant or "-",
                     row.mode,
+                    "-",
                     "-",
                     "-",
                     "-",
@@ -283,11 +306,12 @@ def render_status(rows: list[TenantRow]) -> str:
                     row.tenant or "-",
                     row.mode,
                     dev.gpu,
+                    dev.backend,
                     f"{dev.sm_requested_pct:g}%",
                     f"{dev.sm_effective_pct:g}%",
                     f"{format_bytes(dev.mem_used_bytes)} / {dev.mem_quota}",
                     str(row.processes),
-                    "-" if dev.active is None else ("active" if dev.active else "idle"),
+                    _state(dev, row.mps_faults),
                     "-" if dev.throttled_pct is None else f"{dev.throttled_pct}%",
                     unshimmed,
                 )
@@ -298,9 +322,17 @@ def render_status(rows: list[TenantRow]) -> str:
     )
 
 
+def _state(dev: DeviceRow, mps_faults: int) -> str:
+    text = "-" if dev.active is None else ("active" if dev.active else "idle")
+    if mps_faults and dev.backend == "mps":
+        text += f", {mps_faults} MPS fault{'s' if mps_faults > 1 else ''}"
+    return text
+
+
 def status_text(run_dir: Path) -> str:
     rows = list(tenants(run_dir))
-    head = observer_state(run_dir).summary
+    state = observer_state(run_dir)
+    head = "\n".join([state.summary, *backend_lines(state)])
     if not rows:
         return f"no FCSP tenants (no slots under {slot.tenants_dir(run_dir)})\n{head}"
     # The table first (scripts and eyes look there), the observer's line under it.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, config, mps, slot
+from fcsp_hook import abi, config, ctl, mps, slot
 from fcsp_hook.errors import ConfigError
 from tests.containers import HookSetup, add_cuda_sim, podman
 from tests.shim.harness import SIM_DIR, Env, build, run
@@ -137,10 +137,12 @@ def test_a_dead_daemon_is_restarted_and_the_socket_relinked(mps_host: Host) -> N
     assert "MPS daemon died; restarting" in mps_host.log_text()
 
 
-def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(mps_host: Host) -> None:
+def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(
+    mps_host: Host, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The server's fatal-error line in server.log: the tenant on that GPU is marked (its
     clients were torn down), the time-sliced tenant on the other GPU is not, the daemon is
-    replaced."""
+    replaced; fcspctl status shows the backends and the fault."""
     slot.ensure_tenants_dir(mps_host.run_dir)
     for cid, index, gpu, backend in (
         ("on-mps", 1, GPU1, abi.Backend.MPS),
@@ -170,6 +172,13 @@ def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(mps_host:
     assert tenant("on-mps")["backend"] == ["mps"]
     assert tenant("on-timeslice")["mps_faults"] == 0
     assert "MPS client fatal GPU error" in mps_host.log_text()
+
+    assert ctl.main(["--config", str(mps_host.config), "status"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("on-")}
+    assert rows["on-mps"][3:5] == [GPU1, "mps"] and "fault" in out.split("on-mps")[1]
+    assert rows["on-timeslice"][3:5] == [GPU0, "timeslice"]
+    assert f"{GPU1}: mps, daemon pid {_daemon_pid(mps_host, GPU1)}, restarts 1, faults 1" in out
 
 
 def test_a_daemon_that_cannot_start_falls_back_to_timeslice_loudly(
