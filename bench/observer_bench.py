@@ -46,10 +46,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fcsp_hook import abi, slot, slotio  # noqa: E402  # after the path tweak, as a script
+from fcsp_hook import abi, mps, slot, slotio  # noqa: E402  # after the path tweak, as a script
 
 SHIM = REPO / "shim" / "libvgpu.so"
 WORKER = REPO / "bench" / "observer_worker.py"
+MPS_PATH = os.pathsep.join((os.environ.get("PATH", ""), "/usr/local/nvidia/bin", "/usr/bin"))
 SAMPLE_S = 0.005
 WHOLE = abi.WHOLE_GPU_CENTI
 
@@ -154,14 +155,32 @@ class Scene:
         shim: bool = True,
     ) -> Worker:
         slot.ensure_tenants_dir(self.run_dir)
+        on_mps = shim and self.args.backend == "mps"
+        if on_mps:
+            # MPS clients must find the daemon when CUDA initialises: observer first.
+            self.start_observer()
+            uuid = self.args.gpu_uuid
+            if not wait_until(lambda: mps.ready(self.run_dir, uuid), 30):
+                raise RuntimeError(f"no MPS daemon: {mps.read_state(self.run_dir, uuid)}")
         spec = slot.SlotSpec(
             container_id=name,
             tenant=name,
             isolation_mode=mode,
             priority=priority,
-            devices=(slot.DeviceLimits(host_index=0, sm_requested_centi=sm_centi),),
+            devices=(
+                slot.DeviceLimits(
+                    host_index=0,
+                    uuid=self.args.gpu_uuid,
+                    sm_requested_centi=sm_centi,
+                    backend=abi.Backend.MPS if on_mps else abi.Backend.TIMESLICE,
+                ),
+            ),
         )
         slot.write_slot(self.slot_dir(name), spec, {})
+        if on_mps:  # what the hook mounts in a container, as a link for a bare process
+            (self.slot_dir(name) / abi.MPS_DIR).symlink_to(
+                mps.client_dir(self.run_dir, self.args.gpu_uuid)
+            )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if shim:
             env["FCSP_SLOT_DIR"] = str(self.slot_dir(name))
@@ -183,8 +202,15 @@ class Scene:
                 raise RuntimeError(f"worker {w.name} did not start (CUDA init?)")
 
     def start_observer(self) -> None:
+        if self.observer is not None:
+            return
         cfg = self.root / "config.toml"
         extra = f"interval_ms = {self.args.interval_ms}\n" if self.args.interval_ms else ""
+        if self.args.backend == "mps":
+            extra += (
+                f'[backend]\ngpus = {{ "{self.args.gpu_uuid}" = "mps" }}\n'
+                f'mps_control = "{self.args.mps_control}"\n'
+            )
         cfg.write_text(
             f'[paths]\nrun_dir = "{self.run_dir}"\n[observer]\nmetrics_port = 0\n{extra}'
         )
@@ -259,24 +285,40 @@ class Scene:
         if self.observer is not None and self.observer.poll() is None:
             self.observer.terminate()
             self.observer.wait(timeout=20)
+        if self.args.backend == "mps":  # the observer leaves its daemon to running clients
+            mps.Daemon(self.run_dir, self.args.gpu_uuid, self.args.mps_control, _Quiet()).stop()
 
 
 @contextlib.contextmanager
 def scene(args: argparse.Namespace, label: str) -> Iterator[Scene]:
-    root = Path(tempfile.mkdtemp(prefix=f"fcsp-obs-{label}-"))
+    root = Path(tempfile.mkdtemp(prefix=f"fo-{label}-", dir="/tmp"))  # short: socket paths
     s = Scene(root, args)
     try:
         yield s
     finally:
         s.close()
         if (root / "observer.log").exists():
-            shutil.copy(root / "observer.log", args.out / f"observer-{label}.log")
+            shutil.copy(root / "observer.log", args.out / f"observer-{args.backend}-{label}.log")
         shutil.rmtree(root, ignore_errors=True)
 
 
 def _pythonpath() -> str:
     """The checkout first, then whatever the caller set (wheels carried to the GPU machine)."""
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+class _Quiet:
+    def info(self, *_: object, **__: object) -> None: ...
+    def error(self, *_: object, **__: object) -> None: ...
+
+
+def wait_until(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def settle(seconds: float) -> None:
@@ -539,6 +581,148 @@ def noisy_neighbour(args: argparse.Namespace, results: dict[str, Any]) -> None:
         log(f"latency: alone {alone}, with neighbour {busy}")
 
 
+def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None:
+    """One tenant alone, strict at sm = 10, 25, 50, 75: its throughput over alone's.
+
+    Under MPS strict is the client's thread percentage (a fresh process per share: MPS
+    reads it when the client connects); time-sliced, it is the launch limiter."""
+    out: dict[str, Any] = {}
+    with scene(args, "accuracy") as s:
+        s.start_observer()
+        for share in (10, 25, 50, 75):
+            w = s.add_tenant(f"S{share}", share * 100, mode=abi.IsolationMode.STRICT)
+            s.wait_ready()
+            w.send("run")
+            settle(args.warmup)
+            achieved = window(w, args.measure) / solo * 100
+            w.send("idle")
+            w.stop()
+            del s.workers[f"S{share}"]
+            out[str(share)] = {"achieved_pct": achieved, "error_points": achieved - share}
+            log(f"accuracy: sm {share} -> {achieved:.1f} %")
+    results["accuracy"] = {**out, "target": "|error| <= 3 points"}
+
+
+def pair(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None:
+    """Two tenants at 30 and 70, both busy, strict then balanced: each over alone's."""
+    out: dict[str, Any] = {}
+    for mode in (abi.IsolationMode.STRICT, abi.IsolationMode.BALANCED):
+        with scene(args, f"pair-{mode.name.lower()}") as s:
+            s.start_observer()
+            ws = {n: s.add_tenant(n, sm * 100, mode=mode) for n, sm in (("P30", 30), ("P70", 70))}
+            s.wait_ready()
+            for w in ws.values():
+                w.send("run")
+            settle(args.warmup)
+            t0 = time.monotonic()
+            settle(args.measure)
+            t1 = time.monotonic()
+            got = {n: ws[n].rate(t0, t1) / solo * 100 for n in ws}
+            out[mode.name.lower()] = got
+            log(f"pair ({mode.name.lower()}): {got}")
+    results["pair"] = {**out, "target": "30 / 70 within 3 points (HAMi-core 46 / 54)"}
+
+
+def latency_capped(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None:
+    """Latency of V (priority latency) next to a saturating N held strictly at 70 %: under
+    MPS N's kernels may use only 70 % of the SMs, so V's never wait for a whole SM set."""
+    with scene(args, "latency-capped") as s:
+        v = s.add_tenant("V", 3000, priority=abi.Priority.LATENCY)
+        n = s.add_tenant("N", 7000, mode=abi.IsolationMode.STRICT)
+        s.wait_ready()
+        s.start_observer()
+        n.send("idle")
+        v.send("latency")
+        settle(args.warmup)
+        v.latency_stats()
+        settle(args.measure)
+        alone = percentiles(v.latency_stats())
+        n.send("run")
+        settle(args.warmup)
+        v.latency_stats()
+        t0 = time.monotonic()
+        settle(args.measure)
+        busy = percentiles(v.latency_stats())
+        neighbour = n.rate(t0, time.monotonic()) / solo
+    results["latency_capped"] = {
+        "alone_us": alone,
+        "with_neighbour_strict_70_us": busy,
+        "p99_ratio": busy["p99"] / alone["p99"] if alone["p99"] else math.nan,
+        "neighbour_throughput_vs_alone": neighbour,
+    }
+    log(f"latency, neighbour strict 70: {results['latency_capped']}")
+
+
+def fault(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """MPS only: a tenant's kernel faults next to a busy tenant.  What the neighbour sees,
+    when the observer notices, whether it restarts the daemon and a new client runs."""
+    faulty = args.out / "fault_client"
+    source = REPO / "bench" / "mps_fault.cu"
+    build = subprocess.run(
+        ["nvcc", "-o", str(faulty), str(source)], capture_output=True, text=True, check=False
+    )
+    if build.returncode != 0:
+        results["fault"] = {"error": f"nvcc: {build.stderr[-300:]}"}
+        return
+    with scene(args, "fault") as s:
+        victim = s.add_tenant("V", 5000)
+        s.wait_ready()
+        victim.send("run")
+        settle(args.warmup)
+        before = victim.rate(time.monotonic() - 1, time.monotonic())
+        first_pid = mps.read_state(s.run_dir, args.gpu_uuid).get("pid")
+        slot.write_slot(
+            s.slot_dir("F"),
+            slot.SlotSpec(
+                container_id="F",
+                devices=(
+                    slot.DeviceLimits(host_index=0, uuid=args.gpu_uuid, backend=abi.Backend.MPS),
+                ),
+            ),
+            {},
+        )
+        (s.slot_dir("F") / abi.MPS_DIR).symlink_to(mps.client_dir(s.run_dir, args.gpu_uuid))
+        env = {**os.environ, "LD_PRELOAD": str(SHIM), "FCSP_SLOT_DIR": str(s.slot_dir("F"))}
+        t_fault = time.monotonic()
+        ran = subprocess.run(
+            [str(faulty)], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        detected = wait_until(
+            lambda: mps.read_state(s.run_dir, args.gpu_uuid).get("faults", 0) >= 1, 30
+        )
+        t_detect = time.monotonic() - t_fault
+        restarted = wait_until(
+            lambda: (
+                mps.read_state(s.run_dir, args.gpu_uuid).get("pid") not in (None, 0, first_pid)
+                and mps.ready(s.run_dir, args.gpu_uuid)
+            ),
+            60,
+        )
+        t_restart = time.monotonic() - t_fault
+        settle(1.0)
+        now = time.monotonic()
+        victim_alive = victim.proc.poll() is None and victim.rate(now - 1, now) > 0
+        after = s.add_tenant("W", 5000)
+        new_ok = after.ready.wait(120)
+        if new_ok:
+            after.send("run")
+            settle(args.warmup)
+        now = time.monotonic()
+        results["fault"] = {
+            "faulting_client_output": ran.stdout.strip()[-200:],
+            "victim_rate_before": before,
+            "victim_still_running_after": victim_alive,
+            "victim_returncode": victim.proc.poll(),
+            "observer_detected": detected,
+            "detected_after_s": t_detect if detected else None,
+            "daemon_restarted": restarted,
+            "restarted_after_s": t_restart if restarted else None,
+            "new_client_runs": bool(new_ok and after.rate(now - 1, now) > 0),
+            "state": mps.read_state(s.run_dir, args.gpu_uuid),
+        }
+        log(f"fault: {results['fault']}")
+
+
 # ---- output -------------------------------------------------------------------------------
 
 
@@ -560,7 +744,7 @@ def plot(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
-        with (args.out / f"observer-{label}.csv").open("w") as f:
+        with (args.out / f"observer-{args.backend}-{label}.csv").open("w") as f:
             f.write("t_s," + ",".join(f"share_{n}_pct" for n in names) + "\n")
             for t, r in rows:
                 f.write(f"{t:.4f}," + ",".join(str(r.get(n, 0) / 100) for n in names) + "\n")
@@ -579,7 +763,7 @@ def plot(
     bottom.set_xlabel("seconds")
     top.legend()
     fig.tight_layout()
-    fig.savefig(args.out / f"observer-{label}.png", dpi=110)
+    fig.savefig(args.out / f"observer-{args.backend}-{label}.png", dpi=110)
     plt.close(fig)
 
 
@@ -653,13 +837,71 @@ def write_markdown(args: argparse.Namespace, results: dict[str, Any]) -> None:
         lines.append(f"- {label}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(row.items())))
     lines += [
         "",
-        "![workday](observer-workday.png)",
+        f"![workday](observer-{args.backend}-workday.png)",
         "",
         "Latency isolation is bounded by time-slicing: without MPS the GPU runs one context "
         "at a time, so a neighbour's kernels delay a short kernel by up to a time slice "
         "however the neighbour's launches are throttled; throttling divides throughput.",
     ]
-    (args.out / "observer.md").write_text("\n".join(lines) + "\n")
+    rows: list[str] = []
+    acc = results.get("accuracy", {})
+    for share in ("10", "25", "50", "75"):
+        row = acc.get(share, {})
+        rows.append(
+            f"| accuracy, one tenant strict at {share} % | {fmt(row.get('achieved_pct'))} % "
+            f"(error {fmt(row.get('error_points'))} points) | within 3 points |"
+        )
+    for mode, got in results.get("pair", {}).items():
+        if isinstance(got, dict):
+            rows.append(
+                f"| pair 30 / 70 ({mode}) | {fmt(got.get('P30'))} / {fmt(got.get('P70'))} % "
+                "| 30 / 70 within 3 points |"
+            )
+    lc = results.get("latency_capped", {})
+    if "alone_us" in lc:
+        alone_c, busy_c = lc["alone_us"], lc["with_neighbour_strict_70_us"]
+        rows.append(
+            f"| latency next to a saturating neighbour held strict at 70 %, p50 / p99 (us) | "
+            f"{fmt(busy_c.get('p50'))} / {fmt(busy_c.get('p99'))} (alone {fmt(alone_c.get('p99'))}"
+            f", p99 x{fmt(lc.get('p99_ratio'))}; neighbour at "
+            f"{fmt(lc.get('neighbour_throughput_vs_alone'))} of alone) | <= 2x |"
+        )
+    for name in ("accuracy", "pair", "latency_capped", "fault"):
+        if "error" in results.get(name, {}):
+            rows.append(f"| {name} | failed: {results[name]['error']} | |")
+    if "fault" in results and "error" not in results["fault"]:
+        f = results["fault"]
+        rows.append(
+            f"| MPS fault next to a busy tenant | neighbour still running: "
+            f"{f['victim_still_running_after']}; observer noticed after "
+            f"{fmt(f['detected_after_s'])} s, daemon restarted after "
+            f"{fmt(f['restarted_after_s'])} s; new client runs: {f['new_client_runs']} | |"
+        )
+    at = lines.index("## Workday (shares in % at the end of each phase)") - 1
+    lines[at:at] = rows
+    (args.out / f"observer-{args.backend}.md").write_text("\n".join(lines) + "\n")
+
+
+def guarded(name: str, results: dict[str, Any], run: Any) -> None:
+    """A section that fails is a row saying why, not the end of the run."""
+    try:
+        run()
+    except Exception as exc:  # reported in the results
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        log(f"{name} failed: {exc}")
+
+
+def gpu_uuid() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return out.strip()
 
 
 def gpu_name() -> str:
@@ -685,13 +927,25 @@ def main() -> int:
     parser.add_argument("--phase", type=float, default=3.0, help="seconds per workday phase")
     parser.add_argument("--repeats", type=int, default=5, help="reclaim repetitions")
     parser.add_argument("--fake", action="store_true", help="no GPU: check the plumbing")
-    parser.add_argument("--only", default="", help="comma list: solo,four,noisy")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma list: solo,four,noisy,accuracy,pair,latency_capped,fault",
+    )
+    parser.add_argument("--backend", choices=("timeslice", "mps"), default="timeslice")
+    parser.add_argument("--gpu-uuid", default="", help="the GPU's UUID; default: nvidia-smi's")
+    parser.add_argument(
+        "--mps-control",
+        default=shutil.which("nvidia-cuda-mps-control", path=MPS_PATH) or "nvidia-cuda-mps-control",
+    )
     args = parser.parse_args()
     args.out = Path(os.environ.get("OUT", REPO / "bench" / "results" / "out"))
     args.out.mkdir(parents=True, exist_ok=True)
+    args.gpu_uuid = args.gpu_uuid or gpu_uuid()
     if not args.fake and not SHIM.exists():
         subprocess.run(["make", "-C", str(REPO), "shim"], check=True)
     only = set(filter(None, args.only.split(","))) or {"solo", "four", "noisy"}
+    sections = {"accuracy": accuracy, "pair": pair, "latency_capped": latency_capped}
     results: dict[str, Any] = {
         "gpu": gpu_name(),
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -702,10 +956,16 @@ def main() -> int:
             four_tenants(args, results, solo)
         if "noisy" in only:
             noisy_neighbour(args, results)
+        for name, run in sections.items():
+            if name in only:
+                guarded(name, results, lambda run=run: run(args, results, solo))
+        if "fault" in only and args.backend == "mps":
+            guarded("fault", results, lambda: fault(args, results))
     finally:
-        (args.out / "observer-raw.json").write_text(json.dumps(results, indent=2, default=str))
+        raw = args.out / f"observer-{args.backend}-raw.json"
+        raw.write_text(json.dumps(results, indent=2, default=str))
         write_markdown(args, results)
-    log(f"wrote {args.out / 'observer.md'}")
+    log(f"wrote {args.out / f'observer-{args.backend}.md'}")
     return 0
 
 
