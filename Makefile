@@ -155,3 +155,16 @@ demo: install sim
 clean:
 	rm -f shim/libvgpu.so
 	rm -rf tests/build $(GEN_DIR)
+
+# The fcsp-node image etc/kubernetes/daemonset.yaml runs (image/Containerfile): build it with
+# `make image IMAGE=registry/you/fcsp-node:tag`, then `$(ENGINE) push` it.  IMAGE_BASE is the
+# Debian both stages start from; IMAGE_FLAGS, more `$(ENGINE) build` flags.
+IMAGE       ?= ghcr.io/fcsp/fcsp-node:0.1.0
+ENGINE      ?= podman
+IMAGE_BASE  ?= docker.io/library/debian:bookworm-slim
+IMAGE_FLAGS ?=
+
+.PHONY: image
+image:
+	$(ENGINE) build $(IMAGE_FLAGS) --build-arg BASE=$(IMAGE_BASE) -f image/Containerfile \
+		-t $(IMAGE) .

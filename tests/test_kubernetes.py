@@ -105,3 +105,14 @@ def test_daemonset_installs_containerd_then_runs_the_observer() -> None:
     assert "/run/fcsp" in mounts
     namespaces = [d for d in _docs("daemonset.yaml") if d["kind"] == "Namespace"]
     assert [n["metadata"]["name"] for n in namespaces] == [ds["metadata"]["namespace"]]
+
+
+def test_daemonset_runs_the_image_make_image_builds() -> None:
+    """Both containers run one image: the one `make image` tags by default (image/Containerfile;
+    tests/test_node_image.py builds it and runs the init script in it)."""
+    pod = _daemonset_pod()
+    images = {c["image"] for c in pod["initContainers"] + pod["containers"]}
+    makefile = (K8S.parent.parent / "Makefile").read_text().splitlines()
+    default = [ln.split("?=", 1)[1].strip() for ln in makefile if ln.startswith("IMAGE ")]
+    assert images == set(default)
+    assert len(default) == 1
