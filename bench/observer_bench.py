@@ -181,7 +181,11 @@ class Scene:
             (self.slot_dir(name) / abi.MPS_DIR).symlink_to(
                 mps.client_dir(self.run_dir, self.args.gpu_uuid)
             )
+        # One GPU per worker: an MPS client sees only its daemon's GPU, and PyTorch must
+        # not count the others (through NVML) and then fail to initialise them.
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.args.gpu_uuid:
+            env["CUDA_VISIBLE_DEVICES"] = self.args.gpu_uuid
         if shim:
             env["FCSP_SLOT_DIR"] = str(self.slot_dir(name))
             if not self.args.fake:
@@ -683,6 +687,7 @@ def fault(args: argparse.Namespace, results: dict[str, Any]) -> None:
         )
         (s.slot_dir("F") / abi.MPS_DIR).symlink_to(mps.client_dir(s.run_dir, args.gpu_uuid))
         env = {**os.environ, "LD_PRELOAD": str(SHIM), "FCSP_SLOT_DIR": str(s.slot_dir("F"))}
+        env["CUDA_VISIBLE_DEVICES"] = args.gpu_uuid
         t_fault = time.monotonic()
         ran = subprocess.run(
             [str(faulty)], env=env, capture_output=True, text=True, timeout=60, check=False
@@ -866,7 +871,7 @@ def write_markdown(args: argparse.Namespace, results: dict[str, Any]) -> None:
             f", p99 x{fmt(lc.get('p99_ratio'))}; neighbour at "
             f"{fmt(lc.get('neighbour_throughput_vs_alone'))} of alone) | <= 2x |"
         )
-    for name in ("accuracy", "pair", "latency_capped", "fault"):
+    for name in ("four", "noisy", "accuracy", "pair", "latency_capped", "fault"):
         if "error" in results.get(name, {}):
             rows.append(f"| {name} | failed: {results[name]['error']} | |")
     if "fault" in results and "error" not in results["fault"]:
@@ -953,9 +958,9 @@ def main() -> int:
     try:
         solo = solo_baseline(args, results) if "solo" in only or "four" in only else 1.0
         if "four" in only:
-            four_tenants(args, results, solo)
+            guarded("four", results, lambda: four_tenants(args, results, solo))
         if "noisy" in only:
-            noisy_neighbour(args, results)
+            guarded("noisy", results, lambda: noisy_neighbour(args, results))
         for name, run in sections.items():
             if name in only:
                 guarded(name, results, lambda run=run: run(args, results, solo))
