@@ -97,8 +97,8 @@ def rows(ts: dict[str, Any], mp: dict[str, Any]) -> list[tuple[str, str, str, st
     )
     out.append(
         (
-            "latency, saturating neighbour held strict at 70 %",
-            *(_latency(d, "latency_capped", "with_neighbour_strict_70_us") for d in (ts, mp)),
+            "latency, priority-latency tenant (30 %) next to a saturating 70 % neighbour",
+            *(_latency(d, "latency_capped", "with_neighbour_70_us") for d in (ts, mp)),
             "<= 2x",
         )
     )

@@ -75,7 +75,9 @@ class LimitsDevice(ctypes.Structure):
         ("sm_requested_centi", u32),
         ("sm_effective_centi", u32),
         ("backend", u32),
-        ("reserved", u64 * 4),
+        ("mps_threads_centi", u32),
+        ("reserved1", u32),
+        ("reserved", u64 * 3),
     )
 
 

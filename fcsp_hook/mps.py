@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcsp_hook import abi, procfs
+from fcsp_hook import abi, procfs, slot
+from fcsp_hook.errors import FcspError
 
 MPS_SUBDIR = "mps"
 CONTROL = "control"
@@ -73,6 +74,47 @@ def read_state(run_dir: Path, uuid: str) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# Best-effort tenants keep at least this much of the SMs, whatever latency tenants reserve.
+MIN_THREADS_CENTI = 1000
+
+
+def threads_centi(
+    request_centi: int, mode: abi.IsolationMode, priority: abi.Priority, reserved_centi: int
+) -> int:
+    """The MPS thread percentage a new tenant gets (1/100 %).
+
+    A latency tenant: its share of the SMs, which best-effort tenants that start after it
+    leave free (reserved_centi: what latency tenants already on the GPU requested).
+    """
+    if priority == abi.Priority.LATENCY:
+        return request_centi
+    free = max(abi.WHOLE_GPU_CENTI - reserved_centi, MIN_THREADS_CENTI)
+    return min(request_centi, free) if mode == abi.IsolationMode.STRICT else free
+
+
+def latency_reserve(tenants_dir: Path, uuid: str, exclude: str) -> int:
+    """What latency tenants on this MPS GPU requested, from their slots (1/100 %)."""
+    total = 0
+    try:
+        entries = list(tenants_dir.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name == exclude:
+            continue
+        try:
+            limits = slot.read_limits(entry / abi.LIMITS_FILE)
+        except (FcspError, OSError):
+            continue
+        if limits.priority != abi.Priority.LATENCY:
+            continue
+        for i in range(min(int(limits.device_count), abi.MAX_DEVICES)):
+            dev = limits.device[i]
+            if dev.backend == abi.Backend.MPS and dev.uuid.decode(errors="replace") == uuid:
+                total += min(int(dev.sm_requested_centi), abi.WHOLE_GPU_CENTI)
+    return min(total, abi.WHOLE_GPU_CENTI)
 
 
 def fault_pids(log_chunk: bytes) -> list[int]:

@@ -28,6 +28,8 @@ class Setup:
     rootfs: Path
     # Per GPU: what the tenant gets (mps only for a single-GPU tenant whose daemon runs).
     backends: tuple[abi.Backend, ...] = ()
+    # MPS: the share latency tenants already on the GPU keep free for themselves.
+    mps_reserved_centi: int = 0
 
     @property
     def mps_gpu(self) -> str:
@@ -73,6 +75,11 @@ def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> slot
             mem_limit_basis_points=dev.mem.basis_points,
             sm_requested_centi=dev.sm_centi,
             backend=backend,
+            mps_threads_centi=mps.threads_centi(
+                dev.sm_centi, request.mode, request.priority, setup.mps_reserved_centi
+            )
+            if backend == abi.Backend.MPS
+            else 0,
         )
         for gpu, dev, backend in zip(
             setup.gpus,
@@ -116,12 +123,18 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     rootfs = bundle.root or Path(os.readlink(f"/proc/{state.pid}/cwd"))
     if not cfg.hook.library.is_file():
         raise HookError(f"{cfg.hook.library} is missing; run `make install` or set [hook] library")
+    backends = choose_backends(found, cfg, log)
+    reserved = 0
+    if backends == (abi.Backend.MPS,):
+        tenants = slot.tenants_dir(cfg.paths.run_dir)
+        reserved = mps.latency_reserve(tenants, found[0].uuid, exclude=state.id)
     return Setup(
         request=request,
         gpus=found,
         pid=state.pid,
         rootfs=rootfs,
-        backends=choose_backends(found, cfg, log),
+        backends=backends,
+        mps_reserved_centi=reserved,
     )
 
 
@@ -154,5 +167,8 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
         mem_bytes=[d.mem.bytes for d in setup.request.devices],
         mode=setup.request.mode.name.lower(),
         backend=[b.name.lower() for b in setup.backends],
+        mps_threads_pct=[d.mps_threads_centi / abi.CENTI_PER_PERCENT for d in spec.devices]
+        if setup.mps_gpu
+        else None,
         duration_ms=round((time.monotonic() - started) * 1000, 2),
     )

@@ -33,6 +33,7 @@ class DeviceLimits:
     mem_limit_basis_points: int = 0
     sm_requested_centi: int = abi.WHOLE_GPU_CENTI
     backend: abi.Backend = abi.Backend.TIMESLICE
+    mps_threads_centi: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ def encode_limits(spec: SlotSpec) -> bytes:
         entry.sm_requested_centi = dev.sm_requested_centi
         entry.sm_effective_centi = dev.sm_requested_centi
         entry.backend = dev.backend
+        entry.mps_threads_centi = dev.mps_threads_centi
     return bytes(limits)
 
 

@@ -26,8 +26,8 @@
  * The observer may raise it above the request (work conservation); if the
  * observer is gone (heartbeat 0 or older than 1 s) such a raise is ignored
  * and the request applies, i.e. strict behaviour.  Isolation mode none means
- * no compute limit; so does strict for an MPS client whose thread percentage is
- * its share, since the hardware then keeps it to its SMs.  BUD_SM_LIMIT(_DEV<n>) can only lower the result.
+ * no compute limit; so does an MPS client whose thread percentage is its share
+ * (strict, or latency priority), since the hardware then keeps it to its SMs.  BUD_SM_LIMIT(_DEV<n>) can only lower the result.
  * 100 % skips everything but the launch counter.
  *
  * Reported in the usage file, per device:
@@ -89,9 +89,9 @@ static uint32_t share_in_force(int entry, int ordinal)
     const struct fcsp_limits *limits = shim.limits;
     if (!limits)
         return cap;
-    uint32_t mode = limits->isolation_mode;
-    /* none: no limit; strict under MPS: the hardware holds the share (mps.c) */
-    if (unlikely(mode == FCSP_MODE_NONE || (mode == FCSP_MODE_STRICT && shim_mps_thread_capped)))
+    /* none: no limit; an MPS client whose thread percentage is its share: the hardware
+     * holds it (mps.c) */
+    if (unlikely(limits->isolation_mode == FCSP_MODE_NONE || shim_mps_thread_capped))
         return cap;
     struct fcsp_limits_device *d = (struct fcsp_limits_device *)&limits->device[entry];
     uint32_t share = atomic_load_explicit(&d->sm_effective_centi, memory_order_relaxed);

@@ -97,7 +97,15 @@ struct fcsp_limits_device {
      */
     _Atomic uint32_t sm_effective_centi;
     uint32_t backend;              /* enum fcsp_backend, fixed at prestart */
-    uint64_t reserved[4];
+    /*
+     * MPS only: the client's active thread percentage, 1/100 %, fixed at prestart
+     * (MPS reads it when a client connects).  A latency tenant gets its share of the
+     * SMs; the others on the GPU get what latency tenants have not reserved.
+     * 0: the shim derives it from the mode (strict: the share; else 100 %).
+     */
+    uint32_t mps_threads_centi;
+    uint32_t reserved1;
+    uint64_t reserved[3];
 };
 
 struct fcsp_limits {

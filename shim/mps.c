@@ -6,9 +6,11 @@
  * the tenant's own environment may only lower what the slot grants:
  *   CUDA_MPS_PIPE_DIRECTORY             always the slot's mps directory: another one
  *                                       would run the process outside FCSP's daemon;
- *   CUDA_MPS_ACTIVE_THREAD_PERCENTAGE   strict: the share (the SMs the hardware lets the
- *                                       client use); other modes: 100, the SMs are lent
- *                                       to whoever is busy and FCSP's limiter holds shares;
+ *   CUDA_MPS_ACTIVE_THREAD_PERCENTAGE   strict or latency priority: the share (the SMs
+ *                                       the hardware lets the client use); other modes:
+ *                                       what latency tenants left free (else 100), the
+ *                                       SMs are lent to whoever is busy and FCSP's
+ *                                       limiter holds shares;
  *   CUDA_MPS_PINNED_DEVICE_MEM_LIMIT    the memory quota, a second fence behind FCSP's.
  * Only single-GPU tenants get MPS: one process reaches one MPS daemon, and FCSP runs
  * one daemon per GPU (a fault stays on its GPU).
@@ -61,20 +63,32 @@ static uint64_t own_pinned_limit(void)
     return shim_parse_size(first, &limit) == 0 ? limit.bytes : 0;
 }
 
+/*
+ * The SMs this client may use.  A latency tenant gets exactly its share, kept free
+ * for it by the percentages the hook gave the GPU's other tenants; it is then not
+ * time-throttled as well: under MPS its kernels run beside the others', so the time
+ * between a kernel's events is mostly waiting, not use of the GPU.  Strict: the
+ * share.  Otherwise: what the host granted (what latency tenants left), else 100 %.
+ */
 static void set_thread_percentage(const struct fcsp_limits *limits)
 {
-    uint32_t pct = 100;
-    if (limits->isolation_mode == FCSP_MODE_STRICT) {
-        uint32_t centi = limits->device[0].sm_requested_centi;
-        pct = centi ? (centi + 99) / 100 : 100;
-    }
+    const struct fcsp_limits_device *d = &limits->device[0];
+    uint32_t share = d->sm_requested_centi ? d->sm_requested_centi : 10000;
+    bool share_in_hardware = limits->isolation_mode == FCSP_MODE_STRICT ||
+                             limits->priority == FCSP_PRIORITY_LATENCY;
+    uint32_t centi = share_in_hardware ? share : 10000;
+    if (d->mps_threads_centi && d->mps_threads_centi < centi)
+        centi = d->mps_threads_centi;
+    uint32_t pct = (centi + 99) / 100;
     double own = own_percentage();
-    if (own > 0 && own <= pct)
+    if (own > 0 && own <= pct) {
+        shim_mps_thread_capped = share_in_hardware && own * 100 <= share;
         return; /* the tenant asked for less: keep it */
+    }
     char text[16];
     snprintf(text, sizeof(text), "%u", pct);
     setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", text, 1);
-    shim_mps_thread_capped = pct < 100;
+    shim_mps_thread_capped = share_in_hardware && centi <= share;
 }
 
 static void set_pinned_limit(const struct fcsp_limits *limits)

@@ -125,7 +125,7 @@ extern _Atomic uint32_t shim_context_epoch;
 
 /* ---- mps.c: the MPS backend, set up before the driver initialises ---------- */
 
-/* True when this process's MPS thread percentage is its strict share. */
+/* True when this process's MPS thread percentage holds its share (strict, latency). */
 extern bool shim_mps_thread_capped;
 void shim_mps_init(const struct fcsp_limits *limits, const char *slot_dir);
 

@@ -214,17 +214,27 @@ def daemon(short_tmp: Path) -> Iterator[Path]:
     subprocess.run([str(SIM_CONTROL)], env=env, input=b"quit\n", check=False, timeout=10)
 
 
-def _mps_slot(tmp_path: Path, daemon_log: Path, mode: abi.IsolationMode, socket: bool) -> Path:
+def _mps_slot(
+    tmp_path: Path,
+    daemon_log: Path,
+    mode: abi.IsolationMode,
+    socket: bool,
+    *,
+    priority: abi.Priority = abi.Priority.BEST_EFFORT,
+    threads_centi: int = 0,
+) -> Path:
     directory = tmp_path / "slot"
     spec = slot.SlotSpec(
         container_id="t",
         isolation_mode=mode,
+        priority=priority,
         devices=(
             slot.DeviceLimits(
                 host_index=0,
                 sm_requested_centi=3000,
                 mem_limit_bytes=1 << 30,
                 backend=abi.Backend.MPS,
+                mps_threads_centi=threads_centi,
             ),
         ),
     )
@@ -281,6 +291,65 @@ def test_the_shim_makes_the_process_a_client_with_the_slots_limits(
     assert client.split(" ", 1)[1] == expected
 
 
+@pytest.mark.parametrize(
+    ("mode", "priority", "threads_centi", "expected"),
+    [
+        (abi.IsolationMode.BALANCED, abi.Priority.LATENCY, 3000, "threads=30"),
+        (abi.IsolationMode.BALANCED, abi.Priority.BEST_EFFORT, 7000, "threads=70"),
+        (abi.IsolationMode.STRICT, abi.Priority.BEST_EFFORT, 2000, "threads=20"),
+    ],
+    ids=["latency-gets-its-share", "best-effort-gets-what-is-left", "strict-within-what-is-left"],
+)
+def test_thread_percentages_around_a_latency_tenant(
+    daemon: Path,
+    mode: abi.IsolationMode,
+    priority: abi.Priority,
+    threads_centi: int,
+    expected: str,
+) -> None:
+    """What the hook granted in the slot (mps_threads_centi) is the client's percentage."""
+    directory = _mps_slot(
+        daemon.parent, daemon, mode, True, priority=priority, threads_centi=threads_centi
+    )
+    result = run(Env(state=daemon.parent / "sim", slot=directory), "init")
+    assert result.field("init") == ["init", "0"], result.stderr
+    (client,) = _clients(daemon)
+    assert client.split(" ")[1] == expected
+
+
+def test_thread_grants_reserve_the_sms_of_latency_tenants(tmp_path: Path) -> None:
+    """The hook's arithmetic: latency tenants' shares are kept free for them."""
+    best, strict, latency = (
+        abi.Priority.BEST_EFFORT,
+        abi.IsolationMode.STRICT,
+        abi.Priority.LATENCY,
+    )
+    balanced = abi.IsolationMode.BALANCED
+    assert mps.threads_centi(3000, balanced, latency, 0) == 3000
+    assert mps.threads_centi(5000, balanced, best, 3000) == 7000
+    assert mps.threads_centi(5000, strict, best, 3000) == 5000
+    assert mps.threads_centi(8000, strict, best, 3000) == 7000
+    assert mps.threads_centi(5000, balanced, best, 9800) == mps.MIN_THREADS_CENTI
+    slot.ensure_tenants_dir(tmp_path)
+    for cid, priority, gpu, backend, share in (
+        ("lat-a", latency, GPU1, abi.Backend.MPS, 2000),
+        ("lat-b", latency, GPU1, abi.Backend.MPS, 1500),
+        ("lat-other-gpu", latency, GPU0, abi.Backend.MPS, 4000),
+        ("lat-timesliced", latency, GPU1, abi.Backend.TIMESLICE, 4000),
+        ("batch", best, GPU1, abi.Backend.MPS, 5000),
+    ):
+        spec = slot.SlotSpec(
+            container_id=cid,
+            priority=priority,
+            devices=(slot.DeviceLimits(uuid=gpu, sm_requested_centi=share, backend=backend),),
+        )
+        slot.write_slot(slot.slot_path(tmp_path, cid), spec, {})
+    (slot.tenants_dir(tmp_path) / "garbage").mkdir()
+    tenants = slot.tenants_dir(tmp_path)
+    assert mps.latency_reserve(tenants, GPU1, exclude="new") == 3500
+    assert mps.latency_reserve(tenants, GPU1, exclude="lat-a") == 1500
+
+
 def test_without_the_socket_the_process_runs_time_sliced(tmp_path: Path, daemon: Path) -> None:
     directory = _mps_slot(daemon.parent, daemon, abi.IsolationMode.STRICT, socket=False)
     result = run(Env(state=tmp_path / "sim", slot=directory, extra={}), "init")
@@ -297,7 +366,8 @@ def test_container_gets_only_the_control_socket_read_only(
 ) -> None:
     """podman with the real hook, GPU 1 on mps with a running daemon: /run/fcsp/mps in the
     container holds only `control`, read-only; the CUDA process in it became a client of
-    the host's daemon with its strict share; a two-GPU container is time-sliced."""
+    the host's daemon with its strict share; next to a latency tenant holding 30 % of the GPU
+    a best-effort container gets the other 70 %; a two-GPU container is time-sliced."""
     build()
     tmp_path = short_tmp
     driver = _driver_dir(tmp_path / "driver")
@@ -331,9 +401,24 @@ def test_container_gets_only_the_control_socket_read_only(
         ready = [r for r in hook.log_records() if r.get("event") == "tenant slot ready"]
         assert ready[-1]["backend"] == ["mps"]
 
+        # A latency tenant holds 30 % of GPU 1: a best-effort container gets the other 70 %.
+        latency = slot.SlotSpec(
+            container_id="serving",
+            priority=abi.Priority.LATENCY,
+            devices=(
+                slot.DeviceLimits(uuid=GPU1, sm_requested_centi=3000, backend=abi.Backend.MPS),
+            ),
+        )
+        slot.write_slot(slot.slot_path(run_dir, "serving"), latency, {})
+        done = podman(hook, rootfs, shell, {"fcsp.sm": "40"}, {"NVIDIA_VISIBLE_DEVICES": "1"})
+        assert done.returncode == 0, done.stderr
+        clients = _clients(mps.gpu_dir(run_dir, GPU1) / "log")
+        assert clients[-1].split(" ", 1)[1] == "threads=70 pinned=-"
+        slot.remove_slot(run_dir, "serving")
+
         two = podman(hook, rootfs, shell, {"fcsp.sm": "40"}, {"NVIDIA_VISIBLE_DEVICES": "0,1"})
         assert two.returncode == 0, two.stderr
-        assert len(_clients(mps.gpu_dir(run_dir, GPU1) / "log")) == 1
+        assert len(_clients(mps.gpu_dir(run_dir, GPU1) / "log")) == 2
         assert "single-GPU containers only" in hook.log_file.read_text()
     finally:
         daemon.stop()
