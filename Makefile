@@ -108,6 +108,10 @@ venv:
 	[ -x $(VENV)/bin/python3 ] || { command -v $(BASE_PYTHON) >/dev/null && $(BASE_PYTHON) -m venv $(VENV) 2>/dev/null; } || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
 		  $(BASE_PYTHON) -m venv $(VENV); }
+	@case "$$(readlink -f $(VENV)/bin/python3)" in /root/*|/home/*) \
+		echo "warning: $(VENV) runs $$(readlink -f $(VENV)/bin/python3), under a home directory:" \
+		     "fcsp-observer.service (ProtectHome=yes) cannot start it; rebuild it with" \
+		     "BASE_PYTHON=/usr/bin/python3" >&2;; esac
 
 # With DESTDIR (staging a package) only files are staged; the Python package goes into
 # $(VENV) on the target, by `make install` there without DESTDIR.

@@ -531,3 +531,30 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "fcsp-observer.service" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_mps_drop_in_verifies(tmp_path: Path) -> None:
+    """The drop-in for MPS hosts loads with the unit and every key in it is known."""
+    unit = (REPO / "systemd" / "fcsp-observer.service").read_text()
+    local = tmp_path / "fcsp-observer.service"
+    local.write_text(unit.replace("/opt/fcsp/venv/bin/fcsp-observer", sys.executable))
+    drop_in = tmp_path / "fcsp-observer.service.d" / "mps.conf"
+    drop_in.parent.mkdir()
+    drop_in.write_text((REPO / "systemd" / "fcsp-observer-mps.conf").read_text())
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["systemd-analyze", "verify", str(local)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+        )
+
+    result = verify()
+    assert result.returncode == 0, result.stderr
+    assert "mps.conf" not in result.stderr and "fcsp-observer" not in result.stderr
+    # The drop-in really is read: an unknown key in it is reported.
+    drop_in.write_text(drop_in.read_text() + "NoSuchKey=1\n")
+    assert "mps.conf" in verify().stderr
