@@ -14,7 +14,11 @@ mkdir -p "$OUT"
 make -C "$REPO" -s shim || echo "shim build failed"
 read -r -a args <<<"${BENCH_ARGS:---warmup 1.5 --measure 3 --phase 2 --repeats 3}"
 sections=solo,four,noisy,accuracy,pair,latency_capped
-python3 "$REPO/bench/observer_bench.py" --backend timeslice --only "$sections" "${args[@]}"
-python3 "$REPO/bench/observer_bench.py" --backend mps --only "$sections,fault" "${args[@]}"
+# SIGINT at the limit: the bench still writes what it measured.
+limit=${BENCH_LIMIT_S:-290}
+timeout -s INT "$limit" python3 "$REPO/bench/observer_bench.py" --backend timeslice \
+    --only "$sections" "${args[@]}"
+timeout -s INT "$limit" python3 "$REPO/bench/observer_bench.py" --backend mps \
+    --only "$sections,fault" "${args[@]}"
 python3 "$REPO/bench/backends_report.py" "$OUT" >"$OUT/mps.md"
 echo "wrote $OUT/mps.md"
