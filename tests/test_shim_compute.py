@@ -120,6 +120,22 @@ def test_share_holds_for_short_and_long_kernels(tmp_path: Path, kernel_us: int) 
     assert dev.demand_centi > 3000  # it would use more than its share if let
 
 
+def test_a_tenant_that_synchronizes_after_every_launch_gets_its_share_of_device_time(
+    tmp_path: Path,
+) -> None:
+    """fcsp.sm is a share of the GPU's time.  A tenant that waits for each kernel leaves the
+    device idle between them even unthrottled, so against its own unthrottled throughput it
+    does better than its share (on the H200 this is part of the accuracy gap of issue 4); of
+    the device's time it gets its share: no more, and no less for the sleeps it takes."""
+    slot = compute_slot(tmp_path / "sync", 3000)
+    args = ["init", "func", "k_200us", "batch", "1", "run", "kernel", "0", str(RUN_S)]
+    limited = parse_loop(run(env_for(tmp_path, "sync", slot), *args, timeout=60).lines, 200)
+    free_slot = compute_slot(tmp_path / "sync-free", 10000)
+    free = parse_loop(run(env_for(tmp_path, "free", free_slot), *args, timeout=60).lines, 200)
+    assert 0.20 <= limited.device_fraction <= 0.40, limited
+    assert free.device_fraction > limited.device_fraction * 1.5, (free, limited)
+
+
 def test_two_tenants_30_70_race_on_one_device(tmp_path: Path) -> None:
     """Tenants at 30 % and 70 % launching as fast as they can on one device end up with
     about 30 % and 70 % of its time, although each one's measured kernel times include

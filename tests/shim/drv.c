@@ -13,6 +13,7 @@
  *   resolve NAME VERSION FLAGS | usage | wait | fork | exec | sleep MS
  *   func NAME              a function; in the sim "k_200us" runs 200 us
  *   graph US               a sim executable graph whose replay runs US us
+ *   batch N                later runs synchronize after every N launches
  *   run KIND ID SECONDS    launch KIND (kernel kernelex coop graph) on object ID
  *                          (-1: none) for SECONDS, then synchronize; prints
  *                          "run RC launched N wall_ns W cpu_ns C"
@@ -207,6 +208,8 @@ static unsigned long long clock_ns(clockid_t clock)
  * wait for the device: every kernel launched has then completed.  Reports the
  * launches, the wall time up to completion and the CPU time the process used.
  */
+static long sync_every; /* "batch N": synchronize after every N launches of a run */
+
 static void run_loop(const char *kind, int id, double seconds)
 {
     void *obj = id >= 0 ? (void *)(uintptr_t)objects[id].value : NULL;
@@ -217,6 +220,8 @@ static void run_loop(const char *kind, int id, double seconds)
     while (rc == CUDA_SUCCESS && clock_ns(CLOCK_MONOTONIC) < deadline) {
         rc = launch_obj(kind, obj);
         n += rc == CUDA_SUCCESS;
+        if (sync_every && n % sync_every == 0 && rc == CUDA_SUCCESS)
+            rc = api.ctx_sync();
     }
     if (rc == CUDA_SUCCESS)
         rc = api.ctx_sync();
@@ -404,6 +409,9 @@ int main(int argc, char **argv)
         } else if (strcmp(cmd, "run") == 0) { /* KIND ID SECONDS */
             run_loop(ARG(1), atoi(ARG(2)), atof(ARG(3)));
             i += 4;
+        } else if (strcmp(cmd, "batch") == 0) { /* N: later runs synchronize every N launches */
+            sync_every = atol(ARG(1));
+            i += 2;
         } else if (strcmp(cmd, "count") == 0) {
             uint64_t (*counter)(const char *) = (uint64_t(*)(const char *))sim_entry("fcspSimCount");
             printf("count %s %llu\n", ARG(1),
