@@ -76,7 +76,7 @@ CANDIDATES = (
 # ---- worker (runs under the shim) -----------------------------------------------------
 
 
-def _matmul(n: int) -> Any:
+def matmul(n: int) -> Any:
     import torch
 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -85,7 +85,7 @@ def _matmul(n: int) -> Any:
     return lambda: torch.mm(a, b, out=c)
 
 
-def _kernel_ms(op: Any, reps: int) -> float:
+def kernel_ms(op: Any, reps: int) -> float:
     import torch
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -105,9 +105,9 @@ def calibrate() -> dict[str, object]:
 
     times: dict[int, float] = {}
     for n in CANDIDATES:
-        op = _matmul(n)
-        first = _kernel_ms(op, 3)
-        times[n] = _kernel_ms(op, max(3, min(200, int(50 / max(first, 1e-3)))))
+        op = matmul(n)
+        first = kernel_ms(op, 3)
+        times[n] = kernel_ms(op, max(3, min(200, int(50 / max(first, 1e-3)))))
         if times[n] > 3 * TARGETS_MS["5ms"]:
             break
     chosen = {}
@@ -120,9 +120,9 @@ def calibrate() -> dict[str, object]:
 def worker(n: int, seconds: float, barrier: str | None) -> dict[str, object]:
     import torch
 
-    op = _matmul(n)
-    kernel_ms = _kernel_ms(op, 5)
-    every = max(1, round(2.0 / max(kernel_ms, 1e-3)))  # an event every ~2 ms of GPU work
+    op = matmul(n)
+    kernel_time_ms = kernel_ms(op, 5)
+    every = max(1, round(2.0 / max(kernel_time_ms, 1e-3)))  # an event every ~2 ms of GPU work
     stop = time.monotonic() + WARMUP_S  # lets the shim calibrate before measuring
     while time.monotonic() < stop:
         op()
@@ -146,7 +146,7 @@ def worker(n: int, seconds: float, barrier: str | None) -> dict[str, object]:
             marks.append((ops, ev))
     torch.cuda.synchronize()
     points = [(i, float(base.elapsed_time(ev)) / 1000) for i, ev in marks]
-    return {"n": n, "ops": ops, "kernel_ms": kernel_ms, "marks": points}
+    return {"n": n, "ops": ops, "kernel_ms": kernel_time_ms, "marks": points}
 
 
 # ---- analysis -------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu_compute import kernel_ms, matmul  # bench/ is this script's directory on sys.path
+
 GIB = 1 << 30
 MIB = 1 << 20
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
@@ -175,29 +177,6 @@ def probe_mem(alloc: int) -> dict[str, Any]:
     }
 
 
-def _matmul(n: int) -> Any:
-    import torch
-
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-    return lambda: torch.mm(a, b, out=c)
-
-
-def _kernel_ms(op: Any, reps: int) -> float:
-    import torch
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    op()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        op()
-    end.record()
-    end.synchronize()
-    return float(start.elapsed_time(end)) / reps
-
-
 def calibrate(device: int) -> dict[str, Any]:
     """The matmul size whose back-to-back kernels take closest (in log) to 500 us."""
     import torch
@@ -205,9 +184,9 @@ def calibrate(device: int) -> dict[str, Any]:
     torch.cuda.set_device(device)
     times: dict[int, float] = {}
     for n in CANDIDATES:
-        op = _matmul(n)
-        first = _kernel_ms(op, 3)
-        times[n] = _kernel_ms(op, max(5, min(100, int(60 / max(first, 1e-3)))))
+        op = matmul(n)
+        first = kernel_ms(op, 3)
+        times[n] = kernel_ms(op, max(5, min(100, int(60 / max(first, 1e-3)))))
         del op
         if times[n] > 3 * TARGET_KERNEL_MS:
             break
@@ -226,9 +205,9 @@ def worker(device: int, n: int, seconds: float, barrier: str, tag: str) -> dict[
     import torch
 
     torch.cuda.set_device(device)
-    op = _matmul(n)
-    kernel_ms = _kernel_ms(op, 5)
-    every = max(1, round(2.0 / max(kernel_ms, 1e-3)))  # an event every ~2 ms of GPU work
+    op = matmul(n)
+    kernel_time_ms = kernel_ms(op, 5)
+    every = max(1, round(2.0 / max(kernel_time_ms, 1e-3)))  # an event every ~2 ms of GPU work
     stop = time.monotonic() + WARMUP_S  # the shim calibrates its cost estimate here
     while time.monotonic() < stop:
         op()
@@ -260,7 +239,7 @@ def worker(device: int, n: int, seconds: float, barrier: str, tag: str) -> dict[
         "uuid": torch_uuid(device),
         "n": n,
         "ops": ops,
-        "kernel_ms": kernel_ms,
+        "kernel_ms": kernel_time_ms,
         "t_start": t_start,
         "t_end": t_end,
         "marks": [(i, float(base.elapsed_time(ev)) / 1000) for i, ev in marks],

@@ -570,17 +570,7 @@ def noisy_neighbour(args: argparse.Namespace, results: dict[str, Any]) -> None:
         # Latency isolation: V becomes latency-sensitive and launches short kernels.
         s.set_limits("V", isolation_mode=abi.IsolationMode.BALANCED, priority=abi.Priority.LATENCY)
         s.set_limits("N", isolation_mode=abi.IsolationMode.BALANCED)
-        n.send("idle")
-        v.send("latency")
-        settle(args.warmup)
-        v.latency_stats()
-        settle(args.measure)
-        alone = percentiles(v.latency_stats())
-        n.send("run")
-        settle(args.warmup)
-        v.latency_stats()
-        settle(args.measure)
-        busy = percentiles(v.latency_stats())
+        alone, busy, _ = latency_alone_then_busy(args, v, n)
         results["latency_isolation"] = {
             "alone_us": alone,
             "with_saturating_neighbour_us": busy,
@@ -632,6 +622,25 @@ def pair(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None
     results["pair"] = {**out, "target": "30 / 70 within 3 points (HAMi-core 46 / 54)"}
 
 
+def latency_alone_then_busy(
+    args: argparse.Namespace, v: Worker, n: Worker
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """V's latency percentiles with N idle, then with N saturating; and N's rate meanwhile."""
+    n.send("idle")
+    v.send("latency")
+    settle(args.warmup)
+    v.latency_stats()
+    settle(args.measure)
+    alone = percentiles(v.latency_stats())
+    n.send("run")
+    settle(args.warmup)
+    v.latency_stats()
+    t0 = time.monotonic()
+    settle(args.measure)
+    busy = percentiles(v.latency_stats())
+    return alone, busy, n.rate(t0, time.monotonic())
+
+
 def latency_capped(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None:
     """Latency of V (fcsp.priority=latency, 30 %) next to a saturating best-effort N (70 %,
     balanced) that started after it.  Under MPS V's clients get 30 % of the SMs and N's the
@@ -641,19 +650,8 @@ def latency_capped(args: argparse.Namespace, results: dict[str, Any], solo: floa
         n = s.add_tenant("N", 7000)
         s.wait_ready()
         s.start_observer()
-        n.send("idle")
-        v.send("latency")
-        settle(args.warmup)
-        v.latency_stats()
-        settle(args.measure)
-        alone = percentiles(v.latency_stats())
-        n.send("run")
-        settle(args.warmup)
-        v.latency_stats()
-        t0 = time.monotonic()
-        settle(args.measure)
-        busy = percentiles(v.latency_stats())
-        neighbour = n.rate(t0, time.monotonic()) / solo
+        alone, busy, neighbour_rate = latency_alone_then_busy(args, v, n)
+        neighbour = neighbour_rate / solo
     results["latency_capped"] = {
         "alone_us": alone,
         "with_neighbour_70_us": busy,
