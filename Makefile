@@ -25,8 +25,10 @@ CFLAGS  ?= -O2 -g
 GEN_DIR  = shim/build
 SHIM_CFLAGS = -std=c11 -fPIC -fvisibility=hidden -Wall -Wextra -Werror -Wno-unused-parameter \
               -D_GNU_SOURCE -I$(CUDA_INCLUDE) -Ishim -I$(GEN_DIR) $(CFLAGS)
+# libdl and libpthread stay linked even where glibc >= 2.34 folded them into libc: older
+# glibc (in tenants' images) has the dl and pthread functions there (shim/glibc_compat.h).
 SHIM_LDFLAGS = -shared -Wl,--version-script=$(GEN_DIR)/libvgpu.map -Wl,-z,now -Wl,-z,relro \
-               -ldl -lpthread
+               -Wl,--no-as-needed -l:libdl.so.2 -l:libpthread.so.0
 
 # shim/hooks.def is the one list of hooked entry points: the enum, the dispatch
 # table and the export list are generated from it.
@@ -51,7 +53,7 @@ shim: shim/libvgpu.so
 $(SHIM_GEN) &: shim/hooks.def shim/gen_hooks.py
 	$(PYTHON) shim/gen_hooks.py shim/hooks.def $(GEN_DIR)
 
-shim/libvgpu.so: $(SHIM_SRC) $(SHIM_HDR) $(SHIM_GEN)
+shim/libvgpu.so: $(SHIM_SRC) $(SHIM_HDR) $(SHIM_GEN) Makefile
 	$(CC) $(SHIM_CFLAGS) -o $@ $(SHIM_SRC) $(GEN_DIR)/hooks_gen.c $(SHIM_LDFLAGS)
 
 sim: $(SIM_LIBS) $(TPROGS) $(SIM_DIR)/bin/nvidia-cuda-mps-control

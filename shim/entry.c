@@ -23,7 +23,7 @@ struct shim_state shim;
 static const char *slot_dir(void)
 {
     struct stat st;
-    if (stat(FCSP_SLOT_DIR "/" FCSP_LIMITS_FILE, &st) == 0)
+    if (shim_stat(FCSP_SLOT_DIR "/" FCSP_LIMITS_FILE, &st) == 0)
         return FCSP_SLOT_DIR;
     const char *dir = getenv("FCSP_SLOT_DIR");
     return dir && *dir ? dir : FCSP_SLOT_DIR;

@@ -30,7 +30,7 @@ bool shim_mps_thread_capped;
 static bool is_socket(const char *path)
 {
     struct stat st;
-    return stat(path, &st) == 0 && S_ISSOCK(st.st_mode);
+    return shim_stat(path, &st) == 0 && S_ISSOCK(st.st_mode);
 }
 
 /* A percentage the tenant set for itself, or -1 when unset or malformed. */

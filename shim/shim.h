@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "fcsp_slot.h"
+#include "glibc_compat.h"
 #include "hooks_gen.h"
 #include "nvml_api.h"
 
@@ -122,6 +123,12 @@ uint64_t shim_device_real_total(int ordinal);
 extern int shim_ndevices;
 /* Bumped when a context is destroyed, so caches keyed by context handle start over. */
 extern _Atomic uint32_t shim_context_epoch;
+
+/* ---- slot.c: stat without glibc's stat/fstat symbols (GLIBC_2.33, glibc_compat.h) ---- */
+
+struct stat;
+int shim_stat(const char *path, struct stat *st);
+int shim_fstat(int fd, struct stat *st);
 
 /* ---- mps.c: the MPS backend, set up before the driver initialises ---------- */
 

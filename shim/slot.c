@@ -23,10 +23,26 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "shim.h"
+
+/*
+ * The kernel's stat system calls: glibc >= 2.33 exports stat/fstat as GLIBC_2.33
+ * symbols that older images lack, and before 2.33 they were header wrappers.  On
+ * x86_64 and aarch64 the kernel's struct stat is glibc's.
+ */
+int shim_stat(const char *path, struct stat *st)
+{
+    return (int)syscall(SYS_newfstatat, AT_FDCWD, path, st, 0);
+}
+
+int shim_fstat(int fd, struct stat *st)
+{
+    return (int)syscall(SYS_fstat, fd, st);
+}
 
 static void close_fd(int *fd)
 {
@@ -49,7 +65,7 @@ static void *map_file(const char *dir, const char *name, size_t size, int writab
         return NULL;
     }
     struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || (size_t)st.st_size < size) {
+    if (shim_fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || (size_t)st.st_size < size) {
         *err = "slot file has the wrong size";
         return NULL;
     }

@@ -141,3 +141,25 @@ def test_hook_list_has_no_duplicates_and_known_roles() -> None:
         assert lib in {"cuda", "nvml"} and role in {"hook", "real"}
         assert name.startswith("cu" if lib == "cuda" else "nvml")
     assert len(seen) >= 60
+
+
+def test_the_library_loads_under_an_old_glibc() -> None:
+    """libvgpu.so goes into every tenant's image through /etc/ld.so.preload, so it may need
+    no glibc symbol version newer than 2.17, and must list libdl and libpthread, where a
+    glibc older than 2.34 keeps dlopen and pthread_once.  Built without glibc_compat.h on
+    Debian 12 it needed GLIBC_2.34, and every program of a Debian 11 image (glibc 2.31)
+    failed to start: "version `GLIBC_2.34' not found (required by libvgpu.so)"."""
+    build()
+    symbols = subprocess.run(
+        ["readelf", "--dyn-syms", "--wide", str(SHIM)], capture_output=True, text=True, check=True
+    ).stdout
+    versions = {
+        tuple(int(p) for p in v.split(".")) for v in re.findall(r"@GLIBC_([\d.]+)", symbols)
+    }
+    assert versions, "no versioned glibc symbols found: readelf output changed?"
+    assert max(versions) <= (2, 17), sorted(versions)[-3:]
+    dynamic = subprocess.run(
+        ["readelf", "--dynamic", str(SHIM)], capture_output=True, text=True, check=True
+    ).stdout
+    for needed in ("libdl.so.2", "libpthread.so.0"):
+        assert f"[{needed}]" in dynamic, dynamic
