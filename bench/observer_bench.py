@@ -46,7 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fcsp_hook import abi, mps, slot, slotio  # noqa: E402  # after the path tweak, as a script
+from fcsp_hook import abi, mps, mpsd, slot, slotio  # noqa: E402  # after the path tweak, as a script
 
 SHIM = REPO / "shim" / "libvgpu.so"
 WORKER = REPO / "bench" / "observer_worker.py"
@@ -295,7 +295,7 @@ class Scene:
             self.observer.terminate()
             self.observer.wait(timeout=20)
         if self.args.backend == "mps":  # the observer leaves its daemon to running clients
-            mps.Daemon(self.run_dir, self.args.gpu_uuid, self.args.mps_control, _Quiet()).stop()
+            mpsd.Daemon(self.run_dir, self.args.gpu_uuid, self.args.mps_control, _Quiet()).stop()
 
 
 @contextlib.contextmanager

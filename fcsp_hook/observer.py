@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from fcsp_hook import abi, config, metrics, mps, notify, nvml, policy, slot, slotio
+from fcsp_hook import abi, config, metrics, mps, mpsd, notify, nvml, policy, slot, slotio
 from fcsp_hook.errors import ConfigError, FcspError, SlotError
 from fcsp_hook.gpus import host_gpu_uuids
 from fcsp_hook.procfs import proc_stat
@@ -295,7 +295,7 @@ class Observer:
         self.next_watchdog_ns = 0
         self.status_line = ""
         self.dirty_status = True
-        self.mps: dict[str, mps.Daemon] = {}
+        self.mps: dict[str, mpsd.Daemon] = {}
         self.next_mps_ns = 0
         if not self.nv.available:
             self.log.info("running without NVML", reason=self.nv.reason)
@@ -559,7 +559,7 @@ class Observer:
         for uuid in wanted:
             daemon = self.mps.get(uuid)
             if daemon is None:
-                daemon = mps.Daemon(self.run_dir, uuid, self.cfg.backend.mps_control, self.log)
+                daemon = mpsd.Daemon(self.run_dir, uuid, self.cfg.backend.mps_control, self.log)
                 self.mps[uuid] = daemon
             before = (daemon.state.backend, daemon.state.faults)
             daemon.ensure(now)

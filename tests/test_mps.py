@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, config, ctl, mps, slot
+from fcsp_hook import abi, config, ctl, mps, mpsd, slot
 from fcsp_hook.errors import ConfigError
 from tests.containers import HookSetup, add_cuda_sim, podman
 from tests.shim.harness import SIM_DIR, Env, build, run
@@ -76,7 +76,7 @@ def mps_host(short_tmp: Path) -> Iterator[Host]:
     yield h
     h.stop_all()
     for gpu in (GPU0, GPU1):
-        pid_file = mps.gpu_dir(h.run_dir, gpu) / "pipe" / mps.PID_FILE
+        pid_file = mps.gpu_dir(h.run_dir, gpu) / "pipe" / mpsd.PID_FILE
         if pid_file.exists():
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
@@ -156,7 +156,7 @@ def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(
     mps_host.start()
     wait_for("daemon for GPU 1", lambda: _daemon_pid(mps_host, GPU1))
     first = _daemon_pid(mps_host, GPU1)
-    with (mps.gpu_dir(mps_host.run_dir, GPU1) / "log" / mps.SERVER_LOG).open("a") as f:
+    with (mps.gpu_dir(mps_host.run_dir, GPU1) / "log" / mpsd.SERVER_LOG).open("a") as f:
         f.write(H200_FAULT_LINE)
 
     def tenant(cid: str) -> dict[str, object]:
@@ -372,7 +372,7 @@ def test_container_gets_only_the_control_socket_read_only(
     tmp_path = short_tmp
     driver = _driver_dir(tmp_path / "driver")
     run_dir = tmp_path / "fcsp" / "run"
-    daemon = mps.Daemon(run_dir, GPU1, str(SIM_CONTROL), _NullLog())
+    daemon = mpsd.Daemon(run_dir, GPU1, str(SIM_CONTROL), _NullLog())
     daemon.ensure(time.monotonic())
     assert mps.ready(run_dir, GPU1)
     hook = HookSetup.create(

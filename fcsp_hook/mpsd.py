@@ -1,0 +1,257 @@
+"""One NVIDIA MPS control daemon per GPU, started and watched by fcsp-observer.
+
+The daemon runs with -d and is found again through its pid file, so a restarted observer
+adopts it instead of tearing down every client on the GPU.  Faults are read from
+server.log: a client's fatal GPU error tears down every client of the server (MPS shares
+one GPU context), and the observer restarts the daemon after it.  The layout of the
+directories and what tenants see of them: fcsp_hook/mps.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcsp_hook import procfs
+from fcsp_hook.mps import CONTROL, STATE_FILE, fault_pids, gpu_dir
+
+PID_FILE = "nvidia-cuda-mps-control.pid"
+SERVER_LOG = "server.log"
+# /proc/<pid>/comm of nvidia-cuda-mps-control and nvidia-cuda-mps-server (15 characters).
+COMM_PREFIX = "nvidia-cuda-mps"
+START_TIMEOUT_S = 10.0
+QUIT_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 30.0
+LOG_READ_MAX = 1 << 20
+SOCKET_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
+
+
+@dataclass
+class DaemonState:
+    uuid: str
+    backend: str = "timeslice"  # what tenants of this GPU get now
+    pid: int = 0
+    started: float = 0.0
+    restarts: int = 0
+    faults: int = 0
+    last_fault: float = 0.0
+    error: str = ""
+
+
+def _is_daemon(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    return comm.startswith(COMM_PREFIX) and procfs.proc_stat(pid) is not None
+
+
+@dataclass
+class Daemon:
+    """One GPU's control daemon: start or adopt, watch, restart after a fault or death."""
+
+    run_dir: Path
+    uuid: str
+    program: str
+    log: Any  # the observer's structlog logger
+    state: DaemonState = field(init=False)
+    log_offsets: dict[Path, int] = field(default_factory=dict)
+    next_try: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.state = DaemonState(self.uuid)
+
+    @property
+    def root(self) -> Path:
+        return gpu_dir(self.run_dir, self.uuid)
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CUDA_MPS_PIPE_DIRECTORY": str(self.root / "pipe"),
+            "CUDA_MPS_LOG_DIRECTORY": str(self.root / "log"),
+            "CUDA_VISIBLE_DEVICES": self.uuid,
+        }
+
+    def _pid_from_file(self) -> int:
+        try:
+            return int((self.root / "pipe" / PID_FILE).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def ensure(self, now: float) -> None:
+        """Called every few ticks: keep a daemon running, or report why there is none."""
+        if self.state.pid and _is_daemon(self.state.pid):
+            self._read_log()
+            return
+        if self.state.pid:
+            self.log.error("MPS daemon died; restarting", gpu=self.uuid, pid=self.state.pid)
+            self.state.pid = 0
+            self.state.restarts += 1
+            self._unlink_client()
+        if now < self.next_try:
+            return
+        adopted = self._pid_from_file()
+        if _is_daemon(adopted):
+            self.state.pid = adopted
+            self._skip_old_log()
+            self.log.info("MPS daemon adopted", gpu=self.uuid, pid=adopted)
+        else:
+            self._start(now)
+        if self.state.pid:
+            self._link_client()
+        self.write_state()
+
+    def _start(self, now: float) -> None:
+        program = shutil.which(self.program, path=self._env()["PATH"]) or ""
+        if len(os.fsencode(self.root / "pipe" / CONTROL)) >= SOCKET_PATH_MAX:
+            self._fail(now, f"{self.root}/pipe/{CONTROL} is too long for a socket path")
+            return
+        if not program:
+            self._fail(now, f"{self.program} not found (set [backend] mps_control)")
+            return
+        for sub, mode in (("pipe", 0o700), ("log", 0o700), ("client", 0o755)):
+            (self.root / sub).mkdir(mode=mode, parents=True, exist_ok=True)
+            os.chmod(self.root / sub, mode)
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "pipe" / PID_FILE).unlink()
+        try:
+            done = subprocess.run(  # an operator-configured program, no shell
+                [program, "-d"],
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=START_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self._fail(now, f"{program} -d: {exc}")
+            return
+        if done.returncode != 0:
+            why = (done.stderr or done.stdout).decode(errors="replace").strip()[-200:]
+            self._fail(now, f"{program} -d exited with {done.returncode}: {why}")
+            return
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            pid = self._pid_from_file()
+            if (self.root / "pipe" / CONTROL).is_socket() and _is_daemon(pid):
+                self.state = DaemonState(
+                    self.uuid,
+                    backend="mps",
+                    pid=pid,
+                    started=time.time(),
+                    restarts=self.state.restarts,
+                    faults=self.state.faults,
+                    last_fault=self.state.last_fault,
+                )
+                self._skip_old_log()
+                self.log.info("MPS daemon started", gpu=self.uuid, pid=pid)
+                return
+            time.sleep(0.05)
+        self._fail(now, f"{program} -d started no daemon with a control socket in time")
+
+    def _fail(self, now: float, why: str) -> None:
+        self.state.backend, self.state.pid, self.state.error = "timeslice", 0, why
+        self.next_try = now + RETRY_AFTER_S
+        self.log.error(
+            "MPS backend unavailable; tenants of this GPU are time-sliced", gpu=self.uuid, error=why
+        )
+
+    def _link_client(self) -> None:
+        client = self.root / "client"
+        tmp = client / f".{CONTROL}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.link(self.root / "pipe" / CONTROL, tmp)
+        os.replace(tmp, client / CONTROL)
+        self.state.backend, self.state.error = "mps", ""
+
+    def _unlink_client(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "client" / CONTROL).unlink()
+        self.state.backend = "timeslice"
+
+    def _server_logs(self) -> list[Path]:
+        # log/server.log, or log/<server>/server.log where the daemon names its servers
+        log = self.root / "log"
+        return [log / SERVER_LOG, *sorted(log.glob(f"*/{SERVER_LOG}"))]
+
+    def _skip_old_log(self) -> None:
+        self.log_offsets = {}
+        for path in self._server_logs():
+            with contextlib.suppress(OSError):
+                self.log_offsets[path] = path.stat().st_size
+
+    def _read_log(self) -> None:
+        pids = []
+        for path in self._server_logs():
+            pids += fault_pids(self._new_bytes(path))
+        if pids:
+            self.on_fault(pids)
+
+    def _new_bytes(self, path: Path) -> bytes:
+        offset = self.log_offsets.get(path, 0)
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < offset:  # rotated or truncated
+                    offset = 0
+                f.seek(max(offset, size - LOG_READ_MAX))
+                chunk = f.read(min(size - offset, LOG_READ_MAX)) if size > offset else b""
+        except OSError:
+            return b""
+        self.log_offsets[path] = size
+        return chunk
+
+    def on_fault(self, pids: list[int]) -> None:
+        self.state.faults += 1
+        self.state.last_fault = time.time()
+        self.log.error(
+            "MPS client fatal GPU error: every client on this GPU was torn down; "
+            "restarting the daemon",
+            gpu=self.uuid,
+            faulting_pids=pids,
+        )
+        self.stop()
+        self.state.restarts += 1
+        self.next_try = 0.0
+
+    def stop(self) -> None:
+        """quit through the privileged socket, then SIGKILL whatever is left of the daemon."""
+        pid = self.state.pid
+        self._unlink_client()
+        self.state.pid = 0
+        program = shutil.which(self.program, path=self._env()["PATH"])
+        if program:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    [program],
+                    env=self._env(),
+                    input=b"quit\n",
+                    capture_output=True,
+                    timeout=QUIT_TIMEOUT_S,
+                    check=False,
+                )
+        deadline = time.monotonic() + QUIT_TIMEOUT_S
+        while _is_daemon(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _is_daemon(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+        self.write_state()
+
+    def write_state(self) -> None:
+        with contextlib.suppress(OSError):
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{STATE_FILE}.tmp"
+            tmp.write_text(json.dumps(asdict(self.state)))
+            os.replace(tmp, self.root / STATE_FILE)
