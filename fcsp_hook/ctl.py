@@ -506,6 +506,26 @@ def _check_gpus(cfg: config.Config) -> Check:
     )
 
 
+def _check_mps(cfg: config.Config) -> Check:
+    """Every GPU config.toml puts on MPS has a daemon serving tenants."""
+    from fcsp_hook.gpus import host_gpu_uuids  # noqa: PLC0415  # only doctor needs it
+
+    if not cfg.backend.any_mps:
+        return Check(True, "MPS", "no GPU uses the mps backend")
+    wanted = [
+        uuid
+        for index, uuid in sorted(host_gpu_uuids(cfg.paths.driver_dir).items())
+        if cfg.backend.for_gpu(uuid, index) == abi.Backend.MPS
+    ]
+    if not wanted:
+        return Check(True, "MPS", "configured, but no such GPU on this host")
+    down = [u for u in wanted if not mps.ready(cfg.paths.run_dir, u)]
+    if down:
+        why = str(mps.read_state(cfg.paths.run_dir, down[0]).get("error") or "no daemon")
+        return Check(False, "MPS", f"{len(down)} of {len(wanted)} MPS GPUs time-sliced: {why}")
+    return Check(True, "MPS", f"a daemon serves each of {len(wanted)} MPS GPUs")
+
+
 def _check_observer(cfg: config.Config) -> Check:
     state = observer_state(cfg.paths.run_dir)
     return Check(state.running, "observer", state.summary)
@@ -536,6 +556,7 @@ def cmd_doctor(cfg: config.Config, args: argparse.Namespace) -> int:
         _check_hooks(),
         _check_run_dir(cfg),
         _check_observer(cfg),
+        _check_mps(cfg),
         _check_gpus(cfg),
         _check_nvml(),
         _check_engines(),

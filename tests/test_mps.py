@@ -179,10 +179,12 @@ def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(
     assert rows["on-mps"][3:5] == [GPU1, "mps"] and "fault" in out.split("on-mps")[1]
     assert rows["on-timeslice"][3:5] == [GPU0, "timeslice"]
     assert f"{GPU1}: mps, daemon pid {_daemon_pid(mps_host, GPU1)}, restarts 1, faults 1" in out
+    ctl.main(["--config", str(mps_host.config), "doctor"])
+    assert "[ok] MPS      a daemon serves each of 1 MPS GPUs" in capsys.readouterr().out
 
 
 def test_a_daemon_that_cannot_start_falls_back_to_timeslice_loudly(
-    mps_host: Host, tmp_path: Path
+    mps_host: Host, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     text = mps_host.config.read_text().replace(str(SIM_CONTROL), str(tmp_path / "missing"))
     mps_host.config.write_text(text)
@@ -195,6 +197,8 @@ def test_a_daemon_that_cannot_start_falls_back_to_timeslice_loudly(
     assert "not found" in str(state["error"])
     assert "MPS backend unavailable" in mps_host.log_text()
     assert not mps.ready(mps_host.run_dir, GPU1)
+    assert ctl.main(["--config", str(mps_host.config), "doctor"]) == 1
+    assert "[!!] MPS      1 of 1 MPS GPUs time-sliced:" in capsys.readouterr().out
 
 
 # ---- the shim: a tenant's processes become clients with the slot's limits ----------------
