@@ -57,6 +57,7 @@ class TenantRow:
     unshimmed_host_pids: list[int] = field(default_factory=list)
     dead_processes: list[int] = field(default_factory=list)
     mps_faults: int = 0
+    outside_mps_host_pids: list[int] = field(default_factory=list)
 
 
 def _quota(dev: abi.LimitsDevice) -> str:
@@ -255,6 +256,7 @@ def _with_observer_view(row: TenantRow, state: ObserverView) -> TenantRow:
             "unshimmed_host_pids": [_int(p) for p in _list(info.get("unshimmed_host_pids"))],
             "dead_processes": [_int(p) for p in _list(info.get("dead_processes"))],
             "mps_faults": _int(info.get("mps_faults")),
+            "outside_mps_host_pids": [_int(p) for p in _list(info.get("outside_mps_host_pids"))],
         }
     )
 
@@ -311,7 +313,7 @@ def render_status(rows: list[TenantRow]) -> str:
                     f"{dev.sm_effective_pct:g}%",
                     f"{format_bytes(dev.mem_used_bytes)} / {dev.mem_quota}",
                     str(row.processes),
-                    _state(dev, row.mps_faults),
+                    _state(dev, row),
                     "-" if dev.throttled_pct is None else f"{dev.throttled_pct}%",
                     unshimmed,
                 )
@@ -322,10 +324,12 @@ def render_status(rows: list[TenantRow]) -> str:
     )
 
 
-def _state(dev: DeviceRow, mps_faults: int) -> str:
+def _state(dev: DeviceRow, row: TenantRow) -> str:
     text = "-" if dev.active is None else ("active" if dev.active else "idle")
-    if mps_faults and dev.backend == "mps":
-        text += f", {mps_faults} MPS fault{'s' if mps_faults > 1 else ''}"
+    if dev.backend == "mps" and row.mps_faults:
+        text += f", {row.mps_faults} MPS fault{'s' if row.mps_faults > 1 else ''}"
+    if dev.backend == "mps" and row.outside_mps_host_pids:
+        text += f", {len(row.outside_mps_host_pids)} outside MPS"
     return text
 
 

@@ -45,7 +45,8 @@ class DaemonState:
     error: str = ""
 
 
-def _is_daemon(pid: int) -> bool:
+def is_mps_process(pid: int) -> bool:
+    """An MPS control daemon or server (NVML lists the server among compute processes)."""
     if pid <= 0:
         return False
     try:
@@ -90,7 +91,7 @@ class Daemon:
 
     def ensure(self, now: float) -> None:
         """Called every few ticks: keep a daemon running, or report why there is none."""
-        if self.state.pid and _is_daemon(self.state.pid):
+        if self.state.pid and is_mps_process(self.state.pid):
             self._read_log()
             return
         if self.state.pid:
@@ -101,7 +102,7 @@ class Daemon:
         if now < self.next_try:
             return
         adopted = self._pid_from_file()
-        if _is_daemon(adopted):
+        if is_mps_process(adopted):
             self.state.pid = adopted
             self._skip_old_log()
             self.log.info("MPS daemon adopted", gpu=self.uuid, pid=adopted)
@@ -143,7 +144,7 @@ class Daemon:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             pid = self._pid_from_file()
-            if (self.root / "pipe" / CONTROL).is_socket() and _is_daemon(pid):
+            if (self.root / "pipe" / CONTROL).is_socket() and is_mps_process(pid):
                 self.state = DaemonState(
                     self.uuid,
                     backend="mps",
@@ -242,9 +243,9 @@ class Daemon:
                     check=False,
                 )
         deadline = time.monotonic() + QUIT_TIMEOUT_S
-        while _is_daemon(pid) and time.monotonic() < deadline:
+        while is_mps_process(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _is_daemon(pid):
+        if is_mps_process(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, 9)
         self.write_state()

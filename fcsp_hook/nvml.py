@@ -27,6 +27,8 @@ class GpuInfo:
 class GpuProcess:
     host_pid: int
     used_bytes: int
+    # On a GPU served by MPS: whether NVML lists it as an MPS client (None: not asked).
+    mps_client: bool | None = None
 
 
 class Nvml:
@@ -65,8 +67,11 @@ class Nvml:
             return []
         return out
 
-    def processes(self, gpus: Sequence[GpuInfo]) -> dict[str, list[GpuProcess]]:
-        """Compute processes per GPU UUID (one driver-locked query per GPU)."""
+    def processes(
+        self, gpus: Sequence[GpuInfo], mps_gpus: frozenset[str] = frozenset()
+    ) -> dict[str, list[GpuProcess]]:
+        """Compute processes per GPU UUID (one driver-locked query per GPU, two on a GPU
+        in mps_gpus, where each process is marked MPS client or not)."""
         out: dict[str, list[GpuProcess]] = {}
         if not self.available:
             return out
@@ -74,10 +79,21 @@ class Nvml:
             try:
                 handle = self._nv.nvmlDeviceGetHandleByIndex(gpu.index)
                 procs = self._nv.nvmlDeviceGetComputeRunningProcesses(handle)
+                clients = None
+                if gpu.uuid in mps_gpus:
+                    found = self._nv.nvmlDeviceGetMPSComputeRunningProcesses(handle)
+                    clients = {int(p.pid) for p in found}
             except Exception as exc:  # one GPU failing must not hide others
                 self.reason = f"NVML process list of {gpu.uuid} failed: {exc}"
                 continue
-            out[gpu.uuid] = [GpuProcess(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs]
+            out[gpu.uuid] = [
+                GpuProcess(
+                    int(p.pid),
+                    int(p.usedGpuMemory or 0),
+                    None if clients is None else int(p.pid) in clients,
+                )
+                for p in procs
+            ]
         return out
 
     def close(self) -> None:
@@ -100,6 +116,7 @@ class TenantView:
     container_id: str
     gpus: Mapping[str, int]  # GPU UUID -> memory quota in bytes (0: none)
     shimmed_pids: frozenset[int]  # LIVE records: pids in the container's namespace
+    mps_gpus: frozenset[str] = frozenset()  # GPUs where the tenant is an MPS tenant
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,9 @@ class CrossCheck:
     unshimmed: dict[str, list[int]] = field(default_factory=dict)  # cid -> host pids
     foreign: dict[str, list[int]] = field(default_factory=dict)  # uuid -> host pids of no tenant
     over_quota: list[OverQuota] = field(default_factory=list)
+    # cid -> host pids on a GPU where the tenant is an MPS tenant that NVML does not list as
+    # MPS clients: they run time-sliced beside the MPS server, outside its SM limits.
+    outside_mps: dict[str, list[int]] = field(default_factory=dict)
 
 
 def cross_check(
@@ -145,6 +165,8 @@ def cross_check(
             shimmed = ns_pid in by_id[cid].shimmed_pids
             if not shimmed:
                 result.unshimmed.setdefault(cid, []).append(proc.host_pid)
+            if proc.mps_client is False and uuid in by_id[cid].mps_gpus:
+                result.outside_mps.setdefault(cid, []).append(proc.host_pid)
             per_tenant.setdefault((cid, uuid), []).append((proc, shimmed))
     for (cid, uuid), entries in per_tenant.items():
         used = sum(p.used_bytes for p, _ in entries)

@@ -156,6 +156,7 @@ class Tenant:
     dead_bytes: int = 0
     unshimmed: list[int] = field(default_factory=list)
     mps_faults: int = 0  # neighbours' fatal GPU errors that tore down this tenant's clients
+    outside_mps: list[int] = field(default_factory=list)  # host pids NVML saw outside MPS
     last_samples: list[slotio.DeviceUsage] | None = None
     # Per device, from the limits (rebuilt when their generation changes):
     # (GPU key, policy key, mode, requested centi, priority).
@@ -636,9 +637,18 @@ class Observer:
                 shimmed = frozenset(r.pid for r in tenant.usage.live_processes())
             except SlotError:
                 shimmed = frozenset()
-            views.append(nvml.TenantView(cid, gpus, shimmed))
-        result = nvml.cross_check(views, self.nv.processes(self.gpus), self.members.get)
-        self.apply_cross_check(result)
+            on_mps = frozenset(
+                gpu_key(tenant.spec.device[i], cid, i, self.minors)
+                for i in range(tenant.device_count)
+                if tenant.spec.device[i].backend == abi.Backend.MPS
+            )
+            views.append(nvml.TenantView(cid, gpus, shimmed, on_mps))
+        served = frozenset(u for u, d in self.mps.items() if d.state.backend == "mps")
+        processes = {
+            uuid: [p for p in procs if not mpsd.is_mps_process(p.host_pid)]
+            for uuid, procs in self.nv.processes(self.gpus, served).items()
+        }
+        self.apply_cross_check(nvml.cross_check(views, processes, self.members.get))
 
     def apply_cross_check(self, result: nvml.CrossCheck) -> None:
         self.nvml_memory = result.memory
@@ -648,6 +658,13 @@ class Observer:
             if pids != tenant.unshimmed and pids:
                 tenant.log.warning("processes on the GPU without the shim", host_pids=pids)
             tenant.unshimmed = pids
+            outside = sorted(result.outside_mps.get(cid, []))
+            if outside != tenant.outside_mps and outside:
+                tenant.log.warning(
+                    "processes of an MPS tenant run outside MPS (time-sliced, no SM limit)",
+                    host_pids=outside,
+                )
+            tenant.outside_mps = outside
         now_over = set()
         for over in result.over_quota:
             key = (over.container_id, over.gpu)
@@ -705,6 +722,7 @@ class Observer:
                     mps.backend_name(int(t.spec.device[i].backend)) for i in range(t.device_count)
                 ],
                 "mps_faults": t.mps_faults,
+                "outside_mps_host_pids": t.outside_mps,
             }
         return {
             "pid": os.getpid(),

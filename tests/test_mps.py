@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, config, ctl, mps, mpsd, slot
+from fcsp_hook import abi, config, ctl, mps, mpsd, procfs, slot
 from fcsp_hook.errors import ConfigError
 from tests.containers import HookSetup, add_cuda_sim, podman
-from tests.shim.harness import SIM_DIR, Env, build, run
+from tests.shim.harness import SIM_DIR, Env, build, read_until_ready, run, sim_uuid, start
 from tests.test_observer import Host, wait_for
 
 SIM_CONTROL = SIM_DIR / "bin" / "nvidia-cuda-mps-control"
@@ -439,3 +439,65 @@ def _shell(rootfs: Path) -> str:
             return "/" + candidate
     pytest.skip(f"no shell in the test rootfs {rootfs}")
     raise AssertionError  # unreachable
+
+
+def test_a_tenant_process_outside_mps_is_flagged(short_tmp: Path) -> None:
+    """NVML (simulated) lists MPS clients apart: of two processes of an MPS tenant, the one
+    that started while the daemon's socket was missing ran time-sliced, outside the MPS
+    server's SM limits, and the observer names it; the client is not named."""
+    build()
+    h = Host(short_tmp)
+    sim = Env(state=short_tmp / "sim")
+    h.config.write_text(
+        f'[paths]\nrun_dir = "{h.run_dir}"\ndriver_dir = "{short_tmp / "no-driver"}"\n'
+        "[observer]\ninterval_ms = 10\nmetrics_port = 0\nnvml_interval_ms = 1000\n"
+        f'[backend]\ngpus = {{ "0" = "mps" }}\nmps_control = "{SIM_CONTROL}"\n'
+    )
+    h.start(
+        env={
+            "LD_LIBRARY_PATH": str(SIM_DIR),
+            "FCSP_SIM_STATE": str(sim.state),
+            "FCSP_SIM_DEVICES": "1",
+        }
+    )
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        gpu = sim_uuid(0)
+        wait_for("daemon for GPU 0", lambda: _daemon_pid(h, gpu))
+        slot.ensure_tenants_dir(h.run_dir)
+        directory = slot.slot_path(h.run_dir, "t1")
+        spec = slot.SlotSpec(
+            container_id="t1",
+            devices=(slot.DeviceLimits(host_index=0, uuid=gpu, backend=abi.Backend.MPS),),
+        )
+        slot.write_slot(directory, spec, {})
+        own = procfs.proc_stat(os.getpid())
+        assert own is not None
+        h.set_init("t1", os.getpid(), own[1])  # the tenant's "container" is this pid namespace
+        client_env = Env(state=sim.state, slot=directory)
+        mps_dir = directory / abi.MPS_DIR
+        direct = start(client_env, "init", "alloc", "mem", "64M", "wait")  # no socket yet
+        procs.append(direct)
+        read_until_ready(direct)
+        mps_dir.symlink_to(mps.client_dir(h.run_dir, gpu))
+        client = start(client_env, "init", "alloc", "mem", "64M", "wait")
+        procs.append(client)
+        read_until_ready(client)
+
+        def outside() -> list[int]:
+            tenant = h.state().get("tenants", {}).get("t1", {})  # type: ignore[union-attr]
+            return list(tenant.get("outside_mps_host_pids", []))  # type: ignore[union-attr]
+
+        wait_for("the process outside MPS is flagged", lambda: direct.pid in outside())
+        assert client.pid not in outside()
+        assert "run outside MPS" in h.log_text()
+        status = ctl.status_text(h.run_dir)
+        assert "1 outside MPS" in status.split("\n", 2)[1], status
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+        h.stop_all()
+        with contextlib.suppress(OSError, ValueError):
+            pid_file = mpsd.PID_FILE
+            os.kill(int((mps.gpu_dir(h.run_dir, sim_uuid(0)) / "pipe" / pid_file).read_text()), 9)

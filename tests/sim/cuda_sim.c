@@ -118,7 +118,8 @@ static void mps_announce(void)
                          threads ? threads : "-", pinned ? pinned : "-");
         if (n > 0 && write(fd, line, (size_t)n) > 0) {
             char reply[16];
-            (void)read(fd, reply, sizeof(reply));
+            if (read(fd, reply, sizeof(reply)) > 0)
+                sim_mark_mps_client();
         }
     }
     close(fd);

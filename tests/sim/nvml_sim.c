@@ -123,9 +123,8 @@ struct sim_process_info {
     unsigned int computeInstanceId;
 };
 
-SIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
-                                                                unsigned int *count,
-                                                                struct sim_process_info *infos)
+static nvmlReturn_t running_processes(nvmlDevice_t device, unsigned int *count,
+                                      struct sim_process_info *infos, int mps_only)
 {
     if (!initialized)
         return NVML_ERROR_UNINITIALIZED;
@@ -133,7 +132,7 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t dev
         return NVML_ERROR_INVALID_ARGUMENT;
     uint32_t pids[256];
     uint64_t used[256];
-    int n = sim_processes((int)device->index, pids, used, 256);
+    int n = sim_processes((int)device->index, pids, used, 256, mps_only);
     if (n > 256)
         n = 256;
     if (!infos || *count < (unsigned)n) {
@@ -144,4 +143,19 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t dev
         infos[i] = (struct sim_process_info){pids[i], used[i], 0xFFFFFFFFu, 0xFFFFFFFFu};
     *count = (unsigned)n;
     return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device,
+                                                                unsigned int *count,
+                                                                struct sim_process_info *infos)
+{
+    return running_processes(device, count, infos, 0);
+}
+
+/* Processes that are clients of an MPS server (they are in the list above too). */
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v3(nvmlDevice_t device,
+                                                                   unsigned int *count,
+                                                                   struct sim_process_info *infos)
+{
+    return running_processes(device, count, infos, 1);
 }

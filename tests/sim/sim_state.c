@@ -15,7 +15,7 @@
 
 struct sim_proc {
     _Atomic int32_t pid;
-    int32_t pad;
+    _Atomic int32_t mps_client; /* announced itself to an MPS control daemon at cuInit */
     _Atomic uint64_t used[SIM_MAX_DEVICES];
 };
 
@@ -148,6 +148,7 @@ static struct sim_proc *my_entry(void)
             continue;
         for (int d = 0; d < SIM_MAX_DEVICES; d++)
             atomic_store(&e->used[d], 0);
+        atomic_store(&e->mps_client, 0);
         atomic_store(&e->pid, self);
         mine = e;
         mine_pid = self;
@@ -169,7 +170,12 @@ uint64_t sim_used(int dev)
     return used;
 }
 
-int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max)
+void sim_mark_mps_client(void)
+{
+    atomic_store(&my_entry()->mps_client, 1);
+}
+
+int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max, int mps_only)
 {
     sim_config();
     int n = 0;
@@ -177,7 +183,7 @@ int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max)
         struct sim_proc *e = &shared->proc[i];
         int32_t pid = atomic_load(&e->pid);
         uint64_t bytes = atomic_load(&e->used[dev]);
-        if (pid <= 0 || !bytes || !alive(pid))
+        if (pid <= 0 || !bytes || !alive(pid) || (mps_only && !atomic_load(&e->mps_client)))
             continue;
         if (n < max) {
             pids[n] = (uint32_t)pid;

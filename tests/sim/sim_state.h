@@ -33,7 +33,9 @@ int sim_take(int dev, uint64_t size);
 void sim_give(int dev, uint64_t size);
 /* Live processes holding memory on dev (pid, bytes), as NVML lists them; returns how many
  * there are, filling at most max entries. */
-int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max);
+int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max, int mps_only);
+/* This process is an MPS client (NVML lists it among the MPS processes too). */
+void sim_mark_mps_client(void);
 
 /* CLOCK_MONOTONIC in ns: the time base of the device timeline, events and the shim. */
 uint64_t sim_now_ns(void);
