@@ -249,6 +249,10 @@ class Scene:
         for m in maps.values():
             m.close()
 
+    def usage(self, name: str) -> Counters:
+        dev = slot.read_usage(self.slot_dir(name) / abi.USAGE_FILE).device[0]
+        return Counters(time.monotonic(), int(dev.busy_ns), int(dev.throttled_ns))
+
     def share_of(self, name: str) -> int:
         limits = slot.read_limits(self.slot_dir(name) / abi.LIMITS_FILE)
         return int(limits.device[0].sm_effective_centi)
@@ -296,6 +300,52 @@ class Scene:
             self.observer.wait(timeout=20)
         if self.args.backend == "mps":  # the observer leaves its daemon to running clients
             mpsd.Daemon(self.run_dir, self.args.gpu_uuid, self.args.mps_control, _Quiet()).stop()
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A tenant's usage counters at one moment; a difference of two is a span."""
+
+    at: float
+    busy_ns: int
+    throttled_ns: int
+
+    @property
+    def seconds(self) -> float:
+        return max(self.at, 1e-9)
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(
+            self.at - other.at, self.busy_ns - other.busy_ns, self.throttled_ns - other.throttled_ns
+        )
+
+
+class ClockSampler:
+    """The GPU's mean SM clock (MHz) between construction and stop(), sampled at 20 Hz
+    with pynvml; nan without it."""
+
+    def __init__(self, uuid: str) -> None:
+        self.samples: list[int] = []
+        self.halt = threading.Event()
+        try:
+            import pynvml  # noqa: PLC0415  # optional: only on the GPU machine
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else None
+        except Exception:  # no NVML: no clock, the rest still measures
+            return
+        if handle is None:
+            return
+
+        def sample() -> None:
+            while not self.halt.wait(0.05):
+                self.samples.append(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def stop(self) -> float:
+        self.halt.set()
+        return statistics.fmean(self.samples) if self.samples else math.nan
 
 
 @contextlib.contextmanager
@@ -593,12 +643,22 @@ def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> 
             s.wait_ready()
             w.send("run")
             settle(args.warmup)
+            before, clocks = s.usage(w.name), ClockSampler(args.gpu_uuid)
             achieved = window(w, args.measure) / solo * 100
+            spent = s.usage(w.name) - before
             w.send("idle")
             w.stop()
             del s.workers[f"S{share}"]
-            out[str(share)] = {"achieved_pct": achieved, "error_points": achieved - share}
-            log(f"accuracy: sm {share} -> {achieved:.1f} %")
+            # Where the time went, to tell the limiter from the clock: the GPU time the shim
+            # admitted and the time its launches waited, per second, and the SM clock.
+            out[str(share)] = {
+                "achieved_pct": achieved,
+                "error_points": achieved - share,
+                "shim_busy_per_s": spent.busy_ns / 1e9 / spent.seconds,
+                "shim_throttled_per_s": spent.throttled_ns / 1e9 / spent.seconds,
+                "sm_clock_mhz": clocks.stop(),
+            }
+            log(f"accuracy: sm {share} -> {achieved:.1f} % {out[str(share)]}")
     results["accuracy"] = {**out, "target": "|error| <= 3 points"}
 
 
@@ -858,7 +918,9 @@ def write_markdown(args: argparse.Namespace, results: dict[str, Any]) -> None:
         row = acc.get(share, {})
         rows.append(
             f"| accuracy, one tenant strict at {share} % | {fmt(row.get('achieved_pct'))} % "
-            f"(error {fmt(row.get('error_points'))} points) | within 3 points |"
+            f"(error {fmt(row.get('error_points'))} points; GPU time admitted "
+            f"{fmt(row.get('shim_busy_per_s'))}/s, waited {fmt(row.get('shim_throttled_per_s'))}"
+            f"/s, SM {fmt(row.get('sm_clock_mhz'))} MHz) | within 3 points |"
         )
     for mode, got in results.get("pair", {}).items():
         if isinstance(got, dict):
