@@ -649,6 +649,9 @@ def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> 
             w.send("idle")
             w.stop()
             del s.workers[f"S{share}"]
+            # Gone, as after its container's poststop: a slot left behind would keep its
+            # strict share, and the observer scales strict shares that add up past 100 %.
+            slot.remove_slot(s.run_dir, f"S{share}")
             # Where the time went, to tell the limiter from the clock: the GPU time the shim
             # admitted and the time its launches waited, per second, and the SM clock.
             out[str(share)] = {
