@@ -27,7 +27,8 @@
  * observer is gone (heartbeat 0 or older than 1 s) such a raise is ignored
  * and the request applies, i.e. strict behaviour.  Isolation mode none means
  * no compute limit; so does an MPS client whose thread percentage is its share
- * (strict, or latency priority), since the hardware then keeps it to its SMs.  BUD_SM_LIMIT(_DEV<n>) can only lower the result.
+ * (strict, or latency priority), since the hardware then keeps it to its SMs.
+ * BUD_SM_LIMIT(_DEV<n>) can only lower the result.
  * 100 % skips everything but the launch counter.
  *
  * Reported in the usage file, per device:
