@@ -215,6 +215,7 @@ class Scene:
             return
         cfg = self.root / "config.toml"
         extra = f"interval_ms = {self.args.interval_ms}\n" if self.args.interval_ms else ""
+        extra += f'clock_normalise = "{self.args.clock_normalise}"\n'
         if self.args.backend == "mps":
             extra += (
                 f'[backend]\ngpus = {{ "{self.args.gpu_uuid}" = "mps" }}\n'
@@ -1008,6 +1009,7 @@ def main() -> int:
         help="comma list: solo,four,noisy,accuracy,pair,latency_capped,fault",
     )
     parser.add_argument("--backend", choices=("timeslice", "mps"), default="timeslice")
+    parser.add_argument("--clock-normalise", choices=("off", "full-load"), default="off")
     parser.add_argument("--gpu-uuid", default="", help="the GPU's UUID; default: nvidia-smi's")
     parser.add_argument(
         "--mps-control",

@@ -76,7 +76,7 @@ class LimitsDevice(ctypes.Structure):
         ("sm_effective_centi", u32),
         ("backend", u32),
         ("mps_threads_centi", u32),
-        ("reserved1", u32),
+        ("clock_scale_centi", u32),
         ("reserved", u64 * 3),
     )
 

@@ -61,6 +61,8 @@ class PolicyConfig:
     burst_max_pct: int = 40
 
 
+CLOCK_OFF = "off"
+CLOCK_FULL_LOAD = "full-load"
 OVER_QUOTA_WARN = "warn"
 OVER_QUOTA_KILL = "kill"
 
@@ -90,6 +92,10 @@ class ObserverConfig:
     over_quota_action: str = OVER_QUOTA_WARN
     # How often slots of containers that are gone are looked for.
     reap_interval_ms: int = 2000
+    # "off": a share is a share of the GPU's time.  "full-load": of the work the GPU does
+    # at the clock it holds under full load (kernels are charged as if they ran at it), so
+    # a throttled tenant does not gain from the higher clock of a partly idle GPU.
+    clock_normalise: str = CLOCK_OFF
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,12 @@ def _observer(data: Mapping[str, object]) -> ObserverConfig:
         "over_quota_action",
         o.get("over_quota_action", OVER_QUOTA_WARN),
         {OVER_QUOTA_WARN: OVER_QUOTA_WARN, OVER_QUOTA_KILL: OVER_QUOTA_KILL},
+    )
+    values["clock_normalise"] = _choice(
+        "observer",
+        "clock_normalise",
+        o.get("clock_normalise", CLOCK_OFF),
+        {CLOCK_OFF: CLOCK_OFF, CLOCK_FULL_LOAD: CLOCK_FULL_LOAD},
     )
     cfg = ObserverConfig(**values)
     if cfg.contention_low_pct > cfg.contention_high_pct:

@@ -96,6 +96,19 @@ class Nvml:
             ]
         return out
 
+    def clock(self, gpu: GpuInfo) -> tuple[int, int] | None:
+        """(SM clock in MHz, utilisation in %) now, or None when NVML cannot tell."""
+        if not self.available:
+            return None
+        try:
+            handle = self._nv.nvmlDeviceGetHandleByIndex(gpu.index)
+            mhz = int(self._nv.nvmlDeviceGetClockInfo(handle, self._nv.NVML_CLOCK_SM))
+            util = int(self._nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception as exc:  # a GPU without clock readings: no normalisation for it
+            self.reason = f"NVML clock of {gpu.uuid} failed: {exc}"
+            return None
+        return mhz, util
+
     def close(self) -> None:
         if self.available:
             with contextlib.suppress(Exception):  # shutting down: nothing left to tell

@@ -51,6 +51,8 @@ STATUS_PERIOD_NS = 1_000_000_000
 STATE_FILE = "observer.json"
 # How often MPS daemons are checked (alive, faults in their log).
 MPS_CHECK_NS = 500_000_000
+# How often SM clocks are read for clock normalisation (they move over seconds).
+CLOCK_CHECK_NS = 250_000_000
 MIN_WRITTEN_CENTI = 1
 INTERVAL_ENV = "BUD_OBSERVER_INTERVAL_US"
 
@@ -298,6 +300,9 @@ class Observer:
         self.dirty_status = True
         self.mps: dict[str, mpsd.Daemon] = {}
         self.next_mps_ns = 0
+        # Per GPU UUID: the full-load SM clock learned so far, the clock now, the scale.
+        self.clocks: dict[str, tuple[float, int, int]] = {}
+        self.next_clock_ns = 0
         if not self.nv.available:
             self.log.info("running without NVML", reason=self.nv.reason)
 
@@ -420,6 +425,9 @@ class Observer:
         if now_ns >= self.next_mps_ns:
             self.next_mps_ns = now_ns + MPS_CHECK_NS
             self.sync_backends()
+        if now_ns >= self.next_clock_ns:
+            self.next_clock_ns = now_ns + CLOCK_CHECK_NS
+            self.normalise_clocks()
         if self.nv.available and now_ns >= self.next_nvml_ns:
             self.next_nvml_ns = now_ns + self.cfg.observer.nvml_interval_ms * NS_PER_MS
             self.check_nvml()
@@ -568,6 +576,27 @@ class Observer:
                 self._mark_fault(uuid)
             if (daemon.state.backend, daemon.state.faults) != before:
                 self.dirty_status = True
+
+    def normalise_clocks(self) -> None:
+        """[observer] clock_normalise = "full-load": learn each GPU's full-load SM clock and
+        publish to its tenants how much faster it runs now (0 when off or not known)."""
+        on = self.cfg.observer.clock_normalise == config.CLOCK_FULL_LOAD and self.nv.available
+        for gpu in self.gpus if on else ():
+            reading = self.nv.clock(gpu)
+            if reading is None:
+                continue
+            reference, _, _ = self.clocks.get(gpu.uuid, (0.0, 0, 0))
+            reference = policy.learn_full_load_clock(reference, *reading)
+            scale = policy.clock_scale_centi(reference, reading[0])
+            self.clocks[gpu.uuid] = (reference, reading[0], scale)
+        if not on:
+            self.clocks.clear()
+        for cid, tenant in self.tenants.items():
+            for i in range(tenant.device_count):
+                uuid = gpu_key(tenant.spec.device[i], cid, i, self.minors)
+                scale = self.clocks.get(uuid, (0.0, 0, 0))[2]
+                if tenant.limits.clock_scale(i) != scale:
+                    tenant.limits.set_clock_scale(i, scale)
 
     def _mark_fault(self, uuid: str) -> None:
         """Every tenant with processes on the GPU lost them to a neighbour's fault."""
@@ -737,6 +766,10 @@ class Observer:
                 for gpu, state in self.gpu_states.items()
             },
             "backends": {uuid: asdict(d.state) for uuid, d in self.mps.items()},
+            "clocks": {
+                uuid: {"full_load_mhz": round(ref), "sm_mhz": mhz, "scale_centi": scale}
+                for uuid, (ref, mhz, scale) in self.clocks.items()
+            },
             "foreign_host_pids": self.foreign,
             "tenants": tenants,
             "ticks": self.ticks,
@@ -816,6 +849,7 @@ class Observer:
         for tenant in self.tenants.values():
             for i in range(tenant.device_count):
                 tenant.limits.set_effective(i, int(tenant.spec.device[i].sm_requested_centi))
+                tenant.limits.set_clock_scale(i, 0)
             tenant.limits.set_heartbeat(0)
         for name in list(self.tenants):
             self.tenants.pop(name).close()

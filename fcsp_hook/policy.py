@@ -240,3 +240,29 @@ def allocate(
 def floor_of(tenant: TenantInput, pools: Pools) -> int:
     """The least an active balanced or adaptive tenant gets when floors are feasible."""
     return _clamp_centi(tenant.requested) * pools.tenant_floor_pct // PERCENT
+
+
+# ---- clock normalisation ---------------------------------------------------------------
+
+# At or above this utilisation the GPU is at full load: its clock then is the reference.
+FULL_LOAD_UTIL_PCT = 95
+CLOCK_SCALE_MIN_CENTI = 5000
+CLOCK_SCALE_MAX_CENTI = 20000
+
+
+def learn_full_load_clock(reference_mhz: float, clock_mhz: int, util_pct: int) -> float:
+    """The SM clock the GPU holds at full load: an average of the clocks seen while it was
+    busy (0.0 until it has been)."""
+    if util_pct < FULL_LOAD_UTIL_PCT or clock_mhz <= 0:
+        return reference_mhz
+    if reference_mhz <= 0:
+        return float(clock_mhz)
+    return reference_mhz + (clock_mhz - reference_mhz) / 8
+
+
+def clock_scale_centi(reference_mhz: float, clock_mhz: int) -> int:
+    """How much faster than at full load the GPU runs now, 1/100 % (0: not known yet)."""
+    if reference_mhz <= 0 or clock_mhz <= 0:
+        return 0
+    scale = round(WHOLE_GPU_CENTI * clock_mhz / reference_mhz)
+    return min(max(scale, CLOCK_SCALE_MIN_CENTI), CLOCK_SCALE_MAX_CENTI)

@@ -50,6 +50,7 @@ SEQLOCK_TRIES = 1000
 _GENERATION_WORD = abi.Limits.generation.offset // 8
 _HEARTBEAT_WORD = abi.Limits.observer_heartbeat_ns.offset // 8
 _EFFECTIVE_WORD = (abi.Limits.device.offset + abi.LimitsDevice.sm_effective_centi.offset) // 4
+_CLOCK_WORD = (abi.Limits.device.offset + abi.LimitsDevice.clock_scale_centi.offset) // 4
 _DEVICE_WORDS = ctypes.sizeof(abi.LimitsDevice) // 4
 
 # Nothing a tenant reports can be larger than these; beyond them it is lying.
@@ -113,6 +114,13 @@ class LimitsMap:
 
     def effective(self, index: int) -> int:
         return self._u32[_EFFECTIVE_WORD + index * _DEVICE_WORDS]
+
+    def set_clock_scale(self, index: int, centi: int) -> None:
+        """One aligned 32-bit store, like set_effective; 0 turns the scaling off."""
+        self._u32[_CLOCK_WORD + index * _DEVICE_WORDS] = centi
+
+    def clock_scale(self, index: int) -> int:
+        return self._u32[_CLOCK_WORD + index * _DEVICE_WORDS]
 
     def set_heartbeat(self, now_ns: int) -> None:
         self._u64[_HEARTBEAT_WORD] = now_ns

@@ -73,6 +73,12 @@ static inline uint64_t monotonic_ns(void)
 
 /* ---- the share in force ------------------------------------------------------ */
 
+bool shim_observer_alive(const struct fcsp_limits *limits)
+{
+    uint64_t beat = __atomic_load_n(&limits->observer_heartbeat_ns, __ATOMIC_RELAXED);
+    return beat != 0 && (int64_t)(monotonic_ns() - beat) <= STALE_OBSERVER_NS;
+}
+
 static uint32_t env_cap(int ordinal)
 {
     uint32_t cap = ordinal >= 0 && ordinal < (int)FCSP_MAX_DEVICES ? shim_env.sm_centi[ordinal] : 0;
@@ -98,8 +104,7 @@ static uint32_t share_in_force(int entry, int ordinal)
     uint32_t share = atomic_load_explicit(&d->sm_effective_centi, memory_order_relaxed);
     uint32_t requested = d->sm_requested_centi;
     if (unlikely(share > requested || share == 0)) {
-        uint64_t beat = __atomic_load_n(&limits->observer_heartbeat_ns, __ATOMIC_RELAXED);
-        if (share == 0 || beat == 0 || (int64_t)(monotonic_ns() - beat) > STALE_OBSERVER_NS)
+        if (share == 0 || !shim_observer_alive(limits))
             share = requested;
     }
     if (share == 0) /* a slot written without any compute share: not limited */

@@ -94,5 +94,7 @@ void shim_calib_after_fork_child(void);
 
 /* compute.c, for calib.c: give back or charge the difference found by a first measurement. */
 void shim_compute_true_up(int entry, int64_t gpu_ns);
+/* The observer has written a heartbeat within the last second (its shares and clock scale hold). */
+bool shim_observer_alive(const struct fcsp_limits *limits);
 
 #endif

@@ -104,7 +104,14 @@ struct fcsp_limits_device {
      * 0: the shim derives it from the mode (strict: the share; else 100 %).
      */
     uint32_t mps_threads_centi;
-    uint32_t reserved1;
+    /*
+     * How much faster than its full-load clock the GPU runs now, 1/100 %: 12000 = 20 %
+     * faster.  Written by the observer like sm_effective_centi (one aligned store,
+     * outside the seqlock) when [observer] clock_normalise is on; 0: no scaling.  The
+     * shim multiplies measured kernel times by it, so a share is a share of the work
+     * the GPU does at full load rather than of its time.
+     */
+    _Atomic uint32_t clock_scale_centi;
     uint64_t reserved[3];
 };
 
@@ -113,9 +120,9 @@ struct fcsp_limits {
     uint32_t version;              /* FCSP_SLOT_VERSION */
     uint32_t size;                 /* sizeof(struct fcsp_limits) */
     /*
-     * Seqlock over every field below except sm_effective_centi and
-     * observer_heartbeat_ns: odd while the host writes, bumped before and
-     * after.  Readers retry until they see the same even value twice.
+     * Seqlock over every field below except sm_effective_centi,
+     * clock_scale_centi and observer_heartbeat_ns: odd while the host writes, bumped
+     * before and after.  Readers retry until they see the same even value twice.
      */
     _Atomic uint32_t seq;
     uint32_t isolation_mode;       /* enum fcsp_isolation_mode */

@@ -54,6 +54,11 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[hooks]\n", "[hooks] is unknown"),
         ("defaults = 3\n", "[defaults] must be a table"),
         ("[defaults\n", "not valid TOML"),
+        (
+            "[observer]\nclock_normalise = 'on'\n",
+            "[observer] clock_normalise = 'on' is invalid: expected one of off, full-load",
+        ),
+        ("[backend]\ndefault = 'mig'\n", "expected one of timeslice, mps"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:

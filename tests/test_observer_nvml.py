@@ -9,13 +9,14 @@ tenant's, and only those holding a LIVE record in its slot count as shimmed."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fcsp_hook import procfs
+from fcsp_hook import abi, procfs, slotio
 from tests.shim.harness import PROG_DIR, SIM_DIR, Env, build, read_until_ready
 from tests.test_observer import Host, wait_for
 
@@ -90,3 +91,38 @@ def test_unshimmed_process_is_flagged_and_killed_over_quota(host: Host, tmp_path
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Path) -> None:
+    """clock_normalise = "full-load": while the (simulated) GPU is busy at 1500 MHz the
+    observer learns that clock; when a throttled GPU then runs at 1980 MHz it tells the
+    tenant's shim to charge kernels 1.32 times their time.  Off again (SIGHUP), it writes 0."""
+    clock = tmp_path / "clock"
+    clock.write_text("1500 100\n")
+    host.write_config('clock_normalise = "full-load"\n')
+    host.add("t1")
+    proc = host.start(
+        env={
+            "LD_LIBRARY_PATH": str(SIM_DIR),
+            "FCSP_SIM_STATE": str(tmp_path / "sim"),
+            "FCSP_SIM_DEVICES": "1",
+            "FCSP_SIM_CLOCK_FILE": str(clock),
+        }
+    )
+    limits = slotio.LimitsMap(host.run_dir / "tenants" / "t1" / abi.LIMITS_FILE)
+    try:
+        wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
+        clock.write_text("1980 40\n")  # throttled: the GPU is partly idle and clocks up
+        wait_for("scale published", lambda: limits.clock_scale(0) == 13200)
+        published = {"full_load_mhz": 1500, "sm_mhz": 1980, "scale_centi": 13200}
+
+        def clocks() -> list[object]:
+            value = host.state().get("clocks", {})
+            return list(value.values()) if isinstance(value, dict) else []
+
+        wait_for("clocks in the state file", lambda: clocks() == [published])
+        host.write_config('clock_normalise = "off"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for("scaling turned off", lambda: limits.clock_scale(0) == 0)
+    finally:
+        limits.close()

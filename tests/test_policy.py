@@ -7,6 +7,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fcsp_hook import policy
 from fcsp_hook.abi import WHOLE_GPU_CENTI, IsolationMode, Priority
 from fcsp_hook.policy import (
     AdaptiveParams,
@@ -271,3 +272,18 @@ def test_adaptive_never_flips_between_the_marks(levels: list[int], s: GpuState) 
         nxt = step_adaptive(s, level, params)
         assert nxt.tight == s.tight
         s = nxt
+
+
+def test_full_load_clock_is_learned_only_at_full_load() -> None:
+    assert policy.learn_full_load_clock(0.0, 1980, 40) == 0.0  # partly idle: not the reference
+    assert policy.learn_full_load_clock(0.0, 1470, 99) == 1470.0
+    assert policy.learn_full_load_clock(1470.0, 1550, 97) == 1480.0  # an eighth of the way
+    assert policy.learn_full_load_clock(1470.0, 0, 100) == 1470.0
+
+
+def test_clock_scale_is_bounded_and_zero_until_known() -> None:
+    assert policy.clock_scale_centi(0.0, 1980) == 0
+    assert policy.clock_scale_centi(1500.0, 1980) == 13200
+    assert policy.clock_scale_centi(1500.0, 1500) == policy.WHOLE_GPU_CENTI
+    assert policy.clock_scale_centi(1000.0, 3000) == policy.CLOCK_SCALE_MAX_CENTI
+    assert policy.clock_scale_centi(1500.0, 300) == policy.CLOCK_SCALE_MIN_CENTI

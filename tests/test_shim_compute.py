@@ -136,6 +136,41 @@ def test_a_tenant_that_synchronizes_after_every_launch_gets_its_share_of_device_
     assert free.device_fraction > limited.device_fraction * 1.5, (free, limited)
 
 
+@pytest.mark.parametrize(
+    ("scale", "observer", "low", "high"),
+    [(20000, "alive", 0.08, 0.22), (0, "alive", 0.20, 0.40), (20000, "absent", 0.20, 0.40)],
+    ids=["scaled", "off", "stale-scale-ignored"],
+)
+def test_kernel_times_are_scaled_to_the_reference_clock(
+    tmp_path: Path, scale: int, observer: str, low: float, high: float
+) -> None:
+    """With clock_scale_centi = 20000 (the GPU runs twice as fast as at full load) a kernel
+    is charged twice the time it took: a tenant at 30 % gets about 15 % of the device's
+    time, the work it would do in 30 % of the time at the full-load clock.  0 is off, and
+    a scale left by an observer that is gone (no heartbeat) is ignored."""
+    slot = compute_slot(tmp_path / "clock", 3000)
+    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits.set_clock_scale(0, scale)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            limits.set_heartbeat(time.monotonic_ns())
+            stop.wait(0.1)
+
+    beater = threading.Thread(target=beat)
+    if observer == "alive":
+        beater.start()
+    try:
+        loop = run_loop(env_for(tmp_path, "clock", slot), 500, seconds=1.5)
+    finally:
+        stop.set()
+        if observer == "alive":
+            beater.join()
+        limits.close()
+    assert low <= loop.device_fraction <= high, loop
+
+
 def test_two_tenants_30_70_race_on_one_device(tmp_path: Path) -> None:
     """Tenants at 30 % and 70 % launching as fast as they can on one device end up with
     about 30 % and 70 % of its time, although each one's measured kernel times include

@@ -2,6 +2,8 @@
  * A simulated NVML (libnvidia-ml.so.1): the devices of sim_state.c, with the
  * memory every process holds on them, as nvidia-smi and pynvml would read it.
  */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "nvml_api.h"
@@ -158,4 +160,55 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v3(nvmlDevice_t 
                                                                    struct sim_process_info *infos)
 {
     return running_processes(device, count, infos, 1);
+}
+
+/*
+ * SM clock and utilisation: every device reads "<MHz> <percent>" from the file named by
+ * FCSP_SIM_CLOCK_FILE, on each call, so a test can change them while the observer runs.
+ * Without the file: 1500 MHz, idle.
+ */
+static void clock_and_util(unsigned int *mhz, unsigned int *util)
+{
+    *mhz = 1500;
+    *util = 0;
+    const char *path = getenv("FCSP_SIM_CLOCK_FILE");
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f)
+        return;
+    unsigned int m, u;
+    if (fscanf(f, "%u %u", &m, &u) == 2) {
+        *mhz = m;
+        *util = u;
+    }
+    fclose(f);
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, unsigned int type,
+                                               unsigned int *clock)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || !clock || type != 1 /* NVML_CLOCK_SM */)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned int util;
+    clock_and_util(clock, &util);
+    return NVML_SUCCESS;
+}
+
+struct sim_utilization {
+    unsigned int gpu;
+    unsigned int memory;
+};
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device,
+                                                      struct sim_utilization *rates)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || !rates)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned int mhz;
+    clock_and_util(&mhz, &rates->gpu);
+    rates->memory = 0;
+    return NVML_SUCCESS;
 }
