@@ -12,9 +12,11 @@ unlimited or wrongly limited tenant (100 %, or a share applied twice) falls outs
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,27 @@ def compute_slot(
         limits.set_effective(0, effective)
         limits.close()
     return directory
+
+
+@contextlib.contextmanager
+def heartbeat(limits: slotio.LimitsMap, alive: bool) -> Iterator[None]:
+    """An observer's heartbeat in the slot every 100 ms while the block runs (if alive)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            limits.set_heartbeat(time.monotonic_ns())
+            stop.wait(0.1)
+
+    beater = threading.Thread(target=beat)
+    if alive:
+        beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if alive:
+            beater.join()
 
 
 @dataclass
@@ -151,22 +174,10 @@ def test_kernel_times_are_scaled_to_the_reference_clock(
     slot = compute_slot(tmp_path / "clock", 3000)
     limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
     limits.set_clock_scale(0, scale)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.is_set():
-            limits.set_heartbeat(time.monotonic_ns())
-            stop.wait(0.1)
-
-    beater = threading.Thread(target=beat)
-    if observer == "alive":
-        beater.start()
     try:
-        loop = run_loop(env_for(tmp_path, "clock", slot), 500, seconds=1.5)
+        with heartbeat(limits, alive=observer == "alive"):
+            loop = run_loop(env_for(tmp_path, "clock", slot), 500, seconds=1.5)
     finally:
-        stop.set()
-        if observer == "alive":
-            beater.join()
         limits.close()
     assert low <= loop.device_fraction <= high, loop
 
@@ -289,22 +300,10 @@ def test_raise_above_request_needs_a_live_observer(tmp_path: Path, observer: str
     back to the request (strict behaviour)."""
     slot = compute_slot(tmp_path / "slot", 2000, effective=8000)
     limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.is_set():
-            limits.set_heartbeat(time.monotonic_ns())
-            stop.wait(0.1)
-
-    beater = threading.Thread(target=beat)
-    if observer == "alive":
-        beater.start()
     try:
-        loop = run_loop(env_for(tmp_path, "obs", slot), 200)
+        with heartbeat(limits, alive=observer == "alive"):
+            loop = run_loop(env_for(tmp_path, "obs", slot), 200)
     finally:
-        stop.set()
-        if observer == "alive":
-            beater.join()
         limits.close()
     if observer == "alive":
         assert 0.55 <= loop.device_fraction <= 1.0, loop
