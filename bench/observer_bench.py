@@ -677,10 +677,20 @@ def pair(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None
             for w in ws.values():
                 w.send("run")
             settle(args.warmup)
+            before, clocks = {n: s.usage(n) for n in ws}, ClockSampler(args.gpu_uuid)
             t0 = time.monotonic()
             settle(args.measure)
             t1 = time.monotonic()
-            got = {n: ws[n].rate(t0, t1) / solo * 100 for n in ws}
+            got: dict[str, Any] = {n: ws[n].rate(t0, t1) / solo * 100 for n in ws}
+            # Is a tenant charged more per matmul than a matmul takes alone?  Kernel times
+            # measured while the other tenant's time slice runs would inflate its costs.
+            for n, w in ws.items():
+                spent, ops = s.usage(n) - before[n], w.rate(t0, t1) * (t1 - t0)
+                got[f"{n}_gpu_time_per_s"] = spent.busy_ns / 1e9 / spent.seconds
+                got[f"{n}_waited_per_s"] = spent.throttled_ns / 1e9 / spent.seconds
+                got[f"{n}_charged_ms_per_matmul"] = spent.busy_ns / 1e6 / max(ops, 1)
+            got["solo_ms_per_matmul"] = 1000 / solo
+            got["sm_clock_mhz"] = clocks.stop()
             out[mode.name.lower()] = got
             log(f"pair ({mode.name.lower()}): {got}")
     results["pair"] = {**out, "target": "30 / 70 within 3 points (HAMi-core 46 / 54)"}
@@ -930,7 +940,12 @@ def write_markdown(args: argparse.Namespace, results: dict[str, Any]) -> None:
         if isinstance(got, dict):
             rows.append(
                 f"| pair 30 / 70 ({mode}) | {fmt(got.get('P30'))} / {fmt(got.get('P70'))} % "
-                "| 30 / 70 within 3 points |"
+                f"(GPU time admitted {fmt(got.get('P30_gpu_time_per_s'))} / "
+                f"{fmt(got.get('P70_gpu_time_per_s'))} s per s; charged per matmul "
+                f"{fmt(got.get('P30_charged_ms_per_matmul'))} / "
+                f"{fmt(got.get('P70_charged_ms_per_matmul'))} ms, alone "
+                f"{fmt(got.get('solo_ms_per_matmul'))} ms; SM {fmt(got.get('sm_clock_mhz'))} MHz)"
+                " | 30 / 70 within 3 points |"
             )
     lc = results.get("latency_capped", {})
     if "alone_us" in lc:
