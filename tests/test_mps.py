@@ -501,3 +501,18 @@ def test_a_tenant_process_outside_mps_is_flagged(short_tmp: Path) -> None:
         with contextlib.suppress(OSError, ValueError):
             pid_file = mpsd.PID_FILE
             os.kill(int((mps.gpu_dir(h.run_dir, sim_uuid(0)) / "pipe" / pid_file).read_text()), 9)
+
+
+def test_a_config_without_mps_stops_the_daemon(mps_host: Host) -> None:
+    """SIGHUP with GPU 1 no longer on mps: its daemon is told to quit and tenants see no
+    control socket (new containers are time-sliced)."""
+    proc = mps_host.start()
+    wait_for("daemon for GPU 1", lambda: _daemon_pid(mps_host, GPU1))
+    pid = _daemon_pid(mps_host, GPU1)
+    text = mps_host.config.read_text().replace('gpus = { "1" = "mps" }', "gpus = {}")
+    mps_host.config.write_text(text)
+    proc.send_signal(signal.SIGHUP)
+    wait_for("daemon gone", lambda: not Path(f"/proc/{pid}").exists())
+    wait_for("no backend in the state file", lambda: not _backends(mps_host))
+    assert not mps.ready(mps_host.run_dir, GPU1)
+    assert "MPS backend no longer configured" in mps_host.log_text()
