@@ -124,10 +124,17 @@ install: shim/libvgpu.so venv
 	ln -sf $(VENV)/bin/fcspctl $(DESTDIR)$(PREFIX)/bin/fcspctl
 # fcsp-runtime runs 3-4 times per container start: a minimal launcher rather than pip's
 # console script, which imports re first (+9 ms a call on the CI VM).  -I: the engine's
-# PYTHON* variables never reach it.
+# PYTHON* variables never reach it.  -S as well where the package's directory is known
+# (not when staging with DESTDIR): `site` and the venv's .pth files cost ~18 ms a start.
 	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
-	printf '#!%s -I\nimport sys\nfrom fcsp_hook.runtime import main\nsys.exit(main())\n' \
-		'$(HOOK_PYTHON)' > $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
+	pkg=$$([ -n "$(DESTDIR)" ] || $(HOOK_PYTHON) -I -c 'import os, fcsp_hook; \
+		print(os.path.dirname(os.path.dirname(os.path.abspath(fcsp_hook.__file__))))'); \
+	if [ -n "$$pkg" ]; then \
+		printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\n' '$(HOOK_PYTHON)' "$$pkg"; \
+	else printf '#!%s -I\nimport sys\n' '$(HOOK_PYTHON)'; fi \
+		> $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
+	printf 'from fcsp_hook.runtime import main\nsys.exit(main())\n' \
+		>> $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	chmod 0755 $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	install -D -m 0755 shim/libvgpu.so $(DESTDIR)$(LIBDIR)/libvgpu.so
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/fcsp

@@ -19,22 +19,58 @@ ANNOTATION_PATTERN = r"^fcsp\."
 HOOK_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8")
 
 
-def hook_entry(python: str, config_path: Path) -> dict[str, object]:
+# Where an interpreter imports fcsp_hook from (the directory holding the package).
+_PACKAGE_QUERY = (
+    "import os, fcsp_hook; print(os.path.dirname(os.path.dirname(os.path.abspath("
+    "fcsp_hook.__file__))))"
+)
+
+
+def package_dir(python: str) -> str | None:
+    """The directory `python` imports fcsp_hook from, or None when it cannot be asked
+    (a package staged with DESTDIR, whose interpreter does not exist yet)."""
+    if python == sys.executable:
+        return str(Path(__file__).resolve().parent.parent)
+    import subprocess  # noqa: PLC0415  # install time only
+
+    try:
+        done = subprocess.run(  # the interpreter the operator named
+            [python, "-I", "-c", _PACKAGE_QUERY],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = done.stdout.strip()
+    return found if found.startswith("/") and "\n" not in found else None
+
+
+def hook_command(python: str, package: str | None) -> list[str]:
+    """The hook's argv up to its own arguments.
+
+    argv[0] is the full path: Python finds its prefix from it.  -I: isolated mode, so
+    PYTHONPATH, PYTHONHOME and user site-packages are ignored.  With the package's
+    directory known, -S as well: `site` (and every .pth file of the environment) costs
+    tens of milliseconds per start, twice per container; the hook needs only the
+    standard library and its own package.
+    """
+    if package is None:
+        return [python, "-I", "-m", "fcsp_hook.hook"]
+    boot = (
+        f"import sys; sys.path.insert(0, {package!r}); "
+        "from fcsp_hook.hook import main; sys.exit(main())"
+    )
+    return [python, "-I", "-S", "-c", boot]
+
+
+def hook_entry(python: str, config_path: Path, package: str | None = None) -> dict[str, object]:
     return {
         "version": HOOKS_VERSION,
         "hook": {
             "path": python,
-            # argv[0] is the full path: Python finds its prefix (and site-packages) from it.
-            # -I: isolated mode, so PYTHONPATH, PYTHONHOME and user site-packages are ignored.
-            "args": [
-                python,
-                "-I",
-                "-m",
-                "fcsp_hook.hook",
-                "--config",
-                str(config_path),
-                "oci",
-            ],
+            "args": [*hook_command(python, package), "--config", str(config_path), "oci"],
             "env": list(HOOK_ENV),
             "timeout": 10,
         },
@@ -44,7 +80,7 @@ def hook_entry(python: str, config_path: Path) -> dict[str, object]:
 
 
 def render(python: str, config_path: Path) -> str:
-    return json.dumps(hook_entry(python, config_path), indent=2) + "\n"
+    return json.dumps(hook_entry(python, config_path, package_dir(python)), indent=2) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,7 +264,8 @@ def is_fcsp_hook(entry: object) -> bool:
     path, args = entry.get("path"), entry.get("args")
     if isinstance(path, str) and os.path.basename(path) == "fcsp-hook":
         return True
-    return isinstance(args, list) and _HOOK_MODULE in args
+    # `-m fcsp_hook.hook`, or `-S -c "...from fcsp_hook.hook import main..."`
+    return isinstance(args, list) and any(isinstance(a, str) and _HOOK_MODULE in a for a in args)
 
 
 def with_fcsp_hooks(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +299,7 @@ def hook_entry(python: str, config_path: str) -> dict[str, Any]:
 
     from fcsp_hook import hooksd  # noqa: PLC0415
 
-    hook = hooksd.hook_entry(python, Path(config_path))["hook"]
+    hook = hooksd.hook_entry(python, Path(config_path), hooksd.package_dir(python))["hook"]
     if not isinstance(hook, dict):
         raise HookError("hooksd.hook_entry has no hook object")  # a bug, said in one line
     return hook
