@@ -185,7 +185,10 @@ def test_init_container_installs_fcsp_on_the_host(host: Host) -> None:
     assert library.read_bytes()[:4] == b"\x7fELF"
     assert library.stat().st_mode & 0o777 == 0o755
     runtime = root / "usr/local/bin/fcsp-runtime"
-    assert runtime.read_text().splitlines()[0] == "#!/opt/fcsp/venv/bin/python3 -I"
+    # Isolated, and without site: the package's directory (the venv's) is put on sys.path.
+    shebang, _, path_line = runtime.read_text().splitlines()[:3]
+    assert shebang == "#!/opt/fcsp/venv/bin/python3 -IS"
+    assert path_line.startswith('sys.path.insert(0, "/opt/fcsp/venv/lib/python3'), path_line
     assert runtime.stat().st_mode & 0o777 == 0o755
     assert (root / "etc/fcsp/config.toml").read_text() == (REPO / "etc/config.toml").read_text()
     venv_python = root / "opt/fcsp/venv/bin/python3"
