@@ -480,11 +480,14 @@ def _check_hooks() -> Check:
         entry = directory / "fcsp.json"
         if entry.is_file():
             try:
-                python = json.loads(entry.read_text())["hook"]["path"]
-            except (ValueError, KeyError, TypeError):
+                args = json.loads(entry.read_text())["hook"]["args"]
+                python = str(args[0])
+            except (ValueError, KeyError, TypeError, IndexError):
                 return Check(False, "hooks.d", f"{entry} is not a valid hooks.d entry")
+            from fcsp_hook import hooksd  # noqa: PLC0415  # only doctor needs it
+
             probe = subprocess.run(
-                [python, "-I", "-c", "import fcsp_hook.hook"], capture_output=True, check=False
+                hooksd.import_probe([str(a) for a in args]), capture_output=True, check=False
             )
             if probe.returncode != 0:
                 return Check(False, "hooks.d", f"{entry}: {python} cannot import fcsp_hook")

@@ -47,6 +47,18 @@ def package_dir(python: str) -> str | None:
     return found if found.startswith("/") and "\n" not in found else None
 
 
+_RUN = "from fcsp_hook.hook import main; sys.exit(main())"
+
+
+def import_probe(args: list[str]) -> list[str]:
+    """A hooks.d entry's command with the hook's work replaced by importing it: run by
+    `fcspctl doctor` to prove the entry finds its package the way the hook will."""
+    if "-c" in args[:-1]:
+        at = args.index("-c")
+        return [*args[: at + 1], args[at + 1].replace(_RUN, "import fcsp_hook.hook")]
+    return [args[0], "-I", "-c", "import fcsp_hook.hook"]
+
+
 def hook_command(python: str, package: str | None) -> list[str]:
     """The hook's argv up to its own arguments.
 
@@ -58,10 +70,7 @@ def hook_command(python: str, package: str | None) -> list[str]:
     """
     if package is None:
         return [python, "-I", "-m", "fcsp_hook.hook"]
-    boot = (
-        f"import sys; sys.path.insert(0, {package!r}); "
-        "from fcsp_hook.hook import main; sys.exit(main())"
-    )
+    boot = f"import sys; sys.path.insert(0, {package!r}); {_RUN}"
     return [python, "-I", "-S", "-c", boot]
 
 

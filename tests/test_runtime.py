@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,23 @@ def test_the_hook_skips_site_when_it_knows_where_its_package_is() -> None:
         "fcsp_hook.hook",
     ]
     assert hooksd.package_dir("/nonexistent/python3") is None
+
+
+def test_doctor_probes_the_entry_the_way_the_hook_imports() -> None:
+    """fcspctl doctor runs the hooks.d command with the hook's work replaced by an import:
+    a -S entry whose package directory moved (a reinstall without `make install`) fails it."""
+    repo = str(Path(__file__).resolve().parents[1])
+    good = hooksd.import_probe([*hooksd.hook_command(sys.executable, repo), "oci"])
+    assert good[-1].endswith("import fcsp_hook.hook") and "--config" not in good
+    assert subprocess.run(good, capture_output=True, check=False).returncode == 0
+    moved = hooksd.import_probe([*hooksd.hook_command(sys.executable, "/nonexistent"), "oci"])
+    assert subprocess.run(moved, capture_output=True, check=False).returncode != 0
+    assert hooksd.import_probe(hooksd.hook_command("/usr/bin/python3", None)) == [
+        "/usr/bin/python3",
+        "-I",
+        "-c",
+        "import fcsp_hook.hook",
+    ]
 
 
 def test_hooks_are_added_and_everything_else_is_kept() -> None:
