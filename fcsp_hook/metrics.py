@@ -43,6 +43,8 @@ class Snapshot:
     contention_pct: dict[str, int] = field(default_factory=dict)  # per GPU
     ticks: int = 0
     tick_seconds_total: float = 0.0
+    # Per GPU on the MPS backend: (daemon serving tenants, daemon restarts, faults seen).
+    mps: dict[str, tuple[bool, int, int]] = field(default_factory=dict)
 
 
 class _Collector(Collector):
@@ -103,6 +105,24 @@ class _Collector(Collector):
         for gpu, pct in sorted(snap.contention_pct.items()):
             contention.add_metric([gpu], pct / 100)
         yield contention
+        up = GaugeMetricFamily(
+            "fcsp_mps_daemon_up",
+            "1 if the GPU's MPS daemon serves tenants (0: time-sliced)",
+            labels=["gpu"],
+        )
+        restarts = CounterMetricFamily(
+            "fcsp_mps_daemon_restarts", "Restarts of the GPU's MPS daemon", labels=["gpu"]
+        )
+        faults = CounterMetricFamily(
+            "fcsp_mps_gpu_faults",
+            "Fatal GPU errors that tore down the GPU's MPS clients",
+            labels=["gpu"],
+        )
+        for gpu, (serving, restarted, faulted) in sorted(snap.mps.items()):
+            up.add_metric([gpu], 1.0 if serving else 0.0)
+            restarts.add_metric([gpu], restarted)
+            faults.add_metric([gpu], faulted)
+        yield from (up, restarts, faults)
         ticks = CounterMetricFamily("fcsp_observer_ticks", "Observer ticks")
         ticks.add_metric([], snap.ticks)
         yield ticks

@@ -819,7 +819,14 @@ class Observer:
                     )
                 )
         return metrics.Snapshot(
-            tuple(samples), dict(self.contention), self.ticks, self.tick_ns_total / 1e9
+            tuple(samples),
+            dict(self.contention),
+            self.ticks,
+            self.tick_ns_total / 1e9,
+            {
+                uuid: (d.state.backend == "mps", d.state.restarts, d.state.faults)
+                for uuid, d in self.mps.items()
+            },
         )
 
     # -- lifecycle --

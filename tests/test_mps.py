@@ -516,3 +516,18 @@ def test_a_config_without_mps_stops_the_daemon(mps_host: Host) -> None:
     wait_for("no backend in the state file", lambda: not _backends(mps_host))
     assert not mps.ready(mps_host.run_dir, GPU1)
     assert "MPS backend no longer configured" in mps_host.log_text()
+
+
+def test_mps_daemons_are_in_the_metrics() -> None:
+    """Per GPU on MPS: whether its daemon serves tenants, its restarts and faults."""
+    from prometheus_client import generate_latest  # noqa: PLC0415  # this test only
+
+    from fcsp_hook import metrics  # noqa: PLC0415
+
+    exporter = metrics.Metrics()
+    exporter.publish(metrics.Snapshot(mps={GPU0: (True, 2, 1), GPU1: (False, 0, 0)}))
+    body = generate_latest(exporter.registry).decode()
+    assert f'fcsp_mps_daemon_up{{gpu="{GPU0}"}} 1.0' in body
+    assert f'fcsp_mps_daemon_up{{gpu="{GPU1}"}} 0.0' in body
+    assert f'fcsp_mps_daemon_restarts_total{{gpu="{GPU0}"}} 2.0' in body
+    assert f'fcsp_mps_gpu_faults_total{{gpu="{GPU0}"}} 1.0' in body
