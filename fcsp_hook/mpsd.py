@@ -26,8 +26,11 @@ PID_FILE = "nvidia-cuda-mps-control.pid"
 SERVER_LOG = "server.log"
 # /proc/<pid>/comm of nvidia-cuda-mps-control and nvidia-cuda-mps-server (15 characters).
 COMM_PREFIX = "nvidia-cuda-mps"
-START_TIMEOUT_S = 10.0
-QUIT_TIMEOUT_S = 10.0
+# The observer's loop waits for these: together they stay well inside the 10 s systemd
+# watchdog (WatchdogSec in fcsp-observer.service), which the loop feeds between ticks.
+START_TIMEOUT_S = 4.0  # nvidia-cuda-mps-control -d forks and returns at once
+READY_TIMEOUT_S = 3.0  # then its control socket appears (well under 1 s on the H200)
+QUIT_TIMEOUT_S = 2.0  # quit, and again for the daemon to be gone before SIGKILL
 RETRY_AFTER_S = 30.0
 LOG_READ_MAX = 1 << 20
 SOCKET_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
@@ -141,7 +144,7 @@ class Daemon:
             why = (done.stderr or done.stdout).decode(errors="replace").strip()[-200:]
             self._fail(now, f"{program} -d exited with {done.returncode}: {why}")
             return
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             pid = self._pid_from_file()
             if (self.root / "pipe" / CONTROL).is_socket() and is_mps_process(pid):
