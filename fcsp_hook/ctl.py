@@ -419,12 +419,19 @@ def cmd_set(cfg: config.Config, args: argparse.Namespace) -> int:
         with limits.update() as view:
             _apply(view, request, wanted, targets, bool(observer_alive))
         generation = limits.generation
+        on_mps = any(limits.view.device[i].backend == abi.Backend.MPS for i in targets)
     finally:
         limits.close()
     print(
         f"{directory.name}: {', '.join(f'{k}={v}' for k, v in wanted.items())} "
         f"(generation {generation})"
     )
+    if on_mps and {"fcsp.sm", "fcsp.mode", "fcsp.priority"} & wanted.keys():
+        # MPS reads a client's thread percentage once, when it connects.
+        print(
+            "note: this tenant is on MPS: its SM cap (strict, latency) changes for processes "
+            "started from now on; running ones keep theirs"
+        )
     return 0
 
 

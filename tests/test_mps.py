@@ -531,3 +531,28 @@ def test_mps_daemons_are_in_the_metrics() -> None:
     assert f'fcsp_mps_daemon_up{{gpu="{GPU1}"}} 0.0' in body
     assert f'fcsp_mps_daemon_restarts_total{{gpu="{GPU0}"}} 2.0' in body
     assert f'fcsp_mps_gpu_faults_total{{gpu="{GPU0}"}} 1.0' in body
+
+
+def test_fcspctl_set_on_an_mps_tenant_says_running_processes_keep_their_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    slot.ensure_tenants_dir(run_dir)
+    for cid, backend in (("on-mps", abi.Backend.MPS), ("sliced", abi.Backend.TIMESLICE)):
+        spec = slot.SlotSpec(
+            container_id=cid,
+            devices=(slot.DeviceLimits(uuid=GPU1, sm_requested_centi=3000, backend=backend),),
+        )
+        slot.write_slot(slot.slot_path(run_dir, cid), spec, {})
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[paths]\nrun_dir = "{run_dir}"\n')
+    assert ctl.main(["--config", str(cfg), "set", "on-mps", "--sm", "40"]) == 0
+    assert "note: this tenant is on MPS" in capsys.readouterr().out
+    assert ctl.main(["--config", str(cfg), "set", "sliced", "--sm", "40"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert (
+        slot.read_limits(slot.slot_path(run_dir, "on-mps") / abi.LIMITS_FILE)
+        .device[0]
+        .sm_requested_centi
+        == 4000
+    )
