@@ -255,26 +255,37 @@ static CUresult true_up(const struct alloc_site *site, uint64_t charged, uint64_
     return CUDA_SUCCESS;
 }
 
+/* After a pitched allocation: charge what the driver really gave (pitch x height), or
+ * free it again if that no longer fits the quota. */
+static CUresult settle_pitch(const struct alloc_site *site, uint64_t guess, CUresult rc,
+                             CUdeviceptr ptr, uint64_t actual, bool v1)
+{
+    if (rc == CUDA_SUCCESS && true_up(site, guess, actual) != CUDA_SUCCESS) {
+        if (v1)
+            REAL(cuMemFree)((CUdeviceptr_v1)ptr);
+        else
+            REAL(cuMemFree_v2)(ptr);
+        uncharge(site->entry, guess);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    settle(site, rc == CUDA_SUCCESS ? actual : guess, rc, rc == CUDA_SUCCESS ? ptr : 0,
+           TRACK_DEVPTR);
+    return rc;
+}
+
 SHIM_EXPORT CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t WidthInBytes,
                                         size_t Height, unsigned int ElementSizeBytes)
 {
     struct alloc_site site;
     if (!site_current(&site))
         return REAL(cuMemAllocPitch_v2)(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
-    uint64_t size = pitch_guess(WidthInBytes, Height);
-    CUresult rc = charge(&site, size);
+    uint64_t guess = pitch_guess(WidthInBytes, Height);
+    CUresult rc = charge(&site, guess);
     if (rc != CUDA_SUCCESS)
         return rc;
     rc = REAL(cuMemAllocPitch_v2)(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
-    if (rc == CUDA_SUCCESS && true_up(&site, size, (uint64_t)*pPitch * Height) != CUDA_SUCCESS) {
-        REAL(cuMemFree_v2)(*dptr);
-        uncharge(site.entry, size);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    if (rc == CUDA_SUCCESS)
-        size = (uint64_t)*pPitch * Height;
-    settle(&site, size, rc, rc == CUDA_SUCCESS ? *dptr : 0, TRACK_DEVPTR);
-    return rc;
+    return settle_pitch(&site, guess, rc, rc == CUDA_SUCCESS ? *dptr : 0,
+                        rc == CUDA_SUCCESS ? (uint64_t)*pPitch * Height : 0, false);
 }
 
 SHIM_EXPORT CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pPitch,
@@ -284,20 +295,13 @@ SHIM_EXPORT CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pPitch,
     struct alloc_site site;
     if (!site_current(&site))
         return REAL(cuMemAllocPitch)(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
-    uint64_t size = pitch_guess(WidthInBytes, Height);
-    CUresult rc = charge(&site, size);
+    uint64_t guess = pitch_guess(WidthInBytes, Height);
+    CUresult rc = charge(&site, guess);
     if (rc != CUDA_SUCCESS)
         return rc;
     rc = REAL(cuMemAllocPitch)(dptr, pPitch, WidthInBytes, Height, ElementSizeBytes);
-    if (rc == CUDA_SUCCESS && true_up(&site, size, (uint64_t)*pPitch * Height) != CUDA_SUCCESS) {
-        REAL(cuMemFree)(*dptr);
-        uncharge(site.entry, size);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    if (rc == CUDA_SUCCESS)
-        size = (uint64_t)*pPitch * Height;
-    settle(&site, size, rc, rc == CUDA_SUCCESS ? *dptr : 0, TRACK_DEVPTR);
-    return rc;
+    return settle_pitch(&site, guess, rc, rc == CUDA_SUCCESS ? *dptr : 0,
+                        rc == CUDA_SUCCESS ? (uint64_t)*pPitch * Height : 0, true);
 }
 
 SHIM_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
