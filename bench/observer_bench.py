@@ -300,7 +300,7 @@ class Scene:
             self.observer.terminate()
             self.observer.wait(timeout=20)
         if self.args.backend == "mps":  # the observer leaves its daemon to running clients
-            mpsd.Daemon(self.run_dir, self.args.gpu_uuid, self.args.mps_control, _Quiet()).stop()
+            mpsd.Daemon(self.run_dir, self.args.gpu_uuid, self.args.mps_control).stop()
 
 
 @dataclass(frozen=True)
@@ -365,11 +365,6 @@ def scene(args: argparse.Namespace, label: str) -> Iterator[Scene]:
 def _pythonpath() -> str:
     """The checkout first, then whatever the caller set (wheels carried to the GPU machine)."""
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-
-
-class _Quiet:
-    def info(self, *_: object, **__: object) -> None: ...
-    def error(self, *_: object, **__: object) -> None: ...
 
 
 def wait_until(predicate: Any, timeout: float) -> bool:

@@ -48,6 +48,11 @@ class DaemonState:
     error: str = ""
 
 
+class _Silent:
+    def info(self, *_: object, **__: object) -> None: ...
+    def error(self, *_: object, **__: object) -> None: ...
+
+
 def is_mps_process(pid: int) -> bool:
     """An MPS control daemon or server (NVML lists the server among compute processes)."""
     if pid <= 0:
@@ -66,13 +71,15 @@ class Daemon:
     run_dir: Path
     uuid: str
     program: str
-    log: Any  # the observer's structlog logger
+    log: Any = None  # the observer's structlog logger; None: silent (a one-off stop)
     state: DaemonState = field(init=False)
     log_offsets: dict[Path, int] = field(default_factory=dict)
     next_try: float = 0.0
 
     def __post_init__(self) -> None:
         self.state = DaemonState(self.uuid)
+        if self.log is None:
+            self.log = _Silent()
 
     @property
     def root(self) -> Path:

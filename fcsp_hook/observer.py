@@ -581,6 +581,8 @@ class Observer:
         """[observer] clock_normalise = "full-load": learn each GPU's full-load SM clock and
         publish to its tenants how much faster it runs now (0 when off or not known)."""
         on = self.cfg.observer.clock_normalise == config.CLOCK_FULL_LOAD and self.nv.available
+        if not on and not self.clocks:
+            return  # off, and no scale left in any slot to take back
         for gpu in self.gpus if on else ():
             reading = self.nv.clock(gpu)
             if reading is None:
@@ -589,14 +591,14 @@ class Observer:
             reference = policy.learn_full_load_clock(reference, *reading)
             scale = policy.clock_scale_centi(reference, reading[0])
             self.clocks[gpu.uuid] = (reference, reading[0], scale)
-        if not on:
-            self.clocks.clear()
         for cid, tenant in self.tenants.items():
             for i in range(tenant.device_count):
                 uuid = gpu_key(tenant.spec.device[i], cid, i, self.minors)
-                scale = self.clocks.get(uuid, (0.0, 0, 0))[2]
+                scale = self.clocks.get(uuid, (0.0, 0, 0))[2] if on else 0
                 if tenant.limits.clock_scale(i) != scale:
                     tenant.limits.set_clock_scale(i, scale)
+        if not on:
+            self.clocks.clear()
 
     def _mark_fault(self, uuid: str) -> None:
         """Every tenant with processes on the GPU lost them to a neighbour's fault."""

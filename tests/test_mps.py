@@ -376,7 +376,7 @@ def test_container_gets_only_the_control_socket_read_only(
     tmp_path = short_tmp
     driver = _driver_dir(tmp_path / "driver")
     run_dir = tmp_path / "fcsp" / "run"
-    daemon = mpsd.Daemon(run_dir, GPU1, str(SIM_CONTROL), _NullLog())
+    daemon = mpsd.Daemon(run_dir, GPU1, str(SIM_CONTROL))
     daemon.ensure(time.monotonic())
     assert mps.ready(run_dir, GPU1)
     hook = HookSetup.create(
@@ -426,11 +426,6 @@ def test_container_gets_only_the_control_socket_read_only(
         assert "single-GPU containers only" in hook.log_file.read_text()
     finally:
         daemon.stop()
-
-
-class _NullLog:
-    def info(self, *_: object, **__: object) -> None: ...
-    def error(self, *_: object, **__: object) -> None: ...
 
 
 def _shell(rootfs: Path) -> str:
