@@ -191,15 +191,27 @@ class Scene:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if self.args.gpu_uuid:
             env["CUDA_VISIBLE_DEVICES"] = self.args.gpu_uuid
+        stderr = None
         if shim:
             env["FCSP_SLOT_DIR"] = str(self.slot_dir(name))
             if not self.args.fake:
-                env["LD_PRELOAD"] = str(SHIM)
+                env["LD_PRELOAD"] = str(self.args.shim)
+            if self.args.calib_log:  # every kernel-time sample the shim takes, with its estimate
+                env["BUD_LOG_LEVEL"] = "debug"
+                stderr = (self.args.out / f"calib-{self.root.name}-{name}.log").open("w")
         cmd = [sys.executable, str(WORKER), "--size", str(self.args.size)]
         cmd += ["--batch", str(self.args.batch)] + (["--fake"] if self.args.fake else [])
         proc = subprocess.Popen(
-            cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            cmd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            bufsize=1,
         )
+        if stderr is not None:
+            stderr.close()
         worker = Worker(name, proc)
         worker.start_reader()
         self.workers[name] = worker
@@ -323,10 +335,11 @@ class Counters:
 
 class ClockSampler:
     """The GPU's mean SM clock (MHz) between construction and stop(), sampled at 20 Hz
-    with pynvml; nan without it."""
+    with pynvml, nan without it; and NVML's SM utilisation per process meanwhile."""
 
     def __init__(self, uuid: str) -> None:
         self.samples: list[int] = []
+        self.per_pid: dict[int, list[int]] = {}
         self.halt = threading.Event()
         try:
             import pynvml  # noqa: PLC0415  # optional: only on the GPU machine
@@ -339,14 +352,28 @@ class ClockSampler:
             return
 
         def sample() -> None:
+            seen, ticks = 0, 0
             while not self.halt.wait(0.05):
                 self.samples.append(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+                ticks += 1
+                if ticks % 10:
+                    continue
+                with contextlib.suppress(pynvml.NVMLError):
+                    for u in pynvml.nvmlDeviceGetProcessUtilization(handle, seen):
+                        if u.timeStamp > seen or seen == 0:
+                            self.per_pid.setdefault(u.pid, []).append(u.smUtil)
+                        seen = max(seen, u.timeStamp)
 
         threading.Thread(target=sample, daemon=True).start()
 
     def stop(self) -> float:
         self.halt.set()
         return statistics.fmean(self.samples) if self.samples else math.nan
+
+    def sm_util(self, pid: int) -> float:
+        """NVML's mean SM utilisation (%) of process pid over the samples taken."""
+        got = self.per_pid.get(pid)
+        return statistics.fmean(got) if got else math.nan
 
 
 @contextlib.contextmanager
@@ -661,33 +688,59 @@ def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> 
     results["accuracy"] = {**out, "target": "|error| <= 3 points"}
 
 
+def pair_rates(
+    s: Scene, ws: dict[str, Worker], args: argparse.Namespace, solo: float
+) -> dict[str, Any]:
+    """Both busy: each one's throughput over alone's, and where its time went."""
+    for w in ws.values():
+        w.send("run")
+    settle(args.warmup)
+    before, clocks = {n: s.usage(n) for n in ws}, ClockSampler(args.gpu_uuid)
+    t0 = time.monotonic()
+    settle(args.measure)
+    t1 = time.monotonic()
+    got: dict[str, Any] = {n: ws[n].rate(t0, t1) / solo * 100 for n in ws}
+    got["sum"] = sum(got[n] for n in ws)
+    # Is a tenant charged more per matmul than a matmul takes alone?  Kernel times measured
+    # while the other tenant's time slice runs would inflate its costs.  Did its launches
+    # wait for their share, or for a GPU that had no room left?
+    for n, w in ws.items():
+        if not (s.slot_dir(n) / "usage").exists():
+            continue
+        spent, ops = s.usage(n) - before[n], w.rate(t0, t1) * (t1 - t0)
+        got[f"{n}_gpu_time_per_s"] = spent.busy_ns / 1e9 / spent.seconds
+        got[f"{n}_waited_per_s"] = spent.throttled_ns / 1e9 / spent.seconds
+        got[f"{n}_charged_ms_per_matmul"] = spent.busy_ns / 1e6 / max(ops, 1)
+    got["solo_ms_per_matmul"] = 1000 / solo
+    got["sm_clock_mhz"] = clocks.stop()
+    for n, w in ws.items():  # what NVML thinks each one used, against what it got
+        got[f"{n}_nvml_sm_util"] = clocks.sm_util(w.proc.pid)
+    return got
+
+
 def pair(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None:
-    """Two tenants at 30 and 70, both busy, strict then balanced: each over alone's."""
+    """Two busy tenants (30 / 70 by default), strict then balanced: each over alone's.
+
+    First the same two workers without FCSP: what plain time-slicing leaves of the GPU when
+    two contexts share it, the most any split of it can add up to."""
     out: dict[str, Any] = {}
-    for mode in (abi.IsolationMode.STRICT, abi.IsolationMode.BALANCED):
-        with scene(args, f"pair-{mode.name.lower()}") as s:
-            s.start_observer()
-            ws = {n: s.add_tenant(n, sm * 100, mode=mode) for n, sm in (("P30", 30), ("P70", 70))}
-            s.wait_ready()
-            for w in ws.values():
-                w.send("run")
-            settle(args.warmup)
-            before, clocks = {n: s.usage(n) for n in ws}, ClockSampler(args.gpu_uuid)
-            t0 = time.monotonic()
-            settle(args.measure)
-            t1 = time.monotonic()
-            got: dict[str, Any] = {n: ws[n].rate(t0, t1) / solo * 100 for n in ws}
-            # Is a tenant charged more per matmul than a matmul takes alone?  Kernel times
-            # measured while the other tenant's time slice runs would inflate its costs.
-            for n, w in ws.items():
-                spent, ops = s.usage(n) - before[n], w.rate(t0, t1) * (t1 - t0)
-                got[f"{n}_gpu_time_per_s"] = spent.busy_ns / 1e9 / spent.seconds
-                got[f"{n}_waited_per_s"] = spent.throttled_ns / 1e9 / spent.seconds
-                got[f"{n}_charged_ms_per_matmul"] = spent.busy_ns / 1e6 / max(ops, 1)
-            got["solo_ms_per_matmul"] = 1000 / solo
-            got["sm_clock_mhz"] = clocks.stop()
-            out[mode.name.lower()] = got
-            log(f"pair ({mode.name.lower()}): {got}")
+    with scene(args, "pair-plain") as s:
+        ws = {n: s.add_tenant(n, WHOLE, shim=False) for n in ("Q1", "Q2")}
+        s.wait_ready()
+        out["plain"] = pair_rates(s, ws, args, solo)
+        log(f"pair (no FCSP): {out['plain']}")
+    for shares in args.pair_shares.split(","):
+        small, large = (int(x) for x in shares.split("/"))
+        for mode in (abi.IsolationMode.STRICT, abi.IsolationMode.BALANCED):
+            label = f"{small}-{large}-{mode.name.lower()}"
+            with scene(args, f"pair-{label}") as s:
+                s.start_observer()
+                names = (f"P{small}", f"P{large}")
+                ws = {n: s.add_tenant(n, int(n[1:]) * 100, mode=mode) for n in names}
+                s.wait_ready()
+                got = pair_rates(s, ws, args, solo)
+            out[label if shares != "30/70" else mode.name.lower()] = got
+            log(f"pair ({label}): {got}")
     results["pair"] = {**out, "target": "30 / 70 within 3 points (HAMi-core 46 / 54)"}
 
 
@@ -931,16 +984,22 @@ def write_markdown(args: argparse.Namespace, results: dict[str, Any]) -> None:
             f"{fmt(row.get('shim_busy_per_s'))}/s, waited {fmt(row.get('shim_throttled_per_s'))}"
             f"/s, SM {fmt(row.get('sm_clock_mhz'))} MHz) | within 3 points |"
         )
-    for mode, got in results.get("pair", {}).items():
+    for label, got in results.get("pair", {}).items():
         if isinstance(got, dict):
+            names = [n for n in got if n[0] in "PQ" and "_" not in n]
+            measured = " / ".join(f"{fmt(got[n])}" for n in names)
+            where = "; ".join(
+                f"{n}: GPU time admitted {fmt(got[f'{n}_gpu_time_per_s'])} s/s, waited "
+                f"{fmt(got[f'{n}_waited_per_s'])} s/s, charged "
+                f"{fmt(got[f'{n}_charged_ms_per_matmul'])} ms/matmul"
+                for n in names
+                if f"{n}_gpu_time_per_s" in got
+            )
             rows.append(
-                f"| pair 30 / 70 ({mode}) | {fmt(got.get('P30'))} / {fmt(got.get('P70'))} % "
-                f"(GPU time admitted {fmt(got.get('P30_gpu_time_per_s'))} / "
-                f"{fmt(got.get('P70_gpu_time_per_s'))} s per s; charged per matmul "
-                f"{fmt(got.get('P30_charged_ms_per_matmul'))} / "
-                f"{fmt(got.get('P70_charged_ms_per_matmul'))} ms, alone "
-                f"{fmt(got.get('solo_ms_per_matmul'))} ms; SM {fmt(got.get('sm_clock_mhz'))} MHz)"
-                " | 30 / 70 within 3 points |"
+                f"| pair {' / '.join(n[1:] for n in names)} ({label}) | {measured} % "
+                f"(sum {fmt(got.get('sum'))}; {where}; alone "
+                f"{fmt(got.get('solo_ms_per_matmul'))} ms/matmul; SM "
+                f"{fmt(got.get('sm_clock_mhz'))} MHz) | each within 3 points |"
             )
     lc = results.get("latency_capped", {})
     if "alone_us" in lc:
@@ -1021,6 +1080,11 @@ def main() -> int:
     parser.add_argument("--backend", choices=("timeslice", "mps"), default="timeslice")
     parser.add_argument("--clock-normalise", choices=("off", "full-load"), default="off")
     parser.add_argument("--gpu-uuid", default="", help="the GPU's UUID; default: nvidia-smi's")
+    parser.add_argument("--shim", type=Path, default=SHIM, help="the libvgpu.so tenants preload")
+    parser.add_argument("--pair-shares", default="30/70", help="comma list of small/large")
+    parser.add_argument(
+        "--calib-log", action="store_true", help="each tenant's calibration samples to $OUT"
+    )
     parser.add_argument(
         "--mps-control",
         default=shutil.which("nvidia-cuda-mps-control", path=MPS_PATH) or "nvidia-cuda-mps-control",
@@ -1029,7 +1093,7 @@ def main() -> int:
     args.out = Path(os.environ.get("OUT", REPO / "bench" / "results" / "out"))
     args.out.mkdir(parents=True, exist_ok=True)
     args.gpu_uuid = args.gpu_uuid or gpu_uuid()
-    if not args.fake and not SHIM.exists():
+    if not args.fake and not args.shim.exists():
         subprocess.run(["make", "-C", str(REPO), "shim"], check=True)
     only = set(filter(None, args.only.split(","))) or {"solo", "four", "noisy"}
     sections = {"accuracy": accuracy, "pair": pair, "latency_capped": latency_capped}
