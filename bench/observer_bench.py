@@ -661,7 +661,7 @@ def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> 
     out: dict[str, Any] = {}
     with scene(args, "accuracy") as s:
         s.start_observer()
-        for share in (10, 25, 50, 75):
+        for share in (int(x) for x in args.accuracy_shares.split(",")):
             w = s.add_tenant(f"S{share}", share * 100, mode=abi.IsolationMode.STRICT)
             s.wait_ready()
             w.send("run")
@@ -1082,6 +1082,7 @@ def main() -> int:
     parser.add_argument("--gpu-uuid", default="", help="the GPU's UUID; default: nvidia-smi's")
     parser.add_argument("--shim", type=Path, default=SHIM, help="the libvgpu.so tenants preload")
     parser.add_argument("--pair-shares", default="30/70", help="comma list of small/large")
+    parser.add_argument("--accuracy-shares", default="10,25,50,75", help="comma list")
     parser.add_argument(
         "--calib-log", action="store_true", help="each tenant's calibration samples to $OUT"
     )
