@@ -9,13 +9,12 @@
  * (the _ptsz record for a _ptsz launch), so it spans exactly that kernel once
  * the stream reaches it.  Launches on a capturing stream are not measured.
  *
- * A key's estimate is the median of its last WINDOW samples.  Under
- * time-slicing a span can include another tenant's slice; the median ignores
- * such a sample unless most of the recent ones are, while it tracks the
- * kernel's typical time without bias.  (An asymmetric filter that tracked a
- * low quantile, used before, charged a busy tenant about 4 % less than its
- * kernels took on the H200, so it ran past its share: the spread of the
- * samples is real, the inflated samples were rare.)
+ * Under time-slicing the span can include another tenant's slice, which
+ * would inflate the estimate, throttle the tenant below its share and so
+ * ratchet upwards.  The estimator is therefore asymmetric: a lower sample
+ * pulls the estimate down fast (1/4), a higher one pushes it up slowly
+ * (1/32, by at most the estimate itself), which tracks a low quantile of
+ * the samples: the kernel's own time.
  *
  * Unknown keys cost the process's running estimate (DEFAULT_COST_NS before
  * any).  What launches of a key were charged before its first measurement
@@ -38,7 +37,6 @@
 #define SAMPLE_PERIOD_NS 10000000ull
 #define DEFAULT_COST_NS 100000ull
 #define RING 16
-#define WINDOW 7u /* samples per key the median is taken over */
 #define CLOCK_SCALE_MIN 5000u  /* half the reference clock */
 #define CLOCK_SCALE_MAX 20000u /* twice it */
 
@@ -49,10 +47,6 @@ struct estimate {
     _Atomic uint32_t started;        /* samples started */
     _Atomic uint32_t uncalibrated;   /* launches charged before the first measurement */
     _Atomic uint64_t uncalibrated_ns; /* what they were charged */
-    /* Written only by finish(), under ring_busy; `filled` is also reset by an eviction. */
-    _Atomic uint32_t filled;
-    uint32_t next;
-    uint64_t recent[WINDOW];
 };
 
 static struct estimate table[TABLE_SIZE];
@@ -85,36 +79,20 @@ typedef CUresult (*event_destroy_fn)(CUevent); /* cuEventDestroy_v2: not declare
 
 /* ---- estimates -------------------------------------------------------------- */
 
-/* The median of the key's last WINDOW samples (the lower middle while fewer). */
-static uint64_t add_sample(struct estimate *e, uint64_t sample)
+static void fold(_Atomic uint64_t *est, uint64_t sample)
 {
-    uint32_t n = atomic_load_explicit(&e->filled, memory_order_relaxed);
-    if (n > WINDOW) /* never, unless an eviction raced: start over */
-        n = 0;
-    if (n == 0)
-        e->next = 0;
-    e->recent[e->next] = sample;
-    e->next = (e->next + 1) % WINDOW;
-    if (n < WINDOW)
-        atomic_store_explicit(&e->filled, ++n, memory_order_relaxed);
-    uint64_t sorted[WINDOW];
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t j = i;
-        for (; j > 0 && sorted[j - 1] > e->recent[i]; j--)
-            sorted[j] = sorted[j - 1];
-        sorted[j] = e->recent[i];
-    }
-    return sorted[(n - 1) / 2];
-}
-
-/* The process's running average over every key (1/8 per sample): what a key not
- * measured yet is charged until its first sample trues it up.  One writer: finish(),
- * under ring_busy. */
-static void fold_average(uint64_t sample)
-{
-    uint64_t old = atomic_load_explicit(&average_ns, memory_order_relaxed);
-    uint64_t next = old ? old - old / 8 + sample / 8 : sample;
-    atomic_store_explicit(&average_ns, next ? next : 1, memory_order_relaxed);
+    uint64_t old = atomic_load_explicit(est, memory_order_relaxed), next;
+    do {
+        if (old == 0)
+            next = sample;
+        else if (sample < old)
+            next = old - (old - sample) / 4;
+        else
+            next = old + ((sample - old < old ? sample - old : old) / 32);
+        if (next == 0)
+            next = 1;
+    } while (!atomic_compare_exchange_weak_explicit(est, &old, next, memory_order_relaxed,
+                                                    memory_order_relaxed));
 }
 
 static struct estimate *lookup(uint64_t key, uint32_t *index)
@@ -149,7 +127,6 @@ static struct estimate *lookup(uint64_t key, uint32_t *index)
     atomic_store_explicit(&e->started, 0, memory_order_relaxed);
     atomic_store_explicit(&e->uncalibrated, 0, memory_order_relaxed);
     atomic_store_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
-    atomic_store_explicit(&e->filled, 0, memory_order_relaxed);
     *index = first;
     return e;
 }
@@ -331,11 +308,10 @@ static void finish(struct sample *s, uint64_t measured_ns)
     if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
         return; /* evicted meanwhile */
     measured_ns = at_reference_clock(s->entry, measured_ns);
-    uint64_t est = add_sample(e, measured_ns);
-    atomic_store_explicit(&e->est_ns, est ? est : 1, memory_order_relaxed);
+    fold(&e->est_ns, measured_ns);
     shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu", (unsigned long long)s->key,
-             (unsigned long long)measured_ns, (unsigned long long)est);
-    fold_average(measured_ns);
+             (unsigned long long)measured_ns, (unsigned long long)e->est_ns);
+    fold(&average_ns, measured_ns);
     /* True up what was charged before this key had any measurement. */
     uint32_t n = atomic_exchange_explicit(&e->uncalibrated, 0, memory_order_relaxed);
     uint64_t charged = atomic_exchange_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
