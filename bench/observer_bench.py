@@ -731,7 +731,7 @@ def pair(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None
         log(f"pair (no FCSP): {out['plain']}")
     for shares in args.pair_shares.split(","):
         small, large = (int(x) for x in shares.split("/"))
-        for mode in (abi.IsolationMode.STRICT, abi.IsolationMode.BALANCED):
+        for mode in (abi.IsolationMode[m.upper()] for m in args.pair_modes.split(",")):
             label = f"{small}-{large}-{mode.name.lower()}"
             with scene(args, f"pair-{label}") as s:
                 s.start_observer()
@@ -1083,6 +1083,7 @@ def main() -> int:
     parser.add_argument("--shim", type=Path, default=SHIM, help="the libvgpu.so tenants preload")
     parser.add_argument("--pair-shares", default="30/70", help="comma list of small/large")
     parser.add_argument("--accuracy-shares", default="10,25,50,75", help="comma list")
+    parser.add_argument("--pair-modes", default="strict,balanced", help="comma list")
     parser.add_argument(
         "--calib-log", action="store_true", help="each tenant's calibration samples to $OUT"
     )
