@@ -234,7 +234,8 @@ class Scene:
                 f'mps_control = "{self.args.mps_control}"\n'
             )
         cfg.write_text(
-            f'[paths]\nrun_dir = "{self.run_dir}"\n[observer]\nmetrics_port = 0\n{extra}'
+            f'[paths]\nrun_dir = "{self.run_dir}"\nstate_dir = "{self.args.state_dir}"\n'
+            f"[observer]\nmetrics_port = 0\n{extra}"
         )
         env = {**os.environ, "PYTHONPATH": _pythonpath()}
         with (self.root / "observer.log").open("wb") as out:
@@ -417,10 +418,14 @@ def window(w: Worker, seconds: float) -> float:
 
 
 def solo_baseline(args: argparse.Namespace, results: dict[str, Any]) -> float:
-    """One worker, no shim, no observer: the throughput every ratio is against."""
+    """One worker, no shim: the throughput every ratio is against.  With clock
+    normalisation an observer watches, as it would on a host: it learns the GPU's
+    full-load clock from this saturating run and keeps it (state_dir) for the next."""
     with scene(args, "solo") as s:
         w = s.add_tenant("solo", WHOLE, shim=False)
         s.wait_ready()
+        if args.clock_normalise != "off":
+            s.start_observer()
         w.send("run")
         settle(args.warmup)
         rate = window(w, args.measure)
@@ -669,6 +674,7 @@ def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> 
             before, clocks = s.usage(w.name), ClockSampler(args.gpu_uuid)
             achieved = window(w, args.measure) / solo * 100
             spent = s.usage(w.name) - before
+            limits = slot.read_limits(s.slot_dir(w.name) / abi.LIMITS_FILE)
             w.send("idle")
             w.stop()
             del s.workers[f"S{share}"]
@@ -683,6 +689,7 @@ def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> 
                 "shim_busy_per_s": spent.busy_ns / 1e9 / spent.seconds,
                 "shim_throttled_per_s": spent.throttled_ns / 1e9 / spent.seconds,
                 "sm_clock_mhz": clocks.stop(),
+                "clock_scale": limits.device[0].clock_scale_centi / 10000,
             }
             log(f"accuracy: sm {share} -> {achieved:.1f} % {out[str(share)]}")
     results["accuracy"] = {**out, "target": "|error| <= 3 points"}
@@ -1095,6 +1102,8 @@ def main() -> int:
     args.out = Path(os.environ.get("OUT", REPO / "bench" / "results" / "out"))
     args.out.mkdir(parents=True, exist_ok=True)
     args.gpu_uuid = args.gpu_uuid or gpu_uuid()
+    # One observer state directory for every scene, like /var/lib/fcsp on a host.
+    args.state_dir = Path(tempfile.mkdtemp(prefix="fo-state-", dir="/tmp"))
     if not args.fake and not args.shim.exists():
         subprocess.run(["make", "-C", str(REPO), "shim"], check=True)
     only = set(filter(None, args.only.split(","))) or {"solo", "four", "noisy"}

@@ -52,6 +52,8 @@ class PathsConfig:
     # The driver's per-GPU files (gpus/<bus>/information): minor number -> UUID, read
     # without initialising NVML, so slots name GPUs by UUID whatever their CUDA order.
     driver_dir: Path = Path("/proc/driver/nvidia")
+    # What the observer learns and keeps across restarts and reboots (clocks.json).
+    state_dir: Path = Path("/var/lib/fcsp")
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,7 @@ def from_mapping(data: Mapping[str, object]) -> Config:
         run_dir=_path("paths", "run_dir", p.get("run_dir", str(PathsConfig.run_dir))),
         dev_dir=_path("paths", "dev_dir", p.get("dev_dir", str(PathsConfig.dev_dir))),
         driver_dir=_path("paths", "driver_dir", p.get("driver_dir", str(PathsConfig.driver_dir))),
+        state_dir=_path("paths", "state_dir", p.get("state_dir", str(PathsConfig.state_dir))),
     )
     q = _table(data, "policy", PolicyConfig)
     policy = PolicyConfig(

@@ -40,7 +40,19 @@ from typing import Any
 
 import structlog
 
-from fcsp_hook import abi, config, metrics, mps, mpsd, notify, nvml, policy, slot, slotio
+from fcsp_hook import (
+    abi,
+    clockstore,
+    config,
+    metrics,
+    mps,
+    mpsd,
+    notify,
+    nvml,
+    policy,
+    slot,
+    slotio,
+)
 from fcsp_hook.errors import ConfigError, FcspError, SlotError
 from fcsp_hook.gpus import host_gpu_uuids
 from fcsp_hook.procfs import proc_stat
@@ -53,6 +65,8 @@ STATE_FILE = "observer.json"
 MPS_CHECK_NS = 500_000_000
 # How often SM clocks are read for clock normalisation (they move over seconds).
 CLOCK_CHECK_NS = 250_000_000
+# How often, at most, learned full-load clocks are written to the state directory.
+CLOCK_SAVE_NS = 10_000_000_000
 MIN_WRITTEN_CENTI = 1
 INTERVAL_ENV = "BUD_OBSERVER_INTERVAL_US"
 
@@ -303,6 +317,10 @@ class Observer:
         # Per GPU UUID: the full-load SM clock learned so far, the clock now, the scale.
         self.clocks: dict[str, tuple[float, int, int]] = {}
         self.next_clock_ns = 0
+        # Full-load clocks learned before (clockstore), and what the state file holds.
+        self.full_load: dict[str, float] = {}
+        self.saved_full_load: dict[str, float] | None = None  # None: not read yet
+        self.next_clock_save_ns = 0
         if not self.nv.available:
             self.log.info("running without NVML", reason=self.nv.reason)
 
@@ -583,14 +601,22 @@ class Observer:
         on = self.cfg.observer.clock_normalise == config.CLOCK_FULL_LOAD and self.nv.available
         if not on and not self.clocks:
             return  # off, and no scale left in any slot to take back
+        if on and self.saved_full_load is None:
+            self.full_load, problem = clockstore.load(self.cfg.paths.state_dir)
+            self.saved_full_load = dict(self.full_load)
+            if problem:
+                self.log.warning("full-load clocks not restored", reason=problem)
         for gpu in self.gpus if on else ():
             reading = self.nv.clock(gpu)
             if reading is None:
                 continue
-            reference, _, _ = self.clocks.get(gpu.uuid, (0.0, 0, 0))
-            reference = policy.learn_full_load_clock(reference, *reading)
+            reference = policy.learn_full_load_clock(self.full_load.get(gpu.uuid, 0.0), *reading)
+            if reference > 0:
+                self.full_load[gpu.uuid] = reference
             scale = policy.clock_scale_centi(reference, reading[0])
             self.clocks[gpu.uuid] = (reference, reading[0], scale)
+        if on:
+            self._save_full_load()
         for cid, tenant in self.tenants.items():
             for i in range(tenant.device_count):
                 uuid = gpu_key(tenant.spec.device[i], cid, i, self.minors)
@@ -599,6 +625,24 @@ class Observer:
                     tenant.limits.set_clock_scale(i, scale)
         if not on:
             self.clocks.clear()
+
+    def _save_full_load(self) -> None:
+        """Keep the learned full-load clocks (at most every CLOCK_SAVE_NS, and only when
+        one moved by more than 1 %), so that a restarted observer need not wait for the GPU
+        to be saturated again before it can normalise."""
+        now = slotio.monotonic_ns()
+        saved = self.saved_full_load or {}
+        moved = any(
+            abs(mhz - saved.get(uuid, 0.0)) > mhz / 100 for uuid, mhz in self.full_load.items()
+        )
+        if not moved or now < self.next_clock_save_ns:
+            return
+        self.next_clock_save_ns = now + CLOCK_SAVE_NS
+        problem = clockstore.save(self.cfg.paths.state_dir, self.full_load)
+        if problem:
+            self.log.warning("full-load clocks not saved", reason=problem)
+        else:
+            self.saved_full_load = dict(self.full_load)
 
     def _mark_fault(self, uuid: str) -> None:
         """Every tenant with processes on the GPU lost them to a neighbour's fault."""
@@ -854,7 +898,10 @@ class Observer:
         self.notifier.send(READY="1", STATUS=self.status_text())
 
     def release(self) -> None:
-        """Clean exit: tenants go back to their requests, heartbeat 0 ("no observer")."""
+        """Clean exit: tenants go back to their requests, heartbeat 0 ("no observer"); what
+        was learned of full-load clocks is kept."""
+        self.next_clock_save_ns = 0
+        self._save_full_load()
         for tenant in self.tenants.values():
             for i in range(tenant.device_count):
                 tenant.limits.set_effective(i, int(tenant.spec.device[i].sm_requested_centi))

@@ -66,7 +66,7 @@ class Host:
 
     def write_config(self, observer_extra: str = "", metrics_port: int = 0) -> None:
         self.config.write_text(
-            f'[paths]\nrun_dir = "{self.run_dir}"\n'
+            f'[paths]\nrun_dir = "{self.run_dir}"\nstate_dir = "{self.root / "state"}"\n'
             "[observer]\ninterval_ms = 10\nidle_window_ms = 300\nreap_interval_ms = 200\n"
             f"metrics_port = {metrics_port}\n{observer_extra}"
         )

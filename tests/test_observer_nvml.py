@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, procfs, slotio
+from fcsp_hook import abi, clockstore, procfs, slotio
 from tests.shim.harness import PROG_DIR, SIM_DIR, Env, build, read_until_ready
 from tests.test_observer import Host, wait_for
 
@@ -126,3 +126,56 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
         wait_for("scaling turned off", lambda: limits.clock_scale(0) == 0)
     finally:
         limits.close()
+
+
+def test_a_restarted_observer_remembers_the_full_load_clock(host: Host, tmp_path: Path) -> None:
+    """What was learned at full load outlives the observer (<state_dir>/clocks.json): the
+    next one, on a GPU that is never saturated again, normalises from its first tick."""
+    clock = tmp_path / "clock"
+    clock.write_text("1500 100\n")
+    host.write_config('clock_normalise = "full-load"\n')
+    host.add("t1")
+    env = {
+        "LD_LIBRARY_PATH": str(SIM_DIR),
+        "FCSP_SIM_STATE": str(tmp_path / "sim"),
+        "FCSP_SIM_DEVICES": "1",
+        "FCSP_SIM_CLOCK_FILE": str(clock),
+    }
+    proc = host.start(env=env)
+    limits = slotio.LimitsMap(host.run_dir / "tenants" / "t1" / abi.LIMITS_FILE)
+    saved = tmp_path / "state" / clockstore.FILE
+    try:
+        wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
+        wait_for("full-load clock saved", saved.exists)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert limits.clock_scale(0) == 0  # no observer: no scale
+        learned, problem = clockstore.load(tmp_path / "state")
+        assert (list(learned.values()), problem) == ([1500.0], "")
+
+        clock.write_text("1980 40\n")  # from now on the GPU is never saturated
+        host.start(env=env)
+        wait_for("scale published at once", lambda: limits.clock_scale(0) == 13200)
+    finally:
+        limits.close()
+
+
+def test_a_bad_clocks_file_is_ignored_with_the_reason(host: Host, tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / clockstore.FILE).write_text('{"GPU-x": 99999}')
+    clock = tmp_path / "clock"
+    clock.write_text("1980 40\n")
+    host.write_config('clock_normalise = "full-load"\n')
+    host.add("t1")
+    host.start(
+        env={
+            "LD_LIBRARY_PATH": str(SIM_DIR),
+            "FCSP_SIM_STATE": str(tmp_path / "sim"),
+            "FCSP_SIM_DEVICES": "1",
+            "FCSP_SIM_CLOCK_FILE": str(clock),
+        }
+    )
+    wait_for("the reason logged", lambda: "full-load clocks not restored" in host.log_text())
+    assert "MHz from 100 to 10000" in host.log_text()
+    limits = host.limits("t1")
+    assert limits.device[0].clock_scale_centi == 0  # nothing known: nothing scaled
