@@ -195,6 +195,39 @@ class Bench:
     rows: list[str] = field(default_factory=list)
     points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     pair_points: list[tuple[float, float]] = field(default_factory=list)
+    observer: subprocess.Popen[bytes] | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work / "run"
+
+    def start_observer(self, clock_normalise: str) -> None:
+        """fcsp-observer over the bench's slots, as on a host: strict tenants keep their
+        requests; with clock_normalise = "full-load" it learns the full-load clock from the
+        unthrottled runs and charges throttled tenants for the boost of a partly idle GPU."""
+        from fcsp_hook import slot as slots
+
+        slots.ensure_tenants_dir(self.run_dir)
+        cfg = self.work / "config.toml"
+        cfg.write_text(
+            f'[paths]\nrun_dir = "{self.run_dir}"\nstate_dir = "{self.work / "state"}"\n'
+            f'[observer]\nmetrics_port = 0\nclock_normalise = "{clock_normalise}"\n'
+        )
+        repo = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH"))))
+        env = {**os.environ, "PYTHONPATH": path}
+        with (self.raw / "observer.log").open("wb") as log:
+            self.observer = subprocess.Popen(
+                [sys.executable, "-m", "fcsp_hook.observer", "--config", str(cfg)],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+
+    def stop_observer(self) -> None:
+        if self.observer is not None and self.observer.poll() is None:
+            self.observer.terminate()
+            self.observer.wait(timeout=20)
 
     def row(self, *cells: object) -> None:
         line = "| " + " | ".join(str(c) for c in cells) + " |"
@@ -203,10 +236,10 @@ class Bench:
 
     def slot(self, name: str, share: int) -> Path:
         from fcsp_hook import abi
-        from fcsp_hook.slot import DeviceLimits, SlotSpec, write_slot
+        from fcsp_hook.slot import DeviceLimits, SlotSpec, ensure_tenants_dir, slot_path, write_slot
 
-        directory = self.work / name
-        directory.mkdir(parents=True, exist_ok=True)
+        ensure_tenants_dir(self.run_dir)
+        directory = slot_path(self.run_dir, name)
         write_slot(
             directory,
             SlotSpec(
@@ -250,11 +283,21 @@ class Bench:
         result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         return result
 
+    def drop_slot(self, name: str) -> None:
+        """Gone, as after its container's poststop: strict slots left behind would add up
+        past 100 % and the observer would scale them all down."""
+        from fcsp_hook.slot import remove_slot
+
+        remove_slot(self.run_dir, name)
+
     def measure(self, n: int, share: int, tag: str) -> Measured:
         proc = self.spawn(
             ["worker", "--n", str(n), "--seconds", str(SECONDS)], self.slot(tag, share)
         )
-        return analyse(self.collect(proc, tag))
+        try:
+            return analyse(self.collect(proc, tag))
+        finally:
+            self.drop_slot(tag)
 
 
 def section_calibrate(b: Bench) -> dict[str, dict[str, float]]:
@@ -357,6 +400,8 @@ def section_pair(b: Bench, chosen: dict[str, dict[str, float]], solo: dict[str, 
             b.pair_points.append((share, achieved * 100))
             verdict = "PASS" if abs(err) <= TOLERANCE_POINTS else "FAIL"
             b.row(name, share, f"{achieved:.3f}", f"{err:+.1f}", f"{m.cv:.3f}", verdict)
+        for share in PAIR:
+            b.drop_slot(f"pair-{name}-{share}")
 
 
 def section_overhead(b: Bench, probe: str) -> None:
@@ -474,19 +519,28 @@ def run(args: argparse.Namespace) -> int:
         "# FCSP compute shares on a real GPU",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M')}, {environment()}; {SECONDS:.0f} s per run "
-        f"after {WARMUP_S:.0f} s warm-up; no MPS (time-slicing); no observer (requested "
-        "share enforced).",
+        f"after {WARMUP_S:.0f} s warm-up; no MPS (time-slicing); "
+        + (
+            f'fcsp-observer with clock_normalise = "{args.clock_normalise}" (strict tenants).'
+            if args.clock_normalise
+            else "no observer (requested share enforced)."
+        ),
         "",
     ]
     if args.build_ok != "1":
         b.row("build libvgpu.so", "FAIL", "see compute-raw/build.log")
         (b.out / "compute.md").write_text("\n".join(b.rows) + "\n")
         return 1
-    chosen = section_calibrate(b)
-    solo = section_single(b, chosen) if chosen else {}
-    if chosen:
-        section_pair(b, chosen, solo)
-    section_overhead(b, args.probe)
+    if args.clock_normalise:
+        b.start_observer(args.clock_normalise)
+    try:
+        chosen = section_calibrate(b)
+        solo = section_single(b, chosen) if chosen else {}
+        if chosen:
+            section_pair(b, chosen, solo)
+        section_overhead(b, args.probe)
+    finally:
+        b.stop_observer()
     plot(b, b.out / "compute.png")
     b.rows += ["", f"Total bench time: {time.monotonic() - started:.0f} s."]
     (b.out / "compute.md").write_text("\n".join(b.rows) + "\n")
@@ -497,6 +551,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
+    r.add_argument("--clock-normalise", default="", help='"", off or full-load: run an observer')
     for name in ("--out", "--raw", "--work", "--shim", "--build-ok", "--probe"):
         r.add_argument(name, default="")
     w = sub.add_parser("worker")

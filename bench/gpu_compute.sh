@@ -7,6 +7,8 @@
 # Writes $OUT/compute.md (markdown), $OUT/compute.png (achieved vs requested) and keeps
 # raw worker outputs in $OUT/compute-raw/.  Every section runs on its own: a failure is
 # a row in the table, not an abort.  Budget: under 8 minutes (BENCH_SECONDS per run).
+# An fcsp-observer runs with clock_normalise = full-load (BENCH_CLOCK_NORMALISE=off or
+# "" for none: then each tenant is held to its share of GPU time by the shim alone).
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +29,8 @@ if nvcc -O2 -o "$WORK/launch_probe" "$REPO/bench/gpu_compute_launch.cu" >>"$RAW/
 fi
 
 "$PY" "$REPO/bench/gpu_compute.py" run --out "$OUT" --raw "$RAW" --work "$WORK" \
-    --shim "$REPO/shim/libvgpu.so" --build-ok "$build_ok" --probe "$probe"
+    --shim "$REPO/shim/libvgpu.so" --build-ok "$build_ok" --probe "$probe" \
+    --clock-normalise "${BENCH_CLOCK_NORMALISE-full-load}"
 rc=$?
 rm -rf "$WORK"
 echo "wrote $OUT/compute.md and $OUT/compute.png"
