@@ -7,8 +7,8 @@
 # Writes $OUT/compute.md (markdown), $OUT/compute.png (achieved vs requested) and keeps
 # raw worker outputs in $OUT/compute-raw/.  Every section runs on its own: a failure is
 # a row in the table, not an abort.  Budget: under 8 minutes (BENCH_SECONDS per run).
-# An fcsp-observer runs with clock_normalise = full-load (BENCH_CLOCK_NORMALISE=off or
-# "" for none: then each tenant is held to its share of GPU time by the shim alone).
+# No observer by default: each tenant is held to its share of GPU time by the shim alone.
+# BENCH_CLOCK_NORMALISE=full-load (or off) runs fcsp-observer with that setting.
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,7 +30,7 @@ fi
 
 "$PY" "$REPO/bench/gpu_compute.py" run --out "$OUT" --raw "$RAW" --work "$WORK" \
     --shim "$REPO/shim/libvgpu.so" --build-ok "$build_ok" --probe "$probe" \
-    --clock-normalise "${BENCH_CLOCK_NORMALISE-full-load}"
+    --clock-normalise "${BENCH_CLOCK_NORMALISE:-}"
 rc=$?
 rm -rf "$WORK"
 echo "wrote $OUT/compute.md and $OUT/compute.png"
