@@ -75,7 +75,8 @@ def test_daemonset_mounts_the_host_paths_fcsp_lives_in() -> None:
     every mount names a declared volume."""
     pod = _daemonset_pod()
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
-    for path in ("/run/fcsp", "/usr/local/lib/fcsp", "/etc/fcsp", "/etc/containerd", "/opt/fcsp"):
+    paths = ("/run/fcsp", "/var/lib/fcsp", "/usr/local/lib/fcsp", "/etc/fcsp", "/etc/containerd")
+    for path in (*paths, "/opt/fcsp"):
         assert path in host_paths.values()
     for container in pod["initContainers"] + pod["containers"]:
         for mount in container["volumeMounts"]:
@@ -102,7 +103,7 @@ def test_daemonset_installs_containerd_then_runs_the_observer() -> None:
     (observer,) = pod["containers"]
     assert observer["command"][0].endswith("/fcsp-observer")
     mounts = {m["mountPath"] for m in observer["volumeMounts"]}
-    assert "/run/fcsp" in mounts
+    assert {"/run/fcsp", "/var/lib/fcsp"} <= mounts
     namespaces = [d for d in _docs("daemonset.yaml") if d["kind"] == "Namespace"]
     assert [n["metadata"]["name"] for n in namespaces] == [ds["metadata"]["namespace"]]
 
