@@ -336,11 +336,10 @@ class Counters:
 
 class ClockSampler:
     """The GPU's mean SM clock (MHz) between construction and stop(), sampled at 20 Hz
-    with pynvml, nan without it; and NVML's SM utilisation per process meanwhile."""
+    with pynvml; nan without it."""
 
     def __init__(self, uuid: str) -> None:
         self.samples: list[int] = []
-        self.per_pid: dict[int, list[int]] = {}
         self.halt = threading.Event()
         try:
             import pynvml  # noqa: PLC0415  # optional: only on the GPU machine
@@ -353,28 +352,14 @@ class ClockSampler:
             return
 
         def sample() -> None:
-            seen, ticks = 0, 0
             while not self.halt.wait(0.05):
                 self.samples.append(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
-                ticks += 1
-                if ticks % 10:
-                    continue
-                with contextlib.suppress(pynvml.NVMLError):
-                    for u in pynvml.nvmlDeviceGetProcessUtilization(handle, seen):
-                        if u.timeStamp > seen or seen == 0:
-                            self.per_pid.setdefault(u.pid, []).append(u.smUtil)
-                        seen = max(seen, u.timeStamp)
 
         threading.Thread(target=sample, daemon=True).start()
 
     def stop(self) -> float:
         self.halt.set()
         return statistics.fmean(self.samples) if self.samples else math.nan
-
-    def sm_util(self, pid: int) -> float:
-        """NVML's mean SM utilisation (%) of process pid over the samples taken."""
-        got = self.per_pid.get(pid)
-        return statistics.fmean(got) if got else math.nan
 
 
 @contextlib.contextmanager
@@ -696,7 +681,7 @@ def accuracy(args: argparse.Namespace, results: dict[str, Any], solo: float) -> 
 
 
 def pair_rates(
-    s: Scene, ws: dict[str, Worker], args: argparse.Namespace, solo: float
+    s: Scene, ws: dict[str, Worker], args: argparse.Namespace, solo: float, *, shimmed: bool
 ) -> dict[str, Any]:
     """Both busy: each one's throughput over alone's, and where its time went."""
     for w in ws.values():
@@ -712,16 +697,14 @@ def pair_rates(
     # while the other tenant's time slice runs would inflate its costs.  Did its launches
     # wait for their share, or for a GPU that had no room left?
     for n, w in ws.items():
-        if not (s.slot_dir(n) / "usage").exists():
-            continue
+        if not shimmed:
+            break
         spent, ops = s.usage(n) - before[n], w.rate(t0, t1) * (t1 - t0)
         got[f"{n}_gpu_time_per_s"] = spent.busy_ns / 1e9 / spent.seconds
         got[f"{n}_waited_per_s"] = spent.throttled_ns / 1e9 / spent.seconds
         got[f"{n}_charged_ms_per_matmul"] = spent.busy_ns / 1e6 / max(ops, 1)
     got["solo_ms_per_matmul"] = 1000 / solo
     got["sm_clock_mhz"] = clocks.stop()
-    for n, w in ws.items():  # what NVML thinks each one used, against what it got
-        got[f"{n}_nvml_sm_util"] = clocks.sm_util(w.proc.pid)
     return got
 
 
@@ -734,7 +717,7 @@ def pair(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None
     with scene(args, "pair-plain") as s:
         ws = {n: s.add_tenant(n, WHOLE, shim=False) for n in ("Q1", "Q2")}
         s.wait_ready()
-        out["plain"] = pair_rates(s, ws, args, solo)
+        out["plain"] = pair_rates(s, ws, args, solo, shimmed=False)
         log(f"pair (no FCSP): {out['plain']}")
     for shares in args.pair_shares.split(","):
         small, large = (int(x) for x in shares.split("/"))
@@ -745,7 +728,7 @@ def pair(args: argparse.Namespace, results: dict[str, Any], solo: float) -> None
                 names = (f"P{small}", f"P{large}")
                 ws = {n: s.add_tenant(n, int(n[1:]) * 100, mode=mode) for n in names}
                 s.wait_ready()
-                got = pair_rates(s, ws, args, solo)
+                got = pair_rates(s, ws, args, solo, shimmed=True)
             out[label if shares != "30/70" else mode.name.lower()] = got
             log(f"pair ({label}): {got}")
     results["pair"] = {**out, "target": "30 / 70 within 3 points (HAMi-core 46 / 54)"}
@@ -1002,9 +985,10 @@ def write_markdown(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 for n in names
                 if f"{n}_gpu_time_per_s" in got
             )
+            split = "two busy, no FCSP" if label == "plain" else " / ".join(n[1:] for n in names)
             rows.append(
-                f"| pair {' / '.join(n[1:] for n in names)} ({label}) | {measured} % "
-                f"(sum {fmt(got.get('sum'))}; {where}; alone "
+                f"| pair {split} ({label}) | {measured} % "
+                f"(sum {fmt(got.get('sum'))}; {where + '; ' if where else ''}alone "
                 f"{fmt(got.get('solo_ms_per_matmul'))} ms/matmul; SM "
                 f"{fmt(got.get('sm_clock_mhz'))} MHz) | each within 3 points |"
             )
