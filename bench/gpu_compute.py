@@ -444,20 +444,19 @@ def section_overhead(b: Bench, probe: str) -> None:
             continue
         med = statistics.median(values)
         slot = modes[mode]
-        throttled = "-"
-        if slot is not None:
-            throttled = f"{read_usage(slot / 'usage').device[0].throttled_ns / 1e6:.1f} ms"
+        throttled_ns = read_usage(slot / "usage").device[0].throttled_ns if slot else 0
+        throttled = f"{throttled_ns / 1e6:.1f} ms" if slot else "-"
         if native is None or mode == "native":
             b.row(mode, f"{med:.3f}", "-", throttled, "baseline")
             continue
         extra = med - native
-        b.row(
-            mode,
-            f"{med:.3f}",
-            f"{extra:+.3f} us",
-            throttled,
-            "PASS" if extra <= 0.15 else "FAIL (target +0.15 us)",
-        )
+        if throttled_ns:
+            # The loop outran its share, so this is the cost of waiting, not of the
+            # limiter's path with tokens available (bench/gpu_overhead.sh measures that).
+            verdict = "n/a: throttled"
+        else:
+            verdict = "PASS" if extra <= 0.15 else "FAIL (target +0.15 us)"
+        b.row(mode, f"{med:.3f}", f"{extra:+.3f} us", throttled, verdict)
 
 
 def plot(b: Bench, path: Path) -> None:
