@@ -7,9 +7,9 @@ batches of fp16 matmuls with CUDA events around each batch, then a sleep that ke
 GPU busy that fraction of the time; an NVML thread reads the SM clock and the power draw
 every millisecond and files each reading under "busy" (inside a batch) or "idle".
 
-    OUT=/some/dir python3 bench/gpu_clock_probe.py [--size 4096] [--seconds 3]
+    OUT=/some/dir python3 bench/gpu_clock_probe.py [--size 4096] [--dtype float16] [--seconds 3]
 
-Writes $OUT/clock-probe.md and $OUT/clock-probe.json.
+Writes $OUT/clock-probe-<size>-<dtype>.md and .json.
 """
 
 from __future__ import annotations
@@ -61,21 +61,38 @@ class Poller:
 def run_duty(
     duty: float, seconds: float, operands: tuple[Any, Any], batch: int, poll: Poller
 ) -> dict[str, Any]:
+    """Batches at `duty`.  Besides the batch's own events, one kernel per batch (a different
+    one each time) gets an event pair of its own, as the shim samples kernels, and two
+    events are recorded back to back after it: what a span adds to a kernel's time."""
     a, b = operands
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    timing = {"enable_timing": True}
+    start, end = torch.cuda.Event(**timing), torch.cuda.Event(**timing)
+    one = (torch.cuda.Event(**timing), torch.cuda.Event(**timing))
+    empty = (torch.cuda.Event(**timing), torch.cuda.Event(**timing))
     per_matmul: list[float] = []
+    spans: list[float] = []
+    empties: list[float] = []
     done = 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         poll.busy = True
+        sampled = done // batch % batch
         start.record()
-        for _ in range(batch):
+        for i in range(batch):
+            if i == sampled:
+                one[0].record()
             torch.matmul(a, b)
+            if i == sampled:
+                one[1].record()
+                empty[0].record()
+                empty[1].record()
         end.record()
         end.synchronize()
         poll.busy = False
         gpu_ms = start.elapsed_time(end)
         per_matmul.append(gpu_ms / batch)
+        spans.append(one[0].elapsed_time(one[1]))
+        empties.append(empty[0].elapsed_time(empty[1]))
         done += batch
         if duty < 1.0:
             time.sleep(gpu_ms / 1000 * (1 - duty) / duty)
@@ -84,6 +101,8 @@ def run_duty(
         "duty": duty,
         "matmul_per_s": done / wall,
         "ms_per_matmul": statistics.median(per_matmul),
+        "ms_single_span": statistics.median(spans),
+        "ms_empty_span": statistics.median(empties),
         **poll.take(),
     }
 
@@ -93,10 +112,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "."))
-    a = torch.randn(args.size, args.size, device="cuda", dtype=torch.float16)
-    b = torch.randn(args.size, args.size, device="cuda", dtype=torch.float16)
+    dtype = getattr(torch, args.dtype)
+    a = torch.randn(args.size, args.size, device="cuda", dtype=dtype)
+    b = torch.randn(args.size, args.size, device="cuda", dtype=dtype)
     for _ in range(3):  # cuBLAS handle and kernels
         torch.matmul(a, b)
     torch.cuda.synchronize()
@@ -109,20 +130,24 @@ def main() -> int:
     poll.halt.set()
     full = rows[0]
     lines = [
+        f"{args.size} x {args.size} {args.dtype}, {args.batch} per batch",
+        "",
         "| duty | matmul/s over full load | ms per matmul | speed vs full load "
-        "| SM MHz busy / idle | power W busy / idle |",
-        "|---|---|---|---|---|---|",
+        "| one kernel's span / empty span (ms) | SM MHz busy / idle | power W busy / idle |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         r["throughput_vs_full"] = r["matmul_per_s"] / full["matmul_per_s"]
         r["speed_vs_full"] = full["ms_per_matmul"] / r["ms_per_matmul"]
         lines.append(
             f"| {r['duty']:.0%} | {r['throughput_vs_full']:.1%} | {r['ms_per_matmul']:.4f} "
-            f"| {r['speed_vs_full']:.3f} | {r['busy_mhz']:.0f} / {r['idle_mhz']:.0f} "
+            f"| {r['speed_vs_full']:.3f} | {r['ms_single_span']:.4f} / {r['ms_empty_span']:.4f} "
+            f"| {r['busy_mhz']:.0f} / {r['idle_mhz']:.0f} "
             f"| {r['busy_w']:.0f} / {r['idle_w']:.0f} |"
         )
-    (out / "clock-probe.json").write_text(json.dumps(rows, indent=2))
-    (out / "clock-probe.md").write_text("\n".join(lines) + "\n")
+    name = f"clock-probe-{args.size}-{args.dtype}"
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
