@@ -147,6 +147,7 @@ class ObserverView:
     tenants: dict[str, Any] = field(default_factory=dict)
     nvml: str = ""
     backends: dict[str, Any] = field(default_factory=dict)
+    clocks: dict[str, Any] = field(default_factory=dict)
 
 
 def _pid_alive(pid: object) -> bool:
@@ -207,6 +208,7 @@ def observer_state(run_dir: Path) -> ObserverView:
         tenants=tenants_doc,
         nvml=str(doc.get("nvml", "")),
         backends=doc["backends"] if isinstance(doc.get("backends"), dict) else {},
+        clocks=doc["clocks"] if isinstance(doc.get("clocks"), dict) else {},
     )
 
 
@@ -222,6 +224,24 @@ def backend_lines(state: ObserverView) -> list[str]:
         else:
             error = str(info.get("error", ""))[:200]
             lines.append(f"{gpu}: mps FAILED, tenants time-sliced: {error} ({counts})")
+    return lines
+
+
+def clock_lines(state: ObserverView) -> list[str]:
+    """One line per GPU under clock_normalise = "full-load": what kernels are charged."""
+    lines = []
+    for gpu, info in sorted(state.clocks.items()):
+        if not isinstance(info, dict):
+            continue
+        full_load, now = _int(info.get("full_load_mhz")), _int(info.get("sm_mhz"))
+        scale = _int(info.get("scale_centi"))
+        if full_load <= 0 or scale <= 0:
+            lines.append(f"{gpu}: SM {now} MHz, full-load clock not learned yet (never saturated)")
+        else:
+            lines.append(
+                f"{gpu}: SM {now} MHz, full load {full_load} MHz: kernels charged "
+                f"x{scale / 10000:.2f} of their time"
+            )
     return lines
 
 
@@ -336,7 +356,7 @@ def _state(dev: DeviceRow, row: TenantRow) -> str:
 def status_text(run_dir: Path) -> str:
     rows = list(tenants(run_dir))
     state = observer_state(run_dir)
-    head = "\n".join([state.summary, *backend_lines(state)])
+    head = "\n".join([state.summary, *backend_lines(state), *clock_lines(state)])
     if not rows:
         return f"no FCSP tenants (no slots under {slot.tenants_dir(run_dir)})\n{head}"
     # The table first (scripts and eyes look there), the observer's line under it.

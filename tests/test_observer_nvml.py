@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, clockstore, procfs, slotio
+from fcsp_hook import abi, clockstore, ctl, procfs, slotio
 from tests.shim.harness import PROG_DIR, SIM_DIR, Env, build, read_until_ready
 from tests.test_observer import Host, wait_for
 
@@ -121,6 +121,9 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
             return list(value.values()) if isinstance(value, dict) else []
 
         wait_for("clocks in the state file", lambda: clocks() == [published])
+        assert "SM 1980 MHz, full load 1500 MHz: kernels charged x1.32 of their time" in (
+            ctl.status_text(host.run_dir)
+        )
         host.write_config('clock_normalise = "off"\n')
         proc.send_signal(signal.SIGHUP)
         wait_for("scaling turned off", lambda: limits.clock_scale(0) == 0)
@@ -177,5 +180,6 @@ def test_a_bad_clocks_file_is_ignored_with_the_reason(host: Host, tmp_path: Path
     )
     wait_for("the reason logged", lambda: "full-load clocks not restored" in host.log_text())
     assert "MHz from 100 to 10000" in host.log_text()
+    wait_for("status says so", lambda: "not learned yet" in ctl.status_text(host.run_dir))
     limits = host.limits("t1")
     assert limits.device[0].clock_scale_centi == 0  # nothing known: nothing scaled
