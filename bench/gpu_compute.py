@@ -132,6 +132,15 @@ def worker(n: int, seconds: float, barrier: str | None) -> dict[str, object]:
         deadline = time.monotonic() + 120
         while not Path(barrier, "go").exists() and time.monotonic() < deadline:
             time.sleep(0.005)
+    ops, points = timed_ops(op, seconds, every)
+    return {"n": n, "ops": ops, "kernel_ms": kernel_time_ms, "marks": points}
+
+
+def timed_ops(op: Any, seconds: float, every: int) -> tuple[int, list[tuple[int, float]]]:
+    """Run op back to back for `seconds`; (ops run, [(ops done, GPU seconds since the
+    start)] with an event recorded every `every` ops), so windows are of GPU time."""
+    import torch
+
     base = torch.cuda.Event(enable_timing=True)
     base.record()
     marks = []
@@ -145,8 +154,7 @@ def worker(n: int, seconds: float, barrier: str | None) -> dict[str, object]:
             ev.record()
             marks.append((ops, ev))
     torch.cuda.synchronize()
-    points = [(i, float(base.elapsed_time(ev)) / 1000) for i, ev in marks]
-    return {"n": n, "ops": ops, "kernel_ms": kernel_time_ms, "marks": points}
+    return ops, [(i, float(base.elapsed_time(ev)) / 1000) for i, ev in marks]
 
 
 # ---- analysis -------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_compute import kernel_ms, matmul  # bench/ is this script's directory on sys.path
+# bench/ is this script's directory on sys.path
+from gpu_compute import kernel_ms, matmul, timed_ops
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -220,19 +221,7 @@ def worker(device: int, n: int, seconds: float, barrier: str, tag: str) -> dict[
             raise RuntimeError("no go signal within 180 s")
         time.sleep(0.002)
     t_start = time.monotonic()
-    base = torch.cuda.Event(enable_timing=True)
-    base.record()
-    marks = []
-    ops = 0
-    stop = t_start + seconds
-    while time.monotonic() < stop:
-        op()
-        ops += 1
-        if ops % every == 0:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            marks.append((ops, ev))
-    torch.cuda.synchronize()
+    ops, marks = timed_ops(op, seconds, every)
     t_end = time.monotonic()
     return {
         "device": device,
@@ -242,7 +231,7 @@ def worker(device: int, n: int, seconds: float, barrier: str, tag: str) -> dict[
         "kernel_ms": kernel_time_ms,
         "t_start": t_start,
         "t_end": t_end,
-        "marks": [(i, float(base.elapsed_time(ev)) / 1000) for i, ev in marks],
+        "marks": marks,
         "torch": torch_info(),
     }
 
