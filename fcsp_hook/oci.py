@@ -43,15 +43,21 @@ class BundleConfig:
     problem: str = ""
 
 
-def parse_state(raw: bytes) -> State:
-    if len(raw) > MAX_STATE_BYTES:
-        raise HookError(f"OCI state on stdin is larger than {MAX_STATE_BYTES} bytes")
+def json_object(raw: bytes, limit: int, what: str) -> dict[str, Any]:
+    """raw as a JSON object of at most `limit` bytes; HookError naming `what` otherwise."""
+    if len(raw) > limit:
+        raise HookError(f"{what} is larger than {limit} bytes")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise HookError(f"OCI state on stdin is not JSON: {exc}") from exc
+        raise HookError(f"{what} is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise HookError("OCI state on stdin is not a JSON object")
+        raise HookError(f"{what} is not a JSON object")
+    return doc
+
+
+def parse_state(raw: bytes) -> State:
+    doc = json_object(raw, MAX_STATE_BYTES, "OCI state on stdin")
     cid = doc.get("id")
     if not isinstance(cid, str) or not cid:
         raise HookError("OCI state has no container id")

@@ -393,14 +393,9 @@ def prepare_bundle(bundle: str, raw: bytes, config_path: str, cfg: config_mod.Co
     """Validate and add FCSP's hooks to <bundle>/config.json.  True if it was rewritten."""
     import json  # noqa: PLC0415  # the FCSP path only
 
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise HookError(f"{bundle}/config.json is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HookError(f"{bundle}/config.json is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise HookError(f"{bundle}/config.json is not a JSON object")
+    from fcsp_hook import oci  # noqa: PLC0415
+
+    doc = oci.json_object(raw, MAX_CONFIG_BYTES, f"{bundle}/config.json")
     validate(doc, bundle, cfg)
     updated = with_fcsp_hooks(doc, hook_entry(sys.executable, config_path))
     if updated is doc:
