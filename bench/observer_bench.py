@@ -1027,30 +1027,26 @@ def guarded(name: str, results: dict[str, Any], run: Any) -> None:
         log(f"{name} failed: {exc}")
 
 
-def gpu_uuid() -> str:
+def nvidia_smi(query: str, *extra: str) -> str:
+    """The first line nvidia-smi answers to --query-gpu, or "" without it."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader", "-i", "0"],
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", *extra],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return ""
-    return out.strip()
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
+def gpu_uuid() -> str:
+    return nvidia_smi("uuid", "-i", "0")
 
 
 def gpu_name() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown GPU"
-    return out.strip().splitlines()[0] if out.strip() else "unknown GPU"
+    return nvidia_smi("name,driver_version") or "unknown GPU"
 
 
 def main() -> int:
