@@ -61,29 +61,31 @@ class Poller:
 def run_duty(
     duty: float, seconds: float, operands: tuple[Any, Any], batch: int, poll: Poller
 ) -> dict[str, Any]:
-    """Batches at `duty`.  Besides the batch's own events, one kernel per batch (a different
-    one each time) gets an event pair of its own, as the shim samples kernels, and two
-    events are recorded back to back after it: what a span adds to a kernel's time."""
+    """Batches at `duty`.  Besides the batch's own events, two kernels of each batch get an
+    event pair of their own, as the shim samples kernels: the first (cold: the stream was
+    idle, so its span adds the launch latency) and one in the middle (warm: behind a
+    running kernel); two events recorded back to back after it show what a span adds."""
     a, b = operands
     timing = {"enable_timing": True}
     start, end = torch.cuda.Event(**timing), torch.cuda.Event(**timing)
-    one = (torch.cuda.Event(**timing), torch.cuda.Event(**timing))
+    pairs = {i: (torch.cuda.Event(**timing), torch.cuda.Event(**timing)) for i in (0, batch // 2)}
     empty = (torch.cuda.Event(**timing), torch.cuda.Event(**timing))
     per_matmul: list[float] = []
-    spans: list[float] = []
+    spans: dict[int, list[float]] = {i: [] for i in pairs}
     empties: list[float] = []
     done = 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         poll.busy = True
-        sampled = done // batch % batch
         start.record()
         for i in range(batch):
-            if i == sampled:
-                one[0].record()
+            pair = pairs.get(i)
+            if pair:
+                pair[0].record()
             torch.matmul(a, b)
-            if i == sampled:
-                one[1].record()
+            if pair:
+                pair[1].record()
+            if i == batch // 2:
                 empty[0].record()
                 empty[1].record()
         end.record()
@@ -91,7 +93,8 @@ def run_duty(
         poll.busy = False
         gpu_ms = start.elapsed_time(end)
         per_matmul.append(gpu_ms / batch)
-        spans.append(one[0].elapsed_time(one[1]))
+        for i, pair in pairs.items():
+            spans[i].append(pair[0].elapsed_time(pair[1]))
         empties.append(empty[0].elapsed_time(empty[1]))
         done += batch
         if duty < 1.0:
@@ -101,7 +104,8 @@ def run_duty(
         "duty": duty,
         "matmul_per_s": done / wall,
         "ms_per_matmul": statistics.median(per_matmul),
-        "ms_single_span": statistics.median(spans),
+        "ms_cold_span": statistics.median(spans[0]),
+        "ms_warm_span": statistics.median(spans[batch // 2]),
         "ms_empty_span": statistics.median(empties),
         **poll.take(),
     }
@@ -129,11 +133,14 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     poll.halt.set()
     full = rows[0]
+    limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(poll.handle) / 1000
     lines = [
-        f"{args.size} x {args.size} {args.dtype}, {args.batch} per batch",
+        f"{args.size} x {args.size} {args.dtype}, {args.batch} per batch; "
+        f"power limit {limit_w:.0f} W",
         "",
         "| duty | matmul/s over full load | ms per matmul | speed vs full load "
-        "| one kernel's span / empty span (ms) | SM MHz busy / idle | power W busy / idle |",
+        "| one kernel's span, cold / warm / empty (ms) | SM MHz busy / idle "
+        "| power W busy / idle |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -141,7 +148,8 @@ def main() -> int:
         r["speed_vs_full"] = full["ms_per_matmul"] / r["ms_per_matmul"]
         lines.append(
             f"| {r['duty']:.0%} | {r['throughput_vs_full']:.1%} | {r['ms_per_matmul']:.4f} "
-            f"| {r['speed_vs_full']:.3f} | {r['ms_single_span']:.4f} / {r['ms_empty_span']:.4f} "
+            f"| {r['speed_vs_full']:.3f} | {r['ms_cold_span']:.4f} / {r['ms_warm_span']:.4f} / "
+            f"{r['ms_empty_span']:.4f} "
             f"| {r['busy_mhz']:.0f} / {r['idle_mhz']:.0f} "
             f"| {r['busy_w']:.0f} / {r['idle_w']:.0f} |"
         )

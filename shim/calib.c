@@ -16,6 +16,17 @@
  * (1/32, by at most the estimate itself), which tracks a low quantile of
  * the samples: the kernel's own time.
  *
+ * A kernel launched onto a stream with nothing left to run is measured
+ * "cold": the start event is reached at once, the kernel only once the
+ * driver has submitted it, so the span adds the launch call's own time
+ * (5-75 us on the H200 host after a sleep, more than a 20 us kernel).  A
+ * throttled tenant's stream drains in every wait, so such spans are common
+ * and would over-charge small kernels.  A sample whose stream was idle when
+ * it was armed (cuStreamQuery) is handed on to the key's next launch, which
+ * finds its predecessor still running, up to MAX_COLD_SKIPS times in a row;
+ * when it has to be taken cold (a tenant that waits for every kernel), the
+ * host time from the start event to the launch call's return is taken off.
+ *
  * Unknown keys cost the process's running estimate (DEFAULT_COST_NS before
  * any).  What launches of a key were charged before its first measurement
  * came back is trued up against it then, so a burst of big kernels at start
@@ -37,6 +48,7 @@
 #define SAMPLE_PERIOD_NS 10000000ull
 #define DEFAULT_COST_NS 100000ull
 #define RING 16
+#define MAX_COLD_SKIPS 8u
 #define CLOCK_SCALE_MIN 5000u  /* half the reference clock */
 #define CLOCK_SCALE_MAX 20000u /* twice it */
 
@@ -45,6 +57,7 @@ struct estimate {
     _Atomic uint64_t est_ns;         /* 0: not measured yet */
     _Atomic uint64_t last_sample_ns;
     _Atomic uint32_t started;        /* samples started */
+    _Atomic uint32_t cold_skips;     /* samples handed on in a row: the stream was idle */
     _Atomic uint32_t uncalibrated;   /* launches charged before the first measurement */
     _Atomic uint64_t uncalibrated_ns; /* what they were charged */
 };
@@ -65,6 +78,9 @@ struct sample {
     int entry;          /* usage entry charged */
     CUstream stream;
     bool ptsz;
+    bool cold;          /* the stream was idle when the start event was recorded */
+    uint64_t armed_ns;  /* host time the start event was recorded */
+    uint64_t submit_ns; /* cold: host time from then to the launch call's return */
 };
 
 static struct sample ring[RING];
@@ -73,6 +89,7 @@ static _Atomic int pending;
 
 typedef CUresult (*event_record_fn)(CUevent, CUstream);
 typedef CUresult (*is_capturing_fn)(CUstream, CUstreamCaptureStatus *);
+typedef CUresult (*stream_query_fn)(CUstream);
 typedef CUresult (*elapsed_fn)(float *, CUevent, CUevent);
 typedef CUresult (*event_destroy_fn)(CUevent); /* cuEventDestroy_v2: not declared under
                                                   __CUDA_API_VERSION_INTERNAL */
@@ -125,6 +142,7 @@ static struct estimate *lookup(uint64_t key, uint32_t *index)
     atomic_store_explicit(&e->key, key, memory_order_relaxed);
     atomic_store_explicit(&e->est_ns, 0, memory_order_relaxed);
     atomic_store_explicit(&e->started, 0, memory_order_relaxed);
+    atomic_store_explicit(&e->cold_skips, 0, memory_order_relaxed);
     atomic_store_explicit(&e->uncalibrated, 0, memory_order_relaxed);
     atomic_store_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
     *index = first;
@@ -189,6 +207,35 @@ static bool capturing(CUstream stream, bool ptsz)
     return status != CU_STREAM_CAPTURE_STATUS_NONE;
 }
 
+/* Everything queued on the stream has run: the next kernel would be measured cold. */
+static bool stream_idle(CUstream stream, bool ptsz)
+{
+    stream_query_fn fn = real_or_null(ptsz ? SYM_cuStreamQuery_ptsz : SYM_cuStreamQuery);
+    return fn && fn(stream) == CUDA_SUCCESS;
+}
+
+/*
+ * Hand this launch's sample on to the key's next launch if its stream is idle
+ * (*idle), up to MAX_COLD_SKIPS times in a row; a key not measured yet takes
+ * what it gets.
+ */
+static bool hand_on_cold(struct estimate *e, CUstream stream, bool ptsz, bool *idle)
+{
+    *idle = stream_idle(stream, ptsz);
+    if (!*idle) {
+        atomic_store_explicit(&e->cold_skips, 0, memory_order_relaxed);
+        return false;
+    }
+    if (!atomic_load_explicit(&e->est_ns, memory_order_relaxed))
+        return false;
+    if (atomic_fetch_add_explicit(&e->cold_skips, 1, memory_order_relaxed) >= MAX_COLD_SKIPS) {
+        atomic_store_explicit(&e->cold_skips, 0, memory_order_relaxed);
+        return false;
+    }
+    atomic_store_explicit(&e->last_sample_ns, 0, memory_order_relaxed); /* next launch samples */
+    return true;
+}
+
 static CUresult record(CUevent ev, CUstream stream, bool ptsz)
 {
     event_record_fn fn = real_or_null(ptsz ? SYM_cuEventRecord_ptsz : SYM_cuEventRecord);
@@ -237,12 +284,13 @@ int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
     for (int i = 0; i < RING && slot < 0; i++)
         if (atomic_load_explicit(&ring[i].state, memory_order_relaxed) == SAMPLE_FREE)
             slot = i;
-    bool changed = false;
+    bool changed = false, idle = false;
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     if (slot >= 0) {
         struct sample *s = &ring[slot];
         mode = relax_capture(&changed);
-        if (capturing(stream, ptsz) || !ready_events(s) ||
+        if (capturing(stream, ptsz) || hand_on_cold(&table[index], stream, ptsz, &idle) ||
+            !ready_events(s) ||
             record(s->start, stream, ptsz) != CUDA_SUCCESS) {
             slot = -1;
         } else {
@@ -252,6 +300,8 @@ int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
             s->entry = entry;
             s->stream = stream;
             s->ptsz = ptsz;
+            s->cold = idle;
+            s->armed_ns = shim_monotonic_ns();
             atomic_store_explicit(&s->state, SAMPLE_ARMED, memory_order_relaxed);
         }
         restore_capture(mode, changed);
@@ -263,6 +313,8 @@ int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
 void shim_calib_end(struct compute_launch *l, CUresult rc)
 {
     struct sample *s = &ring[l->sample];
+    if (s->cold)
+        s->submit_ns = shim_monotonic_ns() - s->armed_ns;
     bool changed = false;
     CUstreamCaptureMode mode = relax_capture(&changed);
     bool ok = rc == CUDA_SUCCESS && record(s->end, s->stream, s->ptsz) == CUDA_SUCCESS;
@@ -307,6 +359,8 @@ static void finish(struct sample *s, uint64_t measured_ns)
     struct estimate *e = &table[s->index];
     if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
         return; /* evicted meanwhile */
+    if (s->cold && s->submit_ns < measured_ns)
+        measured_ns -= s->submit_ns;
     measured_ns = at_reference_clock(s->entry, measured_ns);
     fold(&e->est_ns, measured_ns);
     shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu", (unsigned long long)s->key,

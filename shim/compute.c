@@ -64,19 +64,12 @@ void shim_launch_init(void)
                           memory_order_relaxed);
 }
 
-static inline uint64_t monotonic_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no system call */
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* ---- the share in force ------------------------------------------------------ */
 
 bool shim_observer_alive(const struct fcsp_limits *limits)
 {
     uint64_t beat = __atomic_load_n(&limits->observer_heartbeat_ns, __ATOMIC_RELAXED);
-    return beat != 0 && (int64_t)(monotonic_ns() - beat) <= STALE_OBSERVER_NS;
+    return beat != 0 && (int64_t)(shim_monotonic_ns() - beat) <= STALE_OBSERVER_NS;
 }
 
 static uint32_t env_cap(int ordinal)
@@ -168,7 +161,7 @@ static void flush(uint64_t now)
 void shim_compute_thread_flush(void)
 {
     if (shim.active)
-        flush(monotonic_ns());
+        flush(shim_monotonic_ns());
 }
 
 static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
@@ -209,7 +202,7 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
     while (now < deadline) {
         uint64_t until = deadline - now > WAIT_CHUNK_NS ? now + WAIT_CHUNK_NS : deadline;
         sleep_until(until);
-        uint64_t woke = monotonic_ns();
+        uint64_t woke = shim_monotonic_ns();
         /*
          * Report the wait as it goes, not when it ends: a tenant whose launches are all
          * waiting must not look idle to the observer, which would cut its share and
@@ -258,7 +251,7 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
     if (share >= SHARE_FULL_CENTI)
         return;
 
-    uint64_t now = monotonic_ns();
+    uint64_t now = shim_monotonic_ns();
     bool sample = false;
     uint32_t index = 0;
     uint64_t cost = shim_calib_cost(key, now, &sample, &index);

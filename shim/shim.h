@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "fcsp_slot.h"
 #include "glibc_compat.h"
@@ -38,6 +39,14 @@ extern const struct shim_sym_info shim_syms[SYM_COUNT]; /* hooks_gen.c, sorted b
 /* Real entry points, filled once per library when it is first needed. */
 extern _Atomic(void *) shim_real_ptrs[SYM_COUNT];
 void *shim_real_slow(enum shim_sym sym);
+
+/* CLOCK_MONOTONIC in ns: vDSO, no system call; the time base the observer shares. */
+static inline uint64_t shim_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static inline void *shim_real(enum shim_sym sym)
 {

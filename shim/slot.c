@@ -109,13 +109,6 @@ int shim_slot_open(struct shim_slot *slot, const char *dir, const char **err)
 
 /* ---- per-process records ------------------------------------------------------ */
 
-static uint64_t monotonic_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /*
  * Field 3 (state) and field 22 (start time) of /proc/<pid>/stat.  Returns -1
  * when the process does not exist.
@@ -243,7 +236,7 @@ static struct fcsp_usage_proc *claim_record(void)
             rec->start_time = start;
             for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++)
                 atomic_store_explicit(&rec->mem_used_bytes[d], 0, memory_order_relaxed);
-            uint64_t now = monotonic_ns();
+            uint64_t now = shim_monotonic_ns();
             atomic_store_explicit(&rec->heartbeat_ns, now, memory_order_relaxed);
             atomic_store_explicit(&shim.usage->heartbeat_ns, now, memory_order_relaxed);
             atomic_store_explicit(&rec->state, FCSP_PROC_LIVE, memory_order_release);

@@ -159,6 +159,22 @@ def test_a_tenant_that_synchronizes_after_every_launch_gets_its_share_of_device_
     assert free.device_fraction > limited.device_fraction * 1.5, (free, limited)
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["pipelined", "waits-for-each-kernel"])
+def test_launch_latency_is_not_charged_as_kernel_time(tmp_path: Path, sync: bool) -> None:
+    """A driver that takes 300 us to submit each 500 us kernel: an event pair around a
+    launch onto an idle stream spans 800 us, one around a launch behind a running kernel
+    500 us.  Folded in as they are, the idle-stream ("cold") spans would charge a tenant
+    1.6x and give it ~19 % of the device at a 30 % share.  The shim hands such a sample on
+    to the next launch (a pipelined tenant) or takes the launch call's time off it (a
+    tenant that synchronizes after every kernel, whose every launch is cold)."""
+    slot = compute_slot(tmp_path / "latency", 3000)
+    env = env_for(tmp_path, "latency", slot, FCSP_SIM_LAUNCH_NS="300000")
+    batch = ["batch", "1"] if sync else []
+    args = ["init", "func", "k_500us", *batch, "run", "kernel", "0", "2.0"]
+    loop = parse_loop(run(env, *args, timeout=60).lines, 500)
+    assert 0.22 <= loop.device_fraction <= 0.40, loop
+
+
 @pytest.mark.parametrize(
     ("scale", "observer", "low", "high"),
     [(20000, "alive", 0.08, 0.22), (0, "alive", 0.20, 0.40), (20000, "absent", 0.20, 0.40)],

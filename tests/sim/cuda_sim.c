@@ -920,6 +920,22 @@ SIM_EXPORT CUresult cuStreamDestroy(CUstream s)
     return cuStreamDestroy_v2(s);
 }
 
+static CUresult stream_query(CUstream s, int ptsz)
+{
+    return atomic_load(&stream_of(s, ptsz)->ready_ns) <= sim_now_ns() ? CUDA_SUCCESS
+                                                                      : CUDA_ERROR_NOT_READY;
+}
+
+SIM_EXPORT CUresult cuStreamQuery(CUstream s)
+{
+    return stream_query(s, 0);
+}
+
+SIM_EXPORT CUresult cuStreamQuery_ptsz(CUstream s)
+{
+    return stream_query(s, 1);
+}
+
 SIM_EXPORT CUresult cuStreamSynchronize(CUstream s)
 {
     sleep_until_ns(atomic_load(&stream_of(s, 0)->ready_ns));
@@ -1048,9 +1064,27 @@ SIM_EXPORT CUresult cuEventElapsedTime(float *ms, CUevent a, CUevent b)
 /* ---- launches --------------------------------------------------------------------------- */
 
 /*
+ * FCSP_SIM_LAUNCH_NS: the time a launch call spends before its kernel reaches
+ * the device (the real driver's submission latency; default 0).  An event
+ * recorded just before the launch on an idle stream is reached at once, the
+ * kernel only this much later: what makes a "cold" span longer than its kernel.
+ */
+static uint64_t launch_latency_ns(void)
+{
+    static _Atomic int64_t cached = -1;
+    int64_t v = atomic_load(&cached);
+    if (v < 0) {
+        const char *env = getenv("FCSP_SIM_LAUNCH_NS");
+        v = env ? strtoll(env, NULL, 10) : 0;
+        atomic_store(&cached, v > 0 ? v : 0);
+    }
+    return (uint64_t)v;
+}
+
+/*
  * Every launch ends here.  Work that takes time goes on the device timeline
- * after whatever its stream already holds; the call itself returns at once,
- * as an asynchronous launch does.
+ * after whatever its stream already holds; the call itself returns once it is
+ * submitted, as an asynchronous launch does.
  */
 static CUresult sim_launch(const char *variant, CUstream stream, int ptsz, uint64_t dur_ns)
 {
@@ -1064,6 +1098,9 @@ static CUresult sim_launch(const char *variant, CUstream stream, int ptsz, uint6
         uint64_t backlog = atomic_load(&st->ready_ns);
         if (backlog > sim_now_ns() + SIM_QUEUE_NS)
             sleep_until_ns(backlog - SIM_QUEUE_NS);
+        uint64_t submitted = sim_now_ns() + launch_latency_ns();
+        while (sim_now_ns() < submitted) /* spun, not slept: timer slack is as long */
+            ;
         uint64_t end = sim_timeline_run(dev, atomic_load(&st->ready_ns), dur_ns);
         raise_to(&st->ready_ns, end);
         raise_to(&all_ready_ns, end);
@@ -1260,6 +1297,8 @@ static const struct proc_entry procs[] = {
     {"cuStreamCreate", 2000, ANY, (void *)cuStreamCreate},
     {"cuStreamDestroy", 2000, ANY, (void *)cuStreamDestroy},
     {"cuStreamDestroy", 4000, ANY, (void *)cuStreamDestroy_v2},
+    {"cuStreamQuery", 2000, ANY, (void *)cuStreamQuery},
+    {"cuStreamQuery", 7000, PER_THREAD, (void *)cuStreamQuery_ptsz},
     {"cuStreamSynchronize", 2000, ANY, (void *)cuStreamSynchronize},
     {"cuStreamSynchronize", 7000, PER_THREAD, (void *)cuStreamSynchronize_ptsz},
     {"cuStreamIsCapturing", 10000, ANY, (void *)cuStreamIsCapturing},
