@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fcsp_hook.policy import ClockReading
+
 
 @dataclass(frozen=True)
 class GpuInfo:
@@ -96,8 +98,8 @@ class Nvml:
             ]
         return out
 
-    def clock(self, gpu: GpuInfo) -> tuple[int, int] | None:
-        """(SM clock in MHz, utilisation in %) now, or None when NVML cannot tell."""
+    def clock(self, gpu: GpuInfo) -> ClockReading | None:
+        """SM clock, utilisation and power now, or None when NVML cannot tell the clock."""
         if not self.available:
             return None
         try:
@@ -107,7 +109,12 @@ class Nvml:
         except Exception as exc:  # a GPU without clock readings: no normalisation for it
             self.reason = f"NVML clock of {gpu.uuid} failed: {exc}"
             return None
-        return mhz, util
+        try:
+            power_w: float | None = self._nv.nvmlDeviceGetPowerUsage(handle) / 1000
+            limit_w: float | None = self._nv.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000
+        except Exception:  # no power readings on this GPU: the clock ratio alone
+            power_w = limit_w = None
+        return ClockReading(mhz, util, power_w, limit_w)
 
     def close(self) -> None:
         if self.available:

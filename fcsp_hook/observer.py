@@ -610,11 +610,13 @@ class Observer:
             reading = self.nv.clock(gpu)
             if reading is None:
                 continue
-            reference = policy.learn_full_load_clock(self.full_load.get(gpu.uuid, 0.0), *reading)
+            reference = policy.learn_full_load_clock(self.full_load.get(gpu.uuid, 0.0), reading)
             if reference > 0:
                 self.full_load[gpu.uuid] = reference
-            scale = policy.clock_scale_centi(reference, reading[0])
-            self.clocks[gpu.uuid] = (reference, reading[0], scale)
+            scale = policy.clock_scale_centi(
+                reference, reading, self.cfg.observer.clock_max_speedup_pct
+            )
+            self.clocks[gpu.uuid] = (reference, reading.sm_mhz, scale)
         if on:
             self._save_full_load()
         for cid, tenant in self.tenants.items():

@@ -248,21 +248,66 @@ def floor_of(tenant: TenantInput, pools: Pools) -> int:
 FULL_LOAD_UTIL_PCT = 95
 CLOCK_SCALE_MIN_CENTI = 5000
 CLOCK_SCALE_MAX_CENTI = 20000
+# A GPU's power at an SM clock, with nothing running: what a kernel's share of the draw is
+# counted above (H200: ~105 W of 700 at 1980 MHz; bench/results/2026-11-29-compute-s4.md).
+STATIC_POWER_PCT = 15
+# Work whose draw, run without pause, would come within POWER_BOUND_LOW_PCT of the power
+# limit starts to be counted as power-bound; above POWER_BOUND_HIGH_PCT it fully is.
+POWER_BOUND_LOW_PCT = 90
+POWER_BOUND_HIGH_PCT = 110
 
 
-def learn_full_load_clock(reference_mhz: float, clock_mhz: int, util_pct: int) -> float:
-    """The SM clock the GPU holds at full load: an average of the clocks seen while it was
-    busy (0.0 until it has been)."""
-    if util_pct < FULL_LOAD_UTIL_PCT or clock_mhz <= 0:
+@dataclass(frozen=True)
+class ClockReading:
+    """One NVML reading of a GPU; power None where the GPU does not report it."""
+
+    sm_mhz: int
+    util_pct: int
+    power_w: float | None = None
+    power_limit_w: float | None = None
+
+
+def power_bound_centi(r: ClockReading) -> int:
+    """How far (0..10000) the work running now would hold the GPU at its power limit if it
+    ran without pause: its draw above static power, divided by the fraction of time the GPU
+    is busy, against the limit.  Only such work runs slower at full load than on a partly
+    idle GPU; a launch-bound loop of small kernels runs at the top clock either way.  A GPU
+    that does not report power is taken as power-bound (the reference clock alone)."""
+    if r.power_w is None or not r.power_limit_w:
+        return WHOLE_GPU_CENTI
+    if r.util_pct <= 0:
+        return 0
+    static = r.power_limit_w * STATIC_POWER_PCT / PERCENT
+    flat_out = static + max(r.power_w - static, 0.0) * PERCENT / min(r.util_pct, PERCENT)
+    low = r.power_limit_w * POWER_BOUND_LOW_PCT / PERCENT
+    high = r.power_limit_w * POWER_BOUND_HIGH_PCT / PERCENT
+    return round(WHOLE_GPU_CENTI * min(max((flat_out - low) / (high - low), 0.0), 1.0))
+
+
+def learn_full_load_clock(reference_mhz: float, r: ClockReading) -> float:
+    """The SM clock the GPU holds at full load under power-bound work: an average of the
+    clocks seen while it was that busy (0.0 until it has been)."""
+    near_limit = (
+        r.power_w is None
+        or not r.power_limit_w
+        or r.power_w >= r.power_limit_w * POWER_BOUND_LOW_PCT / PERCENT
+    )
+    if r.util_pct < FULL_LOAD_UTIL_PCT or r.sm_mhz <= 0 or not near_limit:
         return reference_mhz
     if reference_mhz <= 0:
-        return float(clock_mhz)
-    return reference_mhz + (clock_mhz - reference_mhz) / 8
+        return float(r.sm_mhz)
+    return reference_mhz + (r.sm_mhz - reference_mhz) / 8
 
 
-def clock_scale_centi(reference_mhz: float, clock_mhz: int) -> int:
-    """How much faster than at full load the GPU runs now, 1/100 % (0: not known yet)."""
-    if reference_mhz <= 0 or clock_mhz <= 0:
+def clock_scale_centi(reference_mhz: float, r: ClockReading, max_speedup_pct: int) -> int:
+    """How much faster than at full load the kernels run now, 1/100 % (0: not known yet).
+    The SM clock ratio, capped at max_speedup_pct: a GEMM does not speed up as much as its
+    clock (H200: 1.11-1.20x at clocks 1.3x the full-load one), and weighted by how
+    power-bound the work is (a loop that never reaches the power limit gains nothing)."""
+    if reference_mhz <= 0 or r.sm_mhz <= 0:
         return 0
-    scale = round(WHOLE_GPU_CENTI * clock_mhz / reference_mhz)
+    speedup = min(r.sm_mhz / reference_mhz, max_speedup_pct / PERCENT)
+    if speedup > 1:
+        speedup = 1 + (speedup - 1) * power_bound_centi(r) / WHOLE_GPU_CENTI
+    scale = round(WHOLE_GPU_CENTI * speedup)
     return min(max(scale, CLOCK_SCALE_MIN_CENTI), CLOCK_SCALE_MAX_CENTI)

@@ -274,16 +274,42 @@ def test_adaptive_never_flips_between_the_marks(levels: list[int], s: GpuState) 
         s = nxt
 
 
-def test_full_load_clock_is_learned_only_at_full_load() -> None:
-    assert policy.learn_full_load_clock(0.0, 1980, 40) == 0.0  # partly idle: not the reference
-    assert policy.learn_full_load_clock(0.0, 1470, 99) == 1470.0
-    assert policy.learn_full_load_clock(1470.0, 1550, 97) == 1480.0  # an eighth of the way
-    assert policy.learn_full_load_clock(1470.0, 0, 100) == 1470.0
+def test_full_load_clock_is_learned_only_at_full_load_under_power_bound_work() -> None:
+    learn = policy.learn_full_load_clock
+    assert learn(0.0, policy.ClockReading(1980, 40)) == 0.0  # partly idle: not the reference
+    assert learn(0.0, policy.ClockReading(1470, 99)) == 1470.0
+    assert learn(1470.0, policy.ClockReading(1550, 97)) == 1480.0  # an eighth of the way
+    assert learn(1470.0, policy.ClockReading(0, 100)) == 1470.0
+    # Busy, but far from the power limit (small kernels): the top clock is not the reference.
+    assert learn(1470.0, policy.ClockReading(1980, 100, 551.0, 700.0)) == 1470.0
+    assert learn(0.0, policy.ClockReading(1480, 100, 695.0, 700.0)) == 1480.0
 
 
-def test_clock_scale_is_bounded_and_zero_until_known() -> None:
-    assert policy.clock_scale_centi(0.0, 1980) == 0
-    assert policy.clock_scale_centi(1500.0, 1980) == 13200
-    assert policy.clock_scale_centi(1500.0, 1500) == policy.WHOLE_GPU_CENTI
-    assert policy.clock_scale_centi(1000.0, 3000) == policy.CLOCK_SCALE_MAX_CENTI
-    assert policy.clock_scale_centi(1500.0, 300) == policy.CLOCK_SCALE_MIN_CENTI
+# H200 readings (bench/results/2026-11-29-compute-s4.md): clock, utilisation, power.
+GEMM_AT_10 = policy.ClockReading(1965, 10, 187.0, 700.0)  # bf16 12288 at a 10 % duty
+GEMM_AT_75 = policy.ClockReading(1660, 75, 671.0, 700.0)
+SMALL_AT_10 = policy.ClockReading(1980, 10, 148.0, 700.0)  # bf16 1792 (20 us)
+SMALL_AT_75 = policy.ClockReading(1980, 75, 351.0, 700.0)
+
+
+def test_power_bound_work_is_told_from_work_that_never_reaches_the_limit() -> None:
+    assert policy.power_bound_centi(GEMM_AT_10) == policy.WHOLE_GPU_CENTI
+    assert policy.power_bound_centi(GEMM_AT_75) == policy.WHOLE_GPU_CENTI
+    assert policy.power_bound_centi(SMALL_AT_10) == 0
+    assert policy.power_bound_centi(SMALL_AT_75) == 0
+    assert policy.power_bound_centi(policy.ClockReading(1980, 0, 90.0, 700.0)) == 0  # idle
+    # In between (flat out it would draw the limit itself): half-way.
+    assert policy.power_bound_centi(policy.ClockReading(1980, 50, 402.5, 700.0)) == 5000
+    # No power readings: power-bound, the clock ratio alone decides.
+    assert policy.power_bound_centi(policy.ClockReading(1980, 10)) == policy.WHOLE_GPU_CENTI
+
+
+def test_clock_scale_is_capped_weighted_bounded_and_zero_until_known() -> None:
+    scale = policy.clock_scale_centi
+    assert scale(0.0, GEMM_AT_10, 115) == 0
+    assert scale(1465.0, GEMM_AT_10, 115) == 11500  # ratio 1.34, capped
+    assert scale(1465.0, GEMM_AT_75, 115) == 11331  # ratio 1.13, under the cap
+    assert scale(1465.0, GEMM_AT_10, 200) == 13413
+    assert scale(1465.0, SMALL_AT_10, 115) == policy.WHOLE_GPU_CENTI  # not power-bound
+    assert scale(1500.0, policy.ClockReading(1500, 100), 115) == policy.WHOLE_GPU_CENTI
+    assert scale(1500.0, policy.ClockReading(300, 100), 115) == policy.CLOCK_SCALE_MIN_CENTI

@@ -11,6 +11,7 @@
 
 #define SIM_EXPORT __attribute__((visibility("default")))
 #define NVML_ERROR_UNINITIALIZED 1
+#define NVML_ERROR_NOT_SUPPORTED 3
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 
 struct nvmlDevice_st {
@@ -163,24 +164,65 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v3(nvmlDevice_t 
 }
 
 /*
- * SM clock and utilisation: every device reads "<MHz> <percent>" from the file named by
- * FCSP_SIM_CLOCK_FILE, on each call, so a test can change them while the observer runs.
- * Without the file: 1500 MHz, idle.
+ * SM clock, utilisation and power: every device reads "<MHz> <percent> [<W> <limit W>]"
+ * from the file named by FCSP_SIM_CLOCK_FILE, on each call, so a test can change them
+ * while the observer runs.  Without the file: 1500 MHz, idle; without the power fields
+ * the GPU reports no power (NVML_ERROR_NOT_SUPPORTED).
  */
-static void clock_and_util(unsigned int *mhz, unsigned int *util)
+struct sim_clock {
+    unsigned int mhz, util, watts, limit_watts; /* watts 0: not reported */
+};
+
+static struct sim_clock read_clock(void)
 {
-    *mhz = 1500;
-    *util = 0;
+    struct sim_clock c = {1500, 0, 0, 0};
     const char *path = getenv("FCSP_SIM_CLOCK_FILE");
     FILE *f = path ? fopen(path, "r") : NULL;
     if (!f)
-        return;
-    unsigned int m, u;
-    if (fscanf(f, "%u %u", &m, &u) == 2) {
-        *mhz = m;
-        *util = u;
+        return c;
+    unsigned int v[4];
+    int n = fscanf(f, "%u %u %u %u", &v[0], &v[1], &v[2], &v[3]);
+    if (n >= 2) {
+        c.mhz = v[0];
+        c.util = v[1];
+    }
+    if (n == 4) {
+        c.watts = v[2];
+        c.limit_watts = v[3];
     }
     fclose(f);
+    return c;
+}
+
+static void clock_and_util(unsigned int *mhz, unsigned int *util)
+{
+    struct sim_clock c = read_clock();
+    *mhz = c.mhz;
+    *util = c.util;
+}
+
+/* Power in mW, as NVML reports it. */
+static nvmlReturn_t power(nvmlDevice_t device, unsigned int *mw, int limit)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || !mw)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    struct sim_clock c = read_clock();
+    if (!c.watts)
+        return NVML_ERROR_NOT_SUPPORTED;
+    *mw = (limit ? c.limit_watts : c.watts) * 1000;
+    return NVML_SUCCESS;
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *mw)
+{
+    return power(device, mw, 0);
+}
+
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *mw)
+{
+    return power(device, mw, 1);
 }
 
 SIM_EXPORT nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, unsigned int type,
