@@ -33,6 +33,7 @@ import selectors
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,9 @@ STATE_FILE = "observer.json"
 MPS_CHECK_NS = 500_000_000
 # How often SM clocks are read for clock normalisation (they move over seconds).
 CLOCK_CHECK_NS = 250_000_000
+# The clock kernels run at is the highest read over the last second: a reading taken while
+# a throttled GPU idles between kernels is lower.
+CLOCK_WINDOW = 4
 # How often, at most, learned full-load clocks are written to the state directory.
 CLOCK_SAVE_NS = 10_000_000_000
 MIN_WRITTEN_CENTI = 1
@@ -316,6 +320,7 @@ class Observer:
         self.next_mps_ns = 0
         # Per GPU UUID: the full-load SM clock learned so far, the clock now, the scale.
         self.clocks: dict[str, tuple[float, int, int]] = {}
+        self.recent_mhz: dict[str, deque[int]] = {}
         self.next_clock_ns = 0
         # Full-load clocks learned before (clockstore), and what the state file holds.
         self.full_load: dict[str, float] = {}
@@ -613,10 +618,13 @@ class Observer:
             reference = policy.learn_full_load_clock(self.full_load.get(gpu.uuid, 0.0), reading)
             if reference > 0:
                 self.full_load[gpu.uuid] = reference
+            recent = self.recent_mhz.setdefault(gpu.uuid, deque(maxlen=CLOCK_WINDOW))
+            recent.append(reading.sm_mhz)
+            busy = replace(reading, sm_mhz=max(recent))
             scale = policy.clock_scale_centi(
-                reference, reading, self.cfg.observer.clock_max_speedup_pct
+                reference, busy, self.cfg.observer.clock_max_speedup_pct
             )
-            self.clocks[gpu.uuid] = (reference, reading.sm_mhz, scale)
+            self.clocks[gpu.uuid] = (reference, busy.sm_mhz, scale)
         if on:
             self._save_full_load()
         for cid, tenant in self.tenants.items():
@@ -627,6 +635,7 @@ class Observer:
                     tenant.limits.set_clock_scale(i, scale)
         if not on:
             self.clocks.clear()
+            self.recent_mhz.clear()
 
     def _save_full_load(self) -> None:
         """Keep the learned full-load clocks (at most every CLOCK_SAVE_NS, and only when

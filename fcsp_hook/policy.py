@@ -246,7 +246,6 @@ def floor_of(tenant: TenantInput, pools: Pools) -> int:
 
 # At or above this utilisation the GPU is at full load: its clock then is the reference.
 FULL_LOAD_UTIL_PCT = 95
-CLOCK_SCALE_MIN_CENTI = 5000
 CLOCK_SCALE_MAX_CENTI = 20000
 # A GPU's power at an SM clock, with nothing running: what a kernel's share of the draw is
 # counted above (H200: ~105 W of 700 at 1980 MHz; bench/results/2026-11-29-compute-s4.md).
@@ -303,11 +302,12 @@ def clock_scale_centi(reference_mhz: float, r: ClockReading, max_speedup_pct: in
     """How much faster than at full load the kernels run now, 1/100 % (0: not known yet).
     The SM clock ratio, capped at max_speedup_pct: a GEMM does not speed up as much as its
     clock (H200: 1.11-1.20x at clocks 1.3x the full-load one), and weighted by how
-    power-bound the work is (a loop that never reaches the power limit gains nothing)."""
+    power-bound the work is (a loop that never reaches the power limit gains nothing).
+    Never below 1: a clock read while the GPU idles between kernels is lower than the one
+    they run at, and a share must never buy more than its GPU time."""
     if reference_mhz <= 0 or r.sm_mhz <= 0:
         return 0
     speedup = min(r.sm_mhz / reference_mhz, max_speedup_pct / PERCENT)
-    if speedup > 1:
-        speedup = 1 + (speedup - 1) * power_bound_centi(r) / WHOLE_GPU_CENTI
-    scale = round(WHOLE_GPU_CENTI * speedup)
-    return min(max(scale, CLOCK_SCALE_MIN_CENTI), CLOCK_SCALE_MAX_CENTI)
+    weight = power_bound_centi(r) / WHOLE_GPU_CENTI
+    scale = round(WHOLE_GPU_CENTI * (1 + max(speedup - 1, 0.0) * weight))
+    return min(scale, CLOCK_SCALE_MAX_CENTI)

@@ -16,16 +16,17 @@
  * (1/32, by at most the estimate itself), which tracks a low quantile of
  * the samples: the kernel's own time.
  *
- * A kernel launched onto a stream with nothing left to run is measured
- * "cold": the start event is reached at once, the kernel only once the
- * driver has submitted it, so the span adds the launch call's own time
- * (5-75 us on the H200 host after a sleep, more than a 20 us kernel).  A
- * throttled tenant's stream drains in every wait, so such spans are common
- * and would over-charge small kernels.  A sample whose stream was idle when
- * it was armed (cuStreamQuery) is handed on to the key's next launch, which
- * finds its predecessor still running, up to MAX_COLD_SKIPS times in a row;
- * when it has to be taken cold (a tenant that waits for every kernel), the
- * host time from the start event to the launch call's return is taken off.
+ * What a span adds to the kernel is taken off.  A kernel launched onto a
+ * stream with nothing left to run is measured "cold": the start event is
+ * reached at once, the kernel only once the driver has submitted it, so the
+ * span adds the launch call's own time (5-75 us on the H200 host after a
+ * sleep, more than a 20 us kernel), and a throttled tenant's stream drains in
+ * every wait.  For such a sample (cuStreamQuery said idle when it was armed)
+ * the host time from the start event to the launch call's return is taken
+ * off.  Behind running work ("warm"), the events themselves add the time the
+ * GPU takes from one command to the next: two more events, recorded back to
+ * back before the start event, measure it and it is taken off (1.3 us on the
+ * H200, 6 % of a 20 us kernel).
  *
  * Unknown keys cost the process's running estimate (DEFAULT_COST_NS before
  * any).  What launches of a key were charged before its first measurement
@@ -48,7 +49,6 @@
 #define SAMPLE_PERIOD_NS 10000000ull
 #define DEFAULT_COST_NS 100000ull
 #define RING 16
-#define MAX_COLD_SKIPS 8u
 #define CLOCK_SCALE_MIN 5000u  /* half the reference clock */
 #define CLOCK_SCALE_MAX 20000u /* twice it */
 
@@ -57,7 +57,6 @@ struct estimate {
     _Atomic uint64_t est_ns;         /* 0: not measured yet */
     _Atomic uint64_t last_sample_ns;
     _Atomic uint32_t started;        /* samples started */
-    _Atomic uint32_t cold_skips;     /* samples handed on in a row: the stream was idle */
     _Atomic uint32_t uncalibrated;   /* launches charged before the first measurement */
     _Atomic uint64_t uncalibrated_ns; /* what they were charged */
 };
@@ -66,10 +65,12 @@ static struct estimate table[TABLE_SIZE];
 static _Atomic uint64_t average_ns; /* over every key; 0: nothing measured yet */
 
 enum sample_state { SAMPLE_FREE, SAMPLE_ARMED, SAMPLE_PENDING };
+/* Per sample: an empty pair (warm: the events' own cost), then around the kernel. */
+enum { GAP_START, GAP_END, START, END, EVENTS };
 
 struct sample {
     _Atomic int state;
-    CUevent start, end;
+    CUevent ev[EVENTS];
     CUcontext ctx;      /* events belong to the context they were created in */
     uint32_t epoch;     /* shim_context_epoch at creation: a destroyed context took them */
     uint32_t index;     /* table entry */
@@ -142,7 +143,6 @@ static struct estimate *lookup(uint64_t key, uint32_t *index)
     atomic_store_explicit(&e->key, key, memory_order_relaxed);
     atomic_store_explicit(&e->est_ns, 0, memory_order_relaxed);
     atomic_store_explicit(&e->started, 0, memory_order_relaxed);
-    atomic_store_explicit(&e->cold_skips, 0, memory_order_relaxed);
     atomic_store_explicit(&e->uncalibrated, 0, memory_order_relaxed);
     atomic_store_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
     *index = first;
@@ -214,28 +214,6 @@ static bool stream_idle(CUstream stream, bool ptsz)
     return fn && fn(stream) == CUDA_SUCCESS;
 }
 
-/*
- * Hand this launch's sample on to the key's next launch if its stream is idle
- * (*idle), up to MAX_COLD_SKIPS times in a row; a key not measured yet takes
- * what it gets.
- */
-static bool hand_on_cold(struct estimate *e, CUstream stream, bool ptsz, bool *idle)
-{
-    *idle = stream_idle(stream, ptsz);
-    if (!*idle) {
-        atomic_store_explicit(&e->cold_skips, 0, memory_order_relaxed);
-        return false;
-    }
-    if (!atomic_load_explicit(&e->est_ns, memory_order_relaxed))
-        return false;
-    if (atomic_fetch_add_explicit(&e->cold_skips, 1, memory_order_relaxed) >= MAX_COLD_SKIPS) {
-        atomic_store_explicit(&e->cold_skips, 0, memory_order_relaxed);
-        return false;
-    }
-    atomic_store_explicit(&e->last_sample_ns, 0, memory_order_relaxed); /* next launch samples */
-    return true;
-}
-
 static CUresult record(CUevent ev, CUstream stream, bool ptsz)
 {
     event_record_fn fn = real_or_null(ptsz ? SYM_cuEventRecord_ptsz : SYM_cuEventRecord);
@@ -249,24 +227,27 @@ static bool ready_events(struct sample *s)
     if (!REAL(cuCtxGetCurrent) || REAL(cuCtxGetCurrent)(&ctx) != CUDA_SUCCESS || !ctx)
         return false;
     uint32_t epoch = atomic_load_explicit(&shim_context_epoch, memory_order_relaxed);
-    if (s->start && s->ctx == ctx && s->epoch == epoch)
+    if (s->ev[0] && s->ctx == ctx && s->epoch == epoch)
         return true;
     event_destroy_fn destroy = real_or_null(SYM_cuEventDestroy_v2);
     /* Events of a destroyed context went with it: forget them rather than destroy them. */
-    if (s->start && s->epoch == epoch && destroy) {
-        destroy(s->start);
-        destroy(s->end);
+    bool mine = s->ev[0] && s->epoch == epoch && destroy;
+    for (int i = 0; i < EVENTS; i++) {
+        if (mine)
+            destroy(s->ev[i]);
+        s->ev[i] = NULL;
     }
-    s->start = s->end = NULL;
-    if (!destroy || !REAL(cuEventCreate) ||
-        REAL(cuEventCreate)(&s->start, CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
-        s->start = NULL;
+    if (!destroy || !REAL(cuEventCreate))
         return false;
-    }
-    if (REAL(cuEventCreate)(&s->end, CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
-        destroy(s->start);
-        s->start = NULL;
-        return false;
+    for (int i = 0; i < EVENTS; i++) {
+        if (REAL(cuEventCreate)(&s->ev[i], CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+            while (i-- > 0) {
+                destroy(s->ev[i]);
+                s->ev[i] = NULL;
+            }
+            s->ev[0] = NULL;
+            return false;
+        }
     }
     s->ctx = ctx;
     s->epoch = epoch;
@@ -274,6 +255,16 @@ static bool ready_events(struct sample *s)
 }
 
 /* ---- samples ------------------------------------------------------------------ */
+
+/* The start event, after the empty pair if the stream is running something (warm). */
+static bool record_start(struct sample *s, CUstream stream, bool ptsz)
+{
+    s->cold = stream_idle(stream, ptsz);
+    if (!s->cold && (record(s->ev[GAP_START], stream, ptsz) != CUDA_SUCCESS ||
+                     record(s->ev[GAP_END], stream, ptsz) != CUDA_SUCCESS))
+        return false;
+    return record(s->ev[START], stream, ptsz) == CUDA_SUCCESS;
+}
 
 int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
                    CUstream stream, bool ptsz)
@@ -284,14 +275,12 @@ int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
     for (int i = 0; i < RING && slot < 0; i++)
         if (atomic_load_explicit(&ring[i].state, memory_order_relaxed) == SAMPLE_FREE)
             slot = i;
-    bool changed = false, idle = false;
+    bool changed = false;
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     if (slot >= 0) {
         struct sample *s = &ring[slot];
         mode = relax_capture(&changed);
-        if (capturing(stream, ptsz) || hand_on_cold(&table[index], stream, ptsz, &idle) ||
-            !ready_events(s) ||
-            record(s->start, stream, ptsz) != CUDA_SUCCESS) {
+        if (capturing(stream, ptsz) || !ready_events(s) || !record_start(s, stream, ptsz)) {
             slot = -1;
         } else {
             s->index = index;
@@ -300,7 +289,6 @@ int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
             s->entry = entry;
             s->stream = stream;
             s->ptsz = ptsz;
-            s->cold = idle;
             s->armed_ns = shim_monotonic_ns();
             atomic_store_explicit(&s->state, SAMPLE_ARMED, memory_order_relaxed);
         }
@@ -317,7 +305,7 @@ void shim_calib_end(struct compute_launch *l, CUresult rc)
         s->submit_ns = shim_monotonic_ns() - s->armed_ns;
     bool changed = false;
     CUstreamCaptureMode mode = relax_capture(&changed);
-    bool ok = rc == CUDA_SUCCESS && record(s->end, s->stream, s->ptsz) == CUDA_SUCCESS;
+    bool ok = rc == CUDA_SUCCESS && record(s->ev[END], s->stream, s->ptsz) == CUDA_SUCCESS;
     restore_capture(mode, changed);
     if (ok) {
         atomic_fetch_add_explicit(&pending, 1, memory_order_relaxed);
@@ -359,8 +347,6 @@ static void finish(struct sample *s, uint64_t measured_ns)
     struct estimate *e = &table[s->index];
     if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
         return; /* evicted meanwhile */
-    if (s->cold && s->submit_ns < measured_ns)
-        measured_ns -= s->submit_ns;
     measured_ns = at_reference_clock(s->entry, measured_ns);
     fold(&e->est_ns, measured_ns);
     shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu", (unsigned long long)s->key,
@@ -371,6 +357,32 @@ static void finish(struct sample *s, uint64_t measured_ns)
     uint64_t charged = atomic_exchange_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
     if (n)
         shim_compute_true_up(s->entry, (int64_t)(n * measured_ns) - (int64_t)charged);
+}
+
+/* ns from event a to event b; false if either is not done or they cannot be compared. */
+static bool elapsed_ns(elapsed_fn elapsed, CUevent a, CUevent b, uint64_t *ns)
+{
+    float ms = 0;
+    if (!elapsed || elapsed(&ms, a, b) != CUDA_SUCCESS || ms < 0)
+        return false;
+    *ns = (uint64_t)((double)ms * 1e6) + 1;
+    return true;
+}
+
+/*
+ * What the measurement added to the kernel's span: cold, the host time the launch
+ * call took (a span longer than it: the GPU had more to run than we saw); warm, the
+ * empty pair's time, at most an eighth of the span (a stream that went idle between
+ * the query and the records makes the pair measure host time).
+ */
+static uint64_t added_time(const struct sample *s, elapsed_fn elapsed, uint64_t span)
+{
+    uint64_t added = 0;
+    if (s->cold)
+        added = s->submit_ns;
+    else if (!elapsed_ns(elapsed, s->ev[GAP_START], s->ev[GAP_END], &added) || added > span / 8)
+        added = 0;
+    return added < span ? added : 0;
 }
 
 void shim_calib_poll(void)
@@ -386,13 +398,12 @@ void shim_calib_poll(void)
         struct sample *s = &ring[i];
         if (atomic_load_explicit(&s->state, memory_order_acquire) != SAMPLE_PENDING)
             continue;
-        CUresult rc = REAL(cuEventQuery)(s->end);
+        CUresult rc = REAL(cuEventQuery)(s->ev[END]);
         if (rc == CUDA_ERROR_NOT_READY)
             continue;
-        float ms = 0;
-        if (rc == CUDA_SUCCESS && elapsed && elapsed(&ms, s->start, s->end) == CUDA_SUCCESS &&
-            ms >= 0)
-            finish(s, (uint64_t)((double)ms * 1e6) + 1);
+        uint64_t span = 0;
+        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[END], &span))
+            finish(s, span - added_time(s, elapsed, span));
         atomic_fetch_sub_explicit(&pending, 1, memory_order_relaxed);
         atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
     }
@@ -404,7 +415,8 @@ void shim_calib_after_fork_child(void)
 {
     /* The parent's contexts and events do not exist in the child. */
     for (int i = 0; i < RING; i++) {
-        ring[i].start = ring[i].end = NULL;
+        for (int j = 0; j < EVENTS; j++)
+            ring[i].ev[j] = NULL;
         ring[i].ctx = NULL;
         atomic_store_explicit(&ring[i].state, SAMPLE_FREE, memory_order_relaxed);
     }

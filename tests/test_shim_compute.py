@@ -164,9 +164,9 @@ def test_launch_latency_is_not_charged_as_kernel_time(tmp_path: Path, sync: bool
     """A driver that takes 300 us to submit each 500 us kernel: an event pair around a
     launch onto an idle stream spans 800 us, one around a launch behind a running kernel
     500 us.  Folded in as they are, the idle-stream ("cold") spans would charge a tenant
-    1.6x and give it ~19 % of the device at a 30 % share.  The shim hands such a sample on
-    to the next launch (a pipelined tenant) or takes the launch call's time off it (a
-    tenant that synchronizes after every kernel, whose every launch is cold)."""
+    1.6x and give it ~19 % of the device at a 30 % share: a throttled tenant's stream
+    drains in every wait, and one that synchronizes after every kernel launches only onto
+    an idle stream.  The shim takes the launch call's host time off such a span."""
     slot = compute_slot(tmp_path / "latency", 3000)
     env = env_for(tmp_path, "latency", slot, FCSP_SIM_LAUNCH_NS="300000")
     batch = ["batch", "1"] if sync else []
