@@ -49,8 +49,6 @@
 #define SAMPLE_PERIOD_NS 10000000ull
 #define DEFAULT_COST_NS 100000ull
 #define RING 16
-#define CLOCK_SCALE_MIN 5000u  /* half the reference clock */
-#define CLOCK_SCALE_MAX 20000u /* twice it */
 
 struct estimate {
     _Atomic uint64_t key;            /* 0: free */
@@ -75,7 +73,6 @@ struct sample {
     uint32_t epoch;     /* shim_context_epoch at creation: a destroyed context took them */
     uint32_t index;     /* table entry */
     uint64_t key;
-    uint64_t charged_ns;
     int entry;          /* usage entry charged */
     CUstream stream;
     bool ptsz;
@@ -266,8 +263,7 @@ static bool record_start(struct sample *s, CUstream stream, bool ptsz)
     return record(s->ev[START], stream, ptsz) == CUDA_SUCCESS;
 }
 
-int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
-                   CUstream stream, bool ptsz)
+int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, bool ptsz)
 {
     if (atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
         return -1; /* someone else is in the ring: skip this sample */
@@ -285,7 +281,6 @@ int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
         } else {
             s->index = index;
             s->key = key;
-            s->charged_ns = charged_ns;
             s->entry = entry;
             s->stream = stream;
             s->ptsz = ptsz;
@@ -321,33 +316,11 @@ bool shim_calib_pending(void)
     return atomic_load_explicit(&pending, memory_order_relaxed) > 0;
 }
 
-/*
- * A kernel's time as it would be at the GPU's full-load clock, when the observer
- * publishes how much faster the GPU runs now (fcsp_limits_device.clock_scale_centi):
- * a throttled tenant's kernels run at a higher clock than they would alone at full
- * load, and would otherwise get more work done than their share.
- */
-static uint64_t at_reference_clock(int entry, uint64_t measured_ns)
-{
-    const struct fcsp_limits *limits = shim.limits;
-    if (!limits || entry < 0 || entry >= (int)FCSP_MAX_DEVICES)
-        return measured_ns;
-    uint32_t scale = atomic_load_explicit(
-        &((struct fcsp_limits_device *)&limits->device[entry])->clock_scale_centi,
-        memory_order_relaxed);
-    if (scale < CLOCK_SCALE_MIN || scale > CLOCK_SCALE_MAX)
-        return measured_ns; /* 0: off; anything else out of range is not trusted */
-    if (!shim_observer_alive(limits))
-        return measured_ns; /* a scale nobody keeps up to date any more */
-    return (uint64_t)((unsigned __int128)measured_ns * scale / 10000u);
-}
-
 static void finish(struct sample *s, uint64_t measured_ns)
 {
     struct estimate *e = &table[s->index];
     if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
         return; /* evicted meanwhile */
-    measured_ns = at_reference_clock(s->entry, measured_ns);
     fold(&e->est_ns, measured_ns);
     shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu", (unsigned long long)s->key,
              (unsigned long long)measured_ns, (unsigned long long)e->est_ns);

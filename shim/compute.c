@@ -54,6 +54,8 @@
 #define STALE_OBSERVER_NS 1000000000ll
 #define FLUSH_EVERY 16u
 #define DEMAND_WINDOW_NS 100000000ull
+#define CLOCK_SCALE_ONE 10000u /* clock_scale_centi of kernels as fast as at full load */
+#define CLOCK_SCALE_MAX 20000u
 #define TLS __attribute__((tls_model("initial-exec"))) __thread
 
 _Atomic int shim_launch_entry = LAUNCH_SLOW;
@@ -66,10 +68,38 @@ void shim_launch_init(void)
 
 /* ---- the share in force ------------------------------------------------------ */
 
-bool shim_observer_alive(const struct fcsp_limits *limits)
+static bool observer_alive_at(const struct fcsp_limits *limits, uint64_t now)
 {
     uint64_t beat = __atomic_load_n(&limits->observer_heartbeat_ns, __ATOMIC_RELAXED);
-    return beat != 0 && (int64_t)(shim_monotonic_ns() - beat) <= STALE_OBSERVER_NS;
+    return beat != 0 && (int64_t)(now - beat) <= STALE_OBSERVER_NS;
+}
+
+static bool observer_alive(const struct fcsp_limits *limits)
+{
+    return observer_alive_at(limits, shim_monotonic_ns());
+}
+
+/*
+ * GPU time as it would be at the GPU's full-load clock, when the observer publishes
+ * how much faster kernels run now (fcsp_limits_device.clock_scale_centi): a throttled
+ * tenant's kernels run at a higher clock than they would alone at full load and would
+ * otherwise get more work done than their share.  Applied when a launch is charged,
+ * not folded into the estimates, so a new scale holds from the next launch on.  A
+ * scale never lowers a charge (below 1 it is not trusted, nor above 2), and one that
+ * no live observer keeps up to date is ignored.
+ */
+static uint64_t at_reference_clock(int entry, uint64_t gpu_ns, uint64_t now)
+{
+    const struct fcsp_limits *limits = shim.limits;
+    if (!limits)
+        return gpu_ns;
+    uint32_t scale = atomic_load_explicit(
+        &((struct fcsp_limits_device *)&limits->device[entry])->clock_scale_centi,
+        memory_order_relaxed);
+    if (likely(scale == 0) || scale <= CLOCK_SCALE_ONE || scale > CLOCK_SCALE_MAX ||
+        !observer_alive_at(limits, now))
+        return gpu_ns;
+    return (uint64_t)((unsigned __int128)gpu_ns * scale / CLOCK_SCALE_ONE);
 }
 
 static uint32_t env_cap(int ordinal)
@@ -97,7 +127,7 @@ static uint32_t share_in_force(int entry, int ordinal)
     uint32_t share = atomic_load_explicit(&d->sm_effective_centi, memory_order_relaxed);
     uint32_t requested = d->sm_requested_centi;
     if (unlikely(share > requested || share == 0)) {
-        if (share == 0 || !shim_observer_alive(limits))
+        if (share == 0 || !observer_alive(limits))
             share = requested;
     }
     if (share == 0) /* a slot written without any compute share: not limited */
@@ -254,7 +284,7 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
     uint64_t now = shim_monotonic_ns();
     bool sample = false;
     uint32_t index = 0;
-    uint64_t cost = shim_calib_cost(key, now, &sample, &index);
+    uint64_t cost = at_reference_clock(entry, shim_calib_cost(key, now, &sample, &index), now);
     uint64_t tokens = cost * SHARE_FULL_CENTI / share;
     uint64_t tat = atomic_load_explicit(&u->tat_ns, memory_order_relaxed);
     uint64_t base;
@@ -270,7 +300,7 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
     }
     account(entry, cost, tokens, now);
     if (unlikely(sample))
-        l->sample = shim_calib_arm(index, key, cost, entry, stream, ptsz);
+        l->sample = shim_calib_arm(index, key, entry, stream, ptsz);
 }
 
 void shim_compute_true_up(int entry, int64_t gpu_ns)
@@ -280,6 +310,9 @@ void shim_compute_true_up(int entry, int64_t gpu_ns)
     uint32_t share = share_in_force(entry, entry); /* entry == ordinal unless UUID-mapped */
     if (share >= SHARE_FULL_CENTI || gpu_ns == 0)
         return;
+    uint64_t now = shim_monotonic_ns();
+    gpu_ns = gpu_ns > 0 ? (int64_t)at_reference_clock(entry, (uint64_t)gpu_ns, now)
+                        : -(int64_t)at_reference_clock(entry, (uint64_t)-gpu_ns, now);
     int64_t tokens = gpu_ns * (int64_t)SHARE_FULL_CENTI / (int64_t)share;
     struct fcsp_usage_device *u = &shim.usage->device[entry];
     atomic_fetch_add_explicit(&u->tat_ns, (uint64_t)tokens, memory_order_relaxed);

@@ -84,8 +84,7 @@ static inline uint64_t compute_graph_key(const void *exec)
  */
 uint64_t shim_calib_cost(uint64_t key, uint64_t now, bool *sample, uint32_t *index);
 /* Arm a sample: record the start event on the launch's stream.  -1 if it could not. */
-int shim_calib_arm(uint32_t index, uint64_t key, uint64_t charged_ns, int entry,
-                   CUstream stream, bool ptsz);
+int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, bool ptsz);
 /* Fold finished samples into the estimates; non-blocking, at most one thread at a time. */
 void shim_calib_poll(void);
 bool shim_calib_pending(void);
@@ -94,7 +93,5 @@ void shim_calib_after_fork_child(void);
 
 /* compute.c, for calib.c: give back or charge the difference found by a first measurement. */
 void shim_compute_true_up(int entry, int64_t gpu_ns);
-/* The observer has written a heartbeat within the last second (its shares and clock scale hold). */
-bool shim_observer_alive(const struct fcsp_limits *limits);
 
 #endif

@@ -163,7 +163,7 @@ def test_a_restarted_observer_remembers_the_full_load_clock(host: Host, tmp_path
 
         clock.write_text("1980 40\n")  # from now on the GPU is never saturated
         host.start(env=env)
-        wait_for("scale published at once", lambda: limits.clock_scale(0) == 11500)
+        wait_for("scale published at once", lambda: limits.clock_scale(0) == 11700)
     finally:
         limits.close()
 
