@@ -5,9 +5,11 @@ sampling the GPU's SM clock and power with nvidia-smi, and prints per run: ops p
 second, the op time the worker measured, the shim's own estimate (busy_ns / launches),
 and the mean SM clock and power.  If throttled kernels run at a higher clock than
 saturated ones, the limiter (which charges measured GPU time) grants more throughput
-than its share of time.
+than its share of time.  The shim logs every calibration sample (BUD_LOG_LEVEL=debug):
+the median and 10th percentile of the most-sampled kernel's samples show what it charges
+against what the kernel takes back to back (op time).
 
-    python3 bench/gpu_compute_diag.py --n 6144 --share 50 --seconds 3
+    python3 bench/gpu_compute_diag.py --n 1792 --share 10 --share 50 --seconds 3 [--shim X]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -28,9 +31,22 @@ sys.path.insert(0, str(REPO))
 from fcsp_hook import slot  # noqa: E402  # after the path tweak, as a script
 
 SHIM = REPO / "shim" / "libvgpu.so"
+SAMPLE = re.compile(r"calib key (\w+) measured (\d+) est")
 
 
-def run(n: int, share: int, seconds: float, work: Path) -> dict[str, float]:
+def sample_quantiles(log: str) -> tuple[float, float]:
+    """(median, 10th percentile) in us of the most-sampled key's calibration samples."""
+    keys: dict[str, list[int]] = {}
+    for key, ns in SAMPLE.findall(log):
+        keys.setdefault(key, []).append(int(ns))
+    if not keys:
+        return float("nan"), float("nan")
+    most = max(keys, key=lambda key: len(keys[key]))
+    got = sorted(keys[most])
+    return statistics.median(got) / 1000, got[len(got) // 10] / 1000
+
+
+def run(n: int, share: int, seconds: float, work: Path, shim: Path) -> dict[str, float]:
     directory = work / f"slot-{n}-{share}"
     spec = slot.SlotSpec(
         container_id="diag",
@@ -49,8 +65,13 @@ def run(n: int, share: int, seconds: float, work: Path) -> dict[str, float]:
         stdout=clocks.open("w"),
         stderr=subprocess.DEVNULL,
     )
-    env = {**os.environ, "LD_PRELOAD": str(SHIM), "FCSP_SLOT_DIR": str(directory)}
-    out = subprocess.run(
+    env = {
+        **os.environ,
+        "LD_PRELOAD": str(shim),
+        "FCSP_SLOT_DIR": str(directory),
+        "BUD_LOG_LEVEL": "debug",
+    }
+    done = subprocess.run(
         [
             sys.executable,
             str(REPO / "bench" / "gpu_compute.py"),
@@ -64,10 +85,11 @@ def run(n: int, share: int, seconds: float, work: Path) -> dict[str, float]:
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
+    )
     smi.terminate()
     smi.wait()
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    median_us, p10_us = sample_quantiles(done.stderr)
     marks = result["marks"]
     usage = slot.read_usage(directory / "usage").device[0]
     samples = [line.split(",") for line in clocks.read_text().splitlines() if "," in line]
@@ -78,6 +100,8 @@ def run(n: int, share: int, seconds: float, work: Path) -> dict[str, float]:
         "op_ms": result["kernel_ms"],
         "estimate_ms": usage.busy_ns / max(usage.launches, 1) / 1e6,
         "throttled_s": usage.throttled_ns / 1e9,
+        "sample_median_us": median_us,
+        "sample_p10_us": p10_us,
         "sm_mhz": statistics.mean(float(s[0]) for s in samples),
         "power_w": statistics.mean(float(s[1]) for s in samples),
     }
@@ -86,29 +110,33 @@ def run(n: int, share: int, seconds: float, work: Path) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, action="append", required=True)
-    parser.add_argument("--share", type=int, default=50)
+    parser.add_argument("--share", type=int, action="append", help="default: 50")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--shim", type=Path, default=SHIM)
     args = parser.parse_args()
     print(
         "| n | share | ops/s (GPU time) | achieved | op ms (worker) | shim estimate ms "
-        "| throttled s | SM MHz | power W |"
+        "| samples median / p10 us | throttled s | SM MHz | power W |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
-            base = run(n, 100, args.seconds, Path(tmp))
-            limited = run(n, args.share, args.seconds, Path(tmp))
-            for share, r in ((100, base), (args.share, limited)):
+            base = run(n, 100, args.seconds, Path(tmp), args.shim)
+            rows = [(100, base)]
+            for share in args.share or [50]:
+                rows.append((share, run(n, share, args.seconds, Path(tmp), args.shim)))
+                time.sleep(0.5)
+            for share, r in rows:
                 print(
                     f"| {n} | {share} | {r['ops_per_s']:.1f} | "
                     f"{r['ops_per_s'] / base['ops_per_s']:.3f} | {r['op_ms']:.3f} | "
-                    f"{r['estimate_ms']:.3f} | {r['throttled_s']:.2f} | {r['sm_mhz']:.0f} | "
+                    f"{r['estimate_ms']:.4f} | {r['sample_median_us']:.1f} / "
+                    f"{r['sample_p10_us']:.1f} | {r['throttled_s']:.2f} | {r['sm_mhz']:.0f} | "
                     f"{r['power_w']:.0f} |",
                     flush=True,
                 )
-            time.sleep(0.5)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

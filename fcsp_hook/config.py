@@ -94,10 +94,11 @@ class ObserverConfig:
     over_quota_action: str = OVER_QUOTA_WARN
     # How often slots of containers that are gone are looked for.
     reap_interval_ms: int = 2000
-    # "off": a share is a share of the GPU's time.  "full-load": of the work the GPU does
-    # at the clock it holds under full load (kernels are charged as if they ran at it), so
-    # a throttled tenant does not gain from the higher clock of a partly idle GPU.
-    clock_normalise: str = CLOCK_OFF
+    # "full-load": a share is a share of the work the GPU does at full load (kernels are
+    # charged for the speed-up a partly idle, power-limited GPU gives them), so a throttled
+    # tenant does not do more than its share of what it does alone.  "off": a share of
+    # the GPU's time.
+    clock_normalise: str = CLOCK_FULL_LOAD
     # The most a kernel is taken to speed up on a partly idle GPU, in % of its full-load
     # speed: the middle of what H200 GEMMs gain at a clock 1.3x the full-load one (111-122 %).
     clock_max_speedup_pct: int = 117
@@ -206,7 +207,7 @@ def _observer(data: Mapping[str, object]) -> ObserverConfig:
     values["clock_normalise"] = _choice(
         "observer",
         "clock_normalise",
-        o.get("clock_normalise", CLOCK_OFF),
+        o.get("clock_normalise", CLOCK_FULL_LOAD),
         {CLOCK_OFF: CLOCK_OFF, CLOCK_FULL_LOAD: CLOCK_FULL_LOAD},
     )
     cfg = ObserverConfig(**values)

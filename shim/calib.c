@@ -343,10 +343,10 @@ static bool elapsed_ns(elapsed_fn elapsed, CUevent a, CUevent b, uint64_t *ns)
 }
 
 /*
- * What the measurement added to the kernel's span: cold, the host time the launch
- * call took (a span longer than it: the GPU had more to run than we saw); warm, the
- * empty pair's time, at most an eighth of the span (a stream that went idle between
- * the query and the records makes the pair measure host time).
+ * What the measurement added to the kernel's span: cold, the host time from the start
+ * event to the launch call's return; warm, the empty pair's time, if at most an eighth
+ * of the span (a stream that ran dry between the query and the records makes the pair
+ * measure host time).  Nothing if that is not less than the span itself.
  */
 static uint64_t added_time(const struct sample *s, elapsed_fn elapsed, uint64_t span)
 {
