@@ -97,9 +97,9 @@ static uint64_t at_reference_clock(int entry, uint64_t gpu_ns, uint64_t now)
         &((struct fcsp_limits_device *)&limits->device[entry])->clock_scale_centi,
         memory_order_relaxed);
     if (likely(scale == 0) || scale <= CLOCK_SCALE_ONE || scale > CLOCK_SCALE_MAX ||
-        !observer_alive_at(limits, now))
+        gpu_ns > UINT64_MAX / CLOCK_SCALE_MAX || !observer_alive_at(limits, now))
         return gpu_ns;
-    return (uint64_t)((unsigned __int128)gpu_ns * scale / CLOCK_SCALE_ONE);
+    return gpu_ns * scale / CLOCK_SCALE_ONE; /* 64-bit: a multiply and a shift */
 }
 
 static uint32_t env_cap(int ordinal)
