@@ -177,16 +177,22 @@ def test_launch_latency_is_not_charged_as_kernel_time(tmp_path: Path, sync: bool
 
 @pytest.mark.parametrize(
     ("scale", "observer", "low", "high"),
-    [(20000, "alive", 0.08, 0.22), (0, "alive", 0.20, 0.40), (20000, "absent", 0.20, 0.40)],
-    ids=["scaled", "off", "stale-scale-ignored"],
+    [
+        (20000, "alive", 0.08, 0.22),
+        (0, "alive", 0.20, 0.40),
+        (20000, "absent", 0.20, 0.40),
+        (5000, "alive", 0.20, 0.40),
+    ],
+    ids=["scaled", "off", "stale-scale-ignored", "below-one-ignored"],
 )
 def test_kernel_times_are_scaled_to_the_reference_clock(
     tmp_path: Path, scale: int, observer: str, low: float, high: float
 ) -> None:
     """With clock_scale_centi = 20000 (the GPU runs twice as fast as at full load) a kernel
     is charged twice the time it took: a tenant at 30 % gets about 15 % of the device's
-    time, the work it would do in 30 % of the time at the full-load clock.  0 is off, and
-    a scale left by an observer that is gone (no heartbeat) is ignored."""
+    time, the work it would do in 30 % of the time at the full-load clock.  0 is off; a
+    scale left by an observer that is gone (no heartbeat) is ignored, and so is one below
+    1: no scale buys a tenant more than its share of the GPU's time."""
     slot = compute_slot(tmp_path / "clock", 3000)
     limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
     limits.set_clock_scale(0, scale)
