@@ -301,7 +301,7 @@ def learn_full_load_clock(reference_mhz: float, r: ClockReading) -> float:
 def clock_scale_centi(reference_mhz: float, r: ClockReading, max_speedup_pct: int) -> int:
     """How much faster than at full load the kernels run now, 1/100 % (0: not known yet).
     The SM clock ratio, capped at max_speedup_pct: a GEMM does not speed up as much as its
-    clock (H200: 1.11-1.20x at clocks 1.3x the full-load one), and weighted by how
+    clock (H200: 1.11-1.22x at clocks 1.3x the full-load one), and weighted by how
     power-bound the work is (a loop that never reaches the power limit gains nothing).
     Never below 1: a clock read while the GPU idles between kernels is lower than the one
     they run at, and a share must never buy more than its GPU time."""
