@@ -17,8 +17,10 @@ Sections (each independent; a failure becomes a table row):
 Throughput is measured on the GPU's clock: the worker records an event every few ops and
 reads their timestamps after a final synchronize, so the 100 ms windows are windows of
 GPU time and the host's launch-queue depth does not blur them.  Slots are created with
-fcsp_hook.slot.write_slot and reached through FCSP_SLOT_DIR; no observer runs, so each
-tenant is held to its requested share (strict behaviour).
+fcsp_hook.slot.write_slot (strict) and reached through FCSP_SLOT_DIR.  With
+--clock-normalise, fcsp-observer runs over them as on a host (strict tenants keep their
+requests; it publishes the clock scale); without, the shim alone holds each tenant to its
+requested share of GPU time.
 """
 
 # torch and matplotlib are imported where used: the orchestrating process never needs
@@ -209,7 +211,7 @@ class Bench:
     def run_dir(self) -> Path:
         return self.work / "run"
 
-    def start_observer(self, clock_normalise: str) -> None:
+    def start_observer(self, clock_normalise: str, max_speedup_pct: str) -> None:
         """fcsp-observer over the bench's slots, as on a host: strict tenants keep their
         requests; with clock_normalise = "full-load" it learns the full-load clock from the
         unthrottled runs and charges throttled tenants for the boost of a partly idle GPU."""
@@ -220,6 +222,7 @@ class Bench:
         cfg.write_text(
             f'[paths]\nrun_dir = "{self.run_dir}"\nstate_dir = "{self.work / "state"}"\n'
             f'[observer]\nmetrics_port = 0\nclock_normalise = "{clock_normalise}"\n'
+            + (f"clock_max_speedup_pct = {int(max_speedup_pct)}\n" if max_speedup_pct else "")
         )
         repo = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH"))))
@@ -528,7 +531,13 @@ def run(args: argparse.Namespace) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M')}, {environment()}; {SECONDS:.0f} s per run "
         f"after {WARMUP_S:.0f} s warm-up; no MPS (time-slicing); "
         + (
-            f'fcsp-observer with clock_normalise = "{args.clock_normalise}" (strict tenants).'
+            f'fcsp-observer with clock_normalise = "{args.clock_normalise}"'
+            + (
+                f", clock_max_speedup_pct = {args.clock_max_speedup_pct}"
+                if args.clock_max_speedup_pct
+                else ""
+            )
+            + " (strict tenants)."
             if args.clock_normalise
             else "no observer (requested share enforced)."
         ),
@@ -539,7 +548,7 @@ def run(args: argparse.Namespace) -> int:
         (b.out / "compute.md").write_text("\n".join(b.rows) + "\n")
         return 1
     if args.clock_normalise:
-        b.start_observer(args.clock_normalise)
+        b.start_observer(args.clock_normalise, args.clock_max_speedup_pct)
     try:
         chosen = section_calibrate(b)
         solo = section_single(b, chosen) if chosen else {}
@@ -561,6 +570,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--clock-normalise", default="", help='"", off or full-load: run an observer')
+    r.add_argument("--clock-max-speedup-pct", default="", help="the observer's; default its own")
     for name in ("--out", "--raw", "--work", "--shim", "--build-ok", "--probe"):
         r.add_argument(name, default="")
     w = sub.add_parser("worker")

@@ -228,6 +228,8 @@ class Scene:
         cfg = self.root / "config.toml"
         extra = f"interval_ms = {self.args.interval_ms}\n" if self.args.interval_ms else ""
         extra += f'clock_normalise = "{self.args.clock_normalise}"\n'
+        if self.args.clock_max_speedup_pct:
+            extra += f"clock_max_speedup_pct = {self.args.clock_max_speedup_pct}\n"
         if self.args.backend == "mps":
             extra += (
                 f'[backend]\ngpus = {{ "{self.args.gpu_uuid}" = "mps" }}\n'
@@ -1065,7 +1067,8 @@ def main() -> int:
         help="comma list: solo,four,noisy,accuracy,pair,latency_capped,fault",
     )
     parser.add_argument("--backend", choices=("timeslice", "mps"), default="timeslice")
-    parser.add_argument("--clock-normalise", choices=("off", "full-load"), default="off")
+    parser.add_argument("--clock-normalise", choices=("off", "full-load"), default="full-load")
+    parser.add_argument("--clock-max-speedup-pct", type=int, default=0, help="0: the default")
     parser.add_argument("--gpu-uuid", default="", help="the GPU's UUID; default: nvidia-smi's")
     parser.add_argument("--shim", type=Path, default=SHIM, help="the libvgpu.so tenants preload")
     parser.add_argument("--pair-shares", default="30/70", help="comma list of small/large")
