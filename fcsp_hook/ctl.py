@@ -236,7 +236,10 @@ def clock_lines(state: ObserverView) -> list[str]:
         full_load, now = _int(info.get("full_load_mhz")), _int(info.get("sm_mhz"))
         scale = _int(info.get("scale_centi"))
         if full_load <= 0 or scale <= 0:
-            lines.append(f"{gpu}: SM {now} MHz, full-load clock not learned yet (never saturated)")
+            lines.append(
+                f"{gpu}: SM {now} MHz, full-load clock not learned yet "
+                "(never busy at its power limit)"
+            )
         else:
             lines.append(
                 f"{gpu}: SM {now} MHz, full load {full_load} MHz: kernels charged "
