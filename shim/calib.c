@@ -238,11 +238,11 @@ static bool ready_events(struct sample *s)
         return false;
     for (int i = 0; i < EVENTS; i++) {
         if (REAL(cuEventCreate)(&s->ev[i], CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+            s->ev[i] = NULL;
             while (i-- > 0) {
                 destroy(s->ev[i]);
                 s->ev[i] = NULL;
             }
-            s->ev[0] = NULL;
             return false;
         }
     }

@@ -194,13 +194,6 @@ static struct sim_clock read_clock(void)
     return c;
 }
 
-static void clock_and_util(unsigned int *mhz, unsigned int *util)
-{
-    struct sim_clock c = read_clock();
-    *mhz = c.mhz;
-    *util = c.util;
-}
-
 /* Power in mW, as NVML reports it. */
 static nvmlReturn_t power(nvmlDevice_t device, unsigned int *mw, int limit)
 {
@@ -232,8 +225,7 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, unsigned int
         return NVML_ERROR_UNINITIALIZED;
     if (!device || !clock || type != 1 /* NVML_CLOCK_SM */)
         return NVML_ERROR_INVALID_ARGUMENT;
-    unsigned int util;
-    clock_and_util(clock, &util);
+    *clock = read_clock().mhz;
     return NVML_SUCCESS;
 }
 
@@ -249,8 +241,7 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device,
         return NVML_ERROR_UNINITIALIZED;
     if (!device || !rates)
         return NVML_ERROR_INVALID_ARGUMENT;
-    unsigned int mhz;
-    clock_and_util(&mhz, &rates->gpu);
+    rates->gpu = read_clock().util;
     rates->memory = 0;
     return NVML_SUCCESS;
 }
