@@ -42,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# bench/ is this script's directory on sys.path
+import observer_proc
+
 TARGETS_MS = {"20us": 0.020, "500us": 0.5, "5ms": 5.0}
 SHARES = (10, 25, 50, 75)
 PAIR = (30, 70)
@@ -218,22 +221,13 @@ class Bench:
         from fcsp_hook import slot as slots
 
         slots.ensure_tenants_dir(self.run_dir)
-        cfg = self.work / "config.toml"
-        cfg.write_text(
+        self.observer = observer_proc.start(
+            self.work / "config.toml",
             f'[paths]\nrun_dir = "{self.run_dir}"\nstate_dir = "{self.work / "state"}"\n'
             f'[observer]\nmetrics_port = 0\nclock_normalise = "{clock_normalise}"\n'
-            + (f"clock_max_speedup_pct = {int(max_speedup_pct)}\n" if max_speedup_pct else "")
+            + (f"clock_max_speedup_pct = {int(max_speedup_pct)}\n" if max_speedup_pct else ""),
+            self.raw / "observer.log",
         )
-        repo = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(filter(None, (repo, os.environ.get("PYTHONPATH"))))
-        env = {**os.environ, "PYTHONPATH": path}
-        with (self.raw / "observer.log").open("wb") as log:
-            self.observer = subprocess.Popen(
-                [sys.executable, "-m", "fcsp_hook.observer", "--config", str(cfg)],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
 
     def stop_observer(self) -> None:
         if self.observer is not None and self.observer.poll() is None:

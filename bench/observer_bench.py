@@ -43,6 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# bench/ is this script's directory on sys.path
+import observer_proc
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -235,18 +238,12 @@ class Scene:
                 f'[backend]\ngpus = {{ "{self.args.gpu_uuid}" = "mps" }}\n'
                 f'mps_control = "{self.args.mps_control}"\n'
             )
-        cfg.write_text(
+        self.observer = observer_proc.start(
+            cfg,
             f'[paths]\nrun_dir = "{self.run_dir}"\nstate_dir = "{self.args.state_dir}"\n'
-            f"[observer]\nmetrics_port = 0\n{extra}"
+            f"[observer]\nmetrics_port = 0\n{extra}",
+            self.root / "observer.log",
         )
-        env = {**os.environ, "PYTHONPATH": _pythonpath()}
-        with (self.root / "observer.log").open("wb") as out:
-            self.observer = subprocess.Popen(
-                [sys.executable, "-m", "fcsp_hook.observer", "--config", str(cfg)],
-                env=env,
-                stdout=out,
-                stderr=out,
-            )
         threading.Thread(target=self._sample_shares, daemon=True).start()
 
     def _sample_shares(self) -> None:
@@ -375,11 +372,6 @@ def scene(args: argparse.Namespace, label: str) -> Iterator[Scene]:
         if (root / "observer.log").exists():
             shutil.copy(root / "observer.log", args.out / f"observer-{args.backend}-{label}.log")
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _pythonpath() -> str:
-    """The checkout first, then whatever the caller set (wheels carried to the GPU machine)."""
-    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def wait_until(predicate: Any, timeout: float) -> bool:
@@ -555,7 +547,7 @@ def resize(
     subprocess.run(
         [*cmd, "set", "A", "--sm", "60", "--mode", "strict"],
         check=True,
-        env={**os.environ, "PYTHONPATH": _pythonpath()},
+        env={**os.environ, "PYTHONPATH": observer_proc.pythonpath()},
         capture_output=True,
     )
     written = time.monotonic()
