@@ -49,6 +49,7 @@ TARGETS_MS = {"20us": 0.020, "500us": 0.5, "5ms": 5.0}
 SHARES = (10, 25, 50, 75)
 PAIR = (30, 70)
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
+SHIM_LOG_LEVEL = os.environ.get("BENCH_SHIM_LOG_LEVEL", "")
 WARMUP_S = 1.0
 WINDOW_S = 0.1
 TOLERANCE_POINTS = 3.0
@@ -223,9 +224,9 @@ class Bench:
         slots.ensure_tenants_dir(self.run_dir)
         self.observer = observer_proc.start(
             self.work / "config.toml",
-            f'[paths]\nrun_dir = "{self.run_dir}"\nstate_dir = "{self.work / "state"}"\n'
-            f'[observer]\nmetrics_port = 0\nclock_normalise = "{clock_normalise}"\n'
-            + (f"clock_max_speedup_pct = {int(max_speedup_pct)}\n" if max_speedup_pct else ""),
+            observer_proc.bench_config(
+                self.run_dir, self.work / "state", clock_normalise, max_speedup_pct
+            ),
             self.raw / "observer.log",
         )
 
@@ -262,6 +263,8 @@ class Bench:
         if slot is not None:
             env["LD_PRELOAD"] = str(self.shim)
             env["FCSP_SLOT_DIR"] = str(slot)
+            if SHIM_LOG_LEVEL:  # debug: the shim logs every calibration sample to stderr
+                env["BUD_LOG_LEVEL"] = SHIM_LOG_LEVEL
         return env
 
     def spawn(self, args: list[str], slot: Path | None) -> subprocess.Popen[str]:
@@ -324,7 +327,9 @@ def section_calibrate(b: Bench) -> dict[str, dict[str, float]]:
     return chosen
 
 
-def section_single(b: Bench, chosen: dict[str, dict[str, float]]) -> dict[str, Measured]:
+def section_single(
+    b: Bench, chosen: dict[str, dict[str, float]], shares: tuple[int, ...]
+) -> dict[str, Measured]:
     b.rows += [
         "",
         "### Single tenant",
@@ -342,7 +347,7 @@ def section_single(b: Bench, chosen: dict[str, dict[str, float]]) -> dict[str, M
             b.row(name, 100, "-", "-", "-", f"FAIL: {exc}")
             continue
         b.points[name] = []
-        for share in SHARES:
+        for share in shares:
             try:
                 m = b.measure(n, share, f"single-{name}-{share}")
             except Exception as exc:
@@ -545,14 +550,16 @@ def run(args: argparse.Namespace) -> int:
         b.start_observer(args.clock_normalise, args.clock_max_speedup_pct)
     try:
         chosen = section_calibrate(b)
-        solo = section_single(b, chosen) if chosen else {}
-        if chosen:
+        shares = SHARES if "single" in args.sections else ()
+        solo = section_single(b, chosen, shares) if chosen else {}
+        if chosen and "pair" in args.sections:
             section_pair(b, chosen, solo)
     finally:
         b.stop_observer()
     # Without the observer: its two strict slots (100 and 90 %) exist at once, and an
     # observer would scale them down to fit in 100 % and throttle both.
-    section_overhead(b, args.probe)
+    if "overhead" in args.sections:
+        section_overhead(b, args.probe)
     plot(b, b.out / "compute.png")
     b.rows += ["", f"Total bench time: {time.monotonic() - started:.0f} s."]
     (b.out / "compute.md").write_text("\n".join(b.rows) + "\n")
@@ -565,6 +572,11 @@ def main() -> int:
     r = sub.add_parser("run")
     r.add_argument("--clock-normalise", default="", help='"", off or full-load: run an observer')
     r.add_argument("--clock-max-speedup-pct", default="", help="the observer's; default its own")
+    r.add_argument(
+        "--sections",
+        default=os.environ.get("BENCH_SECTIONS", "single,pair,overhead"),
+        help="of single, pair, overhead (solo baselines always run)",
+    )
     for name in ("--out", "--raw", "--work", "--shim", "--build-ok", "--probe"):
         r.add_argument(name, default="")
     w = sub.add_parser("worker")

@@ -11,6 +11,8 @@
 # clock_normalise = "full-load"; BENCH_CLOCK_NORMALISE=off runs it with that setting, and
 # BENCH_CLOCK_NORMALISE= (empty) runs no observer: the shim alone holds each tenant to its
 # share of GPU time.  BENCH_CLOCK_MAX_SPEEDUP_PCT sets clock_max_speedup_pct.
+# BENCH_SECTIONS: some of single,pair,overhead (default all); BENCH_SHIM_LOG_LEVEL=debug
+# keeps the shim's calibration samples in compute-raw/*.err.
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -12,7 +12,8 @@ Sections (each on its own: a failure is a row "failed: <reason>", never an abort
   2. shares: tenants X (sm 30 on GPU0, 70 on GPU1) and Y (70 / 30), one bf16 matmul worker
      (kernels of about 500 us) per tenant and GPU, all four at once; achieved = throughput /
      the solo (slot at 100) throughput on that GPU, raw and normalised by the mean SM clock
-     (NVML, sampled at 10 Hz here).  Then tenant Z at sm 10 on GPU0, 100 on GPU1: GPU1 must
+     (NVML, sampled at 10 Hz here), under fcsp-observer (BENCH_CLOCK_NORMALISE, default
+     full-load, as on a host).  Then tenant Z at sm 10 on GPU0, 100 on GPU1: GPU1 must
      run at its solo speed (a tenant throttled on one GPU is not slowed on another).
   3. nccl: torch.distributed (NCCL, file:// store) across both GPUs, one rank per GPU, both
      in one slot (16 GiB and sm 50 per GPU): a 256 MiB bf16 all-reduce, checked exactly,
@@ -47,12 +48,15 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is this script's directory on sys.path
+import observer_proc
 from gpu_compute import kernel_ms, matmul, timed_ops
 
 GIB = 1 << 30
 MIB = 1 << 20
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 BUDGET_S = float(os.environ.get("BENCH_BUDGET", "270"))
+# fcsp-observer over the shares section, as on a host ("" runs none: the shim alone)
+CLOCK_NORMALISE = os.environ.get("BENCH_CLOCK_NORMALISE", "full-load")
 WARMUP_S = 1.0
 TOLERANCE_POINTS = 3.0
 QUOTA_A = 4 * GIB
@@ -523,6 +527,30 @@ class Bench:
     pair: list[dict[str, Any]] = field(default_factory=list)
     clocks: Clocks | None = None
     live: list[Child] = field(default_factory=list)
+    observer: subprocess.Popen[bytes] | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work / "run"
+
+    def start_observer(self) -> None:
+        """fcsp-observer over the bench's slots with the default clock_normalise (strict
+        tenants keep their requests; it learns each GPU's full-load clock from the solo run)."""
+        from fcsp_hook.slot import ensure_tenants_dir
+
+        ensure_tenants_dir(self.run_dir)
+        self.observer = observer_proc.start(
+            self.work / "observer.toml",
+            observer_proc.bench_config(self.run_dir, self.work / "state", CLOCK_NORMALISE, ""),
+            self.raw / "observer.log",
+        )
+
+    def stop_observer(self) -> None:
+        if self.observer is not None and self.observer.poll() is None:
+            self.observer.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.observer.wait(timeout=20)
+        self.observer = None
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -549,10 +577,10 @@ class Bench:
     def slot(self, name: str, entries: list[tuple[int, int, int]]) -> Path:
         """A fresh slot; entries are (position in the pair, sm %, quota bytes), host order."""
         from fcsp_hook import abi
-        from fcsp_hook.slot import DeviceLimits, SlotSpec, write_slot
+        from fcsp_hook.slot import DeviceLimits, SlotSpec, ensure_tenants_dir, slot_path, write_slot
 
-        directory = self.work / "slots" / name
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        ensure_tenants_dir(self.run_dir)
+        directory = slot_path(self.run_dir, name)
         devices = tuple(
             DeviceLimits(
                 host_index=int(self.pair[pos]["index"]),
@@ -777,7 +805,19 @@ def section_shares(b: Bench) -> None:
         sec["calibration"] = {"error": reason(exc), "n": FALLBACK_N}
         log(f"shares: calibration failed ({sec['calibration']['error']}); n = {FALLBACK_N}")
     n = int(sec["calibration"].get("n") or FALLBACK_N)
+    sec["clock_normalise"] = CLOCK_NORMALISE
+    if CLOCK_NORMALISE:
+        b.start_observer()
     b.save()
+    try:
+        run_plan(b, sec, n)
+    finally:
+        b.stop_observer()
+
+
+def run_plan(b: Bench, sec: dict[str, Any], n: int) -> None:
+    from fcsp_hook.slot import remove_slot
+
     plan = [
         ("solo", {"solo": (100, 100)}),
         ("shared", dict(SHARES)),
@@ -799,6 +839,8 @@ def section_shares(b: Bench) -> None:
             sec["groups"].append({"name": name, "tenants": tenants, "error": reason(exc)})
             b.kill_all()
             log(f"shares: {name}: failed: {reason(exc)}")
+        for tenant in tenants:  # gone, as after poststop: the observer must not count them
+            remove_slot(b.run_dir, f"shares-{name}-{tenant}")
         b.save()
 
 
@@ -1257,6 +1299,16 @@ def render_nccl(results: dict[str, Any]) -> list[str]:
     return [*lines, *section_failure(sec), "", *notes]
 
 
+def observer_note(results: dict[str, Any]) -> str:
+    normalise = (results.get("shares") or {}).get("clock_normalise", "")
+    if normalise:
+        return (
+            f'shares section under fcsp-observer with clock_normalise = "{normalise}" '
+            "(strict tenants: each held to its requested share); mapping and NCCL without"
+        )
+    return "no observer (each tenant held to its requested share, strict)"
+
+
 def render_header(results: dict[str, Any]) -> list[str]:
     meta = results.get("meta", {})
     gpus = results.get("gpus", {})
@@ -1283,7 +1335,7 @@ def render_header(results: dict[str, Any]) -> list[str]:
         f"- command: `{meta.get('command', '?')}`",
         f"- run {meta.get('date', '?')}; {meta.get('seconds', SECONDS):g} s per measurement; "
         f"total bench time {meta.get('elapsed_s', 0):.0f} s of a {meta.get('budget_s', 0):.0f} s "
-        "budget; no observer (each tenant held to its requested share, strict); no MPS",
+        f"budget; {observer_note(results)}; no MPS",
         "- libvgpu.so build: "
         + ("ok" if meta.get("build_ok") else "FAILED (see multigpu-raw/build.log)"),
     ]

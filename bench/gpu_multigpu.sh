@@ -11,7 +11,8 @@
 #
 # Environment: BENCH_SECONDS (per measurement, default 3), BENCH_BUDGET (wall-clock budget
 # of the whole script in seconds, build included, default 270), BENCH_SECTIONS (default
-# mapping,shares,nccl), BENCH_GPUS (two NVML indices, default the first two, or the two
+# mapping,shares,nccl), BENCH_CLOCK_NORMALISE (the observer over the shares section: default
+# full-load, empty for none), BENCH_GPUS (two NVML indices, default the first two, or the two
 # that CUDA_VISIBLE_DEVICES names).  Re-render the report from the raw data with
 #     python3 bench/gpu_multigpu.py report --raw $OUT/multigpu-raw --out $OUT
 set -u

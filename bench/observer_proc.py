@@ -15,6 +15,16 @@ def pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def bench_config(run_dir: Path, state_dir: Path, clock_normalise: str, max_speedup_pct: str) -> str:
+    """The observer's config over a bench's slots: no metrics port; the normaliser given
+    (and its cap, if any)."""
+    return (
+        f'[paths]\nrun_dir = "{run_dir}"\nstate_dir = "{state_dir}"\n'
+        f'[observer]\nmetrics_port = 0\nclock_normalise = "{clock_normalise}"\n'
+        + (f"clock_max_speedup_pct = {int(max_speedup_pct)}\n" if max_speedup_pct else "")
+    )
+
+
 def start(config: Path, text: str, log: Path) -> subprocess.Popen[bytes]:
     """Write `text` to `config` and start the observer on it, stdout and stderr to `log`."""
     config.write_text(text)
