@@ -8,19 +8,9 @@
  *
  *     base = max(tat, now);  tat = base + c * 10000 / s     (one CAS)
  *
- * and may go at once if base - now <= burst, else its thread sleeps until
- * base - burst + chunk.  So over any interval the tenant is admitted at most s
- * of the GPU time, plus one burst; idle time earns no credit beyond the burst.
- *
- * Why it wakes `chunk` early rather than at base - burst: then each wake-up
- * launches CHUNK_GPU_NS of GPU time back to back instead of one kernel.  Without
- * MPS the GPU runs one context at a time; a throttled tenant that trickles one
- * kernel at a time into a GPU that a neighbour keeps busy makes it switch
- * contexts twice per kernel, and every switch is GPU time neither gets (on the
- * H200, a 30/70 pair of 0.5 ms GEMMs lost 5 % of the GPU).  A chunk a little
- * under the driver's time slice (~1.3 ms on the H200) costs two switches.  The
- * burst is two chunks, so that the tenant never falls behind its allowance
- * while it sleeps, and at least BURST_NS of wall time.
+ * and may go at once if base - now <= BURST_NS, else its thread sleeps until
+ * base - BURST_NS.  So over any interval the tenant is admitted at most s of
+ * the GPU time, plus one burst; idle time earns no credit beyond the burst.
  * The wait is taken before the launch call itself: stream order is kept and
  * nothing is queued behind the driver's back.  Because tat is absolute, a
  * thread that oversleeps (timer slack, a busy host) does not lose its rate:
@@ -58,8 +48,7 @@
 
 #include "compute.h"
 
-#define BURST_NS 4000000ull         /* may run this far ahead of its allowance, at least */
-#define CHUNK_GPU_NS 1000000ull     /* GPU time launched per wake-up of a throttled thread */
+#define BURST_NS 4000000ull         /* may run this far ahead of its allowance */
 #define MIN_SLEEP_NS 1000000ull     /* fewer, longer sleeps; less than BURST_NS loses nothing */
 #define WAIT_CHUNK_NS 10000000ull   /* re-read the share at least this often while waiting */
 #define STALE_OBSERVER_NS 1000000000ll
@@ -269,13 +258,6 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
 
 /* ---- the launch path ------------------------------------------------------------ */
 
-/* Ahead of the allowance by more than two chunks: ahead * share > 2 * CHUNK_GPU_NS * 100 %
- * without a division (ahead is wall time, at most seconds; share at most 10000). */
-static inline bool over_burst(uint64_t ahead, uint32_t share)
-{
-    return ahead * share > 2 * CHUNK_GPU_NS * SHARE_FULL_CENTI;
-}
-
 static int entry_slow(int *ordinal)
 {
     int entry = shim_current_device(ordinal);
@@ -310,11 +292,9 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
         base = tat > now ? tat : now;
     } while (!atomic_compare_exchange_weak_explicit(&u->tat_ns, &tat, base + tokens,
                                                     memory_order_relaxed, memory_order_relaxed));
-    if (unlikely(base - now > BURST_NS) && over_burst(base - now, share)) {
-        uint64_t chunk = CHUNK_GPU_NS * SHARE_FULL_CENTI / share;
-        uint64_t burst = 2 * chunk > BURST_NS ? 2 * chunk : BURST_NS;
-        uint64_t deadline = base - burst + chunk;
-        if (deadline < now + MIN_SLEEP_NS)
+    if (unlikely(base - now > BURST_NS)) {
+        uint64_t deadline = base - BURST_NS;
+        if (deadline - now < MIN_SLEEP_NS)
             deadline = now + MIN_SLEEP_NS;
         wait_for_share(u, entry, ordinal, deadline, share, cost, &tokens, now);
     }

@@ -206,11 +206,8 @@ static unsigned long long clock_ns(clockid_t clock)
 /*
  * Launch `kind` on object `id` (-1: none) for `seconds` of wall time, then
  * wait for the device: every kernel launched has then completed.  Reports the
- * launches, the wall time up to completion, the CPU time the process used and
- * how many launch calls took over WAIT_NS (the shim held them for the share:
- * the simulated driver itself returns at once).
+ * launches, the wall time up to completion and the CPU time the process used.
  */
-#define WAIT_NS 200000ull
 static long sync_every; /* "batch N": synchronize after every N launches of a run */
 
 static void run_loop(const char *kind, int id, double seconds)
@@ -218,25 +215,19 @@ static void run_loop(const char *kind, int id, double seconds)
     void *obj = id >= 0 ? (void *)(uintptr_t)objects[id].value : NULL;
     unsigned long long cpu0 = clock_ns(CLOCK_PROCESS_CPUTIME_ID), t0 = clock_ns(CLOCK_MONOTONIC);
     unsigned long long deadline = t0 + (unsigned long long)(seconds * 1e9);
-    long n = 0, waits = 0;
+    long n = 0;
     CUresult rc = CUDA_SUCCESS;
-    for (unsigned long long now = t0; rc == CUDA_SUCCESS && now < deadline;) {
+    while (rc == CUDA_SUCCESS && clock_ns(CLOCK_MONOTONIC) < deadline) {
         rc = launch_obj(kind, obj);
-        unsigned long long after = clock_ns(CLOCK_MONOTONIC);
-        waits += after - now > WAIT_NS;
-        now = after;
         n += rc == CUDA_SUCCESS;
-        if (sync_every && n % sync_every == 0 && rc == CUDA_SUCCESS) {
+        if (sync_every && n % sync_every == 0 && rc == CUDA_SUCCESS)
             rc = api.ctx_sync();
-            now = clock_ns(CLOCK_MONOTONIC);
-        }
     }
     if (rc == CUDA_SUCCESS)
         rc = api.ctx_sync();
     unsigned long long wall = clock_ns(CLOCK_MONOTONIC) - t0;
     unsigned long long cpu = clock_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
-    printf("run %d launched %ld wall_ns %llu cpu_ns %llu waits %ld\n", (int)rc, n, wall, cpu,
-           waits);
+    printf("run %d launched %ld wall_ns %llu cpu_ns %llu\n", (int)rc, n, wall, cpu);
 }
 
 /* A sim-only entry point of the simulated driver (fcspSimCount, fcspSimGraphExec, ...). */
