@@ -574,13 +574,19 @@ class Bench:
         """Both GPUs, in host (NVML) order: CUDA ordinal i is pair[i]."""
         return ",".join(g["uuid"] for g in self.pair)
 
-    def slot(self, name: str, entries: list[tuple[int, int, int]]) -> Path:
-        """A fresh slot; entries are (position in the pair, sm %, quota bytes), host order."""
+    def slot(self, name: str, entries: list[tuple[int, int, int]], observed: bool = False) -> Path:
+        """A fresh slot; entries are (position in the pair, sm %, quota bytes), host order.
+        observed: where the observer looks (only the shares section's: slots of the other
+        sections left there would add up past 100 % and have every tenant scaled down)."""
         from fcsp_hook import abi
         from fcsp_hook.slot import DeviceLimits, SlotSpec, ensure_tenants_dir, slot_path, write_slot
 
-        ensure_tenants_dir(self.run_dir)
-        directory = slot_path(self.run_dir, name)
+        if observed:
+            ensure_tenants_dir(self.run_dir)
+            directory = slot_path(self.run_dir, name)
+        else:
+            directory = self.work / "slots" / name
+            directory.parent.mkdir(parents=True, exist_ok=True)
         devices = tuple(
             DeviceLimits(
                 host_index=int(self.pair[pos]["index"]),
@@ -752,7 +758,8 @@ def run_group(b: Bench, name: str, tenants: dict[str, tuple[int, int]], n: int) 
     barrier = b.work / f"barrier-{name}"
     barrier.mkdir(parents=True, exist_ok=True)
     slots = {
-        t: b.slot(f"shares-{name}-{t}", [(0, s[0], 0), (1, s[1], 0)]) for t, s in tenants.items()
+        t: b.slot(f"shares-{name}-{t}", [(0, s[0], 0), (1, s[1], 0)], observed=True)
+        for t, s in tenants.items()
     }
     children, meta = [], []
     for tenant, shares in tenants.items():
