@@ -13,6 +13,7 @@
 # share of GPU time.  BENCH_CLOCK_MAX_SPEEDUP_PCT sets clock_max_speedup_pct.
 # BENCH_SECTIONS: some of single,pair,overhead (default all); BENCH_SHIM_LOG_LEVEL=debug
 # keeps the shim's calibration samples in compute-raw/*.err.
+# BENCH_SIZES=n1,n2,n3 fixes the three matmul sizes (else calibrated to 20 us, 500 us, 5 ms).
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)

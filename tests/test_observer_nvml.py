@@ -97,12 +97,12 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
     """clock_normalise = "full-load": while the (simulated) GPU is busy at 1500 MHz and at
     its power limit the observer learns that clock; when a throttled GPU then runs at 1980
     MHz it tells the tenant's shim to charge kernels for the speed-up: the clock ratio
-    1.32, capped at clock_max_speedup_pct (here 120).  When the work running would not
+    1.32, capped at clock_max_speedup_pct (here 125; 120 by default).  When the work running would not
     reach the power limit even flat out (200 W at 40 % busy of a 700 W GPU) there is no
     speed-up to charge.  Off again (SIGHUP), it writes 0."""
     clock = tmp_path / "clock"
     clock.write_text("1500 100 690 700\n")
-    host.write_config('clock_normalise = "full-load"\nclock_max_speedup_pct = 120\n')
+    host.write_config('clock_normalise = "full-load"\nclock_max_speedup_pct = 125\n')
     host.add("t1")
     proc = host.start(
         env={
@@ -116,15 +116,15 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
     try:
         wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
         clock.write_text("1980 40 600 700\n")  # throttled: partly idle, clocked up
-        wait_for("scale published", lambda: limits.clock_scale(0) == 12000)
-        published = {"full_load_mhz": 1500, "sm_mhz": 1980, "scale_centi": 12000}
+        wait_for("scale published", lambda: limits.clock_scale(0) == 12500)
+        published = {"full_load_mhz": 1500, "sm_mhz": 1980, "scale_centi": 12500}
 
         def clocks() -> list[object]:
             value = host.state().get("clocks", {})
             return list(value.values()) if isinstance(value, dict) else []
 
         wait_for("clocks in the state file", lambda: clocks() == [published])
-        assert "SM 1980 MHz, full load 1500 MHz: kernels charged x1.20 of their time" in (
+        assert "SM 1980 MHz, full load 1500 MHz: kernels charged x1.25 of their time" in (
             ctl.status_text(host.run_dir)
         )
         clock.write_text("1980 40 200 700\n")  # small kernels, far from the power limit
@@ -163,7 +163,7 @@ def test_a_restarted_observer_remembers_the_full_load_clock(host: Host, tmp_path
 
         clock.write_text("1980 40\n")  # from now on the GPU is never saturated
         host.start(env=env)
-        wait_for("scale published at once", lambda: limits.clock_scale(0) == 11700)
+        wait_for("scale published at once", lambda: limits.clock_scale(0) == 12000)
     finally:
         limits.close()
 
