@@ -25,6 +25,8 @@ LIMITS_FILE = "limits"
 USAGE_FILE = "usage"
 
 DEV_SELECTED_BY_UUID = 0x1
+TURN_BITS = 20  # fcsp_limits_device.turn: cycle, window start, window length (us)
+TURN_MAX_US = (1 << TURN_BITS) - 1
 CENTI_PER_PERCENT = 100
 WHOLE_GPU_CENTI = 100 * CENTI_PER_PERCENT
 
@@ -77,7 +79,8 @@ class LimitsDevice(ctypes.Structure):
         ("backend", u32),
         ("mps_threads_centi", u32),
         ("clock_scale_centi", u32),
-        ("reserved", u64 * 3),
+        ("turn", u64),
+        ("reserved", u64 * 2),
     )
 
 
@@ -119,7 +122,8 @@ class UsageDevice(ctypes.Structure):
         ("demand_window_ns", u64),
         ("demand_busy_ns", u64),
         ("demand_throttled_ns", u64),
-        ("reserved", u64 * 3),
+        ("turn_booked_ns", u64),
+        ("reserved", u64 * 2),
     )
 
 
@@ -154,3 +158,15 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "fcsp_usage_proc": UsageProc,
     "fcsp_usage": Usage,
 }
+
+
+def pack_turn(cycle_us: int, start_us: int, length_us: int) -> int:
+    """fcsp_limits_device.turn for a window [start, start + length) of every cycle."""
+    if not 0 < length_us <= cycle_us <= TURN_MAX_US or not 0 <= start_us < cycle_us:
+        raise ValueError(f"turn {start_us}+{length_us} of {cycle_us} us")
+    return cycle_us | start_us << TURN_BITS | length_us << 2 * TURN_BITS
+
+
+def unpack_turn(word: int) -> tuple[int, int, int]:
+    """(cycle, start, length) in microseconds; (0, 0, 0) for no turns."""
+    return word & TURN_MAX_US, word >> TURN_BITS & TURN_MAX_US, word >> 2 * TURN_BITS & TURN_MAX_US

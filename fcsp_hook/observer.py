@@ -540,9 +540,36 @@ class Observer:
                 share = max(result.shares[tenant.described[i][1]], MIN_WRITTEN_CENTI)
                 if tenant.limits.effective(i) != share:
                     tenant.limits.set_effective(i, share)
+            self._set_turns(members, obs.turn_cycle_ms * 1000)
         for gpu in set(self.gpu_states) - set(groups):
             del self.gpu_states[gpu]
             self.decisions.pop(gpu, None)
+
+    @staticmethod
+    def _set_turns(members: list[tuple[Tenant, int]], cycle_us: int) -> None:
+        """Windows of the cycle for the GPU's busy time-sliced tenants (policy.turns).
+        Latency-priority tenants never wait for a turn; MPS runs clients side by side.
+        Busy: using at least 90 % of its share (unmet > 0), and a tenant that has a turn
+        keeps it down to 75 %, so that one filling its window about exactly does not make
+        the turns come and go tick by tick."""
+        inputs = []
+        for tenant, i in members:
+            _, key, mode, _, priority = tenant.described[i]
+            track = tenant.devices[i]
+            may_take_turns = (
+                mode != abi.IsolationMode.NONE
+                and priority != abi.Priority.LATENCY
+                and tenant.spec.device[i].backend == abi.Backend.TIMESLICE
+            )
+            effective = tenant.limits.effective(i)
+            keeps = tenant.limits.turn(i) != 0 and track.usage.demand_centi * 4 >= effective * 3
+            busy = may_take_turns and track.active and (track.unmet > 0 or keeps)
+            inputs.append(policy.TurnInput(key, effective, busy))
+        words = policy.turns(inputs, cycle_us)
+        for tenant, i in members:
+            word = words[tenant.described[i][1]]
+            if tenant.limits.turn(i) != word:
+                tenant.limits.set_turn(i, word)
 
     @staticmethod
     def _inputs(members: list[tuple[Tenant, int]]) -> list[policy.TenantInput]:
@@ -917,6 +944,7 @@ class Observer:
             for i in range(tenant.device_count):
                 tenant.limits.set_effective(i, int(tenant.spec.device[i].sm_requested_centi))
                 tenant.limits.set_clock_scale(i, 0)
+                tenant.limits.set_turn(i, 0)
             tenant.limits.set_heartbeat(0)
         for name in list(self.tenants):
             self.tenants.pop(name).close()

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fcsp_hook.abi import WHOLE_GPU_CENTI, IsolationMode, Priority
+from fcsp_hook.abi import WHOLE_GPU_CENTI, IsolationMode, Priority, pack_turn
 
 PERCENT = 100
 
@@ -311,3 +311,36 @@ def clock_scale_centi(reference_mhz: float, r: ClockReading, max_speedup_pct: in
     weight = power_bound_centi(r) / WHOLE_GPU_CENTI
     scale = round(WHOLE_GPU_CENTI * (1 + max(speedup - 1, 0.0) * weight))
     return min(scale, CLOCK_SCALE_MAX_CENTI)
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    """One tenant on one time-sliced GPU, for turns."""
+
+    key: str
+    share: int  # effective, centi
+    busy: bool  # active and using (nearly) all of its share; may take turns
+
+
+def turns(tenants: Sequence[TurnInput], cycle_us: int) -> dict[str, int]:
+    """Each busy tenant's window of a cycle of cycle_us, as the slot's turn word.
+
+    Two busy contexts that the driver time-slices lose 6-9 % of an H200 to switching
+    (bench/results/2026-11-29-compute-s5.md); taking turns of a 20-50 ms cycle they lose
+    none.  Windows follow one another in key order, each as long as its share of the
+    cycle (of the busy tenants' shares together, if they exceed the GPU).  A tenant that
+    is not busy gets 0 and launches at any time, as does everyone when fewer than two
+    are busy (nobody to take turns with) or cycle_us is 0.
+    """
+    words = dict.fromkeys((t.key for t in tenants), 0)
+    busy = sorted((t for t in tenants if t.busy and t.share > 0), key=lambda t: t.key)
+    if cycle_us <= 0 or len(busy) < 2:
+        return words
+    total = max(sum(t.share for t in busy), WHOLE_GPU_CENTI)
+    start = 0
+    for t in busy:
+        length = cycle_us * t.share // total
+        if length > 0:
+            words[t.key] = pack_turn(cycle_us, start, length)
+        start += length
+    return words

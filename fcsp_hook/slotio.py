@@ -52,6 +52,8 @@ _HEARTBEAT_WORD = abi.Limits.observer_heartbeat_ns.offset // 8
 _EFFECTIVE_WORD = (abi.Limits.device.offset + abi.LimitsDevice.sm_effective_centi.offset) // 4
 _CLOCK_WORD = (abi.Limits.device.offset + abi.LimitsDevice.clock_scale_centi.offset) // 4
 _DEVICE_WORDS = ctypes.sizeof(abi.LimitsDevice) // 4
+_TURN_WORD = (abi.Limits.device.offset + abi.LimitsDevice.turn.offset) // 8
+_DEVICE_WORDS64 = ctypes.sizeof(abi.LimitsDevice) // 8
 
 # Nothing a tenant reports can be larger than these; beyond them it is lying.
 MAX_BYTES = 1 << 50  # 1 PiB of device memory
@@ -121,6 +123,13 @@ class LimitsMap:
 
     def clock_scale(self, index: int) -> int:
         return self._u32[_CLOCK_WORD + index * _DEVICE_WORDS]
+
+    def set_turn(self, index: int, word: int) -> None:
+        """One aligned 64-bit store of abi.pack_turn's word; 0: no turns."""
+        self._u64[_TURN_WORD + index * _DEVICE_WORDS64] = word
+
+    def turn(self, index: int) -> int:
+        return self._u64[_TURN_WORD + index * _DEVICE_WORDS64]
 
     def set_heartbeat(self, now_ns: int) -> None:
         self._u64[_HEARTBEAT_WORD] = now_ns

@@ -79,6 +79,9 @@ enum fcsp_backend {
 /* fcsp_limits_device.flags */
 #define FCSP_DEV_SELECTED_BY_UUID 0x1u
 
+/* fcsp_limits_device.turn: three fields of FCSP_TURN_BITS, cycle | start << BITS | length << 2 BITS */
+#define FCSP_TURN_BITS 20u
+
 /*
  * One GPU the container sees, in the order it sees them (entry i is CUDA
  * ordinal i when CUDA_VISIBLE_DEVICES is not set inside the container).
@@ -112,7 +115,17 @@ struct fcsp_limits_device {
      * the GPU does at full load rather than of its time.
      */
     _Atomic uint32_t clock_scale_centi;
-    uint64_t reserved[3];
+    /*
+     * Turns, time-slicing backend only: while two or more tenants keep the GPU busy the
+     * observer gives each a window of a repeating cycle in which it alone launches (two
+     * busy contexts time-sliced lose 6-9 % of an H200 to switching, and a kernel's event
+     * span then includes the neighbour's slices).  One word, written like
+     * sm_effective_centi (one aligned store, outside the seqlock), FCSP_TURN_BITS each:
+     * the cycle, the window's start in it and its length, in microseconds; cycles start
+     * at multiples of their length on CLOCK_MONOTONIC.  0: no turns.
+     */
+    _Atomic uint64_t turn;
+    uint64_t reserved[2];
 };
 
 struct fcsp_limits {
@@ -175,7 +188,9 @@ struct fcsp_usage_device {
     _Atomic uint64_t demand_window_ns;
     _Atomic uint64_t demand_busy_ns;
     _Atomic uint64_t demand_throttled_ns;
-    uint64_t reserved[3];
+    /* Turns: the CLOCK_MONOTONIC instant the tenant's work booked into its window ends. */
+    _Atomic uint64_t turn_booked_ns;
+    uint64_t reserved[2];
 };
 
 /* fcsp_usage_proc.state */

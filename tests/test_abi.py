@@ -21,6 +21,7 @@ CONSTANTS = {
     "FCSP_ID_LEN": abi.ID_LEN,
     "FCSP_TENANT_LEN": abi.TENANT_LEN,
     "FCSP_DEV_SELECTED_BY_UUID": abi.DEV_SELECTED_BY_UUID,
+    "FCSP_TURN_BITS": abi.TURN_BITS,
     "FCSP_MODE_NONE": abi.IsolationMode.NONE,
     "FCSP_MODE_BALANCED": abi.IsolationMode.BALANCED,
     "FCSP_MODE_STRICT": abi.IsolationMode.STRICT,

@@ -287,6 +287,30 @@ def test_sigterm_gives_tenants_their_requests_back(
     assert '"stopping"' in host.log_text()
 
 
+def test_busy_tenants_take_turns_and_stop_when_one_idles(
+    host: Host, workload: Callable[[dict[str, Shim]], Workload]
+) -> None:
+    """Two strict tenants (30 / 70 %) that use all of their shares get windows of the 50 ms
+    cycle by share; when one idles the other launches at any time again; on SIGTERM no
+    turn is left in any slot."""
+    shares = {"a": 3000, "b": 7000}
+    shims = {c: Shim(host.add(c, sm=sm, mode=abi.IsolationMode.STRICT)) for c, sm in shares.items()}
+    load = workload(shims)
+    proc = host.start()
+
+    def turns() -> list[tuple[int, int, int]]:
+        return [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in "ab"]
+
+    wait_for("windows by share", lambda: turns() == [(50_000, 0, 15_000), (50_000, 15_000, 35_000)])
+    load.busy.discard("b")
+    wait_for("no turns once b idles", lambda: turns() == [(0, 0, 0), (0, 0, 0)])
+    load.busy.add("b")
+    wait_for("turns again", lambda: turns()[0] == (50_000, 0, 15_000))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=TIMEOUT) == 0
+    assert turns() == [(0, 0, 0), (0, 0, 0)]
+
+
 def test_sighup_reloads_and_keeps_the_old_config_when_bad(host: Host) -> None:
     """SIGHUP with a bad config.toml: one clear log line, old config kept, still ticking.
     SIGHUP with a good one: applied (here: idle tenants' wake-up share 1 % -> 5 %)."""

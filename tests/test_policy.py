@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcsp_hook import policy
+from fcsp_hook import abi, policy
 from fcsp_hook.abi import WHOLE_GPU_CENTI, IsolationMode, Priority
 from fcsp_hook.policy import (
     AdaptiveParams,
@@ -314,3 +315,48 @@ def test_clock_scale_is_capped_weighted_bounded_and_zero_until_known() -> None:
     assert scale(1500.0, policy.ClockReading(1500, 100), 115) == policy.WHOLE_GPU_CENTI
     # Read while idle between kernels, or slowed down: never charged below their time.
     assert scale(1500.0, policy.ClockReading(300, 10), 115) == policy.WHOLE_GPU_CENTI
+
+
+# ---- turns -------------------------------------------------------------------------
+
+
+def test_busy_tenants_get_windows_of_the_cycle_in_key_order_by_share() -> None:
+    """30 % and 70 %, both busy, a 50 ms cycle: b has 0-15 ms, a 15-50 ms; the idle c none."""
+    words = policy.turns(
+        [
+            policy.TurnInput("b", 3000, busy=True),
+            policy.TurnInput("a", 7000, busy=True),
+            policy.TurnInput("c", 1000, busy=False),
+        ],
+        50_000,
+    )
+    assert {k: abi.unpack_turn(w) for k, w in words.items()} == {
+        "a": (50_000, 0, 35_000),
+        "b": (50_000, 35_000, 15_000),
+        "c": (0, 0, 0),
+    }
+
+
+def test_no_turns_for_a_lone_busy_tenant_or_a_zero_cycle() -> None:
+    alone = [policy.TurnInput("a", 3000, busy=True), policy.TurnInput("b", 7000, busy=False)]
+    assert set(policy.turns(alone, 50_000).values()) == {0}
+    pair = [policy.TurnInput("a", 3000, busy=True), policy.TurnInput("b", 7000, busy=True)]
+    assert set(policy.turns(pair, 0).values()) == {0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shares=st.lists(st.integers(min_value=1, max_value=W), min_size=2, max_size=8),
+    cycle_ms=st.integers(min_value=10, max_value=1000),
+)
+def test_windows_never_overlap_and_fit_the_cycle(shares: list[int], cycle_ms: int) -> None:
+    inputs = [policy.TurnInput(f"t{i}", s, busy=True) for i, s in enumerate(shares)]
+    spans = sorted(
+        (start, start + length)
+        for cycle, start, length in map(
+            abi.unpack_turn, policy.turns(inputs, cycle_ms * 1000).values()
+        )
+        if cycle
+    )
+    assert all(end <= cycle_ms * 1000 for _, end in spans)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))

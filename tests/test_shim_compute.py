@@ -333,6 +333,38 @@ def test_raise_above_request_needs_a_live_observer(tmp_path: Path, observer: str
         assert 0.1 <= loop.device_fraction <= 0.3, loop
 
 
+def phases(lines: list[str]) -> list[int]:
+    """drv's "phase" line: launch calls by the tenth of the cycle they returned in."""
+    for line in lines:
+        if line.startswith("phase "):
+            return [int(w) for w in line.split()[1:]]
+    raise AssertionError(f"no phase line in {lines}")
+
+
+@pytest.mark.parametrize("observer", ["alive", "absent"])
+def test_a_tenant_with_a_turn_launches_only_in_its_window(tmp_path: Path, observer: str) -> None:
+    """The observer gives a tenant at 50 % the first 20 ms of every 40 ms: every launch call
+    returns inside that window (its last kernel may run up to half over, it never starts
+    later) and the tenant still gets its share of the device.  Turns of an observer whose
+    heartbeat stopped are ignored: launches then return all through the cycle."""
+    slot = compute_slot(tmp_path / "slot", 5000)
+    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
+    try:
+        with heartbeat(limits, alive=observer == "alive"):
+            r = run(env_for(tmp_path, "turn", slot), "phase", "40000", *loop_args("100", 1.5))
+    finally:
+        limits.close()
+    loop, by_phase = parse_loop(r.lines, 100), phases(r.lines)
+    in_window = sum(by_phase[:5])
+    if observer == "alive":
+        assert in_window >= 0.98 * loop.launched, by_phase
+        assert 0.35 <= loop.device_fraction <= 0.6, loop
+    else:
+        assert in_window <= 0.8 * loop.launched, by_phase
+    assert usage(slot).device[0].launches == loop.launched
+
+
 def test_mode_none_and_full_share_are_not_limited(tmp_path: Path) -> None:
     """Isolation mode none, like a 100 % share, leaves launches unthrottled (only counted)."""
     slot = compute_slot(tmp_path / "slot", 2000, mode=abi.IsolationMode.NONE)

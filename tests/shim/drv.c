@@ -209,6 +209,10 @@ static unsigned long long clock_ns(clockid_t clock)
  * launches, the wall time up to completion and the CPU time the process used.
  */
 static long sync_every; /* "batch N": synchronize after every N launches of a run */
+/* "phase US": also count the launches of a run by the tenth of a US-long cycle of
+ * CLOCK_MONOTONIC they returned in (turns: they must all return inside the window). */
+static unsigned long long phase_cycle_ns;
+static long phase_count[10];
 
 static void run_loop(const char *kind, int id, double seconds)
 {
@@ -220,6 +224,8 @@ static void run_loop(const char *kind, int id, double seconds)
     while (rc == CUDA_SUCCESS && clock_ns(CLOCK_MONOTONIC) < deadline) {
         rc = launch_obj(kind, obj);
         n += rc == CUDA_SUCCESS;
+        if (phase_cycle_ns)
+            phase_count[clock_ns(CLOCK_MONOTONIC) % phase_cycle_ns * 10 / phase_cycle_ns]++;
         if (sync_every && n % sync_every == 0 && rc == CUDA_SUCCESS)
             rc = api.ctx_sync();
     }
@@ -228,6 +234,12 @@ static void run_loop(const char *kind, int id, double seconds)
     unsigned long long wall = clock_ns(CLOCK_MONOTONIC) - t0;
     unsigned long long cpu = clock_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
     printf("run %d launched %ld wall_ns %llu cpu_ns %llu\n", (int)rc, n, wall, cpu);
+    if (phase_cycle_ns) {
+        printf("phase");
+        for (int b = 0; b < 10; b++)
+            printf(" %ld", phase_count[b]);
+        printf("\n");
+    }
 }
 
 /* A sim-only entry point of the simulated driver (fcspSimCount, fcspSimGraphExec, ...). */
@@ -411,6 +423,9 @@ int main(int argc, char **argv)
             i += 4;
         } else if (strcmp(cmd, "batch") == 0) { /* N: later runs synchronize every N launches */
             sync_every = atol(ARG(1));
+            i += 2;
+        } else if (strcmp(cmd, "phase") == 0) { /* US: later runs count launches by phase */
+            phase_cycle_ns = (unsigned long long)atoll(ARG(1)) * 1000ull;
             i += 2;
         } else if (strcmp(cmd, "count") == 0) {
             uint64_t (*counter)(const char *) = (uint64_t(*)(const char *))sim_entry("fcspSimCount");
