@@ -321,6 +321,8 @@ class Observer:
         # Per GPU UUID: the full-load SM clock learned so far, the clock now, the scale.
         self.clocks: dict[str, tuple[float, int, int]] = {}
         self.recent_mhz: dict[str, deque[int]] = {}
+        # GPUs whose busy tenants take turns (policy.turns) as of the last tick.
+        self.turning: set[str] = set()
         self.next_clock_ns = 0
         # Full-load clocks learned before (clockstore), and what the state file holds.
         self.full_load: dict[str, float] = {}
@@ -540,13 +542,16 @@ class Observer:
                 share = max(result.shares[tenant.described[i][1]], MIN_WRITTEN_CENTI)
                 if tenant.limits.effective(i) != share:
                     tenant.limits.set_effective(i, share)
-            self._set_turns(members, obs.turn_cycle_ms * 1000)
+            if self._set_turns(members, obs.turn_cycle_ms * 1000):
+                self.turning.add(gpu)
+            else:
+                self.turning.discard(gpu)
         for gpu in set(self.gpu_states) - set(groups):
             del self.gpu_states[gpu]
             self.decisions.pop(gpu, None)
 
     @staticmethod
-    def _set_turns(members: list[tuple[Tenant, int]], cycle_us: int) -> None:
+    def _set_turns(members: list[tuple[Tenant, int]], cycle_us: int) -> bool:
         """Windows of the cycle for the GPU's busy time-sliced tenants (policy.turns).
         Latency-priority tenants never wait for a turn; MPS runs clients side by side.
         Busy: using at least 90 % of its share (unmet > 0), and a tenant that has a turn
@@ -570,6 +575,13 @@ class Observer:
             word = words[tenant.described[i][1]]
             if tenant.limits.turn(i) != word:
                 tenant.limits.set_turn(i, word)
+                cycle, start, length = abi.unpack_turn(word)
+                if word:
+                    tenant.log.info("turn", device=i, cycle_ms=cycle / 1000,
+                                    start_ms=start / 1000, length_ms=length / 1000)  # fmt: skip
+                else:
+                    tenant.log.info("turns end", device=i)
+        return any(words.values())
 
     @staticmethod
     def _inputs(members: list[tuple[Tenant, int]]) -> list[policy.TenantInput]:
@@ -651,6 +663,10 @@ class Observer:
             scale = policy.clock_scale_centi(
                 reference, busy, self.cfg.observer.clock_max_speedup_pct
             )
+            if scale and gpu.uuid in self.turning:
+                # Tenants taking turns keep the GPU busy: a clock above the full-load one
+                # then comes from gaps between turns, which no tenant's share should pay.
+                scale = abi.WHOLE_GPU_CENTI
             self.clocks[gpu.uuid] = (reference, busy.sm_mhz, scale)
         if on:
             self._save_full_load()

@@ -18,7 +18,7 @@ import pytest
 
 from fcsp_hook import abi, clockstore, ctl, procfs, slotio
 from tests.shim.harness import PROG_DIR, SIM_DIR, Env, build, read_until_ready
-from tests.test_observer import Host, wait_for
+from tests.test_observer import Host, Shim, Workload, wait_for
 
 GiB = 1 << 30
 
@@ -97,9 +97,9 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
     """clock_normalise = "full-load": while the (simulated) GPU is busy at 1500 MHz and at
     its power limit the observer learns that clock; when a throttled GPU then runs at 1980
     MHz it tells the tenant's shim to charge kernels for the speed-up: the clock ratio
-    1.32, capped at clock_max_speedup_pct (here 125; 120 by default).  When the work running would not
-    reach the power limit even flat out (200 W at 40 % busy of a 700 W GPU) there is no
-    speed-up to charge.  Off again (SIGHUP), it writes 0."""
+    1.32, capped at clock_max_speedup_pct (here 125; 120 by default).  When the work
+    running would not reach the power limit even flat out (200 W at 40 % busy of a 700 W
+    GPU) there is no speed-up to charge.  Off again (SIGHUP), it writes 0."""
     clock = tmp_path / "clock"
     clock.write_text("1500 100 690 700\n")
     host.write_config('clock_normalise = "full-load"\nclock_max_speedup_pct = 125\n')
@@ -165,6 +165,41 @@ def test_a_restarted_observer_remembers_the_full_load_clock(host: Host, tmp_path
         host.start(env=env)
         wait_for("scale published at once", lambda: limits.clock_scale(0) == 12000)
     finally:
+        limits.close()
+
+
+def test_no_clock_scale_while_busy_tenants_take_turns(host: Host, tmp_path: Path) -> None:
+    """Two busy tenants take turns and keep the GPU busy: a clock above the full-load one
+    then comes from the gaps between turns, and nobody is charged for it (scale 1); once
+    one idles the other is throttled on a partly idle GPU again and is charged x1.20."""
+    clock = tmp_path / "clock"
+    clock.write_text("1500 100 690 700\n")
+    host.write_config('clock_normalise = "full-load"\n')
+    shims = {c: Shim(host.add(c, sm=5000, mode=abi.IsolationMode.STRICT)) for c in "ab"}
+    load = Workload(shims)
+    load.busy = set()
+    load.start()
+    host.start(
+        env={
+            "LD_LIBRARY_PATH": str(SIM_DIR),
+            "FCSP_SIM_STATE": str(tmp_path / "sim"),
+            "FCSP_SIM_DEVICES": "1",
+            "FCSP_SIM_CLOCK_FILE": str(clock),
+        }
+    )
+    limits = slotio.LimitsMap(host.run_dir / "tenants" / "a" / abi.LIMITS_FILE)
+    try:
+        wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
+        clock.write_text("1980 40 600 700\n")
+        load.busy = {"a", "b"}
+        wait_for("turns", lambda: limits.turn(0) != 0)
+        wait_for("no scale while turning", lambda: limits.clock_scale(0) == 10000)
+        load.busy = {"a"}
+        wait_for("turns end", lambda: limits.turn(0) == 0)
+        wait_for("the speed-up charged again", lambda: limits.clock_scale(0) == 12000)
+    finally:
+        load.halt.set()
+        load.join()
         limits.close()
 
 
