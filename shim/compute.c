@@ -317,14 +317,17 @@ static bool book(struct fcsp_usage_device *u, const struct turn *t, uint64_t cos
 static void wait_for_turn(struct fcsp_usage_device *u, int entry, struct turn t, uint64_t cost,
                           uint64_t now)
 {
-    while (!book(u, &t, cost, now)) {
+    if (book(u, &t, cost, now))
+        return;
+    flush(now); /* what it did in its window counts for its demand before it waits */
+    do {
         uint64_t into = (now % t.cycle + t.cycle - t.start) % t.cycle;
         uint64_t next = now - into + t.cycle;
         sleep_until(next - now > WAIT_CHUNK_NS ? now + WAIT_CHUNK_NS : next);
         now = shim_monotonic_ns();
         if (!turn_in_force(entry, now, &t))
             return;
-    }
+    } while (!book(u, &t, cost, now));
 }
 
 /* ---- the launch path ------------------------------------------------------------ */

@@ -365,6 +365,30 @@ def test_a_tenant_with_a_turn_launches_only_in_its_window(tmp_path: Path, observ
     assert usage(slot).device[0].launches == loop.launched
 
 
+def test_a_tenant_filling_its_turns_reports_its_share_as_demand(tmp_path: Path) -> None:
+    """A tenant at 30 % with 15 ms of every 50 ms fills its windows with 1 ms kernels (fewer
+    launches per window than the shim's batch of counters): what it did in a window is
+    reported before it waits for the next, so the demand the observer reads stays about
+    its share, and it keeps its turn (the observer keeps it down to half its share)."""
+    slot = compute_slot(tmp_path / "slot", 3000)
+    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits.set_turn(0, abi.pack_turn(50_000, 0, 15_000))
+    demands = []
+    try:
+        with heartbeat(limits, alive=True):
+            proc = start(env_for(tmp_path, "demand", slot), *loop_args("1000", 2.0))
+            time.sleep(0.6)
+            while proc.poll() is None and len(demands) < 60:
+                demands.append(int(usage(slot).device[0].demand_centi))
+                time.sleep(0.02)
+            proc.communicate(timeout=30)
+    finally:
+        limits.close()
+    assert len(demands) >= 20, demands
+    assert min(demands) >= 1500, demands
+    assert sorted(demands)[len(demands) // 2] >= 2250, demands
+
+
 def test_mode_none_and_full_share_are_not_limited(tmp_path: Path) -> None:
     """Isolation mode none, like a 100 % share, leaves launches unthrottled (only counted)."""
     slot = compute_slot(tmp_path / "slot", 2000, mode=abi.IsolationMode.NONE)
