@@ -39,6 +39,8 @@ class DeviceRow:
     mem_used_bytes: int
     mem_quota: str
     backend: str = "timeslice"
+    # Its window of the observer's turn cycle, in ms: (start, length, cycle); None: no turns.
+    turn_ms: tuple[float, float, float] | None = None
     # From the observer's state file; None while no observer runs.
     active: bool | None = None
     throttled_pct: int | None = None
@@ -97,6 +99,7 @@ def read_tenant(directory: Path) -> TenantRow:
             mem_used_bytes=usage.device[i].mem_used_bytes,
             mem_quota=_quota(limits.device[i]),
             backend=mps.backend_name(limits.device[i].backend),
+            turn_ms=_turn_ms(int(limits.device[i].turn)),
         )
         for i in range(count)
     ]
@@ -347,8 +350,16 @@ def render_status(rows: list[TenantRow]) -> str:
     )
 
 
+def _turn_ms(word: int) -> tuple[float, float, float] | None:
+    cycle, start, length = abi.unpack_turn(word)
+    return (start / 1000, length / 1000, cycle / 1000) if cycle else None
+
+
 def _state(dev: DeviceRow, row: TenantRow) -> str:
     text = "-" if dev.active is None else ("active" if dev.active else "idle")
+    if dev.turn_ms is not None:
+        start, length, cycle = dev.turn_ms
+        text += f", turn {start:g}-{start + length:g} of {cycle:g} ms"
     if dev.backend == "mps" and row.mps_faults:
         text += f", {row.mps_faults} MPS fault{'s' if row.mps_faults > 1 else ''}"
     if dev.backend == "mps" and row.outside_mps_host_pids:

@@ -291,8 +291,8 @@ def test_busy_tenants_take_turns_and_stop_when_one_idles(
     host: Host, workload: Callable[[dict[str, Shim]], Workload]
 ) -> None:
     """Two strict tenants (30 / 70 %) that use all of their shares get windows of the 50 ms
-    cycle by share; when one idles the other launches at any time again; on SIGTERM no
-    turn is left in any slot."""
+    cycle by share (fcspctl status shows them); when one idles the other launches at any
+    time again; on SIGTERM no turn is left in any slot."""
     shares = {"a": 3000, "b": 7000}
     shims = {c: Shim(host.add(c, sm=sm, mode=abi.IsolationMode.STRICT)) for c, sm in shares.items()}
     load = workload(shims)
@@ -302,6 +302,7 @@ def test_busy_tenants_take_turns_and_stop_when_one_idles(
         return [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in "ab"]
 
     wait_for("windows by share", lambda: turns() == [(50_000, 0, 15_000), (50_000, 15_000, 35_000)])
+    assert "active, turn 15-50 of 50 ms" in ctl.status_text(host.run_dir)
     load.busy.discard("b")
     wait_for("no turns once b idles", lambda: turns() == [(0, 0, 0), (0, 0, 0)])
     load.busy.add("b")
