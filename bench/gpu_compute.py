@@ -241,9 +241,7 @@ class Bench:
         )
 
     def stop_observer(self) -> None:
-        if self.observer is not None and self.observer.poll() is None:
-            self.observer.terminate()
-            self.observer.wait(timeout=20)
+        observer_proc.stop(self.observer)
 
     def row(self, *cells: object) -> None:
         line = "| " + " | ".join(str(c) for c in cells) + " |"

@@ -546,10 +546,7 @@ class Bench:
         )
 
     def stop_observer(self) -> None:
-        if self.observer is not None and self.observer.poll() is None:
-            self.observer.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.observer.wait(timeout=20)
+        observer_proc.stop(self.observer)
         self.observer = None
 
     def remaining(self) -> float:

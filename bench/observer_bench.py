@@ -308,9 +308,7 @@ class Scene:
         self.halt.set()
         for w in self.workers.values():
             w.stop()
-        if self.observer is not None and self.observer.poll() is None:
-            self.observer.terminate()
-            self.observer.wait(timeout=20)
+        observer_proc.stop(self.observer)
         if self.args.backend == "mps":  # the observer leaves its daemon to running clients
             mpsd.Daemon(self.run_dir, self.args.gpu_uuid, self.args.mps_control).stop()
 

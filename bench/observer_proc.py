@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,3 +36,11 @@ def start(config: Path, text: str, log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=out,
         )
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM (the observer gives tenants their requests back), and wait for it."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)

@@ -549,6 +549,7 @@ class Observer:
         for gpu in set(self.gpu_states) - set(groups):
             del self.gpu_states[gpu]
             self.decisions.pop(gpu, None)
+        self.turning &= set(groups)
 
     @staticmethod
     def _set_turns(members: list[tuple[Tenant, int]], cycle_us: int) -> bool:

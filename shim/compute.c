@@ -375,6 +375,7 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
             deadline = now + MIN_SLEEP_NS;
         wait_for_share(u, entry, ordinal, deadline, share, cost, &tokens, now);
         now = shim_monotonic_ns();
+        turns = turn_in_force(entry, now, &turn); /* the observer may have moved it meanwhile */
     }
     if (unlikely(turns))
         wait_for_turn(u, entry, turn, cost, now);

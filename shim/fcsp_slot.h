@@ -79,7 +79,7 @@ enum fcsp_backend {
 /* fcsp_limits_device.flags */
 #define FCSP_DEV_SELECTED_BY_UUID 0x1u
 
-/* fcsp_limits_device.turn: three fields of FCSP_TURN_BITS, cycle | start << BITS | length << 2 BITS */
+/* fcsp_limits_device.turn: cycle | start << FCSP_TURN_BITS | length << 2 * FCSP_TURN_BITS */
 #define FCSP_TURN_BITS 20u
 
 /*
@@ -134,7 +134,7 @@ struct fcsp_limits {
     uint32_t size;                 /* sizeof(struct fcsp_limits) */
     /*
      * Seqlock over every field below except sm_effective_centi,
-     * clock_scale_centi and observer_heartbeat_ns: odd while the host writes, bumped
+     * clock_scale_centi, turn and observer_heartbeat_ns: odd while the host writes, bumped
      * before and after.  Readers retry until they see the same even value twice.
      */
     _Atomic uint32_t seq;
