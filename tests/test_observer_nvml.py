@@ -30,6 +30,16 @@ def host(tmp_path: Path) -> Iterator[Host]:
     h.stop_all()
 
 
+def clock_env(tmp_path: Path, clock: Path) -> dict[str, str]:
+    """The observer's environment for one simulated GPU whose NVML clock is read from clock."""
+    return {
+        "LD_LIBRARY_PATH": str(SIM_DIR),
+        "FCSP_SIM_STATE": str(tmp_path / "sim"),
+        "FCSP_SIM_DEVICES": "1",
+        "FCSP_SIM_CLOCK_FILE": str(clock),
+    }
+
+
 def _client(env: Env, *, shim: bool, commands: list[str]) -> subprocess.Popen[str]:
     build()
     proc = subprocess.Popen(
@@ -104,14 +114,7 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
     clock.write_text("1500 100 690 700\n")
     host.write_config('clock_normalise = "full-load"\nclock_max_speedup_pct = 125\n')
     host.add("t1")
-    proc = host.start(
-        env={
-            "LD_LIBRARY_PATH": str(SIM_DIR),
-            "FCSP_SIM_STATE": str(tmp_path / "sim"),
-            "FCSP_SIM_DEVICES": "1",
-            "FCSP_SIM_CLOCK_FILE": str(clock),
-        }
-    )
+    proc = host.start(env=clock_env(tmp_path, clock))
     limits = slotio.LimitsMap(host.run_dir / "tenants" / "t1" / abi.LIMITS_FILE)
     try:
         wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
@@ -143,12 +146,7 @@ def test_a_restarted_observer_remembers_the_full_load_clock(host: Host, tmp_path
     clock.write_text("1500 100\n")
     host.write_config('clock_normalise = "full-load"\n')
     host.add("t1")
-    env = {
-        "LD_LIBRARY_PATH": str(SIM_DIR),
-        "FCSP_SIM_STATE": str(tmp_path / "sim"),
-        "FCSP_SIM_DEVICES": "1",
-        "FCSP_SIM_CLOCK_FILE": str(clock),
-    }
+    env = clock_env(tmp_path, clock)
     proc = host.start(env=env)
     limits = slotio.LimitsMap(host.run_dir / "tenants" / "t1" / abi.LIMITS_FILE)
     saved = tmp_path / "state" / clockstore.FILE
@@ -179,14 +177,7 @@ def test_no_clock_scale_while_busy_tenants_take_turns(host: Host, tmp_path: Path
     load = Workload(shims)
     load.busy = set()
     load.start()
-    host.start(
-        env={
-            "LD_LIBRARY_PATH": str(SIM_DIR),
-            "FCSP_SIM_STATE": str(tmp_path / "sim"),
-            "FCSP_SIM_DEVICES": "1",
-            "FCSP_SIM_CLOCK_FILE": str(clock),
-        }
-    )
+    host.start(env=clock_env(tmp_path, clock))
     limits = slotio.LimitsMap(host.run_dir / "tenants" / "a" / abi.LIMITS_FILE)
     try:
         wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
@@ -210,14 +201,7 @@ def test_a_bad_clocks_file_is_ignored_with_the_reason(host: Host, tmp_path: Path
     clock.write_text("1980 40\n")
     host.write_config('clock_normalise = "full-load"\n')
     host.add("t1")
-    host.start(
-        env={
-            "LD_LIBRARY_PATH": str(SIM_DIR),
-            "FCSP_SIM_STATE": str(tmp_path / "sim"),
-            "FCSP_SIM_DEVICES": "1",
-            "FCSP_SIM_CLOCK_FILE": str(clock),
-        }
-    )
+    host.start(env=clock_env(tmp_path, clock))
     wait_for("the reason logged", lambda: "full-load clocks not restored" in host.log_text())
     assert "MHz from 100 to 10000" in host.log_text()
     wait_for("status says so", lambda: "not learned yet" in ctl.status_text(host.run_dir))
