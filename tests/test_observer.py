@@ -78,6 +78,8 @@ class Host:
         mode: abi.IsolationMode = abi.IsolationMode.BALANCED,
         host_index: int = 0,
         mem: int = 0,
+        *,
+        priority: abi.Priority = abi.Priority.BEST_EFFORT,
     ) -> Path:
         slot.ensure_tenants_dir(self.run_dir)
         directory = slot.slot_path(self.run_dir, cid)
@@ -85,6 +87,7 @@ class Host:
             container_id=cid,
             tenant=f"team-{cid}",
             isolation_mode=mode,
+            priority=priority,
             devices=(
                 slot.DeviceLimits(
                     host_index=host_index, sm_requested_centi=sm, mem_limit_bytes=mem
@@ -310,6 +313,41 @@ def test_busy_tenants_take_turns_and_stop_when_one_idles(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=TIMEOUT) == 0
     assert turns() == [(0, 0, 0), (0, 0, 0)]
+
+
+def test_latency_and_unlimited_tenants_never_take_turns(
+    host: Host, workload: Callable[[dict[str, Shim]], Workload]
+) -> None:
+    """Busy: a best-effort tenant, a latency-priority one (it must never wait for a window)
+    and one in mode none (not limited at all): nobody takes turns, since only one of them
+    may.  Once a second best-effort tenant is busy too, those two take turns, alone."""
+    strict = abi.IsolationMode.STRICT
+    shims = {
+        "a": Shim(host.add("a", sm=3000, mode=strict)),
+        "b": Shim(host.add("b", sm=3000, mode=strict)),
+        "lat": Shim(host.add("lat", sm=3000, mode=strict, priority=abi.Priority.LATENCY)),
+        "free": Shim(host.add("free", sm=1000, mode=abi.IsolationMode.NONE)),
+    }
+    load = workload(shims)
+    load.busy = {"a", "lat", "free"}
+    host.start()
+
+    def turns() -> dict[str, int]:
+        return {c: int(host.limits(c).device[0].turn) for c in shims}
+
+    def ticks() -> int:
+        value = host.state().get("ticks", 0)
+        return value if isinstance(value, int) else 0
+
+    wait_for("thirty ticks of the three busy", lambda: ticks() > 30)
+    assert set(turns().values()) == {0}
+    load.busy.add("b")
+    wait_for("a and b take turns", lambda: turns()["a"] != 0 and turns()["b"] != 0)
+    assert turns()["lat"] == turns()["free"] == 0
+    assert [abi.unpack_turn(turns()[c]) for c in "ab"] == [
+        (50_000, 0, 25_000),
+        (50_000, 25_000, 25_000),
+    ]
 
 
 def test_sighup_reloads_and_keeps_the_old_config_when_bad(host: Host) -> None:
