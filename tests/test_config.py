@@ -59,6 +59,8 @@ def test_values_are_read(tmp_path: Path) -> None:
             "[observer] clock_normalise = 'on' is invalid: expected one of off, full-load",
         ),
         ("[backend]\ndefault = 'mig'\n", "expected one of timeslice, mps"),
+        ("[observer]\nturn_cycle_ms = 5\n", "turn_cycle_ms must be 0 (off) or 10-1000, got 5"),
+        ("[observer]\nturn_cycle_ms = 2000\n", "expected an integer from 0 to 1000"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
