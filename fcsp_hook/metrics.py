@@ -35,6 +35,7 @@ class TenantGpuSample:
     active: bool
     unshimmed_processes: int
     mps_faults: int = 0
+    turn_ratio: float = 0.0  # its window of the observer's turn cycle; 0: no turns
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class _Collector(Collector):
                 "Neighbours' fatal GPU errors that tore down the tenant's MPS clients",
                 labels=labels,
             ),
+            "turn": GaugeMetricFamily(
+                "fcsp_turn_ratio",
+                "The tenant's window of the GPU's turn cycle (0-1; 0: no turns)",
+                labels=labels,
+            ),
         }
         for s in snap.samples:
             key = [s.container_id, s.tenant, s.gpu]
@@ -98,6 +104,7 @@ class _Collector(Collector):
             fams["active"].add_metric(key, 1.0 if s.active else 0.0)
             fams["unshim"].add_metric(key, s.unshimmed_processes)
             fams["mps_faults"].add_metric(key, s.mps_faults)
+            fams["turn"].add_metric(key, s.turn_ratio)
         yield from fams.values()
         contention = GaugeMetricFamily(
             "fcsp_gpu_contention_ratio", "Unmet compute demand on the GPU (0-1)", labels=["gpu"]

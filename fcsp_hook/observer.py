@@ -256,6 +256,11 @@ def update_track(
         track.unmet = 1 if sample.demand_centi * 10 >= effective * 9 else 0
 
 
+def turn_ratio(word: int) -> float:
+    cycle, _, length = abi.unpack_turn(word)
+    return length / cycle if cycle else 0.0
+
+
 def gpu_key(dev: abi.LimitsDevice, container_id: str, index: int, minors: dict[int, str]) -> str:
     """The host GPU a tenant's device entry is: UUID, else nvidia<minor>, else its own."""
     uuid = str(dev.uuid.decode(errors="replace"))
@@ -921,6 +926,7 @@ class Observer:
                         active=track.active,
                         unshimmed_processes=len(t.unshimmed),
                         mps_faults=t.mps_faults,
+                        turn_ratio=turn_ratio(t.limits.turn(i)),
                     )
                 )
         return metrics.Snapshot(

@@ -580,6 +580,7 @@ def test_prometheus_metrics_on_localhost(host: Host) -> None:
     assert float(samples[f"fcsp_memory_quota_bytes{labels}"]) == 8 << 30
     assert float(samples[f"fcsp_sm_effective_ratio{labels}"]) > 0
     assert "fcsp_throttled_seconds_total" in body and "fcsp_busy_seconds_total" in body
+    assert float(samples[f"fcsp_turn_ratio{labels}"]) == 0  # alone: nobody to take turns with
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
