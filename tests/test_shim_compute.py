@@ -365,6 +365,26 @@ def test_a_tenant_with_a_turn_launches_only_in_its_window(tmp_path: Path, observ
     assert usage(slot).device[0].launches == loop.launched
 
 
+def test_two_processes_of_a_tenant_share_its_window(tmp_path: Path) -> None:
+    """Two processes of one tenant at 50 % with the first 20 ms of every 40 ms: both launch
+    only inside the window and together they get the tenant's share, not twice it."""
+    slot = compute_slot(tmp_path / "slot", 5000)
+    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
+    env = env_for(tmp_path, "shared", slot)
+    try:
+        with heartbeat(limits, alive=True):
+            procs = [start(env, "phase", "40000", *loop_args("100", 1.5)) for _ in range(2)]
+            outs = [proc.communicate(timeout=60)[0].splitlines() for proc in procs]
+    finally:
+        limits.close()
+    loops = [parse_loop(lines, 100) for lines in outs]
+    for lines, loop in zip(outs, loops, strict=True):
+        assert sum(phases(lines)[:5]) >= 0.98 * loop.launched, phases(lines)
+    together = sum(loop.device_fraction for loop in loops)
+    assert 0.35 <= together <= 0.6, loops
+
+
 def test_a_tenant_filling_its_turns_reports_its_share_as_demand(tmp_path: Path) -> None:
     """A tenant at 30 % with 15 ms of every 50 ms fills its windows with 1 ms kernels (fewer
     launches per window than the shim's batch of counters): what it did in a window is
