@@ -366,7 +366,7 @@ def test_a_tenant_with_a_turn_launches_only_in_its_window(tmp_path: Path, observ
 
 
 def test_a_kernel_longer_than_its_window_still_runs_at_its_share(tmp_path: Path) -> None:
-    """15 ms kernels, a 10 ms window of every 50 ms, a 20 % share: each window's first
+    """25 ms kernels, a 10 ms window of every 50 ms, a 20 % share: each window's first
     launch goes whatever its length (nothing would ever fit otherwise), and the share
     still holds the tenant to about 20 % of the device."""
     slot = compute_slot(tmp_path / "slot", 2000)
@@ -374,11 +374,11 @@ def test_a_kernel_longer_than_its_window_still_runs_at_its_share(tmp_path: Path)
     limits.set_turn(0, abi.pack_turn(50_000, 0, 10_000))
     try:
         with heartbeat(limits, alive=True):
-            r = run(env_for(tmp_path, "long", slot), *loop_args("15000", 2.0))
+            r = run(env_for(tmp_path, "long", slot), *loop_args("25000", 2.5))
     finally:
         limits.close()
-    loop = parse_loop(r.lines, 15000)
-    assert loop.launched >= 10, loop
+    loop = parse_loop(r.lines, 25000)
+    assert loop.launched >= 8, loop
     assert 0.1 <= loop.device_fraction <= 0.3, loop
 
 
