@@ -291,13 +291,18 @@ static bool turn_in_force(int entry, uint64_t now, struct turn *t)
     return t->length > 0 && t->length <= t->cycle && t->start < t->cycle;
 }
 
+/* The instant the tenant's window last opened, at or before `now`. */
+static uint64_t window_opened(const struct turn *t, uint64_t now)
+{
+    return now - (now % t->cycle + t->cycle - t->start) % t->cycle;
+}
+
 /* Book `cost` into the window open at `now`, if it fits; false: wait for the next one. */
 static bool book(struct fcsp_usage_device *u, const struct turn *t, uint64_t cost, uint64_t now)
 {
-    uint64_t into = (now % t->cycle + t->cycle - t->start) % t->cycle;
-    if (into >= t->length)
+    uint64_t opened = window_opened(t, now), closes = opened + t->length;
+    if (now >= closes)
         return false;
-    uint64_t opened = now - into, closes = opened + t->length;
     uint64_t booked = atomic_load_explicit(&u->turn_booked_ns, memory_order_relaxed);
     for (;;) {
         uint64_t from = booked > now ? booked : now;
@@ -321,8 +326,7 @@ static void wait_for_turn(struct fcsp_usage_device *u, int entry, struct turn t,
         return;
     flush(now); /* what it did in its window counts for its demand before it waits */
     do {
-        uint64_t into = (now % t.cycle + t.cycle - t.start) % t.cycle;
-        uint64_t next = now - into + t.cycle;
+        uint64_t next = window_opened(&t, now) + t.cycle;
         sleep_until(next - now > WAIT_CHUNK_NS ? now + WAIT_CHUNK_NS : next);
         now = shim_monotonic_ns();
         if (!turn_in_force(entry, now, &t))
