@@ -123,7 +123,8 @@ class UsageDevice(ctypes.Structure):
         ("demand_busy_ns", u64),
         ("demand_throttled_ns", u64),
         ("turn_booked_ns", u64),
-        ("reserved", u64 * 2),
+        ("turn_margin", u64),
+        ("reserved", u64 * 1),
     )
 
 

@@ -69,8 +69,8 @@ enum { GAP_START, GAP_END, START, END, EVENTS };
 struct sample {
     _Atomic int state;
     CUevent ev[EVENTS];
-    CUcontext ctx;      /* events belong to the context they were created in */
-    uint32_t epoch;     /* shim_context_epoch at creation: a destroyed context took them */
+    CUcontext ctx;
+    uint32_t epoch;
     uint32_t index;     /* table entry */
     uint64_t key;
     int entry;          /* usage entry charged */
@@ -217,38 +217,50 @@ static CUresult record(CUevent ev, CUstream stream, bool ptsz)
     return fn ? fn(ev, stream) : CUDA_ERROR_NOT_SUPPORTED;
 }
 
-/* Events of slot s usable in the current context, created if need be. */
-static bool ready_events(struct sample *s)
+/* Events of the current context, created if need be: a sample's, or the window marker. */
+struct event_set {
+    CUevent *ev;
+    int n;
+    CUcontext *ctx;  /* events belong to the context they were created in */
+    uint32_t *epoch; /* shim_context_epoch at creation: a destroyed context took them */
+};
+
+static bool ready_events(struct event_set set)
 {
     CUcontext ctx = NULL;
     if (!REAL(cuCtxGetCurrent) || REAL(cuCtxGetCurrent)(&ctx) != CUDA_SUCCESS || !ctx)
         return false;
     uint32_t epoch = atomic_load_explicit(&shim_context_epoch, memory_order_relaxed);
-    if (s->ev[0] && s->ctx == ctx && s->epoch == epoch)
+    if (set.ev[0] && *set.ctx == ctx && *set.epoch == epoch)
         return true;
     event_destroy_fn destroy = real_or_null(SYM_cuEventDestroy_v2);
     /* Events of a destroyed context went with it: forget them rather than destroy them. */
-    bool mine = s->ev[0] && s->epoch == epoch && destroy;
-    for (int i = 0; i < EVENTS; i++) {
+    bool mine = set.ev[0] && *set.epoch == epoch && destroy;
+    for (int i = 0; i < set.n; i++) {
         if (mine)
-            destroy(s->ev[i]);
-        s->ev[i] = NULL;
+            destroy(set.ev[i]);
+        set.ev[i] = NULL;
     }
     if (!destroy || !REAL(cuEventCreate))
         return false;
-    for (int i = 0; i < EVENTS; i++) {
-        if (REAL(cuEventCreate)(&s->ev[i], CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
-            s->ev[i] = NULL;
+    for (int i = 0; i < set.n; i++) {
+        if (REAL(cuEventCreate)(&set.ev[i], CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+            set.ev[i] = NULL;
             while (i-- > 0) {
-                destroy(s->ev[i]);
-                s->ev[i] = NULL;
+                destroy(set.ev[i]);
+                set.ev[i] = NULL;
             }
             return false;
         }
     }
-    s->ctx = ctx;
-    s->epoch = epoch;
+    *set.ctx = ctx;
+    *set.epoch = epoch;
     return true;
+}
+
+static struct event_set sample_events(struct sample *s)
+{
+    return (struct event_set){s->ev, EVENTS, &s->ctx, &s->epoch};
 }
 
 /* ---- samples ------------------------------------------------------------------ */
@@ -276,7 +288,7 @@ int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, boo
     if (slot >= 0) {
         struct sample *s = &ring[slot];
         mode = relax_capture(&changed);
-        if (capturing(stream, ptsz) || !ready_events(s) || !record_start(s, stream, ptsz)) {
+        if (capturing(stream, ptsz) || !ready_events(sample_events(s)) || !record_start(s, stream, ptsz)) {
             slot = -1;
         } else {
             s->index = index;
@@ -384,8 +396,57 @@ void shim_calib_poll(void)
     atomic_flag_clear_explicit(&ring_busy, memory_order_release);
 }
 
+/* ---- the end of a turn window's work ------------------------------------------ */
+
+/*
+ * One marker per process: an event recorded after the work a thread queued in its turn
+ * window, polled until the device reaches it (compute.c's wait_for_turn).  A thread that
+ * finds it taken measures nothing this time.
+ */
+static struct {
+    atomic_flag busy;
+    CUevent ev;
+    CUcontext ctx;
+    uint32_t epoch;
+} marker = {ATOMIC_FLAG_INIT, NULL, NULL, 0};
+
+bool shim_calib_mark(CUstream stream, bool ptsz)
+{
+    if (atomic_flag_test_and_set_explicit(&marker.busy, memory_order_acquire))
+        return false;
+    bool changed = false;
+    CUstreamCaptureMode mode = relax_capture(&changed);
+    bool ok = !capturing(stream, ptsz) &&
+              ready_events((struct event_set){&marker.ev, 1, &marker.ctx, &marker.epoch}) &&
+              record(marker.ev, stream, ptsz) == CUDA_SUCCESS;
+    restore_capture(mode, changed);
+    if (!ok)
+        atomic_flag_clear_explicit(&marker.busy, memory_order_release);
+    return ok;
+}
+
+enum mark_state shim_calib_mark_poll(void)
+{
+    bool changed = false;
+    CUstreamCaptureMode mode = relax_capture(&changed);
+    CUresult rc = REAL(cuEventQuery)(marker.ev);
+    restore_capture(mode, changed);
+    if (rc == CUDA_ERROR_NOT_READY)
+        return MARK_RUNNING;
+    atomic_flag_clear_explicit(&marker.busy, memory_order_release);
+    return rc == CUDA_SUCCESS ? MARK_REACHED : MARK_LOST;
+}
+
+void shim_calib_mark_drop(void)
+{
+    atomic_flag_clear_explicit(&marker.busy, memory_order_release);
+}
+
 void shim_calib_after_fork_child(void)
 {
+    marker.ev = NULL;
+    marker.ctx = NULL;
+    atomic_flag_clear(&marker.busy);
     /* The parent's contexts and events do not exist in the child. */
     for (int i = 0; i < RING; i++) {
         for (int j = 0; j < EVENTS; j++)

@@ -41,7 +41,10 @@
  * 6-9 % of an H200 to switching between busy contexts and stretches each
  * kernel's measured span by the neighbour's slices.  The share itself is
  * still the GCRA's, with a burst of one cycle so that a window can be used at
- * full speed.  Turns of an observer that stopped beating are ignored.
+ * full speed.  Booking is done on the host, by estimate; what keeps the tenant's
+ * work inside its window on the device is a margin learnt from when that work
+ * really ended (turn_margin_ns below).  Turns of an observer that stopped beating
+ * are ignored.
  *
  * Reported in the usage file, per device:
  *   launches      every launch (at once)
@@ -63,6 +66,7 @@
 #define BURST_NS 4000000ull         /* may run this far ahead of its allowance */
 #define MIN_SLEEP_NS 1000000ull     /* fewer, longer sleeps; less than BURST_NS loses nothing */
 #define WAIT_CHUNK_NS 10000000ull   /* re-read the share at least this often while waiting */
+#define MARK_POLL_NS 200000ull      /* how often a waiting thread looks whether its work ended */
 #define STALE_OBSERVER_NS 1000000000ll
 #define FLUSH_EVERY 16u
 #define DEMAND_WINDOW_NS 100000000ull
@@ -297,12 +301,50 @@ static uint64_t window_opened(const struct turn *t, uint64_t now)
     return now - (now % t->cycle + t->cycle - t->start) % t->cycle;
 }
 
-/* Book `cost` into the window open at `now`, if it fits; false: wait for the next one. */
+/*
+ * How much before its window's end the tenant stops booking.  Booking counts the tenant's
+ * estimated GPU time from the launch on, as if the device ran its work at once and alone;
+ * on a time-sliced GPU work left over from a neighbour's window (or the tenant's own
+ * backlog when turns begin) runs interleaved with it, slower, and so past the window into
+ * the neighbour's, which then runs late and slow in turn: each tenant's work would keep
+ * overlapping the other's.  So a thread that finds the window full records a marker after
+ * its work and sees when the device reaches it (wait_for_turn); the margin moves half-way
+ * towards the overrun (or underrun) it saw, once per window, between 0 and the window.
+ */
+static uint64_t turn_margin_ns(const struct fcsp_usage_device *u)
+{
+    return (atomic_load_explicit(&u->turn_margin, memory_order_relaxed) & UINT32_MAX) * 1000;
+}
+
+static void learn_margin(struct fcsp_usage_device *u, const struct turn *t, uint64_t closed,
+                         uint64_t ended)
+{
+    uint64_t window = (closed / 1000) & UINT32_MAX;
+    uint64_t word = atomic_load_explicit(&u->turn_margin, memory_order_relaxed), next;
+    do {
+        if (word >> 32 == window)
+            return; /* another process measured this window */
+        int64_t margin = (int64_t)(word & UINT32_MAX) * 1000 + ((int64_t)(ended - closed)) / 2;
+        if (margin < 0)
+            margin = 0;
+        if (margin > (int64_t)t->length)
+            margin = (int64_t)t->length;
+        next = window << 32 | (uint64_t)margin / 1000;
+    } while (!atomic_compare_exchange_weak_explicit(&u->turn_margin, &word, next,
+                                                    memory_order_relaxed, memory_order_relaxed));
+}
+
+/*
+ * Book `cost` into the window open at `now`, if it fits; false: wait for the next one.
+ * The window's first launch always goes, so that a kernel longer than the window runs.
+ */
 static bool book(struct fcsp_usage_device *u, const struct turn *t, uint64_t cost, uint64_t now)
 {
-    uint64_t opened = window_opened(t, now), closes = opened + t->length;
-    if (now >= closes)
+    uint64_t opened = window_opened(t, now);
+    if (now >= opened + t->length)
         return false;
+    uint64_t margin = turn_margin_ns(u);
+    uint64_t closes = opened + t->length - (margin < t->length ? margin : t->length);
     uint64_t booked = atomic_load_explicit(&u->turn_booked_ns, memory_order_relaxed);
     for (;;) {
         uint64_t from = booked > now ? booked : now;
@@ -315,23 +357,51 @@ static bool book(struct fcsp_usage_device *u, const struct turn *t, uint64_t cos
 }
 
 /*
- * Sleep until this launch is booked into a window, or turns end.  Not reported as
- * throttled time: the observer gives turns to tenants that use all of their share, and
- * a tenant that needs less must not look as if it wanted more because it waits for turns.
+ * Has the device reached the marker recorded after the work booked into the window that
+ * closed at `closed`?  Then (or a cycle late: a backlog) learn the margin from when.
+ */
+static bool window_work_ended(struct fcsp_usage_device *u, const struct turn *t, uint64_t closed,
+                              uint64_t now)
+{
+    enum mark_state state = shim_calib_mark_poll();
+    if (state == MARK_RUNNING && (int64_t)(now - closed) < (int64_t)t->cycle)
+        return false;
+    if (state == MARK_RUNNING)
+        shim_calib_mark_drop();
+    if (state != MARK_LOST)
+        learn_margin(u, t, closed, now);
+    return true;
+}
+
+/*
+ * Sleep until this launch is booked into a window, or turns end; a thread that marked
+ * the end of its window's work books nothing more before the device has reached it.  Not
+ * reported as throttled time: the observer gives turns to tenants that use all of their
+ * share, and a tenant that needs less must not look as if it wanted more because it waits
+ * for turns.
  */
 static void wait_for_turn(struct fcsp_usage_device *u, int entry, struct turn t, uint64_t cost,
-                          uint64_t now)
+                          uint64_t now, CUstream stream, bool ptsz)
 {
     if (book(u, &t, cost, now))
         return;
     flush(now); /* what it did in its window counts for its demand before it waits */
-    do {
+    uint64_t closed = window_opened(&t, now) + t.length;
+    bool marked = shim_calib_mark(stream, ptsz);
+    for (;;) {
         uint64_t next = window_opened(&t, now) + t.cycle;
-        sleep_until(next - now > WAIT_CHUNK_NS ? now + WAIT_CHUNK_NS : next);
+        uint64_t chunk = marked ? MARK_POLL_NS : WAIT_CHUNK_NS;
+        sleep_until(next - now > chunk ? now + chunk : next);
         now = shim_monotonic_ns();
+        if (marked)
+            marked = !window_work_ended(u, &t, closed, now);
         if (!turn_in_force(entry, now, &t))
-            return;
-    } while (!book(u, &t, cost, now));
+            break;
+        if (!marked && book(u, &t, cost, now))
+            break;
+    }
+    if (marked)
+        shim_calib_mark_drop();
 }
 
 /* ---- the launch path ------------------------------------------------------------ */
@@ -382,7 +452,7 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
         turns = turn_in_force(entry, now, &turn); /* the observer may have moved it meanwhile */
     }
     if (unlikely(turns))
-        wait_for_turn(u, entry, turn, cost, now);
+        wait_for_turn(u, entry, turn, cost, now, stream, ptsz);
     account(entry, cost, tokens, now);
     if (unlikely(sample))
         l->sample = shim_calib_arm(index, key, entry, stream, ptsz);

@@ -88,6 +88,16 @@ int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, boo
 /* Fold finished samples into the estimates; non-blocking, at most one thread at a time. */
 void shim_calib_poll(void);
 bool shim_calib_pending(void);
+/*
+ * The marker for the end of a turn window's work: record it on `stream` (false: not
+ * recorded, e.g. the stream is capturing or another thread holds it); then poll it until
+ * it is reached or lost, or drop it.  Polling it after it was reached or lost, or
+ * dropping it, releases it for the next window.
+ */
+enum mark_state { MARK_RUNNING, MARK_REACHED, MARK_LOST };
+bool shim_calib_mark(CUstream stream, bool ptsz);
+enum mark_state shim_calib_mark_poll(void);
+void shim_calib_mark_drop(void);
 /* After fork: the child's events belong to no context of its own. */
 void shim_calib_after_fork_child(void);
 

@@ -190,7 +190,13 @@ struct fcsp_usage_device {
     _Atomic uint64_t demand_throttled_ns;
     /* Turns: the CLOCK_MONOTONIC instant the tenant's work booked into its window ends. */
     _Atomic uint64_t turn_booked_ns;
-    uint64_t reserved[2];
+    /*
+     * Turns: how much earlier than its window's end the tenant stops booking, learnt from
+     * when its work really ended (us, low 32 bits), and the window last measured (its end
+     * in us, truncated to the high 32 bits) so that one measurement per window counts.
+     */
+    _Atomic uint64_t turn_margin;
+    uint64_t reserved[1];
 };
 
 /* fcsp_usage_proc.state */

@@ -13,7 +13,7 @@ from pathlib import Path
 from fcsp_hook import abi, slotio
 from tests.shim.harness import Env, start
 from tests.test_observer import Host, wait_for
-from tests.test_shim_compute import loop_args, parse_loop, phases
+from tests.test_shim_compute import loop_args, parse_loop, phases, ran_phases
 
 CYCLE_US = 50_000
 
@@ -56,5 +56,9 @@ def test_two_busy_tenants_take_turns_by_share(tmp_path: Path) -> None:
     # Before the observer saw both busy the tenants launched anywhere: most, not all.
     assert sum(by_phase["a"][:3]) >= 0.75 * loops["a"].launched, by_phase
     assert sum(by_phase["b"][3:]) >= 0.75 * loops["b"].launched, by_phase
+    # and their kernels ran there on the device, not only their launch calls returned there
+    ran = {cid: ran_phases(lines[cid]) for cid in slots}
+    assert sum(ran["a"][:3]) >= 0.75 * sum(ran["a"]), ran
+    assert sum(ran["b"][3:]) >= 0.75 * sum(ran["b"]), ran
     assert 0.15 <= loops["a"].device_fraction <= 0.45, loops
     assert 0.5 <= loops["b"].device_fraction <= 0.85, loops

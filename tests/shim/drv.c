@@ -209,8 +209,21 @@ static unsigned long long clock_ns(clockid_t clock)
  * launches, the wall time up to completion and the CPU time the process used.
  */
 static long sync_every; /* "batch N": synchronize after every N launches of a run */
+
+/* A sim-only entry point of the simulated driver (fcspSimCount, fcspSimGraphExec, ...). */
+static void *sim_entry(const char *name)
+{
+    void *p = dlsym(RTLD_DEFAULT, name);
+    if (!p) {
+        void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+        p = lib ? dlsym(lib, name) : NULL;
+    }
+    return p;
+}
+
 /* "phase US": also count the launches of a run by the tenth of a US-long cycle of
- * CLOCK_MONOTONIC they returned in (turns: they must all return inside the window). */
+ * CLOCK_MONOTONIC they returned in (turns: they must all return inside the window), and
+ * on the simulated driver the kernel time that ran in each tenth ("ran", us). */
 static unsigned long long phase_cycle_ns;
 static long phase_count[10];
 
@@ -239,18 +252,14 @@ static void run_loop(const char *kind, int id, double seconds)
         for (int b = 0; b < 10; b++)
             printf(" %ld", phase_count[b]);
         printf("\n");
+        uint64_t (*ran)(int) = (uint64_t(*)(int))sim_entry("fcspSimPhaseNs");
+        if (ran) {
+            printf("ran");
+            for (int b = 0; b < 10; b++)
+                printf(" %llu", (unsigned long long)(ran(b) / 1000));
+            printf("\n");
+        }
     }
-}
-
-/* A sim-only entry point of the simulated driver (fcspSimCount, fcspSimGraphExec, ...). */
-static void *sim_entry(const char *name)
-{
-    void *p = dlsym(RTLD_DEFAULT, name);
-    if (!p) {
-        void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-        p = lib ? dlsym(lib, name) : NULL;
-    }
-    return p;
 }
 
 static void print_usage(void)
@@ -426,6 +435,9 @@ int main(int argc, char **argv)
             i += 2;
         } else if (strcmp(cmd, "phase") == 0) { /* US: later runs count launches by phase */
             phase_cycle_ns = (unsigned long long)atoll(ARG(1)) * 1000ull;
+            void (*count_ran)(uint64_t) = (void (*)(uint64_t))sim_entry("fcspSimPhase");
+            if (count_ran)
+                count_ran(phase_cycle_ns);
             i += 2;
         } else if (strcmp(cmd, "count") == 0) {
             uint64_t (*counter)(const char *) = (uint64_t(*)(const char *))sim_entry("fcspSimCount");

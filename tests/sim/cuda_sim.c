@@ -806,11 +806,13 @@ SIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
 
 /*
  * A function's duration comes from its name: "k_200us" runs 200 us, "k_5ms"
- * 5 ms; any other name, and a NULL function, takes no time.  A graph made
+ * 5 ms, "k_100us_500us" 100 and 500 us in turn; any other name, and a NULL function, takes no time.  A graph made
  * with fcspSimGraphExec(ns) runs ns as one unit.
  */
 struct CUfunc_st {
     uint64_t dur_ns;
+    uint64_t other_ns;          /* if not 0: every other launch takes this long instead */
+    _Atomic uint64_t launches;
 };
 
 struct CUgraphExec_st {
@@ -835,17 +837,31 @@ static __thread struct CUstream_st thread_stream;
 static _Atomic uint64_t all_ready_ns; /* the latest end of anything this process queued */
 static __thread CUstreamCaptureMode capture_mode = CU_STREAM_CAPTURE_MODE_GLOBAL;
 
-static uint64_t parse_duration(const char *name)
+static uint64_t parse_one(const char *text, char **end)
+{
+    double v = strtod(text, end);
+    if (strncmp(*end, "us", 2) == 0) {
+        *end += 2;
+        return (uint64_t)(v * 1e3);
+    }
+    if (strncmp(*end, "ms", 2) == 0) {
+        *end += 2;
+        return (uint64_t)(v * 1e6);
+    }
+    return 0;
+}
+
+/* "k_200us": 200 us; "k_100us_500us": 100 and 500 us in turn (a data-dependent kernel). */
+static void parse_duration(const char *name, struct CUfunc_st *f)
 {
     if (strncmp(name, "k_", 2) != 0)
-        return 0;
+        return;
     char *end;
-    double v = strtod(name + 2, &end);
-    if (strcmp(end, "us") == 0)
-        return (uint64_t)(v * 1e3);
-    if (strcmp(end, "ms") == 0)
-        return (uint64_t)(v * 1e6);
-    return 0;
+    f->dur_ns = parse_one(name + 2, &end);
+    if (*end == '_')
+        f->other_ns = parse_one(end + 1, &end);
+    if (*end != '\0')
+        f->dur_ns = f->other_ns = 0;
 }
 
 SIM_EXPORT CUresult cuModuleLoadData(CUmodule *module, const void *image)
@@ -860,7 +876,7 @@ SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const 
     if (!hmod || !name)
         return CUDA_ERROR_INVALID_VALUE;
     struct CUfunc_st *f = calloc(1, sizeof(*f));
-    f->dur_ns = parse_duration(name);
+    parse_duration(name, f);
     *hfunc = f;
     return CUDA_SUCCESS;
 }
@@ -1082,6 +1098,40 @@ static uint64_t launch_latency_ns(void)
 }
 
 /*
+ * Test hook: where on the device timeline this process's kernels ran, by the tenth of a
+ * cycle of CLOCK_MONOTONIC (turns: a tenant's kernels must run inside its window, not
+ * only be launched there).  fcspSimPhase(cycle_ns) starts counting, fcspSimPhaseNs(b)
+ * is the kernel time that fell in tenth b.
+ */
+static _Atomic uint64_t phase_cycle_ns;
+static _Atomic uint64_t phase_ns[10];
+
+SIM_EXPORT void fcspSimPhase(uint64_t cycle_ns)
+{
+    atomic_store(&phase_cycle_ns, cycle_ns);
+}
+
+SIM_EXPORT uint64_t fcspSimPhaseNs(int tenth)
+{
+    return tenth >= 0 && tenth < 10 ? atomic_load(&phase_ns[tenth]) : 0;
+}
+
+static void count_phases(uint64_t start, uint64_t end)
+{
+    uint64_t cycle = atomic_load(&phase_cycle_ns);
+    if (!cycle)
+        return;
+    uint64_t tenth = cycle / 10;
+    while (start < end) {
+        uint64_t into = start % cycle, b = into / tenth;
+        uint64_t upto = start - into + (b + 1) * tenth;
+        uint64_t stop = end < upto ? end : upto;
+        atomic_fetch_add(&phase_ns[b < 10 ? b : 9], stop - start);
+        start = stop;
+    }
+}
+
+/*
  * Every launch ends here.  Work that takes time goes on the device timeline
  * after whatever its stream already holds; the call itself returns once it is
  * submitted, as an asynchronous launch does.
@@ -1102,6 +1152,7 @@ static CUresult sim_launch(const char *variant, CUstream stream, int ptsz, uint6
         while (sim_now_ns() < submitted) /* spun, not slept: timer slack is as long */
             ;
         uint64_t end = sim_timeline_run(dev, atomic_load(&st->ready_ns), dur_ns);
+        count_phases(end - dur_ns, end);
         raise_to(&st->ready_ns, end);
         raise_to(&all_ready_ns, end);
     }
@@ -1110,7 +1161,11 @@ static CUresult sim_launch(const char *variant, CUstream stream, int ptsz, uint6
 
 static uint64_t dur(CUfunction f)
 {
-    return f ? f->dur_ns : 0;
+    if (!f)
+        return 0;
+    if (f->other_ns && atomic_fetch_add(&f->launches, 1) % 2)
+        return f->other_ns;
+    return f->dur_ns;
 }
 
 SIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
