@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -302,8 +303,16 @@ class Bench:
     def drop_slot(self, name: str) -> None:
         """Gone, as after its container's poststop: strict slots left behind would add up
         past 100 % and the observer would scale them all down."""
+        from fcsp_hook import abi
         from fcsp_hook.slot import remove_slot
 
+        # What a tenant's turns learnt (compute.c turn_margin): us before its window's end
+        # it stopped booking (below 0: after it).
+        with contextlib.suppress(OSError, ValueError):
+            usage = abi.Usage.from_buffer_copy((self.run_dir / name / abi.USAGE_FILE).read_bytes())
+            margin_us = ctypes.c_int32(usage.device[0].turn_margin & 0xFFFFFFFF).value
+            with (self.raw / "turn-margins.txt").open("a") as out:
+                out.write(f"{name} {margin_us}\n")
         remove_slot(self.run_dir, name)
 
     def measure(self, n: int, share: int, tag: str) -> Measured:

@@ -66,7 +66,7 @@
 #define BURST_NS 4000000ull         /* may run this far ahead of its allowance */
 #define MIN_SLEEP_NS 1000000ull     /* fewer, longer sleeps; less than BURST_NS loses nothing */
 #define WAIT_CHUNK_NS 10000000ull   /* re-read the share at least this often while waiting */
-#define MARK_POLL_NS 200000ull      /* how often a waiting thread looks whether its work ended */
+#define MARK_POLL_NS 100000ull      /* how often a waiting thread looks whether its work ended */
 #define STALE_OBSERVER_NS 1000000000ll
 #define FLUSH_EVERY 16u
 #define DEMAND_WINDOW_NS 100000000ull
@@ -309,27 +309,29 @@ static uint64_t window_opened(const struct turn *t, uint64_t now)
  * the neighbour's, which then runs late and slow in turn: each tenant's work would keep
  * overlapping the other's.  So a thread that finds the window full records a marker after
  * its work and sees when the device reaches it (wait_for_turn); the margin moves half-way
- * towards the overrun (or underrun) it saw, once per window, between 0 and the window.
+ * towards the overrun (or underrun) it saw, once per window, within plus or minus the
+ * window.  It may go below 0 (booking past the end): with kernels that do not divide the
+ * window, the tenant's work then ends at the window's end on average, not before it.
  */
-static uint64_t turn_margin_ns(const struct fcsp_usage_device *u)
+static int64_t turn_margin_ns(const struct fcsp_usage_device *u)
 {
-    return (atomic_load_explicit(&u->turn_margin, memory_order_relaxed) & UINT32_MAX) * 1000;
+    return (int64_t)(int32_t)(atomic_load_explicit(&u->turn_margin, memory_order_relaxed) &
+                              UINT32_MAX) * 1000;
 }
 
 static void learn_margin(struct fcsp_usage_device *u, const struct turn *t, uint64_t closed,
                          uint64_t ended)
 {
     uint64_t window = (closed / 1000) & UINT32_MAX;
+    int64_t most = (int64_t)t->length;
     uint64_t word = atomic_load_explicit(&u->turn_margin, memory_order_relaxed), next;
     do {
         if (word >> 32 == window)
             return; /* another process measured this window */
-        int64_t margin = (int64_t)(word & UINT32_MAX) * 1000 + ((int64_t)(ended - closed)) / 2;
-        if (margin < 0)
-            margin = 0;
-        if (margin > (int64_t)t->length)
-            margin = (int64_t)t->length;
-        next = window << 32 | (uint64_t)margin / 1000;
+        int64_t margin = (int64_t)(int32_t)(word & UINT32_MAX) * 1000 +
+                         (int64_t)(ended - closed) / 2;
+        margin = margin < -most ? -most : margin > most ? most : margin;
+        next = window << 32 | (uint32_t)(int32_t)(margin / 1000);
     } while (!atomic_compare_exchange_weak_explicit(&u->turn_margin, &word, next,
                                                     memory_order_relaxed, memory_order_relaxed));
 }
@@ -343,8 +345,7 @@ static bool book(struct fcsp_usage_device *u, const struct turn *t, uint64_t cos
     uint64_t opened = window_opened(t, now);
     if (now >= opened + t->length)
         return false;
-    uint64_t margin = turn_margin_ns(u);
-    uint64_t closes = opened + t->length - (margin < t->length ? margin : t->length);
+    uint64_t closes = opened + t->length - (uint64_t)turn_margin_ns(u); /* |margin| <= length */
     uint64_t booked = atomic_load_explicit(&u->turn_booked_ns, memory_order_relaxed);
     for (;;) {
         uint64_t from = booked > now ? booked : now;

@@ -192,7 +192,7 @@ struct fcsp_usage_device {
     _Atomic uint64_t turn_booked_ns;
     /*
      * Turns: how much earlier than its window's end the tenant stops booking, learnt from
-     * when its work really ended (us, low 32 bits), and the window last measured (its end
+     * when its work really ended (us, signed, low 32 bits), and the window last measured (its end
      * in us, truncated to the high 32 bits) so that one measurement per window counts.
      */
     _Atomic uint64_t turn_margin;
