@@ -333,20 +333,20 @@ def test_raise_above_request_needs_a_live_observer(tmp_path: Path, observer: str
         assert 0.1 <= loop.device_fraction <= 0.3, loop
 
 
-def phases(lines: list[str]) -> list[int]:
-    """drv's "phase" line: launch calls by the tenth of the cycle they returned in."""
+def ran_phases(lines: list[str]) -> list[int]:
+    """drv's "ran" line: kernel time (us) that ran on the simulated device by tenth of cycle."""
     for line in lines:
-        if line.startswith("phase "):
+        if line.startswith("ran "):
             return [int(w) for w in line.split()[1:]]
-    raise AssertionError(f"no phase line in {lines}")
+    raise AssertionError(f"no ran line in {lines}")
 
 
 @pytest.mark.parametrize("observer", ["alive", "absent"])
-def test_a_tenant_with_a_turn_launches_only_in_its_window(tmp_path: Path, observer: str) -> None:
-    """The observer gives a tenant at 50 % the first 20 ms of every 40 ms: every launch call
-    returns inside that window (its last kernel may run up to half over, it never starts
-    later) and the tenant still gets its share of the device.  Turns of an observer whose
-    heartbeat stopped are ignored: launches then return all through the cycle."""
+def test_a_tenant_with_a_turn_runs_only_in_its_window(tmp_path: Path, observer: str) -> None:
+    """The observer gives a tenant at 50 % the first 20 ms of every 40 ms: its kernels run
+    on the device inside that window (a launch may come up to 0.3 ms early, the lead, and
+    then run early on an idle device) and it still gets its share.  Turns of an observer
+    whose heartbeat stopped are ignored: the kernels then run all through the cycle."""
     slot = compute_slot(tmp_path / "slot", 5000)
     limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
     limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
@@ -355,13 +355,12 @@ def test_a_tenant_with_a_turn_launches_only_in_its_window(tmp_path: Path, observ
             r = run(env_for(tmp_path, "turn", slot), "phase", "40000", *loop_args("100", 1.5))
     finally:
         limits.close()
-    loop, by_phase = parse_loop(r.lines, 100), phases(r.lines)
-    in_window = sum(by_phase[:5])
+    loop, ran = parse_loop(r.lines, 100), ran_phases(r.lines)
     if observer == "alive":
-        assert in_window >= 0.98 * loop.launched, by_phase
+        assert sum(ran[:5]) >= 0.95 * sum(ran), ran
         assert 0.35 <= loop.device_fraction <= 0.6, loop
     else:
-        assert in_window <= 0.8 * loop.launched, by_phase
+        assert sum(ran[:5]) <= 0.8 * sum(ran), ran
     assert usage(slot).device[0].launches == loop.launched
 
 
@@ -383,8 +382,8 @@ def test_a_kernel_longer_than_its_window_still_runs_at_its_share(tmp_path: Path)
 
 
 def test_two_processes_of_a_tenant_share_its_window(tmp_path: Path) -> None:
-    """Two processes of one tenant at 50 % with the first 20 ms of every 40 ms: both launch
-    only inside the window and together they get the tenant's share, not twice it."""
+    """Two processes of one tenant at 50 % with the first 20 ms of every 40 ms: the kernels
+    of both run inside the window and together they get the tenant's share, not twice it."""
     slot = compute_slot(tmp_path / "slot", 5000)
     limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
     limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
@@ -396,8 +395,8 @@ def test_two_processes_of_a_tenant_share_its_window(tmp_path: Path) -> None:
     finally:
         limits.close()
     loops = [parse_loop(lines, 100) for lines in outs]
-    for lines, loop in zip(outs, loops, strict=True):
-        assert sum(phases(lines)[:5]) >= 0.98 * loop.launched, phases(lines)
+    for ran in (ran_phases(lines) for lines in outs):
+        assert sum(ran[:5]) >= 0.95 * sum(ran), ran
     together = sum(loop.device_fraction for loop in loops)
     assert 0.35 <= together <= 0.6, loops
 
@@ -495,14 +494,6 @@ def test_a_waiting_tenant_reports_its_wait_while_it_waits(tmp_path: Path) -> Non
         time.sleep(0.02)
     proc.communicate()
     assert any(len(values) > 1 for values in seen.values()), seen
-
-
-def ran_phases(lines: list[str]) -> list[int]:
-    """drv's "ran" line: kernel time (us) that ran on the simulated device by tenth of cycle."""
-    for line in lines:
-        if line.startswith("ran "):
-            return [int(w) for w in line.split()[1:]]
-    raise AssertionError(f"no ran line in {lines}")
 
 
 def test_work_that_runs_past_its_window_is_cut_back_to_it(tmp_path: Path) -> None:

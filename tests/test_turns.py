@@ -2,8 +2,8 @@
 GPU.  Both keep the device busy, so the observer gives them windows of the 50 ms cycle by
 share, and each tenant's launch calls then return inside its own window.
 
-No durations are asserted: launches are counted by the tenth of the cycle they returned in,
-and the device fractions get the same wide bands as tests/test_shim_compute.py.
+No durations are asserted: kernel time is counted by the tenth of the cycle it ran in on the
+simulated device, and the device fractions get the same wide bands as tests/test_shim_compute.py.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from pathlib import Path
 from fcsp_hook import abi, slotio
 from tests.shim.harness import Env, start
 from tests.test_observer import Host, wait_for
-from tests.test_shim_compute import loop_args, parse_loop, phases, ran_phases
+from tests.test_shim_compute import loop_args, parse_loop, ran_phases
 
 CYCLE_US = 50_000
 
 
 def test_two_busy_tenants_take_turns_by_share(tmp_path: Path) -> None:
     """30 % and 70 %, 200 us kernels: the observer gives a the first 15 ms of every 50 ms and
-    b the rest; once the turns are up nearly all of a's launches return in its tenths of the
-    cycle (0-15 ms) and b's in its own, and each still gets about its share of the device.
+    b the rest; once the turns are up nearly all of a's kernels run on the device in its
+    tenths of the cycle (0-15 ms) and b's in its own, and each still gets about its share.
     The turns last until a tenant stops: a tenant books its window's work at the window's
     start, so its demand reads in bursts (21-45 % for a at 30 %), and with a turn kept only
     down to 75 % of the share they came and went about twice a second (as on the H200)."""
@@ -52,11 +52,7 @@ def test_two_busy_tenants_take_turns_by_share(tmp_path: Path) -> None:
     ends = [line for line in host.log_text().splitlines() if '"turns end"' in line]
     assert len(ends) <= len(slots), ends  # once, when the first tenant stops
     loops = {cid: parse_loop(lines[cid], 200) for cid in slots}
-    by_phase = {cid: phases(lines[cid]) for cid in slots}
-    # Before the observer saw both busy the tenants launched anywhere: most, not all.
-    assert sum(by_phase["a"][:3]) >= 0.75 * loops["a"].launched, by_phase
-    assert sum(by_phase["b"][3:]) >= 0.75 * loops["b"].launched, by_phase
-    # and their kernels ran there on the device, not only their launch calls returned there
+    # Before the observer saw both busy their kernels ran anywhere: most, not all.
     ran = {cid: ran_phases(lines[cid]) for cid in slots}
     assert sum(ran["a"][:3]) >= 0.75 * sum(ran["a"]), ran
     assert sum(ran["b"][3:]) >= 0.75 * sum(ran["b"]), ran

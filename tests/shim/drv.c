@@ -221,11 +221,10 @@ static void *sim_entry(const char *name)
     return p;
 }
 
-/* "phase US": also count the launches of a run by the tenth of a US-long cycle of
- * CLOCK_MONOTONIC they returned in (turns: they must all return inside the window), and
- * on the simulated driver the kernel time that ran in each tenth ("ran", us). */
+/* "phase US": the simulated driver counts the kernel time of later runs by the tenth of a
+ * US-long cycle of CLOCK_MONOTONIC it ran in on the device ("ran", us; turns: inside the
+ * window). */
 static unsigned long long phase_cycle_ns;
-static long phase_count[10];
 
 static void run_loop(const char *kind, int id, double seconds)
 {
@@ -237,8 +236,6 @@ static void run_loop(const char *kind, int id, double seconds)
     while (rc == CUDA_SUCCESS && clock_ns(CLOCK_MONOTONIC) < deadline) {
         rc = launch_obj(kind, obj);
         n += rc == CUDA_SUCCESS;
-        if (phase_cycle_ns)
-            phase_count[clock_ns(CLOCK_MONOTONIC) % phase_cycle_ns * 10 / phase_cycle_ns]++;
         if (sync_every && n % sync_every == 0 && rc == CUDA_SUCCESS)
             rc = api.ctx_sync();
     }
@@ -247,18 +244,12 @@ static void run_loop(const char *kind, int id, double seconds)
     unsigned long long wall = clock_ns(CLOCK_MONOTONIC) - t0;
     unsigned long long cpu = clock_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
     printf("run %d launched %ld wall_ns %llu cpu_ns %llu\n", (int)rc, n, wall, cpu);
-    if (phase_cycle_ns) {
-        printf("phase");
+    uint64_t (*ran)(int) = (uint64_t(*)(int))sim_entry("fcspSimPhaseNs");
+    if (phase_cycle_ns && ran) {
+        printf("ran");
         for (int b = 0; b < 10; b++)
-            printf(" %ld", phase_count[b]);
+            printf(" %llu", (unsigned long long)(ran(b) / 1000));
         printf("\n");
-        uint64_t (*ran)(int) = (uint64_t(*)(int))sim_entry("fcspSimPhaseNs");
-        if (ran) {
-            printf("ran");
-            for (int b = 0; b < 10; b++)
-                printf(" %llu", (unsigned long long)(ran(b) / 1000));
-            printf("\n");
-        }
     }
 }
 
@@ -433,7 +424,7 @@ int main(int argc, char **argv)
         } else if (strcmp(cmd, "batch") == 0) { /* N: later runs synchronize every N launches */
             sync_every = atol(ARG(1));
             i += 2;
-        } else if (strcmp(cmd, "phase") == 0) { /* US: later runs count launches by phase */
+        } else if (strcmp(cmd, "phase") == 0) { /* US: the sim counts kernel time by tenth of cycle */
             phase_cycle_ns = (unsigned long long)atoll(ARG(1)) * 1000ull;
             void (*count_ran)(uint64_t) = (void (*)(uint64_t))sim_entry("fcspSimPhase");
             if (count_ran)
