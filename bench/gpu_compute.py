@@ -304,12 +304,14 @@ class Bench:
         """Gone, as after its container's poststop: strict slots left behind would add up
         past 100 % and the observer would scale them all down."""
         from fcsp_hook import abi
-        from fcsp_hook.slot import remove_slot
+        from fcsp_hook.slot import remove_slot, slot_path
 
         # What a tenant's turns learnt (compute.c turn_margin): us before its window's end
         # it stopped booking (below 0: after it).
         with contextlib.suppress(OSError, ValueError):
-            usage = abi.Usage.from_buffer_copy((self.run_dir / name / abi.USAGE_FILE).read_bytes())
+            usage = abi.Usage.from_buffer_copy(
+                (slot_path(self.run_dir, name) / abi.USAGE_FILE).read_bytes()
+            )
             margin_us = ctypes.c_int32(usage.device[0].turn_margin & 0xFFFFFFFF).value
             with (self.raw / "turn-margins.txt").open("a") as out:
                 out.write(f"{name} {margin_us}\n")
