@@ -288,7 +288,8 @@ int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, boo
     if (slot >= 0) {
         struct sample *s = &ring[slot];
         mode = relax_capture(&changed);
-        if (capturing(stream, ptsz) || !ready_events(sample_events(s)) || !record_start(s, stream, ptsz)) {
+        if (capturing(stream, ptsz) || !ready_events(sample_events(s)) ||
+            !record_start(s, stream, ptsz)) {
             slot = -1;
         } else {
             s->index = index;

@@ -191,9 +191,9 @@ struct fcsp_usage_device {
     /* Turns: the CLOCK_MONOTONIC instant the tenant's work booked into its window ends. */
     _Atomic uint64_t turn_booked_ns;
     /*
-     * Turns: how much earlier than its window's end the tenant stops booking, learnt from
-     * when its work really ended (us, signed, low 32 bits), and the window last measured (its end
-     * in us, truncated to the high 32 bits) so that one measurement per window counts.
+     * Turns: how much earlier than its window's end the tenant stops booking, learnt
+     * from when its work really ended (us, signed, low 32 bits), and the window last
+     * measured (its end in us, truncated; high 32 bits): one measurement per window.
      */
     _Atomic uint64_t turn_margin;
     uint64_t reserved[1];

@@ -424,7 +424,7 @@ int main(int argc, char **argv)
         } else if (strcmp(cmd, "batch") == 0) { /* N: later runs synchronize every N launches */
             sync_every = atol(ARG(1));
             i += 2;
-        } else if (strcmp(cmd, "phase") == 0) { /* US: the sim counts kernel time by tenth of cycle */
+        } else if (strcmp(cmd, "phase") == 0) { /* US: kernel time by tenth of cycle (sim) */
             phase_cycle_ns = (unsigned long long)atoll(ARG(1)) * 1000ull;
             void (*count_ran)(uint64_t) = (void (*)(uint64_t))sim_entry("fcspSimPhase");
             if (count_ran)
