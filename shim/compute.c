@@ -342,6 +342,8 @@ static void learn_margin(struct fcsp_usage_device *u, const struct turn *t, uint
         next = window << 32 | (uint32_t)(int32_t)(margin / 1000);
     } while (!atomic_compare_exchange_weak_explicit(&u->turn_margin, &word, next,
                                                     memory_order_relaxed, memory_order_relaxed));
+    shim_log(LOG_DEBUG, "turn window's work ended %+lld us from its end; margin %d us",
+             (long long)((int64_t)(ended - closed) / 1000), (int)(int32_t)(next & UINT32_MAX));
 }
 
 /*
