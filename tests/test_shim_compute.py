@@ -512,3 +512,34 @@ def test_work_that_runs_past_its_window_is_cut_back_to_it(tmp_path: Path) -> Non
         limits.close()
     ran = ran_phases(r.lines)
     assert sum(ran[:5]) >= 0.9 * sum(ran), ran
+
+
+def test_turns_record_no_event_on_a_capturing_stream(tmp_path: Path) -> None:
+    """A stream being captured into a graph gets no event from the shim, not even the
+    marker for the end of a turn window's work; its kernels still keep to the window."""
+    slot = compute_slot(tmp_path / "slot", 5000)
+    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
+    try:
+        with heartbeat(limits, alive=True):
+            r = run(
+                env_for(tmp_path, "capture", slot),
+                "init",
+                "capture",
+                "1",
+                "phase",
+                "40000",
+                "func",
+                "k_100us",
+                "run",
+                "kernel",
+                "0",
+                "1.0",
+                "count",
+                "cuEventRecord",
+            )
+    finally:
+        limits.close()
+    assert int(r.field("count")[2]) == 0, r.lines
+    ran = ran_phases(r.lines)
+    assert sum(ran[:5]) >= 0.95 * sum(ran), ran
