@@ -306,15 +306,19 @@ class Bench:
         from fcsp_hook import abi
         from fcsp_hook.slot import remove_slot, slot_path
 
-        # What a tenant's turns learnt (compute.c turn_margin): us before its window's end
-        # it stopped booking (below 0: after it).
+        # What a tenant's turns learnt (compute.c turn_margin: us before its window's end it
+        # stopped booking, below 0 after it) and how long its launches waited for its share.
         with contextlib.suppress(OSError, ValueError):
             usage = abi.Usage.from_buffer_copy(
                 (slot_path(self.run_dir, name) / abi.USAGE_FILE).read_bytes()
             )
-            margin_us = ctypes.c_int32(usage.device[0].turn_margin & 0xFFFFFFFF).value
+            device = usage.device[0]
+            margin_us = ctypes.c_int32(device.turn_margin & 0xFFFFFFFF).value
             with (self.raw / "turn-margins.txt").open("a") as out:
-                out.write(f"{name} {margin_us}\n")
+                out.write(
+                    f"{name} margin_us {margin_us} throttled_ms {device.throttled_ns / 1e6:.1f}"
+                    f" busy_ms {device.busy_ns / 1e6:.1f}\n"
+                )
         remove_slot(self.run_dir, name)
 
     def measure(self, n: int, share: int, tag: str) -> Measured:
