@@ -224,7 +224,7 @@ static void *sim_entry(const char *name)
 /* "phase US": the simulated driver counts the kernel time of later runs by the tenth of a
  * US-long cycle of CLOCK_MONOTONIC it ran in on the device ("ran", us; turns: inside the
  * window). */
-static unsigned long long phase_cycle_ns;
+static int report_ran; /* "phase" was given */
 
 static void run_loop(const char *kind, int id, double seconds)
 {
@@ -245,7 +245,7 @@ static void run_loop(const char *kind, int id, double seconds)
     unsigned long long cpu = clock_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
     printf("run %d launched %ld wall_ns %llu cpu_ns %llu\n", (int)rc, n, wall, cpu);
     uint64_t (*ran)(int) = (uint64_t(*)(int))sim_entry("fcspSimPhaseNs");
-    if (phase_cycle_ns && ran) {
+    if (report_ran && ran) {
         printf("ran");
         for (int b = 0; b < 10; b++)
             printf(" %llu", (unsigned long long)(ran(b) / 1000));
@@ -425,10 +425,10 @@ int main(int argc, char **argv)
             sync_every = atol(ARG(1));
             i += 2;
         } else if (strcmp(cmd, "phase") == 0) { /* US: kernel time by tenth of cycle (sim) */
-            phase_cycle_ns = (unsigned long long)atoll(ARG(1)) * 1000ull;
             void (*count_ran)(uint64_t) = (void (*)(uint64_t))sim_entry("fcspSimPhase");
             if (count_ran)
-                count_ran(phase_cycle_ns);
+                count_ran((uint64_t)atoll(ARG(1)) * 1000u);
+            report_ran = 1;
             i += 2;
         } else if (strcmp(cmd, "count") == 0) {
             uint64_t (*counter)(const char *) = (uint64_t(*)(const char *))sim_entry("fcspSimCount");
