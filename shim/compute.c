@@ -320,7 +320,16 @@ static uint64_t window_opened(const struct turn *t, uint64_t now)
  * towards the overrun (or underrun) it saw, once per window, within plus or minus the
  * window.  It may go below 0 (booking past the end): with kernels that do not divide the
  * window, the tenant's work then ends at the window's end on average, not before it.
+ *
+ * The work aims to end TURN_LEAD_NS before the window does, when the next tenant's first
+ * launches reach the device.  A rise is at most 1/MARGIN_RISE_PARTS of the window: once
+ * two tenants' work overlaps, each one's tail waits for the other's time slices and reads
+ * as an overrun many times what was booked too much (10-20 ms on the H200).  Rising by half
+ * of that emptied the next windows: 30 % tenants of 30/70 pairs got 26.5-28.2 % with 20 us
+ * and 0.58 ms kernels; capped, 28.6-29.3 % (bench/results/2026-11-29-compute-s7.md).
  */
+#define MARGIN_RISE_PARTS 16
+
 static int64_t turn_margin_ns(const struct fcsp_usage_device *u)
 {
     return (int64_t)(int32_t)(atomic_load_explicit(&u->turn_margin, memory_order_relaxed) &
@@ -332,12 +341,14 @@ static void learn_margin(struct fcsp_usage_device *u, const struct turn *t, uint
 {
     uint64_t window = (closed / 1000) & UINT32_MAX;
     int64_t most = (int64_t)t->length;
+    int64_t step = ((int64_t)(ended - closed) + (int64_t)TURN_LEAD_NS) / 2;
+    if (step > most / MARGIN_RISE_PARTS)
+        step = most / MARGIN_RISE_PARTS;
     uint64_t word = atomic_load_explicit(&u->turn_margin, memory_order_relaxed), next;
     do {
         if (word >> 32 == window)
             return; /* another process measured this window */
-        int64_t margin = (int64_t)(int32_t)(word & UINT32_MAX) * 1000 +
-                         (int64_t)(ended - closed) / 2;
+        int64_t margin = (int64_t)(int32_t)(word & UINT32_MAX) * 1000 + step;
         margin = margin < -most ? -most : margin > most ? most : margin;
         next = window << 32 | (uint32_t)(int32_t)(margin / 1000);
     } while (!atomic_compare_exchange_weak_explicit(&u->turn_margin, &word, next,
@@ -371,10 +382,11 @@ static bool book(struct fcsp_usage_device *u, const struct turn *t, uint64_t cos
 
 /*
  * Has the device reached the marker recorded after the work booked into the window that
- * closed at `closed`?  Then (or a cycle late: a backlog) learn the margin from when.
+ * closed at `closed`?  Then (or a cycle late: a backlog) learn the margin from when: half-way
+ * between the poll that last saw it running, at `before`, and this one.
  */
 static bool window_work_ended(struct fcsp_usage_device *u, const struct turn *t, uint64_t closed,
-                              uint64_t now)
+                              uint64_t before, uint64_t now)
 {
     enum mark_state state = shim_calib_mark_poll();
     if (state == MARK_RUNNING && (int64_t)(now - closed) < (int64_t)t->cycle)
@@ -382,7 +394,7 @@ static bool window_work_ended(struct fcsp_usage_device *u, const struct turn *t,
     if (state == MARK_RUNNING)
         shim_calib_mark_drop();
     if (state != MARK_LOST)
-        learn_margin(u, t, closed, now);
+        learn_margin(u, t, closed, before + (now - before) / 2);
     return true;
 }
 
@@ -405,9 +417,10 @@ static void wait_for_turn(struct fcsp_usage_device *u, int entry, struct turn t,
         uint64_t next = window_opened(&t, now) + t.cycle - TURN_LEAD_NS;
         uint64_t chunk = marked ? MARK_POLL_NS : WAIT_CHUNK_NS;
         sleep_until(next - now > chunk ? now + chunk : next);
+        uint64_t before = now;
         now = shim_monotonic_ns();
         if (marked)
-            marked = !window_work_ended(u, &t, closed, now);
+            marked = !window_work_ended(u, &t, closed, before, now);
         if (!turn_in_force(entry, now, &t))
             break;
         if (!marked && book(u, &t, cost, now))
