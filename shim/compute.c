@@ -326,7 +326,7 @@ static uint64_t window_opened(const struct turn *t, uint64_t now)
  * two tenants' work overlaps, each one's tail waits for the other's time slices and reads
  * as an overrun many times what was booked too much (10-20 ms on the H200).  Rising by half
  * of that emptied the next windows: 30 % tenants of 30/70 pairs got 26.5-28.2 % with 20 us
- * and 0.58 ms kernels; capped, 28.6-29.3 % (bench/results/2026-11-29-compute-s7.md).
+ * and 0.58 ms kernels; capped, 28.3-29.3 % (bench/results/2026-11-29-compute-s7.md).
  */
 #define MARGIN_RISE_PARTS 16
 
