@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -32,6 +33,20 @@ from fcsp_hook import slot  # noqa: E402  # after the path tweak, as a script
 
 SHIM = REPO / "shim" / "libvgpu.so"
 SAMPLE = re.compile(r"calib key (\w+) measured (\d+) est")
+KIND = re.compile(r"calib key \w+ measured (\d+) est \d+ (cold|warm), less (\d+)")
+
+
+def cold_and_warm(log: str) -> str:
+    """Samples of idle (cold) and busy (warm) streams: how many, their median, and the
+    median of what was taken off each (launch call's host time; the empty event pair)."""
+    parts = []
+    for kind in ("cold", "warm"):
+        got = [(int(m), int(a)) for m, k, a in KIND.findall(log) if k == kind]
+        if got:
+            measured = statistics.median(m for m, _ in got) / 1000
+            added = statistics.median(a for _, a in got) / 1000
+            parts.append(f"{kind} {len(got)}: {measured:.1f} us (less {added:.1f})")
+    return "; ".join(parts) or "-"
 
 
 def sample_quantiles(log: str) -> tuple[float, float]:
@@ -46,7 +61,7 @@ def sample_quantiles(log: str) -> tuple[float, float]:
     return statistics.median(got) / 1000, got[len(got) // 10] / 1000
 
 
-def run(n: int, share: int, seconds: float, work: Path, shim: Path) -> dict[str, float]:
+def run(n: int, share: int, seconds: float, work: Path, shim: Path) -> dict[str, Any]:
     directory = work / f"slot-{n}-{share}"
     spec = slot.SlotSpec(
         container_id="diag",
@@ -102,6 +117,7 @@ def run(n: int, share: int, seconds: float, work: Path, shim: Path) -> dict[str,
         "throttled_s": usage.throttled_ns / 1e9,
         "sample_median_us": median_us,
         "sample_p10_us": p10_us,
+        "kinds": cold_and_warm(done.stderr),
         "sm_mhz": statistics.mean(float(s[0]) for s in samples),
         "power_w": statistics.mean(float(s[1]) for s in samples),
     }
@@ -116,9 +132,9 @@ def main() -> int:
     args = parser.parse_args()
     print(
         "| n | share | ops/s (GPU time) | achieved | op ms (worker) | shim estimate ms "
-        "| samples median / p10 us | throttled s | SM MHz | power W |"
+        "| samples median / p10 us | cold and warm samples | throttled s | SM MHz | power W |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.n:
             base = run(n, 100, args.seconds, Path(tmp), args.shim)
@@ -131,7 +147,8 @@ def main() -> int:
                     f"| {n} | {share} | {r['ops_per_s']:.1f} | "
                     f"{r['ops_per_s'] / base['ops_per_s']:.3f} | {r['op_ms']:.3f} | "
                     f"{r['estimate_ms']:.4f} | {r['sample_median_us']:.1f} / "
-                    f"{r['sample_p10_us']:.1f} | {r['throttled_s']:.2f} | {r['sm_mhz']:.0f} | "
+                    f"{r['sample_p10_us']:.1f} | {r['kinds']} | {r['throttled_s']:.2f} | "
+                    f"{r['sm_mhz']:.0f} | "
                     f"{r['power_w']:.0f} |",
                     flush=True,
                 )

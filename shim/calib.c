@@ -329,14 +329,15 @@ bool shim_calib_pending(void)
     return atomic_load_explicit(&pending, memory_order_relaxed) > 0;
 }
 
-static void finish(struct sample *s, uint64_t measured_ns)
+static void finish(struct sample *s, uint64_t measured_ns, uint64_t added_ns)
 {
     struct estimate *e = &table[s->index];
     if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
         return; /* evicted meanwhile */
     fold(&e->est_ns, measured_ns);
-    shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu", (unsigned long long)s->key,
-             (unsigned long long)measured_ns, (unsigned long long)e->est_ns);
+    shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu %s %llu", (unsigned long long)s->key,
+             (unsigned long long)measured_ns, (unsigned long long)e->est_ns,
+             s->cold ? "cold, less" : "warm, less", (unsigned long long)added_ns);
     fold(&average_ns, measured_ns);
     /* True up what was charged before this key had any measurement. */
     uint32_t n = atomic_exchange_explicit(&e->uncalibrated, 0, memory_order_relaxed);
@@ -388,8 +389,10 @@ void shim_calib_poll(void)
         if (rc == CUDA_ERROR_NOT_READY)
             continue;
         uint64_t span = 0;
-        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[END], &span))
-            finish(s, span - added_time(s, elapsed, span));
+        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[END], &span)) {
+            uint64_t added = added_time(s, elapsed, span);
+            finish(s, span - added, added);
+        }
         atomic_fetch_sub_explicit(&pending, 1, memory_order_relaxed);
         atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
     }
