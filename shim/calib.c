@@ -335,9 +335,10 @@ static void finish(struct sample *s, uint64_t measured_ns, uint64_t added_ns)
     if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
         return; /* evicted meanwhile */
     fold(&e->est_ns, measured_ns);
-    shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu %s %llu", (unsigned long long)s->key,
-             (unsigned long long)measured_ns, (unsigned long long)e->est_ns,
-             s->cold ? "cold, less" : "warm, less", (unsigned long long)added_ns);
+    shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu %s, less %llu",
+             (unsigned long long)s->key, (unsigned long long)measured_ns,
+             (unsigned long long)e->est_ns, s->cold ? "cold" : "warm",
+             (unsigned long long)added_ns);
     fold(&average_ns, measured_ns);
     /* True up what was charged before this key had any measurement. */
     uint32_t n = atomic_exchange_explicit(&e->uncalibrated, 0, memory_order_relaxed);
