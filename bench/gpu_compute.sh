@@ -29,7 +29,7 @@ if ! make -C "$REPO" -s shim >"$RAW/build.log" 2>&1 || [ ! -f "$REPO/shim/libvgp
     build_ok=0
 fi
 probe=""
-if nvcc -O2 -o "$WORK/launch_probe" "$REPO/bench/gpu_compute_launch.cu" >>"$RAW/build.log" 2>&1; then
+if nvcc -O2 -o "$WORK/launch_probe" "$REPO/bench/gpu_overhead.cu" -ldl >>"$RAW/build.log" 2>&1; then
     probe=$WORK/launch_probe
 fi
 
