@@ -10,9 +10,10 @@ Sections (each independent; a failure becomes a table row):
      achieved = throughput / unthrottled throughput, target |error| <= 3 points;
   3. two tenants at 30/70 together, each relative to its own solo (unthrottled) throughput;
   4. stability: coefficient of variation of the ops completed per 100 ms window (GPU time);
-  5. launch overhead when tokens are available: an empty-kernel loop native, preloaded at
-     100 % (count only) and preloaded at 90 % (full limiter path, never throttled by such
-     tiny kernels), interleaved ABCABC... and compared by medians (clocks drift).
+  5. launch overhead when tokens are available: bench/gpu_overhead.cu in one process, its
+     launches through the driver's entry point and through the hook in turn, preloaded
+     with no slot, at 100 % (count only) and at 90 % (full limiter path, never throttled
+     by such tiny kernels); the median of the paired differences.
 
 Throughput is measured on the GPU's clock: the worker records an event every few ops and
 reads their timestamps after a final synchronize, so the 100 ms windows are windows of
