@@ -76,6 +76,19 @@ def heartbeat(limits: slotio.LimitsMap, alive: bool) -> Iterator[None]:
             beater.join()
 
 
+@contextlib.contextmanager
+def turn(slot: Path, cycle_us: int, length_us: int, *, alive: bool = True) -> Iterator[None]:
+    """The tenant's window: the first length_us of every cycle_us, published as the observer
+    would, with its heartbeat while the block runs (if alive)."""
+    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits.set_turn(0, abi.pack_turn(cycle_us, 0, length_us))
+    try:
+        with heartbeat(limits, alive=alive):
+            yield
+    finally:
+        limits.close()
+
+
 @dataclass
 class Loop:
     launched: int
@@ -350,13 +363,8 @@ def test_a_tenant_with_a_turn_runs_only_in_its_window(tmp_path: Path, observer: 
     then run early on an idle device) and it still gets its share.  Turns of an observer
     whose heartbeat stopped are ignored: the kernels then run all through the cycle."""
     slot = compute_slot(tmp_path / "slot", 5000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
-    try:
-        with heartbeat(limits, alive=observer == "alive"):
-            r = run(env_for(tmp_path, "turn", slot), "phase", "40000", *loop_args("100", 1.5))
-    finally:
-        limits.close()
+    with turn(slot, 40_000, 20_000, alive=observer == "alive"):
+        r = run(env_for(tmp_path, "turn", slot), "phase", "40000", *loop_args("100", 1.5))
     loop, ran = parse_loop(r.lines, 100), ran_phases(r.lines)
     if observer == "alive":
         assert sum(ran[:5]) >= 0.95 * sum(ran), ran
@@ -371,13 +379,8 @@ def test_a_kernel_longer_than_its_window_still_runs_at_its_share(tmp_path: Path)
     launch goes whatever its length (nothing would ever fit otherwise), and the share
     still holds the tenant to about 20 % of the device."""
     slot = compute_slot(tmp_path / "slot", 2000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    limits.set_turn(0, abi.pack_turn(50_000, 0, 10_000))
-    try:
-        with heartbeat(limits, alive=True):
-            r = run(env_for(tmp_path, "long", slot), *loop_args("25000", 2.5))
-    finally:
-        limits.close()
+    with turn(slot, 50_000, 10_000):
+        r = run(env_for(tmp_path, "long", slot), *loop_args("25000", 2.5))
     loop = parse_loop(r.lines, 25000)
     assert loop.launched >= 8, loop
     assert 0.1 <= loop.device_fraction <= 0.3, loop
@@ -387,15 +390,10 @@ def test_two_processes_of_a_tenant_share_its_window(tmp_path: Path) -> None:
     """Two processes of one tenant at 50 % with the first 20 ms of every 40 ms: the kernels
     of both run inside the window and together they get the tenant's share, not twice it."""
     slot = compute_slot(tmp_path / "slot", 5000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
     env = env_for(tmp_path, "shared", slot)
-    try:
-        with heartbeat(limits, alive=True):
-            procs = [start(env, "phase", "40000", *loop_args("100", 1.5)) for _ in range(2)]
-            outs = [proc.communicate(timeout=60)[0].splitlines() for proc in procs]
-    finally:
-        limits.close()
+    with turn(slot, 40_000, 20_000):
+        procs = [start(env, "phase", "40000", *loop_args("100", 1.5)) for _ in range(2)]
+        outs = [proc.communicate(timeout=60)[0].splitlines() for proc in procs]
     loops = [parse_loop(lines, 100) for lines in outs]
     for ran in (ran_phases(lines) for lines in outs):
         assert sum(ran[:5]) >= 0.95 * sum(ran), ran
@@ -409,19 +407,14 @@ def test_a_tenant_filling_its_turns_reports_its_share_as_demand(tmp_path: Path) 
     reported before it waits for the next, so the demand the observer reads stays about
     its share, and it keeps its turn (the observer keeps it down to half its share)."""
     slot = compute_slot(tmp_path / "slot", 3000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    limits.set_turn(0, abi.pack_turn(50_000, 0, 15_000))
     demands = []
-    try:
-        with heartbeat(limits, alive=True):
-            proc = start(env_for(tmp_path, "demand", slot), *loop_args("1000", 2.0))
-            time.sleep(0.6)
-            while proc.poll() is None and len(demands) < 60:
-                demands.append(int(usage(slot).device[0].demand_centi))
-                time.sleep(0.02)
-            proc.communicate(timeout=30)
-    finally:
-        limits.close()
+    with turn(slot, 50_000, 15_000):
+        proc = start(env_for(tmp_path, "demand", slot), *loop_args("1000", 2.0))
+        time.sleep(0.6)
+        while proc.poll() is None and len(demands) < 60:
+            demands.append(int(usage(slot).device[0].demand_centi))
+            time.sleep(0.02)
+        proc.communicate(timeout=30)
     assert len(demands) >= 20, demands
     assert min(demands) >= 1500, demands
     assert sorted(demands)[len(demands) // 2] >= 2250, demands
@@ -505,13 +498,8 @@ def test_work_that_runs_past_its_window_is_cut_back_to_it(tmp_path: Path) -> Non
     window's work ended and books that much less: its kernels run inside its window (the
     first 20 ms of every 40 ms), not only their launch calls return there."""
     slot = compute_slot(tmp_path / "slot", 5000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
-    try:
-        with heartbeat(limits, alive=True):
-            r = run(env_for(tmp_path, "over", slot), "phase", "40000", *loop_args("100us_500", 2.0))
-    finally:
-        limits.close()
+    with turn(slot, 40_000, 20_000):
+        r = run(env_for(tmp_path, "over", slot), "phase", "40000", *loop_args("100us_500", 2.0))
     ran = ran_phases(r.lines)
     assert sum(ran[:5]) >= 0.9 * sum(ran), ran
 
@@ -526,18 +514,13 @@ def test_a_neighbour_delaying_one_window_raises_the_margin_a_little(tmp_path: Pa
     ms of overrun).  The margin rises by at most 1/16 of the window for it; rising by half
     of the overrun, the tenant would leave most of its next windows empty."""
     slot = compute_slot(tmp_path / "slot", 5000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
     env = env_for(tmp_path, "late", slot, BUD_LOG_LEVEL="debug")
-    try:
-        with heartbeat(limits, alive=True):
-            tenant = start(env, "phase", "40000", *loop_args("200", 2.0))
-            time.sleep(1.0)
-            neighbour = Env(state=env.state)
-            run(neighbour, "init", "func", "k_40ms", "run", "kernel", "0", "0.001", preload=False)
-            _, err = tenant.communicate(timeout=60)
-    finally:
-        limits.close()
+    with turn(slot, 40_000, 20_000):
+        tenant = start(env, "phase", "40000", *loop_args("200", 2.0))
+        time.sleep(1.0)
+        neighbour = Env(state=env.state)
+        run(neighbour, "init", "func", "k_40ms", "run", "kernel", "0", "0.001", preload=False)
+        _, err = tenant.communicate(timeout=60)
     steps = [(int(over), int(margin)) for over, margin in MARGIN_LINE.findall(err)]
     assert any(over >= 5_000 for over, _ in steps[5:]), steps  # the neighbour's, not the start's
     margins = [margin for _, margin in steps]
@@ -548,28 +531,23 @@ def test_turns_record_no_event_on_a_capturing_stream(tmp_path: Path) -> None:
     """A stream being captured into a graph gets no event from the shim, not even the
     marker for the end of a turn window's work; its kernels still keep to the window."""
     slot = compute_slot(tmp_path / "slot", 5000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
-    limits.set_turn(0, abi.pack_turn(40_000, 0, 20_000))
-    try:
-        with heartbeat(limits, alive=True):
-            r = run(
-                env_for(tmp_path, "capture", slot),
-                "init",
-                "capture",
-                "1",
-                "phase",
-                "40000",
-                "func",
-                "k_100us",
-                "run",
-                "kernel",
-                "0",
-                "1.0",
-                "count",
-                "cuEventRecord",
-            )
-    finally:
-        limits.close()
+    with turn(slot, 40_000, 20_000):
+        r = run(
+            env_for(tmp_path, "capture", slot),
+            "init",
+            "capture",
+            "1",
+            "phase",
+            "40000",
+            "func",
+            "k_100us",
+            "run",
+            "kernel",
+            "0",
+            "1.0",
+            "count",
+            "cuEventRecord",
+        )
     assert int(r.field("count")[2]) == 0, r.lines
     ran = ran_phases(r.lines)
     assert sum(ran[:5]) >= 0.95 * sum(ran), ran

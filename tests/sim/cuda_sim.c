@@ -806,8 +806,9 @@ SIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
 
 /*
  * A function's duration comes from its name: "k_200us" runs 200 us, "k_5ms"
- * 5 ms, "k_100us_500us" 100 and 500 us in turn; any other name, and a NULL function, takes no time.  A graph made
- * with fcspSimGraphExec(ns) runs ns as one unit.
+ * 5 ms, "k_100us_500us" 100 and 500 us in turn; any other name, and a NULL
+ * function, takes no time.  A graph made with fcspSimGraphExec(ns) runs ns as
+ * one unit.
  */
 struct CUfunc_st {
     uint64_t dur_ns;
