@@ -304,15 +304,13 @@ class Bench:
         """Gone, as after its container's poststop: strict slots left behind would add up
         past 100 % and the observer would scale them all down."""
         from fcsp_hook import abi
-        from fcsp_hook.slot import remove_slot, slot_path
+        from fcsp_hook.errors import SlotError
+        from fcsp_hook.slot import read_usage, remove_slot, slot_path
 
         # What a tenant's turns learnt (compute.c turn_margin: us before its window's end it
         # stopped booking, below 0 after it) and how long its launches waited for its share.
-        with contextlib.suppress(OSError, ValueError):
-            usage = abi.Usage.from_buffer_copy(
-                (slot_path(self.run_dir, name) / abi.USAGE_FILE).read_bytes()
-            )
-            device = usage.device[0]
+        with contextlib.suppress(OSError, SlotError):
+            device = read_usage(slot_path(self.run_dir, name) / abi.USAGE_FILE).device[0]
             margin_us = ctypes.c_int32(device.turn_margin & 0xFFFFFFFF).value
             with (self.raw / "turn-margins.txt").open("a") as out:
                 out.write(
