@@ -74,7 +74,6 @@
 #define CLOCK_SCALE_ONE 10000u /* clock_scale_centi of kernels as fast as at full load */
 #define CLOCK_SCALE_MAX 20000u
 #define TURN_MASK ((1ull << FCSP_TURN_BITS) - 1)
-#define TLS __attribute__((tls_model("initial-exec"))) __thread
 
 _Atomic int shim_launch_entry = LAUNCH_SLOW;
 
@@ -247,6 +246,7 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
                            uint64_t now)
 {
     flush(now); /* the observer sees this thread's work before it sees the wait */
+    shim_calib_run_close(); /* the stream may drain meanwhile */
     while (now < deadline) {
         uint64_t until = deadline - now > WAIT_CHUNK_NS ? now + WAIT_CHUNK_NS : deadline;
         sleep_until(until);
@@ -411,6 +411,7 @@ static void wait_for_turn(struct fcsp_usage_device *u, int entry, struct turn t,
     if (book(u, &t, cost, now))
         return;
     flush(now); /* what it did in its window counts for its demand before it waits */
+    shim_calib_run_close();
     uint64_t closed = window_opened(&t, now) + t.length;
     bool marked = shim_calib_mark(stream, ptsz);
     for (;;) {
@@ -444,6 +445,8 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
                          bool ptsz)
 {
     int ordinal = 0; /* a cached entry means a single device: ordinal 0 */
+    if (unlikely(shim_calib_open_run >= 0))
+        l->sample = shim_calib_run_next(key, stream, ptsz);
     if (unlikely(entry < 0)) {
         entry = entry_slow(&ordinal);
         if (entry < 0)
@@ -480,7 +483,9 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
     if (unlikely(turns))
         wait_for_turn(u, entry, turn, cost, now, stream, ptsz);
     account(entry, cost, tokens, now);
-    if (unlikely(sample))
+    if (unlikely(l->sample >= 0) && shim_calib_open_run < 0)
+        l->sample = -1; /* a wait closed the run */
+    else if (unlikely(sample) && l->sample < 0)
         l->sample = shim_calib_arm(index, key, entry, stream, ptsz);
 }
 

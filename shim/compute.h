@@ -18,6 +18,7 @@
 #include "shim.h"
 
 #define SHARE_FULL_CENTI 10000u /* the whole GPU */
+#define TLS __attribute__((tls_model("initial-exec"))) __thread
 
 struct compute_launch {
     int sample; /* calibration ring slot armed for this launch; -1: none */
@@ -85,6 +86,15 @@ static inline uint64_t compute_graph_key(const void *exec)
 uint64_t shim_calib_cost(uint64_t key, uint64_t now, bool *sample, uint32_t *index);
 /* Arm a sample: record the start event on the launch's stream.  -1 if it could not. */
 int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, bool ptsz);
+/*
+ * A run: the sample this thread armed last, kept open over its next launches of the same
+ * key and stream (short kernels); -1 when none is.  shim_calib_run_next, before a launch
+ * while one is: the sample to measure it in, or -1 after closing the run (another key or
+ * stream, an idle stream); shim_calib_run_close before the thread waits.
+ */
+extern TLS int shim_calib_open_run;
+int shim_calib_run_next(uint64_t key, CUstream stream, bool ptsz);
+void shim_calib_run_close(void);
 /* Fold finished samples into the estimates; non-blocking, at most one thread at a time. */
 void shim_calib_poll(void);
 bool shim_calib_pending(void);

@@ -1,7 +1,7 @@
 /*
  * libvgpu.so is loaded into whatever image a tenant runs, so it asks the C library
  * only for symbol versions that glibc 2.17 already had.  Built against a newer glibc,
- * dlopen and friends and pthread_once would bind to GLIBC_2.34 (when they moved from
+ * dlopen and friends, pthread_once and the thread-specific keys would bind to GLIBC_2.34 (when they moved from
  * libdl and libpthread into libc), and every program of an image with an older glibc
  * (Ubuntu 20.04 and Debian 11 ship 2.31) would then fail to start under
  * /etc/ld.so.preload.  The old versions are still exported by new glibc; the library
@@ -20,6 +20,8 @@ __asm__(".symver dlerror,dlerror@GLIBC_2.2.5");
 __asm__(".symver dlvsym,dlvsym@GLIBC_2.2.5");
 __asm__(".symver dladdr1,dladdr1@GLIBC_2.3.3");
 __asm__(".symver pthread_once,pthread_once@GLIBC_2.2.5");
+__asm__(".symver pthread_key_create,pthread_key_create@GLIBC_2.2.5");
+__asm__(".symver pthread_setspecific,pthread_setspecific@GLIBC_2.2.5");
 #endif
 
 #endif /* FCSP_GLIBC_COMPAT_H */
