@@ -547,6 +547,7 @@ def resize(
         check=True,
         env={**os.environ, "PYTHONPATH": observer_proc.pythonpath()},
         capture_output=True,
+        cwd=observer_proc.REPO,  # python -m looks in the working directory first
     )
     written = time.monotonic()
     to_share = s.wait_share("A", lambda v: v == 6000, written)

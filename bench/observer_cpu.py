@@ -73,6 +73,7 @@ def main() -> int:
             [sys.executable, "-m", "fcsp_hook.observer", "--config", str(cfg)],
             env=env,
             stderr=subprocess.PIPE,
+            cwd=REPO,  # python -m looks in the working directory first
         )
         time.sleep(3.0)  # start-up (imports, first ticks) is not the steady cost
         cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()

@@ -27,7 +27,9 @@ def bench_config(run_dir: Path, state_dir: Path, clock_normalise: str, max_speed
 
 
 def start(config: Path, text: str, log: Path) -> subprocess.Popen[bytes]:
-    """Write `text` to `config` and start the observer on it, stdout and stderr to `log`."""
+    """Write `text` to `config` and start the observer on it, stdout and stderr to `log`.
+    Run from the checkout: `python -m` puts the working directory first on the path, so a
+    bench of another checkout run from this one would start this one's observer."""
     config.write_text(text)
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -35,6 +37,7 @@ def start(config: Path, text: str, log: Path) -> subprocess.Popen[bytes]:
             env={**os.environ, "PYTHONPATH": pythonpath()},
             stdout=out,
             stderr=out,
+            cwd=REPO,
         )
 
 
