@@ -39,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,7 @@ class Bench:
     points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     pair_points: list[tuple[float, float]] = field(default_factory=list)
     observer: subprocess.Popen[bytes] | None = None
+    scales: dict[str, list[int]] = field(default_factory=dict)  # clock_scale_centi seen
 
     @property
     def run_dir(self) -> Path:
@@ -312,19 +314,49 @@ class Bench:
         with contextlib.suppress(OSError, SlotError):
             device = read_usage(slot_path(self.run_dir, name) / abi.USAGE_FILE).device[0]
             margin_us = ctypes.c_int32(device.turn_margin & 0xFFFFFFFF).value
+            seen = sorted(self.scales.pop(name, []) or [0])
             with (self.raw / "turn-margins.txt").open("a") as out:
                 out.write(
                     f"{name} margin_us {margin_us} throttled_ms {device.throttled_ns / 1e6:.1f}"
-                    f" busy_ms {device.busy_ns / 1e6:.1f}\n"
+                    f" busy_ms {device.busy_ns / 1e6:.1f} clock_scale_centi {seen[0]}"
+                    f"/{seen[len(seen) // 2]}/{seen[-1]}\n"
                 )
         remove_slot(self.run_dir, name)
+
+    @contextlib.contextmanager
+    def sampling_scales(self, tags: list[str]) -> Any:
+        """While the block runs, the clock scale fcsp-observer publishes to each tenant
+        (clock_normalise), every 100 ms: a tenant doing more than its share of the work with
+        its share of the time ran at a clock the scale did not make up for."""
+        from fcsp_hook import abi
+        from fcsp_hook.errors import SlotError
+        from fcsp_hook.slot import read_limits, slot_path
+
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                for tag in tags:
+                    with contextlib.suppress(OSError, SlotError):
+                        limits = read_limits(slot_path(self.run_dir, tag) / abi.LIMITS_FILE)
+                        scale = int(limits.device[0].clock_scale_centi)
+                        self.scales.setdefault(tag, []).append(scale)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def measure(self, n: int, share: int, tag: str) -> Measured:
         proc = self.spawn(
             ["worker", "--n", str(n), "--seconds", str(SECONDS)], self.slot(tag, share)
         )
         try:
-            return analyse(self.collect(proc, tag))
+            with self.sampling_scales([tag]):
+                return analyse(self.collect(proc, tag))
         finally:
             self.drop_slot(tag)
 
@@ -403,11 +435,13 @@ def run_pair(
         time.sleep(0.01)
     (barrier / "go").touch()
     results: list[tuple[int, Measured | Exception]] = []
-    for i, share, proc in procs:
-        try:
-            results.append((share, analyse(b.collect(proc, f"{tag}-{i}"))))
-        except Exception as exc:  # every failure is a row
-            results.append((share, exc))
+    with b.sampling_scales([f"{tag}-{i}" for i, _, _ in procs]):
+        for i, share, proc in procs:
+            try:
+                results.append((share, analyse(b.collect(proc, f"{tag}-{i}"))))
+            except Exception as exc:  # every failure is a row
+                results.append((share, exc))
+    for i, _, _ in procs:
         b.drop_slot(f"{tag}-{i}")
     return results
 
