@@ -222,7 +222,10 @@ class Bench:
     points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     pair_points: list[tuple[float, float]] = field(default_factory=list)
     observer: subprocess.Popen[bytes] | None = None
-    scales: dict[str, list[int]] = field(default_factory=dict)  # clock_scale_centi seen
+    # Per tenant, every 100 ms while it ran: the clock scale in its slot, and the GPU's
+    # clock, utilisation and power as fcsp-observer read them (its state file).
+    scales: dict[str, list[int]] = field(default_factory=dict)
+    readings: dict[str, list[tuple[float, ...]]] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -315,19 +318,23 @@ class Bench:
             device = read_usage(slot_path(self.run_dir, name) / abi.USAGE_FILE).device[0]
             margin_us = ctypes.c_int32(device.turn_margin & 0xFFFFFFFF).value
             seen = sorted(self.scales.pop(name, []) or [0])
+            read = [statistics.median(r) for r in zip(*self.readings.pop(name, []), strict=True)]
+            mhz, full_load, util, power = read or [0.0] * 4
             with (self.raw / "turn-margins.txt").open("a") as out:
                 out.write(
                     f"{name} margin_us {margin_us} throttled_ms {device.throttled_ns / 1e6:.1f}"
                     f" busy_ms {device.busy_ns / 1e6:.1f} clock_scale_centi {seen[0]}"
-                    f"/{seen[len(seen) // 2]}/{seen[-1]}\n"
+                    f"/{seen[len(seen) // 2]}/{seen[-1]} median sm_mhz {mhz:.0f} full_load_mhz"
+                    f" {full_load:.0f} util_pct {util:.0f} power_w {power:.0f}\n"
                 )
         remove_slot(self.run_dir, name)
 
     @contextlib.contextmanager
     def sampling_scales(self, tags: list[str]) -> Any:
-        """While the block runs, the clock scale fcsp-observer publishes to each tenant
-        (clock_normalise), every 100 ms: a tenant doing more than its share of the work with
-        its share of the time ran at a clock the scale did not make up for."""
+        """While the block runs, every 100 ms, the clock scale fcsp-observer publishes to
+        each tenant (clock_normalise) and the reading it came from: a tenant doing more than
+        its share of the work with its share of the time ran at a clock the scale did not
+        make up for."""
         from fcsp_hook import abi
         from fcsp_hook.errors import SlotError
         from fcsp_hook.slot import read_limits, slot_path
@@ -336,7 +343,10 @@ class Bench:
 
         def sample() -> None:
             while not done.wait(0.1):
+                reading = self.observer_clock()
                 for tag in tags:
+                    if reading:
+                        self.readings.setdefault(tag, []).append(reading)
                     with contextlib.suppress(OSError, SlotError):
                         limits = read_limits(slot_path(self.run_dir, tag) / abi.LIMITS_FILE)
                         scale = int(limits.device[0].clock_scale_centi)
@@ -349,6 +359,20 @@ class Bench:
         finally:
             done.set()
             thread.join()
+
+    def observer_clock(self) -> tuple[float, ...]:
+        """(SM MHz, full-load MHz, utilisation %, power W) of the first GPU in the observer's
+        state file; () if it has none yet."""
+        from fcsp_hook.observer import STATE_FILE
+
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            doc = json.loads((self.run_dir / STATE_FILE).read_text())
+            for clock in doc.get("clocks", {}).values():
+                return tuple(
+                    float(clock.get(k) or 0)
+                    for k in ("sm_mhz", "full_load_mhz", "util_pct", "power_w")
+                )
+        return ()
 
     def measure(self, n: int, share: int, tag: str) -> Measured:
         proc = self.spawn(

@@ -244,9 +244,11 @@ def clock_lines(state: ObserverView) -> list[str]:
                 "(never busy at its power limit)"
             )
         else:
+            power = info.get("power_w")
+            drawn = f", {power:.0f} W" if isinstance(power, int | float) else ""
             lines.append(
                 f"{gpu}: SM {now} MHz, full load {full_load} MHz: kernels charged "
-                f"x{scale / 10000:.2f} of their time"
+                f"x{scale / 10000:.2f} of their time (busy {_int(info.get('util_pct'))} %{drawn})"
             )
     return lines
 

@@ -256,6 +256,27 @@ def update_track(
         track.unmet = 1 if sample.demand_centi * 10 >= effective * 9 else 0
 
 
+@dataclass(frozen=True)
+class GpuClock:
+    """clock_normalise on one GPU: the full-load clock learned, the reading the scale
+    came from (its clock the highest of the last CLOCK_WINDOW), and the scale."""
+
+    full_load_mhz: float
+    reading: policy.ClockReading
+    scale_centi: int
+
+    def status(self) -> dict[str, object]:
+        """For the state file: with the utilisation and power that weighted the scale
+        (policy.power_bound_centi), so that a scale can be checked against them."""
+        return {
+            "full_load_mhz": round(self.full_load_mhz),
+            "sm_mhz": self.reading.sm_mhz,
+            "scale_centi": self.scale_centi,
+            "util_pct": self.reading.util_pct,
+            "power_w": self.reading.power_w,
+        }
+
+
 def turn_ratio(word: int) -> float:
     cycle, _, length = abi.unpack_turn(word)
     return length / cycle if cycle else 0.0
@@ -323,8 +344,8 @@ class Observer:
         self.dirty_status = True
         self.mps: dict[str, mpsd.Daemon] = {}
         self.next_mps_ns = 0
-        # Per GPU UUID: the full-load SM clock learned so far, the clock now, the scale.
-        self.clocks: dict[str, tuple[float, int, int]] = {}
+        # Per GPU UUID: the full-load SM clock learned so far, the reading, the scale.
+        self.clocks: dict[str, GpuClock] = {}
         self.recent_mhz: dict[str, deque[int]] = {}
         # GPUs whose busy tenants take turns (policy.turns) as of the last tick.
         self.turning: set[str] = set()
@@ -677,13 +698,14 @@ class Observer:
                 # Tenants taking turns keep the GPU busy: a clock above the full-load one
                 # then comes from gaps between turns, which no tenant's share should pay.
                 scale = abi.WHOLE_GPU_CENTI
-            self.clocks[gpu.uuid] = (reference, busy.sm_mhz, scale)
+            self.clocks[gpu.uuid] = GpuClock(reference, busy, scale)
         if on:
             self._save_full_load()
         for cid, tenant in self.tenants.items():
             for i in range(tenant.device_count):
                 uuid = gpu_key(tenant.spec.device[i], cid, i, self.minors)
-                scale = self.clocks.get(uuid, (0.0, 0, 0))[2] if on else 0
+                known = self.clocks.get(uuid)
+                scale = known.scale_centi if on and known else 0
                 if tenant.limits.clock_scale(i) != scale:
                     tenant.limits.set_clock_scale(i, scale)
         if not on:
@@ -876,10 +898,7 @@ class Observer:
                 for gpu, state in self.gpu_states.items()
             },
             "backends": {uuid: asdict(d.state) for uuid, d in self.mps.items()},
-            "clocks": {
-                uuid: {"full_load_mhz": round(ref), "sm_mhz": mhz, "scale_centi": scale}
-                for uuid, (ref, mhz, scale) in self.clocks.items()
-            },
+            "clocks": {uuid: clock.status() for uuid, clock in self.clocks.items()},
             "foreign_host_pids": self.foreign,
             "tenants": tenants,
             "ticks": self.ticks,

@@ -120,15 +120,22 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
         wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
         clock.write_text("1980 40 600 700\n")  # throttled: partly idle, clocked up
         wait_for("scale published", lambda: limits.clock_scale(0) == 12500)
-        published = {"full_load_mhz": 1500, "sm_mhz": 1980, "scale_centi": 12500}
+        published = {
+            "full_load_mhz": 1500,
+            "sm_mhz": 1980,
+            "scale_centi": 12500,
+            "util_pct": 40,
+            "power_w": 600.0,
+        }
 
         def clocks() -> list[object]:
             value = host.state().get("clocks", {})
             return list(value.values()) if isinstance(value, dict) else []
 
         wait_for("clocks in the state file", lambda: clocks() == [published])
-        assert "SM 1980 MHz, full load 1500 MHz: kernels charged x1.25 of their time" in (
-            ctl.status_text(host.run_dir)
+        assert (
+            "SM 1980 MHz, full load 1500 MHz: kernels charged x1.25 of their time"
+            " (busy 40 %, 600 W)" in ctl.status_text(host.run_dir)
         )
         clock.write_text("1980 40 200 700\n")  # small kernels, far from the power limit
         wait_for("no speed-up charged", lambda: limits.clock_scale(0) == 10000)
