@@ -30,13 +30,13 @@
  *
  * A kernel much shorter than RUN_NS is measured over a run of consecutive
  * launches of its key on one stream from one thread (up to RUN_NS of them
- * by its estimate, at most RUN_MAX), the end event recorded again after
- * each: spans of one such kernel on the H200 stayed 0.5-1.5 us above its
- * time back to back (21.5 us), which charged a 20 us-kernel tenant 2-7 %
- * more than it used.  A run ends before a launch of another key or stream,
- * before the thread waits for its share or turn, and before a launch onto a
- * stream that went idle: the span then never holds time the GPU did not
- * spend on the run's kernels.
+ * by its estimate, at most RUN_MAX), with an end event after the first and
+ * one after the last: spans of one such kernel on the H200 stayed 0.5-1.5 us
+ * above its time back to back (21.5 us), which charged a 20 us-kernel tenant
+ * 2-7 % more than it used.  A run ends before a launch of another key or
+ * stream, before the thread waits for its share or turn, and before a launch
+ * onto a stream that went idle: the span then never holds time the GPU did
+ * not spend on the run's kernels.
  *
  * Unknown keys cost the process's running estimate (DEFAULT_COST_NS before
  * any).  What launches of a key were charged before its first measurement
@@ -99,7 +99,7 @@ struct sample {
 };
 
 static struct sample ring[RING];
-/* The sample this thread's run is in: armed, its end event recorded after each launch. */
+/* The sample this thread's run is in (armed, measuring its launches); -1: none. */
 TLS int shim_calib_open_run = -1;
 static pthread_key_t run_owner; /* closes a thread's open run when the thread exits */
 static pthread_once_t run_owner_once = PTHREAD_ONCE_INIT;

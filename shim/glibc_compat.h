@@ -1,12 +1,12 @@
 /*
  * libvgpu.so is loaded into whatever image a tenant runs, so it asks the C library
  * only for symbol versions that glibc 2.17 already had.  Built against a newer glibc,
- * dlopen and friends, pthread_once and the thread-specific keys would bind to GLIBC_2.34 (when they moved from
- * libdl and libpthread into libc), and every program of an image with an older glibc
- * (Ubuntu 20.04 and Debian 11 ship 2.31) would then fail to start under
- * /etc/ld.so.preload.  The old versions are still exported by new glibc; the library
- * links libdl and libpthread so that old glibc finds them where they lived (every
- * glibc image has both: glibc >= 2.34 still ships them, empty).  stat and
+ * dlopen and friends, pthread_once and the thread-specific keys would bind to
+ * GLIBC_2.34 (when they moved from libdl and libpthread into libc), and every program
+ * of an image with an older glibc (Ubuntu 20.04 and Debian 11 ship 2.31) would then
+ * fail to start under /etc/ld.so.preload.  The old versions are still exported by new
+ * glibc; the library links libdl and libpthread so that old glibc finds them where they
+ * lived (every glibc image has both: glibc >= 2.34 still ships them, empty).  stat and
  * fstat (GLIBC_2.33) are not used at all: see shim_stat in slot.c.
  * tests/test_shim_exports.py checks every version the library needs.
  */
