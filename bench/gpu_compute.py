@@ -330,7 +330,7 @@ class Bench:
         remove_slot(self.run_dir, name)
 
     @contextlib.contextmanager
-    def sampling_scales(self, tags: list[str]) -> Any:
+    def sampling_clocks(self, tags: list[str]) -> Any:
         """While the block runs, every 100 ms, the clock scale fcsp-observer publishes to
         each tenant (clock_normalise) and the reading it came from: a tenant doing more than
         its share of the work with its share of the time ran at a clock the scale did not
@@ -379,7 +379,7 @@ class Bench:
             ["worker", "--n", str(n), "--seconds", str(SECONDS)], self.slot(tag, share)
         )
         try:
-            with self.sampling_scales([tag]):
+            with self.sampling_clocks([tag]):
                 return analyse(self.collect(proc, tag))
         finally:
             self.drop_slot(tag)
@@ -459,7 +459,7 @@ def run_pair(
         time.sleep(0.01)
     (barrier / "go").touch()
     results: list[tuple[int, Measured | Exception]] = []
-    with b.sampling_scales([f"{tag}-{i}" for i, _, _ in procs]):
+    with b.sampling_clocks([f"{tag}-{i}" for i, _, _ in procs]):
         for i, share, proc in procs:
             try:
                 results.append((share, analyse(b.collect(proc, f"{tag}-{i}"))))
