@@ -77,12 +77,12 @@ $(SIM_DIR)/libnvidia-ml.so.1: tests/sim/nvml_sim.c tests/sim/sim_state.c tests/s
 
 $(TPROG_DIR)/drv_procaddr: tests/shim/drv.c tests/shim/drv_procaddr.c tests/shim/drv.h
 	@mkdir -p $(TPROG_DIR)
-	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_procaddr.c -ldl
+	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_procaddr.c -ldl -lpthread
 
 # Linked against the simulated libcuda.so.1 like a program built with -lcuda.
 $(TPROG_DIR)/drv_direct: tests/shim/drv.c tests/shim/drv_direct.c tests/shim/drv.h $(SIM_DIR)/libcuda.so.1
 	@mkdir -p $(TPROG_DIR)
-	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_direct.c -L$(SIM_DIR) -lcuda -ldl
+	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_direct.c -L$(SIM_DIR) -lcuda -ldl -lpthread
 
 $(TPROG_DIR)/nvmlq: tests/shim/nvmlq.c
 	@mkdir -p $(TPROG_DIR)

@@ -480,6 +480,23 @@ def test_short_kernels_are_measured_over_runs_of_launches(tmp_path: Path, sync: 
     assert long_runs[len(long_runs) // 2] <= 20_800, samples  # one launch at a time: 22_000
 
 
+def test_a_thread_that_exits_mid_run_gives_its_sample_back(tmp_path: Path) -> None:
+    """A run belongs to the thread that launches it; one that exits with its run open has
+    it closed (a thread-specific key's destructor) as a measurement of one launch.  Twice,
+    twelve threads in turn each launch three 20 us kernels and exit in the middle of a run,
+    and the main thread launches for a while (finished samples are taken in by a launching
+    thread): each of the 24 still measures one, and the shim's 16 samples are not used up
+    by them: the main thread's launches after them are measured over runs."""
+    slot = compute_slot(tmp_path / "threads", 5000)
+    env = env_for(tmp_path, "threads", slot, BUD_LOG_LEVEL="debug")
+    threads_then_main = ["threads", "0", "12", "3", "run", "kernel", "0", "0.2"]
+    r = run(env, "init", "func", "k_20us", *threads_then_main, *threads_then_main, timeout=60)
+    assert r.lines.count("threads 12") == 2, r.lines
+    runs = [int(n) for _, n in CALIB_LINE.findall(r.stderr)]
+    assert runs.count(1) >= 20, runs
+    assert max(runs[-5:]) >= 8, runs
+
+
 def test_build_has_the_compute_entry_points() -> None:
     """The simulated driver exports the event and stream calls the shim resolves for itself."""
     build()

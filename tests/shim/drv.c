@@ -18,9 +18,12 @@
  *                          (-1: none) for SECONDS, then synchronize; prints
  *                          "run RC launched N wall_ns W cpu_ns C"
  *   capture 0|1            the sim's legacy stream reports (not) capturing
+ *   threads ID N LAUNCHES  N threads in turn, each launching function ID LAUNCHES
+ *                          times and exiting; prints "threads JOINED"
  */
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -253,6 +256,37 @@ static void run_loop(const char *kind, int id, double seconds)
     }
 }
 
+/* "threads ID N LAUNCHES": N threads one after another, each launching object ID (a
+ * function) LAUNCHES times and exiting, 11 ms apart (each gets the calibration sample that
+ * is due every 10 ms). */
+struct thread_job {
+    void *obj;
+    long launches;
+};
+
+static void *thread_launches(void *arg)
+{
+    const struct thread_job *job = arg;
+    if (use_device(0) == CUDA_SUCCESS)
+        for (long k = 0; k < job->launches; k++)
+            launch_obj("kernel", job->obj);
+    return NULL;
+}
+
+static void run_threads(int id, int n, long launches)
+{
+    struct thread_job job = {id >= 0 ? (void *)(uintptr_t)objects[id].value : NULL, launches};
+    int joined = 0;
+    for (int t = 0; t < n; t++) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, thread_launches, &job) == 0 &&
+            pthread_join(thread, NULL) == 0)
+            joined++;
+        usleep(11000);
+    }
+    printf("threads %d\n", joined);
+}
+
 static void print_usage(void)
 {
     const char *dir = getenv("FCSP_SLOT_DIR");
@@ -420,6 +454,9 @@ int main(int argc, char **argv)
             i += 2;
         } else if (strcmp(cmd, "run") == 0) { /* KIND ID SECONDS */
             run_loop(ARG(1), atoi(ARG(2)), atof(ARG(3)));
+            i += 4;
+        } else if (strcmp(cmd, "threads") == 0) { /* ID N LAUNCHES */
+            run_threads(atoi(ARG(1)), atoi(ARG(2)), atol(ARG(3)));
             i += 4;
         } else if (strcmp(cmd, "batch") == 0) { /* N: later runs synchronize every N launches */
             sync_every = atol(ARG(1));
