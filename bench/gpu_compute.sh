@@ -7,8 +7,9 @@
 # Writes $OUT/compute.md (markdown), $OUT/compute.png (achieved vs requested) and keeps
 # raw worker outputs in $OUT/compute-raw/ (turn-margins.txt: per tenant, its turn margin,
 # throttled and busy time, the clock scale the observer gave it, min/median/max, in
-# 1/10000, and the medians of the clock, utilisation and power the observer read).  Every section runs on its own: a failure is
-# a row in the table, not an abort.  Budget: under 8 minutes (BENCH_SECONDS per run).
+# 1/10000, and the medians of the clock, utilisation and power the observer read).
+# Every section runs on its own: a failure is a row in the table, not an abort.
+# Budget: under 8 minutes (BENCH_SECONDS per run).
 # fcsp-observer runs over the bench's strict slots as on a host, with the default
 # clock_normalise = "full-load"; BENCH_CLOCK_NORMALISE=off runs it with that setting, and
 # BENCH_CLOCK_NORMALISE= (empty) runs no observer: the shim alone holds each tenant to its

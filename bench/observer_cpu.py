@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import observer_proc  # noqa: E402  # bench/, beside this script
 
 from fcsp_hook import abi, slot  # noqa: E402  # after the path tweak, as a script
 
@@ -53,9 +54,8 @@ def main() -> int:
             )
             if i % 2 == 0:
                 fds.append(os.open(slot.slot_path(run, cid) / abi.USAGE_FILE, os.O_RDWR))
-        cfg = Path(tmp) / "config.toml"
         interval = f"interval_ms = {args.interval_ms}\n" if args.interval_ms else ""
-        cfg.write_text(f'[paths]\nrun_dir = "{run}"\n[observer]\nmetrics_port = 0\n{interval}')
+        config = f'[paths]\nrun_dir = "{run}"\n[observer]\nmetrics_port = 0\n{interval}'
         halt = threading.Event()
 
         def shims() -> None:
@@ -68,22 +68,16 @@ def main() -> int:
 
         thread = threading.Thread(target=shims, daemon=True)
         thread.start()
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fcsp_hook.observer", "--config", str(cfg)],
-            env=env,
-            stderr=subprocess.PIPE,
-            cwd=REPO,  # python -m looks in the working directory first
-        )
+        log = Path(tmp) / "observer.log"
+        proc = observer_proc.start(Path(tmp) / "config.toml", config, log)
         time.sleep(3.0)  # start-up (imports, first ticks) is not the steady cost
         cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
         time.sleep(args.seconds)
         cpu1, wall1 = cpu_seconds(proc.pid), time.monotonic()
         state = json.loads((run / "observer.json").read_text())
-        proc.terminate()
-        _, err = proc.communicate()
+        observer_proc.stop(proc)
         if proc.returncode != 0:
-            print(err.decode()[-2000:], file=sys.stderr)
+            print(log.read_text(errors="replace")[-2000:], file=sys.stderr)
             return 1
         halt.set()
         thread.join()

@@ -516,9 +516,8 @@ void shim_calib_poll(void)
         if (rc == CUDA_ERROR_NOT_READY)
             continue;
         uint64_t span = 0;
-        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[s->end], &span)) {
+        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[s->end], &span))
             finish(s, span, added_time(s, elapsed, span));
-        }
         atomic_fetch_sub_explicit(&pending, 1, memory_order_relaxed);
         atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
     }
