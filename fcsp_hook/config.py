@@ -107,7 +107,8 @@ class ObserverConfig:
     # Tenants that keep a time-sliced GPU busy take turns of a cycle this long, each for
     # its share of it, rather than being switched by the driver every time slice (which
     # loses 6-9 % of an H200).  A turn makes a throttled tenant's launches wait up to one
-    # cycle; latency-priority tenants never take turns.  0: off.
+    # cycle; latency-priority tenants never take turns.  0: off.  It moves within -20/+25 %
+    # so that windows hold whole kernels of tenants whose kernels are long (policy.fit_cycle).
     turn_cycle_ms: int = 50
 
 

@@ -61,6 +61,7 @@ from fcsp_hook.procfs import proc_stat
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
 STATUS_PERIOD_NS = 1_000_000_000
+KERNEL_SPAN_NS = 1_000_000_000  # GPU time per launch is measured over spans this long
 STATE_FILE = "observer.json"
 # How often MPS daemons are checked (alive, faults in their log).
 MPS_CHECK_NS = 500_000_000
@@ -159,6 +160,8 @@ class DeviceTrack:
     active: bool = True
     unmet: int = 0
     throttled_pct: int = 0  # smoothed share of the last ticks spent waiting for tokens
+    kernel_us: float = 0.0  # GPU time per launch over the last KERNEL_SPAN_NS; 0: unknown
+    kernel_span: tuple[int, int, int] = (0, 0, 0)  # (since, launches, busy_ns) then
     usage: slotio.DeviceUsage = field(default_factory=slotio.DeviceUsage)
 
 
@@ -233,6 +236,7 @@ def update_track(
         sample.throttled_ns,
     )
     track.usage = sample
+    update_kernel_time(track, now_ns)
     if d_launch or d_busy or d_throttle:
         track.last_active_ns = now_ns
     track.active = now_ns - track.last_active_ns < obs.idle_window_ms * NS_PER_MS
@@ -254,6 +258,20 @@ def update_track(
         # H200: 97 % <-> 65 % every ~0.3 s for a lone busy tenant).  A claim alone never
         # counts as more than that: 1 keeps the burst, it does not ask for more.
         track.unmet = 1 if sample.demand_centi * 10 >= effective * 9 else 0
+
+
+def update_kernel_time(track: DeviceTrack, now_ns: int) -> None:
+    """GPU time per launch over spans of KERNEL_SPAN_NS: the shim adds busy time in
+    batches (every 16 launches of a thread, and before it waits), launches at once.
+    Counters that went backwards start a new span; forged ones give a wrong value, never
+    an unbounded one."""
+    since, launches, busy = track.kernel_span
+    if since and now_ns - since < KERNEL_SPAN_NS:
+        return
+    if since and track.launches > launches and track.busy_ns > busy:
+        per_launch = (track.busy_ns - busy) / (track.launches - launches) / NS_PER_US
+        track.kernel_us = min(per_launch, abi.TURN_MAX_US)
+    track.kernel_span = (now_ns, track.launches, track.busy_ns)
 
 
 @dataclass(frozen=True)
@@ -596,8 +614,9 @@ class Observer:
             effective = tenant.limits.effective(i)
             keeps = tenant.limits.turn(i) != 0 and track.usage.demand_centi * 2 >= effective
             busy = may_take_turns and track.active and (track.unmet > 0 or keeps)
-            inputs.append(policy.TurnInput(key, effective, busy))
-        words = policy.turns(inputs, cycle_us)
+            inputs.append(policy.TurnInput(key, effective, busy, track.kernel_us))
+        current = max(abi.unpack_turn(tenant.limits.turn(i))[0] for tenant, i in members)
+        words = policy.turns(inputs, cycle_us, current)
         for (tenant, i), turn_input in zip(members, inputs, strict=True):
             word = words[turn_input.key]
             if tenant.limits.turn(i) == word:

@@ -31,10 +31,11 @@ Modes, per tenant:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fcsp_hook.abi import WHOLE_GPU_CENTI, IsolationMode, Priority, pack_turn
+from fcsp_hook.abi import TURN_MAX_US, WHOLE_GPU_CENTI, IsolationMode, Priority, pack_turn
 
 PERCENT = 100
 
@@ -320,23 +321,34 @@ class TurnInput:
     key: str
     share: int  # effective, centi
     busy: bool  # active and using (nearly) all of its share; may take turns
+    kernel_us: float = 0.0  # mean GPU time of its launches; 0: not known
 
 
-def turns(tenants: Sequence[TurnInput], cycle_us: int) -> dict[str, int]:
-    """Each busy tenant's window of a cycle of cycle_us, as the slot's turn word.
+# The cycle may move this far from the configured one to fit whole kernels into windows,
+# but only for a fit better by FIT_GAIN (of a window's length), so that kernel times that
+# jitter from tick to tick do not move the windows.
+CYCLE_FIT_LOW, CYCLE_FIT_HIGH = 0.8, 1.25
+FIT_GAIN = 0.02
+MANY_KERNELS = 1 / (2 * FIT_GAIN)  # a window holding more fits any cycle within FIT_GAIN
+
+
+def turns(tenants: Sequence[TurnInput], cycle_us: int, current_cycle_us: int = 0) -> dict[str, int]:
+    """Each busy tenant's window of a cycle of about cycle_us, as the slot's turn word.
 
     Two busy contexts that the driver time-slices lose 6-9 % of an H200 to switching
     (bench/results/2026-11-29-compute-s5.md); taking turns of a 20-50 ms cycle they lose
     none.  Windows follow one another in key order, each as long as its share of the
     cycle (of the busy tenants' shares together, if they exceed the GPU).  A tenant that
     is not busy gets 0 and launches at any time, as does everyone when fewer than two
-    are busy (nobody to take turns with) or cycle_us is 0.
+    are busy (nobody to take turns with) or cycle_us is 0.  The cycle is fitted to the
+    tenants' kernels (fit_cycle); current_cycle_us is the one in force, if any.
     """
     words = dict.fromkeys((t.key for t in tenants), 0)
     busy = sorted((t for t in tenants if t.busy and t.share > 0), key=lambda t: t.key)
     if cycle_us <= 0 or len(busy) < 2:
         return words
     total = max(sum(t.share for t in busy), WHOLE_GPU_CENTI)
+    cycle_us = fit_cycle(busy, total, cycle_us, current_cycle_us)
     start = 0
     for t in busy:
         length = cycle_us * t.share // total
@@ -344,3 +356,43 @@ def turns(tenants: Sequence[TurnInput], cycle_us: int) -> dict[str, int]:
             words[t.key] = pack_turn(cycle_us, start, length)
         start += length
     return words
+
+
+def misfit(tenants: Sequence[TurnInput], total: int, cycle_us: float) -> float:
+    """How far the worst window is from holding a whole number of its tenant's kernels, as
+    a fraction of the window.  A window ends on a kernel boundary only on average (the shim
+    books the last kernel if half of it fits), so a window of 2.8 kernels of 5 ms is filled
+    by 3 that run 1 ms into the next tenant's window, or by 2, 6 ms short."""
+    worst = 0.0
+    for t in tenants:
+        if t.kernel_us <= 0:
+            continue
+        kernels = cycle_us * t.share / total / t.kernel_us
+        if kernels <= MANY_KERNELS:
+            worst = max(worst, abs(kernels - max(round(kernels), 1)) / kernels)
+    return worst
+
+
+def fit_cycle(tenants: Sequence[TurnInput], total: int, cycle_us: int, current_us: int) -> int:
+    """The cycle, within CYCLE_FIT_LOW-CYCLE_FIT_HIGH of cycle_us, whose windows best hold
+    whole kernels: the configured one unless another fits better by FIT_GAIN, and the one
+    in force unless another fits better by FIT_GAIN.  Short kernels fit any cycle; a pair
+    of 5.3 ms-kernel tenants at 30 / 70 % gets 53 ms (3 and 7 kernels) instead of 50."""
+    low, high = cycle_us * CYCLE_FIT_LOW, min(cycle_us * CYCLE_FIT_HIGH, TURN_MAX_US)
+    candidates = [float(cycle_us)]
+    for t in tenants:
+        per_kernel = t.kernel_us * total / t.share  # the cycle per kernel in t's window
+        if t.kernel_us <= 0 or high / per_kernel > MANY_KERNELS:
+            continue
+        first = max(math.ceil(low / per_kernel), 1)
+        candidates += [n * per_kernel for n in range(first, int(high / per_kernel) + 1)]
+    fitting = [c for c in candidates if low <= c <= high]
+    best = min(fitting, key=lambda c: (misfit(tenants, total, c), abs(c - cycle_us)))
+    chosen = float(cycle_us)
+    if misfit(tenants, total, best) + FIT_GAIN < misfit(tenants, total, chosen):
+        chosen = best
+    if low <= current_us <= high and (
+        misfit(tenants, total, current_us) <= misfit(tenants, total, chosen) + FIT_GAIN
+    ):
+        chosen = current_us
+    return round(chosen)

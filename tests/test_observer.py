@@ -152,17 +152,17 @@ class Host:
 
 
 class Shim:
-    """Plays a tenant's libvgpu.so: bumps its usage counters while `busy` is set."""
+    """Plays a tenant's libvgpu.so: bumps its usage counters while `busy` is set, with
+    launches of kernel_ns each."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, kernel_ns: int = 100_000) -> None:
         self.fd = os.open(directory / abi.USAGE_FILE, os.O_RDWR)
+        self.kernel_ns = kernel_ns
         self.launches = self.busy_ns = self.throttled_ns = 0
         self.mem = 0
 
-    def report(
-        self, launches: int = 1, busy_ns: int = 2_000_000, throttled_ns: int = 3_000_000
-    ) -> None:
-        self.launches += launches
+    def report(self, busy_ns: int = 2_000_000, throttled_ns: int = 3_000_000) -> None:
+        self.launches = (self.busy_ns + busy_ns) // self.kernel_ns
         self.busy_ns += busy_ns
         self.throttled_ns += throttled_ns
         fields = struct.pack(
@@ -313,6 +313,28 @@ def test_busy_tenants_take_turns_and_stop_when_one_idles(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=TIMEOUT) == 0
     assert turns() == [(0, 0, 0), (0, 0, 0)]
+
+
+def test_turns_of_tenants_with_long_kernels_hold_whole_kernels(
+    host: Host, workload: Callable[[dict[str, Shim]], Workload]
+) -> None:
+    """Tenants whose launches take 5.3 ms each at 30 / 70 %: windows of the 50 ms cycle
+    would hold 2.8 and 6.6 of their kernels; the observer makes the cycle about 53 ms, 3 and
+    7 (as measured over a second of integral launches: within 1.5 %)."""
+    shares = {"a": 3000, "b": 7000}
+    strict = abi.IsolationMode.STRICT
+    shims = {c: Shim(host.add(c, sm=sm, mode=strict), 5_300_000) for c, sm in shares.items()}
+    workload(shims)
+    host.start()
+
+    def kernels_per_window() -> list[float]:
+        turns = [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in "ab"]
+        return [length / 5300 for _, _, length in turns]
+
+    def whole() -> bool:
+        return all(abs(k - n) < 0.1 for k, n in zip(kernels_per_window(), (3, 7), strict=True))
+
+    wait_for("windows of whole kernels", whole)
 
 
 def test_latency_and_unlimited_tenants_never_take_turns(
