@@ -124,7 +124,7 @@ class UsageDevice(ctypes.Structure):
         ("demand_throttled_ns", u64),
         ("turn_booked_ns", u64),
         ("turn_margin", u64),
-        ("reserved", u64 * 1),
+        ("busy_sq", u64),
     )
 
 

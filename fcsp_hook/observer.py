@@ -61,7 +61,7 @@ from fcsp_hook.procfs import proc_stat
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
 STATUS_PERIOD_NS = 1_000_000_000
-KERNEL_SPAN_NS = 1_000_000_000  # GPU time per launch is measured over spans this long
+KERNEL_SPAN_NS = 1_000_000_000  # the size of a tenant's launches is measured over spans this long
 STATE_FILE = "observer.json"
 # How often MPS daemons are checked (alive, faults in their log).
 MPS_CHECK_NS = 500_000_000
@@ -160,8 +160,8 @@ class DeviceTrack:
     active: bool = True
     unmet: int = 0
     throttled_pct: int = 0  # smoothed share of the last ticks spent waiting for tokens
-    kernel_us: float = 0.0  # GPU time per launch over the last KERNEL_SPAN_NS; 0: unknown
-    kernel_span: tuple[int, int, int] = (0, 0, 0)  # (since, launches, busy_ns) then
+    kernel_us: float = 0.0  # size of its launches (update_kernel_time); 0: unknown
+    kernel_span: tuple[int, int, int] = (0, 0, 0)  # (since, busy_sq, busy_ns) then
     usage: slotio.DeviceUsage = field(default_factory=slotio.DeviceUsage)
 
 
@@ -236,7 +236,7 @@ def update_track(
         sample.throttled_ns,
     )
     track.usage = sample
-    update_kernel_time(track, now_ns)
+    update_kernel_time(track, sample, now_ns)
     if d_launch or d_busy or d_throttle:
         track.last_active_ns = now_ns
     track.active = now_ns - track.last_active_ns < obs.idle_window_ms * NS_PER_MS
@@ -260,18 +260,20 @@ def update_track(
         track.unmet = 1 if sample.demand_centi * 10 >= effective * 9 else 0
 
 
-def update_kernel_time(track: DeviceTrack, now_ns: int) -> None:
-    """GPU time per launch over spans of KERNEL_SPAN_NS: the shim adds busy time in
-    batches (every 16 launches of a thread, and before it waits), launches at once.
-    Counters that went backwards start a new span; forged ones give a wrong value, never
-    an unbounded one."""
-    since, launches, busy = track.kernel_span
+def update_kernel_time(track: DeviceTrack, sample: slotio.DeviceUsage, now_ns: int) -> None:
+    """The size of the launches that take a tenant's GPU time: their mean cost weighted by
+    that cost (sum of squares over sum), over spans of KERNEL_SPAN_NS.  Not the plain mean:
+    a GEMM launched with a tiny kernel after it is one 5 ms unit of work in a turn window,
+    not two of 2.5 ms.  Counters that went backwards start a new span; forged ones give a
+    wrong value, never an unbounded one."""
+    since, busy_sq, busy = track.kernel_span
     if since and now_ns - since < KERNEL_SPAN_NS:
         return
-    if since and track.launches > launches and track.busy_ns > busy:
-        per_launch = (track.busy_ns - busy) / (track.launches - launches) / NS_PER_US
-        track.kernel_us = min(per_launch, abi.TURN_MAX_US)
-    track.kernel_span = (now_ns, track.launches, track.busy_ns)
+    d_sq, d_busy = sample.busy_sq - busy_sq, sample.busy_ns - busy
+    if since and d_sq > 0 and d_busy > 0:
+        # busy_sq is in (ns >> 10) ** 2: one unit of it per 1024 ns of busy time, squared
+        track.kernel_us = min(d_sq * 1024 * 1024 / d_busy / NS_PER_US, abi.TURN_MAX_US)
+    track.kernel_span = (now_ns, sample.busy_sq, sample.busy_ns)
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,7 @@ class TurnInput:
     key: str
     share: int  # effective, centi
     busy: bool  # active and using (nearly) all of its share; may take turns
-    kernel_us: float = 0.0  # mean GPU time of its launches; 0: not known
+    kernel_us: float = 0.0  # size of its launches, weighted by GPU time; 0: not known
 
 
 # The cycle may move this far from the configured one to fit whole kernels into windows,

@@ -41,7 +41,8 @@ _USAGE_DEVICE_OFFSET = abi.Usage.device.offset
 _USAGE_PROC_OFFSET = abi.Usage.proc.offset
 _DEVICE_SIZE = ctypes.sizeof(abi.UsageDevice)
 _PROC_SIZE = ctypes.sizeof(abi.UsageProc)
-_DEVICE_FMT = struct.Struct("<9Q")  # the counters at the start of fcsp_usage_device
+_USAGE_DEVICE_WORDS = _DEVICE_SIZE // 8  # fcsp_usage_device, every word of it
+_BUSY_SQ = abi.UsageDevice.busy_sq.offset // 8
 _PROC_HEAD_FMT = struct.Struct("<IiQQ")  # state, pid, start_time, heartbeat_ns
 _PROC_MEM_FMT = struct.Struct(f"<{abi.MAX_DEVICES}Q")
 _HEADER_FMT = struct.Struct("<IIIIQ")  # magic, version, size, reserved0, heartbeat_ns
@@ -175,6 +176,7 @@ class DeviceUsage:
     busy_ns: int = 0
     throttled_ns: int = 0
     demand_centi: int = 0
+    busy_sq: int = 0  # sum of the launches' costs squared, (ns >> 10) ** 2
 
 
 @dataclass(frozen=True)
@@ -191,8 +193,7 @@ class ProcRecord:
 def _usage_layout(count: int) -> struct.Struct:
     """Header and the first count devices' counters, in one unpack (this runs every tick)."""
     pad_header = _USAGE_DEVICE_OFFSET - _HEADER_FMT.size
-    pad_device = _DEVICE_SIZE - _DEVICE_FMT.size
-    return struct.Struct("<IIIIQ" + f"{pad_header}x" + f"9Q{pad_device}x" * count)
+    return struct.Struct("<IIIIQ" + f"{pad_header}x" + f"{_USAGE_DEVICE_WORDS}Q" * count)
 
 
 def _bounded(value: int, limit: int) -> int:
@@ -233,15 +234,16 @@ class UsageReader:
             raise SlotError(f"{self.path}: not an FCSP v{abi.SLOT_VERSION} usage file")
         out = []
         for i in range(count):
-            used, _peak, _excess, _rej, launches, tokens, busy, throttled, demand = values[
-                5 + 9 * i : 14 + 9 * i
-            ]
+            words = values[5 + _USAGE_DEVICE_WORDS * i : 5 + _USAGE_DEVICE_WORDS * (i + 1)]
+            used, _peak, _excess, _rej, launches, tokens, busy, throttled, demand = words[:9]
+            busy_sq = words[_BUSY_SQ]
             out.append(
                 DeviceUsage(
                     mem_used_bytes=used if used <= MAX_BYTES else 0,
                     launches=launches if launches <= MAX_COUNTER else 0,
                     tokens_used=tokens if tokens <= MAX_COUNTER else 0,
                     busy_ns=busy if busy <= MAX_COUNTER else 0,
+                    busy_sq=busy_sq if busy_sq <= MAX_COUNTER else 0,
                     throttled_ns=throttled if throttled <= MAX_COUNTER else 0,
                     demand_centi=min(demand, abi.WHOLE_GPU_CENTI),
                 )

@@ -54,7 +54,9 @@
  *   tokens_used   the share-time consumed: the sum of c * 10000 / s
  *   throttled_ns  time launching threads slept for their share
  *   demand_centi  the share the tenant would use unthrottled (estimate)
- * busy_ns and tokens_used are summed per thread and flushed every
+ *   busy_sq       the sum of the costs' squares (in 1.024 us units): how big the
+ *                 launches are that take the tenant's GPU time
+ * busy_ns, busy_sq and tokens_used are summed per thread and flushed every
  * FLUSH_EVERY launches and before every wait, to keep atomics off the
  * common path.
  */
@@ -158,6 +160,7 @@ struct thread_acc {
     int entry;
     uint32_t launches;
     uint64_t busy_ns;
+    uint64_t busy_sq;
     uint64_t tokens;
 };
 static TLS struct thread_acc acc = {.entry = -1};
@@ -196,11 +199,13 @@ static void flush(uint64_t now)
     if (acc.entry < 0)
         return;
     struct fcsp_usage_device *u = &shim.usage->device[acc.entry];
-    if (acc.busy_ns)
+    if (acc.busy_ns) {
         atomic_fetch_add_explicit(&u->busy_ns, acc.busy_ns, memory_order_relaxed);
+        atomic_fetch_add_explicit(&u->busy_sq, acc.busy_sq, memory_order_relaxed);
+    }
     if (acc.tokens)
         atomic_fetch_add_explicit(&u->tokens_used, acc.tokens, memory_order_relaxed);
-    acc.busy_ns = acc.tokens = 0;
+    acc.busy_ns = acc.busy_sq = acc.tokens = 0;
     if (now)
         update_demand(u, now);
 }
@@ -218,6 +223,7 @@ static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
         acc.entry = entry;
     }
     acc.busy_ns += cost;
+    acc.busy_sq += (cost >> 10) * (cost >> 10);
     acc.tokens += tokens;
     if (unlikely(++acc.launches >= FLUSH_EVERY)) {
         acc.launches = 0;

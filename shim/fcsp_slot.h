@@ -196,7 +196,13 @@ struct fcsp_usage_device {
      * measured (its end in us, truncated; high 32 bits): one measurement per window.
      */
     _Atomic uint64_t turn_margin;
-    uint64_t reserved[1];
+    /*
+     * The sum over launches of (c >> 10)^2, c the cost admitted in ns (busy_ns sums c):
+     * over an interval, its change divided by busy_ns's, both in 1.024 us units, is the
+     * mean cost of a launch weighted by GPU time, i.e. the size of the launches that
+     * take the tenant's time (fcsp-observer fits turn cycles to it).
+     */
+    _Atomic uint64_t busy_sq;
 };
 
 /* fcsp_usage_proc.state */

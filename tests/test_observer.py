@@ -158,11 +158,12 @@ class Shim:
     def __init__(self, directory: Path, kernel_ns: int = 100_000) -> None:
         self.fd = os.open(directory / abi.USAGE_FILE, os.O_RDWR)
         self.kernel_ns = kernel_ns
-        self.launches = self.busy_ns = self.throttled_ns = 0
+        self.launches = self.busy_ns = self.busy_sq = self.throttled_ns = 0
         self.mem = 0
 
     def report(self, busy_ns: int = 2_000_000, throttled_ns: int = 3_000_000) -> None:
         self.launches = (self.busy_ns + busy_ns) // self.kernel_ns
+        self.busy_sq += busy_ns * (self.kernel_ns >> 10) ** 2 // self.kernel_ns
         self.busy_ns += busy_ns
         self.throttled_ns += throttled_ns
         fields = struct.pack(
@@ -178,6 +179,7 @@ class Shim:
             0,
         )
         os.pwrite(self.fd, fields, _DEV)
+        os.pwrite(self.fd, struct.pack("<Q", self.busy_sq), _DEV + abi.UsageDevice.busy_sq.offset)
 
     def add_process(self, index: int, pid: int, mem: int = 0) -> None:
         record = struct.pack("<IiQQ", abi.ProcState.LIVE, pid, 0, 1) + struct.pack(

@@ -157,21 +157,27 @@ def test_activity_idleness_and_unmet_demand() -> None:
     assert track.active and track.unmet == 0  # using 40 % of its share: wants nothing more
 
 
-def test_kernel_time_is_the_gpu_time_per_launch_and_bounded() -> None:
-    """The mean GPU time of a tenant's launches over a second (for fitting turn cycles to
-    its kernels), though the shim reports GPU time in batches; counters a tenant forged
-    (2**63 ns in one launch) give a bounded value."""
+def test_launch_size_is_weighted_by_gpu_time_and_bounded() -> None:
+    """The size of the launches that take a tenant's GPU time, over a second, though the
+    shim reports in batches: each 5.3 ms GEMM followed by a 50 us kernel reads 5.25 ms
+    (their plain mean, 2.7 ms, would fit turn windows to half-GEMMs); a forged busy_sq
+    gives a bounded value."""
     obs = config.ObserverConfig()
     ms = 1_000_000
+    gemm, tiny = 5_300_000, 50_000
     track = observer.DeviceTrack(last_active_ns=0)
-    for tick in range(1, 102):  # 10 ms ticks, 2 launches each; busy added every 8th tick
-        busy = 16 * 5300 * 1000 * (tick // 8)
-        sample = slotio.DeviceUsage(launches=2 * tick, busy_ns=busy)
+    for tick in range(1, 102):  # 10 ms ticks; 16 pairs of launches reported every 8th tick
+        pairs = 16 * (tick // 8)
+        sample = slotio.DeviceUsage(
+            launches=2 * pairs,
+            busy_ns=pairs * (gemm + tiny),
+            busy_sq=pairs * ((gemm >> 10) ** 2 + (tiny >> 10) ** 2),
+        )
         observer.update_track(
             track, sample, effective=3000, now_ns=tick * 10 * ms, dt_ns=10 * ms, obs=obs
         )
-    assert track.kernel_us == pytest.approx(5300, rel=0.1)
-    sample = slotio.DeviceUsage(launches=300, busy_ns=2**63)
+    assert track.kernel_us == pytest.approx(5250, rel=0.02)
+    sample = slotio.DeviceUsage(launches=300, busy_ns=1 + 16 * 12 * (gemm + tiny), busy_sq=2**62)
     observer.update_track(track, sample, effective=3000, now_ns=3000 * ms, dt_ns=10 * ms, obs=obs)
     assert 0 < track.kernel_us <= abi.TURN_MAX_US
 

@@ -140,7 +140,7 @@ def env_for(tmp_path: Path, name: str, slot: Path | None, **extra: str) -> Env:
 def test_share_holds_for_short_and_long_kernels(tmp_path: Path, kernel_us: int) -> None:
     """At a 30 % share a tenant completes about 30 % of the work it completes unthrottled,
     for 100 us and 5 ms kernels alike (costs come from measured GPU time, not from grids);
-    busy_ns, tokens_used, throttled_ns and demand_centi are reported."""
+    busy_ns, busy_sq, tokens_used, throttled_ns and demand_centi are reported."""
     free = run_loop(env_for(tmp_path, "free", compute_slot(tmp_path / "free", 10000)), kernel_us)
     slot = compute_slot(tmp_path / "thirty", 3000)
     limited = run_loop(env_for(tmp_path, "thirty", slot), kernel_us)
@@ -156,6 +156,9 @@ def test_share_holds_for_short_and_long_kernels(tmp_path: Path, kernel_us: int) 
     assert 3.0 <= dev.tokens_used / dev.busy_ns <= 3.7
     assert dev.throttled_ns > limited.wall_ns // 4
     assert dev.demand_centi > 3000  # it would use more than its share if let
+    # busy_sq over busy_ns is the size of the launches that take its time: the kernel's.
+    size_ns = dev.busy_sq * 1024 * 1024 / dev.busy_ns
+    assert kernel_us * 1000 / 2 <= size_ns <= kernel_us * 1000 * 2, (size_ns, kernel_us)
 
 
 def test_a_tenant_that_synchronizes_after_every_launch_gets_its_share_of_device_time(
