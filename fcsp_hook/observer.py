@@ -31,6 +31,7 @@ import json
 import os
 import selectors
 import signal
+import statistics
 import sys
 import time
 from collections import deque
@@ -62,6 +63,11 @@ NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
 STATUS_PERIOD_NS = 1_000_000_000
 KERNEL_SPAN_NS = 1_000_000_000  # the size of a tenant's launches is measured over spans this long
+# ... and taken as the median of the last KERNEL_SPANS spans, once there are MIN_KERNEL_SPANS:
+# on the H200 spans of one 5.34 ms GEMM read 5.32-5.73 ms (the shim's estimates move with
+# its samples), and a tenant's first spans hold its launches before calibration; a cycle
+# fitted to each span moved every few seconds (44.7-55.9 ms).
+KERNEL_SPANS, MIN_KERNEL_SPANS = 5, 3
 STATE_FILE = "observer.json"
 # How often MPS daemons are checked (alive, faults in their log).
 MPS_CHECK_NS = 500_000_000
@@ -162,6 +168,7 @@ class DeviceTrack:
     throttled_pct: int = 0  # smoothed share of the last ticks spent waiting for tokens
     kernel_us: float = 0.0  # size of its launches (update_kernel_time); 0: unknown
     kernel_span: tuple[int, int, int] = (0, 0, 0)  # (since, busy_sq, busy_ns) then
+    kernel_spans: deque[float] = field(default_factory=lambda: deque(maxlen=KERNEL_SPANS))
     usage: slotio.DeviceUsage = field(default_factory=slotio.DeviceUsage)
 
 
@@ -262,17 +269,20 @@ def update_track(
 
 def update_kernel_time(track: DeviceTrack, sample: slotio.DeviceUsage, now_ns: int) -> None:
     """The size of the launches that take a tenant's GPU time: their mean cost weighted by
-    that cost (sum of squares over sum), over spans of KERNEL_SPAN_NS.  Not the plain mean:
-    a GEMM launched with a tiny kernel after it is one 5 ms unit of work in a turn window,
-    not two of 2.5 ms.  Counters that went backwards start a new span; forged ones give a
-    wrong value, never an unbounded one."""
+    that cost (sum of squares over sum), over spans of KERNEL_SPAN_NS, their median.  Not the
+    plain mean: a GEMM launched with a tiny kernel after it is one 5 ms unit of work in a
+    turn window, not two of 2.5 ms.  Counters that went backwards start a new span;
+    forged ones give a wrong value, never an unbounded one."""
     since, busy_sq, busy = track.kernel_span
     if since and now_ns - since < KERNEL_SPAN_NS:
         return
     d_sq, d_busy = sample.busy_sq - busy_sq, sample.busy_ns - busy
     if since and d_sq > 0 and d_busy > 0:
         # busy_sq is in (ns >> 10) ** 2: one unit of it per 1024 ns of busy time, squared
-        track.kernel_us = min(d_sq * 1024 * 1024 / d_busy / NS_PER_US, abi.TURN_MAX_US)
+        spans = track.kernel_spans
+        spans.append(min(d_sq * 1024 * 1024 / d_busy / NS_PER_US, abi.TURN_MAX_US))
+        if len(spans) >= MIN_KERNEL_SPANS:
+            track.kernel_us = statistics.median(spans)
     track.kernel_span = (now_ns, sample.busy_sq, sample.busy_ns)
 
 

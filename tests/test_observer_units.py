@@ -160,13 +160,13 @@ def test_activity_idleness_and_unmet_demand() -> None:
 def test_launch_size_is_weighted_by_gpu_time_and_bounded() -> None:
     """The size of the launches that take a tenant's GPU time, over a second, though the
     shim reports in batches: each 5.3 ms GEMM followed by a 50 us kernel reads 5.25 ms
-    (their plain mean, 2.7 ms, would fit turn windows to half-GEMMs); a forged busy_sq
-    gives a bounded value."""
+    (their plain mean, 2.7 ms, would fit turn windows to half-GEMMs): from the third span of a
+    second on, the median of the last five; a forged busy_sq gives a bounded value."""
     obs = config.ObserverConfig()
     ms = 1_000_000
     gemm, tiny = 5_300_000, 50_000
     track = observer.DeviceTrack(last_active_ns=0)
-    for tick in range(1, 102):  # 10 ms ticks; 16 pairs of launches reported every 8th tick
+    for tick in range(1, 302):  # 10 ms ticks; 16 pairs of launches reported every 8th tick
         pairs = 16 * (tick // 8)
         sample = slotio.DeviceUsage(
             launches=2 * pairs,
@@ -176,9 +176,21 @@ def test_launch_size_is_weighted_by_gpu_time_and_bounded() -> None:
         observer.update_track(
             track, sample, effective=3000, now_ns=tick * 10 * ms, dt_ns=10 * ms, obs=obs
         )
+        if tick == 201:  # two spans of a second measured: not yet known
+            assert track.kernel_us == 0
+    assert track.kernel_us == pytest.approx(5250, rel=0.02)
+    # One span of GEMMs that read 5.73 ms (the shim's estimate after a high sample) does
+    # not move it: the fitted cycle must not follow such a span.
+    slow = 5_730_000
+    sample = slotio.DeviceUsage(
+        launches=sample.launches + 200,
+        busy_ns=sample.busy_ns + 200 * slow,
+        busy_sq=sample.busy_sq + 200 * (slow >> 10) ** 2,
+    )
+    observer.update_track(track, sample, effective=3000, now_ns=4100 * ms, dt_ns=10 * ms, obs=obs)
     assert track.kernel_us == pytest.approx(5250, rel=0.02)
     sample = slotio.DeviceUsage(launches=300, busy_ns=1 + 16 * 12 * (gemm + tiny), busy_sq=2**62)
-    observer.update_track(track, sample, effective=3000, now_ns=3000 * ms, dt_ns=10 * ms, obs=obs)
+    observer.update_track(track, sample, effective=3000, now_ns=5200 * ms, dt_ns=10 * ms, obs=obs)
     assert 0 < track.kernel_us <= abi.TURN_MAX_US
 
 
