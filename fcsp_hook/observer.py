@@ -62,9 +62,9 @@ from fcsp_hook.procfs import proc_stat
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
 STATUS_PERIOD_NS = 1_000_000_000
-KERNEL_SPAN_NS = 1_000_000_000  # the size of a tenant's launches is measured over spans this long
+KERNEL_SPAN_NS = 500_000_000  # the size of a tenant's launches is measured over spans this long
 # ... and taken as the median of the last KERNEL_SPANS spans, once there are MIN_KERNEL_SPANS:
-# on the H200 spans of one 5.34 ms GEMM read 5.32-5.73 ms (the shim's estimates move with
+# on the H200 1 s spans of one 5.34 ms GEMM read 5.32-5.73 ms (the shim's estimates move with
 # its samples), and a tenant's first spans hold its launches before calibration; a cycle
 # fitted to each span moved every few seconds (44.7-55.9 ms).
 KERNEL_SPANS, MIN_KERNEL_SPANS = 5, 3

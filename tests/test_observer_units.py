@@ -158,10 +158,10 @@ def test_activity_idleness_and_unmet_demand() -> None:
 
 
 def test_launch_size_is_weighted_by_gpu_time_and_bounded() -> None:
-    """The size of the launches that take a tenant's GPU time, over a second, though the
-    shim reports in batches: each 5.3 ms GEMM followed by a 50 us kernel reads 5.25 ms
-    (their plain mean, 2.7 ms, would fit turn windows to half-GEMMs): from the third span of a
-    second on, the median of the last five; a forged busy_sq gives a bounded value."""
+    """The size of the launches that take a tenant's GPU time, though the shim reports in
+    batches: each 5.3 ms GEMM followed by a 50 us kernel reads 5.25 ms (their plain mean,
+    2.7 ms, would fit turn windows to half-GEMMs): from the third span of half a second on,
+    the median of the last five; a forged busy_sq gives a bounded value."""
     obs = config.ObserverConfig()
     ms = 1_000_000
     gemm, tiny = 5_300_000, 50_000
@@ -176,7 +176,7 @@ def test_launch_size_is_weighted_by_gpu_time_and_bounded() -> None:
         observer.update_track(
             track, sample, effective=3000, now_ns=tick * 10 * ms, dt_ns=10 * ms, obs=obs
         )
-        if tick == 201:  # two spans of a second measured: not yet known
+        if tick == 101:  # two spans measured: not yet known
             assert track.kernel_us == 0
     assert track.kernel_us == pytest.approx(5250, rel=0.02)
     # One span of GEMMs that read 5.73 ms (the shim's estimate after a high sample) does
