@@ -339,6 +339,42 @@ def test_turns_of_tenants_with_long_kernels_hold_whole_kernels(
     wait_for("windows of whole kernels", whole)
 
 
+def test_turn_cycles_fit_only_kernels_measured_in_turns(host: Host) -> None:
+    """Time-sliced, a tenant's launches read long (its estimates hold its neighbour's slices):
+    both tenants launch 9.7 ms kernels within their shares for 2.5 s, then 5.3 ms ones and
+    want more.  The cycle is fitted to what they launch in turns only: 50 ms until that is
+    known, then about 53 ms; never one fitted to 9.7 ms kernels (55.4 ms: 4 in b's window)."""
+    shares = {"a": 3000, "b": 7000}
+    strict = abi.IsolationMode.STRICT
+    shims = [Shim(host.add(c, sm=sm, mode=strict), 9_700_000) for c, sm in shares.items()]
+    halt = threading.Event()
+    time_sliced_until = time.monotonic() + 2.5
+
+    def tenants() -> None:
+        while not halt.wait(0.005):
+            time_sliced = time.monotonic() < time_sliced_until
+            for shim in shims:
+                shim.kernel_ns = 9_700_000 if time_sliced else 5_300_000
+                shim.report(throttled_ns=0 if time_sliced else 3_000_000)
+
+    load = threading.Thread(target=tenants, daemon=True)
+    load.start()
+    host.start()
+    cycles: set[int] = set()
+
+    def whole_kernels() -> bool:
+        turns = [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in shares]
+        cycles.update(cycle for cycle, _, _ in turns if cycle)
+        return [round(length / 5300, 1) for _, _, length in turns] == [3.0, 7.0]
+
+    try:
+        wait_for("windows of whole 5.3 ms kernels", whole_kernels)
+    finally:
+        halt.set()
+        load.join()
+    assert cycles and all(c == 50_000 or abs(c - 53_000) < 800 for c in cycles), cycles
+
+
 def test_latency_and_unlimited_tenants_never_take_turns(
     host: Host, workload: Callable[[dict[str, Shim]], Workload]
 ) -> None:
