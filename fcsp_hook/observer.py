@@ -286,13 +286,13 @@ def update_kernel_time(track: DeviceTrack, sample: slotio.DeviceUsage, now_ns: i
     track.kernel_span = (now_ns, sample.busy_sq, sample.busy_ns)
 
 
-def forget_kernel_time(track: DeviceTrack) -> None:
-    """Until it takes turns, a tenant's launch size is not known: time-sliced, its
-    estimates hold its neighbour's slices (on the H200 the shim's estimate of a 5.15 ms GEMM
-    fell from 9.7 ms before turns to 4.6-5.4 ms in them), and a cycle fitted to spans of
-    both moved three times in the 4 s after turns began (57.8, 54.5, 51.9 ms)."""
-    track.kernel_spans.clear()
-    track.kernel_us = 0.0
+def skip_kernel_span(track: DeviceTrack) -> None:
+    """A tenant's launch size counts only spans measured while it takes turns: time-sliced,
+    its estimates hold its neighbour's slices (on the H200 the shim's estimate of a 5.15 ms
+    GEMM fell from 9.7 ms before turns to 4.6-5.4 ms in them), and a cycle fitted to spans of
+    both moved three times in the 4 s after turns began (57.8, 54.5, 51.9 ms).  Spans from
+    earlier turns are kept: turns that lapse for a tick resume fitted."""
+    track.kernel_span = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -635,7 +635,7 @@ class Observer:
             effective = tenant.limits.effective(i)
             taking_turns = tenant.limits.turn(i) != 0
             if not taking_turns:
-                forget_kernel_time(track)
+                skip_kernel_span(track)
             keeps = taking_turns and track.usage.demand_centi * 2 >= effective
             busy = may_take_turns and track.active and (track.unmet > 0 or keeps)
             inputs.append(policy.TurnInput(key, effective, busy, track.kernel_us))

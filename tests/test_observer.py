@@ -343,15 +343,18 @@ def test_turn_cycles_fit_only_kernels_measured_in_turns(host: Host) -> None:
     """Time-sliced, a tenant's launches read long (its estimates hold its neighbour's slices):
     both tenants launch 9.7 ms kernels within their shares for 2.5 s, then 5.3 ms ones and
     want more.  The cycle is fitted to what they launch in turns only: 50 ms until that is
-    known, then about 53 ms; never one fitted to 9.7 ms kernels (55.4 ms: 4 in b's window)."""
+    known, then about 53 ms; never one fitted to 9.7 ms kernels (55.4 ms: 4 in b's window).
+    Turns that end while both pause resume at the fitted cycle."""
     shares = {"a": 3000, "b": 7000}
     strict = abi.IsolationMode.STRICT
     shims = [Shim(host.add(c, sm=sm, mode=strict), 9_700_000) for c, sm in shares.items()]
-    halt = threading.Event()
+    halt, paused = threading.Event(), threading.Event()
     time_sliced_until = time.monotonic() + 2.5
 
     def tenants() -> None:
         while not halt.wait(0.005):
+            if paused.is_set():
+                continue
             time_sliced = time.monotonic() < time_sliced_until
             for shim in shims:
                 shim.kernel_ns = 9_700_000 if time_sliced else 5_300_000
@@ -362,17 +365,25 @@ def test_turn_cycles_fit_only_kernels_measured_in_turns(host: Host) -> None:
     host.start()
     cycles: set[int] = set()
 
+    def turns() -> list[tuple[int, int, int]]:
+        return [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in shares]
+
     def whole_kernels() -> bool:
-        turns = [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in shares]
-        cycles.update(cycle for cycle, _, _ in turns if cycle)
-        return [round(length / 5300, 1) for _, _, length in turns] == [3.0, 7.0]
+        cycles.update(cycle for cycle, _, _ in turns() if cycle)
+        return [round(length / 5300, 1) for _, _, length in turns()] == [3.0, 7.0]
 
     try:
         wait_for("windows of whole 5.3 ms kernels", whole_kernels)
+        paused.set()
+        wait_for("turns to end while both pause", lambda: turns()[0] == (0, 0, 0))
+        paused.clear()
+        wait_for("turns again", lambda: turns()[0] != (0, 0, 0))
+        resumed = turns()[0][0]
     finally:
         halt.set()
         load.join()
     assert cycles and all(c == 50_000 or abs(c - 53_000) < 800 for c in cycles), cycles
+    assert abs(resumed - 53_000) < 800, resumed
 
 
 def test_latency_and_unlimited_tenants_never_take_turns(
