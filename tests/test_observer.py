@@ -369,8 +369,9 @@ def test_turn_cycles_fit_only_kernels_measured_in_turns(host: Host) -> None:
         return [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in shares]
 
     def whole_kernels() -> bool:
-        cycles.update(cycle for cycle, _, _ in turns() if cycle)
-        return [round(length / 5300, 1) for _, _, length in turns()] == [3.0, 7.0]
+        now = turns()
+        cycles.update(cycle for cycle, _, _ in now if cycle)
+        return [round(length / 5300, 1) for _, _, length in now] == [3.0, 7.0]
 
     try:
         wait_for("windows of whole 5.3 ms kernels", whole_kernels)
