@@ -236,15 +236,14 @@ class UsageReader:
         for i in range(count):
             words = values[5 + _USAGE_DEVICE_WORDS * i : 5 + _USAGE_DEVICE_WORDS * (i + 1)]
             used, _peak, _excess, _rej, launches, tokens, busy, throttled, demand = words[:9]
-            busy_sq = words[_BUSY_SQ]
             out.append(
                 DeviceUsage(
-                    mem_used_bytes=used if used <= MAX_BYTES else 0,
-                    launches=launches if launches <= MAX_COUNTER else 0,
-                    tokens_used=tokens if tokens <= MAX_COUNTER else 0,
-                    busy_ns=busy if busy <= MAX_COUNTER else 0,
-                    busy_sq=busy_sq if busy_sq <= MAX_COUNTER else 0,
-                    throttled_ns=throttled if throttled <= MAX_COUNTER else 0,
+                    mem_used_bytes=_bounded(used, MAX_BYTES),
+                    launches=_bounded(launches, MAX_COUNTER),
+                    tokens_used=_bounded(tokens, MAX_COUNTER),
+                    busy_ns=_bounded(busy, MAX_COUNTER),
+                    busy_sq=_bounded(words[_BUSY_SQ], MAX_COUNTER),
+                    throttled_ns=_bounded(throttled, MAX_COUNTER),
                     demand_centi=min(demand, abi.WHOLE_GPU_CENTI),
                 )
             )
