@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
-from fcsp_hook import abi
 from fcsp_hook.errors import AnnotationError
+from fcsp_hook.slot import abi
 
 PREFIX = "fcsp."
 

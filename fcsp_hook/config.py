@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fcsp_hook import abi, runtime
 from fcsp_hook.errors import ConfigError
+from fcsp_hook.hook import runtime
+from fcsp_hook.slot import abi
 
 if sys.version_info >= (3, 11):
     import tomllib

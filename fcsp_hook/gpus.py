@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import abi
 from fcsp_hook.errors import HookError
 from fcsp_hook.oci import Device
+from fcsp_hook.slot import abi
 
 NVIDIA_MAJOR = 195
 _DEV_NODE = re.compile(r"^/dev/nvidia([0-9]{1,3})$")

@@ -20,8 +20,8 @@ import json
 import re
 from pathlib import Path
 
-from fcsp_hook import abi, slot
 from fcsp_hook.errors import FcspError
+from fcsp_hook.slot import abi, files
 
 MPS_SUBDIR = "mps"
 CONTROL = "control"
@@ -84,7 +84,7 @@ def latency_reserve(tenants_dir: Path, uuid: str, exclude: str) -> int:
         if entry.name == exclude:
             continue
         try:
-            limits = slot.read_limits(entry / abi.LIMITS_FILE)
+            limits = files.read_limits(entry / abi.LIMITS_FILE)
         except (FcspError, OSError):
             continue
         if limits.priority != abi.Priority.LATENCY:

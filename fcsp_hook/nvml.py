@@ -14,7 +14,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fcsp_hook.policy import ClockReading
+
+@dataclass(frozen=True)
+class ClockReading:
+    """One NVML reading of a GPU; power None where the GPU does not report it."""
+
+    sm_mhz: int
+    util_pct: int
+    power_w: float | None = None
+    power_limit_w: float | None = None
 
 
 @dataclass(frozen=True)

@@ -19,29 +19,29 @@
  * What a span adds to the kernel is taken off.  A kernel launched onto a
  * stream with nothing left to run is measured "cold": the start event is
  * reached at once, the kernel only once the driver has submitted it, so the
- * span adds the launch call's own time (5-75 us on the H200 host after a
- * sleep, more than a 20 us kernel), and a throttled tenant's stream drains in
- * every wait.  For such a sample (cuStreamQuery said idle when it was armed)
- * the host time from the start event to the launch call's return is taken
- * off.  Behind running work ("warm"), the events themselves add the time the
+ * span adds the launch call's own time (tens of microseconds when the thread
+ * has just woken, longer than a short kernel), and a throttled tenant's stream
+ * drains in every wait.  For such a sample (cuStreamQuery said idle when it
+ * was armed) the host time from the start event to the launch call's return
+ * is taken off.  Behind running work ("warm"), the events themselves add the time the
  * GPU takes from one command to the next: two more events, recorded back to
- * back before the start event, measure it and it is taken off (1.3 us on the
- * H200, 6 % of a 20 us kernel).
+ * back before the start event, measure it and it is taken off (about a
+ * microsecond: several percent of a short kernel).
  *
  * A kernel much shorter than RUN_NS is measured over a run of consecutive
  * launches of its key on one stream from one thread (up to RUN_NS of them
  * by its estimate, at most RUN_MAX), with an end event after the first and
- * one after the last: spans of one such kernel on the H200 stayed 0.5-1.5 us
- * above its time back to back (21.5 us), which charged a 20 us-kernel tenant
- * 2-7 % more than it used.  A run ends before a launch of another key or
- * stream, before the thread waits for its share or turn, and before a launch
- * onto a stream that went idle: the span then never holds time the GPU did
- * not spend on the run's kernels.
+ * one after the last: a kernel right after an event runs slower than one
+ * right after another kernel, so spans of single short kernels would charge
+ * their tenant a few percent more than it used.  A run ends before a launch
+ * of another key or stream, before the thread waits for its share or turn,
+ * and before a launch onto a stream that went idle: the span then never holds
+ * time the GPU did not spend on the run's kernels.
  *
  * Unknown keys cost the process's running estimate (DEFAULT_COST_NS before
  * any).  What launches of a key were charged before its first measurement
- * came back is trued up against it then, so a burst of big kernels at start
- * cannot escape the share.
+ * came back is trued up against it then (shim_calib_poll hands the difference
+ * to the limiter), so a burst of big kernels at start cannot escape the share.
  *
  * Concurrency: table entries are claimed with a CAS on the key; the sample
  * ring is guarded by a try-lock (atomic_flag) that a thread failing to take
@@ -52,7 +52,7 @@
 #include <pthread.h>
 #include <string.h>
 
-#include "compute.h"
+#include "calib.h"
 
 #define TABLE_SIZE 1024u /* power of two */
 #define PROBES 8u
@@ -62,6 +62,7 @@
 #define RING 16
 #define RUN_NS 200000ull /* measure short kernels over runs about this long */
 #define RUN_MAX 16u
+_Static_assert(RING <= CALIB_MAX_TRUE_UPS, "a poll returns one true-up per sample at most");
 
 struct estimate {
     _Atomic uint64_t key;            /* 0: free */
@@ -87,7 +88,7 @@ struct sample {
     uint32_t epoch;
     uint32_t index;     /* table entry */
     uint64_t key;
-    int entry;          /* usage entry charged */
+    int entry;          /* the caller's, handed back with the true-up */
     CUstream stream;
     bool ptsz;
     bool cold;          /* the stream was idle when the start event was recorded */
@@ -408,11 +409,9 @@ static bool open_run(int slot)
  * a run cut short still measures one launch; the others none until the run closes, since
  * a kernel right after an event is slower than one right after another kernel.
  */
-void shim_calib_end(struct compute_launch *l, CUresult rc)
+void shim_calib_end(int slot, CUresult rc)
 {
-    int slot = l->sample;
     struct sample *s = &ring[slot];
-    l->sample = -1;
     if (rc != CUDA_SUCCESS) { /* nothing was queued: a run goes on without it */
         if (s->launches == 0)
             close_sample(s, FIRST_END, 0);
@@ -454,23 +453,27 @@ bool shim_calib_pending(void)
     return atomic_load_explicit(&pending, memory_order_relaxed) > 0;
 }
 
-static void finish(struct sample *s, uint64_t span_ns, uint64_t added_ns)
+/* Fold a measurement in; true if what was charged before it must be trued up (*up). */
+static bool finish(struct sample *s, uint64_t span_ns, uint64_t added_ns,
+                   struct calib_true_up *up)
 {
     uint64_t measured_ns = (span_ns - added_ns) / s->launches;
     struct estimate *e = &table[s->index];
     if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
-        return; /* evicted meanwhile */
+        return false; /* evicted meanwhile */
     fold(&e->est_ns, measured_ns);
     shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu %s, less %llu, over %u launches",
              (unsigned long long)s->key, (unsigned long long)measured_ns,
              (unsigned long long)e->est_ns, s->cold ? "cold" : "warm",
              (unsigned long long)added_ns, s->launches);
     fold(&average_ns, measured_ns);
-    /* True up what was charged before this key had any measurement. */
+    /* What was charged before this key had any measurement. */
     uint32_t n = atomic_exchange_explicit(&e->uncalibrated, 0, memory_order_relaxed);
     uint64_t charged = atomic_exchange_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
-    if (n)
-        shim_compute_true_up(s->entry, (int64_t)(n * measured_ns) - (int64_t)charged);
+    if (!n)
+        return false;
+    *up = (struct calib_true_up){s->entry, (int64_t)(n * measured_ns) - (int64_t)charged};
+    return true;
 }
 
 /* ns from event a to event b; false if either is not done or they cannot be compared. */
@@ -499,10 +502,11 @@ static uint64_t added_time(const struct sample *s, elapsed_fn elapsed, uint64_t 
     return added < span ? added : 0;
 }
 
-void shim_calib_poll(void)
+unsigned shim_calib_poll(struct calib_true_up out[CALIB_MAX_TRUE_UPS])
 {
+    unsigned n = 0;
     if (atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
-        return;
+        return 0;
     bool changed = false;
     CUstreamCaptureMode mode = relax_capture(&changed);
     elapsed_fn elapsed = real_or_null(SYM_cuEventElapsedTime_v2);
@@ -516,13 +520,15 @@ void shim_calib_poll(void)
         if (rc == CUDA_ERROR_NOT_READY)
             continue;
         uint64_t span = 0;
-        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[s->end], &span))
-            finish(s, span, added_time(s, elapsed, span));
+        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[s->end], &span) &&
+            finish(s, span, added_time(s, elapsed, span), &out[n]))
+            n++;
         atomic_fetch_sub_explicit(&pending, 1, memory_order_relaxed);
         atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
     }
     restore_capture(mode, changed);
     atomic_flag_clear_explicit(&ring_busy, memory_order_release);
+    return n;
 }
 
 /* ---- the end of a turn window's work ------------------------------------------ */

@@ -22,12 +22,13 @@
  * no bucket state to rescale.  Its "gain" is the cost model itself: c is the
  * kernel's measured GPU time (calib.c), so nothing depends on the SM count.
  *
- * The share in force: the observer's sm_effective_centi (one relaxed load).
- * The observer may raise it above the request (work conservation); if the
- * observer is gone (heartbeat 0 or older than 1 s) such a raise is ignored
- * and the request applies, i.e. strict behaviour.  Isolation mode none means
- * no compute limit; so does an MPS client whose thread percentage is its share
- * (strict, or latency priority), since the hardware then keeps it to its SMs.
+ * The share in force: the observer's sm_effective_centi (one relaxed load),
+ * or the request while that is unset (0).  The observer may raise it above the
+ * request (work conservation); if the observer is gone (heartbeat 0 or older
+ * than FCSP_OBSERVER_STALE_NS) such a raise is ignored and the request applies,
+ * i.e. strict behaviour.  Isolation mode none means no compute limit; so does
+ * an MPS client whose thread percentage is its share (strict, or latency
+ * priority), since the hardware then keeps it to its SMs.
  * BUD_SM_LIMIT(_DEV<n>) can only lower the result.
  * 100 % skips everything but the launch counter.
  *
@@ -37,14 +38,14 @@
  * the tenant booked so far plus half of its own cost ends inside the window
  * (so that on average the window is filled, not left short by a kernel that
  * does not fit), or if it is the window's first.  Then the busy tenants of a
- * GPU take turns instead of being time-sliced by the driver, which loses
- * 6-9 % of an H200 to switching between busy contexts and stretches each
- * kernel's measured span by the neighbour's slices.  The share itself is
- * still the GCRA's, with a burst of one cycle so that a window can be used at
- * full speed.  Booking is done on the host, by estimate; what keeps the tenant's
- * work inside its window on the device is a margin learnt from when that work
- * really ended (turn_margin_ns below).  Turns of an observer that stopped beating
- * are ignored.
+ * GPU take turns instead of being time-sliced by the driver, which loses a
+ * few percent of the GPU's time to switching between busy contexts and
+ * stretches each kernel's measured span by the neighbour's slices.  The share
+ * itself is still the GCRA's, with a burst of one cycle so that a window can
+ * be used at full speed.  Booking is done on the host, by estimate; what keeps
+ * the tenant's work inside its window on the device is a margin learnt from
+ * when that work really ended (turn_margin_ns below).  Turns of an observer
+ * that stopped beating are ignored.
  *
  * Reported in the usage file, per device:
  *   launches      every launch (at once)
@@ -70,11 +71,9 @@
 #define WAIT_CHUNK_NS 10000000ull   /* re-read the share at least this often while waiting */
 #define TURN_LEAD_NS 300000ull      /* launch this long before the window opens */
 #define MARK_POLL_NS 100000ull      /* how often a waiting thread looks whether its work ended */
-#define STALE_OBSERVER_NS 1000000000ll
 #define FLUSH_EVERY 16u
 #define DEMAND_WINDOW_NS 100000000ull
-#define CLOCK_SCALE_ONE 10000u /* clock_scale_centi of kernels as fast as at full load */
-#define CLOCK_SCALE_MAX 20000u
+#define CLOCK_SCALE_MAX (2 * FCSP_WHOLE_GPU_CENTI)
 #define TURN_MASK ((1ull << FCSP_TURN_BITS) - 1)
 
 _Atomic int shim_launch_entry = LAUNCH_SLOW;
@@ -90,7 +89,7 @@ void shim_launch_init(void)
 static bool observer_alive_at(const struct fcsp_limits *limits, uint64_t now)
 {
     uint64_t beat = __atomic_load_n(&limits->observer_heartbeat_ns, __ATOMIC_RELAXED);
-    return beat != 0 && (int64_t)(now - beat) <= STALE_OBSERVER_NS;
+    return beat != 0 && (int64_t)(now - beat) <= (int64_t)FCSP_OBSERVER_STALE_NS;
 }
 
 static bool observer_alive(const struct fcsp_limits *limits)
@@ -115,16 +114,16 @@ static uint64_t at_reference_clock(int entry, uint64_t gpu_ns, uint64_t now)
     uint32_t scale = atomic_load_explicit(
         &((struct fcsp_limits_device *)&limits->device[entry])->clock_scale_centi,
         memory_order_relaxed);
-    if (likely(scale == 0) || scale <= CLOCK_SCALE_ONE || scale > CLOCK_SCALE_MAX ||
+    if (likely(scale == 0) || scale <= FCSP_WHOLE_GPU_CENTI || scale > CLOCK_SCALE_MAX ||
         gpu_ns > UINT64_MAX / CLOCK_SCALE_MAX || !observer_alive_at(limits, now))
         return gpu_ns;
-    return gpu_ns * scale / CLOCK_SCALE_ONE; /* 64-bit: a multiply and a shift */
+    return gpu_ns * scale / FCSP_WHOLE_GPU_CENTI; /* 64-bit: a multiply and a shift */
 }
 
 static uint32_t env_cap(int ordinal)
 {
     uint32_t cap = ordinal >= 0 && ordinal < (int)FCSP_MAX_DEVICES ? shim_env.sm_centi[ordinal] : 0;
-    return cap ? cap : SHARE_FULL_CENTI;
+    return cap ? cap : FCSP_WHOLE_GPU_CENTI;
 }
 
 /*
@@ -150,7 +149,7 @@ static uint32_t share_in_force(int entry, int ordinal)
             share = requested;
     }
     if (share == 0) /* a slot written without any compute share: not limited */
-        share = SHARE_FULL_CENTI;
+        share = FCSP_WHOLE_GPU_CENTI;
     return share < cap ? share : cap;
 }
 
@@ -188,8 +187,9 @@ static void update_demand(struct fcsp_usage_device *u, uint64_t now)
     if (start == 0 || span > 10 * DEMAND_WINDOW_NS) /* first window, or after a long idle */
         span = DEMAND_WINDOW_NS;
     uint64_t running = d_thr < span - span / 20 ? span - d_thr : span / 20;
-    uint64_t demand = (uint64_t)((unsigned __int128)d_busy * SHARE_FULL_CENTI / running);
-    atomic_store_explicit(&u->demand_centi, demand < SHARE_FULL_CENTI ? demand : SHARE_FULL_CENTI,
+    uint64_t demand = (uint64_t)((unsigned __int128)d_busy * FCSP_WHOLE_GPU_CENTI / running);
+    atomic_store_explicit(&u->demand_centi,
+                          demand < FCSP_WHOLE_GPU_CENTI ? demand : FCSP_WHOLE_GPU_CENTI,
                           memory_order_relaxed);
     atomic_store_explicit(&shim.usage->heartbeat_ns, now, memory_order_relaxed);
 }
@@ -216,6 +216,38 @@ void shim_compute_thread_flush(void)
         flush(shim_monotonic_ns());
 }
 
+/*
+ * Charge (or give back, gpu_ns < 0) the difference between what launches were charged
+ * before their key's first measurement and what that measurement says they took.
+ */
+static void true_up(int entry, int64_t gpu_ns)
+{
+    if (entry < 0 || !shim.active)
+        return;
+    uint32_t share = share_in_force(entry, entry); /* entry == ordinal unless UUID-mapped */
+    if (share >= FCSP_WHOLE_GPU_CENTI || gpu_ns == 0)
+        return;
+    uint64_t now = shim_monotonic_ns();
+    gpu_ns = gpu_ns > 0 ? (int64_t)at_reference_clock(entry, (uint64_t)gpu_ns, now)
+                        : -(int64_t)at_reference_clock(entry, (uint64_t)-gpu_ns, now);
+    int64_t tokens = gpu_ns * (int64_t)FCSP_WHOLE_GPU_CENTI / (int64_t)share;
+    struct fcsp_usage_device *u = &shim.usage->device[entry];
+    atomic_fetch_add_explicit(&u->tat_ns, (uint64_t)tokens, memory_order_relaxed);
+    if (gpu_ns > 0) {
+        atomic_fetch_add_explicit(&u->busy_ns, (uint64_t)gpu_ns, memory_order_relaxed);
+        atomic_fetch_add_explicit(&u->tokens_used, (uint64_t)tokens, memory_order_relaxed);
+    }
+}
+
+/* Fold finished measurements into the estimates, and true up what they correct. */
+static void poll_calibration(void)
+{
+    struct calib_true_up up[CALIB_MAX_TRUE_UPS];
+    unsigned n = shim_calib_poll(up);
+    for (unsigned i = 0; i < n; i++)
+        true_up(up[i].entry, up[i].gpu_ns);
+}
+
 static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
 {
     if (unlikely(acc.entry != entry)) {
@@ -229,7 +261,7 @@ static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
         acc.launches = 0;
         flush(now);
         if (shim_calib_pending())
-            shim_calib_poll();
+            poll_calibration();
     }
 }
 
@@ -267,17 +299,17 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
         uint32_t current = share_in_force(entry, ordinal);
         if (likely(current == share))
             continue;
-        if (current >= SHARE_FULL_CENTI)
+        if (current >= FCSP_WHOLE_GPU_CENTI)
             break;
         if (deadline > now)
             deadline = now + (uint64_t)((unsigned __int128)(deadline - now) * share / current);
-        uint64_t again = cost * SHARE_FULL_CENTI / current;
+        uint64_t again = cost * FCSP_WHOLE_GPU_CENTI / current;
         atomic_fetch_add_explicit(&u->tat_ns, again - *tokens, memory_order_relaxed);
         *tokens = again;
         share = current;
     }
     if (shim_calib_pending()) /* measurements that finished while we slept */
-        shim_calib_poll();
+        poll_calibration();
 }
 
 /* ---- turns ------------------------------------------------------------------------ */
@@ -305,9 +337,8 @@ static bool turn_in_force(int entry, uint64_t now, struct turn *t)
 /*
  * The opening of the window a launch at `now` goes into: the last one, or the next if it
  * opens within TURN_LEAD_NS.  The lead covers the time from a launch call to its kernel
- * running (the thread waking, the call, the device switching contexts), which would
- * otherwise leave the GPU idle at every change of turn: 0.5-1 ms of each 50 ms cycle
- * per change on the H200, with nothing of either tenant running.
+ * running (the thread waking, the call, the device switching contexts); without it the
+ * GPU would sit idle at every change of turn, running neither tenant's work.
  */
 static uint64_t window_opened(const struct turn *t, uint64_t now)
 {
@@ -330,9 +361,9 @@ static uint64_t window_opened(const struct turn *t, uint64_t now)
  * The work aims to end TURN_LEAD_NS before the window does, when the next tenant's first
  * launches reach the device.  A rise is at most 1/MARGIN_RISE_PARTS of the window: once
  * two tenants' work overlaps, each one's tail waits for the other's time slices and reads
- * as an overrun many times what was booked too much (10-20 ms on the H200).  Rising by half
- * of that emptied the next windows: 30 % tenants of 30/70 pairs got 26.5-28.2 % with 20 us
- * and 0.58 ms kernels; capped, 28.3-29.3 % (bench/results/2026-11-29-compute-s7.md).
+ * as an overrun many times what was booked too much.  Rising by half of such a reading
+ * empties the next windows and leaves the tenant short of its share; the cap keeps it
+ * close (bench/results/compute-diagnosis.md, section 6).
  */
 #define MARGIN_RISE_PARTS 16
 
@@ -461,14 +492,14 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
     struct fcsp_usage_device *u = &shim.usage->device[entry];
     atomic_fetch_add_explicit(&u->launches, 1, memory_order_relaxed);
     uint32_t share = share_in_force(entry, ordinal);
-    if (share >= SHARE_FULL_CENTI)
+    if (share >= FCSP_WHOLE_GPU_CENTI)
         return;
 
     uint64_t now = shim_monotonic_ns();
     bool sample = false;
     uint32_t index = 0;
     uint64_t cost = at_reference_clock(entry, shim_calib_cost(key, now, &sample, &index), now);
-    uint64_t tokens = cost * SHARE_FULL_CENTI / share;
+    uint64_t tokens = cost * FCSP_WHOLE_GPU_CENTI / share;
     struct turn turn;
     bool turns = turn_in_force(entry, now, &turn);
     uint64_t burst = turns && turn.cycle > BURST_NS ? turn.cycle : BURST_NS;
@@ -493,23 +524,4 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
         l->sample = -1; /* a wait closed the run */
     else if (unlikely(sample) && l->sample < 0)
         l->sample = shim_calib_arm(index, key, entry, stream, ptsz);
-}
-
-void shim_compute_true_up(int entry, int64_t gpu_ns)
-{
-    if (entry < 0 || !shim.active)
-        return;
-    uint32_t share = share_in_force(entry, entry); /* entry == ordinal unless UUID-mapped */
-    if (share >= SHARE_FULL_CENTI || gpu_ns == 0)
-        return;
-    uint64_t now = shim_monotonic_ns();
-    gpu_ns = gpu_ns > 0 ? (int64_t)at_reference_clock(entry, (uint64_t)gpu_ns, now)
-                        : -(int64_t)at_reference_clock(entry, (uint64_t)-gpu_ns, now);
-    int64_t tokens = gpu_ns * (int64_t)SHARE_FULL_CENTI / (int64_t)share;
-    struct fcsp_usage_device *u = &shim.usage->device[entry];
-    atomic_fetch_add_explicit(&u->tat_ns, (uint64_t)tokens, memory_order_relaxed);
-    if (gpu_ns > 0) {
-        atomic_fetch_add_explicit(&u->busy_ns, (uint64_t)gpu_ns, memory_order_relaxed);
-        atomic_fetch_add_explicit(&u->tokens_used, (uint64_t)tokens, memory_order_relaxed);
-    }
 }

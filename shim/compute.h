@@ -10,15 +10,13 @@
  *
  * compute_begin delays the launch call itself when the tenant is out of
  * share, so stream order is kept: nothing is queued behind the driver's back.
- * See compute.c for the limiter and calib.c for the cost estimates.
+ * See compute.c for the limiter and calib.h for the cost estimates it uses.
  */
 #ifndef FCSP_COMPUTE_H
 #define FCSP_COMPUTE_H
 
+#include "calib.h"
 #include "shim.h"
-
-#define SHARE_FULL_CENTI 10000u /* the whole GPU */
-#define TLS __attribute__((tls_model("initial-exec"))) __thread
 
 struct compute_launch {
     int sample; /* calibration ring slot armed for this launch; -1: none */
@@ -35,7 +33,6 @@ extern _Atomic int shim_launch_entry;
 
 void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUstream stream,
                          bool ptsz);
-void shim_calib_end(struct compute_launch *l, CUresult rc);
 void shim_compute_thread_flush(void);
 
 static inline void compute_begin(struct compute_launch *l, uint64_t key, CUstream stream,
@@ -50,7 +47,7 @@ static inline void compute_begin(struct compute_launch *l, uint64_t key, CUstrea
 static inline void compute_end(struct compute_launch *l, CUresult rc)
 {
     if (unlikely(l->sample >= 0))
-        shim_calib_end(l, rc);
+        shim_calib_end(l->sample, rc);
 }
 
 /*
@@ -75,43 +72,5 @@ static inline uint64_t compute_graph_key(const void *exec)
     uint64_t h = (uint64_t)(uintptr_t)exec * 0xff51afd7ed558ccdull;
     return (h ^ (h >> 31) ^ 0x6772617068ull) | 1;
 }
-
-/* ---- calib.c: GPU-time estimates from sparse CUDA events -------------------- */
-
-/*
- * The estimated GPU time of a launch of `key`, in ns.  *sample is set when
- * this launch should be measured (the caller then arms a sample right before
- * the launch, after any wait).
- */
-uint64_t shim_calib_cost(uint64_t key, uint64_t now, bool *sample, uint32_t *index);
-/* Arm a sample: record the start event on the launch's stream.  -1 if it could not. */
-int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, bool ptsz);
-/*
- * A run: the sample this thread armed last, kept open over its next launches of the same
- * key and stream (short kernels); -1 when none is.  shim_calib_run_next, before a launch
- * while one is: the sample to measure it in, or -1 after closing the run (another key or
- * stream, an idle stream); shim_calib_run_close before the thread waits.
- */
-extern TLS int shim_calib_open_run;
-int shim_calib_run_next(uint64_t key, CUstream stream, bool ptsz);
-void shim_calib_run_close(void);
-/* Fold finished samples into the estimates; non-blocking, at most one thread at a time. */
-void shim_calib_poll(void);
-bool shim_calib_pending(void);
-/*
- * The marker for the end of a turn window's work: record it on `stream` (false: not
- * recorded, e.g. the stream is capturing or another thread holds it); then poll it until
- * it is reached or lost, or drop it.  Polling it after it was reached or lost, or
- * dropping it, releases it for the next window.
- */
-enum mark_state { MARK_RUNNING, MARK_REACHED, MARK_LOST };
-bool shim_calib_mark(CUstream stream, bool ptsz);
-enum mark_state shim_calib_mark_poll(void);
-void shim_calib_mark_drop(void);
-/* After fork: the child's events belong to no context of its own. */
-void shim_calib_after_fork_child(void);
-
-/* compute.c, for calib.c: give back or charge the difference found by a first measurement. */
-void shim_compute_true_up(int entry, int64_t gpu_ns);
 
 #endif

@@ -70,24 +70,6 @@ static void read_limits(int entry, struct slot_entry_view *view, uint32_t *mem_m
     }
 }
 
-static uint64_t min_nonzero(uint64_t a, uint64_t b)
-{
-    if (!a)
-        return b;
-    if (!b)
-        return a;
-    return a < b ? a : b;
-}
-
-static uint64_t basis_points_of(uint64_t total, uint32_t bp)
-{
-    if (!bp || !total)
-        return 0;
-    if (bp >= 10000)
-        return total;
-    return (uint64_t)((unsigned __int128)total * bp / 10000u);
-}
-
 struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total)
 {
     struct shim_limit limit = {0, false};
@@ -96,8 +78,8 @@ struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total)
         uint32_t mode = FCSP_MEM_HARD, count = 0;
         read_limits(entry, &view, &mode, &count);
         if (entry >= 0 && entry < (int)count)
-            limit.bytes = min_nonzero(view.mem_limit_bytes,
-                                      basis_points_of(real_total, view.mem_limit_basis_points));
+            limit.bytes = fcsp_mem_quota(view.mem_limit_bytes, view.mem_limit_basis_points,
+                                         real_total);
         /* The environment may make the mode stricter (soft -> hard), not laxer. */
         limit.soft = mode == FCSP_MEM_SOFT && shim_env.mode != FCSP_MEM_HARD;
     } else {
@@ -105,8 +87,9 @@ struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total)
     }
     if (index >= 0 && index < (int)FCSP_MAX_DEVICES) {
         const struct shim_env_limit *env = &shim_env.dev[index];
-        limit.bytes = min_nonzero(limit.bytes, env->bytes);
-        limit.bytes = min_nonzero(limit.bytes, basis_points_of(real_total, env->basis_points));
+        uint64_t own = fcsp_mem_quota(env->bytes, env->basis_points, real_total);
+        if (own && (!limit.bytes || own < limit.bytes)) /* lowers the slot's, never raises it */
+            limit.bytes = own;
     }
     return limit;
 }

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "calib.h"
 #include "shim.h"
 #include "slot.h"
 

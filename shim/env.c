@@ -89,7 +89,7 @@ uint32_t shim_parse_share(const char *text)
     if (*end)
         return 0;
     uint32_t centi = (uint32_t)(value * 100 + 0.5);
-    return centi ? centi : 1;
+    return centi ? centi : FCSP_MIN_SHARE_CENTI;
 }
 
 static uint32_t read_share(const char *name)

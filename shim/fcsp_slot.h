@@ -28,6 +28,53 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/*
+ * The contract's rules, in one place.  Shares are in 1/100 % (FCSP_WHOLE_GPU_CENTI
+ * is the whole GPU); the live words below are rewritten by the host while tenants
+ * run, one aligned store each, outside the seqlock, and 0 in each means "not set":
+ *
+ *   sm_effective_centi     the share in force.  0: unset, run on sm_requested_centi;
+ *                          the host writes at least FCSP_MIN_SHARE_CENTI, and the
+ *                          request itself while no observer runs.
+ *   clock_scale_centi      0: no clock scaling.
+ *   turn                   0: no turns.
+ *   observer_heartbeat_ns  0: no observer; older than FCSP_OBSERVER_STALE_NS: the
+ *                          observer is gone.  Without a live one the shim runs on its
+ *                          requests: no share above sm_requested_centi, no clock
+ *                          scaling, no turns.
+ *
+ * A device's memory quota is fcsp_mem_quota(mem_limit_bytes, mem_limit_basis_points,
+ * its real total): the smaller of the two that are set; 0: no quota.
+ */
+
+/* 100 % in 1/100 %: the whole GPU as a share, the whole real total as a memory quota. */
+#define FCSP_WHOLE_GPU_CENTI 10000u
+/* The smallest share the host grants: 0 in sm_effective_centi is reserved for "unset". */
+#define FCSP_MIN_SHARE_CENTI 1u
+/*
+ * The observer beats every tick, far more often than this; a heartbeat this old means
+ * it is gone, and grants only a live observer keeps correct must not outlive it.
+ */
+#define FCSP_OBSERVER_STALE_NS 1000000000ull
+
+/*
+ * The memory quota in bytes: the smaller of the non-zero of limit_bytes and
+ * basis_points (1/100 %) of real_total; 0: no quota.  basis_points of an unknown
+ * total (0) count as unset, and FCSP_WHOLE_GPU_CENTI or more is the whole total.
+ * The product is split at FCSP_WHOLE_GPU_CENTI so that it cannot overflow 64 bits.
+ */
+static inline uint64_t fcsp_mem_quota(uint64_t limit_bytes, uint32_t basis_points,
+                                      uint64_t real_total)
+{
+    uint64_t share = real_total;
+    if (basis_points < FCSP_WHOLE_GPU_CENTI)
+        share = real_total / FCSP_WHOLE_GPU_CENTI * basis_points +
+                real_total % FCSP_WHOLE_GPU_CENTI * basis_points / FCSP_WHOLE_GPU_CENTI;
+    if (!basis_points || !share)
+        return limit_bytes;
+    return limit_bytes && limit_bytes < share ? limit_bytes : share;
+}
+
 #define FCSP_LIMITS_MAGIC 0x4c505346u /* "FSPL" as little-endian bytes */
 #define FCSP_USAGE_MAGIC 0x55505346u  /* "FSPU" */
 #define FCSP_SLOT_VERSION 1u
@@ -90,13 +137,13 @@ struct fcsp_limits_device {
     char uuid[FCSP_UUID_LEN];      /* "GPU-..." when known, NUL padded */
     int32_t host_index;            /* nvidia<N> minor on the host, -1 if unknown */
     uint32_t flags;                /* FCSP_DEV_* */
-    uint64_t mem_limit_bytes;      /* 0: no byte quota */
+    uint64_t mem_limit_bytes;      /* 0: no byte quota (see fcsp_mem_quota) */
     uint32_t mem_limit_basis_points; /* quota as 1/100 % of the real total; 0: none */
-    uint32_t sm_requested_centi;   /* requested share, 1/100 %: 4000 = 40 %; 10000 = whole GPU */
+    uint32_t sm_requested_centi;   /* requested share, 1/100 %: 4000 = 40 % */
     /*
-     * The share in force now, 1/100 %.  Written by the observer as a single
-     * aligned 32-bit store and read by the shim with one relaxed load; it is
-     * the only field the host rewrites while tenants run, outside the seqlock.
+     * The share in force now, 1/100 %; 0: unset, the request applies.  Written
+     * by the observer as a single aligned 32-bit store and read by the shim
+     * with one relaxed load, outside the seqlock.
      */
     _Atomic uint32_t sm_effective_centi;
     uint32_t backend;              /* enum fcsp_backend, fixed at prestart */
@@ -117,9 +164,9 @@ struct fcsp_limits_device {
     _Atomic uint32_t clock_scale_centi;
     /*
      * Turns, time-slicing backend only: while two or more tenants keep the GPU busy the
-     * observer gives each a window of a repeating cycle in which it alone launches (two
-     * busy contexts time-sliced lose 6-9 % of an H200 to switching, and a kernel's event
-     * span then includes the neighbour's slices).  One word, written like
+     * observer gives each a window of a repeating cycle in which it alone launches
+     * (switching between busy contexts costs a few percent of the GPU's time, and a
+     * kernel's event span then includes the neighbour's slices).  One word, written like
      * sm_effective_centi (one aligned store, outside the seqlock), FCSP_TURN_BITS each:
      * the cycle, the window's start in it and its length, in microseconds; cycles start
      * at multiples of their length on CLOCK_MONOTONIC.  0: no turns.
@@ -143,7 +190,8 @@ struct fcsp_limits {
     uint32_t priority;             /* enum fcsp_priority */
     uint32_t device_count;         /* entries in use in device[] */
     uint64_t generation;           /* bumped on every host update */
-    /* CLOCK_MONOTONIC ns of the observer's last tick; 0: no observer. */
+    /* CLOCK_MONOTONIC ns of the observer's last tick; 0: no observer.  Stale after
+     * FCSP_OBSERVER_STALE_NS. */
     _Atomic uint64_t observer_heartbeat_ns;
     char container_id[FCSP_ID_LEN];
     char tenant[FCSP_TENANT_LEN];

@@ -73,11 +73,11 @@ static uint64_t own_pinned_limit(void)
 static void set_thread_percentage(const struct fcsp_limits *limits)
 {
     const struct fcsp_limits_device *d = &limits->device[0];
-    uint32_t share = d->sm_requested_centi ? d->sm_requested_centi : 10000;
+    uint32_t share = d->sm_requested_centi ? d->sm_requested_centi : FCSP_WHOLE_GPU_CENTI;
     bool share_in_hardware = limits->isolation_mode == FCSP_MODE_STRICT ||
                              (limits->priority == FCSP_PRIORITY_LATENCY &&
                               limits->isolation_mode != FCSP_MODE_NONE);
-    uint32_t centi = share_in_hardware ? share : 10000;
+    uint32_t centi = share_in_hardware ? share : FCSP_WHOLE_GPU_CENTI;
     if (d->mps_threads_centi && d->mps_threads_centi < centi)
         centi = d->mps_threads_centi;
     uint32_t pct = (centi + 99) / 100;

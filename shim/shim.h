@@ -22,6 +22,7 @@
 #include "nvml_api.h"
 
 #define SHIM_EXPORT __attribute__((visibility("default")))
+#define TLS __attribute__((tls_model("initial-exec"))) __thread
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
@@ -149,7 +150,6 @@ void shim_mps_init(const struct fcsp_limits *limits, const char *slot_dir);
 
 void shim_launch_init(void);
 void shim_compute_thread_flush(void);
-void shim_calib_after_fork_child(void);
 
 /* ---- slot.c: per-process records ------------------------------------------ */
 

@@ -1109,8 +1109,8 @@ static uint64_t launch_latency_ns(void)
 
 /*
  * FCSP_SIM_EVENT_GAP_NS: how much longer a kernel takes right after an event on its
- * stream (default 0).  On the H200 the span of one 21.5 us kernel between two events
- * read 0.5-1.5 us more than the kernel takes back to back with others, after taking off
+ * stream (default 0).  On a real GPU the span of one short kernel between two events
+ * reads longer than the kernel takes back to back with others, even after taking off
  * what two events back to back take: a cost that only the kernel after an event pays.
  */
 static uint64_t event_gap_ns(void)

@@ -1,8 +1,8 @@
 /*
  * Simulated nvidia-cuda-mps-control, part of the simulated driver: enough of
  * the real program's contract for fcsp-observer's MPS supervision and the
- * hook's mounts to run in CI.  Modelled on what the real one does on the H200
- * (bench/results/2026-11-29-mps-facts.md):
+ * hook's mounts to run in CI.  Modelled on what the real one does
+ * (bench/results/mps-facts.md):
  *
  *   -d   daemonise; create in $CUDA_MPS_PIPE_DIRECTORY the sockets `control`
  *        (0666) and `control_privileged` (0755), `control_lock` and

@@ -62,7 +62,7 @@ CREATE_STAGE = "createRuntime"
 STOP_STAGE = "poststop"
 # A hook entry already in config.json counts as FCSP's in either create-time stage.
 _CREATE_STAGES = ("prestart", CREATE_STAGE)
-_HOOK_MODULE = "fcsp_hook.hook"
+_HOOK_MODULE = "fcsp_hook.hook.oci_hook"
 
 
 # ---- the command line (pure) ----------------------------------------------------------------
@@ -264,7 +264,7 @@ def is_fcsp_hook(entry: object) -> bool:
     path, args = entry.get("path"), entry.get("args")
     if isinstance(path, str) and os.path.basename(path) == "fcsp-hook":
         return True
-    # `-m fcsp_hook.hook`, or `-S -c "...from fcsp_hook.hook import main..."`
+    # `-m fcsp_hook.hook.oci_hook`, or `-S -c "...from fcsp_hook.hook.oci_hook import main..."`
     return isinstance(args, list) and any(isinstance(a, str) and _HOOK_MODULE in a for a in args)
 
 
@@ -297,7 +297,7 @@ def hook_entry(python: str, config_path: str) -> dict[str, Any]:
     """The hook entry: the same one the hooks.d file carries (one source: hooksd)."""
     from pathlib import Path  # noqa: PLC0415  # the FCSP path only
 
-    from fcsp_hook import hooksd  # noqa: PLC0415
+    from fcsp_hook.hook import hooksd  # noqa: PLC0415
 
     hook = hooksd.hook_entry(python, Path(config_path), hooksd.package_dir(python))["hook"]
     if not isinstance(hook, dict):

@@ -1,6 +1,7 @@
 """The hooks.d entry (podman, CRI-O), generated here so it is never edited by hand.
 
-`python -m fcsp_hook.hooksd --python /usr/bin/python3 > /usr/share/containers/oci/hooks.d/fcsp.json`
+    python -m fcsp_hook.hook.hooksd --python /usr/bin/python3 \
+        > /usr/share/containers/oci/hooks.d/fcsp.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def package_dir(python: str) -> str | None:
     """The directory `python` imports fcsp_hook from, or None when it cannot be asked
     (a package staged with DESTDIR, whose interpreter does not exist yet)."""
     if python == sys.executable:
-        return str(Path(__file__).resolve().parent.parent)
+        return str(Path(__file__).resolve().parents[2])
     import subprocess  # noqa: PLC0415  # install time only
 
     try:
@@ -47,7 +48,7 @@ def package_dir(python: str) -> str | None:
     return found if found.startswith("/") and "\n" not in found else None
 
 
-_RUN = "from fcsp_hook.hook import main; sys.exit(main())"
+_RUN = "from fcsp_hook.hook.oci_hook import main; sys.exit(main())"
 
 
 def import_probe(args: list[str]) -> list[str]:
@@ -55,8 +56,8 @@ def import_probe(args: list[str]) -> list[str]:
     `fcspctl doctor` to prove the entry finds its package the way the hook will."""
     if "-c" in args[:-1]:
         at = args.index("-c")
-        return [*args[: at + 1], args[at + 1].replace(_RUN, "import fcsp_hook.hook")]
-    return [args[0], "-I", "-c", "import fcsp_hook.hook"]
+        return [*args[: at + 1], args[at + 1].replace(_RUN, "import fcsp_hook.hook.oci_hook")]
+    return [args[0], "-I", "-c", "import fcsp_hook.hook.oci_hook"]
 
 
 def hook_command(python: str, package: str | None) -> list[str]:
@@ -69,7 +70,7 @@ def hook_command(python: str, package: str | None) -> list[str]:
     standard library and its own package.
     """
     if package is None:
-        return [python, "-I", "-m", "fcsp_hook.hook"]
+        return [python, "-I", "-m", "fcsp_hook.hook.oci_hook"]
     boot = f"import sys; sys.path.insert(0, {package!r}); {_RUN}"
     return [python, "-I", "-S", "-c", boot]
 
@@ -93,7 +94,7 @@ def render(python: str, config_path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fcsp_hook.hooksd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fcsp_hook.hook.hooksd", description=__doc__)
     parser.add_argument(
         "--python", default="/usr/bin/python3", help="interpreter that has fcsp_hook"
     )

@@ -2,7 +2,7 @@
 
 Runs in a forked child that enters the container's mount namespace (state.pid at
 prestart: after the runtime's mounts exist, before pivot_root), so the hook itself
-stays in the host's.  Every target is resolved inside the rootfs (fcsp_hook.rootfs)
+stays in the host's.  Every target is resolved inside the rootfs (fcsp_hook.hook.rootfs)
 and mounted onto through its opened fd.  If any step fails, what was mounted or
 created is undone before the error is reported.
 """
@@ -13,9 +13,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fcsp_hook import abi, linux, preload
+from fcsp_hook import linux
 from fcsp_hook.errors import FcspError, HookError, UnsafePathError
-from fcsp_hook.rootfs import Rootfs
+from fcsp_hook.hook import preload
+from fcsp_hook.hook.rootfs import Rootfs
+from fcsp_hook.slot import abi
 
 LIBRARY_NAME = "libvgpu.so"
 PRELOAD_NAME = "ld.so.preload"

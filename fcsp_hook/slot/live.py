@@ -1,6 +1,6 @@
 """Live access to slots while tenants run: the observer's and fcspctl set's side of the ABI.
 
-fcsp_hook.slot creates and removes slots with whole-file writes; this module reads and
+fcsp_hook.slot.files creates and removes slots with whole-file writes; this module reads and
 writes them in place, the way the shim sees them:
 
 - limits is mapped read-write (only the host can write it: inside the container it is a
@@ -32,20 +32,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import abi
 from fcsp_hook.errors import SlotError
+from fcsp_hook.slot import abi
 
 LIMITS_SIZE = ctypes.sizeof(abi.Limits)
 USAGE_SIZE = ctypes.sizeof(abi.Usage)
-_USAGE_DEVICE_OFFSET = abi.Usage.device.offset
-_USAGE_PROC_OFFSET = abi.Usage.proc.offset
-_DEVICE_SIZE = ctypes.sizeof(abi.UsageDevice)
-_PROC_SIZE = ctypes.sizeof(abi.UsageProc)
-_USAGE_DEVICE_WORDS = _DEVICE_SIZE // 8  # fcsp_usage_device, every word of it
-_BUSY_SQ = abi.UsageDevice.busy_sq.offset // 8
-_PROC_HEAD_FMT = struct.Struct("<IiQQ")  # state, pid, start_time, heartbeat_ns
-_PROC_MEM_FMT = struct.Struct(f"<{abi.MAX_DEVICES}Q")
-_HEADER_FMT = struct.Struct("<IIIIQ")  # magic, version, size, reserved0, heartbeat_ns
 SEQLOCK_TRIES = 1000
 # Word indexes of the live fields in fcsp_limits (all naturally aligned).
 _GENERATION_WORD = abi.Limits.generation.offset // 8
@@ -55,6 +46,10 @@ _CLOCK_WORD = (abi.Limits.device.offset + abi.LimitsDevice.clock_scale_centi.off
 _DEVICE_WORDS = ctypes.sizeof(abi.LimitsDevice) // 4
 _TURN_WORD = (abi.Limits.device.offset + abi.LimitsDevice.turn.offset) // 8
 _DEVICE_WORDS64 = ctypes.sizeof(abi.LimitsDevice) // 8
+# The usage file's parts as struct formats, derived from the ABI's structures.
+_USAGE_HEAD = abi.flat_layout(abi.Usage, until="device")
+_USAGE_DEVICE = abi.flat_layout(abi.UsageDevice)
+_USAGE_PROC = abi.flat_layout(abi.UsageProc)
 
 # Nothing a tenant reports can be larger than these; beyond them it is lying.
 MAX_BYTES = 1 << 50  # 1 PiB of device memory
@@ -192,8 +187,22 @@ class ProcRecord:
 @functools.cache
 def _usage_layout(count: int) -> struct.Struct:
     """Header and the first count devices' counters, in one unpack (this runs every tick)."""
-    pad_header = _USAGE_DEVICE_OFFSET - _HEADER_FMT.size
-    return struct.Struct("<IIIIQ" + f"{pad_header}x" + f"{_USAGE_DEVICE_WORDS}Q" * count)
+    return struct.Struct(_USAGE_HEAD.format + _USAGE_DEVICE.format[1:] * count)
+
+
+# DeviceUsage's fields, each with its index in a device's unpacked words and its bound.
+_DEVICE_COUNTERS = tuple(
+    (name, _USAGE_DEVICE.fields[name].start, bound)
+    for name, bound in (
+        ("mem_used_bytes", MAX_BYTES),
+        ("launches", MAX_COUNTER),
+        ("tokens_used", MAX_COUNTER),
+        ("busy_ns", MAX_COUNTER),
+        ("throttled_ns", MAX_COUNTER),
+        ("busy_sq", MAX_COUNTER),
+    )
+)
+_DEMAND = _USAGE_DEVICE.fields["demand_centi"].start
 
 
 def _bounded(value: int, limit: int) -> int:
@@ -229,39 +238,39 @@ class UsageReader:
         if raw == self._last_raw:  # an idle tenant: nothing moved since the last tick
             return self._last_devices
         values = layout.unpack(raw)
-        magic, version, size = values[0], values[1], values[2]
-        if magic != abi.USAGE_MAGIC or version != abi.SLOT_VERSION or size != USAGE_SIZE:
+        head = {name: values[at.start] for name, at in _USAGE_HEAD.fields.items()}
+        if (head["magic"], head["version"], head["size"]) != (
+            abi.USAGE_MAGIC,
+            abi.SLOT_VERSION,
+            USAGE_SIZE,
+        ):
             raise SlotError(f"{self.path}: not an FCSP v{abi.SLOT_VERSION} usage file")
         out = []
         for i in range(count):
-            words = values[5 + _USAGE_DEVICE_WORDS * i : 5 + _USAGE_DEVICE_WORDS * (i + 1)]
-            used, _peak, _excess, _rej, launches, tokens, busy, throttled, demand = words[:9]
-            out.append(
-                DeviceUsage(
-                    mem_used_bytes=_bounded(used, MAX_BYTES),
-                    launches=_bounded(launches, MAX_COUNTER),
-                    tokens_used=_bounded(tokens, MAX_COUNTER),
-                    busy_ns=_bounded(busy, MAX_COUNTER),
-                    busy_sq=_bounded(words[_BUSY_SQ], MAX_COUNTER),
-                    throttled_ns=_bounded(throttled, MAX_COUNTER),
-                    demand_centi=min(demand, abi.WHOLE_GPU_CENTI),
-                )
-            )
+            base = _USAGE_HEAD.items + _USAGE_DEVICE.items * i
+            counters = {n: _bounded(values[base + at], bound) for n, at, bound in _DEVICE_COUNTERS}
+            demand = min(values[base + _DEMAND], abi.WHOLE_GPU_CENTI)
+            out.append(DeviceUsage(**counters, demand_centi=demand))
         self._last_raw, self._last_devices = raw, out
         return out
 
     def live_processes(self) -> list[ProcRecord]:
         """Records in state LIVE with a plausible pid; anything else is skipped."""
-        data = self._pread(abi.MAX_PROCS * _PROC_SIZE, _USAGE_PROC_OFFSET)
+        data = self._pread(abi.MAX_PROCS * _USAGE_PROC.size, abi.Usage.proc.offset)
+        fields = _USAGE_PROC.fields
         out = []
-        for i in range(abi.MAX_PROCS):
-            base = i * _PROC_SIZE
-            state, pid, start, heartbeat = _PROC_HEAD_FMT.unpack_from(data, base)
+        for values in struct.iter_unpack(_USAGE_PROC.format, data):
+            state, pid = values[fields["state"].start], values[fields["pid"].start]
             if state != abi.ProcState.LIVE or pid <= 0:
                 continue
-            mem = _PROC_MEM_FMT.unpack_from(data, base + _PROC_HEAD_FMT.size)
+            mem = values[fields["mem_used_bytes"]]
             out.append(
-                ProcRecord(pid, start, heartbeat, tuple(_bounded(m, MAX_BYTES) for m in mem))
+                ProcRecord(
+                    pid,
+                    values[fields["start_time"].start],
+                    values[fields["heartbeat_ns"].start],
+                    tuple(_bounded(m, MAX_BYTES) for m in mem),
+                )
             )
         return out
 

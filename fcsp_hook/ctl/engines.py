@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fcsp_hook import hooksd
 from fcsp_hook.errors import FcspError
+from fcsp_hook.hook import hooksd
 
 if sys.version_info >= (3, 11):
     import tomllib

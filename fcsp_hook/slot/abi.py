@@ -1,14 +1,18 @@
 """Python mirror of shim/fcsp_slot.h, the slot ABI.
 
 The C header is the source of truth; tests/test_abi.py compiles a program that
-prints every offset and size there and compares them with these structures.
-Pure data: no I/O here.
+prints every offset and size there and compares them with these structures.  The
+ctypes structures below are the one description of the layout on the Python side:
+the struct formats that read a usage file in one unpack are derived from them
+(`flat_layout`), never written by hand.  Pure data: no I/O here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
+import struct
+from dataclasses import dataclass
 
 LIMITS_MAGIC = 0x4C505346
 USAGE_MAGIC = 0x55505346
@@ -28,7 +32,7 @@ DEV_SELECTED_BY_UUID = 0x1
 TURN_BITS = 20  # fcsp_limits_device.turn: cycle, window start, window length (us)
 TURN_MAX_US = (1 << TURN_BITS) - 1
 CENTI_PER_PERCENT = 100
-WHOLE_GPU_CENTI = 100 * CENTI_PER_PERCENT
+WHOLE_GPU_CENTI = 100 * CENTI_PER_PERCENT  # FCSP_WHOLE_GPU_CENTI: shares are in 1/100 %
 
 
 class IsolationMode(enum.IntEnum):
@@ -171,3 +175,65 @@ def pack_turn(cycle_us: int, start_us: int, length_us: int) -> int:
 def unpack_turn(word: int) -> tuple[int, int, int]:
     """(cycle, start, length) in microseconds; (0, 0, 0) for no turns."""
     return word & TURN_MAX_US, word >> TURN_BITS & TURN_MAX_US, word >> 2 * TURN_BITS & TURN_MAX_US
+
+
+# ---- struct formats derived from the structures ---------------------------------------------
+
+_SCALAR_CODES: dict[type[ctypes._SimpleCData], str] = {  # type: ignore[type-arg]
+    ctypes.c_uint32: "I",
+    ctypes.c_int32: "i",
+    ctypes.c_uint64: "Q",
+}
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """A structure (or its leading fields) as one little-endian struct format: `fields`
+    maps each field's name to its slice of the unpacked tuple (arrays of scalars give
+    several items, a char array one bytes item)."""
+
+    format: str
+    fields: dict[str, slice]
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(self.format)
+
+    @property
+    def items(self) -> int:
+        return max((s.stop for s in self.fields.values()), default=0)
+
+
+def _codes(ctype: type) -> tuple[str, int]:
+    """The struct codes of one field and how many items they unpack to."""
+    if ctype in _SCALAR_CODES:
+        return _SCALAR_CODES[ctype], 1
+    length = getattr(ctype, "_length_", 0)
+    element = getattr(ctype, "_type_", None)
+    if element is ctypes.c_char:
+        return f"{length}s", 1
+    if element in _SCALAR_CODES:
+        return f"{length}{_SCALAR_CODES[element]}", length
+    raise TypeError(f"{ctype.__name__}: no flat struct format (a nested structure?)")
+
+
+def flat_layout(cls: type[ctypes.Structure], until: str | None = None) -> FlatLayout:
+    """cls's fields in order (up to, not including, `until`), with pad bytes wherever
+    the C layout has them, so that the format's size is the structure's (or `until`'s
+    offset)."""
+    parts, fields, at, item = ["<"], {}, 0, 0
+    for name, ctype, *_ in cls._fields_:
+        if name == until:
+            break
+        offset = getattr(cls, name).offset
+        if offset > at:
+            parts.append(f"{offset - at}x")
+        codes, count = _codes(ctype)
+        parts.append(codes)
+        fields[name] = slice(item, item + count)
+        item += count
+        at = offset + ctypes.sizeof(ctype)
+    end = getattr(cls, until).offset if until else ctypes.sizeof(cls)
+    if end > at:
+        parts.append(f"{end - at}x")
+    return FlatLayout("".join(parts), fields)

@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import abi, config, gpus, mounts, mps, oci, procfs, slot
 from fcsp_hook import annotations as fcsp_annotations
+from fcsp_hook import config, gpus, mps, oci, procfs
 from fcsp_hook.errors import HookError
+from fcsp_hook.hook import mounts
 from fcsp_hook.log import HookLogger
+from fcsp_hook.slot import abi, files
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,10 @@ def choose_backends(
     return (abi.Backend.MPS,)
 
 
-def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> slot.SlotSpec:
+def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> files.SlotSpec:
     request = setup.request
     devices = tuple(
-        slot.DeviceLimits(
+        files.DeviceLimits(
             host_index=gpu.host_index,
             uuid=gpu.uuid,
             mem_limit_bytes=dev.mem.bytes,
@@ -88,7 +90,7 @@ def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> slot
             strict=True,
         )
     )
-    return slot.SlotSpec(
+    return files.SlotSpec(
         container_id=container_id,
         tenant=request.tenant,
         isolation_mode=request.mode,
@@ -126,7 +128,7 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     backends = choose_backends(found, cfg, log)
     reserved = 0
     if backends == (abi.Backend.MPS,):
-        tenants = slot.tenants_dir(cfg.paths.run_dir)
+        tenants = files.tenants_dir(cfg.paths.run_dir)
         reserved = mps.latency_reserve(tenants, found[0].uuid, exclude=state.id)
     return Setup(
         request=request,
@@ -145,19 +147,19 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     setup = plan_setup(state, cfg, log)
     if setup is None:
         return
-    slot.ensure_tenants_dir(cfg.paths.run_dir)
-    slot_dir = slot.slot_path(cfg.paths.run_dir, state.id)
+    files.ensure_tenants_dir(cfg.paths.run_dir)
+    slot_dir = files.slot_path(cfg.paths.run_dir, state.id)
     placeholders = {mounts.LIBRARY_NAME: (b"", 0o644), mounts.PRELOAD_NAME: (b"", 0o644)}
     init = procfs.proc_stat(setup.pid)
     spec = slot_spec(state.id, setup, init[1] if init else 0)
     mps_client = mps.client_dir(cfg.paths.run_dir, setup.mps_gpu) if setup.mps_gpu else None
-    slot.write_slot(slot_dir, spec, placeholders, with_mps_dir=mps_client is not None)
+    files.write_slot(slot_dir, spec, placeholders, with_mps_dir=mps_client is not None)
     try:
         mounts.install(
             mounts.MountPlan(setup.pid, setup.rootfs, slot_dir, cfg.hook.library, mps_client)
         )
     except BaseException:
-        slot.remove_slot(cfg.paths.run_dir, state.id)
+        files.remove_slot(cfg.paths.run_dir, state.id)
         raise
     log.info(
         "tenant slot ready",

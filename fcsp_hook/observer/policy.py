@@ -35,7 +35,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fcsp_hook.abi import TURN_MAX_US, WHOLE_GPU_CENTI, IsolationMode, Priority, pack_turn
+from fcsp_hook.nvml import ClockReading
+from fcsp_hook.slot.abi import TURN_MAX_US, WHOLE_GPU_CENTI, IsolationMode, Priority, pack_turn
 
 PERCENT = 100
 
@@ -255,16 +256,6 @@ STATIC_POWER_PCT = 15
 # limit starts to be counted as power-bound; above POWER_BOUND_HIGH_PCT it fully is.
 POWER_BOUND_LOW_PCT = 90
 POWER_BOUND_HIGH_PCT = 110
-
-
-@dataclass(frozen=True)
-class ClockReading:
-    """One NVML reading of a GPU; power None where the GPU does not report it."""
-
-    sm_mhz: int
-    util_pct: int
-    power_w: float | None = None
-    power_limit_w: float | None = None
 
 
 def power_bound_centi(r: ClockReading) -> int:

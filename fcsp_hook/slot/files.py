@@ -1,6 +1,6 @@
 """Tenant slots on the host: /run/fcsp/tenants/<container-id>/{limits,usage}.
 
-The layout comes from fcsp_hook.abi (mirror of shim/fcsp_slot.h).  Writers use
+The layout comes from fcsp_hook.slot.abi (mirror of shim/fcsp_slot.h).  Writers use
 write-to-temporary then rename, so a reader never sees a half-written file.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from fcsp_hook import abi
 from fcsp_hook.errors import SlotError
+from fcsp_hook.slot import abi, rules
 
 TENANTS_SUBDIR = "tenants"
 # OCI runtimes accept ids of letters, digits, '_', '+', '-' and '.'; we accept the
@@ -91,7 +91,7 @@ def encode_limits(spec: SlotSpec) -> bytes:
         entry.mem_limit_bytes = dev.mem_limit_bytes
         entry.mem_limit_basis_points = dev.mem_limit_basis_points
         entry.sm_requested_centi = dev.sm_requested_centi
-        entry.sm_effective_centi = dev.sm_requested_centi
+        entry.sm_effective_centi = rules.share_to_write(dev.sm_requested_centi)
         entry.backend = dev.backend
         entry.mps_threads_centi = dev.mps_threads_centi
     return bytes(limits)

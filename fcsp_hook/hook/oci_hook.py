@@ -28,9 +28,9 @@ USAGE = "usage: fcsp-hook [--config PATH] prestart|poststop|oci  (OCI state on s
 
 
 def poststop(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
-    from fcsp_hook import slot  # noqa: PLC0415  # keep the other stage's imports off this path
+    from fcsp_hook.slot import files  # noqa: PLC0415  # keep the other stage's imports off this path
 
-    removed = slot.remove_slot(cfg.paths.run_dir, state.id)
+    removed = files.remove_slot(cfg.paths.run_dir, state.id)
     log.info("tenant slot removed" if removed else "no tenant slot to remove")
 
 
@@ -67,7 +67,7 @@ def run(stage: str, raw_state: bytes, cfg: config.Config, log: HookLogger) -> in
                 "poststop could not remove the slot; the observer will reap it", error=str(exc)
             )
         return EXIT_OK  # poststop must never fail a container's removal
-    from fcsp_hook import prestart  # noqa: PLC0415  # the heavy stage, loaded only when run
+    from fcsp_hook.hook import prestart  # noqa: PLC0415  # the heavy stage, loaded only when run
 
     prestart.prestart(state, cfg, log)
     return EXIT_OK

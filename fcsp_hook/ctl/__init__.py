@@ -1,0 +1,1 @@
+"""fcspctl: the operator's command line (status, top, set, doctor, install)."""

@@ -1,0 +1,149 @@
+"""Duty: say what the observer sees: the state file fcspctl reads (<run_dir>/observer.json),
+the Prometheus metrics, and systemd's STATUS line.  Once a second, and at once when
+something fcspctl shows changed (state.dirty)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict
+
+from fcsp_hook.observer import STATE_FILE, metrics, notify
+from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
+from fcsp_hook.slot import abi, live, rules
+
+PERIOD_NS = 1_000_000_000
+
+
+class Publish(Duty):
+    name = "publish"
+
+    def __init__(self, notifier: notify.Notifier, exporter: metrics.Metrics) -> None:
+        self.notifier = notifier
+        self.exporter = exporter
+        self.status_line = ""
+
+    def period_ns(self, state: HostState) -> int:
+        return PERIOD_NS
+
+    def due(self, state: HostState, now_ns: int, next_ns: int) -> bool:
+        return state.dirty or now_ns >= next_ns
+
+    def start(self, state: HostState) -> None:
+        self.exporter.serve(state.cfg.observer.metrics_port)
+
+    def run(self, state: HostState, now_ns: int) -> None:
+        state.dirty = False
+        path = state.run_dir / STATE_FILE
+        tmp = path.with_name(f".{STATE_FILE}.tmp")
+        try:
+            tmp.write_text(json.dumps(snapshot(state)))
+            os.replace(tmp, path)
+        except OSError as exc:
+            state.log.warning("cannot write state file", path=str(path), error=exc.strerror)
+        self.exporter.publish(metrics_snapshot(state))
+        text = status_text(state)
+        if text != self.status_line:
+            self.status_line = text
+            self.notifier.status(text)
+
+    def stop(self, state: HostState) -> None:
+        self.exporter.close()
+        with contextlib.suppress(OSError):
+            (state.run_dir / STATE_FILE).unlink()
+
+
+def status_text(state: HostState) -> str:
+    """systemd's STATUS line: tenants, GPUs, the worst contention, MPS daemons."""
+    gpus = {d.grant.gpu for t in state.tenants.values() for d in t.devices}
+    worst = max((s.contention_pct for s in state.shares.values()), default=0) / 100
+    count = len(state.tenants)
+    text = (
+        f"{count} tenant{'s' if count != 1 else ''} on "
+        f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}, contention {worst:.2f}"
+    )
+    if state.backends:
+        text += "; mps: " + ", ".join(
+            f"{uuid[:12]} {d.backend if d.backend == 'mps' else 'FAILED'}"
+            for uuid, d in sorted(state.backends.items())
+        )
+    return text
+
+
+def snapshot(state: HostState) -> dict[str, object]:
+    """The state file's document (fcspctl status reads it defensively)."""
+    tenants: dict[str, object] = {}
+    for cid, t in state.tenants.items():
+        tenants[cid] = {
+            "active": [d.active for d in t.devices],
+            "unmet_centi": [d.unmet for d in t.devices],
+            "throttled_pct": [d.throttled_pct for d in t.devices],
+            "dead_processes": t.dead_processes,
+            "dead_bytes": t.dead_bytes,
+            "unshimmed_host_pids": t.unshimmed,
+            "problem": t.problem,
+            "backend": [d.grant.backend.name.lower() for d in t.devices],
+            "mps_faults": t.mps_faults,
+            "outside_mps_host_pids": t.outside_mps,
+        }
+    return {
+        "pid": os.getpid(),
+        "updated_ns": live.monotonic_ns(),
+        "interval_ms": state.interval_ns / NS_PER_MS,
+        "nvml": "ok" if state.nv.available else state.nv.reason,
+        "gpus": {
+            gpu: {
+                "contention_pct": share.contention_pct,
+                "tightness_pct": share.policy_state.tightness_pct,
+            }
+            for gpu, share in state.shares.items()
+        },
+        "backends": {uuid: asdict(d) for uuid, d in state.backends.items()},
+        "clocks": {uuid: clock.status() for uuid, clock in state.clocks.items()},
+        "foreign_host_pids": state.foreign,
+        "tenants": tenants,
+        "ticks": state.ticks,
+        "tick_seconds_total": state.tick_ns_total / 1e9,
+    }
+
+
+def turn_ratio(word: int) -> float:
+    cycle, _, length = abi.unpack_turn(word)
+    return length / cycle if cycle else 0.0
+
+
+def metrics_snapshot(state: HostState) -> metrics.Snapshot:
+    samples = []
+    for cid, t in state.tenants.items():
+        for i, device in enumerate(t.devices):
+            grant = device.grant
+            samples.append(
+                metrics.TenantGpuSample(
+                    container_id=cid,
+                    tenant=t.name,
+                    gpu=grant.gpu,
+                    mode=grant.mode.name.lower(),
+                    requested_centi=grant.requested_centi,
+                    effective_centi=t.limits.effective(i),
+                    mem_used_bytes=device.usage.mem_used_bytes,
+                    mem_quota_bytes=rules.memory_quota(
+                        grant.mem_limit_bytes,
+                        grant.mem_limit_basis_points,
+                        state.memory_total(grant.gpu),
+                    ),
+                    throttled_ns=device.usage.throttled_ns,
+                    busy_ns=device.usage.busy_ns,
+                    active=device.active,
+                    unshimmed_processes=len(t.unshimmed),
+                    mps_faults=t.mps_faults,
+                    turn_ratio=turn_ratio(t.limits.turn(i)),
+                )
+            )
+    return metrics.Snapshot(
+        tuple(samples),
+        {gpu: share.contention_pct for gpu, share in state.shares.items()},
+        state.ticks,
+        state.tick_ns_total / 1e9,
+        {uuid: (d.backend == "mps", d.restarts, d.faults) for uuid, d in state.backends.items()},
+    )

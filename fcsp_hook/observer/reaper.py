@@ -1,0 +1,120 @@
+"""Duty: remove the slots of containers that are gone; find each container's processes.
+
+A whole tenant is reaped when the container's init process, recorded by the hook in its
+limits (init_host_pid, init_start_time), is gone or its pid was reused: poststop hooks
+can be skipped (a crash, a killed engine).  A slot without that record is never reaped
+(a dead container cannot be told from an idle one), only reported.
+
+Per-process records (pid LIVE in a usage file) are released by the shims, not here:
+releasing a dead process's memory charge exactly once needs a compare-and-swap on shared
+memory, which the shim does natively on its next allocation.  This duty only reports dead
+records (status, metrics, log), mapping pids through the container's pid namespace
+(/proc/<host pid>/status NSpid), and leaves that map in the state for the NVML check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from fcsp_hook.errors import SlotError
+from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState, Tenant
+from fcsp_hook.procfs import PROC, proc_stat
+from fcsp_hook.slot import files
+
+
+def container_alive(pid: int, start_time: int, proc: Path = PROC) -> bool | None:
+    """True/False for a recorded init process; None when the slot has no record."""
+    if pid <= 0:
+        return None
+    stat = proc_stat(pid, proc)
+    if stat is None or stat[0] in {"Z", "X"}:
+        return False
+    return not (start_time and stat[1] != start_time)
+
+
+def namespace_members(init_pids: dict[str, int], proc: Path = PROC) -> dict[int, tuple[str, int]]:
+    """Every host process in the tenants' pid namespaces: host pid -> (container id, ns pid).
+
+    A pid namespace that several tenants share (containers run with --pid=host, or joined
+    to one another's) names no single owner: its processes are attributed to none, rather
+    than all to whichever tenant came last (which would flag the others' processes as
+    running without the shim).
+    """
+    ns_owner: dict[str, str] = {}
+    shared: set[str] = set()
+    for cid, pid in init_pids.items():
+        with contextlib.suppress(OSError):
+            ns = os.readlink(proc / str(pid) / "ns" / "pid")
+            if ns in ns_owner and ns_owner[ns] != cid:
+                shared.add(ns)
+            ns_owner[ns] = cid
+    for ns in shared:
+        del ns_owner[ns]
+    members: dict[int, tuple[str, int]] = {}
+    if not ns_owner:
+        return members
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                owner = ns_owner.get(os.readlink(f"{entry.path}/ns/pid"))
+                if owner is None:
+                    continue
+                status = Path(entry.path, "status").read_text()
+            except OSError:
+                continue  # exited while we looked
+            for line in status.splitlines():
+                if line.startswith("NSpid:"):
+                    members[int(entry.name)] = (owner, int(line.split()[-1]))
+                    break
+    return members
+
+
+class Reaper(Duty):
+    name = "reaper"
+
+    def period_ns(self, state: HostState) -> int:
+        return state.cfg.observer.reap_interval_ms * NS_PER_MS
+
+    def run(self, state: HostState, now_ns: int) -> None:
+        init_pids: dict[str, int] = {}
+        for cid, tenant in list(state.tenants.items()):
+            alive = container_alive(
+                int(tenant.spec.init_host_pid), int(tenant.spec.init_start_time)
+            )
+            if alive is False:
+                state.drop_tenant(cid, "container gone, slot reaped")
+                files.remove_slot(state.run_dir, cid)
+            elif alive:
+                init_pids[cid] = int(tenant.spec.init_host_pid)
+        state.members = namespace_members(init_pids) if init_pids else {}
+        live_ns: dict[str, set[int]] = {}
+        for cid, ns_pid in state.members.values():
+            live_ns.setdefault(cid, set()).add(ns_pid)
+        for cid, tenant in state.tenants.items():
+            report_dead(state, tenant, live_ns.get(cid) if cid in init_pids else None)
+
+
+def report_dead(state: HostState, tenant: Tenant, live: set[int] | None) -> None:
+    """Per-process records whose pid is not in the container's namespace any more."""
+    try:
+        records = tenant.usage.live_processes()
+    except SlotError:
+        return
+    if live is None:  # no namespace to look in: cannot tell
+        tenant.dead_processes, tenant.dead_bytes = [], 0
+        return
+    dead = [r for r in records if r.pid not in live]
+    pids = [r.pid for r in dead]
+    if pids != tenant.dead_processes:
+        if pids:
+            tenant.log.warning(
+                "dead processes still charged; the shim releases them on its next allocation",
+                pids=pids,
+            )
+        state.dirty = True
+    tenant.dead_processes = pids
+    tenant.dead_bytes = sum(sum(r.mem_used_bytes) for r in dead)
