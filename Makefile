@@ -123,7 +123,7 @@ install: shim/libvgpu.so venv
 	ln -sf $(VENV)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcsp-hook
 	ln -sf $(VENV)/bin/fcspctl $(DESTDIR)$(PREFIX)/bin/fcspctl
 # fcsp-runtime runs 3-4 times per container start: a minimal launcher rather than pip's
-# console script, which imports re first (+9 ms a call on the CI VM).  -I: the engine's
+# console script, which imports re first (+9 ms a call on a 2-core host).  -I: the engine's
 # PYTHON* variables never reach it.  -S as well where the package's directory is known
 # (not when staging with DESTDIR): `site` and the venv's .pth files cost ~18 ms a start.
 	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
@@ -133,7 +133,7 @@ install: shim/libvgpu.so venv
 		printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\n' '$(HOOK_PYTHON)' "$$pkg"; \
 	else printf '#!%s -I\nimport sys\n' '$(HOOK_PYTHON)'; fi \
 		> $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
-	printf 'from fcsp_hook.runtime import main\nsys.exit(main())\n' \
+	printf 'from fcsp_hook.hook.runtime import main\nsys.exit(main())\n' \
 		>> $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	chmod 0755 $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	install -D -m 0755 shim/libvgpu.so $(DESTDIR)$(LIBDIR)/libvgpu.so
@@ -141,7 +141,7 @@ install: shim/libvgpu.so venv
 	[ -e $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml ] || \
 		install -m 0644 etc/config.toml $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml
 	install -d -m 0755 $(DESTDIR)$(HOOKSDIR)
-	$(BASE_PYTHON) -m fcsp_hook.hooksd --python $(HOOK_PYTHON) \
+	$(BASE_PYTHON) -m fcsp_hook.hook.hooksd --python $(HOOK_PYTHON) \
 		--config $(SYSCONFDIR)/fcsp/config.toml > $(DESTDIR)$(HOOKSDIR)/fcsp.json
 	for unit in $(wildcard systemd/*.service); do \
 		install -D -m 0644 $$unit $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done

@@ -12,7 +12,7 @@ python=${PYTHON:-/opt/fcsp/venv/bin/python3}
 work=${FCSP_DEMO_DIR:-/var/tmp/fcsp-demo}
 rootfs=$work/rootfs
 config=/etc/fcsp/config.toml
-# podman's defaults can exceed a host's hard limits (the CI VM allows 20000 open files).
+# podman's defaults can exceed a host's hard limits (some allow only 20000 open files).
 podman_run=(podman run --runtime runc --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)"
             --ulimit nproc=4096:4096)
 # One simulated GPU with 80 GiB, its state shared by both containers.  The simulator keys

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsp_hook.errors import ConfigError
-from fcsp_hook.hook import runtime
+from fcsp_hook.hook import next_runtime
 from fcsp_hook.slot import abi
 
 if sys.version_info >= (3, 11):
@@ -102,14 +102,15 @@ class ObserverConfig:
     # the GPU's time.
     clock_normalise: str = CLOCK_FULL_LOAD
     # The most a kernel is taken to speed up on a partly idle GPU, in % of its full-load
-    # speed: H200 GEMMs gain 111-122 % at a clock 1.3x the full-load one; at 120 fp16 and
-    # bf16 GEMMs both hold their shares to 3 points (at 117 the fp16 one did +4).
+    # speed.  A GEMM gains less than its clock does; 120 is what holds GEMMs of either
+    # precision to their shares (bench/results/compute-diagnosis.md).
     clock_max_speedup_pct: int = 120
     # Tenants that keep a time-sliced GPU busy take turns of a cycle this long, each for
     # its share of it, rather than being switched by the driver every time slice (which
-    # loses 6-9 % of an H200).  A turn makes a throttled tenant's launches wait up to one
-    # cycle; latency-priority tenants never take turns.  0: off.  It moves within -20/+25 %
-    # so that windows hold whole kernels of tenants whose kernels are long (policy.fit_cycle).
+    # costs a few percent of the GPU's time).  A turn makes a throttled tenant's launches
+    # wait up to one cycle; latency-priority tenants never take turns.  0: off.  It moves
+    # within -20/+25 % so that windows hold whole kernels of tenants whose kernels are long
+    # (policy.fit_cycle).
     turn_cycle_ms: int = 50
 
 
@@ -117,7 +118,7 @@ class ObserverConfig:
 class RuntimeConfig:
     # The OCI runtime fcsp-runtime hands every command to: "auto" (nvidia-container-runtime
     # when it is on PATH, else runc) or an absolute path.
-    next: str = runtime.NEXT_AUTO
+    next: str = next_runtime.NEXT_AUTO
 
 
 BACKENDS = {b.name.lower(): b for b in abi.Backend}
@@ -318,7 +319,7 @@ def from_mapping(data: Mapping[str, object]) -> Config:
         )
     r = _table(data, "runtime", RuntimeConfig)
     # One check, shared with fcsp-runtime's fast path (which never imports this module).
-    runtime_cfg = RuntimeConfig(next=runtime.parse_next(r.get("next", runtime.NEXT_AUTO)))
+    runtime_cfg = RuntimeConfig(next=next_runtime.parse_next(r.get("next", next_runtime.NEXT_AUTO)))
     return Config(
         defaults=defaults,
         hook=hook,

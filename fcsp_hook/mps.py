@@ -1,15 +1,15 @@
 """The MPS backend's layout and arithmetic, shared by the hook and fcsp-observer.
 
-Host layout, under <run_dir>/mps/<gpu-uuid>/ (the daemon itself: fcsp_hook/mpsd.py):
+Host layout, under <run_dir>/mps/<gpu-uuid>/ (the daemon itself: observer/mpsd.py):
 
   pipe/    the daemon's CUDA_MPS_PIPE_DIRECTORY (0700): control, control_privileged, ...
   log/     its CUDA_MPS_LOG_DIRECTORY (control.log, server.log)
   client/  0755, holding only a hard link to pipe/control.  This is what a tenant gets,
-           mounted read-only at /run/fcsp/mps.  Measured on the H200
-           (bench/results/2026-11-29-mps-facts.md): a client needs nothing but that
+           mounted read-only at /run/fcsp/mps.  A client needs nothing but that
            socket, and through it the daemon refuses quit and every setting, which need
-           control_privileged, even to root.  A hard link, so that after a restart the
-           observer swaps the new socket in and running containers see it.
+           control_privileged, even to root (bench/results/mps-facts.md).  A hard link,
+           so that after a restart the observer swaps the new socket in and running
+           containers see it.
   state    JSON for fcspctl and the hook: the backend in force, the daemon's pid, restarts,
            faults and the last error.
 """

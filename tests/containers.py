@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import hooksd
+from fcsp_hook.hook import hooksd
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "shim" / "libvgpu.so"

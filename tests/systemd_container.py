@@ -118,7 +118,7 @@ def _install_venv(root: Path) -> None:
         _copy_module(name, site)
     script = venv / "bin" / "fcsp-observer"
     script.write_text(
-        f"#!{VENV}/bin/python3\nimport sys\n\nfrom fcsp_hook.observer import main\n\n"
+        f"#!{VENV}/bin/python3\nimport sys\n\nfrom fcsp_hook.observer.daemon import main\n\n"
         'if __name__ == "__main__":\n    sys.exit(main())\n'
     )
     script.chmod(0o755)

@@ -6,8 +6,11 @@ import ctypes
 import re
 import subprocess
 from pathlib import Path
+from struct import unpack_from
 
-from fcsp_hook import abi
+import pytest
+
+from fcsp_hook.slot import abi, rules
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +38,9 @@ CONSTANTS = {
     "FCSP_PROC_FREE": abi.ProcState.FREE,
     "FCSP_PROC_LIVE": abi.ProcState.LIVE,
     "FCSP_PROC_REAPING": abi.ProcState.REAPING,
+    "FCSP_WHOLE_GPU_CENTI": abi.WHOLE_GPU_CENTI,
+    "FCSP_MIN_SHARE_CENTI": rules.MIN_SHARE_CENTI,
+    "FCSP_OBSERVER_STALE_NS": rules.OBSERVER_STALE_NS,
 }
 
 
@@ -104,3 +110,56 @@ def test_python_mirror_covers_every_struct_of_the_header() -> None:
 
     declared = set(re.findall(r"^struct (fcsp_\w+) \{", header, re.MULTILINE))
     assert declared == set(abi.STRUCTS)
+
+
+def _filled(cls: type[ctypes.Structure], until: str | None) -> ctypes.Structure:
+    """An instance whose every scalar before `until` holds a value of its own."""
+    record = cls()
+    for n, (name, ctype, *_) in enumerate(cls._fields_):
+        if name == until:
+            break
+        element = ctype._type_ if issubclass(ctype, ctypes.Array) else None
+        if element is ctypes.c_char:
+            setattr(record, name, f"f{n}".encode())
+        elif element is not None:
+            getattr(record, name)[:] = [n * 100 + i for i in range(ctype._length_)]
+        else:
+            setattr(record, name, n + 1)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("cls", "until"),
+    [
+        (abi.UsageDevice, None),
+        (abi.UsageProc, None),
+        (abi.Usage, "device"),
+        (abi.LimitsDevice, None),
+    ],
+)
+def test_flat_layouts_read_every_field_where_ctypes_puts_it(
+    cls: type[ctypes.Structure], until: str | None
+) -> None:
+    """The struct formats the usage reader unpacks are derived from the ctypes structures:
+    unpacking a filled record gives each field's value, and the sizes match."""
+    layout = abi.flat_layout(cls, until)
+    record = _filled(cls, until)
+    values = unpack_from(layout.format, bytes(record))
+    expected_size = getattr(cls, until).offset if until else ctypes.sizeof(cls)
+    assert layout.size == expected_size
+    assert set(layout.fields) == {n for n, *_ in cls._fields_[: len(layout.fields)]}
+    for name, at in layout.fields.items():
+        got = values[at]
+        want = getattr(record, name)
+        if isinstance(want, bytes):
+            assert got == (want.ljust(getattr(cls, name).size, b"\0"),), name
+        elif isinstance(want, int):
+            assert got == (want,), name
+        else:
+            assert got == tuple(want), name
+
+
+def test_flat_layout_refuses_what_it_cannot_flatten() -> None:
+    """A nested structure array has no flat format: asked for one, it says so."""
+    with pytest.raises(TypeError, match="nested"):
+        abi.flat_layout(abi.Usage)

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fcsp_hook import abi
 from fcsp_hook.annotations import MemQuota, TenantRequest, parse
 from fcsp_hook.errors import AnnotationError
+from fcsp_hook.slot import abi
 
 G = 1 << 30
 

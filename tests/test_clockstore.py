@@ -1,4 +1,4 @@
-"""fcsp_hook.clockstore: the observer's learned full-load clocks on disk, read as untrusted."""
+"""observer.clockstore: the observer's learned full-load clocks on disk, read as untrusted."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import clockstore
+from fcsp_hook.observer import clockstore
 
 GPU = "GPU-14e7c949-dd20-cb2f-412c-90057271383a"
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, config
+from fcsp_hook import config
 from fcsp_hook.errors import ConfigError
+from fcsp_hook.slot import abi
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,3 +73,17 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, messag
     assert message in str(info.value)
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_observer_config_section_is_validated(tmp_path: Path) -> None:
+    """[observer] values are range-checked and the over-quota action is a choice."""
+    path = tmp_path / "c.toml"
+    path.write_text("[observer]\nover_quota_action = 'shoot'\n")
+    with pytest.raises(config.ConfigError, match="expected one of warn, kill"):
+        config.load(path)
+    path.write_text("[observer]\nnvml_interval_ms = 10\n")
+    with pytest.raises(config.ConfigError, match="from 1000 to"):
+        config.load(path)
+    path.write_text("[observer]\ncontention_low_pct = 60\ncontention_high_pct = 50\n")
+    with pytest.raises(config.ConfigError, match="must not exceed contention_high_pct"):
+        config.load(path)

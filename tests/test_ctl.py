@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, ctl, slot
+from fcsp_hook.ctl import main as ctl
+from fcsp_hook.ctl import status as ctl_status
+from fcsp_hook.slot import abi, files
 
 
 @pytest.fixture
@@ -18,14 +20,14 @@ def cfg_path(tmp_path: Path) -> Path:
 
 
 def _slot(run_dir: Path, cid: str, **kw: object) -> Path:
-    slot.ensure_tenants_dir(run_dir)
-    directory = slot.slot_path(run_dir, cid)
+    files.ensure_tenants_dir(run_dir)
+    directory = files.slot_path(run_dir, cid)
     devices = (
-        slot.DeviceLimits(host_index=0, mem_limit_bytes=8 << 30, sm_requested_centi=4000),
-        slot.DeviceLimits(uuid="GPU-abc", mem_limit_basis_points=5000, sm_requested_centi=2500),
+        files.DeviceLimits(host_index=0, mem_limit_bytes=8 << 30, sm_requested_centi=4000),
+        files.DeviceLimits(uuid="GPU-abc", mem_limit_basis_points=5000, sm_requested_centi=2500),
     )
-    slot.write_slot(
-        directory, slot.SlotSpec(container_id=cid, tenant="team-a", devices=devices), {}
+    files.write_slot(
+        directory, files.SlotSpec(container_id=cid, tenant="team-a", devices=devices), {}
     )
     return directory
 
@@ -69,13 +71,13 @@ def test_status_clamps_hostile_values(
 ) -> None:
     """Out-of-range numbers from a slot are clamped, not shown or trusted as given."""
     directory = _slot(tmp_path / "run", "abc")
-    row = ctl.read_tenant(directory)
+    row = ctl_status.read_tenant(directory)
     assert row.devices[0].sm_effective_pct == 40.0
-    limits = slot.read_limits(directory / abi.LIMITS_FILE)
+    limits = files.read_limits(directory / abi.LIMITS_FILE)
     limits.device[0].sm_effective_centi = 4_000_000_000
     limits.device_count = 99
     (directory / abi.LIMITS_FILE).write_bytes(bytes(limits))
-    row = ctl.read_tenant(directory)
+    row = ctl_status.read_tenant(directory)
     assert row.devices[0].sm_effective_pct == 100.0
     assert len(row.devices) == abi.MAX_DEVICES
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import ctl, engines, hooksd
+from fcsp_hook.ctl import engines
+from fcsp_hook.ctl import main as ctl
+from fcsp_hook.hook import hooksd
 
 if sys.version_info >= (3, 11):
     import tomllib

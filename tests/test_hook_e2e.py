@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, procfs, slot
+from fcsp_hook import procfs
+from fcsp_hook.slot import abi, files
 from tests.containers import GLIBC_IN_ROOTFS, ULIMITS, HookSetup, add_cuda_sim, podman
 
 pytestmark = pytest.mark.e2e
@@ -64,7 +65,7 @@ def test_cuda_process_maps_shim_and_slot_and_rm_removes_slot(hook: HookSetup, ro
         container_id = _podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
         slot_dir = hook.run_dir / "tenants" / container_id
         assert hook.slots() == [slot_dir]
-        limits = slot.read_limits(slot_dir / "limits")
+        limits = files.read_limits(slot_dir / "limits")
         assert limits.container_id.decode() == container_id
         assert limits.tenant == b"team-a"
         assert limits.device_count == 1
@@ -76,7 +77,7 @@ def test_cuda_process_maps_shim_and_slot_and_rm_removes_slot(hook: HookSetup, ro
         assert limits.init_start_time == procfs.proc_stat(host_pid)[1]  # type: ignore[index]
 
         def record_of_pid_1() -> abi.UsageProc | None:
-            usage = slot.read_usage(slot_dir / "usage")
+            usage = files.read_usage(slot_dir / "usage")
             live = [p for p in usage.proc if p.state == abi.ProcState.LIVE and p.pid == 1]
             return live[0] if live and live[0].mem_used_bytes[0] == 64 << 20 else None
 
@@ -84,10 +85,10 @@ def test_cuda_process_maps_shim_and_slot_and_rm_removes_slot(hook: HookSetup, ro
         while record_of_pid_1() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert record_of_pid_1() is not None
-        assert slot.read_usage(slot_dir / "usage").device[0].mem_used_bytes == 64 << 20
+        assert files.read_usage(slot_dir / "usage").device[0].mem_used_bytes == 64 << 20
         # A program that never touches CUDA (cat) loads the shim but claims no record.
         assert _podman("exec", name, CAT, "/etc/hostname").returncode == 0
-        assert len([p for p in slot.read_usage(slot_dir / "usage").proc if p.state]) == 1
+        assert len([p for p in files.read_usage(slot_dir / "usage").proc if p.state]) == 1
     finally:
         removed = _podman("rm", "-f", "-t", "0", name)
     assert removed.returncode == 0, removed.stderr
@@ -120,7 +121,7 @@ def test_slot_names_gpus_by_uuid_from_the_driver(
     assert started.returncode == 0, started.stderr
     try:
         (slot_dir,) = hook.slots()
-        limits = slot.read_limits(slot_dir / "limits")
+        limits = files.read_limits(slot_dir / "limits")
         entries = [limits.device[i] for i in range(limits.device_count)]
         assert [e.host_index for e in entries] == [2, 0]
         assert [e.uuid for e in entries] == [

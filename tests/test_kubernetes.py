@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from fcsp_hook import annotations, engines
+from fcsp_hook import annotations
+from fcsp_hook.ctl import engines
 
 yaml = pytest.importorskip("yaml")
 

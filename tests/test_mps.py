@@ -20,8 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, config, ctl, mps, mpsd, procfs, slot
+from fcsp_hook import config, mps, procfs
+from fcsp_hook.ctl import main as ctl
+from fcsp_hook.ctl import status as ctl_status
 from fcsp_hook.errors import ConfigError
+from fcsp_hook.observer import mpsd
+from fcsp_hook.slot import abi, files
 from tests.containers import HookSetup, add_cuda_sim, podman
 from tests.shim.harness import SIM_DIR, Env, build, read_until_ready, run, sim_uuid, start
 from tests.test_observer import Host, wait_for
@@ -29,8 +33,8 @@ from tests.test_observer import Host, wait_for
 SIM_CONTROL = SIM_DIR / "bin" / "nvidia-cuda-mps-control"
 GPU0 = "GPU-00000000-0000-0000-0000-0000000000a0"
 GPU1 = "GPU-00000000-0000-0000-0000-0000000000a1"
-# The line the real MPS server logged on the H200 when a client hit an illegal address.
-H200_FAULT_LINE = (
+# The line the real MPS server logs when a client hits an illegal address.
+FAULT_LINE = (
     "[2026-11-29 13:17:21.118 Server  1094] Client {PID: 1263, Context: 1} "
     "encountered a fatal GPU error.\n"
 )
@@ -103,7 +107,7 @@ def test_backend_config_per_gpu_and_its_errors() -> None:
 
 
 def test_fault_lines_of_the_real_server_are_recognised() -> None:
-    log = b"[x Server 1] Client {PID: 7, Context ID: 1} connected\n" + H200_FAULT_LINE.encode()
+    log = b"[x Server 1] Client {PID: 7, Context ID: 1} connected\n" + FAULT_LINE.encode()
     assert mps.fault_pids(log) == [1263]
     assert mps.fault_pids(b"[x Server 1] Client process 7 disconnected\n") == []
 
@@ -143,21 +147,21 @@ def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(
     """The server's fatal-error line in server.log: the tenant on that GPU is marked (its
     clients were torn down), the time-sliced tenant on the other GPU is not, the daemon is
     replaced; fcspctl status shows the backends and the fault."""
-    slot.ensure_tenants_dir(mps_host.run_dir)
+    files.ensure_tenants_dir(mps_host.run_dir)
     for cid, index, gpu, backend in (
         ("on-mps", 1, GPU1, abi.Backend.MPS),
         ("on-timeslice", 0, GPU0, abi.Backend.TIMESLICE),
     ):
-        spec = slot.SlotSpec(
+        spec = files.SlotSpec(
             container_id=cid,
-            devices=(slot.DeviceLimits(host_index=index, uuid=gpu, backend=backend),),
+            devices=(files.DeviceLimits(host_index=index, uuid=gpu, backend=backend),),
         )
-        slot.write_slot(slot.slot_path(mps_host.run_dir, cid), spec, {})
+        files.write_slot(files.slot_path(mps_host.run_dir, cid), spec, {})
     mps_host.start()
     wait_for("daemon for GPU 1", lambda: _daemon_pid(mps_host, GPU1))
     first = _daemon_pid(mps_host, GPU1)
     with (mps.gpu_dir(mps_host.run_dir, GPU1) / "log" / mpsd.SERVER_LOG).open("a") as f:
-        f.write(H200_FAULT_LINE)
+        f.write(FAULT_LINE)
 
     def tenant(cid: str) -> dict[str, object]:
         tenants = mps_host.state().get("tenants", {})
@@ -228,12 +232,12 @@ def _mps_slot(
     threads_centi: int = 0,
 ) -> Path:
     directory = tmp_path / "slot"
-    spec = slot.SlotSpec(
+    spec = files.SlotSpec(
         container_id="t",
         isolation_mode=mode,
         priority=priority,
         devices=(
-            slot.DeviceLimits(
+            files.DeviceLimits(
                 host_index=0,
                 sm_requested_centi=3000,
                 mem_limit_bytes=1 << 30,
@@ -242,7 +246,7 @@ def _mps_slot(
             ),
         ),
     )
-    slot.write_slot(directory, spec, {}, with_mps_dir=True)
+    files.write_slot(directory, spec, {}, with_mps_dir=True)
     if socket:  # what the hook's bind mount gives a container, made here with a hard link
         os.link(daemon_log.parent / "pipe" / "control", directory / abi.MPS_DIR / "control")
     return directory
@@ -334,7 +338,7 @@ def test_thread_grants_reserve_the_sms_of_latency_tenants(tmp_path: Path) -> Non
     assert mps.threads_centi(5000, strict, best, 3000) == 5000
     assert mps.threads_centi(8000, strict, best, 3000) == 7000
     assert mps.threads_centi(5000, balanced, best, 9800) == mps.MIN_THREADS_CENTI
-    slot.ensure_tenants_dir(tmp_path)
+    files.ensure_tenants_dir(tmp_path)
     for cid, priority, gpu, backend, share in (
         ("lat-a", latency, GPU1, abi.Backend.MPS, 2000),
         ("lat-b", latency, GPU1, abi.Backend.MPS, 1500),
@@ -342,14 +346,14 @@ def test_thread_grants_reserve_the_sms_of_latency_tenants(tmp_path: Path) -> Non
         ("lat-timesliced", latency, GPU1, abi.Backend.TIMESLICE, 4000),
         ("batch", best, GPU1, abi.Backend.MPS, 5000),
     ):
-        spec = slot.SlotSpec(
+        spec = files.SlotSpec(
             container_id=cid,
             priority=priority,
-            devices=(slot.DeviceLimits(uuid=gpu, sm_requested_centi=share, backend=backend),),
+            devices=(files.DeviceLimits(uuid=gpu, sm_requested_centi=share, backend=backend),),
         )
-        slot.write_slot(slot.slot_path(tmp_path, cid), spec, {})
-    (slot.tenants_dir(tmp_path) / "garbage").mkdir()
-    tenants = slot.tenants_dir(tmp_path)
+        files.write_slot(files.slot_path(tmp_path, cid), spec, {})
+    (files.tenants_dir(tmp_path) / "garbage").mkdir()
+    tenants = files.tenants_dir(tmp_path)
     assert mps.latency_reserve(tenants, GPU1, exclude="new") == 3500
     assert mps.latency_reserve(tenants, GPU1, exclude="lat-a") == 1500
 
@@ -406,19 +410,19 @@ def test_container_gets_only_the_control_socket_read_only(
         assert ready[-1]["backend"] == ["mps"]
 
         # A latency tenant holds 30 % of GPU 1: a best-effort container gets the other 70 %.
-        latency = slot.SlotSpec(
+        latency = files.SlotSpec(
             container_id="serving",
             priority=abi.Priority.LATENCY,
             devices=(
-                slot.DeviceLimits(uuid=GPU1, sm_requested_centi=3000, backend=abi.Backend.MPS),
+                files.DeviceLimits(uuid=GPU1, sm_requested_centi=3000, backend=abi.Backend.MPS),
             ),
         )
-        slot.write_slot(slot.slot_path(run_dir, "serving"), latency, {})
+        files.write_slot(files.slot_path(run_dir, "serving"), latency, {})
         done = podman(hook, rootfs, shell, {"fcsp.sm": "40"}, {"NVIDIA_VISIBLE_DEVICES": "1"})
         assert done.returncode == 0, done.stderr
         clients = _clients(mps.gpu_dir(run_dir, GPU1) / "log")
         assert clients[-1].split(" ", 1)[1] == "threads=70 pinned=-"
-        slot.remove_slot(run_dir, "serving")
+        files.remove_slot(run_dir, "serving")
 
         two = podman(hook, rootfs, shell, {"fcsp.sm": "40"}, {"NVIDIA_VISIBLE_DEVICES": "0,1"})
         assert two.returncode == 0, two.stderr
@@ -459,13 +463,13 @@ def test_a_tenant_process_outside_mps_is_flagged(short_tmp: Path) -> None:
     try:
         gpu = sim_uuid(0)
         wait_for("daemon for GPU 0", lambda: _daemon_pid(h, gpu))
-        slot.ensure_tenants_dir(h.run_dir)
-        directory = slot.slot_path(h.run_dir, "t1")
-        spec = slot.SlotSpec(
+        files.ensure_tenants_dir(h.run_dir)
+        directory = files.slot_path(h.run_dir, "t1")
+        spec = files.SlotSpec(
             container_id="t1",
-            devices=(slot.DeviceLimits(host_index=0, uuid=gpu, backend=abi.Backend.MPS),),
+            devices=(files.DeviceLimits(host_index=0, uuid=gpu, backend=abi.Backend.MPS),),
         )
-        slot.write_slot(directory, spec, {})
+        files.write_slot(directory, spec, {})
         own = procfs.proc_stat(os.getpid())
         assert own is not None
         h.set_init("t1", os.getpid(), own[1])  # the tenant's "container" is this pid namespace
@@ -486,7 +490,7 @@ def test_a_tenant_process_outside_mps_is_flagged(short_tmp: Path) -> None:
         wait_for("the process outside MPS is flagged", lambda: direct.pid in outside())
         assert client.pid not in outside()
         assert "run outside MPS" in h.log_text()
-        status = ctl.status_text(h.run_dir)
+        status = ctl_status.status_text(h.run_dir)
         assert "1 outside MPS" in status.split("\n", 2)[1], status
     finally:
         for proc in procs:
@@ -517,7 +521,7 @@ def test_mps_daemons_are_in_the_metrics() -> None:
     """Per GPU on MPS: whether its daemon serves tenants, its restarts and faults."""
     from prometheus_client import generate_latest  # noqa: PLC0415  # this test only
 
-    from fcsp_hook import metrics  # noqa: PLC0415
+    from fcsp_hook.observer import metrics  # noqa: PLC0415
 
     exporter = metrics.Metrics()
     exporter.publish(metrics.Snapshot(mps={GPU0: (True, 2, 1), GPU1: (False, 0, 0)}))
@@ -532,13 +536,13 @@ def test_fcspctl_set_on_an_mps_tenant_says_running_processes_keep_their_cap(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    slot.ensure_tenants_dir(run_dir)
+    files.ensure_tenants_dir(run_dir)
     for cid, backend in (("on-mps", abi.Backend.MPS), ("sliced", abi.Backend.TIMESLICE)):
-        spec = slot.SlotSpec(
+        spec = files.SlotSpec(
             container_id=cid,
-            devices=(slot.DeviceLimits(uuid=GPU1, sm_requested_centi=3000, backend=backend),),
+            devices=(files.DeviceLimits(uuid=GPU1, sm_requested_centi=3000, backend=backend),),
         )
-        slot.write_slot(slot.slot_path(run_dir, cid), spec, {})
+        files.write_slot(files.slot_path(run_dir, cid), spec, {})
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[paths]\nrun_dir = "{run_dir}"\n')
     assert ctl.main(["--config", str(cfg), "set", "on-mps", "--sm", "40"]) == 0
@@ -546,7 +550,7 @@ def test_fcspctl_set_on_an_mps_tenant_says_running_processes_keep_their_cap(
     assert ctl.main(["--config", str(cfg), "set", "sliced", "--sm", "40"]) == 0
     assert "note:" not in capsys.readouterr().out
     assert (
-        slot.read_limits(slot.slot_path(run_dir, "on-mps") / abi.LIMITS_FILE)
+        files.read_limits(files.slot_path(run_dir, "on-mps") / abi.LIMITS_FILE)
         .device[0]
         .sm_requested_centi
         == 4000

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from fcsp_hook import engines
+from fcsp_hook.ctl import engines
 from tests import containers
 
 if sys.version_info >= (3, 11):
@@ -249,7 +249,7 @@ def test_copied_tree_runs_with_nothing_from_the_host(host: Host, tmp_path: Path)
     # against an older glibc (the driver's libnvidia-ml.so.1) asks for them.
     (rootfs / "probe.py").write_text(
         "import ctypes, sys\n"
-        "import fcsp_hook.hook, fcsp_hook.observer, fcsp_hook.runtime\n"
+        "import fcsp_hook.hook.oci_hook, fcsp_hook.observer.daemon, fcsp_hook.hook.runtime\n"
         "for name in ('libpthread.so.0', 'libdl.so.2', 'librt.so.1'):\n"
         "    ctypes.CDLL(name)\n"
         "print('prefix', sys.prefix)\n"

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, ctl, observer, procfs, slot, slotio
+from fcsp_hook import observer
+from fcsp_hook.ctl import main as ctl
+from fcsp_hook.slot import abi, files, live
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 20.0
@@ -81,25 +83,25 @@ class Host:
         *,
         priority: abi.Priority = abi.Priority.BEST_EFFORT,
     ) -> Path:
-        slot.ensure_tenants_dir(self.run_dir)
-        directory = slot.slot_path(self.run_dir, cid)
-        spec = slot.SlotSpec(
+        files.ensure_tenants_dir(self.run_dir)
+        directory = files.slot_path(self.run_dir, cid)
+        spec = files.SlotSpec(
             container_id=cid,
             tenant=f"team-{cid}",
             isolation_mode=mode,
             priority=priority,
             devices=(
-                slot.DeviceLimits(
+                files.DeviceLimits(
                     host_index=host_index, sm_requested_centi=sm, mem_limit_bytes=mem
                 ),
             ),
         )
-        slot.write_slot(directory, spec, {})
+        files.write_slot(directory, spec, {})
         return directory
 
     def set_init(self, cid: str, pid: int, start_time: int) -> None:
         """What the hook records at prestart: the container's init process on the host."""
-        limits = slotio.LimitsMap(slot.slot_path(self.run_dir, cid) / abi.LIMITS_FILE)
+        limits = live.LimitsMap(files.slot_path(self.run_dir, cid) / abi.LIMITS_FILE)
         try:
             with limits.update() as view:
                 view.init_host_pid = pid
@@ -108,7 +110,7 @@ class Host:
             limits.close()
 
     def limits(self, cid: str) -> abi.Limits:
-        return slot.read_limits(slot.slot_path(self.run_dir, cid) / abi.LIMITS_FILE)
+        return files.read_limits(files.slot_path(self.run_dir, cid) / abi.LIMITS_FILE)
 
     def effective(self, cid: str) -> int:
         return int(self.limits(cid).device[0].sm_effective_centi)
@@ -255,26 +257,6 @@ def test_workday_pattern_end_to_end(
     assert sum(host.effective(c) for c in "abcd") <= abi.WHOLE_GPU_CENTI
 
 
-def test_no_share_is_written_as_zero(host: Host) -> None:
-    """With idle_share_pct = 0 idle tenants get 0.01 %, never 0 (the shim's "unset")."""
-    host.add("a")
-    host.add("b")
-    host.write_config("idle_share_pct = 0\n")
-    host.start()
-    wait_for("idle at the minimum", lambda: host.effective("a") == host.effective("b") == 1)
-
-
-def test_new_tenants_are_found_and_heartbeats_advance(host: Host) -> None:
-    """A slot created while the observer runs gets heartbeats; they keep moving forward."""
-    host.start()
-    wait_for("state file", lambda: host.state().get("ticks"))
-    host.add("late")
-    wait_for("heartbeat in the new slot", lambda: host.heartbeat("late") > 0)
-    first = host.heartbeat("late")
-    wait_for("a later heartbeat", lambda: host.heartbeat("late") > first)
-    assert host.heartbeat("late") <= slotio.monotonic_ns()
-
-
 def test_sigterm_gives_tenants_their_requests_back(
     host: Host, workload: Callable[[dict[str, Shim]], Workload]
 ) -> None:
@@ -290,137 +272,6 @@ def test_sigterm_gives_tenants_their_requests_back(
     assert host.heartbeat("a") == 0 and host.heartbeat("b") == 0
     assert not (host.run_dir / observer.STATE_FILE).exists()
     assert '"stopping"' in host.log_text()
-
-
-def test_busy_tenants_take_turns_and_stop_when_one_idles(
-    host: Host, workload: Callable[[dict[str, Shim]], Workload]
-) -> None:
-    """Two strict tenants (30 / 70 %) that use all of their shares get windows of the 50 ms
-    cycle by share (fcspctl status shows them); when one idles the other launches at any
-    time again; on SIGTERM no turn is left in any slot."""
-    shares = {"a": 3000, "b": 7000}
-    shims = {c: Shim(host.add(c, sm=sm, mode=abi.IsolationMode.STRICT)) for c, sm in shares.items()}
-    load = workload(shims)
-    proc = host.start()
-
-    def turns() -> list[tuple[int, int, int]]:
-        return [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in "ab"]
-
-    wait_for("windows by share", lambda: turns() == [(50_000, 0, 15_000), (50_000, 15_000, 35_000)])
-    assert "active, turn 15-50 of 50 ms" in ctl.status_text(host.run_dir)
-    load.busy.discard("b")
-    wait_for("no turns once b idles", lambda: turns() == [(0, 0, 0), (0, 0, 0)])
-    load.busy.add("b")
-    wait_for("turns again", lambda: turns()[0] == (50_000, 0, 15_000))
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=TIMEOUT) == 0
-    assert turns() == [(0, 0, 0), (0, 0, 0)]
-
-
-def test_turns_of_tenants_with_long_kernels_hold_whole_kernels(
-    host: Host, workload: Callable[[dict[str, Shim]], Workload]
-) -> None:
-    """Tenants whose launches take 5.3 ms each at 30 / 70 %: windows of the 50 ms cycle
-    would hold 2.8 and 6.6 of their kernels; the observer makes the cycle about 53 ms, 3 and
-    7 (as measured over a second of integral launches: within 1.5 %)."""
-    shares = {"a": 3000, "b": 7000}
-    strict = abi.IsolationMode.STRICT
-    shims = {c: Shim(host.add(c, sm=sm, mode=strict), 5_300_000) for c, sm in shares.items()}
-    workload(shims)
-    host.start()
-
-    def kernels_per_window() -> list[float]:
-        turns = [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in "ab"]
-        return [length / 5300 for _, _, length in turns]
-
-    def whole() -> bool:
-        return all(abs(k - n) < 0.1 for k, n in zip(kernels_per_window(), (3, 7), strict=True))
-
-    wait_for("windows of whole kernels", whole)
-
-
-def test_turn_cycles_fit_only_kernels_measured_in_turns(host: Host) -> None:
-    """Time-sliced, a tenant's launches read long (its estimates hold its neighbour's slices):
-    both tenants launch 9.7 ms kernels within their shares for 2.5 s, then 5.3 ms ones and
-    want more.  The cycle is fitted to what they launch in turns only: 50 ms until that is
-    known, then about 53 ms; never one fitted to 9.7 ms kernels (55.4 ms: 4 in b's window).
-    Turns that end while both pause resume at the fitted cycle."""
-    shares = {"a": 3000, "b": 7000}
-    strict = abi.IsolationMode.STRICT
-    shims = [Shim(host.add(c, sm=sm, mode=strict), 9_700_000) for c, sm in shares.items()]
-    halt, paused = threading.Event(), threading.Event()
-    time_sliced_until = time.monotonic() + 2.5
-
-    def tenants() -> None:
-        while not halt.wait(0.005):
-            if paused.is_set():
-                continue
-            time_sliced = time.monotonic() < time_sliced_until
-            for shim in shims:
-                shim.kernel_ns = 9_700_000 if time_sliced else 5_300_000
-                shim.report(throttled_ns=0 if time_sliced else 3_000_000)
-
-    load = threading.Thread(target=tenants, daemon=True)
-    load.start()
-    host.start()
-    cycles: set[int] = set()
-
-    def turns() -> list[tuple[int, int, int]]:
-        return [abi.unpack_turn(int(host.limits(c).device[0].turn)) for c in shares]
-
-    def whole_kernels() -> bool:
-        now = turns()
-        cycles.update(cycle for cycle, _, _ in now if cycle)
-        return [round(length / 5300, 1) for _, _, length in now] == [3.0, 7.0]
-
-    try:
-        wait_for("windows of whole 5.3 ms kernels", whole_kernels)
-        paused.set()
-        wait_for("turns to end while both pause", lambda: turns()[0] == (0, 0, 0))
-        paused.clear()
-        wait_for("turns again", lambda: turns()[0] != (0, 0, 0))
-        resumed = turns()[0][0]
-    finally:
-        halt.set()
-        load.join()
-    assert cycles and all(c == 50_000 or abs(c - 53_000) < 800 for c in cycles), cycles
-    assert abs(resumed - 53_000) < 800, resumed
-
-
-def test_latency_and_unlimited_tenants_never_take_turns(
-    host: Host, workload: Callable[[dict[str, Shim]], Workload]
-) -> None:
-    """Busy: a best-effort tenant, a latency-priority one (it must never wait for a window)
-    and one in mode none (not limited at all): nobody takes turns, since only one of them
-    may.  Once a second best-effort tenant is busy too, those two take turns, alone, each
-    for its share of the cycle (the other 40 % is nobody's window: the others run then)."""
-    strict = abi.IsolationMode.STRICT
-    shims = {
-        "a": Shim(host.add("a", sm=3000, mode=strict)),
-        "b": Shim(host.add("b", sm=3000, mode=strict)),
-        "lat": Shim(host.add("lat", sm=3000, mode=strict, priority=abi.Priority.LATENCY)),
-        "free": Shim(host.add("free", sm=1000, mode=abi.IsolationMode.NONE)),
-    }
-    load = workload(shims)
-    load.busy = {"a", "lat", "free"}
-    host.start()
-
-    def turns() -> dict[str, int]:
-        return {c: int(host.limits(c).device[0].turn) for c in shims}
-
-    def ticks() -> int:
-        value = host.state().get("ticks", 0)
-        return value if isinstance(value, int) else 0
-
-    wait_for("thirty ticks of the three busy", lambda: ticks() > 30)
-    assert set(turns().values()) == {0}
-    load.busy.add("b")
-    wait_for("a and b take turns", lambda: turns()["a"] != 0 and turns()["b"] != 0)
-    assert turns()["lat"] == turns()["free"] == 0
-    assert [abi.unpack_turn(turns()[c]) for c in "ab"] == [
-        (50_000, 0, 15_000),
-        (50_000, 15_000, 15_000),
-    ]
 
 
 def test_sighup_reloads_and_keeps_the_old_config_when_bad(host: Host) -> None:
@@ -472,57 +323,6 @@ def test_sd_notify_protocol_on_a_real_socket(host: Host) -> None:
         sock.close()
 
 
-def test_reaper_removes_slots_of_dead_containers(host: Host) -> None:
-    """A slot whose init process died, or whose pid now belongs to another process, is
-    removed; a slot without an init record is left alone."""
-    init = subprocess.Popen(["sleep", "600"])
-    stat = procfs.proc_stat(init.pid)
-    assert stat is not None
-    host.add("dead")
-    host.set_init("dead", init.pid, stat[1])
-    host.add("reused")
-    own = procfs.proc_stat(os.getpid())
-    assert own is not None
-    host.set_init("reused", os.getpid(), own[1] + 1)  # same pid, another start time
-    host.add("unknown")
-    host.add("alive")
-    host.set_init("alive", os.getpid(), own[1])
-    host.start()
-    wait_for("reused pid reaped", lambda: not slot.slot_path(host.run_dir, "reused").exists())
-    assert slot.slot_path(host.run_dir, "dead").exists()
-    init.kill()
-    init.wait()
-    wait_for("dead container reaped", lambda: not slot.slot_path(host.run_dir, "dead").exists())
-    assert slot.slot_path(host.run_dir, "unknown").exists()
-    assert slot.slot_path(host.run_dir, "alive").exists()
-    assert "container gone, slot reaped" in host.log_text()
-
-
-def test_dead_processes_are_reported_not_released(host: Host) -> None:
-    """A LIVE record whose pid no longer exists in the container is reported (the shim
-    releases its charge); a live one is not."""
-    directory = host.add("c")
-    own = procfs.proc_stat(os.getpid())
-    assert own is not None
-    host.set_init("c", os.getpid(), own[1])  # the test's pid namespace is the container's
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    shim = Shim(directory)
-    shim.add_process(0, os.getpid(), mem=1 << 20)
-    shim.add_process(1, gone.pid, mem=2 << 20)
-    host.start()
-
-    def dead() -> object:
-        tenants = host.state().get("tenants")
-        return isinstance(tenants, dict) and tenants.get("c", {}).get("dead_processes")
-
-    wait_for("dead process reported", dead)
-    info = host.state()["tenants"]["c"]  # type: ignore[index]
-    assert info["dead_processes"] == [gone.pid] and info["dead_bytes"] == 2 << 20
-    # Reporting only: the charge stays for the shim's CAS-protected release.
-    assert struct.unpack_from("<I", os.pread(shim.fd, 4, _PROC + _PROC_SIZE))[0] == 1
-
-
 def test_hostile_usage_files_do_not_stop_the_observer(
     host: Host, workload: Callable[[dict[str, Shim]], Workload]
 ) -> None:
@@ -533,7 +333,7 @@ def test_hostile_usage_files_do_not_stop_the_observer(
     assert load.is_alive()
     host.start()
     wait_for("running", lambda: host.heartbeat("d") > 0)
-    os.truncate(slot.slot_path(host.run_dir, "c") / abi.USAGE_FILE, 10)
+    os.truncate(files.slot_path(host.run_dir, "c") / abi.USAGE_FILE, 10)
     os.pwrite(shims["d"].fd, struct.pack("<9Q", *([2**64 - 1] * 9)), _DEV)
     wait_for("complaint logged", lambda: "usage unreadable" in host.log_text())
     beats = {c: host.heartbeat(c) for c in "abcd"}

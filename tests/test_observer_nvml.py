@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, clockstore, ctl, procfs, slotio
+from fcsp_hook import procfs
+from fcsp_hook.ctl import status as ctl_status
+from fcsp_hook.slot import abi, live
 from tests.shim.harness import PROG_DIR, SIM_DIR, Env, build, read_until_ready
-from tests.test_observer import Host, Shim, Workload, wait_for
+from tests.test_observer import Host, wait_for
 
 GiB = 1 << 30
 
@@ -115,7 +117,7 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
     host.write_config('clock_normalise = "full-load"\nclock_max_speedup_pct = 125\n')
     host.add("t1")
     proc = host.start(env=clock_env(tmp_path, clock))
-    limits = slotio.LimitsMap(host.run_dir / "tenants" / "t1" / abi.LIMITS_FILE)
+    limits = live.LimitsMap(host.run_dir / "tenants" / "t1" / abi.LIMITS_FILE)
     try:
         wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
         clock.write_text("1980 40 600 700\n")  # throttled: partly idle, clocked up
@@ -135,7 +137,7 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
         wait_for("clocks in the state file", lambda: clocks() == [published])
         assert (
             "SM 1980 MHz, full load 1500 MHz: kernels charged x1.25 of their time"
-            " (busy 40 %, 600 W)" in ctl.status_text(host.run_dir)
+            " (busy 40 %, 600 W)" in ctl_status.status_text(host.run_dir)
         )
         clock.write_text("1980 40 200 700\n")  # small kernels, far from the power limit
         wait_for("no speed-up charged", lambda: limits.clock_scale(0) == 10000)
@@ -144,73 +146,3 @@ def test_clock_normalisation_learns_the_full_load_clock(host: Host, tmp_path: Pa
         wait_for("scaling turned off", lambda: limits.clock_scale(0) == 0)
     finally:
         limits.close()
-
-
-def test_a_restarted_observer_remembers_the_full_load_clock(host: Host, tmp_path: Path) -> None:
-    """What was learned at full load outlives the observer (<state_dir>/clocks.json): the
-    next one, on a GPU that is never saturated again, normalises from its first tick."""
-    clock = tmp_path / "clock"
-    clock.write_text("1500 100\n")
-    host.write_config('clock_normalise = "full-load"\n')
-    host.add("t1")
-    env = clock_env(tmp_path, clock)
-    proc = host.start(env=env)
-    limits = slotio.LimitsMap(host.run_dir / "tenants" / "t1" / abi.LIMITS_FILE)
-    saved = tmp_path / "state" / clockstore.FILE
-    try:
-        wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
-        wait_for("full-load clock saved", saved.exists)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert limits.clock_scale(0) == 0  # no observer: no scale
-        learned, problem = clockstore.load(tmp_path / "state")
-        assert (list(learned.values()), problem) == ([1500.0], "")
-
-        clock.write_text("1980 40\n")  # from now on the GPU is never saturated
-        host.start(env=env)
-        wait_for("scale published at once", lambda: limits.clock_scale(0) == 12000)
-    finally:
-        limits.close()
-
-
-def test_no_clock_scale_while_busy_tenants_take_turns(host: Host, tmp_path: Path) -> None:
-    """Two busy tenants take turns and keep the GPU busy: a clock above the full-load one
-    then comes from the gaps between turns, and nobody is charged for it (scale 1); once
-    one idles the other is throttled on a partly idle GPU again and is charged x1.20."""
-    clock = tmp_path / "clock"
-    clock.write_text("1500 100 690 700\n")
-    host.write_config('clock_normalise = "full-load"\n')
-    shims = {c: Shim(host.add(c, sm=5000, mode=abi.IsolationMode.STRICT)) for c in "ab"}
-    load = Workload(shims)
-    load.busy = set()
-    load.start()
-    host.start(env=clock_env(tmp_path, clock))
-    limits = slotio.LimitsMap(host.run_dir / "tenants" / "a" / abi.LIMITS_FILE)
-    try:
-        wait_for("full-load clock learned", lambda: limits.clock_scale(0) == 10000)
-        clock.write_text("1980 40 600 700\n")
-        load.busy = {"a", "b"}
-        wait_for("turns", lambda: limits.turn(0) != 0)
-        wait_for("no scale while turning", lambda: limits.clock_scale(0) == 10000)
-        load.busy = {"a"}
-        wait_for("turns end", lambda: limits.turn(0) == 0)
-        wait_for("the speed-up charged again", lambda: limits.clock_scale(0) == 12000)
-    finally:
-        load.halt.set()
-        load.join()
-        limits.close()
-
-
-def test_a_bad_clocks_file_is_ignored_with_the_reason(host: Host, tmp_path: Path) -> None:
-    (tmp_path / "state").mkdir()
-    (tmp_path / "state" / clockstore.FILE).write_text('{"GPU-x": 99999}')
-    clock = tmp_path / "clock"
-    clock.write_text("1980 40\n")
-    host.write_config('clock_normalise = "full-load"\n')
-    host.add("t1")
-    host.start(env=clock_env(tmp_path, clock))
-    wait_for("the reason logged", lambda: "full-load clocks not restored" in host.log_text())
-    assert "MHz from 100 to 10000" in host.log_text()
-    wait_for("status says so", lambda: "not learned yet" in ctl.status_text(host.run_dir))
-    limits = host.limits("t1")
-    assert limits.device[0].clock_scale_centi == 0  # nothing known: nothing scaled

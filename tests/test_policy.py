@@ -1,4 +1,4 @@
-"""The share policy (fcsp_hook.policy): worked examples and the invariants of every mode."""
+"""The share policy (observer.policy): worked examples and the invariants of every mode."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcsp_hook import abi, policy
-from fcsp_hook.abi import WHOLE_GPU_CENTI, IsolationMode, Priority
-from fcsp_hook.policy import (
+from fcsp_hook import nvml
+from fcsp_hook.observer import policy
+from fcsp_hook.observer.policy import (
     AdaptiveParams,
     GpuState,
     Pools,
@@ -20,6 +20,8 @@ from fcsp_hook.policy import (
     floor_of,
     step_adaptive,
 )
+from fcsp_hook.slot import abi
+from fcsp_hook.slot.abi import WHOLE_GPU_CENTI, IsolationMode, Priority
 
 W = WHOLE_GPU_CENTI
 POOLS = Pools()  # 20 / 40 / 40, the defaults
@@ -277,20 +279,20 @@ def test_adaptive_never_flips_between_the_marks(levels: list[int], s: GpuState) 
 
 def test_full_load_clock_is_learned_only_at_full_load_under_power_bound_work() -> None:
     learn = policy.learn_full_load_clock
-    assert learn(0.0, policy.ClockReading(1980, 40)) == 0.0  # partly idle: not the reference
-    assert learn(0.0, policy.ClockReading(1470, 99)) == 1470.0
-    assert learn(1470.0, policy.ClockReading(1550, 97)) == 1480.0  # an eighth of the way
-    assert learn(1470.0, policy.ClockReading(0, 100)) == 1470.0
+    assert learn(0.0, nvml.ClockReading(1980, 40)) == 0.0  # partly idle: not the reference
+    assert learn(0.0, nvml.ClockReading(1470, 99)) == 1470.0
+    assert learn(1470.0, nvml.ClockReading(1550, 97)) == 1480.0  # an eighth of the way
+    assert learn(1470.0, nvml.ClockReading(0, 100)) == 1470.0
     # Busy, but far from the power limit (small kernels): the top clock is not the reference.
-    assert learn(1470.0, policy.ClockReading(1980, 100, 551.0, 700.0)) == 1470.0
-    assert learn(0.0, policy.ClockReading(1480, 100, 695.0, 700.0)) == 1480.0
+    assert learn(1470.0, nvml.ClockReading(1980, 100, 551.0, 700.0)) == 1470.0
+    assert learn(0.0, nvml.ClockReading(1480, 100, 695.0, 700.0)) == 1480.0
 
 
-# H200 readings (bench/results/2026-11-29-compute-s4.md): clock, utilisation, power.
-GEMM_AT_10 = policy.ClockReading(1965, 10, 187.0, 700.0)  # bf16 12288 at a 10 % duty
-GEMM_AT_75 = policy.ClockReading(1660, 75, 671.0, 700.0)
-SMALL_AT_10 = policy.ClockReading(1980, 10, 148.0, 700.0)  # bf16 1792 (20 us)
-SMALL_AT_75 = policy.ClockReading(1980, 75, 351.0, 700.0)
+# Readings of a 700 W GPU (bench/results/compute-diagnosis.md): clock, utilisation, power.
+GEMM_AT_10 = nvml.ClockReading(1965, 10, 187.0, 700.0)  # bf16 12288 at a 10 % duty
+GEMM_AT_75 = nvml.ClockReading(1660, 75, 671.0, 700.0)
+SMALL_AT_10 = nvml.ClockReading(1980, 10, 148.0, 700.0)  # bf16 1792 (20 us)
+SMALL_AT_75 = nvml.ClockReading(1980, 75, 351.0, 700.0)
 
 
 def test_power_bound_work_is_told_from_work_that_never_reaches_the_limit() -> None:
@@ -298,11 +300,11 @@ def test_power_bound_work_is_told_from_work_that_never_reaches_the_limit() -> No
     assert policy.power_bound_centi(GEMM_AT_75) == policy.WHOLE_GPU_CENTI
     assert policy.power_bound_centi(SMALL_AT_10) == 0
     assert policy.power_bound_centi(SMALL_AT_75) == 0
-    assert policy.power_bound_centi(policy.ClockReading(1980, 0, 90.0, 700.0)) == 0  # idle
+    assert policy.power_bound_centi(nvml.ClockReading(1980, 0, 90.0, 700.0)) == 0  # idle
     # In between (flat out it would draw the limit itself): half-way.
-    assert policy.power_bound_centi(policy.ClockReading(1980, 50, 402.5, 700.0)) == 5000
+    assert policy.power_bound_centi(nvml.ClockReading(1980, 50, 402.5, 700.0)) == 5000
     # No power readings: power-bound, the clock ratio alone decides.
-    assert policy.power_bound_centi(policy.ClockReading(1980, 10)) == policy.WHOLE_GPU_CENTI
+    assert policy.power_bound_centi(nvml.ClockReading(1980, 10)) == policy.WHOLE_GPU_CENTI
 
 
 def test_clock_scale_is_capped_weighted_bounded_and_zero_until_known() -> None:
@@ -312,9 +314,9 @@ def test_clock_scale_is_capped_weighted_bounded_and_zero_until_known() -> None:
     assert scale(1465.0, GEMM_AT_75, 115) == 11331  # ratio 1.13, under the cap
     assert scale(1465.0, GEMM_AT_10, 200) == 13413
     assert scale(1465.0, SMALL_AT_10, 115) == policy.WHOLE_GPU_CENTI  # not power-bound
-    assert scale(1500.0, policy.ClockReading(1500, 100), 115) == policy.WHOLE_GPU_CENTI
+    assert scale(1500.0, nvml.ClockReading(1500, 100), 115) == policy.WHOLE_GPU_CENTI
     # Read while idle between kernels, or slowed down: never charged below their time.
-    assert scale(1500.0, policy.ClockReading(300, 10), 115) == policy.WHOLE_GPU_CENTI
+    assert scale(1500.0, nvml.ClockReading(300, 10), 115) == policy.WHOLE_GPU_CENTI
 
 
 # ---- turns -------------------------------------------------------------------------

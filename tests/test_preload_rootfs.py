@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import linux, preload
+from fcsp_hook import linux
 from fcsp_hook.errors import UnsafePathError
-from fcsp_hook.rootfs import Rootfs
+from fcsp_hook.hook import preload
+from fcsp_hook.hook.rootfs import Rootfs
 
 LIB = "/run/fcsp/libvgpu.so"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import hooksd, runtime
 from fcsp_hook.errors import ConfigError, HookError
+from fcsp_hook.hook import hooksd, runtime
 
 # ---- the command line -------------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ def test_the_hook_skips_site_when_it_knows_where_its_package_is() -> None:
         "/usr/bin/python3",
         "-I",
         "-m",
-        "fcsp_hook.hook",
+        "fcsp_hook.hook.oci_hook",
     ]
     assert hooksd.package_dir("/nonexistent/python3") is None
 
@@ -102,7 +102,7 @@ def test_doctor_probes_the_entry_the_way_the_hook_imports() -> None:
     a -S entry whose package directory moved (a reinstall without `make install`) fails it."""
     repo = str(Path(__file__).resolve().parents[1])
     good = hooksd.import_probe([*hooksd.hook_command(sys.executable, repo), "oci"])
-    assert good[-1].endswith("import fcsp_hook.hook") and "--config" not in good
+    assert good[-1].endswith("import fcsp_hook.hook.oci_hook") and "--config" not in good
     assert subprocess.run(good, capture_output=True, check=False).returncode == 0
     moved = hooksd.import_probe([*hooksd.hook_command(sys.executable, "/nonexistent"), "oci"])
     assert subprocess.run(moved, capture_output=True, check=False).returncode != 0
@@ -110,7 +110,7 @@ def test_doctor_probes_the_entry_the_way_the_hook_imports() -> None:
         "/usr/bin/python3",
         "-I",
         "-c",
-        "import fcsp_hook.hook",
+        "import fcsp_hook.hook.oci_hook",
     ]
 
 
@@ -216,7 +216,7 @@ class Wrapper:
     def run(self, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         env = {"PATH": os.environ["PATH"], runtime.CONFIG_ENV: str(self.config)}
         return subprocess.run(
-            [str(self.python), "-I", "-m", "fcsp_hook.runtime", *args],
+            [str(self.python), "-I", "-m", "fcsp_hook.hook.runtime", *args],
             capture_output=True,
             text=True,
             env=env,

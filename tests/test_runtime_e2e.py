@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import runtime
+from fcsp_hook.hook import runtime
 from tests.containers import GLIBC_IN_ROOTFS, HookSetup, podman
 
 pytestmark = pytest.mark.e2e
@@ -74,7 +74,7 @@ def fcsp_runtime(tmp_path: Path, e2e_ready: None, hook_python: Path) -> Iterator
         "#!/bin/sh\n"
         + _record(received)
         + f"export {runtime.CONFIG_ENV}={hook.config_path}\n"
-        + f'exec {hook_python} -I -m fcsp_hook.runtime "$@"\n',
+        + f'exec {hook_python} -I -m fcsp_hook.hook.runtime "$@"\n',
     )
     setup = RuntimeSetup(dataclasses.replace(hook, hooks_dir=empty), launcher, received, handed)
     yield setup

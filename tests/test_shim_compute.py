@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi, slotio
-from fcsp_hook.slot import DeviceLimits, SlotSpec, write_slot
+from fcsp_hook.slot import abi, live
+from fcsp_hook.slot.files import DeviceLimits, SlotSpec, write_slot
 from tests.shim.harness import SIM_DIR, Env, Result, build, run, start, usage
 
 RUN_S = 1.0
@@ -49,14 +49,14 @@ def compute_slot(
         {},
     )
     if effective is not None:
-        limits = slotio.LimitsMap(directory / abi.LIMITS_FILE)
+        limits = live.LimitsMap(directory / abi.LIMITS_FILE)
         limits.set_effective(0, effective)
         limits.close()
     return directory
 
 
 @contextlib.contextmanager
-def heartbeat(limits: slotio.LimitsMap, alive: bool) -> Iterator[None]:
+def heartbeat(limits: live.LimitsMap, alive: bool) -> Iterator[None]:
     """An observer's heartbeat in the slot every 100 ms while the block runs (if alive)."""
     stop = threading.Event()
 
@@ -80,7 +80,7 @@ def heartbeat(limits: slotio.LimitsMap, alive: bool) -> Iterator[None]:
 def turn(slot: Path, cycle_us: int, length_us: int, *, alive: bool = True) -> Iterator[None]:
     """The tenant's window: the first length_us of every cycle_us, published as the observer
     would, with its heartbeat while the block runs (if alive)."""
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits = live.LimitsMap(slot / abi.LIMITS_FILE)
     limits.set_turn(0, abi.pack_turn(cycle_us, 0, length_us))
     try:
         with heartbeat(limits, alive=alive):
@@ -166,8 +166,8 @@ def test_a_tenant_that_synchronizes_after_every_launch_gets_its_share_of_device_
 ) -> None:
     """fcsp.sm is a share of the GPU's time.  A tenant that waits for each kernel leaves the
     device idle between them even unthrottled, so against its own unthrottled throughput it
-    does better than its share (on the H200 this is part of the accuracy gap of issue 4); of
-    the device's time it gets its share: no more, and no less for the sleeps it takes."""
+    does better than its share (on a real GPU, part of what a single tenant gains over its
+    share); of the device's time it gets its share: no more, and no less for the sleeps it takes."""
     slot = compute_slot(tmp_path / "sync", 3000)
     args = ["init", "func", "k_200us", "batch", "1", "run", "kernel", "0", str(RUN_S)]
     limited = parse_loop(run(env_for(tmp_path, "sync", slot), *args, timeout=60).lines, 200)
@@ -212,7 +212,7 @@ def test_kernel_times_are_scaled_to_the_reference_clock(
     scale left by an observer that is gone (no heartbeat) is ignored, and so is one below
     1: no scale buys a tenant more than its share of the GPU's time."""
     slot = compute_slot(tmp_path / "clock", 3000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits = live.LimitsMap(slot / abi.LIMITS_FILE)
     limits.set_clock_scale(0, scale)
     try:
         with heartbeat(limits, alive=observer == "alive"):
@@ -289,7 +289,7 @@ def test_share_change_in_the_slot_changes_the_rate_while_running(tmp_path: Path)
 
     time.sleep(0.3)
     slow = launches_over(1.0)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits = live.LimitsMap(slot / abi.LIMITS_FILE)
     limits.set_effective(0, 8000)
     limits.close()
     time.sleep(0.2)
@@ -339,7 +339,7 @@ def test_raise_above_request_needs_a_live_observer(tmp_path: Path, observer: str
     request is honoured while its heartbeat is fresh; with no heartbeat the shim falls
     back to the request (strict behaviour)."""
     slot = compute_slot(tmp_path / "slot", 2000, effective=8000)
-    limits = slotio.LimitsMap(slot / abi.LIMITS_FILE)
+    limits = live.LimitsMap(slot / abi.LIMITS_FILE)
     try:
         with heartbeat(limits, alive=observer == "alive"):
             loop = run_loop(env_for(tmp_path, "obs", slot), 200)
@@ -463,8 +463,8 @@ CALIB_LINE = re.compile(r"calib key \w+ measured (\d+) est \d+ \w+, less \d+, ov
 
 @pytest.mark.parametrize("sync", [False, True], ids=["pipelined", "waits-for-each-kernel"])
 def test_short_kernels_are_measured_over_runs_of_launches(tmp_path: Path, sync: bool) -> None:
-    """A kernel right after an event takes 2 us longer (FCSP_SIM_EVENT_GAP_NS; on the H200
-    the span of one 21.5 us kernel read 0.5-1.5 us over its time back to back).  Measured
+    """A kernel right after an event takes 2 us longer (FCSP_SIM_EVENT_GAP_NS, as real GPUs
+    add about a microsecond to the span of a short kernel measured alone).  Measured
     one launch at a time, 20 us kernels read 22 us and the tenant is charged 10 % more than
     it uses; over runs of about 200 us of launches the extra is spread over ten.  A tenant
     that waits for each kernel leaves its stream idle before every launch, so each run
@@ -555,9 +555,10 @@ MARGIN_LINE = re.compile(r"work ended ([-+]\d+) us from its end; margin (-?\d+) 
 def test_a_neighbour_delaying_one_window_raises_the_margin_a_little(tmp_path: Path) -> None:
     """A neighbour's 40 ms kernel (a whole cycle) lands once: whenever it comes, one of the
     tenant's 20 ms windows has its work end 5 ms or more late, not because the tenant
-    booked too much (on the H200 a tail caught by a neighbour's time slices reads as 10-20
-    ms of overrun).  The margin rises by at most 1/16 of the window for it; rising by half
-    of the overrun, the tenant would leave most of its next windows empty."""
+    booked too much (a tail caught by a neighbour's time slices reads as an overrun many
+    times what was booked too much).  The margin rises by at most 1/16 of the window for
+    it; rising by half of the overrun, the tenant would leave most of its next windows
+    empty."""
     slot = compute_slot(tmp_path / "slot", 5000)
     env = env_for(tmp_path, "late", slot, BUD_LOG_LEVEL="debug")
     with turn(slot, 40_000, 20_000):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fcsp_hook import abi
+from fcsp_hook.slot import abi
 from tests.shim.harness import (
     PROG_DIR,
     Env,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from fcsp_hook import abi
-from fcsp_hook.slot import DeviceLimits, SlotSpec, write_slot
+from fcsp_hook.slot import abi
+from fcsp_hook.slot.files import DeviceLimits, SlotSpec, write_slot
 from tests.shim.harness import PROG_DIR, Env, build, sim_uuid, usage
 
 KERNEL_US = 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fcsp_hook import abi
+from fcsp_hook.slot import abi
 from tests.shim.harness import Env, GiB, MiB, make_slot, read_until_ready, run, sim_uuid, start
 
 

@@ -36,14 +36,15 @@ CAP_BITS = {
 ADD_TENANT = """
 import sys
 from pathlib import Path
-from fcsp_hook import procfs, slot
+from fcsp_hook import procfs
+from fcsp_hook.slot import files
 run = Path("/run/fcsp")
 init = procfs.proc_stat(1)  # this container's systemd stands for the tenant's init
-devices = (slot.DeviceLimits(host_index=0, sm_requested_centi=2500),)
-spec = slot.SlotSpec(sys.argv[1], "team-e2e", devices=devices, init_host_pid=1,
+devices = (files.DeviceLimits(host_index=0, sm_requested_centi=2500),)
+spec = files.SlotSpec(sys.argv[1], "team-e2e", devices=devices, init_host_pid=1,
                      init_start_time=init[1])
-slot.ensure_tenants_dir(run)
-slot.write_slot(slot.slot_path(run, sys.argv[1]), spec, {})
+files.ensure_tenants_dir(run)
+files.write_slot(files.slot_path(run, sys.argv[1]), spec, {})
 """
 METRICS = (
     "import urllib.request; print(urllib.request.urlopen("

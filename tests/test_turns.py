@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fcsp_hook import abi, slotio
+from fcsp_hook.slot import abi, live
 from tests.shim.harness import Env, start
 from tests.test_observer import Host, wait_for
 from tests.test_shim_compute import loop_args, parse_loop, ran_phases
@@ -24,7 +24,7 @@ def test_two_busy_tenants_take_turns_by_share(tmp_path: Path) -> None:
     tenths of the cycle (0-15 ms) and b's in its own, and each still gets about its share.
     The turns last until a tenant stops: a tenant books its window's work at the window's
     start, so its demand reads in bursts (21-45 % for a at 30 %), and with a turn kept only
-    down to 75 % of the share they came and went about twice a second (as on the H200)."""
+    down to 75 % of the share they came and went about twice a second."""
     host = Host(tmp_path)
     slots = {
         cid: host.add(cid, sm=sm, mode=abi.IsolationMode.STRICT)
@@ -36,7 +36,7 @@ def test_two_busy_tenants_take_turns_by_share(tmp_path: Path) -> None:
         cid: start(Env(state=state, slot=slot), "phase", str(CYCLE_US), *loop_args("200", 3.0))
         for cid, slot in slots.items()
     }
-    limits = {cid: slotio.LimitsMap(slot / abi.LIMITS_FILE) for cid, slot in slots.items()}
+    limits = {cid: live.LimitsMap(slot / abi.LIMITS_FILE) for cid, slot in slots.items()}
     try:
         wait_for("turns", lambda: limits["a"].turn(0) == abi.pack_turn(CYCLE_US, 0, 15_000))
         assert limits["b"].turn(0) == abi.pack_turn(CYCLE_US, 15_000, 35_000)

@@ -183,7 +183,7 @@ def observer_state(run_dir: Path) -> ObserverView:
         (_int(g.get("contention_pct")) for g in gpus.values() if isinstance(g, dict)), default=0
     )
     beat = "no tenants" if age_ms is None else f"heartbeat {age_ms:.0f} ms ago"
-    stale = age is not None and age >= rules.OBSERVER_STALE_NS
+    stale = age is not None and age > rules.OBSERVER_STALE_NS
     return ObserverView(
         running=not stale,
         summary=(

@@ -21,6 +21,7 @@ import os
 import sys
 
 from fcsp_hook.errors import ConfigError, FcspError, HookError
+from fcsp_hook.hook.next_runtime import NEXT_AUTO, parse_next, resolve_next
 
 # Not typing.TYPE_CHECKING: importing typing (15 ms) or json (11 ms, it pulls in re) would
 # cost every container start on this path; mypy treats this name the same way.
@@ -31,9 +32,6 @@ if TYPE_CHECKING:
     from fcsp_hook import config as config_mod
     from fcsp_hook.log import HookLogger
 
-NEXT_AUTO = "auto"
-NVIDIA_RUNTIME = "nvidia-container-runtime"
-RUNC = "runc"
 CONFIG_ENV = "FCSP_CONFIG"
 DEFAULT_CONFIG = "/etc/fcsp/config.toml"
 # What the engines' (and systemd's) default PATH holds; used when PATH is unset.
@@ -62,7 +60,9 @@ CREATE_STAGE = "createRuntime"
 STOP_STAGE = "poststop"
 # A hook entry already in config.json counts as FCSP's in either create-time stage.
 _CREATE_STAGES = ("prestart", CREATE_STAGE)
-_HOOK_MODULE = "fcsp_hook.hook.oci_hook"
+# Both the module path hooks.d and this wrapper write now and the one they wrote before
+# the hook was a package contain it.
+_HOOK_MODULE = "fcsp_hook.hook"
 
 
 # ---- the command line (pure) ----------------------------------------------------------------
@@ -138,40 +138,6 @@ def container_id_of(args: list[str]) -> str:
             found = arg
         i += 1
     return found
-
-
-# ---- which runtime comes next ---------------------------------------------------------------
-
-
-def parse_next(value: object) -> str:
-    """[runtime] next: "auto" or an absolute path (config.py validates with this too)."""
-    if isinstance(value, str) and (value == NEXT_AUTO or value.startswith("/")):
-        return value
-    raise ConfigError(
-        f"[runtime] next = {value!r} is invalid: expected {NEXT_AUTO!r} or an absolute path"
-    )
-
-
-def _which(name: str, search_path: str) -> str | None:
-    for directory in search_path.split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def resolve_next(setting: str, search_path: str) -> str:
-    """The next runtime's path: the setting itself, or what "auto" finds on PATH."""
-    if setting != NEXT_AUTO:
-        return setting
-    for name in (NVIDIA_RUNTIME, RUNC):
-        found = _which(name, search_path)
-        if found:
-            return found
-    raise ConfigError(
-        f"[runtime] next = {NEXT_AUTO!r} found neither {NVIDIA_RUNTIME} nor {RUNC} on PATH "
-        f"({search_path}); install one or set an absolute path"
-    )
 
 
 def _quoted(value: str) -> str | None:

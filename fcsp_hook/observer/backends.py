@@ -45,9 +45,9 @@ class Backends(Duty):
             if daemon is None:
                 daemon = mpsd.Daemon(state.run_dir, uuid, backend.mps_control, state.log)
                 self.daemons[uuid] = daemon
-                state.backends[uuid] = daemon.state
             before = (daemon.state.backend, daemon.state.faults)
             daemon.ensure(now)
+            state.backends[uuid] = daemon.state  # a (re)started daemon has a new record
             if daemon.state.faults != before[1]:
                 charge_fault(state, uuid)
             if (daemon.state.backend, daemon.state.faults) != before:

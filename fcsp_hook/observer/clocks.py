@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import replace
 
-from fcsp_hook import config
+from fcsp_hook import config, nvml
 from fcsp_hook.observer import clockstore, policy
 from fcsp_hook.observer.state import Duty, GpuClock, HostState
 from fcsp_hook.slot import abi, live
@@ -38,6 +38,16 @@ class Clocks(Duty):
 
     def run(self, state: HostState, now_ns: int) -> None:
         on = state.cfg.observer.clock_normalise == config.CLOCK_FULL_LOAD and state.nv.available
+        readings = {}
+        for gpu in state.gpus if on else ():
+            reading = state.nv.clock(gpu)
+            if reading is not None:
+                readings[gpu.uuid] = reading
+        self.apply(state, readings, on)
+
+    def apply(self, state: HostState, readings: dict[str, nvml.ClockReading], on: bool) -> None:
+        """Learn from this round's readings (per GPU UUID) and publish each GPU's scale to
+        its tenants; with on False, take every scale back."""
         if not on and not state.clocks:
             return  # off, and no scale left in any slot to take back
         if on and self.saved is None:
@@ -45,25 +55,22 @@ class Clocks(Duty):
             self.saved = dict(self.full_load)
             if problem:
                 state.log.warning("full-load clocks not restored", reason=problem)
-        for gpu in state.gpus if on else ():
-            reading = state.nv.clock(gpu)
-            if reading is None:
-                continue
-            reference = policy.learn_full_load_clock(self.full_load.get(gpu.uuid, 0.0), reading)
+        for uuid, reading in readings.items():
+            reference = policy.learn_full_load_clock(self.full_load.get(uuid, 0.0), reading)
             if reference > 0:
-                self.full_load[gpu.uuid] = reference
-            recent = self.recent_mhz.setdefault(gpu.uuid, deque(maxlen=WINDOW))
+                self.full_load[uuid] = reference
+            recent = self.recent_mhz.setdefault(uuid, deque(maxlen=WINDOW))
             recent.append(reading.sm_mhz)
             busy = replace(reading, sm_mhz=max(recent))
             scale = policy.clock_scale_centi(
                 reference, busy, state.cfg.observer.clock_max_speedup_pct
             )
-            share = state.shares.get(gpu.uuid)
+            share = state.shares.get(uuid)
             if scale and share is not None and share.turning:
                 # Tenants taking turns keep the GPU busy: a clock above the full-load one
                 # then comes from gaps between turns, which no tenant's share should pay.
                 scale = abi.WHOLE_GPU_CENTI
-            state.clocks[gpu.uuid] = GpuClock(reference, busy, scale)
+            state.clocks[uuid] = GpuClock(reference, busy, scale)
         if on:
             self.save(state)
         for tenant in state.tenants.values():

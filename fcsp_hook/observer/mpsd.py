@@ -29,7 +29,7 @@ COMM_PREFIX = "nvidia-cuda-mps"
 # The observer's loop waits for these: together they stay well inside the 10 s systemd
 # watchdog (WatchdogSec in fcsp-observer.service), which the loop feeds between ticks.
 START_TIMEOUT_S = 4.0  # nvidia-cuda-mps-control -d forks and returns at once
-READY_TIMEOUT_S = 3.0  # then its control socket appears (well under 1 s on the H200)
+READY_TIMEOUT_S = 3.0  # then its control socket appears (well under a second)
 QUIT_TIMEOUT_S = 2.0  # quit, and again for the daemon to be gone before SIGKILL
 RETRY_AFTER_S = 30.0
 LOG_READ_MAX = 1 << 20

@@ -250,7 +250,7 @@ def floor_of(tenant: TenantInput, pools: Pools) -> int:
 FULL_LOAD_UTIL_PCT = 95
 CLOCK_SCALE_MAX_CENTI = 20000
 # A GPU's power at an SM clock, with nothing running: what a kernel's share of the draw is
-# counted above (H200: ~105 W of 700 at 1980 MHz; bench/results/2026-11-29-compute-s4.md).
+# counted above, as a share of the power limit (bench/results/compute-diagnosis.md).
 STATIC_POWER_PCT = 15
 # Work whose draw, run without pause, would come within POWER_BOUND_LOW_PCT of the power
 # limit starts to be counted as power-bound; above POWER_BOUND_HIGH_PCT it fully is.
@@ -293,7 +293,7 @@ def learn_full_load_clock(reference_mhz: float, r: ClockReading) -> float:
 def clock_scale_centi(reference_mhz: float, r: ClockReading, max_speedup_pct: int) -> int:
     """How much faster than at full load the kernels run now, 1/100 % (0: not known yet).
     The SM clock ratio, capped at max_speedup_pct: a GEMM does not speed up as much as its
-    clock (H200: 1.11-1.22x at clocks 1.3x the full-load one), and weighted by how
+    clock does (memory and issue limits stay), and weighted by how
     power-bound the work is (a loop that never reaches the power limit gains nothing).
     Never below 1: a clock read while the GPU idles between kernels is lower than the one
     they run at, and a share must never buy more than its GPU time."""
@@ -326,9 +326,9 @@ MANY_KERNELS = 1 / (2 * FIT_GAIN)  # a window holding more fits any cycle within
 def turns(tenants: Sequence[TurnInput], cycle_us: int, current_cycle_us: int = 0) -> dict[str, int]:
     """Each busy tenant's window of a cycle of about cycle_us, as the slot's turn word.
 
-    Two busy contexts that the driver time-slices lose 6-9 % of an H200 to switching
-    (bench/results/2026-11-29-compute-s5.md); taking turns of a 20-50 ms cycle they lose
-    none.  Windows follow one another in key order, each as long as its share of the
+    Two busy contexts that the driver time-slices lose a few percent of the GPU to
+    switching (bench/results/compute-diagnosis.md); taking turns of a 20-50 ms cycle they
+    lose none.  Windows follow one another in key order, each as long as its share of the
     cycle (of the busy tenants' shares together, if they exceed the GPU).  A tenant that
     is not busy gets 0 and launches at any time, as does everyone when fewer than two
     are busy (nobody to take turns with) or cycle_us is 0.  The cycle is fitted to the

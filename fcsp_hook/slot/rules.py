@@ -65,7 +65,7 @@ def beat(limits: LimitsMap, now_ns: int) -> None:
 
 
 def observer_alive(heartbeat_ns: int, now_ns: int) -> bool:
-    return heartbeat_ns != 0 and now_ns - heartbeat_ns < OBSERVER_STALE_NS
+    return heartbeat_ns != 0 and now_ns - heartbeat_ns <= OBSERVER_STALE_NS
 
 
 def memory_quota(limit_bytes: int, basis_points: int, real_total: int) -> int:

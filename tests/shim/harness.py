@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import abi
-from fcsp_hook.slot import DeviceLimits, SlotSpec, read_usage, write_slot
+from fcsp_hook.slot import abi
+from fcsp_hook.slot.files import DeviceLimits, SlotSpec, read_usage, write_slot
 
 REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / "shim" / "libvgpu.so"

@@ -1,0 +1,124 @@
+"""observer.crosscheck: what each tenant is granted, against NVML's per-process view:
+processes without the shim flagged, memory past the quota warned about or killed, the quota
+the one the shim enforces."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook import config, nvml
+from fcsp_hook.observer import crosscheck
+from fcsp_hook.observer.tenants import Tenants
+from fcsp_hook.slot import files
+from tests.observer.scene import GiB, Scene
+
+GPU = "GPU-00000000-0000-0000-0000-0000000000c2"
+TOTAL = 80 * GiB
+
+
+@pytest.fixture
+def gpu_scene(tmp_path: Path) -> Iterator[Scene]:
+    scene = Scene.create(tmp_path, gpus=(nvml.GpuInfo(0, GPU, 0, TOTAL),))
+    yield scene
+    scene.close()
+
+
+@pytest.mark.parametrize(
+    ("limit_bytes", "basis_points", "quota"),
+    [
+        (8 * GiB, 0, 8 * GiB),
+        (0, 2500, 20 * GiB),
+        (8 * GiB, 2500, 8 * GiB),  # both set: the smaller, as the shim enforces it
+        (30 * GiB, 2500, 20 * GiB),
+        (0, 0, 0),
+    ],
+)
+def test_the_quota_checked_is_the_quota_enforced(
+    gpu_scene: Scene, limit_bytes: int, basis_points: int, quota: int
+) -> None:
+    """A slot may carry a byte quota and a percentage: NVML's count is checked against the
+    smaller, the one libvgpu.so enforces, never against the byte quota alone."""
+    gpu_scene.add(
+        "c",
+        files.DeviceLimits(
+            uuid=GPU, mem_limit_bytes=limit_bytes, mem_limit_basis_points=basis_points
+        ),
+    )
+    gpu_scene.run(Tenants())
+    (view,) = crosscheck.views(gpu_scene.state)
+    assert view.gpus == {GPU: quota}
+
+
+def test_shimmed_pids_come_from_the_tenants_process_records(gpu_scene: Scene) -> None:
+    usage = gpu_scene.add("c", files.DeviceLimits(uuid=GPU))
+    usage.process(0, 7)
+    usage.process(3, 9)
+    gpu_scene.run(Tenants())
+    (view,) = crosscheck.views(gpu_scene.state)
+    assert view.shimmed_pids == frozenset({7, 9})
+
+
+def test_cross_check_flags_unshimmed_foreign_and_over_quota() -> None:
+    """Pure part: NVML's processes sorted into the tenant's (by pid namespace) and the
+    others; of the tenant's, those without a shim record; its memory against its quota,
+    naming the unshimmed culprit."""
+    tenant = nvml.TenantView("c1", {"GPU-0": 1 << 30}, frozenset({7}))
+    owners = {100: ("c1", 7), 101: ("c1", 8)}
+    result = nvml.cross_check(
+        [tenant],
+        {
+            "GPU-0": [
+                nvml.GpuProcess(100, 1 << 29),
+                nvml.GpuProcess(101, 1 << 30),
+                nvml.GpuProcess(555, 1),
+            ]
+        },
+        owners.get,
+    )
+    assert result.unshimmed == {"c1": [101]}
+    assert result.foreign == {"GPU-0": [555]}
+    assert result.memory[("c1", "GPU-0")] == (1 << 29) + (1 << 30)
+    (over,) = result.over_quota
+    assert over.culprits == (101,) and over.quota_bytes == 1 << 30
+
+
+@pytest.mark.parametrize("action", [config.OVER_QUOTA_WARN, config.OVER_QUOTA_KILL])
+def test_over_quota_action(gpu_scene: Scene, action: str) -> None:
+    """Over quota by NVML's count: 'warn' leaves the process (and warns once), 'kill'
+    SIGKILLs it; the tenant's unshimmed processes are recorded for fcspctl."""
+    gpu_scene.configure(over_quota_action=action)
+    gpu_scene.add("c1", files.DeviceLimits(uuid=GPU, mem_limit_bytes=GiB))
+    gpu_scene.run(Tenants())
+    victim = subprocess.Popen(["sleep", "600"])
+    try:
+        result = nvml.cross_check(
+            crosscheck.views(gpu_scene.state),
+            {GPU: [nvml.GpuProcess(victim.pid, 2 * GiB)]},
+            {victim.pid: ("c1", 99)}.get,  # in c1's namespace, with no shim record
+        )
+        duty = crosscheck.CrossCheck()
+        duty.apply(gpu_scene.state, result)
+        duty.apply(gpu_scene.state, result)
+        assert gpu_scene.tenant("c1").unshimmed == [victim.pid]
+        events = [e["event"] for e in gpu_scene.events()]
+        if action == config.OVER_QUOTA_KILL:
+            assert victim.wait(timeout=20) == -signal.SIGKILL
+            assert events.count("over memory quota: processes killed") == 2
+        else:
+            assert victim.poll() is None
+            assert events.count("over memory quota") == 1
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+
+
+def test_without_nvml_the_check_never_runs(gpu_scene: Scene) -> None:
+    """No driver here: the duty is never due, whatever the time."""
+    assert not gpu_scene.state.nv.available
+    assert not crosscheck.CrossCheck().due(gpu_scene.state, 1 << 62, 0)

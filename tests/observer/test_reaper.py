@@ -1,0 +1,93 @@
+"""observer.reaper: slots of containers that are gone are removed (the container's init
+process, as the hook recorded it, is the authority); dead per-process records are reported,
+not released; each container's processes are found by pid namespace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from fcsp_hook import procfs
+from fcsp_hook.observer import reaper
+from fcsp_hook.observer.reaper import Reaper
+from fcsp_hook.observer.tenants import Tenants
+from fcsp_hook.slot import files
+from tests.observer.scene import Scene
+
+
+@pytest.fixture
+def init() -> Iterator[subprocess.Popen[bytes]]:
+    """A process playing a container's init."""
+    proc = subprocess.Popen(["sleep", "600"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _start_time(pid: int) -> int:
+    stat = procfs.proc_stat(pid)
+    assert stat is not None
+    return stat[1]
+
+
+def test_a_gone_container_loses_its_slot(scene: Scene, init: subprocess.Popen[bytes]) -> None:
+    """Its init exited: the tenant is dropped and its slot removed; the others stay."""
+    scene.add("gone", init_pid=init.pid, init_start_time=_start_time(init.pid))
+    scene.add("here", init_pid=os.getpid(), init_start_time=_start_time(os.getpid()))
+    scene.run(Tenants(), Reaper())
+    assert sorted(scene.state.tenants) == ["gone", "here"]
+    init.kill()
+    init.wait()
+    scene.run(Reaper())
+    assert sorted(scene.state.tenants) == ["here"]
+    assert not files.slot_path(scene.run_dir, "gone").exists()
+    assert files.slot_path(scene.run_dir, "here").exists()
+
+
+@pytest.mark.parametrize(
+    ("start_time_delta", "kept"),
+    [(0, True), (1, False)],  # a pid that runs something else now: the container is gone
+)
+def test_a_reused_pid_is_not_the_container(
+    scene: Scene, init: subprocess.Popen[bytes], start_time_delta: int, kept: bool
+) -> None:
+    scene.add("c", init_pid=init.pid, init_start_time=_start_time(init.pid) + start_time_delta)
+    scene.run(Tenants(), Reaper())
+    assert ("c" in scene.state.tenants) is kept
+    assert files.slot_path(scene.run_dir, "c").exists() is kept
+
+
+def test_a_slot_without_an_init_record_is_never_reaped(scene: Scene) -> None:
+    """No record: a dead container cannot be told from an idle one; the slot stays."""
+    scene.add("unknown")
+    scene.run(Tenants(), Reaper(), ticks=3)
+    assert "unknown" in scene.state.tenants
+    assert scene.tenant("unknown").dead_processes == []
+
+
+def test_dead_process_records_are_reported_not_released(scene: Scene) -> None:
+    """Records of pids not in the container's namespace are reported with their memory;
+    the record itself is the shim's to release (it stays LIVE in the file)."""
+    me = os.getpid()  # this test's pid namespace plays the container's
+    usage = scene.add("c", init_pid=me, init_start_time=_start_time(me))
+    dead = max(int(p) for p in os.listdir("/proc") if p.isdigit()) + 10_000
+    usage.process(0, me, (1 << 20,))
+    usage.process(1, dead, (1 << 30,))
+    scene.run(Tenants(), Reaper())
+    tenant = scene.tenant("c")
+    assert tenant.dead_processes == [dead] and tenant.dead_bytes == 1 << 30
+    assert scene.state.members[me] == ("c", me)
+    assert [r.pid for r in tenant.usage.live_processes()] == [me, dead]
+
+
+def test_processes_map_to_their_tenant_by_pid_namespace() -> None:
+    """A host process in a tenant's pid namespace belongs to that tenant, with its pid inside
+    the namespace; a namespace two tenants share (e.g. both run with --pid=host) is
+    ambiguous and attributes nothing, instead of giving every process to one of them."""
+    own = os.getpid()
+    members = reaper.namespace_members({"solo": own})
+    assert members[own] == ("solo", own)  # this test runs in the host's pid namespace
+    assert reaper.namespace_members({"a": own, "b": own}) == {}
