@@ -1,21 +1,36 @@
 """One table from observer_bench.py's two runs: time-sliced and MPS side by side.
 
-python3 bench/backends_report.py DIR    (reads DIR/observer-{timeslice,mps}-raw.json)
+    python3 bench/backends_report.py DIR
+
+Reads DIR/mps-raw/<backend>/observer-raw/results.json (gpu_backends.sh runs the observer
+bench with OUT=DIR/mps-raw/<backend>), writes DIR/mps.md and copies each run's workday plot
+to DIR/mps-<backend>-workday.png.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from lib.report import Report
+
+BACKENDS = ("timeslice", "mps")
+
+
+def run_dir(directory: Path, backend: str) -> Path:
+    return directory / "mps-raw" / backend
+
 
 def _load(directory: Path, backend: str) -> dict[str, Any]:
     try:
-        doc = json.loads((directory / f"observer-{backend}-raw.json").read_text())
+        path = run_dir(directory, backend) / "observer-raw" / "results.json"
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
@@ -105,34 +120,46 @@ def rows(ts: dict[str, Any], mp: dict[str, Any]) -> list[tuple[str, str, str, st
     return out
 
 
-def main(argv: list[str]) -> int:
-    directory = Path(argv[0]) if argv else Path(".")
-    ts, mp = _load(directory, "timeslice"), _load(directory, "mps")
-    lines = [
-        f"# Compute backends side by side on {ts.get('gpu') or mp.get('gpu') or 'the GPU'}",
-        "",
-        "`OUT=$OUT bash bench/gpu_backends.sh`: bench/observer_bench.py with `--backend "
-        "timeslice`, then `--backend mps`; raw numbers in observer-*-raw.json.",
-        "",
-        "| measure | timeslice | mps | target |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(ts, mp)]
+def document(directory: Path, ts: dict[str, Any], mp: dict[str, Any]) -> Report:
+    meta = (ts or mp).get("meta") or {}
+    doc = Report(
+        "mps",
+        f"Compute backends side by side on {ts.get('gpu') or mp.get('gpu') or 'the GPU'}",
+        "bench/observer_bench.py with the GPU time-sliced (`--backend timeslice`), then over "
+        "FCSP's MPS daemon (`--backend mps`), on the same machine: share accuracy, a 30/70 "
+        "pair, fairness, work conservation, reclaim, the noisy neighbour, latency next to a "
+        "saturating tenant, and a fatal fault in one MPS tenant.",
+        directory,
+        meta=meta,
+        extra=["raw numbers: mps-raw/<backend>/observer-raw/results.json"],
+    )
+    doc.table(["measure", "timeslice", "mps", "target"], rows(ts, mp))
+    for backend in BACKENDS:
+        plot = run_dir(directory, backend) / "observer-workday.png"
+        if plot.exists():
+            shutil.copy(plot, doc.plot_path(f"{backend}-workday"))
+            doc.add("", f"![workday, {backend}]({doc.plot_path(f'{backend}-workday').name})")
     fault = mp.get("fault", {})
     if fault:
-        lines += [
-            "",
-            "## A fatal fault next to a busy MPS tenant",
-            "",
-            "```",
-            json.dumps(fault, indent=2),
-            "```",
-        ]
-    for backend, doc in (("timeslice", ts), ("mps", mp)):
-        failed = {k: v["error"] for k, v in doc.items() if isinstance(v, dict) and "error" in v}
+        doc.section(
+            "A fatal fault next to a busy MPS tenant",
+            "```\n" + json.dumps(fault, indent=2) + "\n```",
+        )
+    for backend, raw in (("timeslice", ts), ("mps", mp)):
+        failed = {k: v["error"] for k, v in raw.items() if isinstance(v, dict) and "error" in v}
         if failed:
-            lines += ["", f"Sections that failed ({backend}): {failed}"]
-    print("\n".join(lines))
+            doc.add("", f"Sections that failed ({backend}): {failed}")
+    return doc
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("dir", type=Path, help="gpu_backends.sh's $OUT")
+    directory = parser.parse_args(argv).dir
+    ts, mp = (_load(directory, backend) for backend in BACKENDS)
+    print(f"wrote {document(directory, ts, mp).write()}")
     return 0
 
 

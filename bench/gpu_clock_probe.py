@@ -1,30 +1,32 @@
-"""How fast a kernel runs when the GPU is partly idle (issue 4): no FCSP, one process.
+"""How fast a kernel runs when the GPU is partly idle: no FCSP, one process.
 
 A throttled tenant leaves the GPU idle part of the time; a power-capped GPU then holds a
 higher clock, and each kernel is faster than at full load.  This measures by how much, to
 tell what a cost normaliser has to remove.  For each duty cycle (100, 75, 50, 25, 10 %):
 batches of fp16 matmuls with CUDA events around each batch, then a sleep that keeps the
-GPU busy that fraction of the time; an NVML thread reads the SM clock and the power draw
-every millisecond and files each reading under "busy" (inside a batch) or "idle".
+GPU busy that fraction of the time; lib.gpu's sampler reads the SM clock and the power
+draw every millisecond and files each reading under "busy" (inside a batch) or "idle".
 
     OUT=/some/dir python3 bench/gpu_clock_probe.py [--size 4096] [--dtype float16] [--seconds 3]
 
-Writes $OUT/clock-probe-<size>-<dtype>.md and .json.
+Writes the table as the "clock-<size>-<dtype>" part of $OUT/compute-diagnosis.md, and its
+rows as JSON to $OUT/compute-diagnosis-raw/clock-<size>-<dtype>.json.
 """
+
+# torch is imported where used: --help works without it.
+# ruff: noqa: PLC0415
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import threading
+import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import pynvml
-import torch
+from lib.gpu import Sample, Sampler
+from lib.report import Report, out_dir, save_json
 
 DUTIES = (1.0, 0.75, 0.5, 0.25, 0.10)
 
@@ -33,28 +35,21 @@ class Poller:
     """SM clock and power every millisecond, each reading tagged busy or idle."""
 
     def __init__(self) -> None:
-        pynvml.nvmlInit()
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        self.busy = False
-        self.readings: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
-        self.halt = threading.Event()
-        threading.Thread(target=self.run, daemon=True).start()
+        import torch
 
-    def run(self) -> None:
-        while not self.halt.wait(0.001):
-            busy = self.busy
-            mhz = pynvml.nvmlDeviceGetClockInfo(self.handle, pynvml.NVML_CLOCK_SM)
-            watts = pynvml.nvmlDeviceGetPowerUsage(self.handle) / 1000
-            if busy == self.busy:  # the state did not change while we read
-                self.readings[busy].append((mhz, watts))
+        self.busy = False
+        self.index = torch.cuda.current_device()
+        self.sampler = Sampler([self.index], period=0.001, tag=lambda: self.busy).start()
 
     def take(self) -> dict[str, float]:
+        """Means of the readings since the last take, busy and idle apart."""
+        got: list[Sample] = self.sampler.drain()
         out: dict[str, float] = {}
         for busy, name in ((True, "busy"), (False, "idle")):
-            got, self.readings[busy] = self.readings[busy], []
-            out[f"{name}_mhz"] = statistics.fmean(r[0] for r in got) if got else float("nan")
-            out[f"{name}_w"] = statistics.fmean(r[1] for r in got) if got else float("nan")
-            out[f"{name}_n"] = len(got)
+            mine = [s for s in got if s.tag is busy]
+            out[f"{name}_mhz"] = statistics.fmean(s.mhz for s in mine) if mine else float("nan")
+            out[f"{name}_w"] = statistics.fmean(s.watts for s in mine) if mine else float("nan")
+            out[f"{name}_n"] = len(mine)
         return out
 
 
@@ -65,6 +60,8 @@ def run_duty(
     event pair of their own, as the shim samples kernels: the first (cold: the stream was
     idle, so its span adds the launch latency) and one in the middle (warm: behind a
     running kernel); two events recorded back to back after it show what a span adds."""
+    import torch
+
     a, b = operands
     timing = {"enable_timing": True}
     start, end = torch.cuda.Event(**timing), torch.cuda.Event(**timing)
@@ -118,7 +115,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
     args = parser.parse_args()
-    out = Path(os.environ.get("OUT", "."))
+    name = f"clock-{args.size}-{args.dtype}"
+    doc = Report(
+        "compute-diagnosis",
+        f"How fast a kernel runs on a partly idle GPU ({args.size} x {args.size} {args.dtype})",
+        "One process, no FCSP: batches of matmuls with CUDA events around each, then a sleep "
+        "that keeps the GPU busy the given fraction of the time; the SM clock and power read "
+        "every millisecond, filed under busy (inside a batch) or idle.",
+        out_dir(),
+        part=name,
+        extra=[f"{args.batch} per batch"],
+    )
+    import torch
+
     dtype = getattr(torch, args.dtype)
     a = torch.randn(args.size, args.size, device="cuda", dtype=dtype)
     b = torch.randn(args.size, args.size, device="cuda", dtype=dtype)
@@ -131,12 +140,12 @@ def main() -> int:
         run_duty(duty, 1.0, (a, b), args.batch, poll)  # settle the clock and power
         rows.append(run_duty(duty, args.seconds, (a, b), args.batch, poll))
         print(json.dumps(rows[-1]), flush=True)
-    poll.halt.set()
+    poll.sampler.stop()
     full = rows[0]
-    limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(poll.handle) / 1000
+    gpus = {g["index"]: g for g in doc.meta["gpus"].get("gpus", [])}
+    limit_w = gpus.get(poll.index, {}).get("power_limit_w") or float("nan")
+    doc.extra[0] += f"; power limit {limit_w:.0f} W"
     lines = [
-        f"{args.size} x {args.size} {args.dtype}, {args.batch} per batch; "
-        f"power limit {limit_w:.0f} W",
         "",
         "| duty | matmul/s over full load | ms per matmul | speed vs full load "
         "| one kernel's span, cold / warm / empty (ms) | SM MHz busy / idle "
@@ -153,12 +162,13 @@ def main() -> int:
             f"| {r['busy_mhz']:.0f} / {r['idle_mhz']:.0f} "
             f"| {r['busy_w']:.0f} / {r['idle_w']:.0f} |"
         )
-    name = f"clock-probe-{args.size}-{args.dtype}"
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (doc.out / "compute-diagnosis-raw").mkdir(parents=True, exist_ok=True)
+    save_json(doc.out / "compute-diagnosis-raw" / f"{name}.json", rows)
+    doc.add(*lines)
+    doc.write()
     print("\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# libvgpu.so compute shares on a real GPU (issue 4, item 5).
+# libvgpu.so compute shares on a real GPU: single tenants, 30/70 pairs, the launch cost.
 #
 # Run as root from the repository root on the GPU machine:
 #     OUT=/some/dir bash bench/gpu_compute.sh
@@ -20,10 +20,13 @@
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+# What the operator typed, for the report's header, before this script changes anything.
+BENCH_COMMAND=$(PYTHONPATH=$REPO/bench "$PY" -m lib.report command bash bench/gpu_compute.sh "$@")
+export BENCH_COMMAND
 OUT=${OUT:-$REPO/bench/results/out}
 RAW=$OUT/compute-raw
 WORK=$(mktemp -d /tmp/fcsp-compute.XXXXXX)
-PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$RAW"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 

@@ -1,7 +1,7 @@
-"""Why a throttled tenant's throughput differs from its share: a diagnostic for the H200.
+"""Why a throttled tenant's throughput differs from its share: a diagnostic probe.
 
-For one matmul size, runs a worker unthrottled and at a given share (no observer), while
-sampling the GPU's SM clock and power with nvidia-smi, and prints per run: ops per GPU
+For one matmul size, runs a worker (gpu_compute.py's) unthrottled and at a given share (no
+observer), while sampling the GPU's SM clock and power, and reports per run: ops per GPU
 second, the op time the worker measured, the shim's own estimate (busy_ns / launches),
 and the mean SM clock and power.  If throttled kernels run at a higher clock than
 saturated ones, the limiter (which charges measured GPU time) grants more throughput
@@ -9,31 +9,36 @@ than its share of time.  The shim logs every calibration sample (BUD_LOG_LEVEL=d
 the median and 10th percentile of the most-sampled kernel's samples show what it charges
 against what the kernel takes back to back (op time).
 
-    python3 bench/gpu_compute_diag.py --n 1792 --share 10 --share 50 --seconds 3 [--shim X]
+    OUT=/some/dir python3 bench/gpu_compute_diag.py --n 1792 --share 10 --share 50 [--seconds 3]
+
+Prints the table as it goes; writes it as the "calibration" part of
+$OUT/compute-diagnosis.md (workers' outputs in $OUT/compute-diagnosis-raw/).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from lib import BENCH, SHIM
+from lib.gpu import Sampler
+from lib.report import Report, out_dir
+from lib.scene import Device, Scene, python
 
-from fcsp_hook import slot  # noqa: E402  # after the path tweak, as a script
+from fcsp_hook.slot import abi, files
 
-SHIM = REPO / "shim" / "libvgpu.so"
 SAMPLE = re.compile(r"calib key (\w+) measured (\d+) est")
 KIND = re.compile(r"calib key \w+ measured (\d+) est \d+ (cold|warm), less (\d+)")
+SKIP_S = 1.0  # context creation and warm-up: not what the clock is at while measured
+HEADER = ["n", "share", "ops/s (GPU time)", "achieved", "op ms (worker)", "shim estimate ms",
+          "samples median / p10 us", "cold and warm samples", "throttled s", "SM MHz",
+          "power W"]  # fmt: skip
 
 
 def cold_and_warm(log: str) -> str:
@@ -61,55 +66,19 @@ def sample_quantiles(log: str) -> tuple[float, float]:
     return statistics.median(got) / 1000, got[len(got) // 10] / 1000
 
 
-def run(n: int, share: int, seconds: float, work: Path, shim: Path) -> dict[str, Any]:
-    directory = work / f"slot-{n}-{share}"
-    spec = slot.SlotSpec(
-        container_id="diag",
-        devices=(slot.DeviceLimits(host_index=0, sm_requested_centi=share * 100),),
-    )
-    slot.write_slot(directory, spec, {})
-    clocks = work / f"clocks-{n}-{share}.csv"
-    smi = subprocess.Popen(
-        [
-            "nvidia-smi",
-            "--query-gpu=clocks.sm,power.draw",
-            "--format=csv,noheader,nounits",
-            "-lms",
-            "100",
-        ],
-        stdout=clocks.open("w"),
-        stderr=subprocess.DEVNULL,
-    )
-    env = {
-        **os.environ,
-        "LD_PRELOAD": str(shim),
-        "FCSP_SLOT_DIR": str(directory),
-        "BUD_LOG_LEVEL": "debug",
-    }
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "gpu_compute.py"),
-            "worker",
-            "--n",
-            str(n),
-            "--seconds",
-            str(seconds),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    smi.terminate()
-    smi.wait()
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    median_us, p10_us = sample_quantiles(done.stderr)
+def run(scene: Scene, n: int, share: int, seconds: float) -> dict[str, Any]:
+    tag = f"diag-{n}-{share}"
+    slot = scene.slot(tag, [Device(sm_centi=share * 100)], observed=False)
+    argv = python(BENCH / "gpu_compute.py", "worker", "--n", str(n), "--seconds", str(seconds))
+    with Sampler([0], period=0.1) as clocks:
+        started = time.monotonic()
+        env = scene.env(slot, extra={"BUD_LOG_LEVEL": "debug"})
+        result = scene.collect_one(scene.spawn(tag, argv, env=env), timeout=seconds + 300)
+    log = scene.raw.joinpath(f"{tag}.err").read_text(errors="replace")
+    median_us, p10_us = sample_quantiles(log)
     marks = result["marks"]
-    usage = slot.read_usage(directory / "usage").device[0]
-    samples = [line.split(",") for line in clocks.read_text().splitlines() if "," in line]
-    # Skip the first second (context creation, warm-up).
-    samples = samples[10:] or samples
+    usage = files.read_usage(slot / abi.USAGE_FILE).device[0]
+    samples = clocks.window(0, started + SKIP_S) or clocks.window(0)
     return {
         "ops_per_s": marks[-1][0] / marks[-1][1],
         "op_ms": result["kernel_ms"],
@@ -117,43 +86,64 @@ def run(n: int, share: int, seconds: float, work: Path, shim: Path) -> dict[str,
         "throttled_s": usage.throttled_ns / 1e9,
         "sample_median_us": median_us,
         "sample_p10_us": p10_us,
-        "kinds": cold_and_warm(done.stderr),
-        "sm_mhz": statistics.mean(float(s[0]) for s in samples),
-        "power_w": statistics.mean(float(s[1]) for s in samples),
+        "kinds": cold_and_warm(log),
+        "sm_mhz": statistics.mean(s.mhz for s in samples) if samples else float("nan"),
+        "power_w": statistics.mean(s.watts for s in samples) if samples else float("nan"),
     }
 
 
+def row(n: int, share: int, r: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    return [
+        str(n),
+        str(share),
+        f"{r['ops_per_s']:.1f}",
+        f"{r['ops_per_s'] / base['ops_per_s']:.3f}",
+        f"{r['op_ms']:.3f}",
+        f"{r['estimate_ms']:.4f}",
+        f"{r['sample_median_us']:.1f} / {r['sample_p10_us']:.1f}",
+        r["kinds"],
+        f"{r['throttled_s']:.2f}",
+        f"{r['sm_mhz']:.0f}",
+        f"{r['power_w']:.0f}",
+    ]
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, action="append", required=True)
     parser.add_argument("--share", type=int, action="append", help="default: 50")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--shim", type=Path, default=SHIM)
     args = parser.parse_args()
-    print(
-        "| n | share | ops/s (GPU time) | achieved | op ms (worker) | shim estimate ms "
-        "| samples median / p10 us | cold and warm samples | throttled s | SM MHz | power W |"
+    doc = Report(
+        "compute-diagnosis",
+        "What a throttled tenant's kernels cost, and at what clock",
+        "One bf16 matmul worker under libvgpu.so, unthrottled and at each share (no "
+        "observer): its throughput, the op time it measured, what the shim charges per "
+        "launch and the calibration samples behind it, and the GPU's mean SM clock and power "
+        f"(NVML, 10 Hz, the first {SKIP_S:g} s left out).",
+        out_dir(),
+        part="calibration",
+        extra=[f"{args.seconds:g} s per run"],
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    doc.add("", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER))
+    print("\n".join(doc.lines[1:]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.n:
-            base = run(n, 100, args.seconds, Path(tmp), args.shim)
-            rows = [(100, base)]
-            for share in args.share or [50]:
-                rows.append((share, run(n, share, args.seconds, Path(tmp), args.shim)))
-                time.sleep(0.5)
-            for share, r in rows:
-                print(
-                    f"| {n} | {share} | {r['ops_per_s']:.1f} | "
-                    f"{r['ops_per_s'] / base['ops_per_s']:.3f} | {r['op_ms']:.3f} | "
-                    f"{r['estimate_ms']:.4f} | {r['sample_median_us']:.1f} / "
-                    f"{r['sample_p10_us']:.1f} | {r['kinds']} | {r['throttled_s']:.2f} | "
-                    f"{r['sm_mhz']:.0f} | "
-                    f"{r['power_w']:.0f} |",
-                    flush=True,
-                )
+        scene = Scene(Path(tmp), doc.out / "compute-diagnosis-raw", shim=args.shim)
+        with scene:
+            for n in args.n:
+                base = run(scene, n, 100, args.seconds)
+                rows = [(100, base)]
+                for share in args.share or [50]:
+                    rows.append((share, run(scene, n, share, args.seconds)))
+                    time.sleep(0.5)
+                for share, r in rows:
+                    line = "| " + " | ".join(row(n, share, r, base)) + " |"
+                    doc.add(line)
+                    print(line, flush=True)
+    doc.write()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

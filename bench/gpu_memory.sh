@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# libvgpu.so memory quotas and overhead on a real GPU (issue 3, item 8).
+# libvgpu.so memory quotas and overhead on a real GPU.
 #
 # Run as root from the repository root on the GPU machine:
 #     OUT=/some/dir bash bench/gpu_memory.sh
@@ -9,16 +9,20 @@
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+# What the operator typed, for the report's header, before this script changes anything.
+BENCH_COMMAND=$(PYTHONPATH=$REPO/bench "$PY" -m lib.report command bash bench/gpu_memory.sh "$@")
+export BENCH_COMMAND
 OUT=${OUT:-$REPO/bench/results/out}
 RAW=$OUT/memory-raw
 WORK=$(mktemp -d /tmp/fcsp-bench.XXXXXX)
-PY=${PYTHON:-python3}
 SHIM=$REPO/shim/libvgpu.so
 QUOTA=$((8 << 30))
 RACE_QUOTA=$((1 << 30))
 RACE_BYTES=$((600 * 1000 * 1000))
 mkdir -p "$OUT" "$RAW"
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+benchlib() { PYTHONPATH=$REPO/bench "$PY" -m "$@"; } # bench/lib: lib.scene, lib.report
 ROWS=$WORK/rows.md
 : >"$ROWS"
 
@@ -29,26 +33,13 @@ row() { # section, result (PASS/FAIL/INFO), detail
 
 # A slot directory with one device and a byte quota; prints its path.
 make_slot() { # name bytes
-    local dir=$WORK/$1
-    rm -rf "$dir"
-    "$PY" - "$dir" "$2" <<'PYEOF' || return 1
-import sys
-from pathlib import Path
-from fcsp_hook.slot import DeviceLimits, SlotSpec, write_slot
-write_slot(Path(sys.argv[1]), SlotSpec(container_id="bench", devices=(
-    DeviceLimits(host_index=0, mem_limit_bytes=int(sys.argv[2])),)), {})
-PYEOF
-    echo "$dir"
+    rm -rf "${WORK:?}/$1"
+    benchlib lib.scene slot "$WORK/$1" --mem "$2"
 }
 
 # One field of the usage file of a slot: mem_used_bytes, mem_peak_bytes, launches, ...
 usage_field() { # dir field
-    "$PY" - "$1" "$2" <<'PYEOF'
-import sys
-from pathlib import Path
-from fcsp_hook.slot import read_usage
-print(getattr(read_usage(Path(sys.argv[1]) / "usage").device[0], sys.argv[2]))
-PYEOF
+    benchlib lib.scene usage "$1" "$2"
 }
 
 json_get() { # json key
@@ -218,9 +209,11 @@ section_build && {
 }
 
 {
-    echo "# libvgpu.so on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-    echo
-    echo "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null), torch $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)"
+    benchlib lib.report header --name memory --title "Memory quotas and interception overhead" \
+        --measures "What libvgpu.so's memory quota does for PyTorch (the total it reports, the \
+OutOfMemoryError past it, the device memory NVML sees), whether two processes racing under one \
+quota can both pass it, and what the hooks add to a launch and an allocation." \
+        --extra "torch $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo '?')"
     echo
     echo "| check | result | detail |"
     echo "|---|---|---|"

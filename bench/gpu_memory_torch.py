@@ -13,34 +13,9 @@ import sys
 import time
 
 import torch
+from lib import gpu
 
 CHUNK = 256 << 20
-
-
-def nvml_process_used() -> int | None:
-    """This process's device memory as NVML's process list reports it (not virtualised)."""
-    try:
-        import pynvml  # noqa: PLC0415 - optional: absent on some hosts, reported as missing
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid():
-                return int(proc.usedGpuMemory or 0)
-        return None
-    except Exception:
-        return None
-
-
-def nvml_memory_info() -> dict[str, int] | None:
-    try:
-        import pynvml  # noqa: PLC0415 - optional: absent on some hosts, reported as missing
-
-        pynvml.nvmlInit()
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
-        return {"total": int(info.total), "free": int(info.free), "used": int(info.used)}
-    except Exception:
-        return None
 
 
 def quota(limit: int) -> dict[str, object]:
@@ -53,7 +28,7 @@ def quota(limit: int) -> dict[str, object]:
     except torch.cuda.OutOfMemoryError:
         oom = True
     allocated = len(held) * CHUNK
-    peak_nvml = nvml_process_used()
+    peak_nvml = gpu.process_memory(os.getpid())
     reserved = torch.cuda.memory_reserved()
     # Some work, so that launches reach the usage counters (matmuls launch via cuLaunchKernelEx).
     del held
@@ -70,14 +45,14 @@ def quota(limit: int) -> dict[str, object]:
         "allocated": allocated,
         "reserved_at_peak": reserved,
         "nvml_process_used": peak_nvml,
-        "nvml_memory_info": nvml_memory_info(),
+        "nvml_memory_info": gpu.memory_info(),
     }
 
 
 def context() -> dict[str, object]:
     x = torch.empty(CHUNK, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
-    used = nvml_process_used()
+    used = gpu.process_memory(os.getpid())
     reserved = torch.cuda.memory_reserved()
     del x
     return {

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# libvgpu.so on two GPUs (issue 7, item 3): slot entries follow GPU UUIDs whatever the CUDA
-# ordinals, per-device compute shares of two tenants, NCCL all-reduce under limits.
+# libvgpu.so on two GPUs: slot entries follow GPU UUIDs whatever the CUDA ordinals,
+# per-device compute shares of two tenants, NCCL all-reduce under limits.
 #
 # Run as root from the repository root on a machine with two NVIDIA GPUs:
-#     OUT=/some/dir FCSP_COMMIT=<commit> bash bench/gpu_multigpu.sh
+#     OUT=/some/dir bash bench/gpu_multigpu.sh
+# (a copy without .git: FCSP_COMMIT=<commit> names the commit in the report)
 # Needs: make, gcc, python3 with torch (CUDA, NCCL); pynvml for the SM clocks (else
 # nvidia-smi is polled).  Writes $OUT/multigpu.md and raw outputs (results.json, every
 # child's stdout/stderr/result, NCCL logs) in $OUT/multigpu-raw/.  Every section runs on
@@ -18,11 +19,14 @@
 set -u
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+# What the operator typed, for the report's header, before this script changes anything.
+BENCH_COMMAND=$(PYTHONPATH=$REPO/bench "$PY" -m lib.report command bash bench/gpu_multigpu.sh "$@")
+export BENCH_COMMAND
 OUT=${OUT:-$REPO/bench/results/out}
 RAW=$OUT/multigpu-raw
 WORK=$(mktemp -d /tmp/fcsp-multigpu.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-PY=${PYTHON:-python3}
 STARTED=$(date +%s)
 BUDGET=${BENCH_BUDGET:-270}
 mkdir -p "$OUT" "$RAW"
@@ -51,7 +55,7 @@ if [ ! -s "$OUT/multigpu.md" ]; then
         echo "# FCSP on two GPUs: no report"
         echo
         echo "bench/gpu_multigpu.py exited with status $rc before writing its report."
-        echo "build: $([ "$build_ok" = 1 ] && echo ok || echo FAILED); commit: ${FCSP_COMMIT:-not given}"
+        echo "build: $([ "$build_ok" = 1 ] && echo ok || echo FAILED); command: \`$BENCH_COMMAND\`"
         echo
         echo '```'
         tail -n 30 "$RAW/orchestrator.log" 2>/dev/null

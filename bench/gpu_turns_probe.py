@@ -2,14 +2,15 @@
 
 Without MPS the GPU runs one context at a time and switches between two busy ones at its
 time slice; the switches cost GPU time, and a 30/70 pair of limited tenants ends up with
-~95 % of the GPU between them (bench/results/2026-11-29-compute-s5.md).  This probe
-measures that ceiling and what strict turns would give instead: two processes (no FCSP)
-running bf16 matmuls of size n, first both at once (time-sliced), then taking turns
-through a pair of pipes: A runs 30 % of every cycle's ops and synchronizes, then B runs
-70 %, for cycles of several lengths.  Prints each process's throughput over its solo
-throughput and the sum.
+~95 % of the GPU between them (bench/results/compute.md).  This probe measures that
+ceiling and what strict turns would give instead: two processes (no FCSP) running bf16
+matmuls of size n, first both at once (time-sliced), then taking turns through a pair of
+pipes: A runs 30 % of every cycle's ops and synchronizes, then B runs 70 %, for cycles of
+several lengths.  Reports each process's throughput over its solo throughput and the sum.
 
-    python3 bench/gpu_turns_probe.py --n 5632 --seconds 3 --cycle-ms 5 --cycle-ms 20
+    OUT=/some/dir python3 bench/gpu_turns_probe.py --n 5632 --seconds 3 --cycle-ms 5 --cycle-ms 20
+
+Prints the table as it goes; writes it as the "turns" part of $OUT/compute-diagnosis.md.
 """
 
 from __future__ import annotations
@@ -17,21 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+from lib import torchwork
+from lib.report import Report, out_dir
+from lib.scene import Scene, python
 
 SHARE_A = 0.3
+FREE = 8  # ops between synchronizes when not taking turns
 
 
 def worker(n: int, seconds: float, ops_per_turn: int, wait_fd: int, post_fd: int) -> None:
+    """Ops in turns: wait for the partner's token, run this turn's ops, pass the token."""
     import torch  # noqa: PLC0415  # only in the children
 
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty_like(a)
+    op = torchwork.matmul(n)
     for _ in range(20):
-        torch.mm(a, b, out=c)
+        op()
     torch.cuda.synchronize()
     print("ready", flush=True)
     sys.stdin.readline()  # go
@@ -42,7 +48,7 @@ def worker(n: int, seconds: float, ops_per_turn: int, wait_fd: int, post_fd: int
         if wait_fd >= 0 and not os.read(wait_fd, 1):
             break  # the other side is done
         for _ in range(ops_per_turn):
-            torch.mm(a, b, out=c)
+            op()
         ops += ops_per_turn
         torch.cuda.synchronize()
         try:
@@ -57,18 +63,16 @@ def worker(n: int, seconds: float, ops_per_turn: int, wait_fd: int, post_fd: int
     print(json.dumps({"ops": ops, "seconds": elapsed}), flush=True)
 
 
-def spawn(n: int, seconds: float, ops: int, fds: tuple[int, int]) -> subprocess.Popen[str]:
-    argv = [sys.executable, __file__, "worker", "--n", str(n), "--seconds", str(seconds)]
-    argv += ["--ops", str(ops), "--wait-fd", str(fds[0]), "--post-fd", str(fds[1])]
-    keep = tuple(fd for fd in fds if fd >= 0)
-    return subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, pass_fds=keep
-    )
-
-
-def run(n: int, seconds: float, plan: list[tuple[int, tuple[int, int]]]) -> list[float]:
+def run(
+    scene: Scene, tag: str, n: int, seconds: float, plan: list[tuple[int, tuple[int, int]]]
+) -> list[float]:
     """Start the workers of `plan` (ops per turn, (wait fd, post fd)); ops per second each."""
-    procs = [spawn(n, seconds, ops, fds) for ops, fds in plan]
+    procs = []
+    for i, (ops, fds) in enumerate(plan):
+        argv = python(__file__, "worker", "--n", str(n), "--seconds", str(seconds))
+        argv += ["--ops", str(ops), "--wait-fd", str(fds[0]), "--post-fd", str(fds[1])]
+        keep = [fd for fd in fds if fd >= 0]
+        procs.append(scene.spawn(f"{tag}-{i}", argv, interactive=True, pass_fds=keep).proc)
     for _, fds in plan:
         for fd in fds:
             if fd >= 0:
@@ -86,8 +90,31 @@ def run(n: int, seconds: float, plan: list[tuple[int, tuple[int, int]]]) -> list
     return rates
 
 
+def measure(scene: Scene, args: argparse.Namespace, doc: Report) -> None:
+    def row(*cells: str) -> None:
+        line = "| " + " | ".join(cells) + " |"
+        doc.add(line)
+        print(line, flush=True)
+
+    (solo,) = run(scene, "solo", args.n, args.seconds, [(FREE, (-1, -1))])
+    row("run", "A (30 %) of solo", "B (70 %) of solo", "together")
+    row("---", "---", "---", "---")
+    both = run(scene, "both", args.n, args.seconds, [(FREE, (-1, -1)), (FREE, (-1, -1))])
+    row("both at once, time-sliced", f"{both[0] / solo:.3f}", f"{both[1] / solo:.3f}",
+        f"{sum(both) / solo:.3f}")  # fmt: skip
+    for cycle in args.cycle_ms or [5.0, 20.0]:
+        ops_a = max(1, round(SHARE_A * cycle / args.op_ms))
+        ops_b = max(1, round((1 - SHARE_A) * cycle / args.op_ms))
+        a_to_b, b_to_a = os.pipe(), os.pipe()
+        os.write(b_to_a[1], b"x")  # A goes first
+        plan = [(ops_a, (b_to_a[0], a_to_b[1])), (ops_b, (a_to_b[0], b_to_a[1]))]
+        rates = run(scene, f"turns-{cycle:g}", args.n, args.seconds, plan)
+        row(f"turns of {cycle:g} ms ({ops_a} + {ops_b} ops)", f"{rates[0] / solo:.3f}",
+            f"{rates[1] / solo:.3f}", f"{sum(rates) / solo:.3f}")  # fmt: skip
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd")
     w = sub.add_parser("worker")
     for name in ("--n", "--ops", "--wait-fd", "--post-fd"):
@@ -101,25 +128,21 @@ def main() -> int:
     if args.cmd == "worker":
         worker(args.n, args.seconds, args.ops, args.wait_fd, args.post_fd)
         return 0
-    free = 8  # ops between synchronizes when not taking turns
-    (solo,) = run(args.n, args.seconds, [(free, (-1, -1))])
-    print("| run | A (30 %) of solo | B (70 %) of solo | together |")
-    print("|---|---|---|---|")
-    both = run(args.n, args.seconds, [(free, (-1, -1)), (free, (-1, -1))])
-    print(f"| both at once, time-sliced | {both[0] / solo:.3f} | {both[1] / solo:.3f} "
-          f"| {sum(both) / solo:.3f} |", flush=True)  # fmt: skip
-    for cycle in args.cycle_ms or [5.0, 20.0]:
-        ops_a = max(1, round(SHARE_A * cycle / args.op_ms))
-        ops_b = max(1, round((1 - SHARE_A) * cycle / args.op_ms))
-        a_to_b, b_to_a = os.pipe(), os.pipe()
-        os.write(b_to_a[1], b"x")  # A goes first
-        rates = run(
-            args.n,
-            args.seconds,
-            [(ops_a, (b_to_a[0], a_to_b[1])), (ops_b, (a_to_b[0], b_to_a[1]))],
-        )
-        print(f"| turns of {cycle:g} ms ({ops_a} + {ops_b} ops) | {rates[0] / solo:.3f} "
-              f"| {rates[1] / solo:.3f} | {sum(rates) / solo:.3f} |", flush=True)  # fmt: skip
+    doc = Report(
+        "compute-diagnosis",
+        "Two busy tenants on a time-sliced GPU: together, and by turns",
+        "Two processes without FCSP, bf16 matmuls: both at once (the driver switches between "
+        "them every time slice), then taking turns through a pair of pipes (A runs 30 % of "
+        "each cycle's ops, then B 70 %); each one's throughput over its solo throughput.",
+        out_dir(),
+        part="turns",
+        extra=[f"n = {args.n}, {args.seconds:g} s per run, {args.op_ms:g} ms per op alone"],
+    )
+    doc.add("")
+    raw = doc.out / "compute-diagnosis-raw"
+    with tempfile.TemporaryDirectory() as tmp, Scene(Path(tmp), raw) as scene:
+        measure(scene, args, doc)
+    doc.write()
     return 0
 
 

@@ -3,8 +3,12 @@
 Times `podman run --rm` of a trivial container from a tiny rootfs, with and without
 fcsp annotations, interleaved so that drift hits both alike, and reads the hook's
 own duration from its log.  Uses the installed hooks.d entry (run `make install`).
+Needs no GPU.
 
-    python3 bench/hook_latency.py --runs 30 --out bench/results/<date>-hook-latency.md
+    python3 bench/hook_latency.py --runs 30
+
+Writes bench/results/hook-latency.md ($OUT/hook-latency.md where OUT is set; --out FILE
+elsewhere) and prints it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -21,10 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import lib
+from lib.report import Report, collect_meta
 
-from tests.containers import build_base_rootfs  # noqa: E402  # the repo's own helper
+from tests.containers import build_base_rootfs  # the repo's own helper
 
 
 def _ulimits() -> list[str]:
@@ -75,10 +80,17 @@ def hook_durations(log: Path, since: str) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ["OUT"]) / "hook-latency.md"
+        if os.environ.get("OUT")
+        else lib.REPO / "bench" / "results" / "hook-latency.md",
+        help="the document to write (default: %(default)s)",
+    )
     parser.add_argument("--log", type=Path, default=Path("/var/log/fcsp/hook.log"))
     args = parser.parse_args()
-
+    meta = collect_meta(with_gpu=False)  # as the run starts
     with tempfile.TemporaryDirectory() as tmp:
         rootfs = build_base_rootfs(Path(tmp) / "rootfs")
         time_run(rootfs, False)  # warm caches once for both
@@ -95,7 +107,7 @@ def main() -> int:
     ]
     bare = process_ms([python, "-I", "-c", "pass"], b"", args.runs)
     stopped = json.dumps({"id": "bench-absent", "status": "stopped"}).encode()
-    hook_argv = [python, "-I", "-m", "fcsp_hook.hook", "oci"]
+    hook_argv = [python, "-I", "-m", "fcsp_hook.hook.oci_hook", "oci"]
     post = process_ms(hook_argv, stopped, args.runs)
 
     def row(name: str, values: list[float]) -> str:
@@ -103,26 +115,28 @@ def main() -> int:
         median = statistics.median(values)
         return f"| {name} | {len(values)} | {median:.1f} | {q[0]:.1f} | {q[-1]:.1f} |"
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     podman_version = subprocess.run(
         ["podman", "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
     diff = statistics.median(fcsp) - statistics.median(plain)
+    doc = Report(
+        "hook-latency",
+        "Hook latency: what fcsp-hook adds to a container start",
+        "How much longer `podman run --rm` of a trivial container takes with fcsp annotations "
+        "than without (the two kinds alternate run by run), the hook's own prestart work from "
+        "its log, and the two Python processes it costs.",
+        args.out.parent,
+        meta=meta,
+        with_gpu=False,
+        extra=[
+            f"{podman_version}, runc; {platform.node()} ({platform.machine()}, "
+            f"{platform.release()}); after `make install`",
+            "container: `podman run --rm --runtime runc --rootfs <busybox+glibc cat>"
+            " /usr/bin/cat /etc/hostname`; annotated runs add `fcsp.sm=40 fcsp.mem=8G` and"
+            " `NVIDIA_VISIBLE_DEVICES=0`",
+        ],
+    )
     lines = [
-        "# Hook latency: what fcsp-hook adds to a container start",
-        "",
-        f"- date: {datetime.date.today()}; commit {commit}; {podman_version}, runc; "
-        f"{platform.node()} ({platform.machine()}, {platform.release()})",
-        f"- command: `python3 bench/hook_latency.py --runs {args.runs}` (after `make install`)",
-        "- container: `podman run --rm --runtime runc --rootfs <busybox+glibc cat>"
-        " /usr/bin/cat /etc/hostname`;"
-        " annotated runs add `fcsp.sm=40 fcsp.mem=8G` and `NVIDIA_VISIBLE_DEVICES=0`;"
-        " the two kinds alternate run by run.",
         "",
         "| run | n | median ms | p10 ms | p90 ms |",
         "|---|---|---|---|---|",
@@ -137,12 +151,12 @@ def main() -> int:
         "",
         f"**Difference of medians: {diff:+.1f} ms per container start** "
         "(the prestart and poststop hooks together, Python start-up included).",
-        "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    doc.add(*lines)
+    text = doc.render()
+    print(text, end="")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
     return 0
 
 

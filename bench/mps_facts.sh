@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Facts the MPS backend (issue 8) is built on, measured on the GPU machine:
+# Facts the MPS backend is built on, measured on the GPU machine:
 #  1. the control daemon in the foreground (-f): what it creates, where it logs;
 #  2. a client whose pipe directory is a read-only bind mount, and one that sees only the
 #     `control` socket: MPS or silently direct?
@@ -7,27 +7,35 @@
 #  4. what NVML lists for MPS clients (compute vs MPS-compute process lists);
 #  5. a client's fatal fault: what a neighbouring client sees, what the logs say, and when
 #     a new client can run again.
-# Run as root: OUT=/dir bash bench/mps_facts.sh   (writes $OUT/mps-facts.txt; ~2 min)
+# Run as root: OUT=/dir bash bench/mps_facts.sh   (writes $OUT/mps-facts.md; ~2 min)
+# The answers are the transcript of each section, under the standard header.
 set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+BENCH_COMMAND=$(PYTHONPATH=$REPO/bench "$PY" -m lib.report command bash bench/mps_facts.sh "$@")
+export BENCH_COMMAND
 export PATH=/usr/local/nvidia/bin:$PATH
-OUT=${OUT:-/tmp}
+OUT=${OUT:-$REPO/bench/results/out}
+mkdir -p "$OUT"
 base=/tmp/fcsp-mps-facts
 rm -rf $base; mkdir -p $base/pipe $base/log $base/only
+PYTHONPATH=$REPO/bench "$PY" -m lib.report header --name mps-facts \
+    --title "What the MPS backend rests on" \
+    --measures "An MPS control daemon of its own (pipe and log directories under $base): what \
+it creates and logs; whether a client reaches it through a read-only pipe directory or through \
+the control socket alone; the SMs a client sees per active thread percentage; NVML's process \
+lists under MPS; what a client's fatal fault does to its neighbour; and what a tenant holding \
+only the control socket can command. Each section's transcript follows." >"$OUT/mps-facts.md"
 export CUDA_MPS_PIPE_DIRECTORY=$base/pipe CUDA_MPS_LOG_DIRECTORY=$base/log
-exec > >(tee "$OUT/mps-facts.txt") 2>&1
-say() { echo; echo "## $*"; }
-
-cat >$base/fault.cu <<'CU'
-#include <cstdio>
-__global__ void bad(int *p) { *p = 1; }
-int main() {
-    bad<<<1, 1>>>((int *)0x10);
-    cudaError_t e = cudaDeviceSynchronize();
-    printf("faulting client: %s\n", cudaGetErrorString(e));
-    return 0;
+exec > >(tee -a "$OUT/mps-facts.md") 2>&1
+fenced=0
+say() { # a section: its heading, then its transcript as a code block
+    [ $fenced = 1 ] && echo '```'
+    echo; echo "## $*"; echo; echo '```text'
+    fenced=1
 }
-CU
-nvcc -o $base/fault $base/fault.cu || echo "nvcc failed"
+
+nvcc -o $base/fault "$REPO/bench/mps_fault.cu" || echo "nvcc failed"
 
 say "1. control daemon in the foreground"
 nvidia-cuda-mps-control -f >$base/foreground.out 2>&1 &
@@ -124,3 +132,4 @@ say "7. quit"
 echo quit | nvidia-cuda-mps-control; sleep 1
 kill -0 $ctl 2>/dev/null && echo "control still running" || { wait $ctl; echo "control exited with $?"; }
 pgrep -a nvidia-cuda-mps || echo "no MPS process left"
+echo '```'

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 REPORT_EVERY = 0.02
-USAGE_DEVICE_OFFSET = 80  # fcsp_usage.device[0] (shim/fcsp_slot.h)
 
 
 def kernels(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -64,29 +63,19 @@ def kernels(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[], 
 
 def fake_shim() -> Callable[[int], None]:
     """--fake: play libvgpu.so's part in the usage file, so the observer sees activity."""
+    from lib.scene import FakeShim  # noqa: PLC0415  # only without a GPU
+
     slot_dir = os.environ.get("FCSP_SLOT_DIR")
     if not slot_dir:
         return lambda busy_ns: None
-    fd = os.open(os.path.join(slot_dir, "usage"), os.O_RDWR)
-    counters = {"launches": 0, "busy": 0, "throttled": 0}
+    shim = FakeShim(Path(slot_dir))
+    counters = {"launches": 0, "busy": 0}
 
     def report(busy_ns: int) -> None:
         counters["launches"] += 1
         counters["busy"] += busy_ns
-        counters["throttled"] += busy_ns  # pretend it always wants more
-        data = struct.pack(
-            "<9Q",
-            0,
-            0,
-            0,
-            0,
-            counters["launches"],
-            counters["launches"],
-            counters["busy"],
-            counters["throttled"],
-            0,
-        )
-        os.pwrite(fd, data, USAGE_DEVICE_OFFSET)
+        # Pretend it always wants more: throttled as long as it was busy.
+        shim.report(counters["launches"], counters["busy"], counters["busy"])
 
     return report
 
