@@ -92,8 +92,19 @@ class ObserverConfig:
     metrics_port: int = 9401
     # NVML process lists hold the driver's lock: polled at most once a second.
     nvml_interval_ms: int = 1000
-    # A tenant over its memory quota by NVML's count: warn (log) or kill its processes.
-    over_quota_action: str = OVER_QUOTA_WARN
+    # A tenant over its hard memory quota by NVML's count (the quota plus each process's
+    # context, measured): kill its processes on that GPU until it is back within it, or
+    # only warn.  The shim's own accounting is the tenant's to forge; NVML's is not.
+    over_quota_action: str = OVER_QUOTA_KILL
+    # Device memory each of a tenant's processes may hold past its quota for what the
+    # driver loads into it (modules of the libraries it uses), over the bare context the
+    # observer measures on each GPU.
+    process_allowance_mib: int = 256
+    # A time-sliced tenant whose GPU time by NVML's count stays more than this many points
+    # above its share in force, over backstop_window_s, is frozen (its cgroup) for part of
+    # every backstop period until it is back at its share; 0: never.
+    backstop_margin_pct: int = 3
+    backstop_window_s: int = 5
     # How often slots of containers that are gone are looked for.
     reap_interval_ms: int = 2000
     # "full-load": a share is a share of the work the GPU does at full load (kernels are
@@ -200,6 +211,9 @@ _OBSERVER_RANGES = {
     "reap_interval_ms": (100, 3_600_000),
     "clock_max_speedup_pct": (100, 200),
     "turn_cycle_ms": (0, 1000),
+    "process_allowance_mib": (0, 1 << 20),
+    "backstop_margin_pct": (0, 100),
+    "backstop_window_s": (1, 600),
 }
 
 
@@ -212,7 +226,7 @@ def _observer(data: Mapping[str, object]) -> ObserverConfig:
     values["over_quota_action"] = _choice(
         "observer",
         "over_quota_action",
-        o.get("over_quota_action", OVER_QUOTA_WARN),
+        o.get("over_quota_action", OVER_QUOTA_KILL),
         {OVER_QUOTA_WARN: OVER_QUOTA_WARN, OVER_QUOTA_KILL: OVER_QUOTA_KILL},
     )
     values["clock_normalise"] = _choice(

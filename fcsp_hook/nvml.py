@@ -106,6 +106,35 @@ class Nvml:
             ]
         return out
 
+    def utilisation(self, gpu: GpuInfo, since_us: int) -> tuple[dict[int, int], int]:
+        """Each process's share of the GPU's time since since_us (NVML's sample clock; 0:
+        the last second it keeps), in percent, averaged over its samples; and the newest
+        sample's time, to pass as since_us next.  ({}, since_us) when there is nothing."""
+        if not self.available:
+            return {}, since_us
+        try:
+            handle = self._nv.nvmlDeviceGetHandleByIndex(gpu.index)
+            samples = self._nv.nvmlDeviceGetProcessUtilization(handle, since_us)
+        except Exception as exc:  # NOT_FOUND (no samples) included: nothing ran
+            if "Not Found" not in str(exc):
+                self.reason = f"NVML process utilisation of {gpu.uuid} failed: {exc}"
+            return {}, since_us
+        sums: dict[int, list[int]] = {}
+        newest = since_us
+        for s in samples:
+            sums.setdefault(int(s.pid), []).append(min(max(int(s.smUtil), 0), 100))
+            newest = max(newest, int(s.timeStamp))
+        return {pid: sum(v) // len(v) for pid, v in sums.items()}, newest
+
+    def driver_version(self) -> str:
+        if not self.available:
+            return ""
+        try:
+            version = self._nv.nvmlSystemGetDriverVersion()
+        except Exception:  # an old or partial driver: measurements are kept per GPU only
+            return ""
+        return version.decode() if isinstance(version, bytes) else str(version)
+
     def clock(self, gpu: GpuInfo) -> ClockReading | None:
         """SM clock, utilisation and power now, or None when NVML cannot tell the clock."""
         if not self.available:
@@ -143,8 +172,11 @@ class TenantView:
 
     container_id: str
     gpus: Mapping[str, int]  # GPU UUID -> memory quota in bytes (0: none)
-    shimmed_pids: frozenset[int]  # LIVE records: pids in the container's namespace
+    # LIVE records of its usage file: pids in the container's namespace.  The tenant writes
+    # them: they only tell which processes say they run the shim, never who is the tenant's.
+    shimmed_pids: frozenset[int]
     mps_gpus: frozenset[str] = frozenset()  # GPUs where the tenant is an MPS tenant
+    hard: bool = True  # a hard quota (soft: past it is allowed, only reported)
 
 
 @dataclass(frozen=True)
@@ -152,8 +184,9 @@ class OverQuota:
     container_id: str
     gpu: str
     used_bytes: int
-    quota_bytes: int
-    # Host pids to act on: processes without the shim first, else the largest one.
+    quota_bytes: int  # the quota plus each process's allowance
+    # Host pids to stop to bring it back within: those without the shim first, then the
+    # largest; empty for a soft quota.
     culprits: tuple[int, ...]
 
 
@@ -172,11 +205,14 @@ def cross_check(
     tenants: Sequence[TenantView],
     processes: Mapping[str, Sequence[GpuProcess]],
     owner_of: Callable[[int], tuple[str, int] | None],
+    allowance: Mapping[str, int] | None = None,
 ) -> CrossCheck:
     """Match NVML's processes to tenants.
 
     owner_of(host_pid) gives (container id, pid inside its namespace) for a process in
-    a tenant's container, or None for any other process.
+    a tenant's container, or None for any other process.  allowance: per GPU, the bytes
+    each process may hold past the tenant's quota (its context, the driver's modules),
+    which NVML counts and the shim does not.
     """
     result = CrossCheck()
     by_id = {t.container_id: t for t in tenants}
@@ -200,8 +236,21 @@ def cross_check(
         used = sum(p.used_bytes for p, _ in entries)
         result.memory[(cid, uuid)] = used
         quota = by_id[cid].gpus.get(uuid, 0)
-        if quota and used > quota:
-            bypassing = tuple(p.host_pid for p, shimmed in entries if not shimmed)
-            largest = max(entries, key=lambda e: e[0].used_bytes)[0].host_pid
-            result.over_quota.append(OverQuota(cid, uuid, used, quota, bypassing or (largest,)))
+        limit = quota + len(entries) * (allowance or {}).get(uuid, 0)
+        if quota and used > limit:
+            culprits = _to_stop(entries, used - limit) if by_id[cid].hard else ()
+            result.over_quota.append(OverQuota(cid, uuid, used, limit, culprits))
     return result
+
+
+def _to_stop(entries: list[tuple[GpuProcess, bool]], excess: int) -> tuple[int, ...]:
+    """The fewest processes, bypassing ones first and then the largest, whose memory
+    covers the excess."""
+    order = sorted(entries, key=lambda e: (e[1], -e[0].used_bytes))
+    chosen = []
+    for proc, _ in order:
+        if excess <= 0:
+            break
+        chosen.append(proc.host_pid)
+        excess -= proc.used_bytes
+    return tuple(chosen)

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fcsp_hook"
-DUTIES = ("tenants", "shares", "clocks", "backends", "reaper", "crosscheck", "publish")
+DUTIES = ("tenants", "shares", "clocks", "backends", "reaper", "crosscheck", "backstop", "publish")
 
 
 def _module_name(path: Path) -> str:
@@ -22,15 +22,16 @@ def _is_type_checking(node: ast.If) -> bool:
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """Every fcsp_hook module this one imports, at the top or inside functions; imports
     under `if TYPE_CHECKING:` are for mypy only and never run."""
+    tree = ast.parse(path.read_text())
     skipped = {
         id(child)
-        for node in ast.walk(ast.parse(path.read_text()))
+        for node in ast.walk(tree)
         if isinstance(node, ast.If) and _is_type_checking(node)
         for stmt in node.body
         for child in ast.walk(stmt)
     }
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if id(node) in skipped:
             continue
         names: list[str] = []

@@ -1,10 +1,15 @@
 """Duty: NVML's view against the tenants' (at most once a second: process-list queries
 hold the driver's global lock and slow every tenant).
 
-Per tenant and GPU: the memory NVML counts for the container's processes, processes that
-run on the GPU without the shim (static or musl binaries), processes of an MPS tenant
-that run outside MPS, and memory past the quota, warned about or killed
-([observer] over_quota_action).  nvml.cross_check is the pure part.
+The host's authority over memory: a tenant's processes are those in its container's
+cgroup (the reaper finds them), whatever they call themselves, and their memory is what
+the driver counts, not what the tenant's shim reports.  Per tenant and GPU: that memory
+against the quota plus each process's allowance (its context, measured per GPU and
+driver by observer.contexts, and [observer] process_allowance_mib for the modules the
+driver loads), past it the processes stopped until the tenant is within it
+([observer] over_quota_action = "kill"; "warn" only logs); processes that run without the
+shim (static or musl binaries), and processes of an MPS tenant outside MPS, reported.
+nvml.cross_check is the pure part.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from pathlib import Path
 
 from fcsp_hook import config, nvml
 from fcsp_hook.errors import SlotError
-from fcsp_hook.observer import mpsd
+from fcsp_hook.observer import contexts
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
 from fcsp_hook.slot import abi, rules
 
@@ -25,6 +31,22 @@ class CrossCheck(Duty):
 
     def __init__(self) -> None:
         self.over_quota: set[tuple[str, str]] = set()  # (container, GPU) warned about
+        self.context_bytes: dict[str, int] = {}  # per GPU UUID, measured
+
+    def start(self, state: HostState) -> None:
+        """Each GPU's bare context, from the state directory or measured now."""
+        if not state.nv.available:
+            return
+        driver = state.nv.driver_version()
+        state_dir = state.cfg.paths.state_dir
+        self.context_bytes = contexts.load(state_dir, driver)
+        missing = [g for g in state.gpus if g.uuid not in self.context_bytes]
+        if missing:
+            self.context_bytes |= contexts.measure(state.nv, missing)
+            problem = contexts.save(state_dir, driver, self.context_bytes)
+            if problem:
+                state.log.warning("context sizes not saved", reason=problem)
+        state.log.info("context sizes", driver=driver, bytes=self.context_bytes)
 
     def period_ns(self, state: HostState) -> int:
         return state.cfg.observer.nvml_interval_ms * NS_PER_MS
@@ -33,7 +55,10 @@ class CrossCheck(Duty):
         return state.nv.available and now_ns >= next_ns
 
     def run(self, state: HostState, now_ns: int) -> None:
-        self.apply(state, nvml.cross_check(views(state), processes(state), state.members.get))
+        extra = state.cfg.observer.process_allowance_mib << 20
+        allowance = {g.uuid: self.context_bytes.get(g.uuid, 0) + extra for g in state.gpus}
+        result = nvml.cross_check(views(state), processes(state), state.members.get, allowance)
+        self.apply(state, result)
 
     def apply(self, state: HostState, result: nvml.CrossCheck) -> None:
         state.nvml_memory = result.memory
@@ -55,7 +80,7 @@ class CrossCheck(Duty):
             key = (over.container_id, over.gpu)
             now_over.add(key)
             log = state.log.bind(container_id=over.container_id)
-            if state.cfg.observer.over_quota_action == config.OVER_QUOTA_KILL:
+            if over.culprits and state.cfg.observer.over_quota_action == config.OVER_QUOTA_KILL:
                 for pid in over.culprits:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
@@ -92,14 +117,26 @@ def views(state: HostState) -> list[nvml.TenantView]:
         on_mps = frozenset(
             d.grant.gpu for d in tenant.devices if d.grant.backend == abi.Backend.MPS
         )
-        out.append(nvml.TenantView(cid, quotas, shimmed, on_mps))
+        hard = int(tenant.spec.mem_mode) != abi.MemMode.SOFT
+        out.append(nvml.TenantView(cid, quotas, shimmed, on_mps, hard))
     return out
 
 
 def processes(state: HostState) -> dict[str, list[nvml.GpuProcess]]:
-    """NVML's compute processes per GPU, without the MPS daemons themselves."""
+    """NVML's compute processes per GPU, without the MPS daemons the observer started (by
+    their pids and their children's, never by a name a tenant could give a process)."""
     served = frozenset(u for u, d in state.backends.items() if d.backend == "mps")
+    daemons = {d.pid for d in state.backends.values() if d.pid}
     return {
-        uuid: [p for p in procs if not mpsd.is_mps_process(p.host_pid)]
+        uuid: [p for p in procs if p.host_pid not in daemons and parent(p.host_pid) not in daemons]
         for uuid, procs in state.nv.processes(state.gpus, served).items()
     }
+
+
+def parent(pid: int) -> int:
+    """A process's parent pid; 0 when it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(data[data.rfind(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0

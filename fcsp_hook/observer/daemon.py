@@ -28,6 +28,7 @@ from fcsp_hook import config, nvml
 from fcsp_hook.errors import ConfigError, FcspError
 from fcsp_hook.observer import metrics, notify
 from fcsp_hook.observer.backends import Backends
+from fcsp_hook.observer.backstop import Backstop
 from fcsp_hook.observer.clocks import Clocks
 from fcsp_hook.observer.crosscheck import CrossCheck
 from fcsp_hook.observer.publish import Publish, status_text
@@ -74,6 +75,7 @@ def duties(notifier: notify.Notifier, exporter: metrics.Metrics) -> list[Duty]:
         Backends(),
         Clocks(),
         CrossCheck(),
+        Backstop(),
         Publish(notifier, exporter),
     ]
 

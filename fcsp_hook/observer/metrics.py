@@ -36,6 +36,9 @@ class TenantGpuSample:
     unshimmed_processes: int
     mps_faults: int = 0
     turn_ratio: float = 0.0  # its window of the observer's turn cycle; 0: no turns
+    driver_used_pct: int | None = None  # its GPU time by NVML's count; None: not measured
+    mem_driver_bytes: int | None = None  # its memory by NVML's count; None: not measured
+    held_pct: int = 0  # of the time the host backstop keeps it frozen
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,22 @@ class _Collector(Collector):
                 "The tenant's window of the GPU's turn cycle (0-1; 0: no turns)",
                 labels=labels,
             ),
+            "driver_used": GaugeMetricFamily(
+                "fcsp_driver_used_ratio",
+                "The tenant's time on the GPU by the driver's count (NVML, 0-1)",
+                labels=labels,
+            ),
+            "driver_mem": GaugeMetricFamily(
+                "fcsp_driver_memory_bytes",
+                "Device memory of the tenant's processes by the driver's count (NVML)",
+                labels=labels,
+            ),
+            "held": GaugeMetricFamily(
+                "fcsp_host_frozen_ratio",
+                "Part of the time the host keeps the tenant frozen for using more than its "
+                "share by the driver's count (0-1)",
+                labels=labels,
+            ),
         }
         for s in snap.samples:
             key = [s.container_id, s.tenant, s.gpu]
@@ -105,6 +124,11 @@ class _Collector(Collector):
             fams["unshim"].add_metric(key, s.unshimmed_processes)
             fams["mps_faults"].add_metric(key, s.mps_faults)
             fams["turn"].add_metric(key, s.turn_ratio)
+            if s.driver_used_pct is not None:
+                fams["driver_used"].add_metric(key, s.driver_used_pct / 100)
+            if s.mem_driver_bytes is not None:
+                fams["driver_mem"].add_metric(key, s.mem_driver_bytes)
+            fams["held"].add_metric(key, s.held_pct / 100)
         yield from fams.values()
         contention = GaugeMetricFamily(
             "fcsp_gpu_contention_ratio", "Unmet compute demand on the GPU (0-1)", labels=["gpu"]

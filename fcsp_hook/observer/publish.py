@@ -86,6 +86,9 @@ def snapshot(state: HostState) -> dict[str, object]:
             "backend": [d.grant.backend.name.lower() for d in t.devices],
             "mps_faults": t.mps_faults,
             "outside_mps_host_pids": t.outside_mps,
+            "driver_used_pct": [d.driver_used_pct for d in t.devices],
+            "driver_memory_bytes": [state.nvml_memory.get((cid, d.grant.gpu)) for d in t.devices],
+            "held_pct": t.held_pct,
         }
     return {
         "pid": os.getpid(),
@@ -138,6 +141,9 @@ def metrics_snapshot(state: HostState) -> metrics.Snapshot:
                     unshimmed_processes=len(t.unshimmed),
                     mps_faults=t.mps_faults,
                     turn_ratio=turn_ratio(t.limits.turn(i)),
+                    driver_used_pct=device.driver_used_pct,
+                    mem_driver_bytes=state.nvml_memory.get((cid, grant.gpu)),
+                    held_pct=t.held_pct,
                 )
             )
     return metrics.Snapshot(

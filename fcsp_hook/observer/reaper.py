@@ -2,8 +2,14 @@
 
 A whole tenant is reaped when the container's init process, recorded by the hook in its
 limits (init_host_pid, init_start_time), is gone or its pid was reused: poststop hooks
-can be skipped (a crash, a killed engine).  A slot without that record is never reaped
-(a dead container cannot be told from an idle one), only reported.
+can be skipped (a crash, a killed engine).  Only proof counts: the kernel saying there is
+no such process, or one with another start time; a /proc that cannot be read now (out of
+descriptors, an I/O error) proves nothing.  A slot without that record is never reaped (a
+dead container cannot be told from an idle one), only reported.
+
+A tenant's processes are every process in the cgroup the hook recorded for its container
+(nested and shared pid namespaces included, whatever they call themselves); a slot
+without that record falls back to the processes in the init's pid namespace.
 
 Per-process records (pid LIVE in a usage file) are released by the shims, not here:
 releasing a dead process's memory charge exactly once needs a compare-and-swap on shared
@@ -18,20 +24,51 @@ import contextlib
 import os
 from pathlib import Path
 
-from fcsp_hook.errors import SlotError
+from fcsp_hook.errors import FcspError, SlotError
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState, Tenant
 from fcsp_hook.procfs import PROC, proc_stat
 from fcsp_hook.slot import files
 
 
 def container_alive(pid: int, start_time: int, proc: Path = PROC) -> bool | None:
-    """True/False for a recorded init process; None when the slot has no record."""
+    """False only on proof that the recorded init process is gone (no such pid, a zombie,
+    or another start time); None when the slot has no record."""
     if pid <= 0:
         return None
     stat = proc_stat(pid, proc)
-    if stat is None or stat[0] in {"Z", "X"}:
+    if stat is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass  # there, but not ours to signal: alive
+        return True  # /proc unreadable now (descriptors, I/O): no proof, no reaping
+    if stat[0] in {"Z", "X"}:
         return False
     return not (start_time and stat[1] != start_time)
+
+
+def cgroup_members(tenants: dict[str, Tenant], proc: Path = PROC) -> dict[int, tuple[str, int]]:
+    """Every process in the tenants' recorded cgroups: host pid -> (container id, pid in its
+    own pid namespace, as its shim records it)."""
+    members: dict[int, tuple[str, int]] = {}
+    for cid, tenant in tenants.items():
+        if tenant.cgroup is None:
+            continue
+        for pid in tenant.cgroup.processes():
+            members[pid] = (cid, _innermost_pid(pid, proc) or pid)
+    return members
+
+
+def _innermost_pid(pid: int, proc: Path) -> int:
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def namespace_members(init_pids: dict[str, int], proc: Path = PROC) -> dict[int, tuple[str, int]]:
@@ -55,21 +92,24 @@ def namespace_members(init_pids: dict[str, int], proc: Path = PROC) -> dict[int,
     members: dict[int, tuple[str, int]] = {}
     if not ns_owner:
         return members
-    with os.scandir(proc) as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
+    try:
+        entries = list(os.scandir(proc))
+    except OSError:
+        return members  # /proc unreadable now (descriptors): nobody is known to be anyone's
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            owner = ns_owner.get(os.readlink(f"{entry.path}/ns/pid"))
+            if owner is None:
                 continue
-            try:
-                owner = ns_owner.get(os.readlink(f"{entry.path}/ns/pid"))
-                if owner is None:
-                    continue
-                status = Path(entry.path, "status").read_text()
-            except OSError:
-                continue  # exited while we looked
-            for line in status.splitlines():
-                if line.startswith("NSpid:"):
-                    members[int(entry.name)] = (owner, int(line.split()[-1]))
-                    break
+            status = Path(entry.path, "status").read_text()
+        except OSError:
+            continue  # exited while we looked
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                members[int(entry.name)] = (owner, int(line.split()[-1]))
+                break
     return members
 
 
@@ -87,15 +127,21 @@ class Reaper(Duty):
             )
             if alive is False:
                 state.drop_tenant(cid, "container gone, slot reaped")
-                files.remove_slot(state.run_dir, cid)
+                try:
+                    files.remove_slot(state.run_dir, cid)
+                except (OSError, FcspError) as exc:  # what a tenant left must not stop us
+                    state.log.error("slot not removed", container_id=cid, error=str(exc))
             elif alive:
                 init_pids[cid] = int(tenant.spec.init_host_pid)
-        state.members = namespace_members(init_pids) if init_pids else {}
-        live_ns: dict[str, set[int]] = {}
+        by_namespace = {c: p for c, p in init_pids.items() if state.tenants[c].cgroup is None}
+        state.members = namespace_members(by_namespace) if by_namespace else {}
+        state.members |= cgroup_members(state.tenants)
+        known: dict[str, set[int]] = {}
         for cid, ns_pid in state.members.values():
-            live_ns.setdefault(cid, set()).add(ns_pid)
+            known.setdefault(cid, set()).add(ns_pid)
         for cid, tenant in state.tenants.items():
-            report_dead(state, tenant, live_ns.get(cid) if cid in init_pids else None)
+            counted = cid in init_pids or tenant.cgroup is not None
+            report_dead(state, tenant, known.get(cid, set()) if counted else None)
 
 
 def report_dead(state: HostState, tenant: Tenant, live: set[int] | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsp_hook import config, nvml
+from fcsp_hook.cgroups import Cgroup
 from fcsp_hook.observer import policy
 from fcsp_hook.observer.mpsd import DaemonState
 from fcsp_hook.slot import abi, live
@@ -61,6 +62,7 @@ class TenantDevice:
     kernel_span: tuple[int, int, int] = (0, 0, 0)  # (since, busy_sq, busy_ns) then
     kernel_spans: deque[float] = field(default_factory=lambda: deque(maxlen=KERNEL_SPANS))
     usage: live.DeviceUsage = field(default_factory=live.DeviceUsage)
+    driver_used_pct: int | None = None  # its processes' time on the GPU by NVML's count
 
     def restart_kernel_span(self) -> None:
         """Measure the size of its launches afresh from the next sample on; spans already
@@ -86,6 +88,9 @@ class Tenant:
     unshimmed: list[int] = field(default_factory=list)  # host pids NVML saw without the shim
     mps_faults: int = 0  # neighbours' fatal GPU errors that tore down its MPS clients
     outside_mps: list[int] = field(default_factory=list)  # host pids NVML saw outside MPS
+    # The container's cgroup as the hook recorded it: whose processes are the tenant's.
+    cgroup: Cgroup | None = None
+    held_pct: int = 0  # of the time the host backstop keeps it frozen
 
     @property
     def name(self) -> str:

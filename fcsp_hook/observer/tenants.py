@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from fcsp_hook import config
+from fcsp_hook import cgroups, config
 from fcsp_hook.errors import SlotError
 from fcsp_hook.observer.state import (
     NS_PER_MS,
@@ -240,7 +240,9 @@ def _open(state: HostState, name: str, now_ns: int) -> None:
         limits.close()
         log.debug("slot not ready", error=str(exc))
         return
-    tenant = Tenant(name, directory, limits, usage, spec, log)
+    tenant = Tenant(
+        name, directory, limits, usage, spec, log, cgroup=cgroups.read_record(directory)
+    )
     _describe(state, tenant, now_ns)
     state.tenants[name] = tenant
     state.dirty = True

@@ -122,3 +122,66 @@ def test_without_nvml_the_check_never_runs(gpu_scene: Scene) -> None:
     """No driver here: the duty is never due, whatever the time."""
     assert not gpu_scene.state.nv.available
     assert not crosscheck.CrossCheck().due(gpu_scene.state, 1 << 62, 0)
+
+
+def _procs(*used: tuple[int, int]) -> list[nvml.GpuProcess]:
+    return [nvml.GpuProcess(pid, b) for pid, b in used]
+
+
+@pytest.mark.parametrize(
+    ("processes", "shimmed", "stopped"),
+    [
+        # An honest tenant at 100 % of its 1 GiB quota with three processes, each with a
+        # 300 MiB context NVML counts and the shim does not: never touched.
+        (((1, 300 + 512), (2, 300 + 256), (3, 300 + 256)), {1, 2, 3}, ()),
+        # 100 MiB past the quota and the contexts: the one bypassing process goes first.
+        (((1, 300 + 512), (2, 300 + 612), (3, 300)), {1, 3}, (2,)),
+        # A record forged for the bypassing process hides nothing: the largest goes.
+        (((1, 300 + 512), (2, 300 + 612), (3, 300)), {1, 2, 3}, (2,)),
+        # Far past it: as many as it takes, largest first.
+        (((1, 300 + 900), (2, 300 + 900), (3, 300 + 900)), {1, 2, 3}, (1, 2)),
+    ],
+)
+def test_memory_is_held_by_the_drivers_count(
+    processes: tuple[tuple[int, int], ...], shimmed: set[int], stopped: tuple[int, ...]
+) -> None:
+    """The quota plus each process's context: within it nobody is stopped; past it the
+    fewest processes that bring the tenant back, bypassing ones first."""
+    mib = 1 << 20
+    view = nvml.TenantView("t", {GPU: GiB}, frozenset(shimmed))
+    result = nvml.cross_check(
+        [view],
+        {GPU: _procs(*((pid, m * mib) for pid, m in processes))},
+        lambda pid: ("t", pid),
+        {GPU: 300 * mib},
+    )
+    if not stopped:
+        assert result.over_quota == []
+    else:
+        (over,) = result.over_quota
+        assert over.culprits == stopped
+        assert over.quota_bytes == GiB + 3 * 300 * mib
+
+
+def test_a_soft_quota_is_reported_never_enforced() -> None:
+    view = nvml.TenantView("t", {GPU: GiB}, frozenset(), hard=False)
+    result = nvml.cross_check([view], {GPU: _procs((1, 4 * GiB))}, lambda pid: ("t", pid))
+    (over,) = result.over_quota
+    assert over.culprits == ()
+
+
+def test_the_mps_daemons_the_observer_started_are_nobodys(gpu_scene: Scene) -> None:
+    """Processes are told apart by the host's knowledge (the daemon's pid and its
+    children), never by a name: a tenant's process called nvidia-cuda-mps-server counts."""
+    import os  # noqa: PLC0415
+
+    from fcsp_hook.observer.mpsd import DaemonState  # noqa: PLC0415
+
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        gpu_scene.state.backends[GPU] = DaemonState(GPU, backend="mps", pid=os.getpid())
+        assert crosscheck.parent(child.pid) == os.getpid()
+        assert crosscheck.parent(1 << 30) == 0
+    finally:
+        child.kill()
+        child.wait()

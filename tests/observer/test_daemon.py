@@ -63,7 +63,16 @@ def test_duties_run_when_due_in_order(tmp_path: Path) -> None:
 def test_the_duties_of_a_tick_and_their_order() -> None:
     """Tenants are sampled before shares are decided; publishing comes last."""
     names = [d.name for d in daemon.duties(notify.Notifier({}), daemon.metrics.Metrics())]
-    assert names == ["tenants", "shares", "reaper", "backends", "clocks", "crosscheck", "publish"]
+    assert names == [
+        "tenants",
+        "shares",
+        "reaper",
+        "backends",
+        "clocks",
+        "crosscheck",
+        "backstop",
+        "publish",
+    ]
 
 
 def test_a_bad_reload_keeps_the_running_config(tmp_path: Path) -> None:

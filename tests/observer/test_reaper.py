@@ -4,8 +4,11 @@ not released; each container's processes are found by pid namespace."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -91,3 +94,56 @@ def test_processes_map_to_their_tenant_by_pid_namespace() -> None:
     members = reaper.namespace_members({"solo": own})
     assert members[own] == ("solo", own)  # this test runs in the host's pid namespace
     assert reaper.namespace_members({"a": own, "b": own}) == {}
+
+
+def test_a_proc_that_cannot_be_read_proves_nothing(
+    scene: Scene, init: subprocess.Popen[bytes]
+) -> None:
+    """Out of descriptors, /proc cannot be read: the container is not taken for gone and
+    its slot stays (a gone one is reaped once /proc can be read again)."""
+    scene.add("c", init_pid=init.pid, init_start_time=_start_time(init.pid))
+    scene.run(Tenants())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        assert reaper.container_alive(init.pid, 0) is True
+        scene.run(Reaper())
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "c" in scene.state.tenants and files.slot_path(scene.run_dir, "c").exists()
+
+
+def test_a_tenants_processes_are_those_of_its_cgroup(scene: Scene) -> None:
+    """Every process of the recorded cgroup, one in a pid namespace of its own included,
+    with the pid it sees itself as; a process outside is nobody's, whatever its records."""
+    from fcsp_hook import cgroups  # noqa: PLC0415
+    from tests.cgroup import fresh_cgroup, spawn  # noqa: PLC0415
+
+    with fresh_cgroup() as group:
+        plain = spawn(group, ["sleep", "600"])
+        nested = spawn(group, ["unshare", "--pid", "--fork", "sleep", "600"])
+        outside = subprocess.Popen(["sleep", "600"])
+        try:
+            deadline = time.monotonic() + 20
+            while len(group.processes()) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until unshare has forked its child
+            usage = scene.add("c", init_pid=plain.pid, init_start_time=_start_time(plain.pid))
+            (files.slot_path(scene.run_dir, "c") / cgroups.CGROUP_FILE).write_text(group.to_text())
+            usage.process(0, outside.pid)  # a record naming a process that is not its own
+            scene.run(Tenants(), Reaper())
+            members = scene.state.members
+            assert members[plain.pid] == ("c", plain.pid)
+            assert members[nested.pid][0] == "c"
+            inner = [pid for pid, (cid, ns) in members.items() if cid == "c" and ns == 1]
+            assert inner, members  # the process unshare forked is pid 1 of its namespace
+            assert outside.pid not in members
+        finally:
+            for proc in (plain, nested, outside):
+                proc.kill()
+                proc.wait()

@@ -208,6 +208,7 @@ static CUresult new_context(CUcontext *pctx, CUdevice dev)
             contexts[i].alive = 1;
             contexts[i].device = dev;
             pthread_mutex_unlock(&lock);
+            sim_context(dev);
             *pctx = &contexts[i];
             current = *pctx;
             return CUDA_SUCCESS;
@@ -298,6 +299,7 @@ SIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
     primary[dev].alive = 1;
     primary_refs[dev]++;
     pthread_mutex_unlock(&lock);
+    sim_context(dev);
     *pctx = &primary[dev];
     return CUDA_SUCCESS;
 }

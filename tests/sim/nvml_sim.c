@@ -12,6 +12,7 @@
 #define SIM_EXPORT __attribute__((visibility("default")))
 #define NVML_ERROR_UNINITIALIZED 1
 #define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_NOT_FOUND 6
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 
 struct nvmlDevice_st {
@@ -243,5 +244,42 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device,
         return NVML_ERROR_INVALID_ARGUMENT;
     rates->gpu = read_clock().util;
     rates->memory = 0;
+    return NVML_SUCCESS;
+}
+
+/* nvmlProcessUtilizationSample_t as the driver lays it out. */
+struct sim_process_sample {
+    unsigned int pid;
+    unsigned long long timeStamp; /* us: the sample's end, for the caller's next lastSeen */
+    unsigned int smUtil, memUtil, encUtil, decUtil;
+};
+
+/*
+ * One sample per process that ran kernels on the device since lastSeenTimeStamp (us on
+ * the sim's clock; 0: the last second): the percentage of that time the device ran its
+ * kernels.  With samples NULL, or too few, the count needed and INSUFFICIENT_SIZE.
+ */
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
+                                                        struct sim_process_sample *samples,
+                                                        unsigned int *count,
+                                                        unsigned long long lastSeenTimeStamp)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || !count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    uint64_t now = sim_now_ns();
+    uint64_t since = lastSeenTimeStamp ? lastSeenTimeStamp * 1000u : now - 1000000000u;
+    uint32_t pids[256], pct[256];
+    int n = sim_process_busy((int)device->index, since, pids, pct, 256);
+    if (n > 256)
+        n = 256;
+    if (!samples || *count < (unsigned)n) {
+        *count = (unsigned)n;
+        return n ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_ERROR_NOT_FOUND;
+    }
+    for (int i = 0; i < n; i++)
+        samples[i] = (struct sim_process_sample){pids[i], now / 1000u, pct[i], 0, 0, 0};
+    *count = (unsigned)n;
     return NVML_SUCCESS;
 }

@@ -13,10 +13,26 @@
 #include <time.h>
 #include <unistd.h>
 
+/*
+ * Each process's kernel time on each device, in buckets of BUSY_BUCKET_NS of the
+ * timeline (a ring of BUSY_BUCKETS: the last few seconds), for NVML's per-process
+ * utilisation.  A bucket holds its number on the timeline and the busy ns in it.
+ */
+#define BUSY_BUCKET_NS 40000000ull
+#define BUSY_BUCKETS 128
+#define BUSY_DEVICES 4
+
+struct sim_busy {
+    _Atomic uint64_t bucket[BUSY_BUCKETS];
+    _Atomic uint64_t ns[BUSY_BUCKETS];
+};
+
 struct sim_proc {
     _Atomic int32_t pid;
     _Atomic int32_t mps_client; /* announced itself to an MPS control daemon at cuInit */
     _Atomic uint64_t used[SIM_MAX_DEVICES];
+    _Atomic uint32_t contexts; /* bit d: has had a context on device d */
+    struct sim_busy busy[BUSY_DEVICES];
 };
 
 struct sim_shared {
@@ -114,19 +130,42 @@ const struct sim_config *sim_config(void)
     return &config;
 }
 
+/*
+ * Processes are known by their pid on the host, as the real driver reports them to
+ * NVML, also from inside a pid namespace of their own: the first NSpid of
+ * /proc/self/status (the host's /proc is the one mounted).  A pid is alive while /proc
+ * has it and it is not a zombie; kill(pid, 0) would not see host pids from inside a
+ * namespace.
+ */
+static pid_t host_pid(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    pid_t pid = getpid();
+    while (f && fgets(line, sizeof(line), f)) {
+        if (strncmp(line, "NSpid:", 6) == 0) {
+            pid = (pid_t)atoi(line + 6);
+            break;
+        }
+    }
+    if (f)
+        fclose(f);
+    return pid;
+}
+
 static int alive(pid_t pid)
 {
     if (pid <= 0)
         return 0;
-    if (kill(pid, 0) < 0 && errno == ESRCH)
-        return 0;
     char path[64], buf[512];
     snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return 0;
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno != ENOENT && errno != ESRCH;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 1;
     buf[n] = '\0';
     const char *p = strrchr(buf, ')');
     return !(p && (p[2] == 'Z' || p[2] == 'X'));
@@ -136,7 +175,12 @@ static int alive(pid_t pid)
 static struct sim_proc *my_entry(void)
 {
     sim_config();
-    pid_t self = getpid();
+    static pid_t cached_getpid, cached_host;
+    if (getpid() != cached_getpid) { /* a fork: a new process */
+        cached_getpid = getpid();
+        cached_host = host_pid();
+    }
+    pid_t self = cached_host;
     if (mine && mine_pid == self)
         return mine;
     for (int i = 0; i < SIM_MAX_PROCS; i++) {
@@ -148,6 +192,10 @@ static struct sim_proc *my_entry(void)
             continue;
         for (int d = 0; d < SIM_MAX_DEVICES; d++)
             atomic_store(&e->used[d], 0);
+        for (int d = 0; d < BUSY_DEVICES; d++)
+            for (int b = 0; b < BUSY_BUCKETS; b++)
+                atomic_store(&e->busy[d].bucket[b], 0);
+        atomic_store(&e->contexts, 0);
         atomic_store(&e->mps_client, 0);
         atomic_store(&e->pid, self);
         mine = e;
@@ -173,6 +221,67 @@ uint64_t sim_used(int dev)
 void sim_mark_mps_client(void)
 {
     atomic_store(&my_entry()->mps_client, 1);
+}
+
+void sim_context(int dev)
+{
+    const char *text = getenv("FCSP_SIM_CONTEXT_BYTES");
+    uint64_t bytes = text ? strtoull(text, NULL, 0) : 0;
+    struct sim_proc *e = my_entry();
+    uint32_t bit = 1u << dev;
+    if (!bytes || (atomic_fetch_or(&e->contexts, bit) & bit))
+        return;
+    pthread_mutex_lock(&take_lock);
+    atomic_fetch_add(&e->used[dev], bytes); /* the driver's own: never refused here */
+    pthread_mutex_unlock(&take_lock);
+}
+
+static void add_busy(int dev, uint64_t start, uint64_t end)
+{
+    if (dev >= BUSY_DEVICES)
+        return;
+    struct sim_busy *busy = &my_entry()->busy[dev];
+    for (uint64_t n = start / BUSY_BUCKET_NS; n * BUSY_BUCKET_NS < end; n++) {
+        uint64_t from = n * BUSY_BUCKET_NS > start ? n * BUSY_BUCKET_NS : start;
+        uint64_t to = (n + 1) * BUSY_BUCKET_NS < end ? (n + 1) * BUSY_BUCKET_NS : end;
+        int slot = (int)(n % BUSY_BUCKETS);
+        uint64_t held = atomic_load(&busy->bucket[slot]);
+        if (held != n + 1 && atomic_compare_exchange_strong(&busy->bucket[slot], &held, n + 1))
+            atomic_store(&busy->ns[slot], 0);
+        atomic_fetch_add(&busy->ns[slot], to - from);
+    }
+}
+
+int sim_process_busy(int dev, uint64_t since_ns, uint32_t *pids, uint32_t *pct, int max)
+{
+    sim_config();
+    uint64_t now = sim_now_ns();
+    if (dev < 0 || dev >= BUSY_DEVICES || since_ns >= now)
+        return 0;
+    if (now - since_ns > (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS)
+        since_ns = now - (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS;
+    int n = 0;
+    for (int i = 0; i < SIM_MAX_PROCS; i++) {
+        struct sim_proc *e = &shared->proc[i];
+        int32_t pid = atomic_load(&e->pid);
+        if (pid <= 0 || !alive(pid))
+            continue;
+        uint64_t ns = 0;
+        for (uint64_t b = since_ns / BUSY_BUCKET_NS; b * BUSY_BUCKET_NS < now; b++) {
+            int slot = (int)(b % BUSY_BUCKETS);
+            if (atomic_load(&e->busy[dev].bucket[slot]) == b + 1)
+                ns += atomic_load(&e->busy[dev].ns[slot]);
+        }
+        if (!ns)
+            continue;
+        if (n < max) {
+            uint64_t p = ns * 100 / (now - since_ns);
+            pids[n] = (uint32_t)pid;
+            pct[n] = (uint32_t)(p > 100 ? 100 : p);
+        }
+        n++;
+    }
+    return n;
 }
 
 int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max, int mps_only)
@@ -232,5 +341,7 @@ uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns)
             start = ready_ns;
         end = start + dur_ns;
     } while (!atomic_compare_exchange_weak(busy, &free_at, end));
+    if (dur_ns)
+        add_busy(dev, end - dur_ns, end);
     return end;
 }

@@ -9,6 +9,9 @@
  *   FCSP_SIM_MEM_BYTES  memory per device in bytes (default 16 GiB)
  *   FCSP_SIM_UUIDS      comma-separated GPU-... UUIDs (default derived from the index)
  *   FCSP_SIM_STATE      path of the shared state file (default: private to the process)
+ *   FCSP_SIM_CONTEXT_BYTES  device memory a process's first context on a device takes
+ *                       (default 0), which NVML counts and the shim does not, as with
+ *                       the real driver
  */
 #ifndef FCSP_SIM_STATE_H
 #define FCSP_SIM_STATE_H
@@ -36,6 +39,14 @@ void sim_give(int dev, uint64_t size);
 int sim_processes(int dev, uint32_t *pids, uint64_t *used, int max, int mps_only);
 /* This process is an MPS client (NVML lists it among the MPS processes too). */
 void sim_mark_mps_client(void);
+/* This process made a context on dev: the first one takes FCSP_SIM_CONTEXT_BYTES. */
+void sim_context(int dev);
+/*
+ * How much of (since_ns, now] dev's timeline ran each live process's kernels, in percent,
+ * as NVML's per-process utilisation samples tell it: returns how many processes ran any,
+ * filling at most max entries.
+ */
+int sim_process_busy(int dev, uint64_t since_ns, uint32_t *pids, uint32_t *pct, int max);
 
 /* CLOCK_MONOTONIC in ns: the time base of the device timeline, events and the shim. */
 uint64_t sim_now_ns(void);

@@ -1,0 +1,160 @@
+"""observer.backstop: a tenant above its share by the driver's count is frozen (its real
+cgroup) for part of every period until it is back at its share; an honest tenant never is;
+nothing it froze stays frozen."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from fcsp_hook import cgroups
+from fcsp_hook.observer import backstop
+from fcsp_hook.observer.backstop import Backstop
+from fcsp_hook.observer.tenants import Tenants
+from fcsp_hook.slot import abi, files
+from tests.cgroup import fresh_cgroup, join
+from tests.observer.scene import MS, Scene
+
+SECOND = 1_000 * MS
+
+
+@pytest.fixture
+def group() -> Iterator[cgroups.Cgroup]:
+    """A tenant's container: a real cgroup with a process in it."""
+    with fresh_cgroup() as g:
+        proc = subprocess.Popen(["sleep", "600"])
+        join(g, proc)
+        yield g
+        g.set_frozen(False)  # a frozen process cannot die
+        proc.kill()
+        proc.wait()
+
+
+def _tenant(scene: Scene, cid: str, group: cgroups.Cgroup | None, sm: int = 1000) -> None:
+    scene.add(
+        cid, files.DeviceLimits(uuid="GPU-x", sm_requested_centi=sm), mode=abi.IsolationMode.STRICT
+    )
+    if group is not None:
+        (files.slot_path(scene.run_dir, cid) / cgroups.CGROUP_FILE).write_text(group.to_text())
+    scene.run(Tenants())
+
+
+def _read(duty: Backstop, scene: Scene, used: dict[str, int], seconds: int = 1) -> None:
+    """seconds of readings, one a second: each tenant used this percent of GPU-x."""
+    for _ in range(seconds):
+        scene.now_ns += SECOND
+        duty.record(scene.state, scene.now_ns, {(c, "GPU-x"): u for c, u in used.items()}, SECOND)
+
+
+@pytest.mark.parametrize(
+    ("duty", "used", "share", "after"),
+    [
+        (0.0, 100, 10, 0.9),  # first reading: straight to what holds it at its share
+        (0.0, 10, 10, 0.0),
+        (0.9, 10, 10, 0.9),  # held at its share: stays held
+        (0.5, 50, 10, 0.75),  # once held, the time it runs at most halves per reading
+        (0.9, 1, 10, 0.8),  # and at most doubles
+        (0.6, 0, 10, 0.2),
+        (0.2, 0, 10, 0.0),  # running all the time keeps it at its share: released
+        (0.0, 100, 1, 0.95),  # never frozen all the time: its processes must be able to exit
+    ],
+)
+def test_the_duty_that_brings_a_tenant_to_its_share(
+    duty: float, used: int, share: int, after: float
+) -> None:
+    assert backstop.next_duty(duty, used, share) == pytest.approx(after)
+
+
+def test_a_greedy_tenant_is_frozen_part_of_the_time(scene: Scene, group: cgroups.Cgroup) -> None:
+    """10 % strict, 100 % of the GPU by NVML's count: frozen 90 % of each period, its cgroup
+    recorded for a later observer; once it keeps to its share, thawed and released."""
+    duty = Backstop()
+    _tenant(scene, "greedy", group)
+    _read(duty, scene, {"greedy": 100})
+    assert duty.holds["greedy"].duty == pytest.approx(0.9)
+    assert scene.tenant("greedy").held_pct == 90
+    assert scene.events("tenant above its share by the driver's count: frozen part of the time")
+    recorded = json.loads((scene.run_dir / backstop.FROZEN_FILE).read_text())
+    assert [cgroups.Cgroup.from_text(t) for t in recorded] == [group]
+    duty.actuate(scene.state, 10 * backstop.PERIOD_NS)  # the start of a period: frozen
+    assert group.frozen() is True
+    duty.actuate(scene.state, 10 * backstop.PERIOD_NS + int(0.95 * backstop.PERIOD_NS))
+    assert group.frozen() is False
+    duty.actuate(scene.state, 11 * backstop.PERIOD_NS)
+    assert group.frozen() is True
+    _read(duty, scene, {"greedy": 10}, seconds=6)  # held at its share ...
+    _read(duty, scene, {"greedy": 0}, seconds=6)  # ... then idle: released
+    assert duty.holds["greedy"].duty == 0.0 and scene.tenant("greedy").held_pct == 0
+    duty.actuate(scene.state, 12 * backstop.PERIOD_NS)
+    assert group.frozen() is False
+    assert scene.events("tenant back at its share: no longer frozen")
+    assert not (scene.run_dir / backstop.FROZEN_FILE).exists()
+
+
+@pytest.mark.parametrize("used", [10, 12, 13])
+def test_a_tenant_at_its_share_is_never_frozen(
+    scene: Scene, group: cgroups.Cgroup, used: int
+) -> None:
+    """At its share, or a little above it in a reading (within the margin), for a minute."""
+    duty = Backstop()
+    _tenant(scene, "honest", group)
+    _read(duty, scene, {"honest": used}, seconds=60)
+    assert "honest" not in duty.holds or duty.holds["honest"].duty == 0.0
+    duty.actuate(scene.state, 10 * backstop.PERIOD_NS)
+    assert group.frozen() is False
+
+
+def test_one_burst_is_judged_over_the_window(scene: Scene, group: cgroups.Cgroup) -> None:
+    """A tenant just seen, above its share for one reading (a shim's first burst), is
+    averaged over the whole window: not frozen."""
+    duty = Backstop()
+    _tenant(scene, "new", group)
+    _read(duty, scene, {"new": 20})
+    _read(duty, scene, {"new": 10}, seconds=10)
+    assert duty.holds["new"].duty == 0.0
+
+
+def test_a_paused_container_is_left_paused(scene: Scene, group: cgroups.Cgroup) -> None:
+    """Frozen by someone else (an engine's pause): the backstop neither freezes nor thaws it."""
+    duty = Backstop()
+    _tenant(scene, "paused", group)
+    group.set_frozen(True)
+    _read(duty, scene, {"paused": 100})
+    duty.actuate(scene.state, 10 * backstop.PERIOD_NS)
+    duty.actuate(scene.state, 10 * backstop.PERIOD_NS + int(0.95 * backstop.PERIOD_NS))
+    assert group.frozen() is True
+    assert not duty.holds["paused"].frozen
+
+
+def test_stopping_thaws_and_a_new_observer_thaws_what_an_old_one_left(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    duty = Backstop()
+    _tenant(scene, "greedy", group)
+    _read(duty, scene, {"greedy": 100})
+    duty.actuate(scene.state, 10 * backstop.PERIOD_NS)
+    assert group.frozen() is True
+    duty.stop(scene.state)
+    assert group.frozen() is False
+    # An observer killed while the tenant was frozen: the next one thaws it at start.
+    _read(duty, scene, {"greedy": 100})
+    duty.actuate(scene.state, 20 * backstop.PERIOD_NS)
+    assert group.frozen() is True and (scene.run_dir / backstop.FROZEN_FILE).exists()
+    Backstop().start(scene.state)
+    assert group.frozen() is False
+    assert not (scene.run_dir / backstop.FROZEN_FILE).exists()
+
+
+def test_tenants_without_a_cgroup_or_not_time_sliced_are_not_held(scene: Scene) -> None:
+    """No cgroup recorded (a slot from before), or mode none: readings, no hold."""
+    duty = Backstop()
+    _tenant(scene, "old", None)
+    scene.add("free", files.DeviceLimits(uuid="GPU-x", sm_requested_centi=1000),
+              mode=abi.IsolationMode.NONE)  # fmt: skip
+    scene.run(Tenants())
+    _read(duty, scene, {"old": 100, "free": 100}, seconds=5)
+    assert duty.holds == {}
+    assert scene.tenant("old").devices[0].driver_used_pct == 100

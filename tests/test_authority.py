@@ -1,0 +1,231 @@
+"""The host is the authority: a tenant that attacks is held by what it cannot write.
+
+Each test runs the real fcsp-observer against the simulated driver and NVML (tests/sim),
+with the tenant's "container" a real cgroup the test makes, recorded in its slot as the
+hook records it.  Its processes run the driver-API client (tests/shim/drv.c), with or
+without the shim.  The simulated driver gives every context 300 MiB that NVML counts and
+the shim does not, as the real driver does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook import cgroups, procfs
+from fcsp_hook.slot import abi
+from tests.cgroup import fresh_cgroup
+from tests.shim.harness import PROG_DIR, SHIM, SIM_DIR, build, read_until_ready
+from tests.test_observer import Host, wait_for
+
+MiB, GiB = 1 << 20, 1 << 30
+CONTEXT = 300 * MiB
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def group() -> Iterator[cgroups.Cgroup]:
+    with fresh_cgroup() as g:
+        yield g
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    build()
+    h = Host(tmp_path)
+    h.write_config("nvml_interval_ms = 1000\nprocess_allowance_mib = 64\n")
+    yield h
+    h.stop_all()
+
+
+def sim_env(host: Host) -> dict[str, str]:
+    return {
+        "LD_LIBRARY_PATH": str(SIM_DIR),
+        "FCSP_SIM_STATE": str(host.root / "sim"),
+        "FCSP_SIM_DEVICES": "1",
+        "FCSP_SIM_MEM_BYTES": str(16 * GiB),
+        "FCSP_SIM_CONTEXT_BYTES": str(CONTEXT),
+    }
+
+
+class Tenant:
+    """A slot, and a cgroup as its container, whose init is a sleeping process."""
+
+    def __init__(self, host: Host, cid: str, group: cgroups.Cgroup, **slot: object) -> None:
+        self.host, self.cid, self.group = host, cid, group
+        self.procs: list[subprocess.Popen[str]] = []
+        self.slot = host.add(cid, **slot)  # type: ignore[arg-type]
+        (self.slot / cgroups.CGROUP_FILE).write_text(group.to_text())
+        init = self.start(["sleep", "600"], wait=False)
+        stat = procfs.proc_stat(init.pid)
+        assert stat is not None
+        host.set_init(cid, init.pid, stat[1])
+
+    def start(
+        self, argv: list[str], *, shim: bool = False, wait: bool = True
+    ) -> subprocess.Popen[str]:
+        """A process in the tenant's cgroup from its first instruction on."""
+        env = {"PATH": "/usr/bin:/bin", **sim_env(self.host)}
+        if shim:
+            env |= {"LD_PRELOAD": str(SHIM), "FCSP_SLOT_DIR": str(self.slot)}
+        procs = self.group.directory / "cgroup.procs"
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: procs.write_text("0\n"),  # noqa: PLW1509  # this process
+        )
+        self.procs.append(proc)
+        if wait:
+            read_until_ready(proc)
+        return proc
+
+    def client(self, *commands: str, shim: bool = False) -> subprocess.Popen[str]:
+        return self.start([str(PROG_DIR / "drv_procaddr"), *commands], shim=shim)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture
+def tenants(host: Host, group: cgroups.Cgroup) -> Iterator[list[Tenant]]:
+    made: list[Tenant] = []
+    yield made
+    group.set_frozen(False)
+    for t in made:
+        t.stop()
+
+
+def _tenant_state(host: Host, cid: str) -> dict[str, object]:
+    value = host.state().get("tenants", {})
+    assert isinstance(value, dict)
+    info = value.get(cid, {})
+    return info if isinstance(info, dict) else {}
+
+
+def _counted(host: Host, cid: str) -> bool:
+    """The NVML check has counted the tenant's memory."""
+    counted = _tenant_state(host, cid).get("driver_memory_bytes")
+    return isinstance(counted, list) and bool(counted) and counted[0] is not None
+
+
+def _ticks(host: Host) -> int:
+    value = host.state().get("ticks", 0)
+    return value if isinstance(value, int) else 0
+
+
+def test_an_honest_tenant_at_its_quota_is_never_touched(
+    host: Host, group: cgroups.Cgroup, tenants: list[Tenant]
+) -> None:
+    """1 GiB, three shimmed processes holding all of it: NVML counts each one's context on
+    top, the host allows it, nobody is stopped."""
+    tenant = Tenant(host, "honest", group, mem=GiB)
+    tenants.append(tenant)
+    third = str(GiB // 3)
+    procs = [tenant.client("init", "alloc", "mem", third, "wait", shim=True) for _ in range(3)]
+    host.start(env=sim_env(host))
+    wait_for("the NVML check to count the tenant", lambda: _counted(host, "honest"))
+    ticks = _ticks(host)
+    wait_for(
+        "three more checks (one a second, twenty ticks each)", lambda: _ticks(host) > ticks + 70
+    )
+    assert all(p.poll() is None for p in procs)
+    assert "over memory quota" not in host.log_text()
+
+
+@pytest.mark.parametrize("disguise", ["forged record", "renamed", "own pid namespace"])
+def test_memory_past_the_quota_is_stopped_however_the_tenant_hides(
+    host: Host, group: cgroups.Cgroup, tenants: list[Tenant], tmp_path: Path, disguise: str
+) -> None:
+    """A process without the shim takes 2 GiB under a 1 GiB quota, and hides: a LIVE record
+    forged in the usage file for it, a binary named like the MPS server, or a pid namespace
+    of its own.  Its cgroup gives it away: it is stopped; the honest process is not."""
+    tenant = Tenant(host, "t", group, mem=GiB)
+    tenants.append(tenant)
+    honest = tenant.client("init", "alloc", "mem", "256M", "wait", shim=True)
+    program = PROG_DIR / "drv_procaddr"
+    argv = [str(program), "init", "alloc", "mem", "2G", "wait"]
+    if disguise == "renamed":
+        program = tmp_path / "nvidia-cuda-mps-server"
+        shutil.copy(PROG_DIR / "drv_procaddr", program)
+        argv[0] = str(program)
+    if disguise == "own pid namespace":
+        argv = ["unshare", "--pid", "--fork", *argv]
+    bypass = tenant.start(argv)
+    if disguise == "forged record":
+        record = abi.UsageProc(state=abi.ProcState.LIVE, pid=bypass.pid, heartbeat_ns=1)
+        with (tenant.slot / abi.USAGE_FILE).open("r+b") as usage:
+            usage.seek(abi.Usage.proc.offset + 5 * len(bytes(record)))
+            usage.write(bytes(record))
+    host.start(env=sim_env(host))
+    wait_for("the bypassing process stopped", lambda: bypass.poll() is not None)
+    assert honest.poll() is None
+    assert "over memory quota: processes killed" in host.log_text()
+
+
+def _driver_share(host: Host, pid: int, seconds: int) -> float:
+    """Percent of the GPU's time the process ran over the last seconds, by NVML's count."""
+    probe = (
+        "import sys, time, pynvml\n"
+        "pynvml.nvmlInit()\n"
+        "h = pynvml.nvmlDeviceGetHandleByIndex(0)\n"
+        f"since = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000 - {seconds * 1_000_000}\n"
+        "pid = int(sys.argv[1])\n"
+        "s = [x for x in pynvml.nvmlDeviceGetProcessUtilization(h, since) if x.pid == pid]\n"
+        "print(s[0].smUtil if s else 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(pid)],
+        env={**sim_env(host), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return float(out)
+
+
+def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
+    host: Host, group: cgroups.Cgroup, tenants: list[Tenant], tmp_path: Path
+) -> None:
+    """Strict 10 %, kernels launched without the shim as fast as the GPU runs them: by
+    NVML's count it is frozen part of the time and held within 5 points of its share over
+    5 s.  An honest tenant beside it, also strict 10 % and as busy, under its shim, is
+    never frozen."""
+    tenant = Tenant(host, "greedy", group, sm=1000, mode=abi.IsolationMode.STRICT)
+    tenants.append(tenant)
+    with fresh_cgroup() as other:
+        honest_tenant = Tenant(host, "honest", other, sm=1000, mode=abi.IsolationMode.STRICT)
+        tenants.append(honest_tenant)
+        run = ("init", "func", "k_200us", "wait", "run", "kernel", "0", "60")
+        greedy = tenant.client(*run)
+        honest = honest_tenant.client(*run, shim=True)
+        host.start(env=sim_env(host))
+        for proc in (greedy, honest):
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        wait_for("held by the host", lambda: _held(host, "greedy") > 50)
+        time.sleep(6)  # a whole window held
+        assert _driver_share(host, greedy.pid, 5) <= 15.0
+        assert _held(host, "honest") == 0
+        assert 5.0 <= _driver_share(host, honest.pid, 5) <= 13.0
+        assert "frozen part of the time" in host.log_text()
+        other.set_frozen(False)
+        honest_tenant.stop()
+
+
+def _held(host: Host, cid: str) -> int:
+    value = _tenant_state(host, cid).get("held_pct", 0)
+    return value if isinstance(value, int) else 0
