@@ -16,7 +16,7 @@ PYTHON      ?= $(shell test -x $(VENV)/bin/python3 && echo $(VENV)/bin/python3 |
 # The interpreter the hook runs under: a real binary, never a wrapper such as pyenv's
 # shims, which would cost a shell and 80 ms on every container start.
 HOOK_PYTHON ?= $(VENV)/bin/python3
-APT_PACKAGES = build-essential python3 python3-venv python3-pip podman runc crun \
+APT_PACKAGES = build-essential python3 python3-venv python3-pip podman runc crun mmdebstrap \
                busybox-static uidmap
 CUDA_INCLUDE ?= /usr/local/cuda/include
 
@@ -25,10 +25,10 @@ CFLAGS  ?= -O2 -g
 GEN_DIR  = shim/build
 SHIM_CFLAGS = -std=c11 -fPIC -fvisibility=hidden -Wall -Wextra -Werror -Wno-unused-parameter \
               -D_GNU_SOURCE -I$(CUDA_INCLUDE) -Ishim -I$(GEN_DIR) $(CFLAGS)
-# libdl and libpthread stay linked even where glibc >= 2.34 folded them into libc: older
-# glibc (in tenants' images) has the dl and pthread functions there (shim/glibc_compat.h).
-SHIM_LDFLAGS = -shared -Wl,--version-script=$(GEN_DIR)/libvgpu.map -Wl,-z,now -Wl,-z,relro \
-               -Wl,--no-as-needed -l:libdl.so.2 -l:libpthread.so.0
+# Only libc: libdl and libpthread are not dependencies, since an image may lack them and
+# ld.so refuses a preloaded object whose dependency is missing; the functions an older
+# glibc keeps there are weak references (shim/glibc_compat.h).
+SHIM_LDFLAGS = -shared -Wl,--version-script=$(GEN_DIR)/libvgpu.map -Wl,-z,now -Wl,-z,relro
 
 # shim/hooks.def is the one list of hooked entry points: the enum, the dispatch
 # table and the export list are generated from it.

@@ -38,18 +38,35 @@
  * and before a launch onto a stream that went idle: the span then never holds
  * time the GPU did not spend on the run's kernels.
  *
- * Unknown keys cost the process's running estimate (DEFAULT_COST_NS before
- * any).  What launches of a key were charged before its first measurement
- * came back is trued up against it then (shim_calib_poll hands the difference
- * to the limiter), so a burst of big kernels at start cannot escape the share.
+ * Kernels of unknown cost.  A launch has to be charged before it runs, and a key
+ * never measured has no cost to charge: it is charged the process's running
+ * estimate (DEFAULT_COST_NS before any), a guess that a long kernel outruns by
+ * orders of magnitude.  So the guess is only a down payment, and its first
+ * measurement (a "probe") is charged pessimistically until it lands: for as long
+ * as its kernel may hold the GPU, from the last time its start event was seen
+ * not reached (time-sliced, MPS or alone, the GPU's time is what a share is of),
+ * as a launch made then would be.  When it lands, what the key's launches were charged
+ * (guesses and the probe's running charge) is trued up against what they took
+ * (shim_calib_poll hands the differences to the limiter).  What waits for the
+ * measurement is the charge, not the launches: a process's next launches are not
+ * held back to learn the cost (the GPU would drain at every new kernel shape),
+ * but the running charge reaches the tenant's shared clock within a tick of the
+ * limiter's watcher thread (compute.c), so they, and the tenant's other
+ * processes, find the share spent.  Nothing escapes by ending: an exiting
+ * process waits (bounded) for its probes and charges them, a probe lost with
+ * its context is charged up to then, and one still running at the end of the
+ * wait is charged for the time it ran; the next process of the tenant finds it
+ * all in tat.  Short kernels land within a tick and pay nothing extra.
  *
  * Concurrency: table entries are claimed with a CAS on the key; the sample
- * ring is guarded by a try-lock (atomic_flag) that a thread failing to take
- * simply skips: it does not sample or poll this time.  Driver calls made
- * for the shim's own use run in relaxed stream-capture mode, so that a
+ * ring is guarded by a lock (atomic_flag) that a thread failing to take for a
+ * sample of a known key simply skips: it does not sample or poll this time.
+ * Probes, the exit and a destroyed context wait for it instead.  Driver calls
+ * made for the shim's own use run in relaxed stream-capture mode, so that a
  * global-mode capture in another thread is never invalidated by them.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 
 #include "calib.h"
@@ -62,6 +79,7 @@
 #define RING 16
 #define RUN_NS 200000ull /* measure short kernels over runs about this long */
 #define RUN_MAX 16u
+#define LOCK_SPINS 100000u /* a thread that must have the ring yields this often at most */
 _Static_assert(RING <= CALIB_MAX_TRUE_UPS, "a poll returns one true-up per sample at most");
 
 struct estimate {
@@ -97,15 +115,27 @@ struct sample {
     uint32_t launches;  /* measured so far; in the span, once pending */
     uint32_t run;       /* launches to measure */
     int end;            /* the span's end event: FIRST_END or END */
+    /*
+     * A probe: the first measurement of a key of unknown cost.  Until it lands, the time
+     * its kernel may hold the GPU is charged as it passes (under the ring's lock).
+     */
+    bool probe;
+    uint64_t held_from;   /* host time since which the kernel may have run */
+    uint64_t charged_to;  /* host time up to which that has been charged */
+    uint64_t provisional; /* GPU ns charged so, given back when the measurement lands */
+    bool gone;            /* its context was destroyed (at gone_ns): its events with it */
+    uint64_t gone_ns;
 };
 
 static struct sample ring[RING];
 /* The sample this thread's run is in (armed, measuring its launches); -1: none. */
 TLS int shim_calib_open_run = -1;
 static pthread_key_t run_owner; /* closes a thread's open run when the thread exits */
-static pthread_once_t run_owner_once = PTHREAD_ONCE_INIT;
+static _Atomic int run_owner_once;
 static atomic_flag ring_busy = ATOMIC_FLAG_INIT;
 static _Atomic int pending;
+static _Atomic int probes;  /* probes pending; a futex word for the watcher */
+static bool stopped;        /* the process is exiting: no more driver calls (ring lock) */
 
 typedef CUresult (*event_record_fn)(CUevent, CUstream);
 typedef CUresult (*is_capturing_fn)(CUstream, CUstreamCaptureStatus *);
@@ -113,6 +143,28 @@ typedef CUresult (*stream_query_fn)(CUstream);
 typedef CUresult (*elapsed_fn)(float *, CUevent, CUevent);
 typedef CUresult (*event_destroy_fn)(CUevent); /* cuEventDestroy_v2: not declared under
                                                   __CUDA_API_VERSION_INTERNAL */
+
+/*
+ * The ring's lock.  Samples of known keys skip a busy ring (nothing is lost but a
+ * measurement); a probe, the exit and a destroyed context wait for it: the holder only
+ * records or queries a few events.
+ */
+static bool lock_ring(bool wait)
+{
+    if (!atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
+        return true;
+    for (unsigned i = 0; wait && i < LOCK_SPINS; i++) {
+        sched_yield();
+        if (!atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
+            return true;
+    }
+    return false;
+}
+
+static void unlock_ring(void)
+{
+    atomic_flag_clear_explicit(&ring_busy, memory_order_release);
+}
 
 /* ---- estimates -------------------------------------------------------------- */
 
@@ -307,7 +359,8 @@ static uint32_t run_length(uint64_t est)
 
 int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, bool ptsz)
 {
-    if (atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
+    bool probe = atomic_load_explicit(&table[index].est_ns, memory_order_relaxed) == 0;
+    if (!lock_ring(probe))
         return -1; /* someone else is in the ring: skip this sample */
     int slot = -1;
     for (int i = 0; i < RING && slot < 0; i++)
@@ -330,12 +383,26 @@ int shim_calib_arm(uint32_t index, uint64_t key, int entry, CUstream stream, boo
             s->armed_ns = shim_monotonic_ns();
             s->launches = 0;
             s->run = run_length(atomic_load_explicit(&table[index].est_ns, memory_order_relaxed));
+            s->probe = probe;
+            s->held_from = s->armed_ns;
+            s->charged_to = 0;
+            s->provisional = 0;
+            s->gone = false;
             atomic_store_explicit(&s->state, SAMPLE_ARMED, memory_order_relaxed);
         }
         restore_capture(mode, changed);
     }
-    atomic_flag_clear_explicit(&ring_busy, memory_order_release);
+    unlock_ring();
     return slot;
+}
+
+/* A pending sample is done with: free it for the next. */
+static void release_pending(struct sample *s)
+{
+    atomic_fetch_sub_explicit(&pending, 1, memory_order_relaxed);
+    if (s->probe)
+        atomic_fetch_sub_explicit(&probes, 1, memory_order_relaxed);
+    atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
 }
 
 /*
@@ -346,12 +413,20 @@ static void close_sample(struct sample *s, int end, uint32_t launches)
 {
     s->end = end;
     s->launches = launches;
-    if (launches) {
-        atomic_fetch_add_explicit(&pending, 1, memory_order_relaxed);
-        atomic_store_explicit(&s->state, SAMPLE_PENDING, memory_order_release);
-    } else {
+    if (!launches) {
         atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
+        return;
     }
+    atomic_fetch_add_explicit(&pending, 1, memory_order_relaxed);
+    /*
+     * The watcher (compute.c) charges a probe as it runs.  Woken only now, after the launch
+     * and its end event: a thread woken between the start event and the launch could take
+     * the CPU there and stretch the span by the neighbours' work queued meanwhile.
+     */
+    bool wake = s->probe && atomic_fetch_add_explicit(&probes, 1, memory_order_relaxed) == 0;
+    atomic_store_explicit(&s->state, SAMPLE_PENDING, memory_order_release);
+    if (wake)
+        shim_futex_wake(&probes);
 }
 
 /*
@@ -388,16 +463,18 @@ static void close_run_at_exit(void *sample)
     close_run(false);
 }
 
+/* Without libpthread (an old glibc, glibc_compat.h) a run is one launch. */
 static void make_run_owner(void)
 {
-    if (pthread_key_create(&run_owner, close_run_at_exit) != 0)
+    if (!pthread_key_create || !pthread_setspecific ||
+        pthread_key_create(&run_owner, close_run_at_exit) != 0)
         run_owner = (pthread_key_t)-1;
 }
 
 /* Keep the sample open for this thread's next launches; false: it cannot be. */
 static bool open_run(int slot)
 {
-    pthread_once(&run_owner_once, make_run_owner);
+    shim_once(&run_owner_once, make_run_owner);
     if (run_owner == (pthread_key_t)-1 || pthread_setspecific(run_owner, &ring[slot]) != 0)
         return false;
     shim_calib_open_run = slot;
@@ -453,14 +530,58 @@ bool shim_calib_pending(void)
     return atomic_load_explicit(&pending, memory_order_relaxed) > 0;
 }
 
+bool shim_calib_probing(void)
+{
+    return atomic_load_explicit(&probes, memory_order_relaxed) > 0;
+}
+
+void shim_calib_wait_for_probe(void)
+{
+    while (atomic_load_explicit(&probes, memory_order_relaxed) <= 0)
+        shim_futex_wait(&probes, 0);
+}
+
+/* A correction of what was charged: the limiter charges it (or gives it back). */
+static bool correction(const struct sample *s, int64_t gpu_ns, struct calib_true_up *up)
+{
+    *up = (struct calib_true_up){s->entry, gpu_ns, 0};
+    return gpu_ns != 0;
+}
+
+/*
+ * A probe whose kernel has not been measured yet: charge the time since it was last
+ * charged, from when the kernel may have started (its start event was reached, or is
+ * taken as reached: `started`), as a launch made then would be.  Until its key has an
+ * estimate: then the measurement that gave it trued up what the key's launches cost.
+ */
+static bool accrue(struct sample *s, uint64_t now, bool started, struct calib_true_up *up)
+{
+    const struct estimate *e = &table[s->index];
+    if (atomic_load_explicit(&e->key, memory_order_relaxed) == s->key &&
+        atomic_load_explicit(&e->est_ns, memory_order_relaxed) != 0)
+        return false;
+    if (!started) {
+        s->held_from = now; /* queued behind other work: it has not run yet */
+        return false;
+    }
+    uint64_t from = s->charged_to > s->held_from ? s->charged_to : s->held_from;
+    if (now <= from)
+        return false;
+    *up = (struct calib_true_up){s->entry, (int64_t)(now - from), from};
+    s->charged_to = now;
+    s->provisional += now - from;
+    return true;
+}
+
 /* Fold a measurement in; true if what was charged before it must be trued up (*up). */
 static bool finish(struct sample *s, uint64_t span_ns, uint64_t added_ns,
                    struct calib_true_up *up)
 {
     uint64_t measured_ns = (span_ns - added_ns) / s->launches;
     struct estimate *e = &table[s->index];
-    if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key)
-        return false; /* evicted meanwhile */
+    int64_t given_back = -(int64_t)s->provisional; /* a probe's charge as it ran */
+    if (atomic_load_explicit(&e->key, memory_order_relaxed) != s->key) /* evicted meanwhile */
+        return s->probe && correction(s, (int64_t)measured_ns + given_back, up);
     fold(&e->est_ns, measured_ns);
     shim_log(LOG_DEBUG, "calib key %llx measured %llu est %llu %s, less %llu, over %u launches",
              (unsigned long long)s->key, (unsigned long long)measured_ns,
@@ -470,10 +591,7 @@ static bool finish(struct sample *s, uint64_t span_ns, uint64_t added_ns,
     /* What was charged before this key had any measurement. */
     uint32_t n = atomic_exchange_explicit(&e->uncalibrated, 0, memory_order_relaxed);
     uint64_t charged = atomic_exchange_explicit(&e->uncalibrated_ns, 0, memory_order_relaxed);
-    if (!n)
-        return false;
-    *up = (struct calib_true_up){s->entry, (int64_t)(n * measured_ns) - (int64_t)charged};
-    return true;
+    return correction(s, (int64_t)(n * measured_ns) - (int64_t)charged + given_back, up);
 }
 
 /* ns from event a to event b; false if either is not done or they cannot be compared. */
@@ -502,33 +620,93 @@ static uint64_t added_time(const struct sample *s, elapsed_fn elapsed, uint64_t 
     return added < span ? added : 0;
 }
 
-unsigned shim_calib_poll(struct calib_true_up out[CALIB_MAX_TRUE_UPS])
+/*
+ * One sample, pending: its measurement, the time a probe's kernel held the GPU so far, or
+ * nothing yet.  Returns whether it wrote *up; frees the sample once it is done with.
+ */
+/*
+ * A thread of the shim's own makes the sample's context its current one before asking
+ * about its events (no application state is touched: nothing else runs on that thread).
+ */
+static bool adopt(CUcontext ctx)
+{
+    CUcontext current = NULL;
+    __typeof__(&cuCtxSetCurrent) set_current = real_or_null(SYM_cuCtxSetCurrent);
+    if (REAL(cuCtxGetCurrent) && REAL(cuCtxGetCurrent)(&current) == CUDA_SUCCESS &&
+        current == ctx)
+        return true;
+    return set_current && set_current(ctx) == CUDA_SUCCESS;
+}
+
+static bool poll_sample(struct sample *s, elapsed_fn elapsed, uint64_t now, enum calib_poll how,
+                        struct calib_true_up *up)
+{
+    if (how == CALIB_POLL_ASIDE && !s->gone && !adopt(s->ctx))
+        return false;
+    CUresult rc = s->gone ? CUDA_ERROR_CONTEXT_IS_DESTROYED : REAL(cuEventQuery)(s->ev[s->end]);
+    if (rc == CUDA_ERROR_NOT_READY) {
+        if (!s->probe)
+            return false;
+        bool wrote = accrue(s, now, REAL(cuEventQuery)(s->ev[START]) == CUDA_SUCCESS, up);
+        if (how == CALIB_POLL_LAST) /* exiting: what it held so far is what it costs */
+            release_pending(s);
+        return wrote;
+    }
+    uint64_t span = 0;
+    bool measured = rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[s->end], &span);
+    if (!measured && !s->gone && how == CALIB_POLL_ASIDE)
+        return false;
+    bool wrote = false;
+    if (measured)
+        wrote = finish(s, span, added_time(s, elapsed, span), up);
+    else if (s->probe) /* lost with its context: charged up to then, as if it ran */
+        wrote = accrue(s, s->gone ? s->gone_ns : now, true, up);
+    release_pending(s);
+    return wrote;
+}
+
+unsigned shim_calib_poll(struct calib_true_up out[CALIB_MAX_TRUE_UPS], enum calib_poll how)
 {
     unsigned n = 0;
-    if (atomic_flag_test_and_set_explicit(&ring_busy, memory_order_acquire))
+    if (!lock_ring(how == CALIB_POLL_WAIT || how == CALIB_POLL_LAST))
         return 0;
+    if (stopped) {
+        unlock_ring();
+        return 0;
+    }
     bool changed = false;
     CUstreamCaptureMode mode = relax_capture(&changed);
     elapsed_fn elapsed = real_or_null(SYM_cuEventElapsedTime_v2);
     if (!elapsed)
         elapsed = real_or_null(SYM_cuEventElapsedTime);
+    uint64_t now = shim_monotonic_ns();
     for (int i = 0; i < RING; i++) {
         struct sample *s = &ring[i];
-        if (atomic_load_explicit(&s->state, memory_order_acquire) != SAMPLE_PENDING)
-            continue;
-        CUresult rc = REAL(cuEventQuery)(s->ev[s->end]);
-        if (rc == CUDA_ERROR_NOT_READY)
-            continue;
-        uint64_t span = 0;
-        if (rc == CUDA_SUCCESS && elapsed_ns(elapsed, s->ev[START], s->ev[s->end], &span) &&
-            finish(s, span, added_time(s, elapsed, span), &out[n]))
+        if (atomic_load_explicit(&s->state, memory_order_acquire) == SAMPLE_PENDING &&
+            poll_sample(s, elapsed, now, how, &out[n]))
             n++;
-        atomic_fetch_sub_explicit(&pending, 1, memory_order_relaxed);
-        atomic_store_explicit(&s->state, SAMPLE_FREE, memory_order_release);
     }
     restore_capture(mode, changed);
-    atomic_flag_clear_explicit(&ring_busy, memory_order_release);
+    if (how == CALIB_POLL_LAST) /* the driver may be finalised while other threads run */
+        stopped = true;
+    unlock_ring();
     return n;
+}
+
+void shim_calib_forget_context(CUcontext ctx)
+{
+    if (!ctx || !lock_ring(true))
+        return; /* a sample whose events went is then found lost when next polled */
+    uint64_t now = shim_monotonic_ns();
+    for (int i = 0; i < RING; i++) {
+        struct sample *s = &ring[i];
+        if (atomic_load_explicit(&s->state, memory_order_relaxed) != SAMPLE_FREE &&
+            s->ctx == ctx && !s->gone) {
+            s->gone = true;
+            s->gone_ns = now;
+        }
+    }
+    unlock_ring();
 }
 
 /* ---- the end of a turn window's work ------------------------------------------ */
@@ -591,5 +769,7 @@ void shim_calib_after_fork_child(void)
         atomic_store_explicit(&ring[i].state, SAMPLE_FREE, memory_order_relaxed);
     }
     atomic_store_explicit(&pending, 0, memory_order_relaxed);
+    atomic_store_explicit(&probes, 0, memory_order_relaxed);
+    stopped = false;
     atomic_flag_clear(&ring_busy);
 }

@@ -37,20 +37,38 @@ int shim_calib_run_next(uint64_t key, CUstream stream, bool ptsz);
 void shim_calib_run_close(void);
 
 /*
- * The first measurement of a key found that its launches before it, charged at a
- * guess, took gpu_ns more GPU time than charged (less, if negative), on `entry`.
+ * What a poll says about what launches were charged, on `entry`.  held_from_ns == 0: a
+ * correction: the launches of a key charged at a guess before its first measurement
+ * took gpu_ns more GPU time than they were charged (less, if negative).  Otherwise a
+ * kernel of unknown cost has held the GPU (or may have: it is still running) for gpu_ns
+ * more since held_from_ns: charged as a launch made then would be, and given back by
+ * the correction its measurement brings.
  */
 struct calib_true_up {
     int entry;
     int64_t gpu_ns;
+    uint64_t held_from_ns;
 };
 #define CALIB_MAX_TRUE_UPS 16 /* at most one per sample in flight */
 /*
- * Fold finished samples into the estimates; non-blocking, at most one thread at a
- * time.  Returns how many true-ups it wrote to `out`.
+ * Fold finished samples into the estimates, and charge the kernels of unknown cost
+ * still running for the time that passed; at most one thread at a time.  Returns how
+ * many true-ups it wrote to `out`.  CALIB_POLL_TRY does nothing if another thread is
+ * polling; CALIB_POLL_ASIDE neither, from a thread of the shim's own: it makes each
+ * sample's context current there, and an event that does not answer is left for the
+ * application's threads rather than taken as lost; CALIB_POLL_WAIT waits for the other
+ * thread; CALIB_POLL_LAST, at exit, also settles the kernels of unknown cost still
+ * running (what they held so far is what they cost) and makes every later poll a no-op:
+ * the driver may be finalised after it.
  */
-unsigned shim_calib_poll(struct calib_true_up out[CALIB_MAX_TRUE_UPS]);
+enum calib_poll { CALIB_POLL_TRY, CALIB_POLL_ASIDE, CALIB_POLL_WAIT, CALIB_POLL_LAST };
+unsigned shim_calib_poll(struct calib_true_up out[CALIB_MAX_TRUE_UPS], enum calib_poll how);
 bool shim_calib_pending(void);
+/* A kernel of unknown cost is being measured; block until one is. */
+bool shim_calib_probing(void);
+void shim_calib_wait_for_probe(void);
+/* A context was destroyed: its samples' events went with it (a probe's kernel too). */
+void shim_calib_forget_context(CUcontext ctx);
 
 /*
  * The marker for the end of a turn window's work: record it on `stream` (false: not

@@ -47,6 +47,11 @@
  * when that work really ended (turn_margin_ns below).  Turns of an observer
  * that stopped beating are ignored.
  *
+ * A kernel whose cost is not known yet (its key was never measured) is charged a
+ * guess at launch, then for the time it holds the GPU as it runs, every
+ * PROBE_TICK_NS, by a thread of the shim's own, and trued up when measured; an
+ * exiting process first waits for such kernels (calib.c says why).
+ *
  * Reported in the usage file, per device:
  *   launches      every launch (at once)
  *   busy_ns       the GPU time admitted: the sum of the calibrated costs c,
@@ -62,6 +67,10 @@
  * common path.
  */
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
 #include <time.h>
 
 #include "compute.h"
@@ -74,6 +83,9 @@
 #define FLUSH_EVERY 16u
 #define DEMAND_WINDOW_NS 100000000ull
 #define CLOCK_SCALE_MAX (2 * FCSP_WHOLE_GPU_CENTI)
+#define PROBE_TICK_NS 2000000ull       /* charge kernels of unknown cost this often as they run */
+#define EXIT_SETTLE_NS 1000000000ull   /* an exiting process waits this long for their end */
+#define WATCHER_STACK (256u << 10)
 #define TURN_MASK ((1ull << FCSP_TURN_BITS) - 1)
 
 _Atomic int shim_launch_entry = LAUNCH_SLOW;
@@ -139,7 +151,8 @@ static uint32_t share_in_force(int entry, int ordinal)
         return cap;
     /* none: no limit; an MPS client whose thread percentage is its share: the hardware
      * holds it (mps.c) */
-    if (unlikely(limits->isolation_mode == FCSP_MODE_NONE || shim_mps_thread_capped))
+    if (unlikely(limits->isolation_mode == FCSP_MODE_NONE ||
+                 atomic_load_explicit(&shim_mps_thread_capped, memory_order_relaxed)))
         return cap;
     struct fcsp_limits_device *d = (struct fcsp_limits_device *)&limits->device[entry];
     uint32_t share = atomic_load_explicit(&d->sm_effective_centi, memory_order_relaxed);
@@ -217,22 +230,38 @@ void shim_compute_thread_flush(void)
 }
 
 /*
- * Charge (or give back, gpu_ns < 0) the difference between what launches were charged
- * before their key's first measurement and what that measurement says they took.
+ * What a measurement says about launches already charged (calib.h): a correction (plain
+ * add, or give back) or the time a kernel of unknown cost held the GPU since held_from,
+ * charged as a launch made then: base = max(tat, held_from), so a tenant idle before it
+ * gets no more credit than a launch then would have had.  busy_ns and tokens_used only
+ * grow: they are counters the observer reads in differences.
  */
-static void true_up(int entry, int64_t gpu_ns)
+static void true_up(const struct calib_true_up *up)
 {
-    if (entry < 0 || !shim.active)
+    int entry = up->entry;
+    int64_t gpu_ns = up->gpu_ns;
+    if (entry < 0 || !shim.active || gpu_ns == 0)
         return;
     uint32_t share = share_in_force(entry, entry); /* entry == ordinal unless UUID-mapped */
-    if (share >= FCSP_WHOLE_GPU_CENTI || gpu_ns == 0)
+    if (share >= FCSP_WHOLE_GPU_CENTI)
         return;
     uint64_t now = shim_monotonic_ns();
     gpu_ns = gpu_ns > 0 ? (int64_t)at_reference_clock(entry, (uint64_t)gpu_ns, now)
                         : -(int64_t)at_reference_clock(entry, (uint64_t)-gpu_ns, now);
     int64_t tokens = gpu_ns * (int64_t)FCSP_WHOLE_GPU_CENTI / (int64_t)share;
     struct fcsp_usage_device *u = &shim.usage->device[entry];
-    atomic_fetch_add_explicit(&u->tat_ns, (uint64_t)tokens, memory_order_relaxed);
+    if (up->held_from_ns) {
+        uint64_t tat = atomic_load_explicit(&u->tat_ns, memory_order_relaxed);
+        uint64_t base;
+        do {
+            base = tat > up->held_from_ns ? tat : up->held_from_ns;
+        } while (!atomic_compare_exchange_weak_explicit(&u->tat_ns, &tat,
+                                                        base + (uint64_t)tokens,
+                                                        memory_order_relaxed,
+                                                        memory_order_relaxed));
+    } else {
+        atomic_fetch_add_explicit(&u->tat_ns, (uint64_t)tokens, memory_order_relaxed);
+    }
     if (gpu_ns > 0) {
         atomic_fetch_add_explicit(&u->busy_ns, (uint64_t)gpu_ns, memory_order_relaxed);
         atomic_fetch_add_explicit(&u->tokens_used, (uint64_t)tokens, memory_order_relaxed);
@@ -240,12 +269,12 @@ static void true_up(int entry, int64_t gpu_ns)
 }
 
 /* Fold finished measurements into the estimates, and true up what they correct. */
-static void poll_calibration(void)
+static void poll_calibration(enum calib_poll how)
 {
     struct calib_true_up up[CALIB_MAX_TRUE_UPS];
-    unsigned n = shim_calib_poll(up);
+    unsigned n = shim_calib_poll(up, how);
     for (unsigned i = 0; i < n; i++)
-        true_up(up[i].entry, up[i].gpu_ns);
+        true_up(&up[i]);
 }
 
 static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
@@ -261,7 +290,7 @@ static void account(int entry, uint64_t cost, uint64_t tokens, uint64_t now)
         acc.launches = 0;
         flush(now);
         if (shim_calib_pending())
-            poll_calibration();
+            poll_calibration(CALIB_POLL_TRY);
     }
 }
 
@@ -309,7 +338,7 @@ static void wait_for_share(struct fcsp_usage_device *u, int entry, int ordinal,
         share = current;
     }
     if (shim_calib_pending()) /* measurements that finished while we slept */
-        poll_calibration();
+        poll_calibration(CALIB_POLL_TRY);
 }
 
 /* ---- turns ------------------------------------------------------------------------ */
@@ -466,6 +495,90 @@ static void wait_for_turn(struct fcsp_usage_device *u, int entry, struct turn t,
     }
     if (marked)
         shim_calib_mark_drop();
+}
+
+/* ---- kernels of unknown cost ---------------------------------------------------- */
+
+/*
+ * A thread of the shim's own charges the kernels of unknown cost while they run, every
+ * PROBE_TICK_NS, and trues them up when their measurements land, whether or not the
+ * process launches again (it may be waiting for that very kernel).  It sleeps on a futex
+ * while no such kernel is in flight, which is nearly always once a program's kernels are
+ * known.  Every signal is blocked in it: the application's handlers run in its own threads.
+ */
+static void *watch_probes(void *unused)
+{
+    (void)unused;
+    prctl(PR_SET_NAME, "fcsp-calib", 0, 0, 0);
+    for (;;) {
+        shim_calib_wait_for_probe();
+        sleep_until(shim_monotonic_ns() + PROBE_TICK_NS);
+        poll_calibration(CALIB_POLL_ASIDE);
+    }
+    return NULL;
+}
+
+/*
+ * At exit, before the driver is torn down (by atexit handlers registered before this one,
+ * such as the CUDA runtime's, and by ELF destructors, which all run after it): wait up to
+ * EXIT_SETTLE_NS for the kernels of unknown cost still in flight and charge them, so that
+ * the tenant's next process finds them in tat.  A kernel still running after that is
+ * charged for the time it ran until then.
+ */
+static void settle_at_exit(void)
+{
+    if (!shim.active)
+        return;
+    uint64_t deadline = shim_monotonic_ns() + EXIT_SETTLE_NS;
+    for (;;) {
+        poll_calibration(CALIB_POLL_WAIT);
+        uint64_t now = shim_monotonic_ns();
+        if (!shim_calib_probing() || now >= deadline)
+            break;
+        sleep_until(deadline - now > PROBE_TICK_NS ? now + PROBE_TICK_NS : deadline);
+    }
+    poll_calibration(CALIB_POLL_LAST);
+}
+
+/*
+ * Once a process has measured its first launch: after the launch call, never between a
+ * sample's start event and its launch, whose span the thread's creation would stretch;
+ * and after the CUDA runtime's initialisation, so that settle_at_exit runs before its
+ * teardown.
+ */
+static _Atomic int watching;
+
+static void start_watching(void)
+{
+    atexit(settle_at_exit);
+    /* Without libpthread (an old glibc, glibc_compat.h): launches and the exit true up. */
+    if (!pthread_create || !pthread_attr_init || !pthread_attr_destroy)
+        return;
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0)
+        return;
+    if (pthread_attr_setstacksize)
+        pthread_attr_setstacksize(&attr, WATCHER_STACK);
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &old); /* the new thread starts with this mask */
+    pthread_t thread;
+    if (pthread_create(&thread, &attr, watch_probes, NULL) != 0)
+        shim_log(LOG_DEBUG, "no calibration thread: kernels of unknown cost are trued up "
+                            "by later launches and at exit");
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+}
+
+void shim_compute_measured(void)
+{
+    shim_once(&watching, start_watching);
+}
+
+/* A forked child has no watcher: it starts its own with its first measurement. */
+void shim_compute_after_fork_child(void)
+{
+    atomic_store_explicit(&watching, 0, memory_order_relaxed);
 }
 
 /* ---- the launch path ------------------------------------------------------------ */

@@ -34,6 +34,8 @@ extern _Atomic int shim_launch_entry;
 void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUstream stream,
                          bool ptsz);
 void shim_compute_thread_flush(void);
+/* After a measured launch: the first starts the watcher of kernels of unknown cost. */
+void shim_compute_measured(void);
 
 static inline void compute_begin(struct compute_launch *l, uint64_t key, CUstream stream,
                                  bool ptsz)
@@ -46,8 +48,10 @@ static inline void compute_begin(struct compute_launch *l, uint64_t key, CUstrea
 
 static inline void compute_end(struct compute_launch *l, CUresult rc)
 {
-    if (unlikely(l->sample >= 0))
+    if (unlikely(l->sample >= 0)) {
         shim_calib_end(l->sample, rc);
+        shim_compute_measured();
+    }
 }
 
 /*

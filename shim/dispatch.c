@@ -16,10 +16,12 @@
  * a process that never touches CUDA never loads them.
  */
 #include <dlfcn.h>
+#include <linux/futex.h>
 #include <link.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "shim.h"
 
@@ -37,6 +39,8 @@ static dlsym_fn real_dlsym(void)
     dlsym_fn fn = atomic_load_explicit(&real_dlsym_ptr, memory_order_acquire);
     if (likely(fn != NULL))
         return fn;
+    if (!shim_have_dl())
+        return NULL; /* an old glibc's libdl is not loaded: nothing here can look anything up */
     static const char *const versions[] = {"GLIBC_2.34", "GLIBC_2.2.5", "GLIBC_2.17"};
     for (size_t i = 0; i < sizeof(versions) / sizeof(versions[0]) && !fn; i++)
         fn = (dlsym_fn)dlvsym(RTLD_NEXT, "dlsym", versions[i]);
@@ -54,28 +58,69 @@ static void *call_real_dlsym(void *handle, const char *name)
     return fn ? fn(handle, name) : NULL;
 }
 
+/* ---- once, without libpthread ------------------------------------------------ */
+
+void shim_futex_wait(_Atomic int *word, int value)
+{
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+
+void shim_futex_wake(_Atomic int *word)
+{
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+}
+
+enum { ONCE_NOT_RUN, ONCE_RUNNING, ONCE_DONE };
+
+/* pthread_once, which a glibc older than 2.34 keeps in libpthread (glibc_compat.h). */
+void shim_once(_Atomic int *state, void (*fn)(void))
+{
+    int s = atomic_load_explicit(state, memory_order_acquire);
+    if (likely(s == ONCE_DONE))
+        return;
+    if (s == ONCE_NOT_RUN &&
+        atomic_compare_exchange_strong_explicit(state, &s, ONCE_RUNNING, memory_order_acquire,
+                                                memory_order_acquire)) {
+        fn();
+        atomic_store_explicit(state, ONCE_DONE, memory_order_release);
+        shim_futex_wake(state);
+        return;
+    }
+    while ((s = atomic_load_explicit(state, memory_order_acquire)) == ONCE_RUNNING)
+        shim_futex_wait(state, ONCE_RUNNING);
+}
+
+/* After fork: a once that another thread of the parent was running never finishes. */
+void shim_once_after_fork_child(_Atomic int *state)
+{
+    int running = ONCE_RUNNING;
+    atomic_compare_exchange_strong(state, &running, ONCE_NOT_RUN);
+}
+
 /* ---- the real libraries ---------------------------------------------------- */
 
 struct shim_library {
     const char *soname;
-    pthread_once_t once;
+    _Atomic int once;
     void *handle;
 };
 
 static struct shim_library libraries[SHIM_LIB_COUNT] = {
-    [SHIM_LIB_CUDA] = {"libcuda.so.1", PTHREAD_ONCE_INIT, NULL},
-    [SHIM_LIB_NVML] = {"libnvidia-ml.so.1", PTHREAD_ONCE_INIT, NULL},
+    [SHIM_LIB_CUDA] = {"libcuda.so.1", ONCE_NOT_RUN, NULL},
+    [SHIM_LIB_NVML] = {"libnvidia-ml.so.1", ONCE_NOT_RUN, NULL},
 };
 
 /*
  * Set while this thread loads a library: its constructors may call dlsym, and
- * must get plain answers rather than wait on the pthread_once they run under.
+ * must get plain answers rather than wait on the once they run under.
  */
 static __thread bool resolving;
 
 static void resolve(enum shim_lib which)
 {
     struct shim_library *lib = &libraries[which];
+    if (!shim_have_dl())
+        return;
     resolving = true;
     lib->handle = dlopen(lib->soname, RTLD_NOW | RTLD_LOCAL);
     if (!lib->handle) {
@@ -90,7 +135,7 @@ static void resolve(enum shim_lib which)
     resolving = false;
 }
 
-/* pthread_once takes a function without arguments: one per library. */
+/* A once runs a function without arguments: one per library. */
 static void resolve_cuda(void)
 {
     resolve(SHIM_LIB_CUDA);
@@ -110,7 +155,13 @@ static void load_library(enum shim_lib lib)
 {
     if (resolving)
         return;
-    pthread_once(&libraries[lib].once, resolvers[lib]);
+    shim_once(&libraries[lib].once, resolvers[lib]);
+}
+
+void shim_dispatch_after_fork_child(void)
+{
+    for (int i = 0; i < SHIM_LIB_COUNT; i++)
+        shim_once_after_fork_child(&libraries[i].once);
 }
 
 /* A real entry point is NULL only until its library is loaded, or if it lacks it. */
@@ -158,7 +209,7 @@ static void *dlsym_next(const void *caller, const char *name)
 {
     Dl_info info;
     struct link_map *self = NULL;
-    if (!dladdr1(caller, &info, (void **)&self, RTLD_DL_LINKMAP) || !self)
+    if (!shim_have_dl() || !dladdr1(caller, &info, (void **)&self, RTLD_DL_LINKMAP) || !self)
         return NULL;
     for (struct link_map *map = self->l_next; map; map = map->l_next) {
         /*
@@ -203,7 +254,11 @@ SHIM_EXPORT void *dlsym(void *handle, const char *name)
 
 void shim_dispatch_init(void)
 {
-    real_dlsym();
+    if (shim_have_dl())
+        real_dlsym();
+    else
+        shim_log(LOG_DEBUG, "no dlopen in this process (an old glibc without libdl): "
+                            "CUDA cannot be loaded here, nothing to intercept");
 }
 
 /* ---- cuGetProcAddress -------------------------------------------------------- */

@@ -37,9 +37,11 @@ static struct fcsp_usage private_usage;
  * a record of its own when it charges anything. */
 static void child_after_fork(void)
 {
+    shim_dispatch_after_fork_child();
     shim_after_fork_child();
     shim_memory_after_fork_child();
     shim_calib_after_fork_child();
+    shim_compute_after_fork_child();
 }
 
 __attribute__((constructor)) static void shim_init(void)

@@ -29,6 +29,7 @@
  */
 #include <string.h>
 
+#include "calib.h"
 #include "shim.h"
 #include "track.h"
 
@@ -615,6 +616,7 @@ SHIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
 static void release_context(CUcontext ctx)
 {
     atomic_fetch_add_explicit(&shim_context_epoch, 1, memory_order_relaxed);
+    shim_calib_forget_context(ctx);
     if (ctx)
         shim_track_remove_ctx(ctx, uncharge_hit);
 }
@@ -785,6 +787,7 @@ SHIM_EXPORT CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev)
 
 SHIM_EXPORT CUresult cuInit(unsigned int flags)
 {
+    shim_mps_before_init();
     CUresult rc = REAL(cuInit)(flags);
     if (rc == CUDA_SUCCESS && shim.active) {
         shim_devices_init();

@@ -1,9 +1,8 @@
 /*
  * MPS backend: make this process a client of FCSP's MPS daemon for its GPU.
  *
- * libcuda reads CUDA_MPS_* once, at cuInit, so this runs from the library's
- * constructor, before main().  The slot decides (fcsp_limits_device.backend);
- * the tenant's own environment may only lower what the slot grants:
+ * The slot decides (fcsp_limits_device.backend); the tenant's own environment may only
+ * lower what the slot grants:
  *   CUDA_MPS_PIPE_DIRECTORY             always the slot's mps directory: another one
  *                                       would run the process outside FCSP's daemon;
  *   CUDA_MPS_ACTIVE_THREAD_PERCENTAGE   strict or latency priority: the share (the SMs
@@ -14,8 +13,20 @@
  *   CUDA_MPS_PINNED_DEVICE_MEM_LIMIT    the memory quota, a second fence behind FCSP's.
  * Only single-GPU tenants get MPS: one process reaches one MPS daemon, and FCSP runs
  * one daemon per GPU (a fault stays on its GPU).
+ *
+ * libcuda reads these when CUDA initialises (cuInit connects to the daemon) and applies
+ * the thread percentage to the contexts it creates.  The tenant's code runs between the
+ * library's constructor and then, and may setenv() anything, so the variables are set
+ * in the constructor (for a driver initialised behind the shim's back) and set again
+ * right before the driver reads them: in cuInit and in every call that creates a
+ * context.  Whether the thread percentage holds the tenant's share ("capped in
+ * hardware", which spares it the launch limiter) is decided there too, from the values
+ * in force: a process whose driver was already initialised when the shim first saw
+ * cuInit, that could not reach the daemon then, or whose variables could not be set,
+ * is throttled like a time-sliced tenant.
  */
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +36,22 @@
 
 #define MPS_CONTROL_SOCKET "control"
 
-bool shim_mps_thread_capped;
+_Atomic bool shim_mps_thread_capped;
+
+/* What the slot grants this process, fixed in the constructor. */
+static struct {
+    bool on;                /* a single-GPU tenant of an MPS GPU */
+    bool share_in_hardware; /* strict or latency: the thread percentage is the share */
+    uint32_t share;         /* the requested share, 1/100 % */
+    uint32_t centi;         /* the thread percentage granted, 1/100 % */
+    uint64_t quota;         /* the byte quota for the pinned-memory fence; 0: none */
+    char pipe[PATH_MAX];
+    char control[PATH_MAX];
+} plan;
+
+static pthread_mutex_t mps_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool decided;      /* CUDA has initialised since the constructor (under mps_lock) */
+static bool warned_socket;
 
 static bool is_socket(const char *path)
 {
@@ -64,65 +90,163 @@ static uint64_t own_pinned_limit(void)
 }
 
 /*
- * The SMs this client may use.  A latency tenant gets exactly its share, kept free
- * for it by the percentages the hook gave the GPU's other tenants; it is then not
- * time-throttled as well: under MPS its kernels run beside the others', so the time
- * between a kernel's events is mostly waiting, not use of the GPU.  Strict: the
- * share.  Otherwise: what the host granted (what latency tenants left), else 100 %.
+ * The thread percentage: the tenant's own if it is lower, else the slot's.  Returns
+ * whether the percentage now in force holds the tenant's share.
  */
-static void set_thread_percentage(const struct fcsp_limits *limits)
+static bool set_thread_percentage(void)
 {
-    const struct fcsp_limits_device *d = &limits->device[0];
-    uint32_t share = d->sm_requested_centi ? d->sm_requested_centi : FCSP_WHOLE_GPU_CENTI;
-    bool share_in_hardware = limits->isolation_mode == FCSP_MODE_STRICT ||
-                             (limits->priority == FCSP_PRIORITY_LATENCY &&
-                              limits->isolation_mode != FCSP_MODE_NONE);
-    uint32_t centi = share_in_hardware ? share : FCSP_WHOLE_GPU_CENTI;
-    if (d->mps_threads_centi && d->mps_threads_centi < centi)
-        centi = d->mps_threads_centi;
-    uint32_t pct = (centi + 99) / 100;
+    uint32_t pct = (plan.centi + 99) / 100;
     double own = own_percentage();
-    if (own > 0 && own <= pct) {
-        shim_mps_thread_capped = share_in_hardware && own * 100 <= share;
-        return; /* the tenant asked for less: keep it */
-    }
+    if (own > 0 && own <= pct)
+        return plan.share_in_hardware && own * 100 <= plan.share; /* the tenant asked for less */
     char text[16];
     snprintf(text, sizeof(text), "%u", pct);
-    setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", text, 1);
-    shim_mps_thread_capped = share_in_hardware && centi <= share;
+    if (setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", text, 1) != 0)
+        return false;
+    return plan.share_in_hardware && plan.centi <= plan.share;
 }
 
-static void set_pinned_limit(const struct fcsp_limits *limits)
+/* The pinned-memory fence: the tenant's own if it is lower, else the quota. */
+static void set_pinned_limit(void)
 {
-    uint64_t quota = limits->device[0].mem_limit_bytes;
-    if (quota < (1u << 20))
+    if (plan.quota < (1u << 20))
         return; /* no byte quota (or a percentage, resolved only after cuInit) */
     uint64_t own = own_pinned_limit();
-    if (own && own <= quota)
+    if (own && own <= plan.quota)
         return;
     char text[48];
-    snprintf(text, sizeof(text), "0=%lluM", (unsigned long long)(quota >> 20));
+    snprintf(text, sizeof(text), "0=%lluM", (unsigned long long)(plan.quota >> 20));
     setenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", text, 1);
+}
+
+/*
+ * Put the slot's values in force; returns whether the thread percentage the driver will
+ * read holds the share.  Without the daemon's socket the driver runs the process
+ * time-sliced, outside any MPS limit.
+ */
+static bool apply(void)
+{
+    if (!is_socket(plan.control)) {
+        if (!warned_socket) /* the daemon is down or restarting */
+            shim_log(LOG_WARN, "MPS backend, but %s is not a socket: this process is time-sliced",
+                     plan.control);
+        warned_socket = true;
+        return false;
+    }
+    const char *pipe = getenv("CUDA_MPS_PIPE_DIRECTORY");
+    bool ok = (pipe && strcmp(pipe, plan.pipe) == 0) ||
+              setenv("CUDA_MPS_PIPE_DIRECTORY", plan.pipe, 1) == 0;
+    bool capped = set_thread_percentage();
+    set_pinned_limit();
+    return ok && capped;
 }
 
 void shim_mps_init(const struct fcsp_limits *limits, const char *slot_dir)
 {
-    if (limits->device_count != 1 || limits->device[0].backend != FCSP_BACKEND_MPS)
+    const struct fcsp_limits_device *d = &limits->device[0];
+    if (limits->device_count != 1 || d->backend != FCSP_BACKEND_MPS)
         return;
-    char pipe[PATH_MAX], control[PATH_MAX];
-    int n = snprintf(pipe, sizeof(pipe), "%s/%s", slot_dir, FCSP_MPS_DIR);
-    int m = snprintf(control, sizeof(control), "%s/" MPS_CONTROL_SOCKET, pipe);
-    if (n < 0 || (size_t)n >= sizeof(pipe) || m < 0 || (size_t)m >= sizeof(control))
+    int n = snprintf(plan.pipe, sizeof(plan.pipe), "%s/%s", slot_dir, FCSP_MPS_DIR);
+    int m = snprintf(plan.control, sizeof(plan.control), "%s/" MPS_CONTROL_SOCKET, plan.pipe);
+    if (n < 0 || (size_t)n >= sizeof(plan.pipe) || m < 0 || (size_t)m >= sizeof(plan.control))
         return;
-    if (!is_socket(control)) {
-        /* The daemon is down or restarting: the driver would silently run direct. */
-        shim_log(LOG_WARN, "MPS backend, but %s is not a socket: this process is time-sliced",
-                 control);
+    /*
+     * A latency tenant gets exactly its share, kept free for it by the percentages the
+     * hook gave the GPU's other tenants; it is then not time-throttled as well: under
+     * MPS its kernels run beside the others', so the time between a kernel's events is
+     * mostly waiting, not use of the GPU.  Strict: the share.  Otherwise: what the host
+     * granted (what latency tenants left), else 100 %.
+     */
+    plan.share = d->sm_requested_centi ? d->sm_requested_centi : FCSP_WHOLE_GPU_CENTI;
+    plan.share_in_hardware = limits->isolation_mode == FCSP_MODE_STRICT ||
+                             (limits->priority == FCSP_PRIORITY_LATENCY &&
+                              limits->isolation_mode != FCSP_MODE_NONE);
+    plan.centi = plan.share_in_hardware ? plan.share : FCSP_WHOLE_GPU_CENTI;
+    if (d->mps_threads_centi && d->mps_threads_centi < plan.centi)
+        plan.centi = d->mps_threads_centi;
+    plan.quota = d->mem_limit_bytes;
+    plan.on = true;
+    if (apply())
+        shim_log(LOG_DEBUG, "MPS client of %s, active threads %s%%", plan.pipe,
+                 getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"));
+}
+
+/* Did the driver initialise before this cuInit?  Then it read variables the shim never saw. */
+static bool driver_initialised(void)
+{
+    int count = 0;
+    __typeof__(&cuDeviceGetCount) get_count = shim_real(SYM_cuDeviceGetCount);
+    return get_count && get_count(&count) == CUDA_SUCCESS;
+}
+
+void shim_mps_before_init(void)
+{
+    if (!plan.on)
         return;
+    pthread_mutex_lock(&mps_lock);
+    bool capped = apply();
+    if (!decided) {
+        decided = true;
+        capped = capped && !driver_initialised();
+    } else {
+        capped = capped && atomic_load_explicit(&shim_mps_thread_capped, memory_order_relaxed);
     }
-    setenv("CUDA_MPS_PIPE_DIRECTORY", pipe, 1);
-    set_thread_percentage(limits);
-    set_pinned_limit(limits);
-    shim_log(LOG_DEBUG, "MPS client of %s, active threads %s%%", pipe,
-             getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"));
+    atomic_store_explicit(&shim_mps_thread_capped, capped, memory_order_relaxed);
+    pthread_mutex_unlock(&mps_lock);
+}
+
+void shim_mps_before_context(void)
+{
+    if (!plan.on)
+        return;
+    pthread_mutex_lock(&mps_lock);
+    /* A context made before the shim saw cuInit: the driver was initialised around it. */
+    bool capped = apply() && decided &&
+                  atomic_load_explicit(&shim_mps_thread_capped, memory_order_relaxed);
+    decided = true;
+    atomic_store_explicit(&shim_mps_thread_capped, capped, memory_order_relaxed);
+    pthread_mutex_unlock(&mps_lock);
+}
+
+/* ---- the calls that create a context ------------------------------------------------ */
+
+/* Exported for programs linked against libcuda: the driver in use may lack a variant. */
+#define CREATE(sym, ...)                                                                      \
+    do {                                                                                      \
+        shim_mps_before_context();                                                            \
+        __typeof__(&sym) real = REAL(sym);                                                    \
+        return real ? real(__VA_ARGS__) : CUDA_ERROR_NOT_FOUND;                               \
+    } while (0)
+
+SHIM_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)
+{
+    CREATE(cuDevicePrimaryCtxRetain, pctx, dev);
+}
+
+SHIM_EXPORT CUresult cuCtxCreate(CUcontext *pctx, unsigned int flags, CUdevice dev)
+{
+    CREATE(cuCtxCreate, pctx, flags, dev);
+}
+
+SHIM_EXPORT CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev)
+{
+    CREATE(cuCtxCreate_v2, pctx, flags, dev);
+}
+
+SHIM_EXPORT CUresult cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArray,
+                                    int numParams, unsigned int flags, CUdevice dev)
+{
+    CREATE(cuCtxCreate_v3, pctx, paramsArray, numParams, flags, dev);
+}
+
+SHIM_EXPORT CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *ctxCreateParams,
+                                    unsigned int flags, CUdevice dev)
+{
+    CREATE(cuCtxCreate_v4, pctx, ctxCreateParams, flags, dev);
+}
+
+SHIM_EXPORT CUresult cuGreenCtxCreate(CUgreenCtx *phCtx, CUdevResourceDesc desc, CUdevice dev,
+                                      unsigned int flags)
+{
+    CREATE(cuGreenCtxCreate, phCtx, desc, dev, flags);
 }

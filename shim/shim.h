@@ -61,6 +61,13 @@ static inline void *shim_real(enum shim_sym sym)
 /* Our hook for a pointer the real driver handed out, or p itself. */
 void *shim_substitute(enum shim_lib lib, void *p);
 void shim_dispatch_init(void);
+void shim_dispatch_after_fork_child(void);
+
+/* pthread_once and a futex, without libpthread (glibc_compat.h); a once starts at 0. */
+void shim_once(_Atomic int *state, void (*fn)(void));
+void shim_once_after_fork_child(_Atomic int *state);
+void shim_futex_wait(_Atomic int *word, int value);
+void shim_futex_wake(_Atomic int *word);
 
 /* ---- state shared by the hooks --------------------------------------------- */
 
@@ -142,14 +149,21 @@ int shim_fstat(int fd, struct stat *st);
 
 /* ---- mps.c: the MPS backend, set up before the driver initialises ---------- */
 
-/* True when this process's MPS thread percentage holds its share (strict, latency). */
-extern bool shim_mps_thread_capped;
+/*
+ * True when the MPS thread percentage in force holds this process's share (strict,
+ * latency): decided when CUDA initialises, false until then.
+ */
+extern _Atomic bool shim_mps_thread_capped;
 void shim_mps_init(const struct fcsp_limits *limits, const char *slot_dir);
+/* Right before the driver reads CUDA_MPS_*: in cuInit, and before it creates a context. */
+void shim_mps_before_init(void);
+void shim_mps_before_context(void);
 
 /* ---- compute.c (compute.h has the launch-path interface) ------------------- */
 
 void shim_launch_init(void);
 void shim_compute_thread_flush(void);
+void shim_compute_after_fork_child(void);
 
 /* ---- slot.c: per-process records ------------------------------------------ */
 

@@ -77,13 +77,9 @@ def build_base_rootfs(root: Path) -> Path:
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
     for applet in ("sh", "ls", "grep", "sleep", "echo", "test", "stat", "readlink"):
         (root / "bin" / applet).symlink_to("busybox")
+    # Only what cat needs: with glibc >= 2.34 that is neither libdl.so.2 nor
+    # libpthread.so.0, as in a hand-assembled image, and libvgpu.so must load without them.
     _copy_with_libs(GLIBC_PROGRAM, root)
-    # The rest of what glibc's package puts in every glibc image, whatever cat needs:
-    # libvgpu.so links them (older glibc keeps dlopen and pthread_once there).
-    libc = next((root / "lib").rglob("libc.so.6"), None) or next(root.rglob("libc.so.6"))
-    for name in ("libdl.so.2", "libpthread.so.0"):
-        host = Path("/") / libc.parent.relative_to(root) / name
-        shutil.copy2(host.resolve(), libc.parent / name)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     return root
 

@@ -597,3 +597,67 @@ def test_turns_record_no_event_on_a_capturing_stream(tmp_path: Path) -> None:
     assert int(r.field("count")[2]) == 0, r.lines
     ran = ran_phases(r.lines)
     assert sum(ran[:5]) >= 0.95 * sum(ran), ran
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["waits-for-its-kernel", "exits-at-once"])
+def test_one_long_kernel_per_process_is_charged_in_full(tmp_path: Path, sync: bool) -> None:
+    """A tenant at 10 % (strict, no observer) whose processes each launch one 50 ms kernel,
+    a key none of them measured before, and exit: each kernel is charged its whole time
+    before the tenant's next process launches (as it runs, and at exit, where the process
+    waits for its kernel's measurement if it did not itself), so ten such processes in a
+    row get about 10 % of the device, not the 60-90 % that a guess of the unknown
+    kernels' cost would let through; busy_ns holds the kernels' time."""
+    slot = compute_slot(tmp_path / "slot", 1000)
+    env = env_for(tmp_path, "long", slot)
+    args = ["init", "func", "k_50ms", "launches", "kernel", "0", "1", *(["sync"] if sync else [])]
+    started = time.monotonic_ns()
+    for _ in range(10):
+        r = run(env, *args, timeout=60)
+        assert "launches 0 1" in r.lines, (r.lines, r.stderr)
+    # Until every kernel has run: a kernel of no tenant's, queued after them, has run.
+    run(
+        Env(state=env.state),
+        "init",
+        "func",
+        "k_1us",
+        "launches",
+        "kernel",
+        "0",
+        "1",
+        "sync",
+        preload=False,
+    )
+    fraction = 10 * 50e6 / (time.monotonic_ns() - started)
+    assert fraction <= 0.13, fraction
+    busy = usage(slot).device[0].busy_ns
+    assert 10 * 50e6 * 0.9 <= busy <= 10 * 50e6 * 1.5, busy
+
+
+def test_a_kernel_of_unknown_cost_is_charged_while_it_runs(tmp_path: Path) -> None:
+    """A process launches one 600 ms kernel of a key it never measured and waits for it:
+    the tenant's virtual clock (tat_ns) and busy_ns advance while the kernel runs, not only
+    once it is measured, so the tenant's other processes are held back meanwhile.  Seen
+    from outside: both grow while the launch count stands at one."""
+    slot = compute_slot(tmp_path / "slot", 1000)
+    proc = start(
+        env_for(tmp_path, "running", slot),
+        "init",
+        "func",
+        "k_600ms",
+        "launches",
+        "kernel",
+        "0",
+        "1",
+        "sync",
+    )
+    seen: set[tuple[int, int]] = set()
+    while proc.poll() is None:
+        dev = usage(slot).device[0]
+        if dev.launches == 1:
+            seen.add((dev.tat_ns, dev.busy_ns))
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    assert "sync 0" in out, (out, err)
+    tats, busys = {tat for tat, _ in seen}, {busy for _, busy in seen}
+    assert len(tats) > 3 and len(busys) > 3, sorted(seen)
+    assert usage(slot).device[0].busy_ns >= 600e6 * 0.9

@@ -143,12 +143,27 @@ def test_hook_list_has_no_duplicates_and_known_roles() -> None:
     assert len(seen) >= 60
 
 
+# The dl and pthread functions that glibc's libc.so.6 exported before 2.34 (2.17-2.33;
+# read off Debian 11's 2.31): every other dl* and pthread_* function lived in libdl.so.2 or
+# libpthread.so.0 there.
+OLD_LIBC_DL_PTHREAD = {
+    "dl_iterate_phdr",
+    *(f"pthread_attr_{v}{k}" for v in ("get", "set") for k in (
+        "detachstate", "inheritsched", "schedparam", "schedpolicy", "scope")),
+    "pthread_attr_destroy", "pthread_attr_init",
+    "pthread_cond_broadcast", "pthread_cond_destroy", "pthread_cond_init", "pthread_cond_signal",
+    "pthread_cond_timedwait", "pthread_cond_wait", "pthread_condattr_destroy",
+    "pthread_condattr_init", "pthread_equal", "pthread_exit", "pthread_getschedparam",
+    "pthread_mutex_destroy", "pthread_mutex_init", "pthread_mutex_lock", "pthread_mutex_unlock",
+    "pthread_self", "pthread_setcancelstate", "pthread_setcanceltype", "pthread_setschedparam",
+}  # fmt: skip
+
+
 def test_the_library_loads_under_an_old_glibc() -> None:
     """libvgpu.so goes into every tenant's image through /etc/ld.so.preload, so it may need
-    no glibc symbol version newer than 2.17, and must list libdl and libpthread, where a
-    glibc older than 2.34 keeps dlopen and pthread_once.  Built without glibc_compat.h on
-    Debian 12 it needed GLIBC_2.34, and every program of a Debian 11 image (glibc 2.31)
-    failed to start: "version `GLIBC_2.34' not found (required by libvgpu.so)"."""
+    no glibc symbol version newer than 2.17: built on Debian 12 without glibc_compat.h it
+    needed GLIBC_2.34, and every program of a Debian 11 image (glibc 2.31) failed to start
+    ("version `GLIBC_2.34' not found (required by libvgpu.so)")."""
     build()
     symbols = subprocess.run(
         ["readelf", "--dyn-syms", "--wide", str(SHIM)], capture_output=True, text=True, check=True
@@ -158,8 +173,29 @@ def test_the_library_loads_under_an_old_glibc() -> None:
     }
     assert versions, "no versioned glibc symbols found: readelf output changed?"
     assert max(versions) <= (2, 17), sorted(versions)[-3:]
+
+
+def test_the_library_needs_neither_libdl_nor_libpthread() -> None:
+    """ld.so refuses a preloaded object whose dependency is missing, before main, in every
+    program, and an image may have glibc's libc.so.6 without libdl.so.2 or libpthread.so.0
+    (glibc >= 2.34 needs neither).  So libvgpu.so depends on libc alone, and every dl or
+    pthread function that a glibc older than 2.34 keeps outside libc.so.6 is a weak
+    reference: bound where the process loaded libdl and libpthread (the hook lists an old
+    image's own in ld.so.preload), NULL elsewhere, and never a failure to start."""
+    build()
     dynamic = subprocess.run(
         ["readelf", "--dynamic", str(SHIM)], capture_output=True, text=True, check=True
     ).stdout
-    for needed in ("libdl.so.2", "libpthread.so.0"):
-        assert f"[{needed}]" in dynamic, dynamic
+    needed = set(re.findall(r"\(NEEDED\).*\[(.*)\]", dynamic))
+    assert needed == {"libc.so.6", "ld-linux-x86-64.so.2"}, needed
+    imports = subprocess.run(
+        ["nm", "-D", "--undefined-only", str(SHIM)], capture_output=True, text=True, check=True
+    ).stdout
+    outside_old_libc = {}
+    for line in imports.splitlines():
+        kind, symbol = line.split()[-2:]
+        name = symbol.split("@")[0]
+        if name.startswith(("dl", "pthread_")) and name not in OLD_LIBC_DL_PTHREAD:
+            outside_old_libc[name] = kind
+    assert {"dlopen", "dlvsym", "pthread_key_create"} <= outside_old_libc.keys(), imports
+    assert set(outside_old_libc.values()) == {"w"}, outside_old_libc

@@ -17,9 +17,12 @@
  *   run KIND ID SECONDS    launch KIND (kernel kernelex coop graph) on object ID
  *                          (-1: none) for SECONDS, then synchronize; prints
  *                          "run RC launched N wall_ns W cpu_ns C"
+ *   launches KIND ID N     launch KIND on object ID N times, without synchronizing;
+ *                          prints "launches RC N" | sync: cuCtxSynchronize
  *   capture 0|1            the sim's legacy stream reports (not) capturing
  *   threads ID N LAUNCHES  N threads in turn, each launching function ID LAUNCHES
  *                          times and exiting; prints "threads JOINED"
+ *   setenv NAME VALUE      the process's own setenv(), e.g. before init
  */
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -455,6 +458,17 @@ int main(int argc, char **argv)
         } else if (strcmp(cmd, "run") == 0) { /* KIND ID SECONDS */
             run_loop(ARG(1), atoi(ARG(2)), atof(ARG(3)));
             i += 4;
+        } else if (strcmp(cmd, "launches") == 0) { /* KIND ID N, no synchronize */
+            int id = atoi(ARG(2));
+            long n = atol(ARG(3)), k = 0;
+            CUresult rc = CUDA_SUCCESS;
+            for (; k < n && rc == CUDA_SUCCESS; k++)
+                rc = launch_obj(ARG(1), id >= 0 ? (void *)(uintptr_t)objects[id].value : NULL);
+            printf("launches %d %ld\n", (int)rc, k);
+            i += 4;
+        } else if (strcmp(cmd, "sync") == 0) {
+            printf("sync %d\n", (int)api.ctx_sync());
+            i += 1;
         } else if (strcmp(cmd, "threads") == 0) { /* ID N LAUNCHES */
             run_threads(atoi(ARG(1)), atoi(ARG(2)), atol(ARG(3)));
             i += 4;
@@ -502,6 +516,9 @@ int main(int argc, char **argv)
             argv[i] = argv[0];
             execv(argv[0], argv + i);
             return 4;
+        } else if (strcmp(cmd, "setenv") == 0) { /* NAME VALUE */
+            printf("setenv %d\n", setenv(ARG(1), ARG(2), 1));
+            i += 3;
         } else if (strcmp(cmd, "sleep") == 0) {
             struct timespec ts = {0, atol(ARG(1)) * 1000000L};
             nanosleep(&ts, NULL);
