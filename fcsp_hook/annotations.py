@@ -29,11 +29,13 @@ TENANT_FORM = (
 )
 
 _DECIMAL = r"(?:0|[1-9][0-9]{0,2})(?:\.[0-9]{1,2})?"
-_SM_RE = re.compile(rf"^{_DECIMAL}$")
-_MEM_PERCENT_RE = re.compile(rf"^({_DECIMAL})%$")
-_MEM_BYTES_RE = re.compile(r"^([0-9]{1,7})(?:\.([0-9]{1,3}))?([KMGT])(?:i|iB)?$")
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_DEVICE_KEY_RE = re.compile(r"^(sm|mem)\.(0|[1-9][0-9]?)$")
+# Every pattern is used with fullmatch: `$` alone also matches before a trailing newline,
+# which would let "40\n" through.
+_SM_RE = re.compile(_DECIMAL)
+_MEM_PERCENT_RE = re.compile(rf"({_DECIMAL})%")
+_MEM_BYTES_RE = re.compile(r"([0-9]{1,7})(?:\.([0-9]{1,3}))?([KMGT])(?:i|iB)?")
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_DEVICE_KEY_RE = re.compile(r"(sm|mem)\.(0|[1-9][0-9]?)")
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_MEM_BYTES = 1 << 20
@@ -103,7 +105,7 @@ def _centi(number: str) -> int:
 
 def parse_sm(key: str, value: str) -> int:
     """A compute share, in 1/100 % of the GPU."""
-    if not _SM_RE.match(value):
+    if not _SM_RE.fullmatch(value):
         raise _fail(key, value, SM_FORM)
     centi = _centi(value)
     if not abi.CENTI_PER_PERCENT <= centi <= abi.WHOLE_GPU_CENTI:
@@ -112,13 +114,13 @@ def parse_sm(key: str, value: str) -> int:
 
 
 def parse_mem(key: str, value: str) -> MemQuota:
-    percent = _MEM_PERCENT_RE.match(value)
+    percent = _MEM_PERCENT_RE.fullmatch(value)
     if percent:
         basis_points = _centi(percent.group(1))
         if not 1 <= basis_points <= abi.WHOLE_GPU_CENTI:
             raise _fail(key, value, MEM_FORM)
         return MemQuota(basis_points=basis_points)
-    match = _MEM_BYTES_RE.match(value)
+    match = _MEM_BYTES_RE.fullmatch(value)
     if not match:
         raise _fail(key, value, MEM_FORM)
     whole, fraction, unit = match.groups()
@@ -165,7 +167,7 @@ def parse(
             continue
         value = annotations[key]
         name = key[len(PREFIX) :]
-        per_device = _DEVICE_KEY_RE.match(name)
+        per_device = _DEVICE_KEY_RE.fullmatch(name)
         if name == "sm":
             sm_all = parse_sm(key, value)
         elif name == "mem":
@@ -183,7 +185,7 @@ def parse(
         elif name == "priority":
             priority = abi.Priority(_choice(key, value, _PRIORITIES, PRIORITY_FORM))
         elif name == "tenant":
-            if not _TENANT_RE.match(value):
+            if not _TENANT_RE.fullmatch(value):
                 raise _fail(key, value, TENANT_FORM)
             tenant = value
         else:

@@ -25,3 +25,12 @@ class SlotError(FcspError):
 
 class HookError(FcspError):
     """The OCI state or bundle is not what the hook needs."""
+
+
+def one_line(message: str, limit: int = 1000) -> str:
+    """message as one printable line: control characters (a newline inside a value that
+    came from outside) escaped, never printed raw; bounded in length."""
+    if message.isprintable() and len(message) <= limit:
+        return message
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."

@@ -17,7 +17,9 @@ Host layout, under <run_dir>/mps/<gpu-uuid>/ (the daemon itself: observer/mpsd.p
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 from fcsp_hook.errors import FcspError
@@ -40,9 +42,13 @@ def client_dir(run_dir: Path, uuid: str) -> Path:
 
 
 def ready(run_dir: Path, uuid: str) -> bool:
-    """A daemon serves this GPU: its control socket is linked for tenants."""
+    """A daemon serves this GPU: its client directory is a directory (not a link, which
+    the hook would refuse to mount) holding the control socket."""
     try:
-        return (client_dir(run_dir, uuid) / CONTROL).is_socket()
+        client = client_dir(run_dir, uuid)
+        return stat.S_ISDIR(os.lstat(client).st_mode) and stat.S_ISSOCK(
+            os.lstat(client / CONTROL).st_mode
+        )
     except (OSError, ValueError):
         return False
 

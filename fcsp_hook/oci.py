@@ -14,6 +14,7 @@ from fcsp_hook.errors import HookError
 
 MAX_STATE_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 16 << 20
+MAX_ID_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -34,23 +35,39 @@ class Device:
 
 @dataclass(frozen=True)
 class BundleConfig:
-    """What config.json says; every field empty when it could not be read."""
+    """What config.json says; every field empty when it could not be read.
+
+    malformed: config.json is there but is not a JSON object we can read (too large,
+    not UTF-8, not JSON, nested too deeply); problem says which.
+    """
 
     root: Path | None = None
     env: tuple[str, ...] = ()
     devices: tuple[Device, ...] = ()
     readable: bool = True
     problem: str = ""
+    malformed: bool = False
+
+
+def _loads(raw: bytes, what: str) -> object:
+    """json.loads with every way it fails turned into one HookError line naming `what`."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise HookError(
+            f"{what} is not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        ) from None
+    except ValueError as exc:  # json.JSONDecodeError, and numbers too long to convert
+        raise HookError(f"{what} is not JSON: {exc}") from None
+    except RecursionError:  # json raises this, not ValueError, past ~1000 nested levels
+        raise HookError(f"{what} is JSON nested too deeply to read") from None
 
 
 def json_object(raw: bytes, limit: int, what: str) -> dict[str, Any]:
     """raw as a JSON object of at most `limit` bytes; HookError naming `what` otherwise."""
     if len(raw) > limit:
         raise HookError(f"{what} is larger than {limit} bytes")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HookError(f"{what} is not JSON: {exc}") from exc
+    doc = _loads(raw, what)
     if not isinstance(doc, dict):
         raise HookError(f"{what} is not a JSON object")
     return doc
@@ -61,6 +78,9 @@ def parse_state(raw: bytes) -> State:
     cid = doc.get("id")
     if not isinstance(cid, str) or not cid:
         raise HookError("OCI state has no container id")
+    if not cid.isprintable() or len(cid) > MAX_ID_CHARS:
+        shown = repr(cid) if len(cid) <= MAX_ID_CHARS else f"of {len(cid)} characters"
+        raise HookError(f"OCI state id {shown} is not a container id")
     pid = doc.get("pid")
     bundle = doc.get("bundle")
     annotations = doc.get("annotations") or {}
@@ -96,7 +116,9 @@ def _devices(doc: dict[str, Any]) -> tuple[Device, ...]:
 
 def decode_bundle_config(doc: object, bundle: Path) -> BundleConfig:
     if not isinstance(doc, dict):
-        return BundleConfig(readable=False, problem="config.json is not a JSON object")
+        return BundleConfig(
+            readable=False, problem=f"{bundle}/config.json is not a JSON object", malformed=True
+        )
     root = doc.get("root")
     root_path = root.get("path") if isinstance(root, dict) else None
     process = doc.get("process")
@@ -109,21 +131,19 @@ def decode_bundle_config(doc: object, bundle: Path) -> BundleConfig:
 
 
 def read_bundle_config(bundle: Path | None) -> BundleConfig:
-    """Read <bundle>/config.json; an unreadable one is reported, not fatal."""
+    """Read <bundle>/config.json; a missing or malformed one is reported, never raised."""
     if bundle is None:
         return BundleConfig(readable=False, problem="the OCI state names no bundle")
     path = bundle / "config.json"
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            return BundleConfig(
-                readable=False, problem=f"{path} is larger than {MAX_CONFIG_BYTES} bytes"
-            )
-        doc = json.loads(raw)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return BundleConfig(readable=False, problem=f"cannot read {path}: {exc}")
-    return decode_bundle_config(doc, bundle)
+    except OSError as exc:
+        return BundleConfig(readable=False, problem=f"cannot read {path}: {exc.strerror}")
+    try:
+        return decode_bundle_config(json_object(raw, MAX_CONFIG_BYTES, str(path)), bundle)
+    except HookError as exc:
+        return BundleConfig(readable=False, problem=str(exc), malformed=True)
 
 
 def env_value(env: tuple[str, ...], name: str) -> str | None:

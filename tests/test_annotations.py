@@ -203,3 +203,39 @@ def test_any_input_parses_or_fails_with_one_clean_line(
 def test_any_mebibyte_count_round_trips(mib: int) -> None:
     """Every size written as whole mebibytes (up to 7 digits) parses to the same byte count."""
     assert _one({"fcsp.mem": f"{mib}M"}).devices[0].mem.bytes == mib << 20
+
+
+GOOD = [
+    ("fcsp.sm", "40"),
+    ("fcsp.sm.0", "40"),
+    ("fcsp.mem", "8G"),
+    ("fcsp.mem", "50%"),
+    ("fcsp.mem.0", "1.5Gi"),
+    ("fcsp.mem-mode", "hard"),
+    ("fcsp.mode", "strict"),
+    ("fcsp.priority", "latency"),
+    ("fcsp.tenant", "team-a"),
+]
+
+
+@pytest.mark.parametrize("control", ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\u2028"])
+@pytest.mark.parametrize(("key", "value"), GOOD)
+def test_a_control_character_after_a_good_value_is_refused(
+    key: str, value: str, control: str
+) -> None:
+    """A regex's `$` also matches before a trailing newline, so "40\\n" once passed as 40 and
+    a tenant name carried a newline into the slot: every form is matched whole, and the
+    refusal shows the character escaped, on one line."""
+    assert _one({key: value}) is not None
+    with pytest.raises(AnnotationError) as info:
+        _one({key: value + control})
+    message = str(info.value)
+    assert message.isprintable() and message.isascii()
+    assert f'{key}="{value}' in message
+
+
+@pytest.mark.parametrize("key", ["fcsp.sm.0\n", "fcsp.mem.0\n", "fcsp.sm\n"])
+def test_a_key_with_a_trailing_newline_is_unknown(key: str) -> None:
+    with pytest.raises(AnnotationError, match="is unknown") as info:
+        _one({key: "40"})
+    assert "\n" not in str(info.value)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,8 @@ import pytest
 from fcsp_hook.ctl import main as ctl
 from fcsp_hook.ctl import status as ctl_status
 from fcsp_hook.slot import abi, files
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -103,3 +109,32 @@ def test_doctor_reports_a_missing_library(
     out = capsys.readouterr().out
     assert "[!!] library" in out and "lib.so is missing" in out
     assert "[ok] slots" in out
+
+
+def test_set_completes_while_a_tenant_holds_flock_on_its_limits(
+    cfg_path: Path, tmp_path: Path
+) -> None:
+    """flock works on a read-only fd, so a tenant can hold one on its limits file for ever:
+    host writers serialise on a lock of their own under the run directory, which no
+    container can reach, and `fcspctl set` completes (its new request is in the slot)."""
+    directory = _slot(tmp_path / "run", "abc")
+    tenant_fd = os.open(directory / abi.LIMITS_FILE, os.O_RDONLY)  # what the tenant sees
+    try:
+        fcntl.flock(tenant_fd, fcntl.LOCK_EX)
+        argv = ["--config", str(cfg_path), "set", "abc", "--sm", "55"]
+        done = subprocess.run(
+            [sys.executable, "-m", "fcsp_hook.ctl.main", *argv],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(tenant_fd)
+    assert done.returncode == 0, done.stderr
+    limits = files.read_limits(directory / abi.LIMITS_FILE)
+    assert [limits.device[i].sm_requested_centi for i in range(2)] == [5500, 5500]
+    assert files.lock_path(directory) == tmp_path / "run" / files.LOCKS_SUBDIR / "abc"
+    assert files.remove_slot(tmp_path / "run", "abc")
+    assert not files.lock_path(directory).exists()

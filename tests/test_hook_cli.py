@@ -24,9 +24,11 @@ def _hook(
     )
     return subprocess.run(
         [str(python), "-I", "-m", "fcsp_hook.hook.oci_hook", "--config", str(cfg), stage],
-        input=stdin.decode(),
+        # surrogateescape both ways: stdin reaches the hook byte for byte, UTF-8 or not
+        input=stdin.decode("utf-8", "surrogateescape"),
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="surrogateescape",
         timeout=60,
         check=False,
     )
@@ -134,3 +136,114 @@ def test_hooksd_needs_an_absolute_interpreter(python: str) -> None:
     )
     assert result.returncode == 2
     assert "absolute path" in result.stderr
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _bundle_with(tmp_path: Path, config_json: bytes) -> str:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_bytes(config_json)
+    return str(bundle)
+
+
+GPU_ENV = b'"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}'
+
+MALFORMED = [
+    # (id, stdin, config.json, what the one line must say); a row with a config.json gets
+    # a good state naming a bundle that holds it in place of its stdin
+    (
+        "annotation-trailing-newline",
+        _state(annotations={"fcsp.sm": "40\n"}),
+        None,
+        'annotation fcsp.sm="40\\n" is invalid: expected a percentage',
+    ),
+    (
+        "annotation-carriage-return",
+        _state(annotations={"fcsp.mem": "8G\r"}),
+        None,
+        'annotation fcsp.mem="8G\\r" is invalid: expected bytes',
+    ),
+    (
+        "annotation-nul",
+        _state(annotations={"fcsp.tenant": "team\u0000a"}),
+        None,
+        'annotation fcsp.tenant="team\\x00a" is invalid',
+    ),
+    (
+        "annotation-key-newline",
+        _state(annotations={"fcsp.sm.0\n": "40"}),
+        None,
+        "annotation fcsp.sm.0\\n is unknown",
+    ),
+    (
+        "state-nested-deeply",
+        b'{"id": "c1", "status": "creating", "x": ' + _nested(100_000).encode() + b"}",
+        None,
+        "OCI state on stdin is JSON nested too deeply to read",
+    ),
+    (
+        "state-huge",
+        _state(padding="x" * (2 << 20)),
+        None,
+        "OCI state on stdin is larger than 1048576 bytes",
+    ),
+    (
+        "state-not-utf8",
+        b'{"id": "c\xff1", "status": "creating"}',
+        None,
+        "OCI state on stdin is not UTF-8: byte 0xff at offset 9",
+    ),
+    ("state-not-an-object", b'["c1"]', None, "OCI state on stdin is not a JSON object"),
+    (
+        "state-id-with-a-newline",
+        _state(id="c1\nc2"),
+        None,
+        "OCI state id 'c1\\nc2' is not a container id",
+    ),
+    (
+        "config-nested-deeply",
+        b"",
+        b'{"x": ' + _nested(100_000).encode() + b", " + GPU_ENV + b"}",
+        "config.json is JSON nested too deeply to read",
+    ),
+    (
+        "config-not-utf8",
+        b"",
+        b'{"hostname": "\xfe", ' + GPU_ENV + b"}",
+        "config.json is not UTF-8: byte 0xfe at offset 14",
+    ),
+    (
+        "config-not-an-object",
+        b"",
+        b'[{"hostname": "x", ' + GPU_ENV + b"}]",
+        "config.json is not a JSON object",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "config_json", "message"),
+    [m[1:] for m in MALFORMED],
+    ids=[m[0] for m in MALFORMED],
+)
+def test_malformed_input_gets_one_line_and_creates_nothing(
+    hook_python: Path, tmp_path: Path, stdin: bytes, config_json: bytes | None, message: str
+) -> None:
+    """Control characters in annotations, JSON nested past what json can parse, too big,
+    not UTF-8 or not an object, in the state or in config.json: prestart exits 1 with one
+    line naming what is wrong (never a traceback or "internal error") and creates nothing;
+    poststop, fed the same, exits 0."""
+    if config_json is not None:
+        stdin = _state(bundle=_bundle_with(tmp_path, config_json))
+    for stage, code in (("prestart", 1), ("poststop", 0)):
+        result = _hook(hook_python, tmp_path, stage, stdin)
+        assert result.returncode == code, result.stderr
+        if stage == "prestart":
+            assert result.stderr.startswith("fcsp-hook: "), result.stderr
+            assert message in result.stderr
+        assert result.stderr.count("\n") <= 1
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+        assert not (tmp_path / "run").exists()

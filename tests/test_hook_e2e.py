@@ -3,6 +3,7 @@ gives a glibc process in the container libvgpu.so, its slot and a merged ld.so.p
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import subprocess
@@ -160,6 +161,33 @@ def test_image_preload_entries_are_merged_after_the_shim(hook: HookSetup, rootfs
     assert own.read_text() == "/lib/x86_64-linux-gnu/libc.so.6\n"
 
 
+def test_an_image_without_libdl_and_libpthread_runs_with_the_shim(
+    hook: HookSetup, rootfs: Path
+) -> None:
+    """An image with glibc's libc.so.6 (2.34 or later) but neither libdl.so.2 nor
+    libpthread.so.0, as hand-assembled images are: its glibc programs start, with
+    libvgpu.so mapped, and a CUDA process in it is the shim's (its allocation is charged
+    in the slot).  ld.so.preload names the shim alone: such a glibc keeps everything the
+    shim needs in libc.so.6."""
+    add_cuda_sim(rootfs)
+    for name in ("libdl.so.2", "libpthread.so.0"):
+        for found in rootfs.rglob(name):
+            found.unlink()
+    script = (
+        f"{CAT} /proc/self/maps; echo ===; {CAT} /etc/ld.so.preload; echo ===;"
+        " fcsp-sim-client init alloc mem 64M usage"
+    )
+    result = podman(
+        hook, rootfs, ["/bin/sh", "-c", script], {"fcsp.sm": "40", "fcsp.mem": "1G"}, GPU
+    )
+    assert result.returncode == 0, result.stderr
+    maps, preload, client = result.stdout.split("===\n")
+    assert LIB in maps, result.stderr
+    assert preload == f"{LIB}\n"
+    assert "init 0" in client and "ok 0" in client, (client, result.stderr)
+    assert f"used 0 {64 << 20} " in client, client
+
+
 def test_static_binaries_do_not_load_the_shim(hook: HookSetup, rootfs: Path) -> None:
     """The documented limitation holds: a static binary (busybox) ignores ld.so.preload,
     while a glibc program in the same container loads the shim."""
@@ -240,6 +268,51 @@ def test_restarted_container_reuses_its_slot(hook: HookSetup, rootfs: Path) -> N
     assert len(ready) == 2
     assert ready[0] == ready[1]
     assert hook.slots() == []
+    assert _mounts_under(hook.run_dir) == []
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+def test_the_usage_file_cannot_grow_past_its_pages(hook: HookSetup, rootfs: Path) -> None:
+    """Root in the container writing 32 MiB into its usage file, or truncating it to 32 MiB,
+    cannot take the host's memory: the file is on a tmpfs of its own as big as the usage
+    record's pages, so dd fails with ENOSPC and on the host the file holds at most those
+    pages, read by the same path as ever; the container and its slot go away cleanly."""
+    name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
+    script = (
+        "/bin/busybox dd if=/dev/zero of=/run/fcsp/usage bs=1M count=32 conv=notrunc 2>&1;"
+        " echo dd=$?; /bin/busybox truncate -s 32M /run/fcsp/usage; echo truncated;"
+        " exec /bin/busybox sleep 600"
+    )
+    started = podman(
+        hook,
+        rootfs,
+        ["/bin/sh", "-c", script],
+        {"fcsp.sm": "40"},
+        GPU,
+        extra=("-d", "--name", name),
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 30
+        while "truncated" not in (logs := _podman("logs", name).stdout):
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.05)
+        assert "dd=0" not in logs
+        assert "No space left on device" in logs
+        (slot_dir,) = hook.slots()
+        usage = slot_dir / "usage"
+        page = os.sysconf("SC_PAGE_SIZE")
+        assert usage.stat().st_blocks * 512 <= -(-ctypes.sizeof(abi.Usage) // page) * page
+        assert usage.stat().st_dev != slot_dir.stat().st_dev
+    finally:
+        removed = _podman("rm", "-f", "-t", "0", name)
+    assert removed.returncode == 0, removed.stderr
+    assert hook.slots() == []
+    assert _mounts_under(hook.run_dir) == []
 
 
 # Malicious images: the rootfs is the tenant's, the hook is root on the host.

@@ -29,6 +29,7 @@ from fcsp_hook.slot import abi, files
 from tests.containers import HookSetup, add_cuda_sim, podman
 from tests.shim.harness import SIM_DIR, Env, build, read_until_ready, run, sim_uuid, start
 from tests.test_observer import Host, wait_for
+from tests.test_shim_compute import parse_loop
 
 SIM_CONTROL = SIM_DIR / "bin" / "nvidia-cuda-mps-control"
 GPU0 = "GPU-00000000-0000-0000-0000-0000000000a0"
@@ -299,6 +300,65 @@ def test_the_shim_makes_the_process_a_client_with_the_slots_limits(
     assert client.split(" ", 1)[1] == expected
 
 
+RAISED = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=64G"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "threads_centi", "own", "expected"),
+    [
+        (abi.IsolationMode.STRICT, 0, RAISED, "threads=30 pinned=0=1024M"),
+        (abi.IsolationMode.BALANCED, 7000, RAISED, "threads=70 pinned=0=1024M"),
+        (
+            abi.IsolationMode.STRICT,
+            0,
+            {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/elsewhere"},
+            "threads=30 pinned=0=1024M",
+        ),
+    ],
+    ids=["strict", "best-effort-beside-a-latency-tenant", "pipe"],
+)
+def test_a_tenant_cannot_raise_its_mps_limits_before_cuda_initialises(
+    daemon: Path,
+    mode: abi.IsolationMode,
+    threads_centi: int,
+    own: dict[str, str],
+    expected: str,
+) -> None:
+    """The tenant's own setenv(), after the shim's constructor and before cuInit, of a
+    higher thread percentage (100 for a strict 30 % tenant, or for a best-effort one that a
+    latency tenant left 70 %), a higher pinned-memory limit (64 GiB for a 1 GiB quota) or
+    another daemon's pipe directory: the driver still reads the slot's values, since the
+    shim sets them again when CUDA initialises.  The best-effort tenant, whose percentage
+    is not its share, is still held to its 30 % by the launch limiter."""
+    directory = _mps_slot(daemon.parent, daemon, mode, True, threads_centi=threads_centi)
+    sets = [word for name, value in own.items() for word in ("setenv", name, value)]
+    loop = ["func", "k_200us", "run", "kernel", "0", "1.0"]
+    result = run(Env(state=daemon.parent / "sim", slot=directory), *sets, "init", *loop)
+    assert result.field("init") == ["init", "0"], result.stderr
+    (client,) = _clients(daemon)
+    assert client.split(" ", 1)[1] == expected
+    if mode == abi.IsolationMode.BALANCED:
+        assert 0.15 <= parse_loop(result.lines, 200).device_fraction <= 0.45, result.lines
+
+
+def test_a_strict_tenant_that_is_no_mps_client_when_cuda_initialises_is_throttled(
+    daemon: Path,
+) -> None:
+    """The daemon's socket is there when a strict 30 % tenant's process starts and gone
+    when it initialises CUDA (the daemon restarting): the driver runs it time-sliced,
+    outside any thread percentage, so the shim holds it to its share by launch timing
+    rather than trust a cap that is not in force."""
+    directory = _mps_slot(daemon.parent, daemon, abi.IsolationMode.STRICT, True)
+    env = Env(state=daemon.parent / "sim", slot=directory)
+    proc = start(env, "wait", "init", "func", "k_200us", "run", "kernel", "0", "1.0")
+    read_until_ready(proc)
+    (directory / abi.MPS_DIR / "control").unlink()
+    out, err = proc.communicate("go\n", timeout=60)
+    assert _clients(daemon) == []
+    assert "is not a socket: this process is time-sliced" in err
+    assert 0.15 <= parse_loop(out.splitlines(), 200).device_fraction <= 0.45, out
+
+
 @pytest.mark.parametrize(
     ("mode", "priority", "threads_centi", "expected"),
     [
@@ -555,3 +615,82 @@ def test_fcspctl_set_on_an_mps_tenant_says_running_processes_keep_their_cap(
         .sm_requested_centi
         == 4000
     )
+
+
+# ---- slots of MPS tenants: removed, and refusals that say why ------------------------------
+
+
+@pytest.fixture
+def mps_hook(short_tmp: Path, hook_python: Path) -> Iterator[HookSetup]:
+    """The real hook with GPU 1 on mps and its (simulated) daemon running."""
+    build()
+    driver = _driver_dir(short_tmp / "driver")
+    daemon = mpsd.Daemon(short_tmp / "fcsp" / "run", GPU1, str(SIM_CONTROL))
+    daemon.ensure(time.monotonic())
+    assert mps.ready(daemon.run_dir, GPU1)
+    try:
+        yield HookSetup.create(
+            short_tmp / "fcsp",
+            hook_python,
+            paths=f'driver_dir = "{driver}"\n[backend]\ngpus = {{ "1" = "mps" }}\n',
+        )
+    finally:
+        daemon.stop()
+
+
+def test_an_mps_tenants_slot_is_removed_when_it_stops(mps_hook: HookSetup, rootfs: Path) -> None:
+    """The mps/ directory in an MPS tenant's slot no longer keeps poststop from removing
+    the slot: after `podman run --rm` nothing is left under the run directory."""
+    done = podman(
+        mps_hook,
+        rootfs,
+        ["/bin/sh", "-c", "ls -A /run/fcsp/mps"],
+        {"fcsp.sm": "40"},
+        {"NVIDIA_VISIBLE_DEVICES": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "control\n"
+    assert mps_hook.slots() == []
+    assert "could not be removed" not in mps_hook.log_file.read_text()
+
+
+def test_a_refused_mps_container_says_why_in_one_line(mps_hook: HookSetup, rootfs: Path) -> None:
+    """A container the hook refuses on an MPS GPU (its image links /etc/ld.so.preload to a
+    host file) is told the real reason, not "internal error: OSError" (the slot's cleanup
+    used to fail on mps/ and hide it), and its slot is gone."""
+    (rootfs / "etc" / "ld.so.preload").symlink_to("/etc/passwd")
+    done = podman(
+        mps_hook,
+        rootfs,
+        ["/bin/sh", "-c", "true"],
+        {"fcsp.sm": "40"},
+        {"NVIDIA_VISIBLE_DEVICES": "1"},
+    )
+    assert done.returncode != 0
+    assert "/etc/ld.so.preload in the image is a symlink" in done.stderr
+    assert "internal error" not in done.stderr
+    hook_lines = [line for line in done.stderr.split("stderr: ")[-1].splitlines() if line.strip()]
+    assert len(hook_lines) == 1
+    assert mps_hook.slots() == []
+
+
+def test_an_mps_client_directory_that_is_a_link_means_time_slicing(
+    mps_hook: HookSetup, rootfs: Path
+) -> None:
+    """A client directory the hook would refuse to mount (a link where the observer makes a
+    directory) is no MPS daemon to the hook: the container starts, time-sliced, and says
+    so in the log, instead of failing with "internal error: OSError"."""
+    client = mps.client_dir(mps_hook.run_dir, GPU1)
+    client.rename(client.with_name("client.real"))
+    client.symlink_to("client.real")
+    done = podman(
+        mps_hook,
+        rootfs,
+        ["/bin/sh", "-c", "ls -A /run/fcsp"],
+        {"fcsp.sm": "40"},
+        {"NVIDIA_VISIBLE_DEVICES": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "mps" not in done.stdout.split()
+    assert "no daemon serves it" in mps_hook.log_file.read_text()
+    assert mps_hook.slots() == []

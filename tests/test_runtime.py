@@ -467,3 +467,60 @@ def test_quick_reader_agrees_with_tomllib(text: str, quick: str | None) -> None:
     assert runtime.quick_next(text) == quick
     if quick is not None:
         assert tomllib.loads(text).get("runtime", {}).get("next", "auto") == quick
+
+
+_FCSP = b'"annotations": {"fcsp.sm": "40"}'
+MALFORMED_SPECS = [
+    # (id, config.json, what the one line must say)
+    (
+        "annotation-trailing-newline",
+        b'{"annotations": {"fcsp.sm": "40\\n"}}',
+        'annotation fcsp.sm="40\\n" is invalid: expected a percentage',
+    ),
+    (
+        "annotation-tab",
+        b'{"annotations": {"fcsp.priority": "latency\\t"}}',
+        'annotation fcsp.priority="latency\\t" is invalid',
+    ),
+    (
+        "nested-deeply",
+        b"{" + _FCSP + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "config.json is JSON nested too deeply to read",
+    ),
+    (
+        "not-utf8",
+        b"{" + _FCSP + b', "hostname": "\xff"}',
+        "config.json is not UTF-8: byte 0xff at offset 48",
+    ),
+    ("not-an-object", b"[{" + _FCSP + b"}]", "config.json is not a JSON object"),
+    (
+        "fcsp-past-16-MiB",
+        b'{"process": {"env": ["PAD=' + b"x" * (17 << 20) + b'"]}, ' + _FCSP + b"}",
+        "config.json is larger than 16777216 bytes",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"), [m[1:] for m in MALFORMED_SPECS], ids=[m[0] for m in MALFORMED_SPECS]
+)
+def test_malformed_spec_that_mentions_fcsp_fails_create_with_one_line(
+    wrapper: Wrapper, tmp_path: Path, spec: bytes, message: str
+) -> None:
+    """A config.json that asks for FCSP, or mentions fcsp. but cannot be read (control
+    characters in a value, nested past what json parses, not UTF-8, not an object, fcsp.*
+    annotations past the first 16 MiB), fails create with one line naming what is wrong:
+    never a traceback, never a container started without the checks; config.json is left
+    as it was and the next runtime never runs."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_bytes(spec)
+    result = wrapper.run(_create_args(bundle, tmp_path / "runc.log"))
+    assert result.returncode == 1, result.stderr[-300:]
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("fcsp-runtime: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "internal error" not in result.stderr
+    assert (bundle / "config.json").read_bytes() == spec
+    assert wrapper.recorded() is None

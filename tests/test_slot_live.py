@@ -4,6 +4,7 @@ usage file read with bounds and never mapped."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import struct
 from pathlib import Path
@@ -130,3 +131,29 @@ def test_process_records_are_read_live_only_and_bounded(tmp_path: Path) -> None:
     assert (first.pid, first.start_time, first.heartbeat_ns) == (7, 3, 9)
     assert first.mem_used_bytes[:2] == (1 << 20, 0)  # past 1 PiB: a lie, read as 0
     assert second.pid == 10
+
+
+def test_host_writers_serialise_on_their_own_lock_not_on_the_slot(tmp_path: Path) -> None:
+    """A flock on the limits file (a tenant can take one through its read-only mount) does
+    not hold a host writer up; the host writers' own lock, under the run directory, does,
+    for a bounded time only, with a one-line SlotError."""
+    directory = _slot(tmp_path)
+    limits = live.LimitsMap(directory / abi.LIMITS_FILE)
+    tenant_fd = os.open(directory / abi.LIMITS_FILE, os.O_RDONLY)
+    try:
+        fcntl.flock(tenant_fd, fcntl.LOCK_EX)
+        with limits.update(timeout_s=0.5) as view:
+            view.device[0].sm_requested_centi = 3000
+        assert limits.lock_path == tmp_path / files.LOCKS_SUBDIR / "t1"
+        host_fd = os.open(limits.lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(host_fd, fcntl.LOCK_EX)
+            with pytest.raises(SlotError, match="another host writer"), limits.update(0.05):
+                pass
+        finally:
+            os.close(host_fd)
+        assert limits.snapshot().device[0].sm_requested_centi == 3000
+        assert limits.snapshot().seq % 2 == 0
+    finally:
+        os.close(tenant_fd)
+        limits.close()

@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import config, mps
+from fcsp_hook import config, linux, mps
 from fcsp_hook.ctl.status import observer_state
 from fcsp_hook.errors import FcspError
 from fcsp_hook.slot import abi, files
@@ -91,6 +91,13 @@ def _check_mps(cfg: config.Config) -> Check:
     return Check(True, "MPS", f"a daemon serves each of {len(wanted)} MPS GPUs")
 
 
+def _check_kernel() -> Check:
+    """open_tree/move_mount (Linux 5.2+): the hook bounds each tenant's usage file with them."""
+    if linux.has_open_tree():
+        return Check(True, "kernel", "open_tree: each tenant's usage file is size-bounded")
+    return Check(False, "kernel", "no open_tree (Linux 5.2+): tenants' usage files are unbounded")
+
+
 def _check_observer(cfg: config.Config) -> Check:
     state = observer_state(cfg.paths.run_dir)
     return Check(state.running, "observer", state.summary)
@@ -120,6 +127,7 @@ def cmd_doctor(cfg: config.Config, args: argparse.Namespace) -> int:
         _check_library(cfg),
         _check_hooks(),
         _check_run_dir(cfg),
+        _check_kernel(),
         _check_observer(cfg),
         _check_mps(cfg),
         _check_gpus(cfg),
@@ -128,5 +136,7 @@ def cmd_doctor(cfg: config.Config, args: argparse.Namespace) -> int:
     ]
     for check in checks:
         print(f"[{'ok' if check.ok else '!!'}] {check.what:8} {check.detail}")
-    # A GPU-less host (CI) is not a broken one: GPUs, NVML and engines only inform.
-    return 0 if all(c.ok for c in checks if c.what not in {"GPUs", "NVML", "engines"}) else 1
+    # A GPU-less host (CI) is not a broken one: GPUs, NVML and engines only inform; so does
+    # an old kernel, on which FCSP works with unbounded usage files.
+    informative = {"GPUs", "NVML", "engines", "kernel"}
+    return 0 if all(c.ok for c in checks if c.what not in informative) else 1

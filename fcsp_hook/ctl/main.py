@@ -22,7 +22,7 @@ from fcsp_hook import config
 from fcsp_hook.ctl.doctor import cmd_doctor
 from fcsp_hook.ctl.resize import cmd_set
 from fcsp_hook.ctl.status import cmd_status, cmd_top
-from fcsp_hook.errors import FcspError
+from fcsp_hook.errors import FcspError, one_line
 
 
 def cmd_check_config(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.config)
         return COMMANDS[args.command](cfg, args)
     except FcspError as exc:
-        print(f"fcspctl: {exc}", file=sys.stderr)
+        print(f"fcspctl: {one_line(str(exc))}", file=sys.stderr)
         return 1
 
 

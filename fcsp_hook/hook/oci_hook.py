@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fcsp_hook import config, oci
-from fcsp_hook.errors import FcspError, HookError
+from fcsp_hook.errors import FcspError, HookError, one_line
 from fcsp_hook.log import HookLogger
 
 EXIT_OK = 0
@@ -30,8 +30,12 @@ USAGE = "usage: fcsp-hook [--config PATH] prestart|poststop|oci  (OCI state on s
 def poststop(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     from fcsp_hook.slot import files  # noqa: PLC0415  # keep the other stage's imports off this path
 
-    removed = files.remove_slot(cfg.paths.run_dir, state.id)
-    log.info("tenant slot removed" if removed else "no tenant slot to remove")
+    if files.remove_slot(cfg.paths.run_dir, state.id):
+        log.info("tenant slot removed")
+    elif files.slot_path(cfg.paths.run_dir, state.id).exists():
+        log.warning("tenant slot could not be removed; the observer will reap it")
+    else:
+        log.info("no tenant slot to remove")
 
 
 def _parse_args(argv: list[str]) -> tuple[Path, str] | None:
@@ -87,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         fail_open = cfg.hook.failure_policy == config.FAIL_OPEN
         return run(stage, sys.stdin.buffer.read(oci.MAX_STATE_BYTES + 1), cfg, log)
     except FcspError as exc:
-        log.error(str(exc), failure_policy="fail-open" if fail_open else "fail-closed")
+        log.error(one_line(str(exc)), failure_policy="fail-open" if fail_open else "fail-closed")
     except Exception as exc:  # a bug: say so in one line, keep the traceback in the log
         import traceback  # noqa: PLC0415  # only on this rare path
 
-        log.error(f"internal error: {type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        log.error(
+            one_line(f"internal error: {type(exc).__name__}: {exc}"),
+            traceback=traceback.format_exc(),
+        )
     # poststop must never fail a container's removal; the observer reaps what it missed.
     return EXIT_OK if fail_open or stage == "poststop" else EXIT_FAILED
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcsp_hook import annotations as fcsp_annotations
-from fcsp_hook import config, gpus, mps, oci, procfs
+from fcsp_hook import cgroups, config, gpus, linux, mps, oci, procfs
 from fcsp_hook.errors import HookError
 from fcsp_hook.hook import mounts
 from fcsp_hook.log import HookLogger
@@ -57,10 +57,15 @@ def choose_backends(
         )
         return timeslice
     if not mps.ready(cfg.paths.run_dir, found[0].uuid):
+        try:
+            client = str(mps.client_dir(cfg.paths.run_dir, found[0].uuid))
+        except ValueError:
+            client = "none: the GPU's UUID is unknown (no driver procfs file names it)"
         log.warning(
-            "GPU is configured for MPS but its daemon is not running (is fcsp-observer up?); "
-            "this container is time-sliced",
+            "GPU is configured for MPS but no daemon serves it (no control socket in a "
+            "directory at client_dir; is fcsp-observer up?); this container is time-sliced",
             gpu=found[0].describe(),
+            client_dir=client,
             state=mps.read_state(cfg.paths.run_dir, found[0].uuid),
         )
         return timeslice
@@ -105,6 +110,9 @@ def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> file
 def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup | None:
     """Validate everything before anything is created.  None: not ours to touch."""
     bundle = oci.read_bundle_config(state.bundle)
+    if bundle.malformed:
+        # The runtime read it; we cannot, so we cannot tell which GPUs the container gets.
+        raise HookError(bundle.problem)
     if not bundle.readable:
         log.warning("bundle config unreadable; using the OCI state alone", problem=bundle.problem)
     visible = oci.env_value(bundle.env, "NVIDIA_VISIBLE_DEVICES")
@@ -122,7 +130,7 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
         return None
     if state.pid is None:
         raise HookError("the OCI state has no pid; prestart needs the container's init process")
-    rootfs = bundle.root or Path(os.readlink(f"/proc/{state.pid}/cwd"))
+    rootfs = bundle.root or _init_cwd(state.pid)
     if not cfg.hook.library.is_file():
         raise HookError(f"{cfg.hook.library} is missing; run `make install` or set [hook] library")
     backends = choose_backends(found, cfg, log)
@@ -140,6 +148,29 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     )
 
 
+def _cgroup_record(pid: int, log: HookLogger) -> dict[str, tuple[bytes, int]]:
+    """The container's cgroup, read now, before any of the tenant's code runs: the host
+    counts every process in it as the tenant's (fcsp_hook.cgroups)."""
+    try:
+        record = cgroups.of_process(pid).to_text()
+    except cgroups.CgroupError as exc:
+        log.warning("container cgroup not recorded; its processes are found by pid namespace",
+                    error=str(exc))  # fmt: skip
+        return {}
+    return {cgroups.CGROUP_FILE: (record.encode(), 0o644)}
+
+
+def _init_cwd(pid: int) -> Path:
+    """The container's rootfs as its init process sees it, when config.json does not say."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError as exc:
+        raise HookError(
+            f"cannot find the container's rootfs: config.json names no root.path and "
+            f"/proc/{pid}/cwd is unreadable: {exc.strerror}"
+        ) from exc
+
+
 def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     started = time.monotonic()
     if not fcsp_annotations.has_fcsp_annotations(state.annotations):
@@ -150,16 +181,32 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     files.ensure_tenants_dir(cfg.paths.run_dir)
     slot_dir = files.slot_path(cfg.paths.run_dir, state.id)
     placeholders = {mounts.LIBRARY_NAME: (b"", 0o644), mounts.PRELOAD_NAME: (b"", 0o644)}
+    placeholders |= _cgroup_record(setup.pid, log)
     init = procfs.proc_stat(setup.pid)
     spec = slot_spec(state.id, setup, init[1] if init else 0)
     mps_client = mps.client_dir(cfg.paths.run_dir, setup.mps_gpu) if setup.mps_gpu else None
-    files.write_slot(slot_dir, spec, placeholders, with_mps_dir=mps_client is not None)
+    # may_mount first: under a seccomp filter, even asking for open_tree could be fatal.
+    bounded = linux.may_mount() and linux.has_open_tree()
+    if not bounded:
+        log.warning(
+            "no open_tree here (Linux 5.2+, and mount calls allowed): "
+            "the usage file is not size-bounded"
+        )
     try:
+        files.write_slot(
+            slot_dir,
+            spec,
+            placeholders,
+            with_mps_dir=mps_client is not None,
+            bounded_usage=bounded,
+        )
         mounts.install(
-            mounts.MountPlan(setup.pid, setup.rootfs, slot_dir, cfg.hook.library, mps_client)
+            mounts.MountPlan(
+                setup.pid, setup.rootfs, slot_dir, cfg.hook.library, mps_client, bounded
+            )
         )
     except BaseException:
-        files.remove_slot(cfg.paths.run_dir, state.id)
+        files.remove_slot(cfg.paths.run_dir, state.id)  # never raises: the reason stays ours
         raise
     log.info(
         "tenant slot ready",

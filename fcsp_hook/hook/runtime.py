@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fcsp_hook.errors import ConfigError, FcspError, HookError
+from fcsp_hook.errors import ConfigError, FcspError, HookError, one_line
 from fcsp_hook.hook.next_runtime import NEXT_AUTO, parse_next, resolve_next
 
 # Not typing.TYPE_CHECKING: importing typing (15 ms) or json (11 ms, it pulls in re) would
@@ -53,6 +53,7 @@ END_OF_FLAGS = "--"
 CREATE_COMMANDS = frozenset({"create", "run"})
 # The bytes every fcsp.* annotation key has in config.json (engines never escape ASCII).
 _FCSP_KEY_BYTES = b'"fcsp.'
+_SCAN_CHUNK = 1 << 20
 
 # Where fcsp-runtime puts the hook: createRuntime runs at prestart's point (namespaces
 # made, before pivot_root) and is what podman's hooks.d uses too; prestart is deprecated.
@@ -274,11 +275,25 @@ def hook_entry(python: str, config_path: str) -> dict[str, Any]:
 # ---- I/O --------------------------------------------------------------------------------------
 
 
-def read_spec(bundle: str) -> bytes | None:
-    """config.json's bytes, or None when it cannot be read (the next runtime will say why)."""
+def read_spec(bundle: str) -> tuple[bytes, bool] | None:
+    """config.json's first MAX_CONFIG_BYTES + 1 bytes and whether the file mentions `"fcsp.`
+    anywhere, or None when it cannot be read (the next runtime will say why).
+
+    Past the limit the rest is searched too, a chunk at a time: annotations written after
+    megabytes of env must not slip by unchecked.
+    """
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
-            return f.read(MAX_CONFIG_BYTES + 1)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+            mentions = _FCSP_KEY_BYTES in raw
+            tail = raw[1 - len(_FCSP_KEY_BYTES) :]
+            while not mentions and len(raw) > MAX_CONFIG_BYTES:
+                chunk = f.read(_SCAN_CHUNK)
+                if not chunk:
+                    break
+                mentions = _FCSP_KEY_BYTES in tail + chunk
+                tail = chunk[1 - len(_FCSP_KEY_BYTES) :]
+            return raw, mentions
     except OSError:
         return None
 
@@ -322,6 +337,7 @@ def runtime_log_line(message: str, log_format: str | None, now: float) -> str:
 
 def report_error(message: str, args: list[str]) -> None:
     """To stderr (podman and Docker show it) and to the runtime's --log file, if any."""
+    message = one_line(message)
     print(f"fcsp-runtime: {message}", file=sys.stderr)
     log = global_flag(args, "log")
     if not log:
@@ -419,10 +435,15 @@ def run(args: list[str]) -> int:
     """Decide, then exec the next runtime with args unchanged (returns only on failure)."""
     config_path = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
     bundle = bundle_of(args)
-    if bundle is not None:
-        raw = read_spec(bundle)
-        # The fast path: no `"fcsp.` anywhere means no fcsp.* annotation; JSON is not parsed.
-        if raw is not None and _FCSP_KEY_BYTES in raw and fcsp_annotations(_loads(raw)):
+    spec = read_spec(bundle) if bundle is not None else None
+    # The fast path: no `"fcsp.` anywhere means no fcsp.* annotation; JSON is not parsed.
+    if bundle is not None and spec is not None and spec[1]:
+        raw = spec[0]
+        doc = _loads(raw)
+        # A spec that mentions fcsp. but cannot be read (too large, not UTF-8, not JSON,
+        # nested too deeply, not an object) may carry fcsp.* annotations: the FCSP path
+        # says what is wrong with it, rather than start the container unchecked.
+        if doc is None or fcsp_annotations(doc):
             code = fcsp_create(bundle, raw, args, config_path)
             if code is not None:
                 return code
@@ -441,14 +462,17 @@ def run(args: list[str]) -> int:
     return EXIT_NOT_FOUND
 
 
-def _loads(raw: bytes) -> object:
-    """config.json for the annotation check; what is not JSON is the next runtime's to report."""
+def _loads(raw: bytes) -> dict[str, object] | None:
+    """config.json as a JSON object for the annotation check; None when it is not one."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        return None
     import json  # noqa: PLC0415  # only when the bytes mention fcsp.
 
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def main(argv: list[str] | None = None) -> int:

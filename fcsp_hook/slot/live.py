@@ -8,7 +8,8 @@ writes them in place, the way the shim sees them:
   stores outside the seqlock; every other field is written under the seqlock `seq`
   (odd while writing) with `generation` bumped, and read by retrying until `seq` is
   the same even value before and after the copy.  Host-side writers of seqlocked
-  fields serialise on flock(limits).
+  fields serialise on a lock file of their own (files.lock_path), never on the limits
+  file: a tenant can open its read-only limits and hold flock on it forever.
 - usage belongs to the tenant, which can truncate or rewrite it at will: it is never
   mapped (a truncated mapping would SIGBUS the observer), only pread, and every value
   read from it is bounded by the caller.
@@ -33,11 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcsp_hook.errors import SlotError
-from fcsp_hook.slot import abi
+from fcsp_hook.slot import abi, files
 
 LIMITS_SIZE = ctypes.sizeof(abi.Limits)
 USAGE_SIZE = ctypes.sizeof(abi.Usage)
 SEQLOCK_TRIES = 1000
+# Host writers hold the lock for a few stores; one that holds it longer is stuck.
+HOST_LOCK_TIMEOUT_S = 5.0
+HOST_LOCK_POLL_S = 0.002
 # Word indexes of the live fields in fcsp_limits (all naturally aligned).
 _GENERATION_WORD = abi.Limits.generation.offset // 8
 _HEARTBEAT_WORD = abi.Limits.observer_heartbeat_ns.offset // 8
@@ -61,10 +65,39 @@ def monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-class LimitsMap:
-    """A tenant's limits file mapped shared, read-write."""
+def _host_lock(path: Path, timeout_s: float) -> int:
+    """flock(LOCK_EX) on the host-only lock file, given up after timeout_s: an fd to close."""
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SlotError(f"{path}: cannot open the host writers' lock: {exc.strerror}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise SlotError(
+                    f"{path}: another host writer has held this slot's lock for "
+                    f"{timeout_s:g} s; try again"
+                ) from None
+            time.sleep(HOST_LOCK_POLL_S)
+        except OSError as exc:
+            os.close(fd)
+            raise SlotError(f"{path}: cannot lock: {exc.strerror}") from exc
 
-    def __init__(self, path: Path) -> None:
+
+class LimitsMap:
+    """A tenant's limits file mapped shared, read-write.
+
+    lock: the file host writers serialise on (default: files.lock_path of the slot).
+    """
+
+    def __init__(self, path: Path, lock: Path | None = None) -> None:
+        self.lock_path = lock if lock is not None else files.lock_path(path.parent)
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -74,6 +107,9 @@ class LimitsMap:
             if st.st_size != LIMITS_SIZE:
                 raise SlotError(f"{path}: {st.st_size} bytes, expected {LIMITS_SIZE}")
             self._mm = mmap.mmap(fd, LIMITS_SIZE, mmap.MAP_SHARED)
+        except OSError as exc:  # out of descriptors or memory: this slot, not the caller
+            os.close(fd)
+            raise SlotError(f"{path}: cannot map: {exc.strerror}") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -135,9 +171,13 @@ class LimitsMap:
         return self._u64[_HEARTBEAT_WORD]
 
     @contextlib.contextmanager
-    def update(self) -> Iterator[abi.Limits]:
-        """Write seqlocked fields: seq odd, the caller's stores, generation+1, seq even."""
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+    def update(self, timeout_s: float = HOST_LOCK_TIMEOUT_S) -> Iterator[abi.Limits]:
+        """Write seqlocked fields: seq odd, the caller's stores, generation+1, seq even.
+
+        Host writers serialise on the host-only lock file, waited for at most timeout_s
+        (SlotError after); nothing in the slot, which the tenant can reach, is locked.
+        """
+        lock = _host_lock(self.lock_path, timeout_s)
         try:
             if self.view.seq % 2:  # a writer died mid-update; its half-write is ours to finish
                 self.view.seq += 1
@@ -148,7 +188,7 @@ class LimitsMap:
                 self.view.generation += 1
                 self.view.seq += 1
         finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(lock)  # closing the only fd on it releases the flock
 
     def close(self) -> None:
         # The views export the buffer; they must go before the mapping can.
@@ -227,6 +267,11 @@ class UsageReader:
         except OSError as exc:
             raise SlotError(f"{self.path}: cannot read: {exc.strerror}") from exc
         if len(data) != size:
+            if not data and offset == 0:
+                raise SlotError(
+                    f"{self.path}: empty (a tenant truncated it, or it is a mount that this "
+                    "process's mount namespace does not receive from the host)"
+                )
             raise SlotError(f"{self.path}: truncated (a tenant rewrote its usage file?)")
         return data
 
