@@ -9,6 +9,7 @@ the shim does not, as the real driver does.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from fcsp_hook import cgroups, procfs
-from fcsp_hook.slot import abi
+from fcsp_hook.ctl import status as ctl_status
+from fcsp_hook.slot import abi, files
 from tests.cgroup import fresh_cgroup
 from tests.shim.harness import PROG_DIR, SHIM, SIM_DIR, build, read_until_ready
 from tests.test_observer import Host, wait_for
@@ -222,6 +224,9 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
         assert _held(host, "honest") == 0
         assert 5.0 <= _driver_share(host, honest.pid, 5) <= 13.0
         assert "frozen part of the time" in host.log_text()
+        lines = ctl_status.status_text(host.run_dir).splitlines()
+        rows = {line.split()[0]: line for line in lines if line.strip()}
+        assert "HELD" in rows["greedy"] and "HELD" not in rows["honest"]
         other.set_frozen(False)
         honest_tenant.stop()
 
@@ -229,3 +234,26 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
 def _held(host: Host, cid: str) -> int:
     value = _tenant_state(host, cid).get("held_pct", 0)
     return value if isinstance(value, int) else 0
+
+
+def test_out_of_descriptors_the_observer_deletes_no_live_slot(host: Host) -> None:
+    """The observer limited to 64 descriptors, 40 tenants of running containers (3
+    descriptors each): it cannot open them all, nor read /proc at times, yet it deletes
+    no slot and keeps running."""
+    own = procfs.proc_stat(os.getpid())
+    assert own is not None
+    names = [f"c{i}" for i in range(40)]
+    for name in names:
+        host.add(name)
+        host.set_init(name, os.getpid(), own[1])
+    proc = host.start()
+    prlimit = subprocess.run(
+        ["prlimit", f"--pid={proc.pid}", "--nofile=64:64"], capture_output=True, check=False
+    )
+    assert prlimit.returncode == 0, prlimit.stderr
+    ticks = _ticks(host) if host.state() else 0
+    wait_for("twenty reaps", lambda: _ticks(host) > ticks + 40)
+    assert proc.poll() is None
+    assert all(files.slot_path(host.run_dir, n).exists() for n in names)
+    assert "container gone, slot reaped" not in host.log_text()
+    assert "tenant not watched" in host.log_text()  # said, not silent

@@ -42,6 +42,7 @@ from typing import Any
 from lib import REPO, gpu
 
 NAMES = (
+    "authority",
     "compute",
     "compute-diagnosis",
     "hook-latency",

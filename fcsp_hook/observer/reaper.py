@@ -24,6 +24,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from fcsp_hook import cgroups
 from fcsp_hook.errors import FcspError, SlotError
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState, Tenant
 from fcsp_hook.procfs import PROC, proc_stat
@@ -121,6 +122,9 @@ class Reaper(Duty):
 
     def run(self, state: HostState, now_ns: int) -> None:
         init_pids: dict[str, int] = {}
+        for tenant in state.tenants.values():
+            if tenant.cgroup is None:  # the hook may have written it after the limits
+                tenant.cgroup = cgroups.read_record(tenant.directory)
         for cid, tenant in list(state.tenants.items()):
             alive = container_alive(
                 int(tenant.spec.init_host_pid), int(tenant.spec.init_start_time)

@@ -8,6 +8,7 @@ share duty decides on: active or idle, unmet demand, and the size of its launche
 
 from __future__ import annotations
 
+import errno
 import os
 import statistics
 
@@ -19,6 +20,7 @@ from fcsp_hook.observer.state import (
     Duty,
     Grant,
     HostState,
+    Logger,
     Tenant,
     TenantDevice,
     backend,
@@ -138,6 +140,7 @@ class Tenants(Duty):
     def __init__(self) -> None:
         self.tenants_mtime = -1
         self.next_scan_ns = 0
+        self.unwatched: dict[str, str] = {}  # slots it cannot open now, and why
         self.last_ns = 0
 
     def run(self, state: HostState, now_ns: int) -> None:
@@ -180,7 +183,12 @@ class Tenants(Duty):
                 state.drop_tenant(name, "tenant slot recreated")
                 tenant = None
             if tenant is None:
-                _open(state, name, now_ns)
+                problem = _open(state, name, now_ns)
+                if problem and self.unwatched.get(name) != problem:
+                    state.log.error("tenant not watched", container_id=name, error=problem)
+                self.unwatched[name] = problem
+        for name in set(self.unwatched) - seen:
+            del self.unwatched[name]
         for name in set(state.tenants) - seen:
             state.drop_tenant(name, "tenant slot gone")
 
@@ -225,21 +233,21 @@ def _same_file(tenant: Tenant) -> bool:
         return False
 
 
-def _open(state: HostState, name: str, now_ns: int) -> None:
+def _open(state: HostState, name: str, now_ns: int) -> str:
+    """Watch a slot; '' once it is open, else why not when that is worth an error: out
+    of descriptors (most often the hook is writing the slot now: that is only debug)."""
     directory = files.tenants_dir(state.run_dir) / name
     log = state.log.bind(container_id=name)
     try:
         limits = live.LimitsMap(directory / abi.LIMITS_FILE)
     except SlotError as exc:
-        log.debug("slot not ready", error=str(exc))  # the hook may be writing it now
-        return
+        return _not_opened(log, exc)
     try:
         usage = live.UsageReader(directory / abi.USAGE_FILE)
         spec = limits.snapshot()
     except SlotError as exc:
         limits.close()
-        log.debug("slot not ready", error=str(exc))
-        return
+        return _not_opened(log, exc)
     tenant = Tenant(
         name, directory, limits, usage, spec, log, cgroup=cgroups.read_record(directory)
     )
@@ -249,6 +257,15 @@ def _open(state: HostState, name: str, now_ns: int) -> None:
     log.info(
         "tenant found", tenant=tenant.name, mode=tenant.mode.name.lower(), gpus=tenant.device_count
     )
+    return ""
+
+
+def _not_opened(log: Logger, exc: SlotError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno in {errno.EMFILE, errno.ENFILE}:
+        return f"out of descriptors (raise LimitNOFILE): {exc}"
+    log.debug("slot not ready", error=str(exc))
+    return ""
 
 
 def _describe(state: HostState, tenant: Tenant, now_ns: int) -> None:

@@ -1,0 +1,335 @@
+"""The host as the authority, on a real GPU: what a tenant that attacks gets.
+
+    OUT=$OUT python3 bench/gpu_authority.py [--only contexts,memory,compute,long,mps]
+
+Sections (each tenant's container is a cgroup this bench makes, recorded in its slot as
+the hook records it; fcsp-observer runs from this checkout with its defaults):
+  contexts  a bare CUDA context as NVML counts it (the observer's probe), and what a
+            PyTorch process holds beyond its allocations
+  memory    an honest tenant at its quota with three processes is never touched; a
+            process without the shim past the quota is stopped, and how soon
+  compute   a tenant launching without the shim at strict 10 %, against one with it:
+            the share each gets over the last 5 s, and the part of the time it is frozen
+  long      ten processes in turn, each one 200 ms kernel then exit, at strict 10 %
+  mps       an MPS tenant at 30 % that setenv()s 100 % before CUDA starts, with and
+            without the shim: the share the real daemon gives it
+Writes $OUT/authority.md and $OUT/authority-raw.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lib  # noqa: F401  # the checkout first on sys.path
+from lib.report import Report, out_dir, save_json
+from lib.scene import Device, Scene
+
+from fcsp_hook import cgroups, nvml
+from fcsp_hook.observer import contexts
+from fcsp_hook.slot import abi
+
+WORKER = Path(__file__).resolve().parent / "authority_workers.py"
+GiB = 1 << 30
+SECTIONS = ("contexts", "memory", "compute", "long", "mps")
+
+
+class Tenants:
+    """Containers as cgroups, and worker processes started inside them."""
+
+    def __init__(self, scene: Scene) -> None:
+        self.scene = scene
+        self.groups: list[cgroups.Cgroup] = []
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def add(self, name: str, sm: int, mem: int = 0, **slot: Any) -> tuple[Path, cgroups.Cgroup]:
+        directory = self.scene.slot(name, [Device(sm_centi=sm, mem_bytes=mem)], **slot)
+        mine = cgroups.of_process(os.getpid())
+        group = cgroups.Cgroup(mine.directory / f"fcsp-bench-{uuid.uuid4().hex[:8]}", mine.v2)
+        group.directory.mkdir()
+        self.groups.append(group)
+        (directory / cgroups.CGROUP_FILE).write_text(group.to_text())
+        init = self.start(group, ["sleep", "3600"], None)
+        stat = Path(f"/proc/{init.pid}/stat").read_bytes()
+        start_time = int(stat[stat.rfind(b")") + 2 :].split()[19])
+        from fcsp_hook.slot import live  # noqa: PLC0415
+
+        limits = live.LimitsMap(directory / abi.LIMITS_FILE)
+        with limits.update() as view:
+            view.init_host_pid, view.init_start_time = init.pid, start_time
+        limits.close()
+        return directory, group
+
+    def start(
+        self, group: cgroups.Cgroup | None, argv: list[str], slot: Path | None, **env: str
+    ) -> subprocess.Popen[str]:
+        procs = group.directory / "cgroup.procs" if group else None
+        proc = subprocess.Popen(
+            argv,
+            env=self.scene.env(slot, extra=env) if slot else {**self.scene.env(), **env},
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=(lambda: procs.write_text("0\n")) if procs else None,  # noqa: PLW1509
+        )
+        self.procs.append(proc)
+        return proc
+
+    def worker(
+        self, group: cgroups.Cgroup | None, slot: Path | None, *args: str, **env: str
+    ) -> subprocess.Popen[str]:
+        return self.start(group, [sys.executable, str(WORKER), *args], slot, **env)
+
+    def close(self) -> None:
+        for group in self.groups:
+            with contextlib.suppress(cgroups.CgroupError):
+                group.set_frozen(False)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for group in self.groups:
+            with contextlib.suppress(OSError):
+                group.directory.rmdir()
+
+
+def lines(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    """The next JSON line of a worker (its 'ready' or its result)."""
+    if proc.stdout is None:
+        return {"error": "no stdout"}
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                return value
+        if time.monotonic() > deadline:
+            break
+    return {"error": f"exit {proc.wait()}"}
+
+
+def tenant_state(scene: Scene, name: str) -> dict[str, Any]:
+    value = scene.observer_state().get("tenants", {}).get(name, {})
+    return value if isinstance(value, dict) else {}
+
+
+def section_contexts(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
+    nv = nvml.Nvml()
+    gpu = nv.inventory()[0]
+    bare = contexts.measure(nv, [gpu]).get(gpu.uuid)
+    proc = t.worker(None, None, "hold", "1", "20")
+    ready = lines(proc)
+    used = next((p.used_bytes for p in nv.processes([gpu])[gpu.uuid] if p.host_pid == proc.pid), 0)
+    proc.kill()
+    over = used - int(ready.get("reserved", 0))
+    raw["contexts"] = {"bare": bare, "torch_used": used, "torch_reserved": ready.get("reserved")}
+    mib = 1 << 20
+    return [
+        ["a bare context (the observer's probe)", f"{(bare or 0) / mib:.0f} MiB"],
+        [
+            "a PyTorch process (1 GiB tensor, cuBLAS), beyond its allocations",
+            f"{over / mib:.0f} MiB",
+        ],
+        [
+            "allowed per process by default (context + process_allowance_mib)",
+            f"{((bare or 0) + 256 * mib) / mib:.0f} MiB",
+        ],
+    ]
+
+
+def section_memory(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
+    scene = t.scene
+    honest_slot, honest_group = t.add("honest", 10_000, 6 * GiB)
+    honest = [t.worker(honest_group, honest_slot, "hold", "1.9", "15") for _ in range(3)]
+    for p in honest:
+        lines(p)
+    forger_slot, forger_group = t.add("forger", 10_000, 4 * GiB)
+    del forger_slot
+    forger = t.worker(forger_group, None, "hold", "8", "60")  # no shim
+    ready = lines(forger)
+    t_ready = time.monotonic()
+    while forger.poll() is None and time.monotonic() < t_ready + 20:
+        time.sleep(0.05)
+    stopped = time.monotonic() - t_ready if forger.poll() is not None else None
+    time.sleep(3)
+    alive = sum(p.poll() is None for p in honest)
+    raw["memory"] = {
+        "forger": ready,
+        "stopped_after_s": stopped,
+        "honest_alive": alive,
+        "honest_state": tenant_state(scene, "honest"),
+    }
+    return [
+        ["honest: 3 processes x 1.9 GiB under a 6 GiB quota, still running", f"{alive} of 3"],
+        [
+            "forger: 8 GiB without the shim under 4 GiB, stopped after",
+            f"{stopped:.1f} s" if stopped is not None else "not stopped in 20 s",
+        ],
+    ]
+
+
+def share(counts: list[int], solo: float) -> float:
+    return 100 * statistics.mean(counts[-5:]) / solo if counts and solo else float("nan")
+
+
+def section_compute(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
+    scene = t.scene
+    solo_proc = t.worker(None, None, "matmul", "4")
+    lines(solo_proc)
+    solo = statistics.median(lines(solo_proc).get("per_second", [0])[1:] or [0])
+    strict = abi.IsolationMode.STRICT
+    greedy_slot, greedy_group = t.add("greedy", 1000, mode=strict)
+    del greedy_slot
+    honest_slot, honest_group = t.add("honest10", 1000, mode=strict)
+    greedy = t.worker(greedy_group, None, "matmul", "16")
+    honest = t.worker(honest_group, honest_slot, "matmul", "16")
+    lines(greedy), lines(honest)
+    held = {"greedy": 0, "honest10": 0}
+    end = time.monotonic() + 16
+    while time.monotonic() < end and greedy.poll() is None:
+        for name, most in held.items():
+            held[name] = max(most, int(tenant_state(scene, name).get("held_pct", 0) or 0))
+        time.sleep(0.2)
+    g, h = lines(greedy).get("per_second", []), lines(honest).get("per_second", [])
+    raw["compute"] = {"solo_per_s": solo, "greedy": g, "honest": h, "held": held}
+    return [
+        [
+            "without the shim, strict 10 %: share of its solo throughput, last 5 s",
+            f"{share(g, solo):.1f} %",
+            f"frozen up to {held['greedy']} % of the time",
+        ],
+        [
+            "with the shim, strict 10 %, beside it",
+            f"{share(h, solo):.1f} %",
+            f"frozen up to {held['honest10']} % of the time",
+        ],
+    ]
+
+
+def section_long(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
+    scene = t.scene
+    solo = lines(t.worker(None, None, "spin", "200")).get("kernel_ms", 0.0)
+    slot = scene.slot(
+        "long", [Device(sm_centi=1000)], mode=abi.IsolationMode.STRICT, observed=False
+    )
+    start = time.monotonic()
+    kernels = [lines(t.worker(None, slot, "spin", "200")).get("kernel_ms", 0.0) for _ in range(10)]
+    wall = time.monotonic() - start
+    got = 100 * sum(kernels) / 1000 / wall
+    raw["long"] = {"solo_ms": solo, "kernels_ms": kernels, "wall_s": wall}
+    return [
+        [
+            "ten processes, one 200 ms kernel each, strict 10 %: share of the GPU",
+            f"{got:.1f} %",
+            f"kernel {solo:.0f} ms alone, {wall:.1f} s for all ten",
+        ]
+    ]
+
+
+def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
+    control = "/usr/local/nvidia/bin/nvidia-cuda-mps-control"
+    gpu = nvml.Nvml().inventory()[0].uuid
+    rows = []
+    with Scene(Path(tempfile.mkdtemp(prefix="fa-", dir="/tmp")), name="mps") as scene:
+        scene.start_observer(mps_gpus=[gpu], mps_control=control)
+        scene.wait_mps(gpu)
+        t = Tenants(scene)
+        try:
+            for shim in (True, False):
+                name = f"mps-{'shim' if shim else 'bare'}"
+                threads = scene.mps_threads(
+                    name, gpu, 3000, abi.IsolationMode.STRICT, abi.Priority.BEST_EFFORT
+                )
+                slot = scene.slot(
+                    name,
+                    [
+                        Device(
+                            uuid=gpu,
+                            sm_centi=3000,
+                            backend=abi.Backend.MPS,
+                            mps_threads_centi=threads,
+                        )
+                    ],
+                    mode=abi.IsolationMode.STRICT,
+                )
+                scene.link_mps(slot, gpu)
+                env = {} if shim else {"CUDA_MPS_PIPE_DIRECTORY": str(slot / abi.MPS_DIR)}
+                proc = t.worker(None, slot if shim else None, "mps-env", "100", "8", **env)
+                lines(proc)
+                counts = lines(proc).get("per_second", [])
+                raw[name] = counts
+                how = "with" if shim else "without"
+                rows.append(
+                    [
+                        f"MPS strict 30 %, setenv 100 %, {how} the shim",
+                        f"{share(counts, solo):.1f} %",
+                        "",
+                    ]
+                )
+        finally:
+            t.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", default=",".join(SECTIONS))
+    args = parser.parse_args(argv)
+    wanted = [s for s in args.only.split(",") if s]
+    out = out_dir()
+    report = Report(
+        "authority",
+        "The host as the authority: what a tenant that attacks gets",
+        "Tenants that forge, bypass the shim or launch long kernels, against "
+        "fcsp-observer's host-side checks (NVML, cgroups) and the shim.",
+        out,
+    )
+    raw: dict[str, Any] = {}
+    rows: list[list[Any]] = []
+    with Scene(
+        Path(tempfile.mkdtemp(prefix="fa-", dir="/tmp")), out / "authority-raw", name="auth"
+    ) as scene:
+        scene.start_observer()
+        t = Tenants(scene)
+        try:
+            for name in wanted:
+                if name == "mps":
+                    continue
+                started = time.monotonic()
+                try:
+                    section = {
+                        "contexts": section_contexts,
+                        "memory": section_memory,
+                        "compute": section_compute,
+                        "long": section_long,
+                    }[name]
+                    rows += [[*r, ""][:3] for r in section(t, raw)]
+                except Exception as exc:  # one section failing leaves the others' figures
+                    rows.append([name, f"failed: {type(exc).__name__}: {exc}"[:200], ""])
+                print(f"[{name}] {time.monotonic() - started:.0f} s", flush=True)
+        finally:
+            t.close()
+    if "mps" in wanted:
+        try:
+            rows += section_mps(raw, float(raw.get("compute", {}).get("solo_per_s") or 0))
+        except Exception as exc:
+            rows.append(["mps", f"failed: {type(exc).__name__}: {exc}"[:200], ""])
+    report.table(["what", "measured", "note"], rows)
+    save_json(out / "authority-raw.json", {"meta": report.meta, "raw": raw})
+    print(report.write())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
