@@ -204,3 +204,20 @@ def parse(
 
 def has_fcsp_annotations(annotations: Mapping[str, str]) -> bool:
     return any(key.startswith(PREFIX) for key in annotations)
+
+
+# How each CRI runtime marks a pod's sandbox (pause) container, which gets the pod's
+# annotations too but never a GPU: containerd, CRI-O, and dockershim/cri-dockerd.
+SANDBOX_MARKS = (
+    ("io.kubernetes.cri.container-type", "sandbox"),
+    ("io.kubernetes.cri-o.ContainerType", "sandbox"),
+    ("io.kubernetes.docker.type", "podsandbox"),
+)
+
+
+def sandbox_mark(annotations: Mapping[str, str]) -> str:
+    """`key=value` when the spec is a pod's sandbox container, else ''."""
+    for key, value in SANDBOX_MARKS:
+        if annotations.get(key) == value:
+            return f"{key}={value}"
+    return ""

@@ -69,6 +69,9 @@ CLOCK_FULL_LOAD = "full-load"
 MIN_TURN_CYCLE_MS = 10  # shorter turns switch as often as the driver does
 OVER_QUOTA_WARN = "warn"
 OVER_QUOTA_KILL = "kill"
+# Where the observer serves its metrics unless config.toml says otherwise: tenant names
+# and ids are not for the network at large.
+METRICS_LOCALHOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,10 @@ class ObserverConfig:
     contention_low_pct: int = 20
     # How far adaptive moves between relaxed (0) and strict (100) per tick.
     adaptive_step_pct: int = 25
-    # Prometheus metrics on 127.0.0.1:<port>; 0 turns them off.
+    # Prometheus metrics on <metrics_address>:<port>; 0 turns them off.
     metrics_port: int = 9401
+    # The address the metrics listen on: an IPv4 or IPv6 address (0.0.0.0 or :: for all).
+    metrics_address: str = METRICS_LOCALHOST
     # NVML process lists hold the driver's lock: polled at most once a second.
     nvml_interval_ms: int = 1000
     # A tenant over its hard memory quota by NVML's count (the quota plus each process's
@@ -128,8 +133,24 @@ class ObserverConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     # The OCI runtime fcsp-runtime hands every command to: "auto" (nvidia-container-runtime
-    # when it is on PATH, else runc) or an absolute path.
+    # on PATH or where the GPU Operator and the packages put it, else runc) or an absolute
+    # path (next_runtime).
     next: str = next_runtime.NEXT_AUTO
+
+
+ADMISSION_REFUSE = "refuse"
+ADMISSION_WARN = "warn"
+ADMISSION_OFF = "off"
+ADMISSION_POLICIES = {p: p for p in (ADMISSION_REFUSE, ADMISSION_WARN, ADMISSION_OFF)}
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    # A container whose strict share or hard memory quota would take a GPU's guarantees
+    # past 100 % of its SMs or past its memory: "refuse" (it does not start; one line names
+    # the GPU, the request and what is already promised), "warn" (it starts, the line is
+    # logged) or "off" (not checked).
+    policy: str = ADMISSION_REFUSE
 
 
 BACKENDS = {b.name.lower(): b for b in abi.Backend}
@@ -165,6 +186,7 @@ class Config:
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
 
 
 def _choice(section: str, key: str, value: object, choices: Mapping[str, Any]) -> Any:
@@ -186,6 +208,32 @@ def _percent(section: str, key: str, value: object) -> int:
         return value
     raise ConfigError(
         f"[{section}] {key} = {value!r} is invalid: expected an integer from 0 to 100"
+    )
+
+
+def _is_ipv4(text: str) -> bool:
+    parts = text.split(".")
+    return len(parts) == 4 and all(
+        p.isascii() and p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts
+    )
+
+
+def _address(section: str, key: str, value: object) -> str:
+    """An IP address to listen on (no name: nothing to resolve at every start)."""
+    if isinstance(value, str) and (value == METRICS_LOCALHOST or _is_ipv4(value)):
+        return value
+    if isinstance(value, str) and ":" in value:
+        import ipaddress  # noqa: PLC0415  # only when an IPv6 address is configured
+
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            pass
+        else:
+            return value
+    raise ConfigError(
+        f"[{section}] {key} = {value!r} is invalid: expected an IPv4 or IPv6 address "
+        "such as 127.0.0.1, 0.0.0.0 or ::"
     )
 
 
@@ -228,6 +276,9 @@ def _observer(data: Mapping[str, object]) -> ObserverConfig:
         "over_quota_action",
         o.get("over_quota_action", OVER_QUOTA_KILL),
         {OVER_QUOTA_WARN: OVER_QUOTA_WARN, OVER_QUOTA_KILL: OVER_QUOTA_KILL},
+    )
+    values["metrics_address"] = _address(
+        "observer", "metrics_address", o.get("metrics_address", METRICS_LOCALHOST)
     )
     values["clock_normalise"] = _choice(
         "observer",
@@ -334,6 +385,10 @@ def from_mapping(data: Mapping[str, object]) -> Config:
     r = _table(data, "runtime", RuntimeConfig)
     # One check, shared with fcsp-runtime's fast path (which never imports this module).
     runtime_cfg = RuntimeConfig(next=next_runtime.parse_next(r.get("next", next_runtime.NEXT_AUTO)))
+    a = _table(data, "admission", AdmissionConfig)
+    admission = AdmissionConfig(
+        policy=_choice("admission", "policy", a.get("policy", ADMISSION_REFUSE), ADMISSION_POLICIES)
+    )
     return Config(
         defaults=defaults,
         hook=hook,
@@ -342,6 +397,7 @@ def from_mapping(data: Mapping[str, object]) -> Config:
         observer=_observer(data),
         runtime=runtime_cfg,
         backend=_backend(data),
+        admission=admission,
     )
 
 

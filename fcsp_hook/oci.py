@@ -44,6 +44,7 @@ class BundleConfig:
     root: Path | None = None
     env: tuple[str, ...] = ()
     devices: tuple[Device, ...] = ()
+    mounts: tuple[str, ...] = ()  # each mount's destination, in the spec's order
     readable: bool = True
     problem: str = ""
     malformed: bool = False
@@ -114,6 +115,17 @@ def _devices(doc: dict[str, Any]) -> tuple[Device, ...]:
     return tuple(found)
 
 
+def _mount_destinations(doc: dict[str, Any]) -> tuple[str, ...]:
+    entries = doc.get("mounts")
+    if not isinstance(entries, list):
+        return ()
+    return tuple(
+        e["destination"]
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("destination"), str)
+    )
+
+
 def decode_bundle_config(doc: object, bundle: Path) -> BundleConfig:
     if not isinstance(doc, dict):
         return BundleConfig(
@@ -127,6 +139,7 @@ def decode_bundle_config(doc: object, bundle: Path) -> BundleConfig:
         root=(bundle / root_path) if isinstance(root_path, str) and root_path else None,
         env=tuple(e for e in env if isinstance(e, str)) if isinstance(env, list) else (),
         devices=_devices(doc),
+        mounts=_mount_destinations(doc),
     )
 
 

@@ -62,6 +62,19 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[backend]\ndefault = 'mig'\n", "expected one of timeslice, mps"),
         ("[observer]\nturn_cycle_ms = 5\n", "turn_cycle_ms must be 0 (off) or 10-1000, got 5"),
         ("[observer]\nturn_cycle_ms = 2000\n", "expected an integer from 0 to 1000"),
+        (
+            "[admission]\npolicy = 'deny'\n",
+            "[admission] policy = 'deny' is invalid: expected one of refuse, warn, off",
+        ),
+        ("[admission]\nmode = 'refuse'\n", "[admission] mode is unknown: expected one of policy"),
+        (
+            "[observer]\nmetrics_address = 'localhost'\n",
+            "[observer] metrics_address = 'localhost' is invalid: expected an IPv4 or IPv6 "
+            "address such as 127.0.0.1, 0.0.0.0 or ::",
+        ),
+        ("[observer]\nmetrics_address = '10.0.0.256'\n", "expected an IPv4 or IPv6 address"),
+        ("[observer]\nmetrics_address = 'fe80:::1'\n", "expected an IPv4 or IPv6 address"),
+        ("[observer]\nmetrics_address = 9401\n", "expected an IPv4 or IPv6 address"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -87,3 +100,17 @@ def test_observer_config_section_is_validated(tmp_path: Path) -> None:
     path.write_text("[observer]\ncontention_low_pct = 60\ncontention_high_pct = 50\n")
     with pytest.raises(config.ConfigError, match="must not exceed contention_high_pct"):
         config.load(path)
+
+
+def test_admission_and_metrics_address_are_read(tmp_path: Path) -> None:
+    """[admission] policy defaults to refuse and takes warn or off; [observer]
+    metrics_address defaults to 127.0.0.1 and takes any IPv4 or IPv6 address."""
+    assert config.Config().admission.policy == "refuse"
+    assert config.Config().observer.metrics_address == "127.0.0.1"
+    path = tmp_path / "c.toml"
+    for policy in ("refuse", "warn", "off"):
+        path.write_text(f"[admission]\npolicy = '{policy}'\n")
+        assert config.load(path).admission.policy == policy
+    for address in ("0.0.0.0", "10.1.2.3", "::", "::1", "fd00::42"):  # noqa: S104  # a value under test
+        path.write_text(f"[observer]\nmetrics_address = '{address}'\n")
+        assert config.load(path).observer.metrics_address == address

@@ -4,15 +4,21 @@ containerd, the very text), --dry-run writes nothing, and a backup is kept."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import sys
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from fcsp_hook.ctl import engines
 from fcsp_hook.ctl import main as ctl
-from fcsp_hook.hook import hooksd
+from fcsp_hook.errors import ConfigError
+from fcsp_hook.hook import hooksd, next_runtime
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -374,3 +380,443 @@ def test_podman_ignores_the_backup_left_in_hooks_d(tmp_path: Path, rootfs: Path)
     argv += ["--rootfs", str(rootfs), str(GLIBC_IN_ROOTFS), "/etc/passwd"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
+
+
+# ---- chaining on real nodes: next = "auto" and the node's own containerd layout ----------
+
+
+def test_auto_finds_the_nvidia_runtime_where_operator_and_packages_put_it(tmp_path: Path) -> None:
+    """next = "auto": nvidia-container-runtime on PATH first, then the GPU Operator's
+    toolkit directory, then the packages' /usr/bin, and only then runc on PATH; the error
+    names every place it looked."""
+    path_dir, toolkit, usr_bin = tmp_path / "path", tmp_path / "toolkit", tmp_path / "usr-bin"
+    places = (str(toolkit / "nvidia-container-runtime"), str(usr_bin / "nvidia-container-runtime"))
+    runc = _executable(path_dir / "runc")
+    assert next_runtime.resolve_next("auto", str(path_dir), places) == str(runc)
+    packaged = _executable(usr_bin / "nvidia-container-runtime")
+    assert next_runtime.resolve_next("auto", str(path_dir), places) == str(packaged)
+    operator = _executable(toolkit / "nvidia-container-runtime")
+    assert next_runtime.resolve_next("auto", str(path_dir), places) == str(operator)
+    on_path = _executable(path_dir / "nvidia-container-runtime")
+    assert next_runtime.resolve_next("auto", str(path_dir), places) == str(on_path)
+    nowhere = (str(tmp_path / "none" / "nvidia-container-runtime"),)
+    with pytest.raises(ConfigError, match=r"found neither .* at .*none/nvidia-container-runtime"):
+        next_runtime.resolve_next("auto", str(tmp_path / "empty"), nowhere)
+    assert next_runtime.NVIDIA_LOCATIONS == (
+        "/usr/local/nvidia/toolkit/nvidia-container-runtime",
+        "/usr/bin/nvidia-container-runtime",
+    )
+
+
+def _executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+V2 = 'plugins."io.containerd.grpc.v1.cri".containerd'
+V3 = 'plugins."io.containerd.cri.v1.runtime".containerd'
+OPERATOR_RUNTIME = "/usr/local/nvidia/toolkit/nvidia-container-runtime"
+K3S_DIR = "/var/lib/rancher/k3s/agent/etc/containerd"
+RKE2_DIR = "/var/lib/rancher/rke2/agent/etc/containerd"
+
+
+def _runtimes_toml(prefix: str, default: str, runtimes: Mapping[str, Mapping[str, object]]) -> str:
+    """A CRI plugin's runtimes, as the tools that write them lay them out."""
+    out = [f"[{prefix}]"] + ([f'  default_runtime_name = "{default}"'] if default else [])
+    for name, options in runtimes.items():
+        out += ["", f'[{prefix}.runtimes."{name}"]', '  runtime_type = "io.containerd.runc.v2"']
+        out += [f'[{prefix}.runtimes."{name}".options]']
+        out += [f"  {k} = {json.dumps(v)}" for k, v in options.items()]
+    return "\n".join(out) + "\n"
+
+
+RUNC: dict[str, dict[str, object]] = {"runc": {"SystemdCgroup": True}}
+OPERATOR: dict[str, dict[str, object]] = {
+    "nvidia": {"BinaryName": OPERATOR_RUNTIME, "SystemdCgroup": True},
+    "nvidia-cdi": {"BinaryName": OPERATOR_RUNTIME + ".cdi", "SystemdCgroup": True},
+}
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node's containerd configuration as a tool left it, and where FCSP's runtime must
+    go on it."""
+
+    name: str
+    files: dict[str, str]
+    target: str  # the file install writes
+    service: str  # what restarts containerd there
+    chained: str = OPERATOR_RUNTIME  # the GPU runtime fcsp-runtime hands containers to
+    created: bool = False  # install creates target (uninstall removes it)
+
+
+NODES = [
+    Node(
+        "gpu-operator, containerd 1.7: the toolkit edits config.toml",
+        {
+            "/etc/containerd/config.toml": 'version = 2\nroot = "/var/lib/containerd"\n\n'
+            + _runtimes_toml(V2, "nvidia", {**RUNC, **OPERATOR})
+        },
+        "/etc/containerd/config.toml",
+        "containerd",
+    ),
+    Node(
+        "gpu-operator, containerd 2.x: the toolkit's conf.d drop-in",
+        {
+            "/etc/containerd/config.toml": 'imports = ["/etc/containerd/conf.d/*.toml"]\n'
+            "version = 3\n\n" + _runtimes_toml(V3, "", RUNC),
+            "/etc/containerd/conf.d/99-nvidia.toml": "version = 3\n\n"
+            + _runtimes_toml(V3, "nvidia", {**RUNC, **OPERATOR}),
+        },
+        "/etc/containerd/conf.d/fcsp.toml",
+        "containerd",
+        created=True,
+    ),
+    Node(
+        "containerd 2.3 (config version 4) importing conf.d: a drop-in of its own",
+        {
+            "/etc/containerd/config.toml": 'version = 4\nimports = ["conf.d/*.toml"]\n\n'
+            + _runtimes_toml(V3, "nvidia", {**RUNC, **OPERATOR}),
+        },
+        "/etc/containerd/conf.d/fcsp.toml",
+        "containerd",
+        created=True,
+    ),
+    Node(
+        "gpu-operator, containerd 1.7 with imports: the drop-in's CRI table wins",
+        {
+            "/etc/containerd/config.toml": 'version = 2\nimports = ["conf.d/*.toml"]\n\n'
+            + _runtimes_toml(V2, "", RUNC),
+            "/etc/containerd/conf.d/99-nvidia.toml": "version = 2\n\n"
+            + _runtimes_toml(V2, "nvidia", {**RUNC, **OPERATOR}),
+        },
+        "/etc/containerd/conf.d/99-nvidia.toml",
+        "containerd",
+    ),
+    Node(
+        "toolkit packages: nvidia-ctk runtime configure, runc still the default",
+        {
+            "/etc/containerd/config.toml": "version = 2\n\n"
+            + _runtimes_toml(
+                V2,
+                "runc",
+                {**RUNC, "nvidia": {"BinaryName": "/usr/bin/nvidia-container-runtime"}},
+            )
+        },
+        "/etc/containerd/config.toml",
+        "containerd",
+        chained="/usr/bin/nvidia-container-runtime",
+    ),
+    Node(
+        "k3s with containerd 1.7: it renders config.toml, the template extends its base",
+        {
+            f"{K3S_DIR}/config.toml": "\n# File generated by k3s. DO NOT EDIT.\nversion = 2\n\n"
+            '[plugins."io.containerd.grpc.v1.cri"]\n  sandbox_image = "rancher/pause:3.6"\n\n'
+            + _runtimes_toml(V2, "", {**RUNC, "nvidia": {"BinaryName": OPERATOR_RUNTIME}})
+        },
+        f"{K3S_DIR}/config.toml.tmpl",
+        "k3s",
+        created=True,
+    ),
+    Node(
+        "k3s with containerd 2.x: config-v3.toml.tmpl",
+        {
+            f"{K3S_DIR}/config.toml": "version = 3\n\n"
+            + _runtimes_toml(V3, "", {**RUNC, "nvidia": {"BinaryName": OPERATOR_RUNTIME}})
+        },
+        f"{K3S_DIR}/config-v3.toml.tmpl",
+        "k3s",
+        created=True,
+    ),
+    Node(
+        "k3s importing config-v3.toml.d: a drop-in of its own",
+        {
+            f"{K3S_DIR}/config.toml": "version = 3\n"
+            f'imports = ["{K3S_DIR}/config-v3.toml.d/*.toml"]\n\n'
+            + _runtimes_toml(V3, "", {**RUNC, "nvidia": {"BinaryName": OPERATOR_RUNTIME}})
+        },
+        f"{K3S_DIR}/config-v3.toml.d/fcsp.toml",
+        "k3s",
+        created=True,
+    ),
+    Node(
+        "RKE2 with the operator's own template: the block is added to it",
+        {
+            f"{RKE2_DIR}/config.toml": "version = 2\n\n"
+            + _runtimes_toml(V2, "nvidia", {**RUNC, **OPERATOR}),
+            f"{RKE2_DIR}/config.toml.tmpl": '{{ template "base" . }}\n\n'
+            '[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/certs.d"\n',
+        },
+        f"{RKE2_DIR}/config.toml.tmpl",
+        "rke2-server",
+    ),
+]
+
+
+def _render(root: Path, node: Node) -> dict[str, object]:
+    """containerd's CRI runtimes once the engine restarts: a template rendered over the
+    distribution's config (its base), then every imported file merged key by key."""
+    target = root / node.target.lstrip("/")
+    if target.name.endswith(".tmpl"):
+        base = (target.parent / "config.toml").read_text()
+        doc = tomllib.loads(target.read_text().replace(engines.BASE_TEMPLATE, base))
+        docs = [doc]
+    else:
+        docs = [tomllib.loads((root / p.lstrip("/")).read_text()) for p in sorted(node.files)]
+        if node.created:
+            docs.append(tomllib.loads(target.read_text()))
+    merged: dict[str, object] = {}
+    for doc in docs:
+        version = doc.get("version", 1)
+        merged.update(_cri(doc, version) if _has_cri(doc, version) else {})
+    return merged
+
+
+def _has_cri(doc: dict[str, object], version: int) -> bool:
+    node: object = doc
+    for part in engines.runtimes_path(version):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("node", NODES, ids=[n.name for n in NODES])
+def test_containerd_install_goes_where_the_nodes_containerd_reads_it(
+    tmp_path: Path, node: Node
+) -> None:
+    """On each kind of node (GPU Operator on containerd 1.x and 2.x, its conf.d drop-in,
+    the toolkit packages, k3s and RKE2 templates and drop-ins) install writes exactly one
+    file, the one containerd reads the runtime from, leaving every other file as it was;
+    the fcsp runtime copies the node's GPU runtime's options with BinaryName =
+    fcsp-runtime; the notes name the runtime it chains to and the unit to restart;
+    install again changes nothing, and uninstall gives back every file as it was."""
+    for path, text in node.files.items():
+        _place(tmp_path, Path(path), text)
+    before = {p: (tmp_path / p.lstrip("/")).read_text() for p in node.files}
+    change = _install("containerd", tmp_path)
+    assert change.path == tmp_path / node.target.lstrip("/")
+    for path, text in before.items():
+        if path != node.target:
+            assert (tmp_path / path.lstrip("/")).read_text() == text
+    runtimes = _render(tmp_path, node)
+    fcsp = runtimes["fcsp"]
+    assert isinstance(fcsp, dict)
+    assert fcsp["options"] == {"BinaryName": RUNTIME, "SystemdCgroup": True}
+    assert fcsp["pod_annotations"] == ["fcsp.*"]
+    assert fcsp["runtime_type"] == "io.containerd.runc.v2"
+    assert any(f"hand containers to {node.chained}" in n for n in change.notes)
+    assert any(f"systemctl restart {node.service}`" in n for n in change.notes)
+    assert not _install("containerd", tmp_path).changed
+    _uninstall("containerd", tmp_path)
+    for path, text in before.items():
+        assert (tmp_path / path.lstrip("/")).read_text() == text
+    assert (tmp_path / node.target.lstrip("/")).exists() is not node.created
+
+
+def test_containerd_chain_copies_the_gpu_runtimes_settings(tmp_path: Path) -> None:
+    """The fcsp runtime takes the GPU runtime's settings (privileged_without_host_devices,
+    its own pod annotations, base_runtime_spec) over runc's options; a GPU runtime that
+    is not runc's shim (kata) is not chained to."""
+    view = engines.CriView(
+        {
+            "runc": {"runtime_type": "io.containerd.runc.v2", "options": {"SystemdCgroup": True}},
+            "nvidia": {
+                "runtime_type": "io.containerd.runc.v2",
+                "privileged_without_host_devices": False,
+                "base_runtime_spec": "/etc/containerd/base.json",
+                "pod_annotations": ["nvidia.cdi.k8s.io/*", "fcsp.*"],
+                "options": {
+                    "BinaryName": "/usr/bin/nvidia-container-runtime",
+                    "NoNewKeyring": True,
+                },
+            },
+            "kata-nvidia": {
+                "runtime_type": "io.containerd.kata.v2",
+                "options": {"BinaryName": "/usr/bin/nvidia-container-runtime"},
+            },
+        },
+        default="kata-nvidia",
+    )
+    assert engines.gpu_runtime(view) == "nvidia"
+    assert engines.containerd_entry(view, "nvidia", RUNTIME) == {
+        "runtime_type": "io.containerd.runc.v2",
+        "privileged_without_host_devices": False,
+        "base_runtime_spec": "/etc/containerd/base.json",
+        "pod_annotations": ["fcsp.*", "nvidia.cdi.k8s.io/*"],
+        "options": {"BinaryName": RUNTIME, "SystemdCgroup": True, "NoNewKeyring": True},
+    }
+    assert engines.gpu_runtime(engines.CriView({"runc": {}})) == ""
+
+
+def test_containerd_chain_elsewhere_says_to_set_next(tmp_path: Path) -> None:
+    """A GPU runtime that "auto" does not look for: the note gives the exact [runtime] next
+    line to set."""
+    custom = "/opt/nvidia/bin/nvidia-container-runtime"
+    text = "version = 2\n\n" + _runtimes_toml(V2, "nvidia", {"nvidia": {"BinaryName": custom}})
+    _place(tmp_path, engines.CONTAINERD_CONFIG, text)
+    change = _install("containerd", tmp_path)
+    assert f'set [runtime] next = "{custom}" in /etc/fcsp/config.toml' in "\n".join(change.notes)
+
+
+def test_containerd_block_left_in_another_file_is_named(tmp_path: Path) -> None:
+    """A block from an install into another layout (containerd 2.x gained a conf.d import
+    since): install refuses in one line naming that file; uninstall finds it there."""
+    main = _place(
+        tmp_path, engines.CONTAINERD_CONFIG, "version = 3\n\n" + _runtimes_toml(V3, "", RUNC)
+    )
+    _install("containerd", tmp_path)
+    main.write_text('imports = ["/etc/containerd/conf.d/*.toml"]\n' + main.read_text())
+    with pytest.raises(
+        engines.EngineError, match=r"config.toml holds fcspctl's block .* uninstall"
+    ):
+        engines.plan("containerd", "install", _settings(tmp_path))
+    change = _uninstall("containerd", tmp_path)
+    assert change.path == main
+    assert engines.BEGIN_MARK not in main.read_text()
+
+
+# ---- Kubernetes: the node label ----------------------------------------------------------
+
+
+class _Api(http.server.BaseHTTPRequestHandler):
+    """A Kubernetes API server as far as the DaemonSet's steps need one."""
+
+    calls: ClassVar[list[tuple[str, str, str, object]]] = []
+    runtime = "containerd://1.7.27"
+
+    def _answer(self, code: int, doc: object) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _record(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.calls.append((self.command, self.path, self.headers["Authorization"], body))
+
+    def do_GET(self) -> None:
+        self._record()
+        if self.path == "/api/v1/namespaces/fcsp-system/pods/fcsp-node-x7k2p":
+            self._answer(200, {"spec": {"nodeName": "gpu-node-1"}})
+        elif self.path == "/api/v1/nodes/gpu-node-1":
+            self._answer(200, {"status": {"nodeInfo": {"containerRuntimeVersion": self.runtime}}})
+        else:
+            self._answer(404, {"kind": "Status", "message": f"{self.path} not found"})
+
+    def do_PATCH(self) -> None:
+        self._record()
+        if self.headers["Content-Type"] != "application/merge-patch+json":
+            self._answer(415, {"message": "unsupported patch"})
+        elif self.path == "/api/v1/nodes/gpu-node-1":
+            self._answer(200, {"metadata": {"name": "gpu-node-1"}})
+        else:
+            self._answer(403, {"message": 'nodes "other" is forbidden'})
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[tuple[engines.KubeApi, type[_Api]]]:
+    """A local API server (plain HTTP) and the client the DaemonSet's pod would make."""
+    handler = type("Api", (_Api,), {"calls": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    yield engines.KubeApi(f"http://127.0.0.1:{port}", "t0ken", "fcsp-system"), handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_node_is_labelled_ready_and_unlabelled(
+    api: tuple[engines.KubeApi, type[_Api]],
+) -> None:
+    """set: a JSON merge patch of fcsp.io/ready=true on the pod's own node, with the
+    service account's token; remove: the same patch with null (the label goes)."""
+    client, server = api
+    node = engines.pod_node(client, "fcsp-node-x7k2p")
+    engines.label_node(client, node, True)
+    engines.label_node(client, node, False)
+    assert server.calls == [
+        ("GET", "/api/v1/namespaces/fcsp-system/pods/fcsp-node-x7k2p", "Bearer t0ken", None),
+        ("PATCH", "/api/v1/nodes/gpu-node-1", "Bearer t0ken",
+         {"metadata": {"labels": {"fcsp.io/ready": "true"}}}),
+        ("PATCH", "/api/v1/nodes/gpu-node-1", "Bearer t0ken",
+         {"metadata": {"labels": {"fcsp.io/ready": None}}}),
+    ]  # fmt: skip
+    assert engines.READY_LABEL == "fcsp.io/ready"
+
+
+def test_node_engine_follows_the_kubelets_runtime(
+    api: tuple[engines.KubeApi, type[_Api]],
+) -> None:
+    """ENGINE=auto: crio where the node reports CRI-O, else containerd."""
+    client, server = api
+    assert engines.node_engine(client, "gpu-node-1") == "containerd"
+    server.runtime = "cri-o://1.31.2"
+    assert engines.node_engine(client, "gpu-node-1") == "crio"
+
+
+def test_node_steps_outside_a_pod_and_on_api_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], api: tuple[engines.KubeApi, type[_Api]]
+) -> None:
+    """Outside a pod (no service account) the label step says so and succeeds, and the
+    engine is containerd; an API error is one line naming the call and the server's
+    message, exit 1."""
+    assert engines.node_main(["label-node", "set"], {}, tmp_path / "none") == 0
+    assert "not in a Kubernetes pod" in capsys.readouterr().out
+    assert engines.node_main(["node-engine"], {}, tmp_path / "none") == 0
+    assert capsys.readouterr().out == "containerd\n"
+    client, _ = api
+    with pytest.raises(
+        engines.EngineError, match=r'PATCH /api/v1/nodes/other: 403 nodes "other" is'
+    ):
+        engines.label_node(client, "other", True)
+    assert engines.node_main(["label-node", "maybe"], {}, tmp_path / "none") == 2
+
+
+def test_node_steps_find_the_service_account(tmp_path: Path) -> None:
+    """In a pod: the API server from KUBERNETES_SERVICE_HOST/PORT (IPv6 in brackets), the
+    token, namespace and CA from the service account's files."""
+    account = tmp_path / "sa"
+    account.mkdir()
+    (account / "token").write_text("abc\n")
+    (account / "namespace").write_text("fcsp-system")
+    (account / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
+    assert engines.KubeApi.in_cluster(env, account) == engines.KubeApi(
+        "https://[fd00::1]:443", "abc", "fcsp-system", str(account / "ca.crt")
+    )
+    assert engines.KubeApi.in_cluster({}, account) is None
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "engines.md"
+DOCUMENTED = {
+    "gpu-operator-containerd-1": NODES[0],
+    "gpu-operator-containerd-2": NODES[1],
+    "k3s-containerd-1": next(n for n in NODES if n.name.startswith("k3s with containerd 1.7")),
+}
+
+
+@pytest.mark.parametrize("key", sorted(DOCUMENTED))
+def test_docs_show_what_dry_run_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """docs/engines.md's --dry-run outputs are what `fcspctl install --engine containerd
+    --dry-run` prints on those nodes."""
+    text = DOCS.read_text()
+    marker = f"<!-- dry-run: {key} -->\n```\n"
+    start = text.index(marker) + len(marker)
+    shown = text[start : text.index("```\n", start)]
+    for path, content in DOCUMENTED[key].files.items():
+        _place(tmp_path, Path(path), content)
+    args = ["install", "--engine", "containerd", "--root", str(tmp_path), "--dry-run"]
+    assert ctl.main(["--config", str(tmp_path / "none.toml"), *args]) == 0
+    assert capsys.readouterr().out.replace(str(tmp_path), "") == shown

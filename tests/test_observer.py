@@ -447,7 +447,8 @@ def test_prometheus_metrics_on_localhost(host: Host) -> None:
     samples = dict(
         line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#")
     )
-    labels = '{container_id="m1",gpu="nvidia0",tenant="team-m1"}'
+    # pod, namespace, container: empty outside Kubernetes
+    labels = '{container="",container_id="m1",gpu="nvidia0",namespace="",pod="",tenant="team-m1"}'
     assert float(samples[f"fcsp_sm_requested_ratio{labels}"]) == 0.4
     assert float(samples[f"fcsp_memory_quota_bytes{labels}"]) == 8 << 30
     assert float(samples[f"fcsp_sm_effective_ratio{labels}"]) > 0

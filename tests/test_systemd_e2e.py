@@ -174,7 +174,10 @@ def test_status_text_is_the_observers_status_line(box: SystemdContainer, observe
 
     metrics = box.exec(str(systemd_container.VENV / "bin" / "python3"), "-c", METRICS)
     assert metrics.returncode == 0, metrics.stderr
-    assert 'fcsp_sm_requested_ratio{container_id="e2e-1"' in metrics.stdout
+    requested = [
+        line for line in metrics.stdout.splitlines() if line.startswith("fcsp_sm_requested_ratio{")
+    ]
+    assert len(requested) == 1 and 'container_id="e2e-1"' in requested[0], metrics.stdout
 
 
 def test_watchdog_pings_reach_systemd(box: SystemdContainer, observer: int) -> None:

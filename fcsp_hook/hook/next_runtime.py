@@ -11,6 +11,13 @@ from fcsp_hook.errors import ConfigError
 NEXT_AUTO = "auto"
 NVIDIA_RUNTIME = "nvidia-container-runtime"
 RUNC = "runc"
+# Where the NVIDIA runtime is when it is not on the engine's PATH: the GPU Operator installs
+# it in its toolkit directory (never on PATH), the toolkit packages in /usr/bin (which a
+# containerd or k3s unit's PATH need not hold).  Looked at in this order, after PATH.
+NVIDIA_LOCATIONS = (
+    "/usr/local/nvidia/toolkit/" + NVIDIA_RUNTIME,
+    "/usr/bin/" + NVIDIA_RUNTIME,
+)
 
 
 def parse_next(value: object) -> str:
@@ -22,23 +29,35 @@ def parse_next(value: object) -> str:
     )
 
 
-def _which(name: str, search_path: str) -> str | None:
-    for directory in search_path.split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+def auto_candidates(
+    search_path: str, nvidia_locations: tuple[str, ...] = NVIDIA_LOCATIONS
+) -> list[str]:
+    """What "auto" tries, in order: nvidia-container-runtime on PATH, then where the GPU
+    Operator and the packages put it, then runc on PATH."""
+    dirs = [d or "." for d in search_path.split(os.pathsep)]
+    return [
+        *(os.path.join(d, NVIDIA_RUNTIME) for d in dirs),
+        *nvidia_locations,
+        *(os.path.join(d, RUNC) for d in dirs),
+    ]
 
 
-def resolve_next(setting: str, search_path: str) -> str:
-    """The next runtime's path: the setting itself, or what "auto" finds on PATH."""
+def is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def resolve_next(
+    setting: str, search_path: str, nvidia_locations: tuple[str, ...] = NVIDIA_LOCATIONS
+) -> str:
+    """The next runtime's path: the setting itself, or the first of auto_candidates that
+    is an executable file."""
     if setting != NEXT_AUTO:
         return setting
-    for name in (NVIDIA_RUNTIME, RUNC):
-        found = _which(name, search_path)
-        if found:
-            return found
+    for candidate in auto_candidates(search_path, nvidia_locations):
+        if is_executable(candidate):
+            return candidate
     raise ConfigError(
         f"[runtime] next = {NEXT_AUTO!r} found neither {NVIDIA_RUNTIME} nor {RUNC} on PATH "
-        f"({search_path}); install one or set an absolute path"
+        f"({search_path}), nor {NVIDIA_RUNTIME} at {' or '.join(nvidia_locations)}; "
+        "install one or set an absolute path"
     )

@@ -15,9 +15,9 @@ from pathlib import Path
 from fcsp_hook import annotations as fcsp_annotations
 from fcsp_hook import cgroups, config, gpus, linux, mps, oci, procfs
 from fcsp_hook.errors import HookError
-from fcsp_hook.hook import mounts
+from fcsp_hook.hook import admission, mounts
 from fcsp_hook.log import HookLogger
-from fcsp_hook.slot import abi, files
+from fcsp_hook.slot import abi, files, kubernetes
 
 
 @dataclass(frozen=True)
@@ -115,19 +115,29 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
         raise HookError(bundle.problem)
     if not bundle.readable:
         log.warning("bundle config unreadable; using the OCI state alone", problem=bundle.problem)
-    visible = oci.env_value(bundle.env, "NVIDIA_VISIBLE_DEVICES")
-    found = tuple(
-        gpus.with_uuids(
-            gpus.visible_gpus(visible, bundle.devices, cfg.paths.dev_dir),
-            gpus.host_gpu_uuids(cfg.paths.driver_dir),
-        )
+    # Not ours: a pod's sandbox or a container without a GPU gets the pod's annotations
+    # too (containerd, CRI-O); it is left alone before any fcsp.* value is checked.
+    sandbox = fcsp_annotations.sandbox_mark(state.annotations)
+    if sandbox:
+        log.info("pod sandbox container; left untouched", sandbox=sandbox)
+        return None
+    visible = oci.env_value(bundle.env, gpus.VISIBLE_DEVICES)
+    discovery = gpus.discover(
+        visible,
+        bundle.devices,
+        bundle.mounts,
+        cfg.paths.dev_dir,
+        gpus.host_gpu_uuids(cfg.paths.driver_dir),
     )
-    request = fcsp_annotations.parse(
-        state.annotations, len(found), cfg.defaults.mode, cfg.defaults.mem_mode
-    )
+    found = discovery.gpus
     if not found:
         log.info("no GPU requested; container left untouched", nvidia_visible_devices=visible)
         return None
+    if discovery.disagreement:
+        log.warning(discovery.disagreement, gpus=[g.describe() for g in found])
+    request = fcsp_annotations.parse(
+        state.annotations, len(found), cfg.defaults.mode, cfg.defaults.mem_mode
+    )
     if state.pid is None:
         raise HookError("the OCI state has no pid; prestart needs the container's init process")
     rootfs = bundle.root or _init_cwd(state.pid)
@@ -182,6 +192,7 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     slot_dir = files.slot_path(cfg.paths.run_dir, state.id)
     placeholders = {mounts.LIBRARY_NAME: (b"", 0o644), mounts.PRELOAD_NAME: (b"", 0o644)}
     placeholders |= _cgroup_record(setup.pid, log)
+    placeholders |= kubernetes.record(state.annotations)  # pod labels for metrics
     init = procfs.proc_stat(setup.pid)
     spec = slot_spec(state.id, setup, init[1] if init else 0)
     mps_client = mps.client_dir(cfg.paths.run_dir, setup.mps_gpu) if setup.mps_gpu else None
@@ -193,13 +204,17 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
             "the usage file is not size-bounded"
         )
     try:
-        files.write_slot(
-            slot_dir,
-            spec,
-            placeholders,
-            with_mps_dir=mps_client is not None,
-            bounded_usage=bounded,
-        )
+        # Guarantees that add up: checked, and the slot written, under the admission lock.
+        with admission.admitted(
+            cfg.admission.policy, cfg.paths.run_dir, state.id, setup.request, setup.gpus, log=log
+        ):
+            files.write_slot(
+                slot_dir,
+                spec,
+                placeholders,
+                with_mps_dir=mps_client is not None,
+                bounded_usage=bounded,
+            )
         mounts.install(
             mounts.MountPlan(
                 setup.pid, setup.rootfs, slot_dir, cfg.hook.library, mps_client, bounded

@@ -1,8 +1,11 @@
-"""Prometheus metrics of the observer, served on 127.0.0.1:<metrics_port>/metrics.
+"""Prometheus metrics of the observer, served on <metrics_address>:<metrics_port>/metrics
+(127.0.0.1 unless config.toml says otherwise).
 
 The observer publishes an immutable Snapshot after each tick; a collector turns the
 latest one into metric families when scraped, so tenants that disappear disappear
-from the metrics with them (no stale label sets to clean up).
+from the metrics with them (no stale label sets to clean up).  Each tenant's series
+carry its container id, tenant name and GPU, and for a Kubernetes container its pod,
+namespace and container name (empty elsewhere).
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ class TenantGpuSample:
     driver_used_pct: int | None = None  # its GPU time by NVML's count; None: not measured
     mem_driver_bytes: int | None = None  # its memory by NVML's count; None: not measured
     held_pct: int = 0  # of the time the host backstop keeps it frozen
+    # Kubernetes: the pod, namespace and container the hook recorded ('' elsewhere).
+    pod: str = ""
+    namespace: str = ""
+    container: str = ""
+
+
+TENANT_LABELS = ("container_id", "tenant", "gpu", "pod", "namespace", "container")
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot  # one reference read: the observer swaps whole snapshots
-        labels = ["container_id", "tenant", "gpu"]
+        labels = list(TENANT_LABELS)
         fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "req": GaugeMetricFamily(
                 "fcsp_sm_requested_ratio", "Requested compute share (0-1)", labels=labels
@@ -113,7 +123,7 @@ class _Collector(Collector):
             ),
         }
         for s in snap.samples:
-            key = [s.container_id, s.tenant, s.gpu]
+            key = [s.container_id, s.tenant, s.gpu, s.pod, s.namespace, s.container]
             fams["req"].add_metric(key, s.requested_centi / CENTI_PER_RATIO)
             fams["eff"].add_metric(key, s.effective_centi / CENTI_PER_RATIO)
             fams["mem"].add_metric(key, s.mem_used_bytes)
@@ -172,11 +182,12 @@ class Metrics:
         self._server: object | None = None
         self._thread: threading.Thread | None = None
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, address: str = "127.0.0.1") -> None:
+        """Serve on address:port (localhost by default: tenant names and ids are not for
+        the network at large)."""
         if port:
-            # Localhost only: tenant names and ids are not for the network at large.
             # prometheus-client >= 0.19 returns (server, thread); older ones return None.
-            started: Any = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            started: Any = start_http_server(port, addr=address, registry=self.registry)
             if isinstance(started, tuple):
                 self._server, self._thread = started
 

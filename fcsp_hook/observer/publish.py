@@ -1,6 +1,8 @@
 """Duty: say what the observer sees: the state file fcspctl reads (<run_dir>/observer.json),
 the Prometheus metrics, and systemd's STATUS line.  Once a second, and at once when
-something fcspctl shows changed (state.dirty)."""
+something fcspctl shows changed (state.dirty).  At start, the GPUs' memory totals as NVML
+gives them (<run_dir>/gpus.json), which the hook's admission adds hard quotas up against:
+the hook never initialises NVML itself."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ import json
 import os
 from dataclasses import asdict
 
+from fcsp_hook import config, inventory
+from fcsp_hook.errors import ConfigError
 from fcsp_hook.observer import STATE_FILE, metrics, notify
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
 from fcsp_hook.slot import abi, live, rules
 
 PERIOD_NS = 1_000_000_000
+# Overrides [observer] metrics_address: a DaemonSet's observer serves its pod's network,
+# while the node's config.toml (shared with the host) keeps its own address.
+METRICS_ADDRESS_ENV = "FCSP_METRICS_ADDRESS"
 
 
 class Publish(Duty):
@@ -31,10 +38,14 @@ class Publish(Duty):
         return state.dirty or now_ns >= next_ns
 
     def start(self, state: HostState) -> None:
-        self.exporter.serve(state.cfg.observer.metrics_port)
+        write_inventory(state)
+        address = metrics_address(state, os.environ.get(METRICS_ADDRESS_ENV, ""))
+        self.exporter.serve(state.cfg.observer.metrics_port, address)
 
     def run(self, state: HostState, now_ns: int) -> None:
         state.dirty = False
+        # Metrics first: whoever sees the state file change finds the metrics current.
+        self.exporter.publish(metrics_snapshot(state))
         path = state.run_dir / STATE_FILE
         tmp = path.with_name(f".{STATE_FILE}.tmp")
         try:
@@ -42,7 +53,6 @@ class Publish(Duty):
             os.replace(tmp, path)
         except OSError as exc:
             state.log.warning("cannot write state file", path=str(path), error=exc.strerror)
-        self.exporter.publish(metrics_snapshot(state))
         text = status_text(state)
         if text != self.status_line:
             self.status_line = text
@@ -52,6 +62,35 @@ class Publish(Duty):
         self.exporter.close()
         with contextlib.suppress(OSError):
             (state.run_dir / STATE_FILE).unlink()
+
+
+def metrics_address(state: HostState, override: str) -> str:
+    """[observer] metrics_address, or the environment's override when it is one."""
+    if not override:
+        return state.cfg.observer.metrics_address
+    try:
+        return config.from_mapping(
+            {"observer": {"metrics_address": override}}
+        ).observer.metrics_address
+    except ConfigError as exc:
+        state.log.warning(
+            f"{METRICS_ADDRESS_ENV} ignored",
+            error=str(exc).replace("[observer] metrics_address", METRICS_ADDRESS_ENV),
+        )
+        return state.cfg.observer.metrics_address
+
+
+def write_inventory(state: HostState) -> None:
+    """<run_dir>/gpus.json from NVML (kept when the observer stops: totals do not change
+    while the host runs)."""
+    try:
+        inventory.write(state.run_dir, ((g.uuid, g.minor, g.memory_total) for g in state.gpus))
+    except OSError as exc:
+        state.log.warning(
+            "cannot write GPU inventory",
+            path=str(state.run_dir / inventory.FILE),
+            error=exc.strerror,
+        )
 
 
 def status_text(state: HostState) -> str:
@@ -89,6 +128,9 @@ def snapshot(state: HostState) -> dict[str, object]:
             "driver_used_pct": [d.driver_used_pct for d in t.devices],
             "driver_memory_bytes": [state.nvml_memory.get((cid, d.grant.gpu)) for d in t.devices],
             "held_pct": t.held_pct,
+            "pod": t.pod,
+            "namespace": t.namespace,
+            "container": t.container,
         }
     return {
         "pid": os.getpid(),
@@ -144,6 +186,9 @@ def metrics_snapshot(state: HostState) -> metrics.Snapshot:
                     driver_used_pct=device.driver_used_pct,
                     mem_driver_bytes=state.nvml_memory.get((cid, grant.gpu)),
                     held_pct=t.held_pct,
+                    pod=t.pod,
+                    namespace=t.namespace,
+                    container=t.container,
                 )
             )
     return metrics.Snapshot(

@@ -27,7 +27,7 @@ from fcsp_hook.observer.state import (
     isolation_mode,
     priority,
 )
-from fcsp_hook.slot import abi, files, live
+from fcsp_hook.slot import abi, files, kubernetes, live
 
 RESCAN_NS = 1_000_000_000  # a full rescan at least this often, whatever the mtime says
 KERNEL_SPAN_NS = 500_000_000  # the size of a tenant's launches is measured over spans this long
@@ -248,8 +248,18 @@ def _open(state: HostState, name: str, now_ns: int) -> str:
     except SlotError as exc:
         limits.close()
         return _not_opened(log, exc)
+    kube = kubernetes.read_record(directory)  # the hook's record; '' when none
     tenant = Tenant(
-        name, directory, limits, usage, spec, log, cgroup=cgroups.read_record(directory)
+        name,
+        directory,
+        limits,
+        usage,
+        spec,
+        log,
+        cgroup=cgroups.read_record(directory),
+        pod=kube["pod"],
+        namespace=kube["namespace"],
+        container=kube["container"],
     )
     _describe(state, tenant, now_ns)
     state.tenants[name] = tenant

@@ -1,0 +1,310 @@
+"""Admission: the guarantees on a GPU add up, or the container does not start.
+
+Two requests are guarantees: a strict share (fcsp.mode=strict: the tenant keeps its
+fcsp.sm whether its neighbours are busy or not) and a hard memory quota (fcsp.mem with
+fcsp.mem-mode=hard: memory the tenant can always allocate).  At prestart the hook adds a
+container's guarantees on each of its GPUs to what the live containers there already hold,
+and with [admission] policy = "refuse" a container that would take a GPU past 100 % of its
+SMs, or past its memory, does not start: one line names the GPU, what it asked and what
+is already promised.  "warn" logs that line and starts it; "off" checks nothing.
+
+What is promised comes from the live slots under <run_dir>/tenants (a slot whose container
+init process is gone, or whose pid was reused, promises nothing), never from the tenants'
+usage files.  A GPU's memory total comes from <run_dir>/gpus.json, the inventory
+fcsp-observer reads from NVML (the hook itself never initialises NVML, and the driver's
+procfs does not say); before the observer has written it, percentages are added up
+among themselves and only what they decide is refused.
+
+The check and the creation of the slot run under one lock, <run_dir>/locks/.admission
+(flock), so two containers racing for the last guarantee cannot both pass: the second
+sees the first's slot.  The locks directory is the host's alone (never mounted into a
+container), so no tenant can hold the lock.  A container that asks for no guarantee
+takes no lock and reads nothing.
+
+For the CRI tier and any other caller: `admitted(...)` is the one entry point; it is a
+context manager to hold while the slot is written.
+
+Imports stay light: this runs on every container start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcsp_hook import inventory
+from fcsp_hook.errors import HookError, SlotError
+from fcsp_hook.slot import abi, files
+
+# Not typing.TYPE_CHECKING: nothing on the hook's path need import typing for this.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from fcsp_hook.annotations import TenantRequest
+    from fcsp_hook.gpus import Gpu
+    from fcsp_hook.log import HookLogger
+
+POLICY_REFUSE = "refuse"
+POLICY_WARN = "warn"
+POLICY_OFF = "off"
+
+# Under <run_dir>/locks, beside the per-slot locks; a leading dot: no container id has one.
+LOCK_NAME = ".admission"
+LOCK_TIMEOUT_S = 10.0
+_LOCK_POLL_S = 0.002
+WHOLE = abi.WHOLE_GPU_CENTI  # 100 % in centi-percent; basis points use the same scale
+GiB = 1 << 30
+
+
+class AdmissionError(HookError):
+    """A container's guarantees do not fit on one of its GPUs."""
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a container would be guaranteed on one GPU."""
+
+    gpu: str  # the host GPU: its UUID, else nvidia<minor>
+    label: str  # the GPU as a message names it
+    sm_centi: int = 0  # strict share; 0: none
+    mem_bytes: int = 0  # hard quota in bytes; 0: none
+    mem_basis_points: int = 0  # hard quota as a share of the GPU's memory; 0: none
+
+    @property
+    def any(self) -> bool:
+        return bool(self.sm_centi or self.mem_bytes or self.mem_basis_points)
+
+
+@dataclass
+class Promised:
+    """What the live containers on one GPU are already guaranteed."""
+
+    sm_centi: int = 0
+    sm_holders: int = 0
+    mem_bytes: int = 0
+    mem_basis_points: int = 0
+    mem_holders: int = 0
+
+
+def gpu_key(uuid: str, host_index: int, minors: Mapping[int, str]) -> str:
+    """A GPU as admission counts it: its UUID, else the UUID NVML gives its minor, else
+    nvidia<minor>; '' for one nobody can name."""
+    if uuid:
+        return uuid
+    if host_index >= 0:
+        return minors.get(host_index, f"nvidia{host_index}")
+    return ""
+
+
+def asks(
+    request: TenantRequest, gpus: Iterable[Gpu], minors: Mapping[int, str] | None = None
+) -> list[Ask]:
+    """The guarantees a request makes on each of its GPUs (none: an empty list)."""
+    strict = request.mode == abi.IsolationMode.STRICT
+    hard = request.mem_mode == abi.MemMode.HARD
+    out = []
+    for gpu, dev in zip(gpus, request.devices, strict=True):
+        if gpu.mig >= 0 and not gpu.uuid:
+            continue  # a MIG instance by index alone: slots cannot tell it from its GPU
+        key = gpu_key(gpu.uuid, gpu.host_index, minors or {})
+        if not key:
+            continue
+        label = gpu.uuid if gpu.host_index < 0 else f"GPU {gpu.host_index}"
+        if key.startswith(("GPU-", "MIG-")) and gpu.host_index >= 0:
+            label += f" ({key})"
+        ask = Ask(
+            gpu=key,
+            label=label,
+            sm_centi=dev.sm_centi if strict else 0,
+            mem_bytes=dev.mem.bytes if hard else 0,
+            mem_basis_points=dev.mem.basis_points if hard else 0,
+        )
+        if ask.any:
+            out.append(ask)
+    return out
+
+
+def _alive(limits: abi.Limits, proc: Path) -> bool:
+    """The slot's container still runs: its init process exists, is no zombie, and is the
+    one the hook recorded (same start time).  A slot naming no pid counts as alive."""
+    pid = int(limits.init_host_pid)
+    if pid <= 0:
+        return True
+    try:
+        data = (proc / str(pid) / "stat").read_bytes()
+    except OSError:
+        return False
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        state, start = fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return False
+    recorded = int(limits.init_start_time)
+    return state not in (b"Z", b"X") and recorded in {0, start}
+
+
+def promised(
+    run_dir: Path,
+    exclude: str = "",
+    minors: Mapping[int, str] | None = None,
+    proc: Path = Path("/proc"),
+) -> dict[str, Promised]:
+    """Per GPU, the guarantees of the live slots (but exclude's, the container asking:
+    a restart reuses its id)."""
+    base = files.tenants_dir(run_dir)
+    out: dict[str, Promised] = {}
+    try:
+        with os.scandir(base) as entries:
+            names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return out
+    for name in names:
+        if name == exclude:
+            continue
+        try:
+            files.validate_container_id(name)
+            limits = files.read_limits(base / name / abi.LIMITS_FILE)
+        except (SlotError, OSError):
+            continue  # not a slot, or one being written by a container that asks nothing
+        if not _alive(limits, proc):
+            continue
+        strict = int(limits.isolation_mode) == abi.IsolationMode.STRICT
+        hard = int(limits.mem_mode) == abi.MemMode.HARD
+        for i in range(min(int(limits.device_count), abi.MAX_DEVICES)):
+            dev = limits.device[i]
+            key = gpu_key(dev.uuid.decode(errors="replace"), int(dev.host_index), minors or {})
+            if not key:
+                continue
+            entry = out.setdefault(key, Promised())
+            sm = min(int(dev.sm_requested_centi), WHOLE) if strict else 0
+            if sm:
+                entry.sm_centi += sm
+                entry.sm_holders += 1
+            if hard and (dev.mem_limit_bytes or dev.mem_limit_basis_points):
+                entry.mem_bytes += int(dev.mem_limit_bytes)
+                entry.mem_basis_points += int(dev.mem_limit_basis_points)
+                entry.mem_holders += 1
+    return out
+
+
+def _pct(centi: int) -> str:
+    return f"{centi / 100:g}%"
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n >> 20} MiB"
+
+
+def _mem(n_bytes: int, basis_points: int, total: int = 0) -> str:
+    if total:
+        return _size(n_bytes + basis_points * total // WHOLE)
+    parts = ([_pct(basis_points)] if basis_points else []) + ([_size(n_bytes)] if n_bytes else [])
+    return " + ".join(parts) or "nothing"
+
+
+def _holders(n: int) -> str:
+    return f"{n} container{'s' if n != 1 else ''}"
+
+
+def problems(
+    wanted: Iterable[Ask], held: Mapping[str, Promised], totals: Mapping[str, int]
+) -> list[str]:
+    """One line per guarantee that does not fit (pure)."""
+    out = []
+    for ask in wanted:
+        p = held.get(ask.gpu, Promised())
+        if ask.sm_centi and p.sm_centi + ask.sm_centi > WHOLE:
+            out.append(
+                f"{ask.label} cannot guarantee fcsp.sm={_pct(ask.sm_centi)} (strict): "
+                f"{_pct(p.sm_centi)} of its SMs is already promised to "
+                f"{_holders(p.sm_holders)}, {_pct(p.sm_centi + ask.sm_centi)} > 100%"
+            )
+        if not (ask.mem_bytes or ask.mem_basis_points):
+            continue
+        total = totals.get(ask.gpu, 0)
+        asked = _mem(ask.mem_bytes, ask.mem_basis_points)
+        if total:
+            used = p.mem_bytes + p.mem_basis_points * total // WHOLE
+            want = ask.mem_bytes + ask.mem_basis_points * total // WHOLE
+            over = used + want > total
+            shown = f"{_mem(p.mem_bytes, p.mem_basis_points, total)} of its {_size(total)}"
+            limit = f"{_size(used + want)} > {_size(total)}"
+        else:
+            # The total is unknown: only percentages decide (past 100 %, or all of it and
+            # some bytes more).
+            points = p.mem_basis_points + ask.mem_basis_points
+            over = points > WHOLE or (points == WHOLE and bool(p.mem_bytes or ask.mem_bytes))
+            shown = f"{_mem(p.mem_bytes, p.mem_basis_points)} of its memory"
+            limit = f"{_pct(points)}{' and more' if points == WHOLE else ''} > 100%"
+        if over:
+            out.append(
+                f"{ask.label} cannot guarantee fcsp.mem={asked} (hard): {shown} is already "
+                f"promised to {_holders(p.mem_holders)}, {limit}"
+            )
+    return out
+
+
+def _lock(run_dir: Path, timeout_s: float) -> int:
+    """flock(LOCK_EX) on <run_dir>/locks/.admission: an fd to close."""
+    import fcntl  # noqa: PLC0415  # only containers that ask for a guarantee get here
+
+    path = run_dir / files.LOCKS_SUBDIR / LOCK_NAME
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AdmissionError(f"{path}: cannot open the admission lock: {exc.strerror}") from exc
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AdmissionError(
+                    f"{path}: another container start has held the admission lock for "
+                    f"{timeout_s:g} s; try again"
+                ) from None
+            time.sleep(_LOCK_POLL_S)
+        except OSError as exc:
+            os.close(fd)
+            raise AdmissionError(f"{path}: cannot lock: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def admitted(
+    policy: str,
+    run_dir: Path,
+    container_id: str,
+    request: TenantRequest,
+    gpus: Iterable[Gpu],
+    *,
+    log: HookLogger,
+    proc: Path = Path("/proc"),
+    timeout_s: float = LOCK_TIMEOUT_S,
+) -> Iterator[None]:
+    """Admit a container, and hold the admission lock while its slot is written (the body
+    of the with).  Raises AdmissionError when policy is refuse and a guarantee does not
+    fit; with warn, logs the same line and admits it."""
+    gpu_list = list(gpus)
+    if policy == POLICY_OFF or not asks(request, gpu_list):
+        yield
+        return
+    fd = _lock(run_dir, timeout_s)
+    try:
+        totals, minors = inventory.read(run_dir)
+        wanted = asks(request, gpu_list, minors)
+        held = promised(run_dir, container_id, minors, proc)
+        lines = problems(wanted, held, totals)
+        if lines:
+            line = "admission: " + "; ".join(lines)
+            if policy == POLICY_REFUSE:
+                raise AdmissionError(line)
+            log.warning(line, admission=POLICY_WARN)
+        yield
+    finally:
+        os.close(fd)
