@@ -10,14 +10,17 @@ UNITDIR     ?= /etc/systemd/system
 # FCSP's Python lives in its own virtual environment, so that it never fights the
 # distribution's packages (PEP 668) and the hook's interpreter is a fixed path.
 VENV        ?= /opt/fcsp/venv
-BASE_PYTHON ?= python3
+# The distribution's interpreter where there is one: systemd's ProtectHome= cannot run one
+# under a home directory, and a -I -S start of Debian's takes half as long as a home-built
+# one (the fallback hook starts it twice per container).
+BASE_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 # Tests run with the venv's interpreter once `make deps` made it, else with python3.
 PYTHON      ?= $(shell test -x $(VENV)/bin/python3 && echo $(VENV)/bin/python3 || command -v python3)
 # The interpreter the hook runs under: a real binary, never a wrapper such as pyenv's
 # shims, which would cost a shell and 80 ms on every container start.
 HOOK_PYTHON ?= $(VENV)/bin/python3
 APT_PACKAGES = build-essential python3 python3-venv python3-pip podman runc crun mmdebstrap \
-               busybox-static uidmap
+               busybox-static uidmap iproute2 containerd
 CUDA_INCLUDE ?= /usr/local/cuda/include
 
 CC      ?= gcc
@@ -46,7 +49,19 @@ TPROGS   = $(TPROG_DIR)/drv_procaddr $(TPROG_DIR)/drv_direct $(TPROG_DIR)/nvmlq 
            $(TPROG_DIR)/rtld_next
 
 .PHONY: all shim sim deps venv install uninstall test lint clean demo
-all: shim sim
+all: shim sim hookc/fcsp-hook hookc/fcsp-runtime
+
+# The native programs on the container-start path, linked statically: the node image
+# copies them onto hosts whatever their libc.  fcsp-hook is the hooks.d entry's program (a
+# container start pays a C start, not Python's: it asks fcsp-hookd, and runs the Python
+# hook only when that cannot answer); fcsp-runtime is the wrapper's pass-through, run
+# several times per container start.
+HOOKC_CFLAGS = -std=c11 -Wall -Wextra -Werror -static $(CFLAGS)
+hookc/fcsp-hook: hookc/fcsp-hook.c
+	$(CC) $(HOOKC_CFLAGS) -o $@ $<
+
+hookc/fcsp-runtime: hookc/fcsp-runtime.c
+	$(CC) $(HOOKC_CFLAGS) -DPYTHON_RUNTIME='"$(LIBDIR)/fcsp-runtime.py"' -o $@ $<
 
 shim: shim/libvgpu.so
 
@@ -117,42 +132,47 @@ venv:
 
 # With DESTDIR (staging a package) only files are staged; the Python package goes into
 # $(VENV) on the target, by `make install` there without DESTDIR.
-install: shim/libvgpu.so venv
+install: shim/libvgpu.so hookc/fcsp-hook hookc/fcsp-runtime venv
 	[ -n "$(DESTDIR)" ] || $(VENV)/bin/python3 -m pip install -q .
 	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin
 	ln -sf $(VENV)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcsp-hook
 	ln -sf $(VENV)/bin/fcspctl $(DESTDIR)$(PREFIX)/bin/fcspctl
-# fcsp-runtime runs 3-4 times per container start: a minimal launcher rather than pip's
-# console script, which imports re first (+9 ms a call on a 2-core host).  -I: the engine's
-# PYTHON* variables never reach it.  -S as well where the package's directory is known
-# (not when staging with DESTDIR): `site` and the venv's .pth files cost ~18 ms a start.
-	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
+# fcsp-runtime runs 3-4 times per container start: the native launcher passes through
+# itself and runs the Python runtime (a minimal launcher rather than pip's console script,
+# which imports re first) for FCSP's creates only.  -I: the engine's PYTHON* variables never
+# reach it.  -S as well where the package's directory is known (not when staging with
+# DESTDIR): `site` and the venv's .pth files cost ~18 ms a start.
+	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
+	install -d -m 0755 $(DESTDIR)$(LIBDIR)
 	pkg=$$([ -n "$(DESTDIR)" ] || $(HOOK_PYTHON) -I -c 'import os, fcsp_hook; \
 		print(os.path.dirname(os.path.dirname(os.path.abspath(fcsp_hook.__file__))))'); \
 	if [ -n "$$pkg" ]; then \
 		printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\n' '$(HOOK_PYTHON)' "$$pkg"; \
 	else printf '#!%s -I\nimport sys\n' '$(HOOK_PYTHON)'; fi \
-		> $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
+		> $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
 	printf 'from fcsp_hook.hook.runtime import main\nsys.exit(main())\n' \
-		>> $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
-	chmod 0755 $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
+		>> $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
+	chmod 0755 $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
+	install -m 0755 hookc/fcsp-runtime $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	install -D -m 0755 shim/libvgpu.so $(DESTDIR)$(LIBDIR)/libvgpu.so
+	install -D -m 0755 hookc/fcsp-hook $(DESTDIR)$(LIBDIR)/fcsp-hook
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/fcsp
 	[ -e $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml ] || \
 		install -m 0644 etc/config.toml $(DESTDIR)$(SYSCONFDIR)/fcsp/config.toml
 	install -d -m 0755 $(DESTDIR)$(HOOKSDIR)
-	$(BASE_PYTHON) -m fcsp_hook.hook.hooksd --python $(HOOK_PYTHON) \
+	$(BASE_PYTHON) -m fcsp_hook.hook.hooksd --python $(HOOK_PYTHON) --client $(LIBDIR)/fcsp-hook \
 		--config $(SYSCONFDIR)/fcsp/config.toml > $(DESTDIR)$(HOOKSDIR)/fcsp.json
-	for unit in $(wildcard systemd/*.service); do \
+	for unit in $(wildcard systemd/*.service systemd/*.socket); do \
 		install -D -m 0644 $$unit $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
 
 uninstall:
 	[ -n "$(DESTDIR)" ] || $(VENV)/bin/python3 -m pip uninstall -q -y fcsp || true
-	rm -f $(DESTDIR)$(LIBDIR)/libvgpu.so $(DESTDIR)$(HOOKSDIR)/fcsp.json
+	rm -f $(DESTDIR)$(LIBDIR)/libvgpu.so $(DESTDIR)$(LIBDIR)/fcsp-hook $(DESTDIR)$(HOOKSDIR)/fcsp.json
 	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-hook $(DESTDIR)$(PREFIX)/bin/fcspctl
-	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
+	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
 	-rmdir $(DESTDIR)$(LIBDIR)
-	for unit in $(wildcard systemd/*.service); do rm -f $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
+	for unit in $(wildcard systemd/*.service systemd/*.socket); do \
+		rm -f $(DESTDIR)$(UNITDIR)/$$(basename $$unit); done
 	@echo "kept $(SYSCONFDIR)/fcsp/config.toml (your settings); remove it by hand if unwanted"
 
 test: all
@@ -166,7 +186,7 @@ demo: install sim
 	bash demo/demo.sh
 
 clean:
-	rm -f shim/libvgpu.so
+	rm -f shim/libvgpu.so hookc/fcsp-hook hookc/fcsp-runtime
 	rm -rf tests/build $(GEN_DIR)
 
 # The fcsp-node image etc/kubernetes/daemonset.yaml runs (image/Containerfile): build it with

@@ -1,29 +1,40 @@
-"""How much the FCSP hook adds to a container start.
+"""What FCSP adds to a container's start: paired runs of the same command with and without.
 
-Times `podman run --rm` of a trivial container from a tiny rootfs, with and without
-fcsp annotations, interleaved so that drift hits both alike, and reads the hook's
-own duration from its log.  Uses the installed hooks.d entry (run `make install`).
-Needs no GPU.
+Each pair runs the two commands back to back, in alternating order, so that the machine's
+drift hits both alike; the figure is the median of the per-pair differences, with its
+spread.  Uses what `make install` installed (the hooks.d entry, fcsp-runtime, fcsp-hookd
+when it runs).  Needs podman and runc, no GPU.
 
-    python3 bench/hook_latency.py --runs 30
+    python3 bench/hook_latency.py --pairs 30
 
-Writes bench/results/hook-latency.md ($OUT/hook-latency.md where OUT is set; --out FILE
-elsewhere) and prints it.
+Rows (the hook rows twice: with fcsp-hookd serving the hooks.d entry's client, which the
+bench starts when it is not running, and without it, where the client runs the Python hook):
+  podman run --rm        with fcsp annotations (prestart + poststop hooks) vs without
+  podman run -d          the start alone (prestart hook) vs without; removal untimed
+  fcsp-hook poststop     the hooks.d entry's process for a stopped container, whole
+  fcsp-runtime           `podman run --rm` of a plain container through fcsp-runtime vs
+                         runc (its pass-through on every runtime call), and its launcher
+                         alone (`--version`) vs runc's
+
+Writes bench/results/hook-latency.md ($OUT/hook-latency.md where OUT is set).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import json
 import os
 import platform
 import resource
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lib
@@ -31,132 +42,225 @@ from lib.report import Report, collect_meta
 
 from tests.containers import build_base_rootfs  # the repo's own helper
 
+HOOKS_ENTRY = Path("/usr/share/containers/oci/hooks.d/fcsp.json")
+RUNTIME = Path("/usr/local/bin/fcsp-runtime")
+HOOKD = Path("/opt/fcsp/venv/bin/fcsp-hookd")
+HOOKD_SOCKET = Path("/run/fcsp/hook.sock")
+HOOKD = Path("/opt/fcsp/venv/bin/fcsp-hookd")
+HOOKD_SOCKET = Path("/run/fcsp/hook.sock")
+ANNOTATIONS = [
+    "--annotation",
+    "fcsp.sm=40",
+    "--annotation",
+    "fcsp.mem=8G",
+    "-e",
+    "NVIDIA_VISIBLE_DEVICES=0",
+]
+
 
 def _ulimits() -> list[str]:
-    # podman's defaults exceed some hosts' hard limits (the CI machine's: 20000 files).
+    # podman's defaults exceed some hosts' hard limits (20000 open files on some).
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", "nproc=4096:4096"]
 
 
-def time_run(rootfs: Path, annotated: bool) -> float:
-    argv = ["podman", "run", "--rm", "--runtime", "runc", *_ulimits()]
-    if annotated:
-        argv += [
-            "--annotation",
-            "fcsp.sm=40",
-            "--annotation",
-            "fcsp.mem=8G",
-            "-e",
-            "NVIDIA_VISIBLE_DEVICES=0",
-        ]
-    argv += ["--rootfs", str(rootfs), "/usr/bin/cat", "/etc/hostname"]
+def timed(argv: list[str], stdin: bytes = b"") -> float:
+    """Milliseconds the command took; it must succeed."""
     start = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"podman run failed: {result.stderr.strip()}")
-    return elapsed * 1000
+    done = subprocess.run(argv, input=stdin, capture_output=True, check=False)
+    elapsed = (time.perf_counter() - start) * 1000
+    if done.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed: {done.stderr.decode(errors='replace').strip()}")
+    return elapsed
 
 
-def process_ms(argv: list[str], stdin: bytes, runs: int) -> list[float]:
-    """Wall time of a whole process, start-up included."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, input=stdin, capture_output=True, check=False)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
+def pairs(
+    n: int, a: Callable[[], float], b: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """n pairs of (with, without), the order alternating; one pair first to warm up."""
+    a(), b()
+    with_, without = [], []
+    for i in range(n):
+        if i % 2:
+            without.append(b())
+            with_.append(a())
+        else:
+            with_.append(a())
+            without.append(b())
+    return with_, without
 
 
-def hook_durations(log: Path, since: str) -> list[float]:
-    durations = []
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") == "tenant slot ready" and record["timestamp"] >= since:
-            durations.append(float(record["duration_ms"]))
-    return durations
+def podman(rootfs: Path, *, annotated: bool, detach: bool = False, runtime: str = "runc") -> float:
+    argv = ["podman", "run", "--runtime", runtime, *_ulimits()]
+    argv += ["-d"] if detach else ["--rm"]
+    argv += ANNOTATIONS if annotated else []
+    argv += ["--rootfs", str(rootfs)]
+    argv += ["/bin/sleep", "600"] if detach else ["/usr/bin/cat", "/etc/hostname"]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    elapsed = (time.perf_counter() - start) * 1000
+    if done.returncode != 0:
+        raise SystemExit(f"podman run failed: {done.stderr.strip()}")
+    if detach:
+        subprocess.run(
+            ["podman", "rm", "-f", "-t", "0", done.stdout.strip()], capture_output=True, check=False
+        )
+    return elapsed
+
+
+@contextlib.contextmanager
+def hookd(wanted: bool) -> Iterator[str]:
+    """fcsp-hookd serving (started for the bench unless one runs), or not at all (its
+    systemd units stopped for the bench, then started again); says which."""
+    running = _answers(HOOKD_SOCKET)
+    proc, stopped_units = None, False
+    if wanted and not running:
+        proc = subprocess.Popen([str(HOOKD), "--config", "/etc/fcsp/config.toml"])
+        while not _answers(HOOKD_SOCKET):
+            if proc.poll() is not None:
+                raise SystemExit(f"{HOOKD} exited with {proc.returncode}")
+            time.sleep(0.05)
+    if not wanted and running:
+        units = ["fcsp-hookd.socket", "fcsp-hookd.service"]
+        subprocess.run(["systemctl", "stop", *units], capture_output=True, check=False)
+        stopped_units = True
+        if _answers(HOOKD_SOCKET):
+            raise SystemExit("fcsp-hookd runs outside systemd: stop it for the bench")
+    try:
+        yield "fcsp-hookd" if wanted else "no fcsp-hookd: the Python hook"
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+        if stopped_units:
+            subprocess.run(
+                ["systemctl", "start", "fcsp-hookd.socket"], capture_output=True, check=False
+            )
+
+
+def _answers(path: Path) -> bool:
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def stats(values: list[float]) -> list[str]:
+    q = statistics.quantiles(values, n=10)
+    return [f"{statistics.median(values):.1f}", f"{q[0]:.1f}", f"{q[-1]:.1f}"]
+
+
+Row = tuple[str, list[float], list[float]]
+
+
+def measure(rootfs: Path, n: int, hook_argv: list[str], stopped: bytes) -> list[Row]:
+    rows: list[Row] = []
+
+    def row(name: str, with_: Callable[[], float], without: Callable[[], float]) -> None:
+        rows.append((name, *pairs(n, with_, without)))
+
+    true = shutil.which("true") or "/bin/true"
+    for served in (True, False):
+        with hookd(served) as how:
+            row(
+                f"`podman run --rm` (start and removal), {how}",
+                lambda: podman(rootfs, annotated=True),
+                lambda: podman(rootfs, annotated=False),
+            )
+            row(
+                f"`podman run -d` (start only), {how}",
+                lambda: podman(rootfs, annotated=True, detach=True),
+                lambda: podman(rootfs, annotated=False, detach=True),
+            )
+            row(
+                f"fcsp-hook poststop process vs `true`, {how}",
+                lambda: timed(hook_argv, stopped),
+                lambda: timed([true]),
+            )
+    if RUNTIME.exists():
+        runc = shutil.which("runc") or "runc"
+        row(
+            "`podman run --rm` of a plain container via fcsp-runtime vs runc",
+            lambda: podman(rootfs, annotated=False, runtime=str(RUNTIME)),
+            lambda: podman(rootfs, annotated=False),
+        )
+        row(
+            "fcsp-runtime `--version` vs runc's",
+            lambda: timed([str(RUNTIME), "--version"]),
+            lambda: timed([runc, "--version"]),
+        )
+    return rows
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(os.environ["OUT"]) / "hook-latency.md"
-        if os.environ.get("OUT")
-        else lib.REPO / "bench" / "results" / "hook-latency.md",
-        help="the document to write (default: %(default)s)",
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--log", type=Path, default=Path("/var/log/fcsp/hook.log"))
+    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None, help="the document's directory")
     args = parser.parse_args()
-    meta = collect_meta(with_gpu=False)  # as the run starts
+    out = args.out or (
+        Path(os.environ["OUT"]) if os.environ.get("OUT") else lib.REPO / "bench" / "results"
+    )
+    meta = collect_meta(with_gpu=False)
+    entry = json.loads(HOOKS_ENTRY.read_text())["hook"]
+    hook_argv = [entry["path"], *entry["args"][1:]]
+    stopped = json.dumps(
+        {
+            "ociVersion": "1.0.2",
+            "id": "bench-absent",
+            "status": "stopped",
+            "bundle": "/nonexistent",
+            "annotations": {"fcsp.sm": "40"},
+        }
+    ).encode()
     with tempfile.TemporaryDirectory() as tmp:
-        rootfs = build_base_rootfs(Path(tmp) / "rootfs")
-        time_run(rootfs, False)  # warm caches once for both
-        time_run(rootfs, True)
-        since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        plain, fcsp = [], []
-        for i in range(args.runs):
-            order = (False, True) if i % 2 == 0 else (True, False)
-            for annotated in order:
-                (fcsp if annotated else plain).append(time_run(rootfs, annotated))
-    hook_ms = hook_durations(args.log, since) if args.log.exists() else []
-    python = json.loads(Path("/usr/share/containers/oci/hooks.d/fcsp.json").read_text())["hook"][
-        "path"
-    ]
-    bare = process_ms([python, "-I", "-c", "pass"], b"", args.runs)
-    stopped = json.dumps({"id": "bench-absent", "status": "stopped"}).encode()
-    hook_argv = [python, "-I", "-m", "fcsp_hook.hook.oci_hook", "oci"]
-    post = process_ms(hook_argv, stopped, args.runs)
-
-    def row(name: str, values: list[float]) -> str:
-        q = statistics.quantiles(values, n=10)
-        median = statistics.median(values)
-        return f"| {name} | {len(values)} | {median:.1f} | {q[0]:.1f} | {q[-1]:.1f} |"
-
+        rows = measure(build_base_rootfs(Path(tmp) / "rootfs"), args.pairs, hook_argv, stopped)
     podman_version = subprocess.run(
         ["podman", "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    diff = statistics.median(fcsp) - statistics.median(plain)
     doc = Report(
         "hook-latency",
-        "Hook latency: what fcsp-hook adds to a container start",
-        "How much longer `podman run --rm` of a trivial container takes with fcsp annotations "
-        "than without (the two kinds alternate run by run), the hook's own prestart work from "
-        "its log, and the two Python processes it costs.",
-        args.out.parent,
+        "Container start: what FCSP adds",
+        "Paired runs of the same command with and without FCSP, alternating; the added time is "
+        "the median of the per-pair differences (p10 and p90 beside it).",
+        out,
         meta=meta,
         with_gpu=False,
         extra=[
-            f"{podman_version}, runc; {platform.node()} ({platform.machine()}, "
-            f"{platform.release()}); after `make install`",
-            "container: `podman run --rm --runtime runc --rootfs <busybox+glibc cat>"
-            " /usr/bin/cat /etc/hostname`; annotated runs add `fcsp.sm=40 fcsp.mem=8G` and"
-            " `NVIDIA_VISIBLE_DEVICES=0`",
+            f"{podman_version}, runc; {platform.machine()}, {os.cpu_count()} cores, kernel "
+            f"{platform.release()}; the hooks.d entry runs `{entry['path']}`",
+            "container: `podman run --runtime runc --rootfs <busybox+glibc> cat /etc/hostname`"
+            " (`-d`: `sleep 600`); with FCSP: `fcsp.sm=40 fcsp.mem=8G`, `NVIDIA_VISIBLE_DEVICES=0`",
         ],
     )
-    lines = [
-        "",
-        "| run | n | median ms | p10 ms | p90 ms |",
-        "|---|---|---|---|---|",
-        row("plain `podman run --rm`", plain),
-        row("with fcsp annotations", fcsp),
-    ]
-    if len(hook_ms) >= 2:
-        lines.append(row("fcsp-hook prestart, its own work (from its log)", hook_ms))
-    lines.append(row("`python3 -I -c pass` (the hook's interpreter, bare start)", bare))
-    lines.append(row("`fcsp-hook oci` poststop process, whole", post))
-    lines += [
-        "",
-        f"**Difference of medians: {diff:+.1f} ms per container start** "
-        "(the prestart and poststop hooks together, Python start-up included).",
-    ]
-    doc.add(*lines)
-    text = doc.render()
-    print(text, end="")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    doc.table(
+        [
+            "what",
+            "pairs",
+            "with, median ms",
+            "without, median ms",
+            "added, median ms",
+            "p10",
+            "p90",
+        ],
+        [
+            [
+                name,
+                len(w),
+                f"{statistics.median(w):.1f}",
+                f"{statistics.median(wo):.1f}",
+                *stats([a - b for a, b in zip(w, wo, strict=True)]),
+            ]
+            for name, w, wo in rows
+        ],
+    )
+    path = doc.write()
+    print(path.read_text(), end="")
     return 0
 
 

@@ -20,11 +20,13 @@ podman_run=(podman run --runtime runc --ulimit "nofile=$(ulimit -Hn):$(ulimit -H
 gpu=(-e NVIDIA_VISIBLE_DEVICES=0 -e FCSP_SIM_STATE=/sim/state -e FCSP_SIM_DEVICES=1
      -e FCSP_SIM_MEM_BYTES=$((80 << 30)) -v "$work/sim:/sim" --pid host)
 observer=""
+hookd=""
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 cleanup() {
     podman rm -f --ignore -t 0 fcsp-demo-a fcsp-demo-b >/dev/null 2>&1 || true
     [ -z "$observer" ] || kill "$observer" 2>/dev/null || true
+    [ -z "$hookd" ] || kill "$hookd" 2>/dev/null || true
 }
 trap cleanup EXIT
 cleanup
@@ -37,6 +39,11 @@ say "fcsp-observer (normally: systemctl start fcsp-observer)"
 /opt/fcsp/venv/bin/fcsp-observer --config "$config" >"$work/observer.log" 2>&1 &
 observer=$!
 echo "pid $observer, log $work/observer.log"
+
+say "fcsp-hookd: container starts without a Python start each (normally: its systemd socket)"
+/opt/fcsp/venv/bin/fcsp-hookd --config "$config" >"$work/hookd.log" 2>&1 &
+hookd=$!
+echo "pid $hookd, log $work/hookd.log"
 
 # A tenant: create a context, allocate, then launch 500 us kernels for 40 s.
 tenant() { # name, alloc size, annotations...

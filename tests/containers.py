@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def podman_usable() -> str | None:
 
 
 SIM_DIR = REPO / "tests" / "build" / "sim"
+HOOK_CLIENT = REPO / "hookc" / "fcsp-hook"  # the hooks.d entry's program, built by make
 SIM_CLIENT = REPO / "tests" / "build" / "shim" / "drv_procaddr"
 
 
@@ -96,7 +98,9 @@ def add_cuda_sim(root: Path) -> None:
 
 @dataclass
 class HookSetup:
-    """A hooks.d directory whose entry runs the real hook with a test config.toml."""
+    """A hooks.d directory whose entry runs the real hook with a test config.toml: the
+    native client, as `make install` writes it, which runs the Python hook whenever no
+    fcsp-hookd answers (the tests that want one start it: HookServer)."""
 
     hooks_dir: Path
     run_dir: Path
@@ -115,7 +119,7 @@ class HookSetup:
             f'[hook]\nlibrary = "{LIBRARY}"\nlog_file = "{log_file}"\n'
             f'failure_policy = "{failure_policy}"\n[paths]\nrun_dir = "{run_dir}"\n{paths}'
         )
-        entry = hooksd.render(str(python), config_path)
+        entry = hooksd.render(str(python), config_path, str(HOOK_CLIENT))
         (hooks_dir / "fcsp.json").write_text(entry)
         return cls(hooks_dir, run_dir, log_file, config_path)
 
@@ -127,6 +131,43 @@ class HookSetup:
         if not self.log_file.exists():
             return []
         return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+
+@dataclass
+class HookServer:
+    """fcsp-hookd over a HookSetup's config, started by the test, stopped after it."""
+
+    hook: HookSetup
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.hook.run_dir / hooksd.HOOKD_SOCKET
+
+    def start(self, python: Path) -> HookServer:
+        self.proc = subprocess.Popen(
+            [
+                str(python),
+                "-I",
+                "-m",
+                "fcsp_hook.hook.server",
+                "--config",
+                str(self.hook.config_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not self.socket.is_socket():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("fcsp-hookd did not start listening")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def podman(

@@ -99,8 +99,9 @@ def test_cuda_process_maps_shim_and_slot_and_rm_removes_slot(hook: HookSetup, ro
 def test_slot_names_gpus_by_uuid_from_the_driver(
     tmp_path: Path, rootfs: Path, hook_python: Path
 ) -> None:
-    """NVIDIA_VISIBLE_DEVICES=2,0 with the driver's procfs files: slot entries keep that
-    order and carry each GPU's UUID, so the shim maps CUDA ordinals by UUID."""
+    """NVIDIA_VISIBLE_DEVICES=2,0 with the driver's procfs files: slot entries in the order
+    CUDA numbers the GPUs (0, then 2: fcsp.sm.0 is CUDA device 0) and each carries its
+    UUID, so the shim maps CUDA ordinals by UUID."""
     driver = tmp_path / "driver"
     for minor, gpu_uuid in (
         (0, "GPU-00000000-0000-0000-0000-000000000000"),
@@ -124,10 +125,10 @@ def test_slot_names_gpus_by_uuid_from_the_driver(
         (slot_dir,) = hook.slots()
         limits = files.read_limits(slot_dir / "limits")
         entries = [limits.device[i] for i in range(limits.device_count)]
-        assert [e.host_index for e in entries] == [2, 0]
+        assert [e.host_index for e in entries] == [0, 2]
         assert [e.uuid for e in entries] == [
-            b"GPU-22222222-2222-2222-2222-222222222222",
             b"GPU-00000000-0000-0000-0000-000000000000",
+            b"GPU-22222222-2222-2222-2222-222222222222",
         ]
         assert all(e.flags & abi.DEV_SELECTED_BY_UUID for e in entries)
         assert [e.sm_requested_centi for e in entries] == [3000, 7000]

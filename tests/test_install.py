@@ -28,24 +28,30 @@ def _files(root: Path) -> set[str]:
 
 
 def test_install_and_uninstall_with_destdir(tmp_path: Path) -> None:
-    """install stages the library, the commands, config.toml, the hooks.d entry (naming
-    FCSP's venv interpreter, isolated) and the systemd unit; uninstall removes all of it
-    except config.toml, which holds the operator's settings."""
+    """install stages the library, the commands, config.toml, the hooks.d entry (the native
+    client, naming FCSP's venv interpreter, isolated, for when fcsp-hookd cannot answer)
+    and the systemd units; uninstall removes all of it except config.toml, which holds the
+    operator's settings."""
     dest = tmp_path / "dest"
     installed = _make("install", dest)
     assert installed.returncode == 0, installed.stderr
     assert _files(dest) == {
         "/usr/local/lib/fcsp/libvgpu.so",
+        "/usr/local/lib/fcsp/fcsp-hook",
+        "/usr/local/lib/fcsp/fcsp-runtime.py",
         "/usr/local/bin/fcsp-hook",
         "/usr/local/bin/fcspctl",
         "/usr/local/bin/fcsp-runtime",
         "/etc/fcsp/config.toml",
         "/usr/share/containers/oci/hooks.d/fcsp.json",
         "/etc/systemd/system/fcsp-observer.service",
+        "/etc/systemd/system/fcsp-hookd.service",
+        "/etc/systemd/system/fcsp-hookd.socket",
     }
     entry = json.loads((dest / "usr/share/containers/oci/hooks.d/fcsp.json").read_text())
-    assert entry["hook"]["path"] == "/opt/fcsp/venv/bin/python3"
-    assert entry["hook"]["args"][:2] == ["/opt/fcsp/venv/bin/python3", "-I"]
+    args = entry["hook"]["args"]
+    assert entry["hook"]["path"] == args[0] == "/usr/local/lib/fcsp/fcsp-hook"
+    assert args[args.index("--") + 1 :][:2] == ["/opt/fcsp/venv/bin/python3", "-I"]
     assert (dest / "etc/fcsp/config.toml").read_text() == (REPO / "etc/config.toml").read_text()
 
     removed = _make("uninstall", dest)

@@ -184,12 +184,16 @@ def test_init_container_installs_fcsp_on_the_host(host: Host) -> None:
     library = root / "usr/local/lib/fcsp/libvgpu.so"
     assert library.read_bytes()[:4] == b"\x7fELF"
     assert library.stat().st_mode & 0o777 == 0o755
-    runtime = root / "usr/local/bin/fcsp-runtime"
+    # The native launcher and the hooks.d entry's client, static: any host's libc will do.
+    for native in ("usr/local/bin/fcsp-runtime", "usr/local/lib/fcsp/fcsp-hook"):
+        assert (root / native).read_bytes()[:4] == b"\x7fELF"
+        assert (root / native).stat().st_mode & 0o777 == 0o755
+        assert b"ld-linux" not in (root / native).read_bytes()[:4096], native
+    python_runtime = root / "usr/local/lib/fcsp/fcsp-runtime.py"
     # Isolated, and without site: the package's directory (the venv's) is put on sys.path.
-    shebang, _, path_line = runtime.read_text().splitlines()[:3]
+    shebang, _, path_line = python_runtime.read_text().splitlines()[:3]
     assert shebang == "#!/opt/fcsp/venv/bin/python3 -IS"
     assert path_line.startswith('sys.path.insert(0, "/opt/fcsp/venv/lib/python3'), path_line
-    assert runtime.stat().st_mode & 0o777 == 0o755
     assert (root / "etc/fcsp/config.toml").read_text() == (REPO / "etc/config.toml").read_text()
     venv_python = root / "opt/fcsp/venv/bin/python3"
     assert os.readlink(venv_python) == "/opt/fcsp/python/bin/python3"
@@ -264,6 +268,7 @@ def test_copied_tree_runs_with_nothing_from_the_host(host: Host, tmp_path: Path)
         ("opt/fcsp", "/opt/fcsp"),
         ("etc/fcsp", "/etc/fcsp"),
         ("usr/local/bin/fcsp-runtime", "/usr/local/bin/fcsp-runtime"),
+        ("usr/local/lib/fcsp", "/usr/local/lib/fcsp"),
     ]
     flags = [f for src, dst in mounts for f in ("-v", f"{host.root / src}:{dst}:ro")]
     ran = _run([*RUN, *flags, "--rootfs", str(rootfs), "/bin/sh", "-ec", script])

@@ -203,20 +203,44 @@ def test_next_setting_reads_only_the_runtime_table(tmp_path: Path) -> None:
 # ---- the wrapper process ------------------------------------------------------------------
 
 
+NATIVE = Path(__file__).resolve().parent.parent / "hookc" / "fcsp-runtime"
+
+
 @dataclass
 class Wrapper:
-    """fcsp-runtime run the way an engine runs it, handing over to a recording runtime."""
+    """fcsp-runtime run the way an engine runs it, handing over to a recording runtime:
+    the Python runtime itself, or the native launcher that runs it for FCSP's creates
+    (and whenever it cannot tell the next runtime) and passes everything else through."""
 
     python: Path
     config: Path
     record: Path
     next_runtime: Path
     log_file: Path
+    native: bool = False
+
+    def command(self) -> list[str]:
+        if not self.native:
+            return [str(self.python), "-I", "-m", "fcsp_hook.hook.runtime"]
+        return [str(NATIVE)]
+
+    def environ(self) -> dict[str, str]:
+        env = {"PATH": os.environ["PATH"], runtime.CONFIG_ENV: str(self.config)}
+        if self.native:
+            script = self.config.with_name("fcsp-runtime.py")
+            if not script.exists():
+                script.write_text(
+                    f"#!{self.python} -I\nimport sys\n"
+                    "from fcsp_hook.hook.runtime import main\nsys.exit(main())\n"
+                )
+                script.chmod(0o755)
+            env["FCSP_RUNTIME_PYTHON"] = str(script)
+        return env
 
     def run(self, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": os.environ["PATH"], runtime.CONFIG_ENV: str(self.config)}
+        env = self.environ()
         return subprocess.run(
-            [str(self.python), "-I", "-m", "fcsp_hook.hook.runtime", *args],
+            [*self.command(), *args],
             capture_output=True,
             text=True,
             env=env,
@@ -235,8 +259,8 @@ class Wrapper:
         return doc
 
 
-@pytest.fixture
-def wrapper(tmp_path: Path, hook_python: Path) -> Wrapper:
+@pytest.fixture(params=["python", "native"])
+def wrapper(tmp_path: Path, hook_python: Path, request: pytest.FixtureRequest) -> Wrapper:
     record = tmp_path / "record"
     record.mkdir()
     # Records its argv and the config.json it was handed (the bundle is in its argv).
@@ -251,7 +275,7 @@ def wrapper(tmp_path: Path, hook_python: Path) -> Wrapper:
     log_file = tmp_path / "hook.log"
     config = tmp_path / "config.toml"
     config.write_text(f'[hook]\nlog_file = "{log_file}"\n[runtime]\nnext = "{next_runtime}"\n')
-    return Wrapper(hook_python, config, record, next_runtime, log_file)
+    return Wrapper(hook_python, config, record, next_runtime, log_file, request.param == "native")
 
 
 def _bundle(tmp_path: Path, annotations: dict[str, str], **extra: object) -> Path:
@@ -432,7 +456,8 @@ def test_missing_next_runtime_is_one_line(wrapper: Wrapper) -> None:
 
 def test_next_runtime_pointing_at_the_wrapper_is_refused(wrapper: Wrapper) -> None:
     """[runtime] next naming fcsp-runtime itself would exec forever: refused in one line."""
-    wrapper.config.write_text(f'[runtime]\nnext = "{runtime.__file__}"\n')
+    itself = NATIVE if wrapper.native else Path(runtime.__file__)
+    wrapper.config.write_text(f'[runtime]\nnext = "{itself}"\n')
     result = wrapper.run(["state", "x"])
     assert result.returncode == 1
     assert "is fcsp-runtime itself" in result.stderr
@@ -471,15 +496,16 @@ def test_quick_reader_agrees_with_tomllib(text: str, quick: str | None) -> None:
 
 _FCSP = b'"annotations": {"fcsp.sm": "40"}'
 MALFORMED_SPECS = [
-    # (id, config.json, what the one line must say)
+    # (id, config.json, what the one line must say); values are checked where there is a GPU
     (
         "annotation-trailing-newline",
-        b'{"annotations": {"fcsp.sm": "40\\n"}}',
+        b'{"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}, "annotations": {"fcsp.sm": "40\\n"}}',
         'annotation fcsp.sm="40\\n" is invalid: expected a percentage',
     ),
     (
         "annotation-tab",
-        b'{"annotations": {"fcsp.priority": "latency\\t"}}',
+        b'{"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}, '
+        b'"annotations": {"fcsp.priority": "latency\\t"}}',
         'annotation fcsp.priority="latency\\t" is invalid',
     ),
     (
@@ -524,3 +550,42 @@ def test_malformed_spec_that_mentions_fcsp_fails_create_with_one_line(
     assert "internal error" not in result.stderr
     assert (bundle / "config.json").read_bytes() == spec
     assert wrapper.recorded() is None
+
+
+@pytest.mark.parametrize("wrapper", ["native"], indirect=True)
+def test_the_native_launcher_passes_through_without_python(
+    wrapper: Wrapper, tmp_path: Path
+) -> None:
+    """Once the Python runtime has resolved the next runtime for this config.toml, the
+    native launcher execs it itself (Python is not even there any more); a changed
+    config.toml, or an FCSP create, goes back to the Python runtime."""
+    assert wrapper.run(["state", "x"]).returncode == 0  # the Python runtime records it
+    (tmp_path / "fcsp-runtime.py").write_text("#!/nonexistent\n")
+    result = wrapper.run(["state", "y"])
+    assert result.returncode == 0, result.stderr
+    assert wrapper.recorded() == [str(wrapper.next_runtime), "state", "y"]
+    bundle = _bundle(tmp_path, {"fcsp.sm": "40"})
+    created = wrapper.run(_create_args(bundle, tmp_path / "runc.log"))
+    assert created.returncode != 0 and "fcsp-runtime.py" in created.stderr
+    config = wrapper.config.read_text()
+    wrapper.config.write_text(config + "\n")
+    changed = wrapper.run(["state", "z"])
+    assert changed.returncode != 0 and "fcsp-runtime.py" in changed.stderr
+
+
+def test_an_error_with_a_read_only_stderr_still_reaches_the_log(
+    wrapper: Wrapper, tmp_path: Path
+) -> None:
+    """containerd's shim gives a sandbox's create /dev/null opened read-only as stderr:
+    the reason still reaches the --log file, and the exit status is the runtime's own."""
+    wrapper.config.write_text('[runtime]\nnext = "relative/runc"\n')
+    log = tmp_path / "runc.log"
+    with open("/dev/null", "rb") as read_only:
+        result = subprocess.run(
+            [*wrapper.command(), "--log", str(log), "state", "x"],
+            env=wrapper.environ(),
+            stderr=read_only,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "[runtime] next = 'relative/runc' is invalid" in log.read_text()

@@ -1,7 +1,10 @@
 """The hooks.d entry (podman, CRI-O), generated here so it is never edited by hand.
 
     python -m fcsp_hook.hook.hooksd --python /usr/bin/python3 \
-        > /usr/share/containers/oci/hooks.d/fcsp.json
+        [--client /usr/local/lib/fcsp/fcsp-hook] > /usr/share/containers/oci/hooks.d/fcsp.json
+
+With --client the entry runs the native client (hookc/fcsp-hook.c), which hands the work
+to fcsp-hookd and runs the Python hook itself only when fcsp-hookd cannot answer.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import sys
 from pathlib import Path
 
 from fcsp_hook import config
+from fcsp_hook.errors import FcspError
 
 HOOKS_VERSION = "1.0.0"
+HOOKD_SOCKET = "hook.sock"  # fcsp-hookd's, under [paths] run_dir
 # hooks.d regexes are unanchored: "fcsp\\." alone would also match "xfcsp.sm".
 ANNOTATION_PATTERN = r"^fcsp\."
 # The hook never inherits the container's (or the engine's) environment.
@@ -75,12 +80,19 @@ def hook_command(python: str, package: str | None) -> list[str]:
     return [python, "-I", "-S", "-c", boot]
 
 
-def hook_entry(python: str, config_path: Path, package: str | None = None) -> dict[str, object]:
+def hook_entry(
+    python: str, config_path: Path, package: str | None = None, client: str | None = None
+) -> dict[str, object]:
+    arguments = ["--config", str(config_path), "oci"]
+    command = [*hook_command(python, package), *arguments]
+    if client is not None:
+        socket = str(config.load(config_path).paths.run_dir / HOOKD_SOCKET)
+        command = [client, "--socket", socket, *arguments, "--", *hook_command(python, package)]
     return {
         "version": HOOKS_VERSION,
         "hook": {
-            "path": python,
-            "args": [*hook_command(python, package), "--config", str(config_path), "oci"],
+            "path": command[0],
+            "args": command,
             "env": list(HOOK_ENV),
             "timeout": 10,
         },
@@ -89,8 +101,9 @@ def hook_entry(python: str, config_path: Path, package: str | None = None) -> di
     }
 
 
-def render(python: str, config_path: Path) -> str:
-    return json.dumps(hook_entry(python, config_path, package_dir(python)), indent=2) + "\n"
+def render(python: str, config_path: Path, client: str | None = None) -> str:
+    entry = hook_entry(python, config_path, package_dir(python), client)
+    return json.dumps(entry, indent=2) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         "--python", default="/usr/bin/python3", help="interpreter that has fcsp_hook"
     )
     parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH, help="config.toml path")
+    parser.add_argument("--client", help="the native client that asks fcsp-hookd first")
     args = parser.parse_args(argv)
-    if not args.python.startswith("/"):
-        print("fcsp: --python must be an absolute path", file=sys.stderr)
-        return 2
-    sys.stdout.write(render(args.python, args.config))
+    for name in ("python", "client"):
+        value = getattr(args, name)
+        if value is not None and not value.startswith("/"):
+            print(f"fcsp: --{name} must be an absolute path", file=sys.stderr)
+            return 2
+    try:
+        sys.stdout.write(render(args.python, args.config, args.client))
+    except FcspError as exc:
+        print(f"fcsp: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,7 +21,7 @@ import os
 import sys
 
 from fcsp_hook.errors import ConfigError, FcspError, HookError, one_line
-from fcsp_hook.hook.next_runtime import NEXT_AUTO, parse_next, resolve_next
+from fcsp_hook.hook.next_runtime import NEXT_AUTO, auto_candidates, parse_next, resolve_next
 
 # Not typing.TYPE_CHECKING: importing typing (15 ms) or json (11 ms, it pulls in re) would
 # cost every container start on this path; mypy treats this name the same way.
@@ -37,6 +37,8 @@ DEFAULT_CONFIG = "/etc/fcsp/config.toml"
 # What the engines' (and systemd's) default PATH holds; used when PATH is unset.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_CONFIG_BYTES = 16 << 20
+# Where the native launcher finds the next runtime's candidates (remember_next).
+NEXT_RECORDS = "/run/fcsp-runtime"
 
 EXIT_FAILED = 1
 EXIT_NOT_FOUND = 127
@@ -336,55 +338,72 @@ def runtime_log_line(message: str, log_format: str | None, now: float) -> str:
 
 
 def report_error(message: str, args: list[str]) -> None:
-    """To stderr (podman and Docker show it) and to the runtime's --log file, if any."""
-    message = one_line(message)
-    print(f"fcsp-runtime: {message}", file=sys.stderr)
-    log = global_flag(args, "log")
-    if not log:
-        return
-    import time  # noqa: PLC0415  # error path only
+    """To the runtime's --log file, if any (containerd's shim reads the reason there), then
+    to stderr (podman and Docker show it).  Either may be unwritable: containerd gives a
+    sandbox's create /dev/null opened read-only as stderr."""
+    import contextlib  # noqa: PLC0415  # error path only
+    import time  # noqa: PLC0415
 
-    log_format = global_flag(args, "log-format")
-    line = runtime_log_line(f"fcsp-runtime: {message}", log_format, time.time())
-    try:
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # stderr already has it
+    message = one_line(message)
+    log = global_flag(args, "log")
+    if log:
+        line = runtime_log_line(
+            f"fcsp-runtime: {message}", global_flag(args, "log-format"), time.time()
+        )
+        with contextlib.suppress(OSError):  # stderr may still reach someone
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+    with contextlib.suppress(OSError):  # nobody to tell: the exit status says it
+        os.write(2, f"fcsp-runtime: {message}\n".encode())
 
 
 # ---- the FCSP path ---------------------------------------------------------------------------
 
 
-def validate(doc: dict[str, Any], bundle: str, cfg: config_mod.Config) -> None:
-    """The hook's own checks, on the spec as the next runtime will see it."""
+def validate(doc: dict[str, Any], bundle: str, cfg: config_mod.Config) -> str:
+    """The hook's own checks, on the spec as the next runtime will see it.
+
+    Returns '' for a container of FCSP's, else why it is not one (a pod's sandbox, no
+    GPU): such a container is left untouched and its fcsp.* values are not checked.
+    """
     from pathlib import Path  # noqa: PLC0415  # the FCSP path only
 
     from fcsp_hook import annotations, gpus, oci  # noqa: PLC0415
 
+    wanted = fcsp_annotations(doc)
+    sandbox = annotations.sandbox_mark(wanted)
+    if sandbox:
+        return f"pod sandbox container ({sandbox}); left untouched"
     spec = oci.decode_bundle_config(doc, Path(bundle))
-    visible = oci.env_value(spec.env, "NVIDIA_VISIBLE_DEVICES")
-    found = gpus.visible_gpus(visible, spec.devices, cfg.paths.dev_dir)
-    annotations.parse(fcsp_annotations(doc), len(found), cfg.defaults.mode, cfg.defaults.mem_mode)
+    visible = oci.env_value(spec.env, gpus.VISIBLE_DEVICES)
+    uuids = gpus.host_gpu_uuids(cfg.paths.driver_dir)  # as the hook counts them
+    found = gpus.discover(visible, spec.devices, spec.mounts, cfg.paths.dev_dir, uuids).gpus
+    if not found:
+        return "no GPU requested; container left untouched"
+    annotations.parse(wanted, len(found), cfg.defaults.mode, cfg.defaults.mem_mode)
+    return ""
 
 
-def prepare_bundle(bundle: str, raw: bytes, config_path: str, cfg: config_mod.Config) -> bool:
-    """Validate and add FCSP's hooks to <bundle>/config.json.  True if it was rewritten."""
+def prepare_bundle(bundle: str, raw: bytes, config_path: str, cfg: config_mod.Config) -> str:
+    """Validate and add FCSP's hooks to <bundle>/config.json.  Returns what was done, as a
+    line for the log."""
     import json  # noqa: PLC0415  # the FCSP path only
 
     from fcsp_hook import oci  # noqa: PLC0415
 
     doc = oci.json_object(raw, MAX_CONFIG_BYTES, f"{bundle}/config.json")
-    validate(doc, bundle, cfg)
+    not_ours = validate(doc, bundle, cfg)
+    if not_ours:
+        return not_ours
     updated = with_fcsp_hooks(doc, hook_entry(sys.executable, config_path))
     if updated is doc:
-        return False
+        return "FCSP hooks already present"
     data = json.dumps(updated, ensure_ascii=True, separators=(",", ":")).encode()
     write_atomically(os.path.join(bundle, "config.json"), data)
-    return True
+    return "FCSP hooks added to config.json"
 
 
 def _log(cfg: config_mod.Config | None, args: list[str], bundle: str) -> HookLogger:
@@ -408,10 +427,7 @@ def fcsp_create(bundle: str, raw: bytes, args: list[str], config_path: str) -> i
     details: dict[str, object] = {}
     try:
         cfg = config.load(Path(config_path))
-        rewritten = prepare_bundle(bundle, raw, config_path, cfg)
-        _log(cfg, args, bundle).info(
-            "FCSP hooks added to config.json" if rewritten else "FCSP hooks already present"
-        )
+        _log(cfg, args, bundle).info(prepare_bundle(bundle, raw, config_path, cfg))
         return None
     except (FcspError, OSError) as exc:
         message = str(exc) if isinstance(exc, FcspError) else f"{bundle}/config.json: {exc}"
@@ -447,12 +463,18 @@ def run(args: list[str]) -> int:
             code = fcsp_create(bundle, raw, args, config_path)
             if code is not None:
                 return code
+    search_path = os.environ.get("PATH") or DEFAULT_PATH
+    config_stat = _stat(config_path)  # before reading it: a later change reads as a change
     try:
-        target = resolve_next(next_setting(config_path), os.environ.get("PATH") or DEFAULT_PATH)
+        setting = next_setting(config_path)
+        target = resolve_next(setting, search_path)
     except ConfigError as exc:
         report_error(str(exc), args)
         return EXIT_FAILED
-    if os.path.realpath(target) == os.path.realpath(sys.argv[0]):
+    if config_stat is not None:
+        remember_next(config_path, config_stat, setting, search_path)
+    launchers = {os.path.realpath(sys.argv[0]), os.environ.get("FCSP_RUNTIME_LAUNCHER")}
+    if os.path.realpath(target) in launchers:
         report_error(f"[runtime] next = {target} is fcsp-runtime itself", args)
         return EXIT_FAILED
     try:
@@ -460,6 +482,52 @@ def run(args: list[str]) -> int:
     except OSError as exc:
         report_error(f"cannot run the next runtime {target}: {exc.strerror}", args)
     return EXIT_NOT_FOUND
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    """(size, mtime in ns) of config.toml, (0, 0) when there is none; None: unreadable."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0, 0
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def remember_next(
+    config_path: str, config_stat: tuple[int, int], setting: str, search: str
+) -> None:
+    """Leave the next runtime's candidates, in order, for the native launcher
+    (hookc/fcsp-runtime.c), which execs the first executable one itself while config.toml
+    is unchanged; best effort: without the record it runs this module, as now."""
+    candidates = [setting] if setting != NEXT_AUTO else auto_candidates(search)
+    text = f"config {config_stat[0]} {config_stat[1]}\n" + "".join(
+        f"next {c}\n" for c in candidates if c.startswith("/") and "\n" not in c
+    )
+    path = f"{NEXT_RECORDS}/{config_path.replace('/', '%')}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.makedirs(NEXT_RECORDS, mode=0o700, exist_ok=True)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        import contextlib  # noqa: PLC0415  # failure path only
+
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _loads(raw: bytes) -> dict[str, object] | None:
