@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -19,3 +20,22 @@ def proc_stat(pid: int, proc: Path = PROC) -> tuple[str, int] | None:
         return fields[0].decode(), int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def process_alive(pid: int, start_time: int, proc: Path = PROC) -> bool | None:
+    """False only on proof that the process recorded as (pid, start time) is gone (no such
+    pid, a zombie, or another start time); None when there is no record (pid <= 0)."""
+    if pid <= 0:
+        return None
+    stat = proc_stat(pid, proc)
+    if stat is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass  # there, but not ours to signal: alive
+        return True  # /proc unreadable now (descriptors, I/O): no proof
+    if stat[0] in {"Z", "X"}:
+        return False
+    return not (start_time and stat[1] != start_time)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fcsp_hook import annotations, gpus, inventory, procfs
+from fcsp_hook.errors import SlotError
 from fcsp_hook.hook import admission
 from fcsp_hook.log import HookLogger
 from fcsp_hook.slot import abi, files
@@ -76,8 +77,8 @@ def _admit(
     run_dir: Path, log: HookLogger, notes: dict[str, str], policy: str = "refuse", cid: str = "new"
 ) -> None:
     request = annotations.parse(notes, 1)
-    with admission.admitted(policy, run_dir, cid, request, [GPU0], log=log):
-        pass
+    with files.slots_locked(run_dir):
+        admission.admit(policy, run_dir, cid, request, [GPU0], log=log)
 
 
 def _inventory(run_dir: Path, total: int) -> None:
@@ -169,10 +170,10 @@ def test_warn_admits_and_says_why_off_checks_nothing(
 
 
 def test_the_lock_is_the_hosts_and_no_tenant_can_hold_it(run_dir: Path, log: HookLogger) -> None:
-    """The admission lock lives in <run_dir>/locks (0700, never in a slot, which is
-    mounted into its container); a tenant holding flock on its slot's files holds nothing
-    admission waits on; a host process holding the lock past the timeout gets a one-line
-    error instead of a hang."""
+    """Admission runs under the slots lock in <run_dir>/locks (0700, never in a slot, which
+    is mounted into its container); a tenant holding flock on its slot's files holds
+    nothing admission waits on; a host process holding the lock past the timeout gets a
+    one-line error instead of a hang."""
     _slot(run_dir, "a", _dev(sm=10))
     slot = files.slot_path(run_dir, "a")
     fds = [os.open(slot / name, os.O_RDONLY) for name in (abi.LIMITS_FILE, abi.USAGE_FILE)]
@@ -183,17 +184,16 @@ def test_the_lock_is_the_hosts_and_no_tenant_can_hold_it(run_dir: Path, log: Hoo
     finally:
         for fd in fds:
             os.close(fd)
-    lock = run_dir / files.LOCKS_SUBDIR / admission.LOCK_NAME
+    lock = run_dir / files.LOCKS_SUBDIR / files.SLOTS_LOCK
     assert lock.is_file()
     assert lock.parent.stat().st_mode & 0o777 == 0o700
-    assert not any(p.name == admission.LOCK_NAME for p in slot.rglob("*"))
+    assert not any(p.name == files.SLOTS_LOCK for p in slot.rglob("*"))
     holder = os.open(lock, os.O_RDWR)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        request = annotations.parse({"fcsp.sm": "50", "fcsp.mode": "strict"}, 1)
         with (
-            pytest.raises(admission.AdmissionError, match=r"held the admission lock for 0.05 s"),
-            admission.admitted("refuse", run_dir, "b", request, [GPU0], log=log, timeout_s=0.05),
+            pytest.raises(SlotError, match=r"held the slots lock for 0.05 s; try again$"),
+            files.slots_locked(run_dir, timeout_s=0.05),
         ):
             pass
     finally:
@@ -209,7 +209,8 @@ def _racer(run_dir: Path, cid: str, start: int, report: int, leave: int) -> None
     try:
         request = annotations.parse({"fcsp.sm": "60", "fcsp.mode": "strict"}, 1)
         log = HookLogger(path=None)
-        with admission.admitted("refuse", run_dir, cid, request, [GPU0], log=log):
+        with files.slots_locked(run_dir):
+            admission.admit("refuse", run_dir, cid, request, [GPU0], log=log)
             stat = procfs.proc_stat(os.getpid())
             spec = files.SlotSpec(
                 container_id=cid,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fcsp_hook import procfs
 from fcsp_hook.slot import abi, files, live
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -201,3 +203,39 @@ def test_a_reader_that_cannot_see_the_mount_is_told_so(tmp_path: Path) -> None:
         reader.kill()
         files.remove_slot(tmp_path, "c1")
     assert "does not receive from the host" in out
+
+
+def _slot_of(run_dir: Path, cid: str, pid: int, start_time: int) -> Path:
+    files.ensure_tenants_dir(run_dir)
+    directory = files.slot_path(run_dir, cid)
+    spec = files.SlotSpec(container_id=cid, init_host_pid=pid, init_start_time=start_time)
+    files.write_slot(directory, spec, {})
+    return directory
+
+
+def test_a_slot_is_removed_only_once_its_container_is_gone(tmp_path: Path) -> None:
+    """remove_if_gone (poststop, the observer's reaper): a slot whose recorded init runs is
+    a later run of the id (a restart) and is kept; one whose init is gone, or that names
+    none, is removed; no slot is absent; the slots lock held elsewhere is a failure to
+    retry, not a wait without end."""
+    own = procfs.proc_stat(os.getpid())
+    assert own is not None
+    running = _slot_of(tmp_path, "restarted", os.getpid(), own[1])
+    assert files.remove_if_gone(tmp_path, "restarted") is files.Removal.RUNNING
+    assert running.is_dir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    _slot_of(tmp_path, "gone", gone.pid, 0)
+    assert files.remove_if_gone(tmp_path, "gone") is files.Removal.REMOVED
+    _slot_of(tmp_path, "unnamed", 0, 0)
+    assert files.remove_if_gone(tmp_path, "unnamed") is files.Removal.REMOVED
+    assert files.remove_if_gone(tmp_path, "never") is files.Removal.ABSENT
+    _slot_of(tmp_path, "busy", gone.pid, 0)
+    holder = os.open(tmp_path / files.LOCKS_SUBDIR / files.SLOTS_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert files.remove_if_gone(tmp_path, "busy", timeout_s=0.05) is files.Removal.FAILED
+    finally:
+        os.close(holder)
+    assert files.remove_if_gone(tmp_path, "busy") is files.Removal.REMOVED
+    assert [p.name for p in files.tenants_dir(tmp_path).iterdir()] == ["restarted"]

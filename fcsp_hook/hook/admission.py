@@ -15,28 +15,23 @@ fcsp-observer reads from NVML (the hook itself never initialises NVML, and the d
 procfs does not say); before the observer has written it, percentages are added up
 among themselves and only what they decide is refused.
 
-The check and the creation of the slot run under one lock, <run_dir>/locks/.admission
-(flock), so two containers racing for the last guarantee cannot both pass: the second
-sees the first's slot.  The locks directory is the host's alone (never mounted into a
-container), so no tenant can hold the lock.  A container that asks for no guarantee
-takes no lock and reads nothing.
-
-For the CRI tier and any other caller: `admitted(...)` is the one entry point; it is a
-context manager to hold while the slot is written.
+The check and the creation of the slot run under one lock, the slots lock
+(files.slots_locked, <run_dir>/locks/.slots), so two containers racing for the last
+guarantee cannot both pass: the second sees the first's slot.  The locks directory is the
+host's alone (never mounted into a container), so no tenant can hold the lock.  A
+container that asks for no guarantee reads nothing.
 
 Imports stay light: this runs on every container start.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook import inventory
+from fcsp_hook import inventory, procfs
 from fcsp_hook.errors import HookError, SlotError
 from fcsp_hook.slot import abi, files
 
@@ -51,10 +46,6 @@ POLICY_REFUSE = "refuse"
 POLICY_WARN = "warn"
 POLICY_OFF = "off"
 
-# Under <run_dir>/locks, beside the per-slot locks; a leading dot: no container id has one.
-LOCK_NAME = ".admission"
-LOCK_TIMEOUT_S = 10.0
-_LOCK_POLL_S = 0.002
 WHOLE = abi.WHOLE_GPU_CENTI  # 100 % in centi-percent; basis points use the same scale
 GiB = 1 << 30
 
@@ -127,25 +118,6 @@ def asks(
     return out
 
 
-def _alive(limits: abi.Limits, proc: Path) -> bool:
-    """The slot's container still runs: its init process exists, is no zombie, and is the
-    one the hook recorded (same start time).  A slot naming no pid counts as alive."""
-    pid = int(limits.init_host_pid)
-    if pid <= 0:
-        return True
-    try:
-        data = (proc / str(pid) / "stat").read_bytes()
-    except OSError:
-        return False
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        state, start = fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return False
-    recorded = int(limits.init_start_time)
-    return state not in (b"Z", b"X") and recorded in {0, start}
-
-
 def promised(
     run_dir: Path,
     exclude: str = "",
@@ -169,8 +141,9 @@ def promised(
             limits = files.read_limits(base / name / abi.LIMITS_FILE)
         except (SlotError, OSError):
             continue  # not a slot, or one being written by a container that asks nothing
-        if not _alive(limits, proc):
-            continue
+        alive = procfs.process_alive(int(limits.init_host_pid), int(limits.init_start_time), proc)
+        if alive is False:
+            continue  # its container is gone; a slot naming no pid still counts
         strict = int(limits.isolation_mode) == abi.IsolationMode.STRICT
         hard = int(limits.mem_mode) == abi.MemMode.HARD
         for i in range(min(int(limits.device_count), abi.MAX_DEVICES)):
@@ -247,36 +220,7 @@ def problems(
     return out
 
 
-def _lock(run_dir: Path, timeout_s: float) -> int:
-    """flock(LOCK_EX) on <run_dir>/locks/.admission: an fd to close."""
-    import fcntl  # noqa: PLC0415  # only containers that ask for a guarantee get here
-
-    path = run_dir / files.LOCKS_SUBDIR / LOCK_NAME
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise AdmissionError(f"{path}: cannot open the admission lock: {exc.strerror}") from exc
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise AdmissionError(
-                    f"{path}: another container start has held the admission lock for "
-                    f"{timeout_s:g} s; try again"
-                ) from None
-            time.sleep(_LOCK_POLL_S)
-        except OSError as exc:
-            os.close(fd)
-            raise AdmissionError(f"{path}: cannot lock: {exc.strerror}") from exc
-
-
-@contextlib.contextmanager
-def admitted(
+def admit(
     policy: str,
     run_dir: Path,
     container_id: str,
@@ -285,26 +229,19 @@ def admitted(
     *,
     log: HookLogger,
     proc: Path = Path("/proc"),
-    timeout_s: float = LOCK_TIMEOUT_S,
-) -> Iterator[None]:
-    """Admit a container, and hold the admission lock while its slot is written (the body
-    of the with).  Raises AdmissionError when policy is refuse and a guarantee does not
-    fit; with warn, logs the same line and admits it."""
+) -> None:
+    """Admit a container: AdmissionError when policy is refuse and a guarantee does not
+    fit; with warn, logs the same line.  Call it under files.slots_locked, and write the
+    slot before letting go, so that racing containers see each other."""
     gpu_list = list(gpus)
     if policy == POLICY_OFF or not asks(request, gpu_list):
-        yield
         return
-    fd = _lock(run_dir, timeout_s)
-    try:
-        totals, minors = inventory.read(run_dir)
-        wanted = asks(request, gpu_list, minors)
-        held = promised(run_dir, container_id, minors, proc)
-        lines = problems(wanted, held, totals)
-        if lines:
-            line = "admission: " + "; ".join(lines)
-            if policy == POLICY_REFUSE:
-                raise AdmissionError(line)
-            log.warning(line, admission=POLICY_WARN)
-        yield
-    finally:
-        os.close(fd)
+    totals, minors = inventory.read(run_dir)
+    wanted = asks(request, gpu_list, minors)
+    held = promised(run_dir, container_id, minors, proc)
+    lines = problems(wanted, held, totals)
+    if lines:
+        line = "admission: " + "; ".join(lines)
+        if policy == POLICY_REFUSE:
+            raise AdmissionError(line)
+        log.warning(line, admission=POLICY_WARN)

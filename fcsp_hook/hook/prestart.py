@@ -204,10 +204,17 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
             "the usage file is not size-bounded"
         )
     try:
-        # Guarantees that add up: checked, and the slot written, under the admission lock.
-        with admission.admitted(
-            cfg.admission.policy, cfg.paths.run_dir, state.id, setup.request, setup.gpus, log=log
-        ):
+        # Guarantees that add up: checked, and the slot written, under the slots lock (a
+        # removal of an earlier run of this id sees this one's init alive).
+        with files.slots_locked(cfg.paths.run_dir):
+            admission.admit(
+                cfg.admission.policy,
+                cfg.paths.run_dir,
+                state.id,
+                setup.request,
+                setup.gpus,
+                log=log,
+            )
             files.write_slot(
                 slot_dir,
                 spec,

@@ -25,29 +25,10 @@ import os
 from pathlib import Path
 
 from fcsp_hook import cgroups
-from fcsp_hook.errors import FcspError, SlotError
+from fcsp_hook.errors import SlotError
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState, Tenant
-from fcsp_hook.procfs import PROC, proc_stat
+from fcsp_hook.procfs import PROC, process_alive
 from fcsp_hook.slot import files
-
-
-def container_alive(pid: int, start_time: int, proc: Path = PROC) -> bool | None:
-    """False only on proof that the recorded init process is gone (no such pid, a zombie,
-    or another start time); None when the slot has no record."""
-    if pid <= 0:
-        return None
-    stat = proc_stat(pid, proc)
-    if stat is None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            pass  # there, but not ours to signal: alive
-        return True  # /proc unreadable now (descriptors, I/O): no proof, no reaping
-    if stat[0] in {"Z", "X"}:
-        return False
-    return not (start_time and stat[1] != start_time)
 
 
 def cgroup_members(tenants: dict[str, Tenant], proc: Path = PROC) -> dict[int, tuple[str, int]]:
@@ -126,15 +107,14 @@ class Reaper(Duty):
             if tenant.cgroup is None:  # the hook may have written it after the limits
                 tenant.cgroup = cgroups.read_record(tenant.directory)
         for cid, tenant in list(state.tenants.items()):
-            alive = container_alive(
-                int(tenant.spec.init_host_pid), int(tenant.spec.init_start_time)
-            )
+            alive = process_alive(int(tenant.spec.init_host_pid), int(tenant.spec.init_start_time))
             if alive is False:
-                state.drop_tenant(cid, "container gone, slot reaped")
-                try:
-                    files.remove_slot(state.run_dir, cid)
-                except (OSError, FcspError) as exc:  # what a tenant left must not stop us
-                    state.log.error("slot not removed", container_id=cid, error=str(exc))
+                # Under the slots lock, checked again: a restart may have reused the id.
+                removal = files.remove_if_gone(state.run_dir, cid)
+                if removal is files.Removal.FAILED:
+                    state.log.error("slot not removed; next round", container_id=cid)
+                    continue
+                state.drop_tenant(cid, f"container gone, slot {removal.value}")
             elif alive:
                 init_pids[cid] = int(tenant.spec.init_host_pid)
         by_namespace = {c: p for c, p in init_pids.items() if state.tenants[c].cgroup is None}

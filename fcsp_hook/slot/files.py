@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
+import fcntl
 import os
 import re
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from fcsp_hook import linux
+from fcsp_hook import linux, procfs
 from fcsp_hook.errors import SlotError
 from fcsp_hook.slot import abi, rules
 
@@ -418,6 +421,79 @@ def remove_slot(run_dir: Path, container_id: str) -> bool:
         if detach:
             with contextlib.suppress(OSError):
                 _sweep(run_dir)
+
+
+# <run_dir>/locks/.slots: creating a slot (admission included) and removing one whose
+# container is gone are serialised on it, so that a removal never takes the slot of a
+# container that reused the id (a restart): it sees that container's init alive.  Held for
+# milliseconds; a leading dot: no container id has one.
+SLOTS_LOCK = ".slots"
+SLOTS_LOCK_TIMEOUT_S = 10.0
+_LOCK_POLL_S = 0.002
+
+
+@contextlib.contextmanager
+def slots_locked(run_dir: Path, timeout_s: float = SLOTS_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold <run_dir>/locks/.slots (flock; the locks directory is never mounted into a
+    container, so no tenant can hold it).  SlotError when it cannot be had in timeout_s."""
+    path = run_dir / LOCKS_SUBDIR / SLOTS_LOCK
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SlotError(f"{path}: cannot open the slots lock: {exc.strerror}") from exc
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SlotError(
+                        f"{path}: another container start has held the slots lock for "
+                        f"{timeout_s:g} s; try again"
+                    ) from None
+                time.sleep(_LOCK_POLL_S)
+            except OSError as exc:
+                raise SlotError(f"{path}: cannot lock: {exc.strerror}") from exc
+        yield
+    finally:
+        os.close(fd)
+
+
+class Removal(enum.Enum):
+    REMOVED = "removed"
+    ABSENT = "absent"  # no slot by that id
+    RUNNING = "running"  # the slot's container runs: a new one that reused the id
+    FAILED = "failed"  # not removed (busy lock, what is in it): the observer reaps it
+
+
+def remove_if_gone(
+    run_dir: Path, container_id: str, proc: Path = procfs.PROC, timeout_s: float = 1.0
+) -> Removal:
+    """Remove the slot of a container that is gone, under the slots lock: a slot whose
+    recorded init runs is another run of that id and is kept.  Never raises."""
+    try:
+        path = slot_path(run_dir, container_id)
+    except SlotError:
+        return Removal.ABSENT  # no slot can have that name
+    if not path.is_dir():
+        return Removal.ABSENT  # nothing to lock for (a slot made now is a new run's)
+    try:
+        with slots_locked(run_dir, timeout_s):
+            if not path.is_dir():
+                return Removal.ABSENT
+            with contextlib.suppress(SlotError, OSError):
+                limits = read_limits(path / abi.LIMITS_FILE)
+                alive = procfs.process_alive(
+                    int(limits.init_host_pid), int(limits.init_start_time), proc
+                )
+                if alive:
+                    return Removal.RUNNING
+            return Removal.REMOVED if remove_slot(run_dir, container_id) else Removal.FAILED
+    except SlotError:
+        return Removal.FAILED
 
 
 def _remove(run_dir: Path, path: Path, detach: bool) -> bool:

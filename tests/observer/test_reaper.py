@@ -110,7 +110,7 @@ def test_a_proc_that_cannot_be_read_proves_nothing(
         with contextlib.suppress(OSError):
             while True:
                 held.append(os.open("/dev/null", os.O_RDONLY))
-        assert reaper.container_alive(init.pid, 0) is True
+        assert procfs.process_alive(init.pid, 0) is True
         scene.run(Reaper())
     finally:
         for fd in held:
