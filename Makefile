@@ -57,11 +57,12 @@ all: shim sim hookc/fcsp-hook hookc/fcsp-runtime
 # hook only when that cannot answer); fcsp-runtime is the wrapper's pass-through, run
 # several times per container start.
 HOOKC_CFLAGS = -std=c11 -Wall -Wextra -Werror -static $(CFLAGS)
-hookc/fcsp-hook: hookc/fcsp-hook.c
-	$(CC) $(HOOKC_CFLAGS) -o $@ $<
+hookc/fcsp-hook: hookc/fcsp-hook.c hookc/hookd.c hookc/hookd.h
+	$(CC) $(HOOKC_CFLAGS) -o $@ hookc/fcsp-hook.c hookc/hookd.c
 
-hookc/fcsp-runtime: hookc/fcsp-runtime.c
-	$(CC) $(HOOKC_CFLAGS) -DPYTHON_RUNTIME='"$(LIBDIR)/fcsp-runtime.py"' -o $@ $<
+hookc/fcsp-runtime: hookc/fcsp-runtime.c hookc/hookd.c hookc/hookd.h
+	$(CC) $(HOOKC_CFLAGS) -DPYTHON_RUNTIME='"$(LIBDIR)/fcsp-runtime.py"' -o $@ \
+		hookc/fcsp-runtime.c hookc/hookd.c
 
 shim: shim/libvgpu.so
 
@@ -139,7 +140,8 @@ install: shim/libvgpu.so hookc/fcsp-hook hookc/fcsp-runtime venv
 	ln -sf $(VENV)/bin/fcspctl $(DESTDIR)$(PREFIX)/bin/fcspctl
 # fcsp-runtime runs 3-4 times per container start: the native launcher passes through
 # itself and runs the Python runtime (a minimal launcher rather than pip's console script,
-# which imports re first) for FCSP's creates only.  -I: the engine's PYTHON* variables never
+# which imports re first) for FCSP's creates only, whose hook entry runs the native client
+# (fcsp-hookd's, as the hooks.d entry does).  -I: the engine's PYTHON* variables never
 # reach it.  -S as well where the package's directory is known (not when staging with
 # DESTDIR): `site` and the venv's .pth files cost ~18 ms a start.
 	rm -f $(DESTDIR)$(PREFIX)/bin/fcsp-runtime $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
@@ -150,8 +152,8 @@ install: shim/libvgpu.so hookc/fcsp-hook hookc/fcsp-runtime venv
 		printf '#!%s -IS\nimport sys\nsys.path.insert(0, "%s")\n' '$(HOOK_PYTHON)' "$$pkg"; \
 	else printf '#!%s -I\nimport sys\n' '$(HOOK_PYTHON)'; fi \
 		> $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
-	printf 'from fcsp_hook.hook.runtime import main\nsys.exit(main())\n' \
-		>> $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
+	printf 'from fcsp_hook.hook.runtime import main\nsys.exit(main(hook_client="%s"))\n' \
+		'$(LIBDIR)/fcsp-hook' >> $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
 	chmod 0755 $(DESTDIR)$(LIBDIR)/fcsp-runtime.py
 	install -m 0755 hookc/fcsp-runtime $(DESTDIR)$(PREFIX)/bin/fcsp-runtime
 	install -D -m 0755 shim/libvgpu.so $(DESTDIR)$(LIBDIR)/libvgpu.so

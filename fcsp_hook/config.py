@@ -401,19 +401,29 @@ def from_mapping(data: Mapping[str, object]) -> Config:
     )
 
 
+# The last file read and what it gave: fcsp-hookd loads the config before it forks, so
+# that each fork, which reads it again, parses it only when it changed (2 ms a parse).
+_last_loaded: tuple[bytes, Config] | None = None
+
+
 def load(path: Path = DEFAULT_PATH) -> Config:
     """Read and validate config.toml; a missing file means every default."""
+    global _last_loaded  # noqa: PLW0603  # the one memo, keyed by the file's bytes
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return Config()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    if _last_loaded is not None and _last_loaded[0] == raw:
+        return _last_loaded[1]  # frozen: shared safely
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
-        return from_mapping(data)
+        cfg = from_mapping(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    _last_loaded = (raw, cfg)
+    return cfg

@@ -13,6 +13,10 @@
  *   /run/fcsp-runtime/<the config's path, '/' as '%'>
  * with the config's size and mtime; this program takes the first candidate that is an
  * executable file while the config is unchanged, and otherwise runs the Python runtime.
+ * Once the Python runtime has done an FCSP create, the record also names fcsp-hookd's
+ * socket and the hook client: FCSP's creates are then handed to fcsp-hookd (a fork of a
+ * running process does the Python runtime's work) and the Python runtime runs only when
+ * fcsp-hookd gives no answer.
  * The command line is read as the Python runtime reads it (split_command, bundle_of):
  * tests/test_runtime.py runs every case against both.
  *
@@ -30,12 +34,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "hookd.h"
+
 #ifndef PYTHON_RUNTIME
 #define PYTHON_RUNTIME "/usr/local/lib/fcsp/fcsp-runtime.py"
 #endif
 #define DEFAULT_CONFIG "/etc/fcsp/config.toml"
 #define CACHE_DIR "/run/fcsp-runtime"
 #define MAX_CACHE 8192
+#define CREATE_TIMEOUT_MS 8000 /* fcsp-hookd's own bound on a request */
 
 static const char *const global_value_flags[] = {
     "root", "log", "log-format", "log-level", "criu", "rootless", "cgroup-manager", NULL};
@@ -136,11 +143,20 @@ static int is_self(const char *path)
     return strcmp(self, other) == 0;
 }
 
-/* The first executable candidate the Python runtime left for this config; NULL if none
- * (no record, a changed config, no candidate there any more). */
-static char *next_runtime(const char *config)
+/* What the Python runtime left for this config: the first candidate for the next runtime
+ * that is an executable file, and for FCSP's creates, fcsp-hookd's socket and the hook
+ * client the hook entry names.  NULL fields: not known (no record, a changed config, no
+ * candidate there any more). */
+struct record {
+    char *next;
+    char *hookd;
+    char *client;
+};
+
+static struct record read_record(const char *config)
 {
-    static char record[MAX_CACHE + 1];
+    static char text[MAX_CACHE + 1];
+    struct record rec = {0};
     char path[4200] = CACHE_DIR "/";
     size_t at = strlen(path);
     for (const char *c = config; *c && at < sizeof(path) - 1; c++)
@@ -148,35 +164,67 @@ static char *next_runtime(const char *config)
     path[at] = '\0';
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
-        return NULL;
-    ssize_t n = read(fd, record, MAX_CACHE);
+        return rec;
+    ssize_t n = read(fd, text, MAX_CACHE);
     close(fd);
     if (n <= 0)
-        return NULL;
-    record[n] = '\0';
+        return rec;
+    text[n] = '\0';
     /* First line: "config <size> <mtime_ns>" of the config as resolved (0 0: it was absent). */
     unsigned long long size, mtime;
-    char *line = strtok(record, "\n");
+    char *line = strtok(text, "\n");
     if (!line || sscanf(line, "config %llu %llu", &size, &mtime) != 2)
-        return NULL;
+        return rec;
     struct stat st;
     unsigned long long now_size = 0, now_mtime = 0;
     if (stat(config, &st) == 0) {
         now_size = (unsigned long long)st.st_size;
         now_mtime = (unsigned long long)st.st_mtim.tv_sec * 1000000000ull + st.st_mtim.tv_nsec;
     } else if (errno != ENOENT) {
-        return NULL;
+        return rec;
     }
     if (now_size != size || now_mtime != mtime)
-        return NULL;
-    while ((line = strtok(NULL, "\n"))) { /* then one "next <path>" per candidate */
-        if (strncmp(line, "next /", 6) != 0)
-            continue;
-        char *candidate = line + 5;
-        if (stat(candidate, &st) == 0 && S_ISREG(st.st_mode) && access(candidate, X_OK) == 0)
-            return is_self(candidate) ? NULL : candidate; /* itself: the Python side refuses */
+        return rec;
+    /* Then "next <path>" per candidate, in order; "hookd <path>"; "client <path>". */
+    int found_next = 0;
+    while ((line = strtok(NULL, "\n"))) {
+        if (strncmp(line, "hookd /", 7) == 0) {
+            rec.hookd = line + 6;
+        } else if (strncmp(line, "client /", 8) == 0) {
+            rec.client = line + 7;
+        } else if (!found_next && strncmp(line, "next /", 6) == 0) {
+            char *candidate = line + 5;
+            if (stat(candidate, &st) == 0 && S_ISREG(st.st_mode) && access(candidate, X_OK) == 0) {
+                found_next = 1;
+                rec.next = is_self(candidate) ? NULL : candidate; /* the Python side refuses */
+            }
+        }
     }
-    return NULL;
+    return rec;
+}
+
+/* An FCSP create handed to fcsp-hookd (runtime.served_create): its exit code, 0 to go on
+ * to the next runtime; -1 when it gave no answer. */
+static int ask_hookd(const struct record *rec, const char *config, int argc, char **argv)
+{
+    char cwd[4096];
+    if (!getcwd(cwd, sizeof(cwd)))
+        return -1;
+    char *args[HOOKD_MAX_ARGS];
+    int n = 0;
+    args[n++] = "runtime-create";
+    args[n++] = "--config";
+    args[n++] = (char *)config;
+    args[n++] = "--client";
+    args[n++] = rec->client;
+    args[n++] = "--cwd"; /* a relative bundle or --log is the launcher's */
+    args[n++] = cwd;
+    args[n++] = "--";
+    if (argc - 1 > HOOKD_MAX_ARGS - n)
+        return -1;
+    for (int i = 1; i < argc; i++)
+        args[n++] = argv[i];
+    return hookd_ask(rec->hookd, args, n, "", 0, CREATE_TIMEOUT_MS);
 }
 
 static int run_python(char **argv)
@@ -198,17 +246,29 @@ static int run_python(char **argv)
 
 int main(int argc, char **argv)
 {
+    const char *config = getenv("FCSP_CONFIG");
+    if (!config || !*config)
+        config = DEFAULT_CONFIG;
+    struct record rec = read_record(config);
     int command = split_command(argc, argv);
     if (command < argc && (strcmp(argv[command], "create") == 0 || strcmp(argv[command], "run") == 0)) {
         const char *bundle = bundle_of(argc, argv, command);
-        if (!bundle || names_fcsp(bundle) != 0)
+        int fcsp = bundle ? names_fcsp(bundle) : -1;
+        if (fcsp == 1 && rec.next && rec.hookd && rec.client) {
+            int code = ask_hookd(&rec, config, argc, argv);
+            if (code > 0)
+                return code; /* refused: fcsp-hookd printed why, and wrote it to --log */
+            if (code == 0) {
+                argv[0] = rec.next;
+                execv(rec.next, argv);
+            }
+        }
+        if (fcsp != 0)
             return run_python(argv); /* FCSP's create, or one it cannot read */
     }
-    const char *config = getenv("FCSP_CONFIG");
-    char *next = next_runtime(config && *config ? config : DEFAULT_CONFIG);
-    if (!next)
+    if (!rec.next)
         return run_python(argv);
-    argv[0] = next;
-    execv(next, argv);
+    argv[0] = rec.next;
+    execv(rec.next, argv);
     return run_python(argv); /* gone since it was checked: the Python runtime says why */
 }

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook.hook import hooksd
+from fcsp_hook.hook import hooksd, runtime
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "shim" / "libvgpu.so"
@@ -55,6 +55,7 @@ def podman_usable() -> str | None:
 
 SIM_DIR = REPO / "tests" / "build" / "sim"
 HOOK_CLIENT = REPO / "hookc" / "fcsp-hook"  # the hooks.d entry's program, built by make
+NATIVE_RUNTIME = REPO / "hookc" / "fcsp-runtime"  # fcsp-runtime's native launcher, too
 SIM_CLIENT = REPO / "tests" / "build" / "shim" / "drv_procaddr"
 
 
@@ -168,6 +169,11 @@ class HookServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def forget_next_runtime(config: Path) -> None:
+    """Remove the record fcsp-runtime leaves under /run/fcsp-runtime for a test's config."""
+    Path(runtime.next_record(str(config))).unlink(missing_ok=True)
 
 
 def podman(

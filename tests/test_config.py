@@ -23,6 +23,20 @@ def test_missing_file_means_defaults(tmp_path: Path) -> None:
     assert config.load(tmp_path / "absent.toml") == config.Config()
 
 
+def test_an_unchanged_file_is_parsed_once_and_a_changed_one_again(tmp_path: Path) -> None:
+    """fcsp-hookd's forks read the config the service loaded before forking: the same bytes
+    give the same (frozen) Config without a parse; an edit is read at once."""
+    path = tmp_path / "config.toml"
+    path.write_text('[hook]\nfailure_policy = "fail-open"\n')
+    first = config.load(path)
+    assert config.load(path) is first
+    path.write_text('[hook]\nfailure_policy = "fail-closed"\n')
+    assert config.load(path).hook.failure_policy == config.FAIL_CLOSED
+    path.write_text("[hook]\nfailure_policy = 1\n")
+    with pytest.raises(ConfigError):
+        config.load(path)
+
+
 def test_values_are_read(tmp_path: Path) -> None:
     """Each section's keys reach the Config."""
     path = tmp_path / "c.toml"

@@ -26,7 +26,14 @@ else:  # pragma: no cover - Python 3.10 only
 
 from fcsp_hook.slot import abi, files
 from tests import containers
-from tests.containers import GLIBC_IN_ROOTFS, HookSetup
+from tests.containers import (
+    GLIBC_IN_ROOTFS,
+    HOOK_CLIENT,
+    NATIVE_RUNTIME,
+    HookServer,
+    HookSetup,
+    forget_next_runtime,
+)
 from tests.cri import images
 from tests.cri.client import Container, ContainerState, DeviceSpec, Mount, Pod
 from tests.cri.containerd import (
@@ -151,11 +158,19 @@ def node(
     hook = HookSetup.create(
         base / "fcsp", hook_python, paths=f'dev_dir = "{dev}"\ndriver_dir = "{driver}"\n'
     )
+    # As `make install` lays it out: the native launcher, the Python runtime it runs for
+    # FCSP's creates naming the native hook client, and fcsp-hookd serving that client.
+    python_runtime = base / "fcsp-runtime.py"
+    python_runtime.write_text(
+        f"#!{hook_python} -I\nimport sys\nfrom fcsp_hook.hook.runtime import main\n"
+        f"sys.exit(main(hook_client={str(HOOK_CLIENT)!r}))\n"
+    )
+    python_runtime.chmod(0o755)
     launcher = base / "fcsp-runtime"
     launcher.write_text(
         "#!/bin/sh\n"
-        f"export FCSP_CONFIG={hook.config_path}\n"
-        f'exec {hook_python} -I -m fcsp_hook.hook.runtime "$@"\n'
+        f"export FCSP_CONFIG={hook.config_path} FCSP_RUNTIME_PYTHON={python_runtime}\n"
+        f'exec {NATIVE_RUNTIME} "$@"\n'
     )
     launcher.chmod(0o755)
     config = base / "containerd.toml"
@@ -166,9 +181,14 @@ def node(
     daemon = Containerd.start(base, config, cgroup_parent=f"/fcsp-cri-{uuid.uuid4().hex[:8]}")
     try:
         daemon.import_images(archive, [PAUSE, CUDA, TOOL])
-        yield Node(daemon, hook, dev, base)
+        hookd = HookServer(hook).start(hook_python)
+        try:
+            yield Node(daemon, hook, dev, base)
+        finally:
+            hookd.stop()
     finally:
         daemon.stop()
+        forget_next_runtime(hook.config_path)
 
 
 def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 30) -> None:
@@ -176,6 +196,10 @@ def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 30) -> No
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def _gone(node: Node) -> None:
+    _wait_for("every slot's removal", lambda: node.hook.slots() == [])
 
 
 def _mapped(pid: int) -> str:
@@ -243,6 +267,9 @@ def test_pod_sandbox_and_sidecar_untouched_gpu_container_shimmed(node: Node) -> 
         assert limits.device[0].mem_limit_bytes == 1 << 30
         assert limits.init_host_pid == cd.init_pid(gpu)
         assert LIB in _mapped(cd.init_pid(gpu))
+        # fcsp-runtime gave it the native client as hook, which fcsp-hookd serves.
+        hooks = json.loads((cd.task_dir(gpu) / "config.json").read_text())["hooks"]
+        assert [h["path"] for h in hooks["createRuntime"]] == [str(HOOK_CLIENT)]
 
         def charged() -> bool:
             usage = files.read_usage(slot / "usage")
@@ -265,8 +292,11 @@ def test_pod_sandbox_and_sidecar_untouched_gpu_container_shimmed(node: Node) -> 
         assert [r["event"] for r in node.records(sidecar)] == [NO_GPU_EVENT]
     finally:
         node.remove_pod(pod_id)
-    assert node.hook.slots() == []
-    assert "tenant slot removed" in [r["event"] for r in node.records(gpu)]
+    _gone(node)  # fcsp-hookd answers a removal at once and removes the slot just after
+    _wait_for(
+        "the removal's log line",
+        lambda: "tenant slot removed" in [r["event"] for r in node.records(gpu)],
+    )
 
 
 def test_malformed_annotation_fails_only_the_gpu_container_with_one_line(node: Node) -> None:
@@ -312,7 +342,7 @@ def test_malformed_annotation_fails_only_the_gpu_container_with_one_line(node: N
         node.remove_pod(good_id)
         if bad_id:
             node.remove_pod(bad_id)
-    assert node.hook.slots() == []
+    _gone(node)
     assert not [p for p in node.hook.run_dir.rglob("*") if bad_id in p.name or failing in p.name]
 
 
@@ -360,4 +390,4 @@ def test_device_plugin_forms_give_the_gpus_the_container_can_open(node: Node) ->
                 assert warnings == [], name
     finally:
         node.remove_pod(pod_id)
-    assert node.hook.slots() == []
+    _gone(node)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from fcsp_hook import procfs
 from fcsp_hook.hook import server
+from fcsp_hook.slot import abi, files
 from tests.containers import GLIBC_IN_ROOTFS, HookServer, HookSetup, podman
 from tests.test_observer import wait_for
 
@@ -63,10 +65,57 @@ def test_a_start_is_served_by_fcsp_hookd(hook: HookSetup, rootfs: Path, hookd: H
     result = _run_with_limits(hook, rootfs)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "/run/fcsp/libvgpu.so\n"
-    assert hook.slots() == []
-    events = [r.get("event") for r in hook.log_records()]
-    assert "tenant slot ready" in events and "tenant slot removed" in events
+    # The removal is answered at once and done just after.
+    wait_for("the slot's removal", lambda: hook.slots() == [])
+    wait_for("its log line", lambda: "tenant slot removed" in _events(hook))
+    assert "tenant slot ready" in _events(hook)
     assert hookd.proc is not None and hookd.proc.poll() is None
+
+
+def _events(hook: HookSetup) -> list[object]:
+    return [r.get("event") for r in hook.log_records()]
+
+
+def test_a_restart_under_the_same_id_keeps_its_new_slot(
+    hook: HookSetup, rootfs: Path, hookd: HookServer
+) -> None:
+    """`podman restart` reuses the container's id: the first run's removal, answered at
+    once and done after, never takes the second run's slot (whose init it sees alive)."""
+    name = f"fcsp-restart-{uuid.uuid4().hex[:8]}"
+    started = podman(hook, rootfs, ["/bin/sleep", "600"], FCSP, GPU, extra=("-d", "--name", name))
+    assert started.returncode == 0, started.stderr
+    try:
+        (slot,) = hook.slots()
+        first = files.read_limits(slot / abi.LIMITS_FILE).init_host_pid
+        restarted = subprocess.run(
+            ["podman", "--hooks-dir", str(hook.hooks_dir), "restart", "-t", "0", name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert restarted.returncode == 0, restarted.stderr
+        wait_for(
+            "the first run's removal to be decided",
+            lambda: any(
+                e in _events(hook)
+                for e in (
+                    "tenant slot kept: its container runs again under the same id",
+                    "tenant slot removed",
+                )
+            ),
+        )
+        (slot,) = hook.slots()
+        second = files.read_limits(slot / abi.LIMITS_FILE).init_host_pid
+        assert second != first
+        assert procfs.process_alive(second, 0)
+    finally:
+        subprocess.run(
+            ["podman", "--hooks-dir", str(hook.hooks_dir), "rm", "-f", "-t", "0", name],
+            capture_output=True,
+            check=False,
+        )
+    wait_for("the slot's removal", lambda: hook.slots() == [])
 
 
 def test_a_bad_annotation_is_refused_with_its_line_through_the_service(
@@ -184,7 +233,11 @@ def test_garbage_on_the_socket_leaves_the_work_to_the_python_hook(
         (b"FCSP-HOOK 2\noci\n\n{}", None),  # another protocol
         (b"GET / HTTP/1.1\r\n\r\n", None),
         (b"FCSP-HOOK 1\noci", None),  # arguments never ended
-        (b"FCSP-HOOK 1\n" + b"x\n" * 20 + b"\n", None),  # too many
+        (
+            b"FCSP-HOOK 1\n" + b"x\n" * server.MAX_ARGUMENTS + b"\n",
+            (["x"] * server.MAX_ARGUMENTS, b""),
+        ),
+        (b"FCSP-HOOK 1\n" + b"x\n" * (server.MAX_ARGUMENTS + 1) + b"\n", None),  # too many
     ],
 )
 def test_requests_are_read_strictly(

@@ -90,7 +90,7 @@ def test_daemonset_mounts_the_host_paths_fcsp_lives_in() -> None:
         assert mounted["/host" + str(directory)] == str(directory)
     assert mounted["/host" + str(engines.HOOKS_FILE.parent)] == str(engines.HOOKS_FILE.parent)
     for container in pod["initContainers"] + pod["containers"]:
-        for mount in container["volumeMounts"]:
+        for mount in container.get("volumeMounts", []):  # hookd: the host's own mounts
             assert mount["name"] in host_paths
 
 
@@ -112,7 +112,11 @@ def test_daemonset_installs_containerd_then_runs_the_observer() -> None:
     assert '"$fcsp/fcspctl" install --engine "$engine" --root /host' in script
     assert "for f in libvgpu.so fcsp-hook fcsp-runtime.py; do" in script
     assert "/usr/local/lib/fcsp/$f /host/usr/local/lib/fcsp/$f" in script
-    (observer,) = pod["containers"]
+    observer, hookd = pod["containers"]
+    # fcsp-hookd runs the host's copy in the host's mount and cgroup namespaces.
+    assert hookd["command"][:6] == ["nsenter", "-t", "1", "-m", "-C", "--"]
+    assert hookd["command"][6] == "/opt/fcsp/venv/bin/fcsp-hookd"
+    assert hookd["securityContext"]["privileged"] is True
     assert observer["command"][0].endswith("/fcsp-observer")
     mounts = {m["mountPath"] for m in observer["volumeMounts"]}
     assert {"/run/fcsp", "/var/lib/fcsp"} <= mounts
@@ -155,7 +159,7 @@ def test_daemonset_labels_the_node_once_the_runtime_runs_fcsp() -> None:
     assert install < waiting < script.index('[ "$ready" != true ] || node label-node set')
     uninstall = script.index('"$fcsp/fcspctl" uninstall --engine "$engine" --root /host')
     assert script.index("node label-node remove") < uninstall
-    (observer,) = _daemonset_pod()["containers"]
+    observer, _ = _daemonset_pod()["containers"]
     assert observer["lifecycle"]["preStop"]["exec"]["command"][-4:] == [
         "-m", "fcsp_hook.ctl.engines", "label-node", "remove"
     ]  # fmt: skip
@@ -189,7 +193,7 @@ def test_daemonset_exposes_the_observers_metrics() -> None:
     """The observer serves metrics on its pod's network (FCSP_METRICS_ADDRESS overrides
     the node's metrics_address) at the configured port, declared as containerPort
     "metrics"."""
-    (observer,) = _daemonset_pod()["containers"]
+    observer, _ = _daemonset_pod()["containers"]
     assert _env(observer)[publish.METRICS_ADDRESS_ENV] == "0.0.0.0"  # noqa: S104  # the pod's network
     (port,) = observer["ports"]
     assert port == {

@@ -236,10 +236,18 @@ def test_init_container_again_keeps_the_hosts_files(host: Host, node_image: str)
         mine.write_text(original)
 
 
+# The OCI state of a container's removal once it is gone.
+GONE = (
+    '{"ociVersion": "1.0.2", "id": "gone", "status": "stopped", "bundle": "/nonexistent", '
+    '"annotations": {"fcsp.sm": "40"}}'
+)
+
+
 def test_copied_tree_runs_with_nothing_from_the_host(host: Host, tmp_path: Path) -> None:
     """The host's copy of /opt/fcsp, the config and fcsp-runtime, mounted at their paths in a
     container whose root is busybox-static alone (no libc, no Python): fcspctl runs, checks
-    the config, the hook imports, and fcsp-runtime hands a command to the next runtime."""
+    the config, the hook imports, fcsp-hookd serves the hook's client, and fcsp-runtime
+    hands a command to the next runtime."""
     rootfs = tmp_path / "rootfs"
     for d in ("bin", "usr/bin", "etc", "proc", "sys", "dev", "tmp", "run"):
         (rootfs / d).mkdir(parents=True)
@@ -262,6 +270,15 @@ def test_copied_tree_runs_with_nothing_from_the_host(host: Host, tmp_path: Path)
         "/opt/fcsp/venv/bin/fcspctl --help\n"
         "/opt/fcsp/venv/bin/fcspctl check-config\n"
         "/opt/fcsp/venv/bin/python3 -I /probe.py\n"
+        # What the hookd container runs; the client's fallback fails, so only a served
+        # request succeeds (the removal of a container that is already gone).
+        "/opt/fcsp/venv/bin/fcsp-hookd --config /etc/fcsp/config.toml &\n"
+        "i=0; while [ ! -S /run/fcsp/hook.sock ] && [ $i -lt 300 ]; do\n"
+        "  sleep 0.1; i=$((i+1))\n"
+        "done\n"
+        f"echo '{GONE}' | /usr/local/lib/fcsp/fcsp-hook --socket /run/fcsp/hook.sock "
+        "--config /etc/fcsp/config.toml oci -- /bin/false\n"
+        "echo served by fcsp-hookd\n"
         "/usr/local/bin/fcsp-runtime --version\n"
     )
     mounts = [
@@ -277,13 +294,14 @@ def test_copied_tree_runs_with_nothing_from_the_host(host: Host, tmp_path: Path)
     assert lines[0].startswith("usage: fcspctl")
     assert "/etc/fcsp/config.toml: ok" in lines
     assert "prefix /opt/fcsp/venv" in lines
+    assert "served by fcsp-hookd" in lines
     assert lines[-1] == "next runtime: --version"
 
 
 def test_observer_starts_in_the_image(node_image: str, tmp_path: Path) -> None:
     """The main container's command, with its mounts: fcsp-observer comes up (without NVML
     here), makes the tenants directory in the host's /run/fcsp and stops on SIGTERM."""
-    (observer,) = _pod()["containers"]
+    observer, _ = _pod()["containers"]
     host = tmp_path / "host"
     mounts = _mounts(observer, host)
     # The observer mounts what the init container copied: the default config and library.

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,13 @@ import pytest
 
 from fcsp_hook.errors import ConfigError, HookError
 from fcsp_hook.hook import hooksd, runtime
+from tests.containers import (
+    HOOK_CLIENT,
+    NATIVE_RUNTIME,
+    HookServer,
+    HookSetup,
+    forget_next_runtime,
+)
 
 # ---- the command line -------------------------------------------------------------------------
 
@@ -203,9 +211,6 @@ def test_next_setting_reads_only_the_runtime_table(tmp_path: Path) -> None:
 # ---- the wrapper process ------------------------------------------------------------------
 
 
-NATIVE = Path(__file__).resolve().parent.parent / "hookc" / "fcsp-runtime"
-
-
 @dataclass
 class Wrapper:
     """fcsp-runtime run the way an engine runs it, handing over to a recording runtime:
@@ -219,10 +224,15 @@ class Wrapper:
     log_file: Path
     native: bool = False
 
+    @property
+    def client(self) -> str | None:
+        """The hook client FCSP's creates get: the installed launcher names one."""
+        return str(HOOK_CLIENT) if self.native else None
+
     def command(self) -> list[str]:
         if not self.native:
             return [str(self.python), "-I", "-m", "fcsp_hook.hook.runtime"]
-        return [str(NATIVE)]
+        return [str(NATIVE_RUNTIME)]
 
     def environ(self) -> dict[str, str]:
         env = {"PATH": os.environ["PATH"], runtime.CONFIG_ENV: str(self.config)}
@@ -231,7 +241,8 @@ class Wrapper:
             if not script.exists():
                 script.write_text(
                     f"#!{self.python} -I\nimport sys\n"
-                    "from fcsp_hook.hook.runtime import main\nsys.exit(main())\n"
+                    "from fcsp_hook.hook.runtime import main\n"
+                    f"sys.exit(main(hook_client={self.client!r}))\n"
                 )
                 script.chmod(0o755)
             env["FCSP_RUNTIME_PYTHON"] = str(script)
@@ -260,7 +271,7 @@ class Wrapper:
 
 
 @pytest.fixture(params=["python", "native"])
-def wrapper(tmp_path: Path, hook_python: Path, request: pytest.FixtureRequest) -> Wrapper:
+def wrapper(tmp_path: Path, hook_python: Path, request: pytest.FixtureRequest) -> Iterator[Wrapper]:
     record = tmp_path / "record"
     record.mkdir()
     # Records its argv and the config.json it was handed (the bundle is in its argv).
@@ -274,13 +285,17 @@ def wrapper(tmp_path: Path, hook_python: Path, request: pytest.FixtureRequest) -
     )
     log_file = tmp_path / "hook.log"
     config = tmp_path / "config.toml"
-    config.write_text(f'[hook]\nlog_file = "{log_file}"\n[runtime]\nnext = "{next_runtime}"\n')
-    return Wrapper(hook_python, config, record, next_runtime, log_file, request.param == "native")
+    config.write_text(
+        f'[hook]\nlog_file = "{log_file}"\n[runtime]\nnext = "{next_runtime}"\n'
+        f'[paths]\nrun_dir = "{tmp_path / "run"}"\n'
+    )
+    yield Wrapper(hook_python, config, record, next_runtime, log_file, request.param == "native")
+    forget_next_runtime(config)
 
 
 def _bundle(tmp_path: Path, annotations: dict[str, str], **extra: object) -> Path:
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
+    bundle.mkdir(parents=True)
     doc = {
         "ociVersion": "1.0.2",
         "process": {"args": ["/bin/true"], "env": ["NVIDIA_VISIBLE_DEVICES=0"]},
@@ -321,8 +336,9 @@ def test_container_without_fcsp_is_handed_over_untouched(wrapper: Wrapper, tmp_p
 
 def test_fcsp_container_gets_the_hooks_then_the_same_argv(wrapper: Wrapper, tmp_path: Path) -> None:
     """fcsp.* annotations: config.json gains the hook at createRuntime and poststop (the
-    wrapper's interpreter, -I, the config it was given), keeps every other field and its
-    file mode, and the next runtime gets argv unchanged."""
+    wrapper's interpreter, -I, the config it was given; behind the native client that asks
+    fcsp-hookd first when the launcher names it), keeps every other field and its file
+    mode, and the next runtime gets argv unchanged."""
     other = {"path": "/bin/true", "args": ["true"]}
     bundle = _bundle(
         tmp_path, {"fcsp.sm": "40", "fcsp.mem": "8G"}, hooks={"poststop": [other]}, x={"y": 1}
@@ -333,8 +349,9 @@ def test_fcsp_container_gets_the_hooks_then_the_same_argv(wrapper: Wrapper, tmp_
     assert wrapper.recorded() == [str(wrapper.next_runtime), *args]
     spec = wrapper.seen_spec()
     assert spec == json.loads((bundle / "config.json").read_text())
-    entry = runtime.hook_entry(str(wrapper.python), str(wrapper.config))
+    entry = runtime.hook_entry(str(wrapper.python), str(wrapper.config), wrapper.client)
     assert spec["hooks"] == {"poststop": [other, entry], "createRuntime": [entry]}
+    assert entry["path"] == (wrapper.client or str(wrapper.python))
     assert spec["x"] == {"y": 1}
     assert spec["annotations"] == {"fcsp.sm": "40", "fcsp.mem": "8G"}
     assert stat.S_IMODE((bundle / "config.json").stat().st_mode) == 0o600
@@ -456,7 +473,7 @@ def test_missing_next_runtime_is_one_line(wrapper: Wrapper) -> None:
 
 def test_next_runtime_pointing_at_the_wrapper_is_refused(wrapper: Wrapper) -> None:
     """[runtime] next naming fcsp-runtime itself would exec forever: refused in one line."""
-    itself = NATIVE if wrapper.native else Path(runtime.__file__)
+    itself = NATIVE_RUNTIME if wrapper.native else Path(runtime.__file__)
     wrapper.config.write_text(f'[runtime]\nnext = "{itself}"\n')
     result = wrapper.run(["state", "x"])
     assert result.returncode == 1
@@ -571,6 +588,56 @@ def test_the_native_launcher_passes_through_without_python(
     wrapper.config.write_text(config + "\n")
     changed = wrapper.run(["state", "z"])
     assert changed.returncode != 0 and "fcsp-runtime.py" in changed.stderr
+
+
+@pytest.mark.parametrize("wrapper", ["native"], indirect=True)
+def test_the_native_launcher_hands_fcsp_creates_to_fcsp_hookd(
+    wrapper: Wrapper, tmp_path: Path
+) -> None:
+    """After one FCSP create by the Python runtime, the record names fcsp-hookd and the
+    hook client; FCSP's creates then go to fcsp-hookd (the Python runtime, now broken, is
+    never run), a relative bundle included, and its refusal is the runtime's one line, on
+    stderr and in --log.  With fcsp-hookd gone, the Python runtime runs again."""
+    log = tmp_path / "runc.log"
+    first = wrapper.run(_create_args(_bundle(tmp_path / "a", {"fcsp.sm": "40"}), log))
+    assert first.returncode == 0, first.stderr
+    record = Path(runtime.next_record(str(wrapper.config))).read_text().splitlines()
+    socket_path = tmp_path / "run" / hooksd.HOOKD_SOCKET
+    assert record[-2:] == [f"hookd {socket_path}", f"client {HOOK_CLIENT}"]
+
+    python_runtime = tmp_path / "fcsp-runtime.py"
+    working = python_runtime.read_text()
+    python_runtime.write_text("#!/bin/sh\necho the Python runtime ran >&2\nexit 99\n")
+    setup = HookSetup(tmp_path, tmp_path / "run", wrapper.log_file, wrapper.config)
+    hookd = HookServer(setup).start(wrapper.python)
+    try:
+        bundle = _bundle(tmp_path / "b", {"fcsp.sm": "40"})
+        args = _create_args(Path("bundle"), log)
+        served = wrapper.run(args, cwd=bundle.parent)
+        assert served.returncode == 0, served.stderr
+        assert wrapper.recorded() == [str(wrapper.next_runtime), *args]
+        entry = runtime.hook_entry(str(wrapper.python), str(wrapper.config), wrapper.client)
+        assert wrapper.seen_spec()["hooks"] == {"createRuntime": [entry], "poststop": [entry]}
+
+        bad = _bundle(tmp_path / "c", {"fcsp.sm": "150"})
+        refused = wrapper.run(_create_args(bad, log))
+        assert refused.returncode == 1
+        line = 'fcsp-runtime: annotation fcsp.sm="150" is invalid'
+        assert refused.stderr.count(line) == 1 and refused.stderr.count("\n") == 1
+        assert json.loads(log.read_text().splitlines()[-1])["msg"].startswith(line)
+    finally:
+        hookd.stop()
+    down = wrapper.run(_create_args(_bundle(tmp_path / "d", {"fcsp.sm": "40"}), log))
+    assert down.returncode == 99 and "the Python runtime ran" in down.stderr
+    python_runtime.write_text(working)
+    again = wrapper.run(_create_args(_bundle(tmp_path / "e", {"fcsp.sm": "40"}), log))
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_malformed_runtime_create_request_is_refused(capfd: pytest.CaptureFixture[str]) -> None:
+    """fcsp-hookd's side takes the launcher's request in its one form only."""
+    assert runtime.served_create(["--config", "/c.toml", "create"]) == runtime.EXIT_FAILED
+    assert capfd.readouterr().err == "fcsp-runtime: fcsp-hookd: malformed runtime-create request\n"
 
 
 def test_an_error_with_a_read_only_stderr_still_reaches_the_log(

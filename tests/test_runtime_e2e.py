@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fcsp_hook.hook import runtime
-from tests.containers import GLIBC_IN_ROOTFS, HookSetup, podman
+from tests.containers import GLIBC_IN_ROOTFS, HookSetup, forget_next_runtime, podman
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +79,7 @@ def fcsp_runtime(tmp_path: Path, e2e_ready: None, hook_python: Path) -> Iterator
     setup = RuntimeSetup(dataclasses.replace(hook, hooks_dir=empty), launcher, received, handed)
     yield setup
     shutil.rmtree(hook.run_dir, ignore_errors=True)
+    forget_next_runtime(hook.config_path)
 
 
 def _podman(*args: str) -> subprocess.CompletedProcess[str]:

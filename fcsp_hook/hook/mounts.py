@@ -1,10 +1,11 @@
 """Mounting the slot, the library and the generated ld.so.preload into a container.
 
-Runs in a forked child that enters the container's mount namespace (state.pid at
-prestart: after the runtime's mounts exist, before pivot_root), so the hook itself
-stays in the host's.  Every target is resolved inside the rootfs (fcsp_hook.hook.rootfs)
-and mounted onto through its opened fd.  If any step fails, what was mounted or
-created is undone before the error is reported.
+The hook enters the container's mount namespace (state.pid's at prestart: after the
+runtime's mounts exist, before pivot_root) for the mounts and returns to the host's at
+once; a hook that cannot return exits rather than write anything more.  Every target is
+resolved inside the rootfs (fcsp_hook.hook.rootfs) and mounted onto through its opened
+fd.  If any step fails, what was mounted or created is undone before the error is
+reported.
 
 The bounded usage file (files.bound_usage) is a mount on the host, made after the
 container's mount namespace was copied from the host's: with private propagation the
@@ -273,7 +274,8 @@ def _install(rootfs: Rootfs, src: _Sources, usage_tree: int | None, preload_out:
 
 
 def _child(plan: MountPlan, ns_fd: int, usage_tree: int | None, preload_out: int) -> str:
-    """Runs in the forked child; returns '' or the one-line reason it failed."""
+    """Enters the container's mount namespace and installs; returns '' or the one-line
+    reason it failed (U: an unsafe path)."""
     try:
         linux.setns(ns_fd, linux.CLONE_NEWNS)
         src = _Sources.open(plan)
@@ -313,7 +315,7 @@ def install(plan: MountPlan) -> None:
     try:
         if plan.bounded_usage:
             usage_tree = _clone_usage(plan.slot_dir)
-        _fork_child(plan, ns_fd, usage_tree, preload_out)
+        _in_container(plan, ns_fd, usage_tree, preload_out)
     finally:
         if usage_tree is not None:
             os.close(usage_tree)
@@ -332,25 +334,29 @@ def _clone_usage(slot_dir: Path) -> int:
         raise HookError(f"cannot clone the mount of {path}: {exc.strerror}") from exc
 
 
-def _fork_child(plan: MountPlan, ns_fd: int, usage_tree: int | None, preload_out: int) -> None:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child; its effects are tested end to end
-        os.close(read_end)
-        code = 0
+def _in_container(plan: MountPlan, ns_fd: int, usage_tree: int | None, preload_out: int) -> None:
+    """Enter the container's mount namespace, install, and come back.  The hook is a
+    single-threaded process of its own (or a fork of fcsp-hookd for this one request),
+    so it may enter a namespace itself: no helper process to fork and wait for."""
+    try:
+        host = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        cwd = os.open(".", linux.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HookError(f"cannot hold the host's mount namespace: {exc.strerror}") from exc
+    try:
+        message = _child(plan, ns_fd, usage_tree, preload_out)
+    finally:
         try:
-            message = _child(plan, ns_fd, usage_tree, preload_out)
-            os.write(write_end, message.encode("utf-8", "replace"))
-        except BaseException:
-            code = 1
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read(4096).decode("utf-8", "replace")
-    _, status = os.waitpid(pid, 0)
+            linux.setns(host, linux.CLONE_NEWNS)
+            os.fchdir(cwd)
+        except OSError as exc:
+            # Nothing more may run in the container's namespace: the paths the hook goes
+            # on to write are the host's.
+            os.write(2, f"fcsp-hook: cannot return to the host: {exc.strerror}\n".encode())
+            os._exit(1)
+        os.close(cwd)
+        os.close(host)
     if message.startswith("U"):
         raise UnsafePathError(message[1:])
     if message.startswith("E"):
         raise HookError(message[1:])
-    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-        raise HookError("the mount helper process died")

@@ -30,9 +30,12 @@ USAGE = "usage: fcsp-hook [--config PATH] prestart|poststop|oci  (OCI state on s
 def poststop(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
     from fcsp_hook.slot import files  # noqa: PLC0415  # keep the other stage's imports off this path
 
-    if files.remove_slot(cfg.paths.run_dir, state.id):
+    removal = files.remove_if_gone(cfg.paths.run_dir, state.id)
+    if removal is files.Removal.REMOVED:
         log.info("tenant slot removed")
-    elif files.slot_path(cfg.paths.run_dir, state.id).exists():
+    elif removal is files.Removal.RUNNING:
+        log.info("tenant slot kept: its container runs again under the same id")
+    elif removal is files.Removal.FAILED:
         log.warning("tenant slot could not be removed; the observer will reap it")
     else:
         log.info("no tenant slot to remove")
@@ -56,6 +59,19 @@ def _stage_for(requested: str, status: str) -> str:
     if status in POSTSTOP_STATUSES:
         return "poststop"
     raise HookError(f"OCI state status {status!r} is neither creating/created nor stopped")
+
+
+def is_removal(argv: list[str], raw_state: bytes) -> bool:
+    """These arguments and this state make a poststop: it never fails a container's
+    removal, so fcsp-hookd can let the engine go on before the slot is removed."""
+    args = _parse_args(argv)
+    if args is None:
+        return False
+    try:
+        status = oci.parse_state(raw_state).status
+    except FcspError:
+        return False
+    return args[1] == "poststop" or (args[1] == "oci" and status in POSTSTOP_STATUSES)
 
 
 def run(stage: str, raw_state: bytes, cfg: config.Config, log: HookLogger) -> int:

@@ -262,13 +262,15 @@ def with_fcsp_hooks(doc: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any
     return {**doc, "hooks": hooks}
 
 
-def hook_entry(python: str, config_path: str) -> dict[str, Any]:
-    """The hook entry: the same one the hooks.d file carries (one source: hooksd)."""
+def hook_entry(python: str, config_path: str, client: str | None = None) -> dict[str, Any]:
+    """The hook entry: the same one the hooks.d file carries (one source: hooksd); with
+    client, the native client that asks fcsp-hookd first."""
     from pathlib import Path  # noqa: PLC0415  # the FCSP path only
 
     from fcsp_hook.hook import hooksd  # noqa: PLC0415
 
-    hook = hooksd.hook_entry(python, Path(config_path), hooksd.package_dir(python))["hook"]
+    package = hooksd.package_dir(python)
+    hook = hooksd.hook_entry(python, Path(config_path), package, client)["hook"]
     if not isinstance(hook, dict):
         raise HookError("hooksd.hook_entry has no hook object")  # a bug, said in one line
     return hook
@@ -387,9 +389,11 @@ def validate(doc: dict[str, Any], bundle: str, cfg: config_mod.Config) -> str:
     return ""
 
 
-def prepare_bundle(bundle: str, raw: bytes, config_path: str, cfg: config_mod.Config) -> str:
-    """Validate and add FCSP's hooks to <bundle>/config.json.  Returns what was done, as a
-    line for the log."""
+def prepare_bundle(
+    bundle: str, raw: bytes, config_path: str, cfg: config_mod.Config, client: str | None = None
+) -> str:
+    """Validate and add FCSP's hooks to <bundle>/config.json (run by client when given).
+    Returns what was done, as a line for the log."""
     import json  # noqa: PLC0415  # the FCSP path only
 
     from fcsp_hook import oci  # noqa: PLC0415
@@ -398,7 +402,7 @@ def prepare_bundle(bundle: str, raw: bytes, config_path: str, cfg: config_mod.Co
     not_ours = validate(doc, bundle, cfg)
     if not_ours:
         return not_ours
-    updated = with_fcsp_hooks(doc, hook_entry(sys.executable, config_path))
+    updated = with_fcsp_hooks(doc, hook_entry(sys.executable, config_path, client))
     if updated is doc:
         return "FCSP hooks already present"
     data = json.dumps(updated, ensure_ascii=True, separators=(",", ":")).encode()
@@ -417,7 +421,9 @@ def _log(cfg: config_mod.Config | None, args: list[str], bundle: str) -> HookLog
     return log
 
 
-def fcsp_create(bundle: str, raw: bytes, args: list[str], config_path: str) -> int | None:
+def fcsp_create(
+    bundle: str, raw: bytes, args: list[str], config_path: str, client: str | None
+) -> int | None:
     """The FCSP path of `create`: None to go on to the next runtime, else an exit code."""
     from pathlib import Path  # noqa: PLC0415  # the FCSP path only
 
@@ -427,7 +433,7 @@ def fcsp_create(bundle: str, raw: bytes, args: list[str], config_path: str) -> i
     details: dict[str, object] = {}
     try:
         cfg = config.load(Path(config_path))
-        _log(cfg, args, bundle).info(prepare_bundle(bundle, raw, config_path, cfg))
+        _log(cfg, args, bundle).info(prepare_bundle(bundle, raw, config_path, cfg, client))
         return None
     except (FcspError, OSError) as exc:
         message = str(exc) if isinstance(exc, FcspError) else f"{bundle}/config.json: {exc}"
@@ -447,22 +453,30 @@ def fcsp_create(bundle: str, raw: bytes, args: list[str], config_path: str) -> i
     return EXIT_FAILED
 
 
-def run(args: list[str]) -> int:
-    """Decide, then exec the next runtime with args unchanged (returns only on failure)."""
-    config_path = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+def fcsp_spec(args: list[str]) -> tuple[str, bytes] | None:
+    """(bundle, config.json's bytes) when args create a container FCSP must check, else None."""
     bundle = bundle_of(args)
     spec = read_spec(bundle) if bundle is not None else None
     # The fast path: no `"fcsp.` anywhere means no fcsp.* annotation; JSON is not parsed.
-    if bundle is not None and spec is not None and spec[1]:
-        raw = spec[0]
-        doc = _loads(raw)
-        # A spec that mentions fcsp. but cannot be read (too large, not UTF-8, not JSON,
-        # nested too deeply, not an object) may carry fcsp.* annotations: the FCSP path
-        # says what is wrong with it, rather than start the container unchecked.
-        if doc is None or fcsp_annotations(doc):
-            code = fcsp_create(bundle, raw, args, config_path)
-            if code is not None:
-                return code
+    if bundle is None or spec is None or not spec[1]:
+        return None
+    # A spec that mentions fcsp. but cannot be read (too large, not UTF-8, not JSON,
+    # nested too deeply, not an object) may carry fcsp.* annotations: the FCSP path
+    # says what is wrong with it, rather than start the container unchecked.
+    doc = _loads(spec[0])
+    return (bundle, spec[0]) if doc is None or fcsp_annotations(doc) else None
+
+
+def run(args: list[str], hook_client: str | None = None) -> int:
+    """Decide, then exec the next runtime with args unchanged (returns only on failure).
+    hook_client: the hook entry FCSP's creates get runs this native client (the installed
+    launcher names it), else the Python hook."""
+    config_path = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    create = fcsp_spec(args)
+    if create is not None:
+        code = fcsp_create(*create, args, config_path, hook_client)
+        if code is not None:
+            return code
     search_path = os.environ.get("PATH") or DEFAULT_PATH
     config_stat = _stat(config_path)  # before reading it: a later change reads as a change
     try:
@@ -472,7 +486,8 @@ def run(args: list[str]) -> int:
         report_error(str(exc), args)
         return EXIT_FAILED
     if config_stat is not None:
-        remember_next(config_path, config_stat, setting, search_path)
+        served = served_by(config_path, hook_client) if create is not None else None
+        remember_next(config_path, config_stat, setting, search_path, served)
     launchers = {os.path.realpath(sys.argv[0]), os.environ.get("FCSP_RUNTIME_LAUNCHER")}
     if os.path.realpath(target) in launchers:
         report_error(f"[runtime] next = {target} is fcsp-runtime itself", args)
@@ -482,6 +497,50 @@ def run(args: list[str]) -> int:
     except OSError as exc:
         report_error(f"cannot run the next runtime {target}: {exc.strerror}", args)
     return EXIT_NOT_FOUND
+
+
+# ---- FCSP's creates through fcsp-hookd -------------------------------------------------------
+
+RUNTIME_CREATE = "runtime-create"  # the request's first argument (fcsp-hookd's dispatch)
+
+
+def served_create(request: list[str]) -> int:
+    """In a fork of fcsp-hookd: the FCSP part of a create the native launcher hands over,
+    `--config PATH --client PATH --cwd DIR -- RUNTIME-ARGS...`.  0: the launcher goes on
+    to the next runtime; else the exit code, the reason already on stderr and in --log."""
+    fields = request[:7]
+    names = fields[0:6:2]
+    if names != ["--config", "--client", "--cwd"] or fields[6:] != [END_OF_FLAGS]:
+        report_error("fcsp-hookd: malformed runtime-create request", [])
+        return EXIT_FAILED
+    config_path, client, cwd = fields[1:6:2]
+    args = request[7:]
+    try:
+        os.chdir(cwd)  # the launcher's: a relative bundle or --log is relative to it
+    except OSError as exc:
+        report_error(f"cannot enter the runtime's directory {cwd}: {exc.strerror}", args)
+        return EXIT_FAILED
+    create = fcsp_spec(args)
+    code = fcsp_create(*create, args, config_path, client) if create is not None else None
+    return code or 0
+
+
+def served_by(config_path: str, hook_client: str | None) -> dict[str, str] | None:
+    """For the native launcher's record: fcsp-hookd's socket and the hook client, which it
+    hands FCSP's creates to; None without a client (this runtime was not installed with
+    one) or a config that cannot be read."""
+    if hook_client is None:
+        return None
+    from pathlib import Path  # noqa: PLC0415  # after an FCSP create only
+
+    from fcsp_hook import config  # noqa: PLC0415
+    from fcsp_hook.hook import hooksd  # noqa: PLC0415
+
+    try:
+        run_dir = config.load(Path(config_path)).paths.run_dir  # parsed once: the create's
+    except FcspError:
+        return None
+    return {"hookd": str(run_dir / hooksd.HOOKD_SOCKET), "client": hook_client}
 
 
 def _stat(path: str) -> tuple[int, int] | None:
@@ -495,23 +554,38 @@ def _stat(path: str) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
+def next_record(config_path: str) -> str:
+    """Where remember_next leaves the candidates for config_path."""
+    return f"{NEXT_RECORDS}/{config_path.replace('/', '%')}"
+
+
 def remember_next(
-    config_path: str, config_stat: tuple[int, int], setting: str, search: str
+    config_path: str,
+    config_stat: tuple[int, int],
+    setting: str,
+    search: str,
+    served: dict[str, str] | None = None,
 ) -> None:
     """Leave the next runtime's candidates, in order, for the native launcher
     (hookc/fcsp-runtime.c), which execs the first executable one itself while config.toml
-    is unchanged; best effort: without the record it runs this module, as now."""
+    is unchanged, and after an FCSP create, served (fcsp-hookd's socket and the hook
+    client), which it hands FCSP's creates to; a record of the same config keeps the
+    served lines it has.  Best effort: without the record the launcher runs this module."""
     candidates = [setting] if setting != NEXT_AUTO else auto_candidates(search)
-    text = f"config {config_stat[0]} {config_stat[1]}\n" + "".join(
-        f"next {c}\n" for c in candidates if c.startswith("/") and "\n" not in c
-    )
-    path = f"{NEXT_RECORDS}/{config_path.replace('/', '%')}"
+    head = f"config {config_stat[0]} {config_stat[1]}\n"
+    text = head + "".join(f"next {c}\n" for c in candidates if _plain_path(c))
+    path = next_record(config_path)
     try:
         with open(path, encoding="utf-8") as f:
-            if f.read() == text:
-                return
+            old = f.read(MAX_RECORD_BYTES)
     except (OSError, UnicodeDecodeError):
-        pass
+        old = ""
+    if served is not None:
+        text += "".join(f"{key} {value}\n" for key, value in served.items() if _plain_path(value))
+    elif old.startswith(head):
+        text += "".join(f"{line}\n" for line in old.splitlines() if line.startswith(_SERVED))
+    if old == text:
+        return
     tmp = f"{path}.{os.getpid()}"
     try:
         os.makedirs(NEXT_RECORDS, mode=0o700, exist_ok=True)
@@ -530,6 +604,14 @@ def remember_next(
             os.unlink(tmp)
 
 
+_SERVED = ("hookd /", "client /")
+MAX_RECORD_BYTES = 8192  # the launcher's MAX_CACHE
+
+
+def _plain_path(path: str) -> bool:
+    return path.startswith("/") and "\n" not in path
+
+
 def _loads(raw: bytes) -> dict[str, object] | None:
     """config.json as a JSON object for the annotation check; None when it is not one."""
     if len(raw) > MAX_CONFIG_BYTES:
@@ -543,8 +625,8 @@ def _loads(raw: bytes) -> dict[str, object] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None, hook_client: str | None = None) -> int:
+    return run(sys.argv[1:] if argv is None else argv, hook_client)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ must not.
 When fcsp-hookd is not running, cannot be reached, dies mid-request or answers garbage, the
 client runs the Python hook itself: the same code, the same result, slower.
 
+fcsp-runtime's native launcher (hookc/fcsp-runtime.c) hands it FCSP's creates the same
+way (the first argument "runtime-create": runtime.served_create), so that Docker and
+containerd starts pay no Python start either.
+
 The protocol, one request per connection (PROTOCOL is the version; both sides check it):
 
     request   "FCSP-HOOK 1\\n" <argument> "\\n" ... "\\n" <state: the rest, to EOF>
@@ -34,10 +38,10 @@ from pathlib import Path
 
 from fcsp_hook import config, oci
 from fcsp_hook.errors import FcspError
-from fcsp_hook.hook import hooksd, oci_hook
+from fcsp_hook.hook import hooksd, oci_hook, runtime
 
 PROTOCOL = b"FCSP-HOOK 1"
-MAX_ARGUMENTS = 8
+MAX_ARGUMENTS = 64  # hookc/hookd.h: HOOKD_MAX_ARGS (a runtime's create has ~20)
 MAX_ARGUMENT = 4096
 REQUEST_TIMEOUT_S = 8.0  # under the hooks.d entry's own 10 s
 
@@ -61,20 +65,33 @@ def read_request(conn: socket.socket) -> tuple[list[str], bytes]:
     arguments: list[str] = []
     while True:
         line, sep, rest = rest.partition(b"\n")
-        if not sep or len(line) > MAX_ARGUMENT or len(arguments) > MAX_ARGUMENTS:
+        if not sep or len(line) > MAX_ARGUMENT:
             raise BadRequest("malformed arguments")
         if not line:
             return arguments, rest
+        if len(arguments) == MAX_ARGUMENTS:
+            raise BadRequest("too many arguments")
         arguments.append(line.decode("utf-8", "surrogateescape"))
 
 
+def answer(conn: socket.socket, code: int, printed: bytes = b"") -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(PROTOCOL + f" {code}\n".encode() + printed[:65536])
+        conn.shutdown(socket.SHUT_RDWR)  # the client's EOF now, not when this fork is gone
+
+
 def serve_one(conn: socket.socket) -> None:
-    """In the fork: run the hook on the request, send its exit code and stderr back."""
+    """In the fork: run the hook on the request, send its exit code and stderr back.  A
+    removal (poststop) is answered first and done after: it exits 0 whatever happens, and
+    the engine need not wait for the slot to go."""
     conn.settimeout(REQUEST_TIMEOUT_S)
     try:
         arguments, state = read_request(conn)
     except (BadRequest, OSError):
         return
+    removal = oci_hook.is_removal(arguments, state)
+    if removal:
+        answer(conn, oci_hook.EXIT_OK)
     stdin = os.memfd_create("fcsp-hook-state", os.MFD_CLOEXEC)
     stderr = os.memfd_create("fcsp-hook-stderr", os.MFD_CLOEXEC)
     os.write(stdin, state)
@@ -83,16 +100,20 @@ def serve_one(conn: socket.socket) -> None:
     os.dup2(stdin, 0)
     os.dup2(stderr, 2)
     try:
-        code = oci_hook.main(arguments)
+        if arguments[:1] == [runtime.RUNTIME_CREATE]:
+            code = runtime.served_create(arguments[1:])
+        else:
+            code = oci_hook.main(arguments)
     except BaseException:  # whatever happens, the client gets an answer
         code = oci_hook.EXIT_FAILED
+    if removal:
+        return
     sys.stderr.flush()
     os.lseek(stderr, 0, os.SEEK_SET)
     printed = b""
     while chunk := os.read(stderr, 65536):
         printed += chunk
-    with contextlib.suppress(OSError):
-        conn.sendall(PROTOCOL + f" {code}\n".encode() + printed[:65536])
+    answer(conn, code, printed)
 
 
 def listening_socket(path: Path) -> socket.socket:
@@ -112,7 +133,14 @@ def listening_socket(path: Path) -> socket.socket:
     return server
 
 
-def serve(server: socket.socket) -> None:
+def warm_config(path: Path) -> None:
+    """Load the config here, so that the forks find it parsed (config.load keeps the last
+    one); a bad one is the fork's to report."""
+    with contextlib.suppress(FcspError):
+        config.load(path)
+
+
+def serve(server: socket.socket, config_path: Path) -> None:
     """Accept forever; each connection in a fork (reaped by the kernel)."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     while True:
@@ -120,6 +148,7 @@ def serve(server: socket.socket) -> None:
             conn, _ = server.accept()
         except InterruptedError:
             continue
+        warm_config(config_path)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the hook waits for its own children
@@ -140,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except FcspError as exc:
         print(f"fcsp-hookd: {exc}", file=sys.stderr)
         return 1
-    # What a prestart needs, imported once here rather than in every fork.
+    # What a prestart and the runtime's create need, imported once here rather than in
+    # every fork.
+    from fcsp_hook import annotations, gpus  # noqa: F401, PLC0415
     from fcsp_hook.hook import prestart  # noqa: F401, PLC0415
 
     try:
@@ -149,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fcsp-hookd: cannot listen on {path}: {exc.strerror}", file=sys.stderr)
         return 1
     with contextlib.suppress(KeyboardInterrupt):
-        serve(server)
+        serve(server, args.config)
     return 0
 
 
