@@ -11,10 +11,12 @@ Rows (the hook rows twice: with fcsp-hookd serving the hooks.d entry's client, w
 bench starts when it is not running, and without it, where the client runs the Python hook):
   podman run --rm        with fcsp annotations (prestart + poststop hooks) vs without
   podman run -d          the start alone (prestart hook) vs without; removal untimed
-  fcsp-hook poststop     the hooks.d entry's process for a stopped container, whole
+  each stage             the hooks.d entry's program at prestart and at poststop, whole,
+                         timed inside real container starts
   fcsp-runtime           `podman run --rm` of a plain container through fcsp-runtime vs
-                         runc (its pass-through on every runtime call), and its launcher
-                         alone (`--version`) vs runc's
+                         runc (its pass-through on every runtime call); of an FCSP one
+                         (its create, handed to fcsp-hookd); its launcher alone
+                         (`--version`) vs runc's
 
 Writes bench/results/hook-latency.md ($OUT/hook-latency.md where OUT is set).
 """
@@ -36,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lib
 from lib.report import Report, collect_meta
@@ -44,8 +47,6 @@ from tests.containers import build_base_rootfs  # the repo's own helper
 
 HOOKS_ENTRY = Path("/usr/share/containers/oci/hooks.d/fcsp.json")
 RUNTIME = Path("/usr/local/bin/fcsp-runtime")
-HOOKD = Path("/opt/fcsp/venv/bin/fcsp-hookd")
-HOOKD_SOCKET = Path("/run/fcsp/hook.sock")
 HOOKD = Path("/opt/fcsp/venv/bin/fcsp-hookd")
 HOOKD_SOCKET = Path("/run/fcsp/hook.sock")
 ANNOTATIONS = [
@@ -90,8 +91,16 @@ def pairs(
     return with_, without
 
 
-def podman(rootfs: Path, *, annotated: bool, detach: bool = False, runtime: str = "runc") -> float:
-    argv = ["podman", "run", "--runtime", runtime, *_ulimits()]
+def podman(
+    rootfs: Path,
+    *,
+    annotated: bool,
+    detach: bool = False,
+    runtime: str = "runc",
+    hooks_dir: Path | None = None,
+) -> float:
+    argv = ["podman", *(["--hooks-dir", str(hooks_dir)] if hooks_dir else [])]
+    argv += ["run", "--runtime", runtime, *_ulimits()]
     argv += ["-d"] if detach else ["--rm"]
     argv += ANNOTATIONS if annotated else []
     argv += ["--rootfs", str(rootfs)]
@@ -138,6 +147,34 @@ def hookd(wanted: bool) -> Iterator[str]:
             )
 
 
+def timed_hooks(entry: dict[str, Any], directory: Path, record: Path) -> Path:
+    """A hooks.d directory whose entries run the installed hook once per stage, each inside
+    a shell that records the hook's own wall time in ns ("<stage> <ns>" lines in record)."""
+    directory.mkdir()
+    hook = entry["hook"]
+    for stage in ("prestart", "poststop"):
+        wrapper = (
+            's=$(date +%s%N); "$@"; rc=$?; e=$(date +%s%N); '
+            f'echo "{stage} $((e - s))" >> {record}; exit $rc'
+        )
+        staged = {
+            **entry,
+            "hook": {**hook, "path": "/bin/sh", "args": ["sh", "-c", wrapper, "sh", *hook["args"]]},
+            "stages": [stage],
+        }
+        (directory / f"fcsp-{stage}.json").write_text(json.dumps(staged))
+    return directory
+
+
+def stage_times(record: Path) -> dict[str, list[float]]:
+    """Milliseconds per stage from timed_hooks' record."""
+    out: dict[str, list[float]] = {}
+    for line in record.read_text().splitlines():
+        stage, ns = line.split()
+        out.setdefault(stage, []).append(int(ns) / 1e6)
+    return out
+
+
 def _answers(path: Path) -> bool:
     if not path.is_socket():
         return False
@@ -157,13 +194,18 @@ def stats(values: list[float]) -> list[str]:
 Row = tuple[str, list[float], list[float]]
 
 
-def measure(rootfs: Path, n: int, hook_argv: list[str], stopped: bytes) -> list[Row]:
+Stage = tuple[str, str, list[float]]  # stage, how it was served, ms
+
+
+def measure(
+    rootfs: Path, n: int, entry: dict[str, Any], tmp: Path
+) -> tuple[list[Row], list[Stage]]:
     rows: list[Row] = []
+    stages: list[Stage] = []
 
     def row(name: str, with_: Callable[[], float], without: Callable[[], float]) -> None:
         rows.append((name, *pairs(n, with_, without)))
 
-    true = shutil.which("true") or "/bin/true"
     for served in (True, False):
         with hookd(served) as how:
             row(
@@ -176,11 +218,11 @@ def measure(rootfs: Path, n: int, hook_argv: list[str], stopped: bytes) -> list[
                 lambda: podman(rootfs, annotated=True, detach=True),
                 lambda: podman(rootfs, annotated=False, detach=True),
             )
-            row(
-                f"fcsp-hook poststop process vs `true`, {how}",
-                lambda: timed(hook_argv, stopped),
-                lambda: timed([true]),
-            )
+            record = tmp / f"stages-{served}"
+            timed_dir = timed_hooks(entry, tmp / f"hooks-{served}", record)
+            for _ in range(n):
+                podman(rootfs, annotated=True, hooks_dir=timed_dir)
+            stages += [(stage, how, ms) for stage, ms in stage_times(record).items()]
     if RUNTIME.exists():
         runc = shutil.which("runc") or "runc"
         row(
@@ -188,12 +230,18 @@ def measure(rootfs: Path, n: int, hook_argv: list[str], stopped: bytes) -> list[
             lambda: podman(rootfs, annotated=False, runtime=str(RUNTIME)),
             lambda: podman(rootfs, annotated=False),
         )
+        with hookd(True) as how:
+            row(
+                f"`podman run --rm` with FCSP via fcsp-runtime vs via runc, {how}",
+                lambda: podman(rootfs, annotated=True, runtime=str(RUNTIME)),
+                lambda: podman(rootfs, annotated=True),
+            )
         row(
             "fcsp-runtime `--version` vs runc's",
             lambda: timed([str(RUNTIME), "--version"]),
             lambda: timed([runc, "--version"]),
         )
-    return rows
+    return rows, stages
 
 
 def main() -> int:
@@ -207,19 +255,10 @@ def main() -> int:
         Path(os.environ["OUT"]) if os.environ.get("OUT") else lib.REPO / "bench" / "results"
     )
     meta = collect_meta(with_gpu=False)
-    entry = json.loads(HOOKS_ENTRY.read_text())["hook"]
-    hook_argv = [entry["path"], *entry["args"][1:]]
-    stopped = json.dumps(
-        {
-            "ociVersion": "1.0.2",
-            "id": "bench-absent",
-            "status": "stopped",
-            "bundle": "/nonexistent",
-            "annotations": {"fcsp.sm": "40"},
-        }
-    ).encode()
+    entry = json.loads(HOOKS_ENTRY.read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(build_base_rootfs(Path(tmp) / "rootfs"), args.pairs, hook_argv, stopped)
+        rootfs = build_base_rootfs(Path(tmp) / "rootfs")
+        rows, stages = measure(rootfs, args.pairs, entry, Path(tmp))
     podman_version = subprocess.run(
         ["podman", "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -233,7 +272,7 @@ def main() -> int:
         with_gpu=False,
         extra=[
             f"{podman_version}, runc; {platform.machine()}, {os.cpu_count()} cores, kernel "
-            f"{platform.release()}; the hooks.d entry runs `{entry['path']}`",
+            f"{platform.release()}; the hooks.d entry runs `{entry['hook']['path']}`",
             "container: `podman run --runtime runc --rootfs <busybox+glibc> cat /etc/hostname`"
             " (`-d`: `sleep 600`); with FCSP: `fcsp.sm=40 fcsp.mem=8G`, `NVIDIA_VISIBLE_DEVICES=0`",
         ],
@@ -258,6 +297,16 @@ def main() -> int:
             ]
             for name, w, wo in rows
         ],
+    )
+    doc.section(
+        "Each hook stage",
+        "The hooks.d entry's program, whole (client, fcsp-hookd's fork or the Python hook), "
+        "timed inside the container starts of `podman run --rm` with FCSP, one entry per "
+        "stage wrapped in a shell that reads the clock before and after it.",
+    )
+    doc.table(
+        ["stage", "served by", "runs", "median ms", "p10", "p90"],
+        [[stage, how, len(ms), *stats(ms)] for stage, how, ms in stages],
     )
     path = doc.write()
     print(path.read_text(), end="")

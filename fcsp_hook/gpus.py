@@ -13,6 +13,7 @@ driver is wedged.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -113,9 +114,14 @@ def parse_driver_information(text: str) -> tuple[int, str] | None:
 def host_gpu_uuids(driver_dir: Path) -> dict[int, str]:
     """Minor number -> UUID of the host's GPUs, from the driver's procfs files."""
     uuids = {}
-    for info in sorted(driver_dir.glob("gpus/*/information")):
+    try:
+        buses = sorted(os.listdir(driver_dir / "gpus"))  # no glob: it compiles a pattern
+    except OSError:
+        return uuids
+    for bus in buses:
         try:
-            parsed = parse_driver_information(info.read_text(errors="replace")[:4096])
+            text = (driver_dir / "gpus" / bus / "information").read_text(errors="replace")
+            parsed = parse_driver_information(text[:4096])
         except OSError:
             continue
         if parsed:
