@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -390,4 +391,57 @@ def test_device_plugin_forms_give_the_gpus_the_container_can_open(node: Node) ->
                 assert warnings == [], name
     finally:
         node.remove_pod(pod_id)
+    _gone(node)
+
+
+def test_admission_refuses_a_strict_share_past_the_gpu_and_one_racer_wins(node: Node) -> None:
+    """Strict shares on one GPU add up to at most 100 % under the CRI too: with 60 % held, a
+    second pod's 60 % fails at start with the admission line in the CRI error; of three
+    pods racing for the last 40 %, exactly one starts; their slots go with their pods."""
+    cri = node.containerd.cri
+
+    def strict_pod(name: str, share: str) -> tuple[str, Pod, str]:
+        pod_id, pod = node.pod(name, {"fcsp.mode": "strict", "fcsp.sm": share})
+        container = Container(
+            "train", CUDA, SLEEP, {"NVIDIA_VISIBLE_DEVICES": UUIDS[2]}, devices=(node.node(2),)
+        )
+        return pod_id, pod, cri.create_container(pod_id, container, pod)
+
+    pods: list[str] = []
+    try:
+        held_pod, _, held = strict_pod("held", "60")
+        pods.append(held_pod)
+        cri.start_container(held)
+        over_pod, _, over = strict_pod("over", "60")
+        pods.append(over_pod)
+        with pytest.raises(grpc.RpcError) as raised:
+            cri.start_container(over)
+        details = raised.value.details() or ""
+        assert "admission: GPU 2" in details and "cannot guarantee fcsp.sm=60%" in details
+        assert "Traceback" not in details
+
+        racers = [strict_pod(f"racer-{i}", "40") for i in range(3)]
+        pods += [pod_id for pod_id, _, _ in racers]
+        outcomes: dict[str, bool] = {}
+
+        def start(container_id: str) -> None:
+            try:
+                cri.start_container(container_id)
+                outcomes[container_id] = True
+            except grpc.RpcError:
+                outcomes[container_id] = False
+
+        threads = [threading.Thread(target=start, args=(c,)) for _, _, c in racers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(outcomes.values()) == [False, False, True]
+        winner = next(c for c, won in outcomes.items() if won)
+        assert sorted(node.hook.slots()) == sorted(
+            node.hook.run_dir / "tenants" / c for c in (held, winner)
+        )
+    finally:
+        for pod_id in pods:
+            node.remove_pod(pod_id)
     _gone(node)
