@@ -91,12 +91,14 @@ $(SIM_DIR)/libnvidia-ml.so.1: tests/sim/nvml_sim.c tests/sim/sim_state.c tests/s
 	$(CC) $(SIM_CFLAGS) -shared -Wl,-soname,libnvidia-ml.so.1 -Wl,-Bsymbolic -o $@ \
 		tests/sim/nvml_sim.c tests/sim/sim_state.c -lpthread
 
-$(TPROG_DIR)/drv_procaddr: tests/shim/drv.c tests/shim/drv_procaddr.c tests/shim/drv.h
+# The test programs read the slot's layout: a change to it rebuilds them.
+$(TPROG_DIR)/drv_procaddr: tests/shim/drv.c tests/shim/drv_procaddr.c tests/shim/drv.h shim/fcsp_slot.h
 	@mkdir -p $(TPROG_DIR)
 	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_procaddr.c -ldl -lpthread
 
 # Linked against the simulated libcuda.so.1 like a program built with -lcuda.
-$(TPROG_DIR)/drv_direct: tests/shim/drv.c tests/shim/drv_direct.c tests/shim/drv.h $(SIM_DIR)/libcuda.so.1
+$(TPROG_DIR)/drv_direct: tests/shim/drv.c tests/shim/drv_direct.c tests/shim/drv.h shim/fcsp_slot.h \
+		$(SIM_DIR)/libcuda.so.1
 	@mkdir -p $(TPROG_DIR)
 	$(CC) $(SIM_CFLAGS) -o $@ tests/shim/drv.c tests/shim/drv_direct.c -L$(SIM_DIR) -lcuda -ldl -lpthread
 

@@ -6,7 +6,8 @@
  * (FCSP_DEV_SELECTED_BY_UUID), in which case the device with that UUID is
  * meant whatever its ordinal.  The quota is the smallest of: the slot's bytes,
  * the slot's percentage of the real total, and BUD_MEMORY_LIMIT(_DEV<n>), so
- * that the environment can lower a slot's grant and never raise it.
+ * that the environment can lower a slot's grant and never raise it.  The same
+ * holds for the mode and spill mode's bound (env.c).
  */
 #include <pthread.h>
 #include <sched.h>
@@ -20,7 +21,8 @@ struct shim_device {
     int entry;            /* slot / usage entry; -1: not accounted */
     uint64_t real_total;  /* the real driver's cuDeviceTotalMem */
     _Atomic uint64_t limit_bytes;
-    _Atomic bool limit_soft;
+    _Atomic int limit_mode;         /* enum fcsp_mem_mode */
+    _Atomic uint64_t spill_bytes;   /* spill mode: how far past limit_bytes */
 };
 
 int shim_ndevices;
@@ -36,15 +38,31 @@ struct slot_entry_view {
     uint32_t flags;
     uint64_t mem_limit_bytes;
     uint32_t mem_limit_basis_points;
+    uint64_t mem_spill_bytes;
+    uint32_t mem_spill_centi;
 };
+
+struct slot_view {
+    uint32_t mem_mode;
+    uint32_t device_count;
+    struct shim_uvm uvm;
+};
+
+static void copy_uvm(const struct fcsp_limits *l, struct shim_uvm *uvm)
+{
+    uvm->profile = l->uvm_profile;
+    for (unsigned level = 0; level < 3; level++)
+        uvm->pressure_pct[level] = (uint8_t)(l->pressure_pct >> (level * FCSP_PRESSURE_BITS));
+    uvm->prefetch_bytes = l->prefetch_bytes;
+    uvm->evict_policy = l->evict_policy;
+}
 
 /*
  * Copy what we need under the seqlock.  A host that died mid-write would
  * leave seq odd for ever: after a bounded wait we take what is there, since
  * a stuck tenant is worse than one stale read.
  */
-static void read_limits(int entry, struct slot_entry_view *view, uint32_t *mem_mode,
-                        uint32_t *device_count)
+static void read_limits(int entry, struct slot_entry_view *view, struct slot_view *slot)
 {
     const struct fcsp_limits *l = shim.limits;
     for (unsigned attempt = 0;; attempt++) {
@@ -53,8 +71,9 @@ static void read_limits(int entry, struct slot_entry_view *view, uint32_t *mem_m
             sched_yield();
             continue;
         }
-        *mem_mode = l->mem_mode;
-        *device_count = l->device_count < FCSP_MAX_DEVICES ? l->device_count : FCSP_MAX_DEVICES;
+        slot->mem_mode = l->mem_mode;
+        slot->device_count = l->device_count < FCSP_MAX_DEVICES ? l->device_count : FCSP_MAX_DEVICES;
+        copy_uvm(l, &slot->uvm);
         if (view && entry >= 0 && entry < (int)FCSP_MAX_DEVICES) {
             const struct fcsp_limits_device *d = &l->device[entry];
             memcpy(view->uuid, d->uuid, sizeof(view->uuid));
@@ -62,6 +81,8 @@ static void read_limits(int entry, struct slot_entry_view *view, uint32_t *mem_m
             view->flags = d->flags;
             view->mem_limit_bytes = d->mem_limit_bytes;
             view->mem_limit_basis_points = d->mem_limit_basis_points;
+            view->mem_spill_bytes = d->mem_spill_bytes;
+            view->mem_spill_centi = d->mem_spill_centi;
         }
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&((struct fcsp_limits *)l)->seq, memory_order_relaxed) == seq ||
@@ -70,20 +91,46 @@ static void read_limits(int entry, struct slot_entry_view *view, uint32_t *mem_m
     }
 }
 
-struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total)
+bool shim_slot_uvm(uint32_t *mem_mode, struct shim_uvm *granted)
 {
-    struct shim_limit limit = {0, false};
+    if (!shim.limits)
+        return false;
+    struct slot_view slot;
+    read_limits(-1, NULL, &slot);
+    *mem_mode = slot.mem_mode;
+    *granted = slot.uvm;
+    return true;
+}
+
+/*
+ * Spill mode's bound past `quota`: a spill slot's, which BUD_UVM_MAX may only lower;
+ * without one (a bare process, a soft slot moved to spill) BUD_UVM_MAX, else 1x the quota.
+ */
+static uint64_t spill_bound(const struct slot_entry_view *view, bool spill_slot, uint64_t quota)
+{
+    const struct shim_env_spill *env = &shim_env.uvm_max;
+    uint64_t own = env->bytes || env->centi ? fcsp_mem_spill(env->bytes, env->centi, quota) : 0;
+    if (!spill_slot)
+        return own ? own : fcsp_mem_spill(0, FCSP_WHOLE_GPU_CENTI, quota);
+    uint64_t granted = fcsp_mem_spill(view->mem_spill_bytes, view->mem_spill_centi, quota);
+    return own && own < granted ? own : granted;
+}
+
+struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total, uint64_t *spill)
+{
+    struct shim_limit limit = {0, FCSP_MEM_HARD};
+    struct slot_entry_view view = {0};
+    bool spill_slot = false;
     if (shim.limits) {
-        struct slot_entry_view view = {0};
-        uint32_t mode = FCSP_MEM_HARD, count = 0;
-        read_limits(entry, &view, &mode, &count);
-        if (entry >= 0 && entry < (int)count)
+        struct slot_view slot;
+        read_limits(entry, &view, &slot);
+        if (entry >= 0 && entry < (int)slot.device_count)
             limit.bytes = fcsp_mem_quota(view.mem_limit_bytes, view.mem_limit_basis_points,
                                          real_total);
-        /* The environment may make the mode stricter (soft -> hard), not laxer. */
-        limit.soft = mode == FCSP_MEM_SOFT && shim_env.mode != FCSP_MEM_HARD;
+        limit.mode = shim_env_mem_mode(true, slot.mem_mode);
+        spill_slot = slot.mem_mode == FCSP_MEM_SPILL;
     } else {
-        limit.soft = shim_env.mode == FCSP_MEM_SOFT;
+        limit.mode = shim_env_mem_mode(false, FCSP_MEM_HARD);
     }
     if (index >= 0 && index < (int)FCSP_MAX_DEVICES) {
         const struct shim_env_limit *env = &shim_env.dev[index];
@@ -91,6 +138,8 @@ struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total)
         if (own && (!limit.bytes || own < limit.bytes)) /* lowers the slot's, never raises it */
             limit.bytes = own;
     }
+    if (spill)
+        *spill = limit.mode == FCSP_MEM_SPILL ? spill_bound(&view, spill_slot, limit.bytes) : 0;
     return limit;
 }
 
@@ -98,15 +147,15 @@ int shim_slot_entry_for(const char *uuid, int index)
 {
     if (!shim.limits)
         return index >= 0 && index < (int)FCSP_MAX_DEVICES ? index : -1;
-    uint32_t mode, count;
-    read_limits(-1, NULL, &mode, &count);
-    for (int e = 0; uuid && *uuid && e < (int)count; e++) {
+    struct slot_view slot;
+    read_limits(-1, NULL, &slot);
+    for (int e = 0; uuid && *uuid && e < (int)slot.device_count; e++) {
         struct slot_entry_view view;
-        read_limits(e, &view, &mode, &count);
+        read_limits(e, &view, &slot);
         if ((view.flags & FCSP_DEV_SELECTED_BY_UUID) && strcmp(view.uuid, uuid) == 0)
             return e;
     }
-    return index >= 0 && index < (int)count ? index : -1;
+    return index >= 0 && index < (int)slot.device_count ? index : -1;
 }
 
 /* ---- CUDA devices ------------------------------------------------------------ */
@@ -124,10 +173,13 @@ static void reload_limits(uint64_t generation)
 {
     for (int ord = 0; ord < shim_ndevices; ord++) {
         struct shim_device *d = &devices[ord];
-        struct shim_limit limit = d->entry >= 0 ? shim_limit_resolve(d->entry, ord, d->real_total)
-                                                : (struct shim_limit){0, false};
+        uint64_t spill = 0;
+        struct shim_limit limit = d->entry >= 0
+                                      ? shim_limit_resolve(d->entry, ord, d->real_total, &spill)
+                                      : (struct shim_limit){0, FCSP_MEM_HARD};
         atomic_store_explicit(&d->limit_bytes, limit.bytes, memory_order_relaxed);
-        atomic_store_explicit(&d->limit_soft, limit.soft, memory_order_relaxed);
+        atomic_store_explicit(&d->limit_mode, (int)limit.mode, memory_order_relaxed);
+        atomic_store_explicit(&d->spill_bytes, spill, memory_order_relaxed);
     }
     atomic_store_explicit(&generation_seen, generation, memory_order_release);
 }
@@ -174,9 +226,10 @@ void shim_devices_init(void)
         shim_ndevices = count;
         reload_limits(limits_generation());
         for (int ord = 0; ord < count; ord++)
-            shim_log(LOG_INFO, "device %d: slot entry %d, quota %llu bytes (%s) of %llu", ord,
-                     devices[ord].entry, (unsigned long long)devices[ord].limit_bytes,
-                     devices[ord].limit_soft ? "soft" : "hard",
+            shim_log(LOG_INFO, "device %d: slot entry %d, quota %llu bytes (%s, %llu past it) of "
+                     "%llu", ord, devices[ord].entry, (unsigned long long)devices[ord].limit_bytes,
+                     shim_mem_mode_name((enum fcsp_mem_mode)devices[ord].limit_mode),
+                     (unsigned long long)devices[ord].spill_bytes,
                      (unsigned long long)devices[ord].real_total);
         atomic_store_explicit(&devices_ready, true, memory_order_release);
     }
@@ -243,12 +296,21 @@ int shim_current_device(int *ordinal)
 struct shim_limit shim_device_limit(int ordinal)
 {
     if (ordinal < 0 || ordinal >= shim_ndevices)
-        return (struct shim_limit){0, false};
+        return (struct shim_limit){0, FCSP_MEM_HARD};
     /* One relaxed load in the common case: the host bumps generation on resize. */
     uint64_t generation = limits_generation();
     if (unlikely(generation != atomic_load_explicit(&generation_seen, memory_order_relaxed)))
         reload_limits(generation);
     const struct shim_device *d = &devices[ordinal];
-    return (struct shim_limit){atomic_load_explicit(&d->limit_bytes, memory_order_relaxed),
-                               atomic_load_explicit(&d->limit_soft, memory_order_relaxed)};
+    return (struct shim_limit){
+        atomic_load_explicit(&d->limit_bytes, memory_order_relaxed),
+        (enum fcsp_mem_mode)atomic_load_explicit(&d->limit_mode, memory_order_relaxed)};
+}
+
+/* Read after shim_device_limit, which keeps it current. */
+uint64_t shim_device_spill(int ordinal)
+{
+    if (ordinal < 0 || ordinal >= shim_ndevices)
+        return 0;
+    return atomic_load_explicit(&devices[ordinal].spill_bytes, memory_order_relaxed);
 }

@@ -68,6 +68,7 @@ __attribute__((constructor)) static void shim_init(void)
     if (!shim.active)
         return;
     shim_memory_init();
+    shim_uvm_init();
     /*
      * The process record is claimed at cuInit (or the first charge), not here: every
      * program of the container loads this library, and shells, tools and non-CUDA workers

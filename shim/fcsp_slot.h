@@ -3,7 +3,7 @@
  * fcspctl; Python) and libvgpu.so (C) inside the tenant's processes.
  *
  * This header is the single source of truth for the layout.  The Python
- * mirror lives in fcsp_hook/abi.py and tests/test_abi.py compiles a program
+ * mirror lives in fcsp_hook/slot/abi.py and tests/test_abi.py compiles a program
  * that prints every offset and size below and compares them byte for byte.
  *
  * A slot is a directory, /run/fcsp/tenants/<container-id>/ on the host,
@@ -75,9 +75,25 @@ static inline uint64_t fcsp_mem_quota(uint64_t limit_bytes, uint32_t basis_point
     return limit_bytes && limit_bytes < share ? limit_bytes : share;
 }
 
+/*
+ * FCSP_MEM_SPILL: how many bytes past the quota a tenant may hold in host memory the GPU
+ * maps: spill_bytes where set, else spill_centi (1/100 of the quota: FCSP_WHOLE_GPU_CENTI
+ * is 1x) of the quota; 0: none.  Split like fcsp_mem_quota so that it cannot overflow.
+ */
+static inline uint64_t fcsp_mem_spill(uint64_t spill_bytes, uint32_t spill_centi, uint64_t quota)
+{
+    if (spill_bytes)
+        return spill_bytes;
+    uint64_t whole = quota / FCSP_WHOLE_GPU_CENTI;
+    uint64_t part = quota % FCSP_WHOLE_GPU_CENTI * spill_centi / FCSP_WHOLE_GPU_CENTI;
+    if (spill_centi && whole > (UINT64_MAX - part) / spill_centi)
+        return UINT64_MAX;
+    return whole * spill_centi + part;
+}
+
 #define FCSP_LIMITS_MAGIC 0x4c505346u /* "FSPL" as little-endian bytes */
 #define FCSP_USAGE_MAGIC 0x55505346u  /* "FSPU" */
-#define FCSP_SLOT_VERSION 1u
+#define FCSP_SLOT_VERSION 2u
 
 #define FCSP_MAX_DEVICES 16u
 #define FCSP_MAX_PROCS 64u
@@ -102,7 +118,38 @@ enum fcsp_isolation_mode {
 enum fcsp_mem_mode {
     FCSP_MEM_HARD = 0, /* an allocation past the quota fails */
     FCSP_MEM_SOFT = 1, /* it succeeds, the excess is counted, a warning is logged once */
+    /*
+     * it is served from unified memory kept in the host's memory (the GPU reads it
+     * there) up to fcsp_mem_spill() bytes past the quota, so that the tenant's memory on
+     * the device stays within its quota; past that it fails.
+     */
+    FCSP_MEM_SPILL = 2,
 };
+
+/* fcsp_limits.uvm_profile: the named set of the knobs below, as the host resolved them */
+enum fcsp_uvm_profile {
+    FCSP_UVM_DEFAULT = 0,
+    FCSP_UVM_LLM_INFERENCE = 1,
+    FCSP_UVM_TRAINING = 2,
+};
+
+/* fcsp_limits.evict_policy: which spilled or resident ranges move to the host first */
+enum fcsp_evict_policy {
+    FCSP_EVICT_LRU = 0,  /* least recently used by a launch */
+    FCSP_EVICT_FIFO = 1, /* oldest allocation */
+};
+
+/* fcsp_limits.pressure_pct: warning | high << 8 | critical << 16, percent of the quota */
+#define FCSP_PRESSURE_BITS 8u
+
+/*
+ * The profiles' knobs, for bare processes (BUD_UVM_PROFILE) and the host alike:
+ * X(profile, name, warning %, high %, critical %, prefetch MiB, eviction policy).
+ */
+#define FCSP_UVM_PROFILES(X)                                                     \
+    X(FCSP_UVM_DEFAULT, "default", 70, 85, 95, 16, FCSP_EVICT_LRU)               \
+    X(FCSP_UVM_LLM_INFERENCE, "llm_inference", 70, 85, 95, 64, FCSP_EVICT_LRU)   \
+    X(FCSP_UVM_TRAINING, "training", 80, 90, 97, 32, FCSP_EVICT_FIFO)
 
 /* fcsp_limits.priority */
 enum fcsp_priority {
@@ -172,7 +219,10 @@ struct fcsp_limits_device {
      * at multiples of their length on CLOCK_MONOTONIC.  0: no turns.
      */
     _Atomic uint64_t turn;
-    uint64_t reserved[2];
+    /* FCSP_MEM_SPILL: how far past the quota, see fcsp_mem_spill(). */
+    uint64_t mem_spill_bytes;
+    uint32_t mem_spill_centi;
+    uint32_t reserved;
 };
 
 struct fcsp_limits {
@@ -204,7 +254,17 @@ struct fcsp_limits {
     int32_t init_host_pid;
     uint32_t reserved1;
     uint64_t init_start_time;
-    uint64_t reserved[7];
+    /*
+     * Unified memory (FCSP_MEM_SPILL), resolved by the host from the tenant's profile:
+     * the profile, its pressure levels (FCSP_PRESSURE_BITS each), the largest prefetch
+     * in bytes and the eviction policy.
+     */
+    uint32_t uvm_profile;          /* enum fcsp_uvm_profile */
+    uint32_t pressure_pct;
+    uint64_t prefetch_bytes;
+    uint32_t evict_policy;         /* enum fcsp_evict_policy */
+    uint32_t reserved2;
+    uint64_t reserved[4];
     struct fcsp_limits_device device[FCSP_MAX_DEVICES];
 };
 
@@ -251,6 +311,12 @@ struct fcsp_usage_device {
      * take the tenant's time (fcsp-observer fits turn cycles to it).
      */
     _Atomic uint64_t busy_sq;
+    /* FCSP_MEM_SPILL: bytes served past the quota from host memory, and their peak. */
+    _Atomic uint64_t mem_spilled_bytes;
+    _Atomic uint64_t mem_spill_peak_bytes;
+    /* Unified memory the shim moved to the device (prefetch) and to the host (eviction). */
+    _Atomic uint64_t mem_migrated_in_bytes;
+    _Atomic uint64_t mem_migrated_out_bytes;
 };
 
 /* fcsp_usage_proc.state */
@@ -267,6 +333,7 @@ struct fcsp_usage_proc {
     uint64_t start_time;           /* /proc/<pid>/stat field 22, to tell a reused pid */
     _Atomic uint64_t heartbeat_ns; /* CLOCK_MONOTONIC of its last report */
     _Atomic uint64_t mem_used_bytes[FCSP_MAX_DEVICES];
+    _Atomic uint64_t mem_spilled_bytes[FCSP_MAX_DEVICES]; /* its share of the device's */
     uint64_t reserved[2];
 };
 
@@ -293,10 +360,10 @@ _Static_assert(offsetof(struct fcsp_limits, seq) == 12, "seq offset");
 _Static_assert(offsetof(struct fcsp_limits, device) == 256, "limits device[] offset");
 _Static_assert(offsetof(struct fcsp_limits, init_host_pid) == 184, "init_host_pid offset");
 _Static_assert(offsetof(struct fcsp_limits, init_start_time) == 192, "init_start_time offset");
-_Static_assert(sizeof(struct fcsp_usage_device) == 128, "fcsp_usage_device size");
+_Static_assert(sizeof(struct fcsp_usage_device) == 160, "fcsp_usage_device size");
 _Static_assert(offsetof(struct fcsp_usage_device, tat_ns) == 72, "tat_ns offset");
-_Static_assert(sizeof(struct fcsp_usage_proc) == 168, "fcsp_usage_proc size");
+_Static_assert(sizeof(struct fcsp_usage_proc) == 296, "fcsp_usage_proc size");
 _Static_assert(offsetof(struct fcsp_usage, device) == 80, "usage device[] offset");
-_Static_assert(sizeof(struct fcsp_usage) == 12880, "fcsp_usage size");
+_Static_assert(sizeof(struct fcsp_usage) == 21584, "fcsp_usage size");
 
 #endif /* FCSP_SLOT_H */

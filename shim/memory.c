@@ -26,6 +26,25 @@
  * Not charged: contexts themselves, memory imported by
  * cuMemImportFromShareableHandle or external-memory interop (the exporter
  * allocated it), graph memory nodes.
+ *
+ * Spill mode (FCSP_MEM_SPILL): an allocation that does not fit the quota is
+ * served from managed memory kept in host memory and mapped by the GPU
+ * (cuMemAllocManaged, then cuMemAdvise: preferred location the host, accessed
+ * by the device), so that the tenant's memory on the device stays within its
+ * quota.  It is charged to mem_spilled_bytes with one compare-and-swap that
+ * checks the spill bound, never to mem_used_bytes; past the bound, or where
+ * the driver will not take the advice, it is refused as in hard mode.
+ *  - spill: cuMemAlloc_v2; cuMemAllocManaged, already managed, advised the
+ *    same way.
+ *  - refused past the quota, as in hard mode: cuMemAlloc (its 32-bit pointer
+ *    cannot hold a managed one: 64-bit drivers place none below 4 GiB), pitch (the pitch is the driver's
+ *    choice for device memory, which managed memory has none of), stream-ordered
+ *    and pool allocations (a managed pointer cannot come from a pool, nor go
+ *    back to one at cuMemFreeAsync), VMM (a managed allocation cannot back a
+ *    handle), arrays (an opaque device layout) and IPC imports (the exporter's
+ *    memory, mapped where it is).
+ * The tenant's view (cuMemGetInfo, cuDeviceTotalMem, NVML) stays the quota,
+ * so that frameworks size themselves to the device memory they really have.
  */
 #include <string.h>
 
@@ -61,12 +80,12 @@ static void saturating_sub(_Atomic uint64_t *counter, uint64_t bytes)
         ;
 }
 
-static void update_peak(struct fcsp_usage_device *u, uint64_t used)
+static void update_peak(_Atomic uint64_t *peak, uint64_t value)
 {
-    uint64_t peak = atomic_load_explicit(&u->mem_peak_bytes, memory_order_relaxed);
-    while (used > peak && !atomic_compare_exchange_weak_explicit(&u->mem_peak_bytes, &peak, used,
-                                                                 memory_order_relaxed,
-                                                                 memory_order_relaxed))
+    uint64_t seen = atomic_load_explicit(peak, memory_order_relaxed);
+    while (value > seen && !atomic_compare_exchange_weak_explicit(peak, &seen, value,
+                                                                  memory_order_relaxed,
+                                                                  memory_order_relaxed))
         ;
 }
 
@@ -82,11 +101,12 @@ static void note_soft_excess(struct fcsp_usage_device *u, uint64_t before, uint6
 }
 
 /*
- * Reserve `size` bytes for the tenant on site's device: CUDA_SUCCESS, or
- * CUDA_ERROR_OUT_OF_MEMORY under a hard quota.  Before refusing, look for
- * dead processes whose charge is still held, once.
+ * Reserve `size` bytes of site's device quota for the tenant: CUDA_SUCCESS, or
+ * CUDA_ERROR_OUT_OF_MEMORY when they do not fit and the quota is not soft (the
+ * caller refuses or spills).  Before that answer, look for dead processes whose
+ * charge is still held, once.
  */
-static CUresult charge(const struct alloc_site *site, uint64_t size)
+static CUresult reserve(const struct alloc_site *site, uint64_t size)
 {
     struct fcsp_usage_proc *rec = shim_proc();
     struct fcsp_usage_device *u = &shim.usage->device[site->entry];
@@ -101,20 +121,32 @@ static CUresult charge(const struct alloc_site *site, uint64_t size)
             used = atomic_load_explicit(&u->mem_used_bytes, memory_order_relaxed);
             continue;
         }
-        if (limit.bytes && next > limit.bytes && !limit.soft) {
-            atomic_fetch_add_explicit(&u->mem_rejected, 1, memory_order_relaxed);
+        if (limit.bytes && next > limit.bytes && limit.mode != FCSP_MEM_SOFT)
             return CUDA_ERROR_OUT_OF_MEMORY;
-        }
         if (atomic_compare_exchange_weak_explicit(&u->mem_used_bytes, &used, next,
                                                   memory_order_acq_rel, memory_order_relaxed)) {
             if (limit.bytes && next > limit.bytes)
                 note_soft_excess(u, used, next, limit.bytes);
-            update_peak(u, next);
+            update_peak(&u->mem_peak_bytes, next);
             atomic_fetch_add_explicit(&rec->mem_used_bytes[site->entry], size,
                                       memory_order_relaxed);
             return CUDA_SUCCESS;
         }
     }
+}
+
+static CUresult refuse(const struct alloc_site *site)
+{
+    atomic_fetch_add_explicit(&shim.usage->device[site->entry].mem_rejected, 1,
+                              memory_order_relaxed);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+/* Reserve, or refuse as hard mode does: the families that never spill. */
+static CUresult charge(const struct alloc_site *site, uint64_t size)
+{
+    CUresult rc = reserve(site, size);
+    return likely(rc == CUDA_SUCCESS) ? rc : refuse(site);
 }
 
 static void uncharge(int entry, uint64_t size)
@@ -126,9 +158,46 @@ static void uncharge(int entry, uint64_t size)
     saturating_sub(&shim.usage->device[entry].mem_used_bytes, size);
 }
 
+/* Spill mode: take `size` bytes of the bound past the quota, in one compare-and-swap. */
+static bool charge_spill(const struct alloc_site *site, uint64_t size)
+{
+    struct fcsp_usage_device *u = &shim.usage->device[site->entry];
+    uint64_t bound = shim_device_spill(site->ordinal);
+    uint64_t spilled = atomic_load_explicit(&u->mem_spilled_bytes, memory_order_relaxed);
+    uint64_t next;
+    do {
+        next = spilled + size;
+        if (next < spilled || next > bound)
+            return false;
+    } while (!atomic_compare_exchange_weak_explicit(&u->mem_spilled_bytes, &spilled, next,
+                                                    memory_order_acq_rel, memory_order_relaxed));
+    update_peak(&u->mem_spill_peak_bytes, next);
+    atomic_fetch_add_explicit(&shim_proc()->mem_spilled_bytes[site->entry], size,
+                              memory_order_relaxed);
+    return true;
+}
+
+static void uncharge_spill(int entry, uint64_t size)
+{
+    if (atomic_load_explicit(&shim.exiting, memory_order_relaxed) || !size)
+        return;
+    struct fcsp_usage_proc *rec = shim_proc();
+    saturating_sub(&rec->mem_spilled_bytes[entry], size);
+    saturating_sub(&shim.usage->device[entry].mem_spilled_bytes, size);
+}
+
+/* Give back what an allocation tracked as `kind` was charged. */
+static void uncharge_as(enum track_kind kind, int entry, uint64_t size)
+{
+    if (kind == TRACK_SPILL)
+        uncharge_spill(entry, size);
+    else
+        uncharge(entry, size);
+}
+
 static void uncharge_hit(const struct track_hit *hit)
 {
-    uncharge(hit->entry, hit->size);
+    uncharge_as(hit->kind, hit->entry, hit->size);
 }
 
 /* Where an allocation made now lands: the current context's device. */
@@ -161,7 +230,7 @@ static void settle(const struct alloc_site *site, uint64_t size, CUresult rc, ui
                    enum track_kind kind)
 {
     if (rc != CUDA_SUCCESS) {
-        uncharge(site->entry, size);
+        uncharge_as(kind, site->entry, size);
         return;
     }
     if (shim_track_insert(key, kind, site->entry, size, site->ctx) < 0) {
@@ -194,9 +263,89 @@ static CUresult end_free(const struct pending_free *f, CUresult rc)
     if (!f->found)
         return rc;
     if (rc == CUDA_SUCCESS)
-        uncharge(f->hit.entry, f->hit.size);
+        uncharge_hit(&f->hit);
     else
         shim_track_insert(f->key, f->kind, f->hit.entry, f->hit.size, NULL);
+    return rc;
+}
+
+/* ---- spill mode ------------------------------------------------------------------ */
+
+/* Set by the first spill: from then on a device pointer a free does not find as device
+ * memory may be a spilled one. */
+static _Atomic bool spilled_any;
+
+static struct pending_free begin_free_ptr(CUdeviceptr dptr)
+{
+    struct pending_free f = begin_free(dptr, TRACK_DEVPTR);
+    if (!f.found && atomic_load_explicit(&spilled_any, memory_order_relaxed))
+        f = begin_free(dptr, TRACK_SPILL);
+    return f;
+}
+
+static CUdevice site_handle(const struct alloc_site *site)
+{
+    CUdevice dev = 0;
+    REAL(cuDeviceGet)(&dev, site->ordinal);
+    return dev;
+}
+
+/* Keep a managed range in host memory and mapped by site's device: it never takes the
+ * device's memory, and the device reads it without faulting it over. */
+static CUresult advise_host(const struct alloc_site *site, CUdeviceptr ptr, uint64_t size)
+{
+    __typeof__(&cuMemAdvise_v2) advise = REAL(cuMemAdvise_v2);
+    if (!advise)
+        return CUDA_ERROR_NOT_SUPPORTED;
+    CUmemLocation host = {.type = CU_MEM_LOCATION_TYPE_HOST, .id = 0};
+    CUmemLocation device = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = site_handle(site)};
+    CUresult rc = advise(ptr, size, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, host);
+    return rc == CUDA_SUCCESS ? advise(ptr, size, CU_MEM_ADVISE_SET_ACCESSED_BY, device) : rc;
+}
+
+static void note_spill(const struct alloc_site *site)
+{
+    static atomic_flag told = ATOMIC_FLAG_INIT;
+    atomic_store_explicit(&spilled_any, true, memory_order_relaxed);
+    if (!atomic_flag_test_and_set(&told))
+        shim_log(LOG_INFO, "device %d: memory quota full; allocations past it are served from "
+                           "host memory, up to %llu bytes", site->ordinal,
+                 (unsigned long long)shim_device_spill(site->ordinal));
+}
+
+/* The driver would not keep spilled memory in host memory: refuse rather than let it
+ * migrate onto the device past the quota. */
+static CUresult refuse_unadvised(const struct alloc_site *site, CUresult advice)
+{
+    static atomic_flag warned = ATOMIC_FLAG_INIT;
+    if (!atomic_flag_test_and_set(&warned))
+        shim_log(LOG_WARN, "cuMemAdvise failed (%d): allocations past the memory quota are "
+                           "refused", (int)advice);
+    return refuse(site);
+}
+
+/*
+ * Past the quota: in spill mode, managed memory kept in host memory, charged as spilled;
+ * past the spill bound, or in hard mode, refused.
+ */
+static CUresult spill(const struct alloc_site *site, CUdeviceptr *dptr, uint64_t size,
+                      unsigned int flags)
+{
+    if (shim_device_limit(site->ordinal).mode != FCSP_MEM_SPILL || !charge_spill(site, size))
+        return refuse(site);
+    CUresult rc = REAL(cuMemAllocManaged)(dptr, size, flags);
+    if (rc != CUDA_SUCCESS) {
+        uncharge_spill(site->entry, size);
+        return rc;
+    }
+    CUresult advice = advise_host(site, *dptr, size);
+    if (advice != CUDA_SUCCESS) {
+        REAL(cuMemFree_v2)(*dptr);
+        uncharge_spill(site->entry, size);
+        return refuse_unadvised(site, advice);
+    }
+    note_spill(site);
+    settle(site, size, rc, *dptr, TRACK_SPILL);
     return rc;
 }
 
@@ -207,10 +356,9 @@ SHIM_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     struct alloc_site site;
     if (!site_current(&site))
         return REAL(cuMemAlloc_v2)(dptr, bytesize);
-    CUresult rc = charge(&site, bytesize);
-    if (rc != CUDA_SUCCESS)
-        return rc;
-    rc = REAL(cuMemAlloc_v2)(dptr, bytesize);
+    if (unlikely(reserve(&site, bytesize) != CUDA_SUCCESS))
+        return spill(&site, dptr, bytesize, CU_MEM_ATTACH_GLOBAL);
+    CUresult rc = REAL(cuMemAlloc_v2)(dptr, bytesize);
     settle(&site, bytesize, rc, rc == CUDA_SUCCESS ? *dptr : 0, TRACK_DEVPTR);
     return rc;
 }
@@ -234,10 +382,9 @@ SHIM_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsig
     struct alloc_site site;
     if (!site_current(&site))
         return REAL(cuMemAllocManaged)(dptr, bytesize, flags);
-    CUresult rc = charge(&site, bytesize);
-    if (rc != CUDA_SUCCESS)
-        return rc;
-    rc = REAL(cuMemAllocManaged)(dptr, bytesize, flags);
+    if (unlikely(reserve(&site, bytesize) != CUDA_SUCCESS))
+        return spill(&site, dptr, bytesize, flags);
+    CUresult rc = REAL(cuMemAllocManaged)(dptr, bytesize, flags);
     settle(&site, bytesize, rc, rc == CUDA_SUCCESS ? *dptr : 0, TRACK_DEVPTR);
     return rc;
 }
@@ -307,13 +454,13 @@ SHIM_EXPORT CUresult cuMemAllocPitch(CUdeviceptr_v1 *dptr, unsigned int *pPitch,
 
 SHIM_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr)
 {
-    struct pending_free f = begin_free(dptr, TRACK_DEVPTR);
+    struct pending_free f = begin_free_ptr(dptr);
     return end_free(&f, REAL(cuMemFree_v2)(dptr));
 }
 
 SHIM_EXPORT CUresult cuMemFree(CUdeviceptr_v1 dptr)
 {
-    struct pending_free f = begin_free(dptr, TRACK_DEVPTR);
+    struct pending_free f = begin_free_ptr(dptr);
     return end_free(&f, REAL(cuMemFree)(dptr));
 }
 
@@ -371,13 +518,13 @@ SHIM_EXPORT CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t byte
 
 SHIM_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)
 {
-    struct pending_free f = begin_free(dptr, TRACK_DEVPTR);
+    struct pending_free f = begin_free_ptr(dptr);
     return end_free(&f, REAL(cuMemFreeAsync)(dptr, hStream));
 }
 
 SHIM_EXPORT CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)
 {
-    struct pending_free f = begin_free(dptr, TRACK_DEVPTR);
+    struct pending_free f = begin_free_ptr(dptr);
     return end_free(&f, REAL(cuMemFreeAsync_ptsz)(dptr, hStream));
 }
 
@@ -445,13 +592,6 @@ static uint64_t mipmap_bytes(const CUDA_ARRAY3D_DESCRIPTOR *desc, unsigned level
                              desc->NumChannels);
     }
     return total;
-}
-
-static CUdevice site_handle(const struct alloc_site *site)
-{
-    CUdevice dev = 0;
-    REAL(cuDeviceGet)(&dev, site->ordinal);
-    return dev;
 }
 
 /* The driver's own figure for an array, where it has one; else our estimate. */

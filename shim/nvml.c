@@ -26,7 +26,7 @@ static bool nvml_view(nvmlDevice_t device, uint64_t real_total, int *entry,
     *entry = shim_slot_entry_for(uuid, (int)index);
     if (*entry < 0)
         return false;
-    *limit = shim_limit_resolve(*entry, (int)index, real_total);
+    *limit = shim_limit_resolve(*entry, (int)index, real_total, NULL);
     if (!limit->bytes)
         return false;
     shim_reap_dead();

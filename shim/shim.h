@@ -71,6 +71,18 @@ void shim_futex_wake(_Atomic int *word);
 
 /* ---- state shared by the hooks --------------------------------------------- */
 
+/*
+ * Spill mode's performance knobs (not limits): the slot's profile, or BUD_UVM_PROFILE's
+ * for a bare process, with single knobs overridden by BUD_UVM_PRESSURE_*_PCT and
+ * BUD_PREFETCH_*.  Kept for prefetching and eviction.
+ */
+struct shim_uvm {
+    uint32_t profile;        /* enum fcsp_uvm_profile */
+    uint8_t pressure_pct[3]; /* warning, high, critical: percent of the quota, rising */
+    uint64_t prefetch_bytes; /* the largest range moved back to the device at once; 0: none */
+    uint32_t evict_policy;   /* enum fcsp_evict_policy */
+};
+
 struct shim_state {
     /*
      * Set once in the constructor, before any other thread can exist.  false:
@@ -83,6 +95,7 @@ struct shim_state {
     struct fcsp_usage *usage;         /* the slot's, or a private one for BUD_* only */
     _Atomic(struct fcsp_usage_proc *) proc; /* this process's record, claimed lazily */
     _Atomic bool exiting;             /* charges released by the destructor */
+    struct shim_uvm uvm;              /* set once in the constructor (device.c) */
 };
 extern struct shim_state shim;
 
@@ -100,12 +113,27 @@ struct shim_env_limit {
     uint32_t basis_points;  /* 1/100 % of the real total; 0: none */
 };
 
+/* A spill bound: bytes, else a multiple of the quota in 1/100 (see fcsp_mem_spill). */
+struct shim_env_spill {
+    uint64_t bytes;
+    uint32_t centi; /* FCSP_WHOLE_GPU_CENTI: 1x; both 0: unset */
+};
+
 struct shim_env {
     struct shim_env_limit dev[FCSP_MAX_DEVICES]; /* BUD_MEMORY_LIMIT_DEV<n>, else BUD_MEMORY_LIMIT */
     bool any_limit;
-    int mode; /* -1: unset, else enum fcsp_mem_mode */
+    /* -1: unset, else enum fcsp_mem_mode: BUD_MEMORY_LIMIT_MODE and BUD_UVM_ENABLED=1, the
+     * stricter of the two */
+    int mode;
+    bool uvm_off;                  /* BUD_UVM_ENABLED=0: spill mode becomes hard */
+    struct shim_env_spill uvm_max; /* BUD_UVM_MAX */
     /* BUD_SM_LIMIT_DEV<n>, else BUD_SM_LIMIT, in 1/100 %; 0: none.  Only ever lowers a share. */
     uint32_t sm_centi[FCSP_MAX_DEVICES];
+    /* Unified-memory knobs; -1 or 0: unset. */
+    int uvm_profile;             /* BUD_UVM_PROFILE, a bare process's only */
+    uint8_t pressure_pct[3];     /* BUD_UVM_PRESSURE_{WARNING,HIGH,CRITICAL}_PCT */
+    int prefetch_enabled;        /* BUD_PREFETCH_ENABLED: 0 or 1 */
+    uint64_t prefetch_max_bytes; /* BUD_PREFETCH_MAX_SIZE_MB */
 };
 extern struct shim_env shim_env;
 void shim_env_init(void);
@@ -113,16 +141,30 @@ void shim_env_init(void);
 int shim_parse_size(const char *text, struct shim_env_limit *out);
 /* "30", "30%", "12.5": a share in (0, 100] % as 1/100 %; 0 if malformed. */
 uint32_t shim_parse_share(const char *text);
+/* "8G" (a size, no percentage) or "1.5x" (0.01x to 100x the quota): 0, or -1 if malformed. */
+int shim_parse_spill(const char *text, struct shim_env_spill *out);
+/*
+ * The memory mode in force: what a slot grants made stricter by BUD_*, never laxer (hard
+ * is stricter than spill, spill than soft); without a slot, the process's own choice.
+ */
+enum fcsp_mem_mode shim_env_mem_mode(bool have_slot, uint32_t granted);
+/* The name of a mode, for messages. */
+const char *shim_mem_mode_name(enum fcsp_mem_mode mode);
+/* Once, in the constructor after the slot is mapped: spill mode's knobs into shim.uvm. */
+void shim_uvm_init(void);
 
 /* ---- device.c: CUDA ordinals, slot entries, limits ----------------------- */
 
 struct shim_limit {
-    uint64_t bytes; /* 0: no quota */
-    bool soft;
+    uint64_t bytes;          /* 0: no quota */
+    enum fcsp_mem_mode mode; /* what an allocation past it gets */
 };
 
-/* The quota of slot entry `entry` seen as device `index`, on a device of real_total bytes. */
-struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total);
+/*
+ * The quota of slot entry `entry` seen as device `index`, on a device of real_total bytes;
+ * with spill, also how many bytes past it spill mode may serve from host memory.
+ */
+struct shim_limit shim_limit_resolve(int entry, int index, uint64_t real_total, uint64_t *spill);
 /* Slot entry for a device UUID string ("GPU-..."), else `index` if the slot has one. */
 int shim_slot_entry_for(const char *uuid, int index);
 
@@ -135,6 +177,10 @@ int shim_device_entry(int ordinal);
 int shim_device_ordinal(CUdevice dev);
 /* The quota in force for a CUDA ordinal (follows limits->generation). */
 struct shim_limit shim_device_limit(int ordinal);
+/* Spill mode: the bytes past that quota which may be served from host memory. */
+uint64_t shim_device_spill(int ordinal);
+/* The slot's memory mode and unified-memory knobs as the host wrote them; false: no slot. */
+bool shim_slot_uvm(uint32_t *mem_mode, struct shim_uvm *granted);
 uint64_t shim_device_real_total(int ordinal);
 /* Number of CUDA devices the process sees (0 before cuInit). */
 extern int shim_ndevices;

@@ -7,8 +7,9 @@
  * first recycles the records of dead processes, so only FCSP_MAX_PROCS live
  * processes at once can exhaust the table; past that a process keeps a
  * private record (its charge is then not reclaimable after SIGKILL, and a
- * warning says so).  The record carries the process's charge per device,
- * so that whoever finds it dead (kill(pid, 0) == ESRCH, a zombie, or a reused
+ * warning says so).  The record carries the process's charge per device
+ * (device memory, and what spill mode served from host memory), so that
+ * whoever finds it dead (kill(pid, 0) == ESRCH, a zombie, or a reused
  * pid with another start time) can give its charge back: the owner cannot,
  * after SIGKILL.  Claims and reaps are compare-and-swaps on the record's
  * state, so two reapers never release the same charge twice.
@@ -149,18 +150,26 @@ static bool process_is_dead(pid_t pid, uint64_t start_time)
     return start_time && start != start_time;
 }
 
-/* Give a record's charge back to the tenant's totals; the caller owns the record. */
+/* Move a record's share of one counter out of the tenant's total. */
+static void give_back(_Atomic uint64_t *share, _Atomic uint64_t *total)
+{
+    uint64_t bytes = atomic_exchange_explicit(share, 0, memory_order_relaxed);
+    if (!bytes)
+        return;
+    uint64_t held = atomic_load_explicit(total, memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(total, &held, held > bytes ? held - bytes : 0,
+                                                  memory_order_release, memory_order_relaxed))
+        ;
+}
+
+/* Give a record's charge (device memory and spill) back to the tenant's totals; the caller
+ * owns the record. */
 static void release_record(struct fcsp_usage_proc *rec)
 {
     for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++) {
-        uint64_t bytes = atomic_exchange_explicit(&rec->mem_used_bytes[d], 0, memory_order_relaxed);
-        if (!bytes)
-            continue;
-        _Atomic uint64_t *total = &shim.usage->device[d].mem_used_bytes;
-        uint64_t used = atomic_load_explicit(total, memory_order_relaxed);
-        while (!atomic_compare_exchange_weak_explicit(total, &used, used > bytes ? used - bytes : 0,
-                                                      memory_order_release, memory_order_relaxed))
-            ;
+        struct fcsp_usage_device *dev = &shim.usage->device[d];
+        give_back(&rec->mem_used_bytes[d], &dev->mem_used_bytes);
+        give_back(&rec->mem_spilled_bytes[d], &dev->mem_spilled_bytes);
     }
 }
 
@@ -234,8 +243,10 @@ static struct fcsp_usage_proc *claim_record(void)
                 continue;
             rec->pid = (int32_t)self;
             rec->start_time = start;
-            for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++)
+            for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++) {
                 atomic_store_explicit(&rec->mem_used_bytes[d], 0, memory_order_relaxed);
+                atomic_store_explicit(&rec->mem_spilled_bytes[d], 0, memory_order_relaxed);
+            }
             uint64_t now = shim_monotonic_ns();
             atomic_store_explicit(&rec->heartbeat_ns, now, memory_order_relaxed);
             atomic_store_explicit(&shim.usage->heartbeat_ns, now, memory_order_relaxed);

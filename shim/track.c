@@ -91,6 +91,7 @@ static bool claim(struct track_entry *e, uint32_t meta, struct track_hit *hit)
         return false;
     hit->size = atomic_load_explicit(&e->size, memory_order_relaxed);
     hit->entry = (int)((meta >> 8) & 0xff);
+    hit->kind = (enum track_kind)(meta & 0xff);
     atomic_store_explicit(&e->key, TRACK_TOMBSTONE, memory_order_release);
     return true;
 }

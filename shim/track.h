@@ -12,11 +12,13 @@ enum track_kind {
     TRACK_ARRAY = 3,
     TRACK_MIPMAP = 4,
     TRACK_IPC = 5,    /* cuIpcOpenMemHandle mappings */
+    TRACK_SPILL = 6,  /* spill mode: managed memory past the quota, charged as spilled */
 };
 
 struct track_hit {
     uint64_t size;
     int entry; /* usage entry the size was charged to */
+    enum track_kind kind;
 };
 
 int shim_track_init(void); /* also gives a forked child an empty table */

@@ -10,7 +10,7 @@ from struct import unpack_from
 
 import pytest
 
-from fcsp_hook.slot import abi, rules
+from fcsp_hook.slot import abi, rules, uvm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,13 @@ CONSTANTS = {
     "FCSP_MODE_ADAPTIVE": abi.IsolationMode.ADAPTIVE,
     "FCSP_MEM_HARD": abi.MemMode.HARD,
     "FCSP_MEM_SOFT": abi.MemMode.SOFT,
+    "FCSP_MEM_SPILL": abi.MemMode.SPILL,
+    "FCSP_UVM_DEFAULT": abi.UvmProfile.DEFAULT,
+    "FCSP_UVM_LLM_INFERENCE": abi.UvmProfile.LLM_INFERENCE,
+    "FCSP_UVM_TRAINING": abi.UvmProfile.TRAINING,
+    "FCSP_EVICT_LRU": abi.EvictPolicy.LRU,
+    "FCSP_EVICT_FIFO": abi.EvictPolicy.FIFO,
+    "FCSP_PRESSURE_BITS": abi.PRESSURE_BITS,
     "FCSP_PRIORITY_BEST_EFFORT": abi.Priority.BEST_EFFORT,
     "FCSP_PRIORITY_LATENCY": abi.Priority.LATENCY,
     "FCSP_BACKEND_TIMESLICE": abi.Backend.TIMESLICE,
@@ -63,6 +70,12 @@ def _program() -> str:
     for name in CONSTANTS:
         lines.append(f'printf("{name} %llu\\n", (unsigned long long){name});')
     lines += ['printf("FCSP_SLOT_DIR %s\\n", FCSP_SLOT_DIR);']
+    lines += [
+        "#define PRINT_PROFILE(id, name, warning, high, critical, mib, evict) "
+        'printf("profile:%s %d %d %d %d %d %d\\n", name, (int)id, warning, high, critical, '
+        "mib, (int)evict);",
+        "FCSP_UVM_PROFILES(PRINT_PROFILE)",
+    ]
     lines += ['printf("FCSP_MPS_DIR %s\\n", FCSP_MPS_DIR);', "return 0; }"]
     return "\n".join(lines) + "\n"
 
@@ -102,6 +115,26 @@ def test_constants_agree(tmp_path: Path) -> None:
         assert int(layout[name]) == int(value), name
     assert layout["FCSP_SLOT_DIR"] == abi.CONTAINER_SLOT_DIR
     assert layout["FCSP_MPS_DIR"] == abi.MPS_DIR
+
+
+def test_the_unified_memory_profiles_are_the_same_on_both_sides(tmp_path: Path) -> None:
+    """FCSP_UVM_PROFILES (what a bare process's BUD_UVM_PROFILE picks) and uvm.PROFILES (what
+    the hook writes into a slot) name the same profiles with the same knobs."""
+    layout = _c_layout(tmp_path)
+    c_side = {k.split(":", 1)[1]: v for k, v in layout.items() if k.startswith("profile:")}
+    python = {
+        name: " ".join(
+            str(int(v))
+            for v in (
+                knobs.profile,
+                *knobs.pressure_pct,
+                knobs.prefetch_bytes // uvm.MiB,
+                knobs.evict_policy,
+            )
+        )
+        for name, knobs in uvm.PROFILES.items()
+    }
+    assert c_side == python
 
 
 def test_python_mirror_covers_every_struct_of_the_header() -> None:

@@ -219,3 +219,82 @@ def test_an_observer_is_alive_while_its_heartbeat_is_fresh(age_ns: int, alive: b
     now = 10 * rules.OBSERVER_STALE_NS
     assert rules.observer_alive(now - age_ns, now) is alive
     assert rules.observer_alive(0, now) is False  # 0: no observer, ever
+
+
+@pytest.fixture(scope="module")
+def c_spill(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fcsp_mem_spill from shim/fcsp_slot.h: argv triples (bytes, centi, quota), one bound
+    printed per triple."""
+    directory = tmp_path_factory.mktemp("spill")
+    source = directory / "spill.c"
+    source.write_text(
+        '#include <stdio.h>\n#include <stdlib.h>\n#include "fcsp_slot.h"\n'
+        "int main(int argc, char **argv) {\n"
+        "    for (int i = 1; i + 2 < argc; i += 3)\n"
+        '        printf("%llu\\n", (unsigned long long)fcsp_mem_spill(\n'
+        "            strtoull(argv[i], NULL, 10), (uint32_t)strtoul(argv[i + 1], NULL, 10),\n"
+        "            strtoull(argv[i + 2], NULL, 10)));\n"
+        "    return 0;\n}\n"
+    )
+    exe = directory / "spill"
+    subprocess.run(
+        ["gcc", "-std=c11", "-Wall", "-Werror", f"-I{REPO / 'shim'}", "-o", str(exe), str(source)],
+        check=True,
+    )
+    return exe
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    triples=st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 12 * GiB]) | st.integers(0, (1 << 64) - 1),
+            st.sampled_from([0, 1, 5_000, 10_000, 1_000_000, (1 << 32) - 1])
+            | st.integers(0, (1 << 32) - 1),
+            st.sampled_from([0, 9_999, 8 * GiB, (1 << 64) - 1]) | st.integers(0, (1 << 64) - 1),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_the_spill_rule_is_the_same_in_c_and_python(
+    c_spill: Path, triples: list[tuple[int, int, int]]
+) -> None:
+    """fcsp_mem_spill and rules.memory_spill give the same bound for any bytes, multiple
+    and quota, saturating rather than wrapping."""
+    out = subprocess.run(
+        [str(c_spill), *(str(v) for triple in triples for v in triple)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert out == [str(rules.memory_spill(*triple)) for triple in triples]
+
+
+@pytest.mark.parametrize(
+    ("used_pct", "levels", "level"),
+    [
+        (0, 0, rules.Pressure.OK),
+        (69.9, 0, rules.Pressure.OK),  # 0: the default profile's 70 / 85 / 95
+        (70, 0, rules.Pressure.WARNING),
+        (85, 0, rules.Pressure.HIGH),
+        (95, 0, rules.Pressure.CRITICAL),
+        (120, 0, rules.Pressure.CRITICAL),  # a soft tenant past its quota
+        (85, rules.pack_pressure(80, 90, 97), rules.Pressure.WARNING),
+        (96, rules.pack_pressure(80, 90, 97), rules.Pressure.HIGH),
+        (97, rules.pack_pressure(80, 90, 97), rules.Pressure.CRITICAL),
+    ],
+)
+def test_pressure_levels_at_the_profiles_percentages(
+    used_pct: float, levels: int, level: rules.Pressure
+) -> None:
+    quota = 100 * MiB  # a whole number of bytes at each percentage
+    assert rules.pressure_level(round(quota * used_pct / 100), quota, levels) == level
+
+
+def test_no_quota_is_never_pressed_and_levels_must_rise() -> None:
+    assert rules.pressure_level(1 << 40, 0, 0) == rules.Pressure.OK
+    assert rules.unpack_pressure(rules.pack_pressure(1, 2, 100)) == (1, 2, 100)
+    for bad in ((85, 70, 95), (0, 85, 95), (70, 85, 101), (70, 70, 95)):
+        with pytest.raises(ValueError, match="must rise"):
+            rules.pack_pressure(*bad)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 LIMITS_MAGIC = 0x4C505346
 USAGE_MAGIC = 0x55505346
-SLOT_VERSION = 1
+SLOT_VERSION = 2
 
 MAX_DEVICES = 16
 MAX_PROCS = 64
@@ -45,6 +45,21 @@ class IsolationMode(enum.IntEnum):
 class MemMode(enum.IntEnum):
     HARD = 0
     SOFT = 1
+    SPILL = 2
+
+
+class UvmProfile(enum.IntEnum):
+    DEFAULT = 0
+    LLM_INFERENCE = 1
+    TRAINING = 2
+
+
+class EvictPolicy(enum.IntEnum):
+    LRU = 0
+    FIFO = 1
+
+
+PRESSURE_BITS = 8  # fcsp_limits.pressure_pct: warning | high << 8 | critical << 16
 
 
 class Backend(enum.IntEnum):
@@ -84,7 +99,9 @@ class LimitsDevice(ctypes.Structure):
         ("mps_threads_centi", u32),
         ("clock_scale_centi", u32),
         ("turn", u64),
-        ("reserved", u64 * 2),
+        ("mem_spill_bytes", u64),
+        ("mem_spill_centi", u32),
+        ("reserved", u32),
     )
 
 
@@ -105,7 +122,12 @@ class Limits(ctypes.Structure):
         ("init_host_pid", i32),
         ("reserved1", u32),
         ("init_start_time", u64),
-        ("reserved", u64 * 7),
+        ("uvm_profile", u32),
+        ("pressure_pct", u32),
+        ("prefetch_bytes", u64),
+        ("evict_policy", u32),
+        ("reserved2", u32),
+        ("reserved", u64 * 4),
         ("device", LimitsDevice * MAX_DEVICES),
     )
 
@@ -129,6 +151,10 @@ class UsageDevice(ctypes.Structure):
         ("turn_booked_ns", u64),
         ("turn_margin", u64),
         ("busy_sq", u64),
+        ("mem_spilled_bytes", u64),
+        ("mem_spill_peak_bytes", u64),
+        ("mem_migrated_in_bytes", u64),
+        ("mem_migrated_out_bytes", u64),
     )
 
 
@@ -139,6 +165,7 @@ class UsageProc(ctypes.Structure):
         ("start_time", u64),
         ("heartbeat_ns", u64),
         ("mem_used_bytes", u64 * MAX_DEVICES),
+        ("mem_spilled_bytes", u64 * MAX_DEVICES),
         ("reserved", u64 * 2),
     )
 

@@ -11,9 +11,13 @@ the C side; on the host side this module is the one place that applies them: the
   Older than OBSERVER_STALE_NS, the observer is gone and the shims run on their requests.
 - The memory quota of a GPU: the smaller of the byte quota and the percentage of the
   GPU's real total, whichever of the two are set (memory_quota).
+- Spill mode: how far past the quota a tenant may hold host memory the GPU maps
+  (memory_spill), and the pressure levels of its memory on the GPU (pressure_level).
 """
 
 from __future__ import annotations
+
+import enum
 
 from fcsp_hook.slot import abi
 
@@ -24,6 +28,8 @@ if TYPE_CHECKING:
 
 MIN_SHARE_CENTI = 1  # FCSP_MIN_SHARE_CENTI: 0.01 %, "nothing" as the shim can tell it apart
 OBSERVER_STALE_NS = 1_000_000_000  # FCSP_OBSERVER_STALE_NS
+U64_MAX = (1 << 64) - 1
+DEFAULT_PRESSURE_PCT = (70, 85, 95)  # the default profile's (fcsp_hook.slot.uvm)
 
 
 def share_to_write(centi: int) -> int:
@@ -82,3 +88,48 @@ def memory_quota(limit_bytes: int, basis_points: int, real_total: int) -> int:
 
 def device_memory_quota(device: abi.LimitsDevice, real_total: int) -> int:
     return memory_quota(int(device.mem_limit_bytes), int(device.mem_limit_basis_points), real_total)
+
+
+def memory_spill(spill_bytes: int, spill_centi: int, quota: int) -> int:
+    """Bytes a spill-mode tenant may hold past its quota: spill_bytes where set, else
+    spill_centi (1/100 of the quota; WHOLE_GPU_CENTI is 1x) of the quota, at most 2^64 - 1.
+    fcsp_mem_spill in the header."""
+    return spill_bytes or min(quota * spill_centi // abi.WHOLE_GPU_CENTI, U64_MAX)
+
+
+def device_memory_spill(device: abi.LimitsDevice, quota: int) -> int:
+    return memory_spill(int(device.mem_spill_bytes), int(device.mem_spill_centi), quota)
+
+
+class Pressure(enum.IntEnum):
+    """A tenant's memory on one GPU against its quota, at its profile's percentages."""
+
+    OK = 0
+    WARNING = 1
+    HIGH = 2
+    CRITICAL = 3
+
+
+def pack_pressure(warning_pct: int, high_pct: int, critical_pct: int) -> int:
+    """fcsp_limits.pressure_pct; the levels rise strictly, each a percent from 1 to 100."""
+    if not 0 < warning_pct < high_pct < critical_pct <= 100:
+        raise ValueError(f"pressure levels {warning_pct}/{high_pct}/{critical_pct} must rise")
+    return warning_pct | high_pct << abi.PRESSURE_BITS | critical_pct << 2 * abi.PRESSURE_BITS
+
+
+def unpack_pressure(word: int) -> tuple[int, int, int]:
+    mask = (1 << abi.PRESSURE_BITS) - 1
+    return word & mask, word >> abi.PRESSURE_BITS & mask, word >> 2 * abi.PRESSURE_BITS & mask
+
+
+def pressure_level(used: int, quota: int, pressure_pct: int) -> Pressure:
+    """The level of `used` bytes under `quota` (0: no quota, never pressed); a slot without
+    levels (0) has the default profile's."""
+    if quota <= 0:
+        return Pressure.OK
+    levels = unpack_pressure(pressure_pct) if pressure_pct else DEFAULT_PRESSURE_PCT
+    level = Pressure.OK
+    for pct, name in zip(levels, (Pressure.WARNING, Pressure.HIGH, Pressure.CRITICAL), strict=True):
+        if used * 100 >= quota * pct:
+            level = name
+    return level

@@ -11,6 +11,9 @@
  *   free ID | ipcget ID | ipcopen HEX | trim
  *   meminfo | meminfo1 | totalmem D | launch KIND N | count NAME
  *   resolve NAME VERSION FLAGS | usage | wait | fork | exec | sleep MS
+ *   advice ID              where the sim's driver keeps allocation ID: prints
+ *                          "advice managed=0|1 preferred=none|host|deviceN
+ *                          accessed_by=MASK resident=BYTES" (bit d: device d)
  *   func NAME              a function; in the sim "k_200us" runs 200 us
  *   graph US               a sim executable graph whose replay runs US us
  *   batch N                later runs synchronize after every N launches
@@ -306,17 +309,43 @@ static void print_usage(void)
         printf("usage none\n");
         return;
     }
-    for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++)
-        if (u->device[d].mem_used_bytes || u->device[d].launches)
-            printf("used %u %llu launches %llu\n", d,
-                   (unsigned long long)u->device[d].mem_used_bytes,
-                   (unsigned long long)u->device[d].launches);
+    for (unsigned d = 0; d < FCSP_MAX_DEVICES; d++) {
+        const struct fcsp_usage_device *dev = &u->device[d];
+        if (dev->mem_used_bytes || dev->launches)
+            printf("used %u %llu launches %llu\n", d, (unsigned long long)dev->mem_used_bytes,
+                   (unsigned long long)dev->launches);
+        if (dev->mem_spilled_bytes || dev->mem_spill_peak_bytes)
+            printf("spill %u %llu peak %llu\n", d, (unsigned long long)dev->mem_spilled_bytes,
+                   (unsigned long long)dev->mem_spill_peak_bytes);
+    }
     for (unsigned i = 0; i < FCSP_MAX_PROCS; i++)
         if (u->proc[i].state == FCSP_PROC_LIVE)
             printf("proc %d %llu\n", (int)u->proc[i].pid,
                    (unsigned long long)u->proc[i].mem_used_bytes[0]);
     printf("usage end\n");
     munmap((void *)u, sizeof(*u));
+}
+
+static void print_advice(int id)
+{
+    CUresult (*query)(CUdeviceptr, int *, CUmemLocation *, uint32_t *, uint64_t *) =
+        (CUresult(*)(CUdeviceptr, int *, CUmemLocation *, uint32_t *, uint64_t *))sim_entry(
+            "fcspSimAdvice");
+    int managed = 0;
+    CUmemLocation where = {0};
+    uint32_t accessed_by = 0;
+    uint64_t resident = 0;
+    if (!query || query(objects[id].value, &managed, &where, &accessed_by, &resident)) {
+        printf("advice none\n");
+        return;
+    }
+    char preferred[32] = "none";
+    if (where.type == CU_MEM_LOCATION_TYPE_HOST)
+        snprintf(preferred, sizeof(preferred), "host");
+    else if (where.type == CU_MEM_LOCATION_TYPE_DEVICE)
+        snprintf(preferred, sizeof(preferred), "device%d", where.id);
+    printf("advice managed=%d preferred=%s accessed_by=%u resident=%llu\n", managed, preferred,
+           accessed_by, (unsigned long long)resident);
 }
 
 static void resolve(const char *name, int version, unsigned long long flags)
@@ -489,6 +518,9 @@ int main(int argc, char **argv)
         } else if (strcmp(cmd, "resolve") == 0) {
             resolve(ARG(1), atoi(ARG(2)), strtoull(ARG(3), NULL, 0));
             i += 4;
+        } else if (strcmp(cmd, "advice") == 0) {
+            print_advice(atoi(ARG(1)));
+            i += 2;
         } else if (strcmp(cmd, "usage") == 0) {
             print_usage();
             i += 1;

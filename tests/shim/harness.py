@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcsp_hook.slot import abi
+from fcsp_hook.slot import abi, uvm
 from fcsp_hook.slot.files import DeviceLimits, SlotSpec, read_usage, write_slot
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +46,12 @@ def make_slot(
     basis_points: list[int] | None = None,
     mode: abi.MemMode = abi.MemMode.HARD,
     uuids: list[str] | None = None,
+    spill_bytes: int = 0,
+    spill_centi: int = 0,
+    uvm_profile: str = "default",
 ) -> Path:
-    """A slot directory with one entry per device: byte limits and/or percentages."""
+    """A slot directory with one entry per device: byte limits and/or percentages; spill
+    mode's bound past the quota (bytes, or 1/100 of the quota) and profile for every one."""
     count = max(len(limits or []), len(basis_points or []), len(uuids or []), 1)
     devices = tuple(
         DeviceLimits(
@@ -55,10 +59,15 @@ def make_slot(
             uuid=(uuids or [""] * count)[i],
             mem_limit_bytes=(limits or [0] * count)[i],
             mem_limit_basis_points=(basis_points or [0] * count)[i],
+            mem_spill_bytes=spill_bytes,
+            mem_spill_centi=spill_centi,
         )
         for i in range(count)
     )
-    write_slot(directory, SlotSpec(container_id=directory.name, mem_mode=mode, devices=devices), {})
+    spec = SlotSpec(
+        container_id=directory.name, mem_mode=mode, devices=devices, uvm=uvm.PROFILES[uvm_profile]
+    )
+    write_slot(directory, spec, {})
     return directory
 
 
@@ -155,7 +164,7 @@ def start(env: Env, *args: str, prog: str = "drv_procaddr") -> subprocess.Popen[
 
 def read_until_ready(proc: subprocess.Popen[str]) -> list[str]:
     assert proc.stdout is not None
-    lines = []
+    lines: list[str] = []
     for raw in proc.stdout:
         line = raw.strip()
         if line == "ready":

@@ -3,7 +3,8 @@
  *
  * It models what the shim depends on: devices with memory shared across
  * processes (sim_state.c), contexts and primary contexts, every allocation
- * family with its free, cuGetProcAddress with versions and the
+ * family with its free, unified memory's advice and prefetches (where a
+ * managed allocation lives), cuGetProcAddress with versions and the
  * per-thread-default-stream flag, and launches as counters.  Each exported
  * variant counts its own calls (fcspSimCount("cuLaunchKernel_ptsz")), so a
  * test can see which variant a call really reached.
@@ -48,6 +49,7 @@ static struct counter counters[] = {
     {"cuEventRecord", 0}, {"cuEventRecord_ptsz", 0},
     {"cuMemAllocFromPoolAsync", 0}, {"cuMemAllocFromPoolAsync_ptsz", 0},
     {"cuMemFreeAsync", 0}, {"cuMemFreeAsync_ptsz", 0},
+    {"cuMemAdvise_v2", 0}, {"cuMemPrefetchAsync_v2", 0},
 };
 
 static void count(const char *name)
@@ -361,7 +363,12 @@ struct allocation {
     uint64_t key, size;
     int device;
     CUcontext ctx; /* NULL for VMM handles, which outlive contexts */
-    int counted;   /* holds device memory (an IPC mapping does not) */
+    int counted;   /* holds device memory (an IPC mapping, host-resident managed memory do not) */
+    /* Managed memory only: cuMemAdvise's preferred location (type 0: none) and the devices
+     * it is accessed by (bit d: device d). */
+    int managed;
+    CUmemLocation preferred;
+    uint32_t accessed_by;
 };
 
 static struct allocation *allocs;
@@ -396,7 +403,8 @@ static CUresult record(enum alloc_kind kind, uint64_t size, int dev, CUcontext c
     }
     uint64_t key = kind == A_LINEAR || kind == A_IPC ? new_address(size, v1)
                                                       : (next_handle += 0x40);
-    allocs[nallocs++] = (struct allocation){kind, key, size, dev, ctx, counted};
+    allocs[nallocs++] = (struct allocation){.kind = kind, .key = key, .size = size,
+                                            .device = dev, .ctx = ctx, .counted = counted};
     pthread_mutex_unlock(&lock);
     *key_out = key;
     return CUDA_SUCCESS;
@@ -434,7 +442,7 @@ static void free_context_allocations(CUcontext ctx)
     pthread_mutex_unlock(&lock);
 }
 
-static const struct allocation *find_containing(uint64_t addr)
+static struct allocation *find_containing(uint64_t addr)
 {
     for (size_t i = 0; i < nallocs; i++)
         if ((allocs[i].kind == A_LINEAR || allocs[i].kind == A_IPC) && addr >= allocs[i].key &&
@@ -466,9 +474,20 @@ SIM_EXPORT CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize)
     return rc;
 }
 
+/* Managed memory starts on the device that allocated it, until advice or a prefetch moves it. */
 SIM_EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags)
 {
-    return alloc_linear(dptr, bytesize, current_device());
+    if (flags != CU_MEM_ATTACH_GLOBAL && flags != CU_MEM_ATTACH_HOST)
+        return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = alloc_linear(dptr, bytesize, current_device());
+    if (rc != CUDA_SUCCESS)
+        return rc;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < nallocs; i++)
+        if (allocs[i].kind == A_LINEAR && allocs[i].key == *dptr)
+            allocs[i].managed = 1;
+    pthread_mutex_unlock(&lock);
+    return rc;
 }
 
 static uint64_t sim_pitch(uint64_t width)
@@ -517,6 +536,121 @@ SIM_EXPORT CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUd
     }
     pthread_mutex_unlock(&lock);
     return a ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
+}
+
+/* ---- unified memory ------------------------------------------------------------------- */
+
+/* The managed allocation holding [ptr, ptr + bytes), with the lock held; NULL if none. */
+static struct allocation *managed_range(CUdeviceptr ptr, size_t bytes)
+{
+    struct allocation *a = find_containing(ptr);
+    if (!a || !a->managed || !bytes || bytes > a->key + a->size - ptr)
+        return NULL;
+    return a;
+}
+
+static int valid_location(CUmemLocation where)
+{
+    switch (where.type) {
+    case CU_MEM_LOCATION_TYPE_DEVICE:
+        return valid_device(where.id);
+    case CU_MEM_LOCATION_TYPE_HOST:
+    case CU_MEM_LOCATION_TYPE_HOST_NUMA:
+    case CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/*
+ * Move a managed allocation (whole: the sim has no pages) to `where`.  In host memory it
+ * holds none of a device's, so NVML and cuMemGetInfo do not count it; a device it does
+ * not fit leaves it where it is, as the real driver does under pressure.
+ */
+static void place(struct allocation *a, CUmemLocation where)
+{
+    int on_device = where.type == CU_MEM_LOCATION_TYPE_DEVICE;
+    if (a->counted && on_device && a->device == where.id)
+        return;
+    if (on_device && sim_take(where.id, a->size) < 0)
+        return;
+    if (a->counted)
+        sim_give(a->device, a->size);
+    a->counted = on_device;
+    if (on_device)
+        a->device = where.id;
+}
+
+static CUresult advise(struct allocation *a, CUmem_advise advice, CUmemLocation location)
+{
+    uint32_t bit = location.type == CU_MEM_LOCATION_TYPE_DEVICE ? 1u << location.id : 0;
+    switch (advice) {
+    case CU_MEM_ADVISE_SET_READ_MOSTLY:
+    case CU_MEM_ADVISE_UNSET_READ_MOSTLY:
+        return CUDA_SUCCESS;
+    case CU_MEM_ADVISE_SET_PREFERRED_LOCATION:
+        a->preferred = location;
+        place(a, location);
+        return CUDA_SUCCESS;
+    case CU_MEM_ADVISE_UNSET_PREFERRED_LOCATION:
+        memset(&a->preferred, 0, sizeof(a->preferred));
+        return CUDA_SUCCESS;
+    case CU_MEM_ADVISE_SET_ACCESSED_BY:
+        a->accessed_by |= bit;
+        return CUDA_SUCCESS;
+    case CU_MEM_ADVISE_UNSET_ACCESSED_BY:
+        a->accessed_by &= ~bit;
+        return CUDA_SUCCESS;
+    default:
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+}
+
+SIM_EXPORT CUresult cuMemAdvise_v2(CUdeviceptr ptr, size_t bytes, CUmem_advise advice,
+                                   CUmemLocation location)
+{
+    count("cuMemAdvise_v2");
+    pthread_mutex_lock(&lock);
+    struct allocation *a = managed_range(ptr, bytes);
+    CUresult rc = a && valid_location(location) ? advise(a, advice, location)
+                                                : CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+SIM_EXPORT CUresult cuMemPrefetchAsync_v2(CUdeviceptr ptr, size_t bytes, CUmemLocation location,
+                                          unsigned int flags, CUstream hStream)
+{
+    count("cuMemPrefetchAsync_v2");
+    pthread_mutex_lock(&lock);
+    struct allocation *a = managed_range(ptr, bytes);
+    CUresult rc = a && valid_location(location) && !flags ? CUDA_SUCCESS
+                                                          : CUDA_ERROR_INVALID_VALUE;
+    if (rc == CUDA_SUCCESS)
+        place(a, location);
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+/*
+ * Test hook: what the driver knows of the allocation holding ptr: whether it is managed,
+ * its preferred location (type 0: none), the devices that access it (bit d: device d) and
+ * the device memory it holds.
+ */
+SIM_EXPORT CUresult fcspSimAdvice(CUdeviceptr ptr, int *managed, CUmemLocation *preferred,
+                                  uint32_t *accessed_by, uint64_t *device_bytes)
+{
+    pthread_mutex_lock(&lock);
+    const struct allocation *a = find_containing(ptr);
+    if (a) {
+        *managed = a->managed;
+        *preferred = a->preferred;
+        *accessed_by = a->accessed_by;
+        *device_bytes = a->counted ? a->size : 0;
+    }
+    pthread_mutex_unlock(&lock);
+    return a ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
 SIM_EXPORT CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
@@ -1331,6 +1465,8 @@ static const struct proc_entry procs[] = {
     {"cuMemGetInfo", 2000, ANY, (void *)cuMemGetInfo},
     {"cuMemGetInfo", 3020, ANY, (void *)cuMemGetInfo_v2},
     {"cuMemGetAddressRange", 3020, ANY, (void *)cuMemGetAddressRange_v2},
+    {"cuMemAdvise", 12020, ANY, (void *)cuMemAdvise_v2},
+    {"cuMemPrefetchAsync", 12020, ANY, (void *)cuMemPrefetchAsync_v2},
     {"cuMemAllocAsync", 11020, ANY, (void *)cuMemAllocAsync},
     {"cuMemAllocAsync", 11020, PER_THREAD, (void *)cuMemAllocAsync_ptsz},
     {"cuMemAllocFromPoolAsync", 11020, ANY, (void *)cuMemAllocFromPoolAsync},
