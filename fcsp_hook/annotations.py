@@ -10,9 +10,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TypeVar
 
 from fcsp_hook.errors import AnnotationError
-from fcsp_hook.slot import abi
+from fcsp_hook.slot import abi, uvm
 
 PREFIX = "fcsp."
 
@@ -21,7 +22,10 @@ MEM_FORM = (
     "bytes with a binary suffix K, M, G or T (e.g. 512M, 8G, 1.5G; Ki/Mi/Gi/Ti also accepted), "
     "from 1M to 1024T, or a percentage of the GPU's memory (e.g. 50%)"
 )
-MEM_MODE_FORM = "hard or soft"
+MEM_MODE_FORM = "hard, soft or spill"
+MEM_SPILL_FORM = (
+    "bytes as for fcsp.mem (e.g. 8G) or a multiple of the quota from 0.01x to 100x (e.g. 1.5x)"
+)
 MODE_FORM = "none, balanced, strict or adaptive"
 PRIORITY_FORM = "latency or best-effort"
 TENANT_FORM = (
@@ -36,6 +40,7 @@ _MEM_PERCENT_RE = re.compile(rf"({_DECIMAL})%")
 _MEM_BYTES_RE = re.compile(r"([0-9]{1,7})(?:\.([0-9]{1,3}))?([KMGT])(?:i|iB)?")
 _TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _DEVICE_KEY_RE = re.compile(r"(sm|mem)\.(0|[1-9][0-9]?)")
+_RATIO_RE = re.compile(r"((?:0|[1-9][0-9]?|100)(?:\.[0-9]{1,2})?)x")
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_MEM_BYTES = 1 << 20
@@ -47,10 +52,18 @@ _MODES = {
     "strict": abi.IsolationMode.STRICT,
     "adaptive": abi.IsolationMode.ADAPTIVE,
 }
-_MEM_MODES = {"hard": abi.MemMode.HARD, "soft": abi.MemMode.SOFT}
+_MEM_MODES = {"hard": abi.MemMode.HARD, "soft": abi.MemMode.SOFT, "spill": abi.MemMode.SPILL}
 _PRIORITIES = {"latency": abi.Priority.LATENCY, "best-effort": abi.Priority.BEST_EFFORT}
+_PROFILES = {name: name for name in uvm.PROFILES}
+# Keys whose value names one of a few choices: (choices, the accepted form).
+_ENUM_KEYS: dict[str, tuple[Mapping[str, int], str]] = {
+    "mem-mode": (_MEM_MODES, MEM_MODE_FORM),
+    "mode": (_MODES, MODE_FORM),
+    "priority": (_PRIORITIES, PRIORITY_FORM),
+}
+_T = TypeVar("_T")
 
-KNOWN_KEYS = ("sm", "mem", "mem-mode", "mode", "priority", "tenant")
+KNOWN_KEYS = ("sm", "mem", "mem-mode", "mem-spill", "uvm-profile", "mode", "priority", "tenant")
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,17 @@ class MemQuota:
 
 
 UNLIMITED = MemQuota()
+
+
+@dataclass(frozen=True)
+class MemSpill:
+    """How far past its quota a spill-mode tenant may go: bytes, or 1/100 of the quota."""
+
+    bytes: int = 0
+    centi: int = abi.WHOLE_GPU_CENTI  # 1x the quota unless told
+
+
+DEFAULT_SPILL = MemSpill()
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,8 @@ class TenantRequest:
     mem_mode: abi.MemMode
     priority: abi.Priority
     tenant: str
+    mem_spill: MemSpill = DEFAULT_SPILL
+    uvm_profile: str = "default"
 
 
 def _show(value: str) -> str:
@@ -130,7 +156,28 @@ def parse_mem(key: str, value: str) -> MemQuota:
     return MemQuota(bytes=size)
 
 
-def _choice(key: str, value: str, choices: Mapping[str, int], form: str) -> int:
+def parse_tenant(key: str, value: str) -> str:
+    if not _TENANT_RE.fullmatch(value):
+        raise _fail(key, value, TENANT_FORM)
+    return value
+
+
+def parse_spill(key: str, value: str) -> MemSpill:
+    ratio = _RATIO_RE.fullmatch(value)
+    if ratio:
+        centi = int(Decimal(ratio.group(1)) * abi.WHOLE_GPU_CENTI)
+        if not abi.CENTI_PER_PERCENT <= centi <= 100 * abi.WHOLE_GPU_CENTI:
+            raise _fail(key, value, MEM_SPILL_FORM)
+        return MemSpill(centi=centi)
+    if _MEM_PERCENT_RE.fullmatch(value):
+        raise _fail(key, value, MEM_SPILL_FORM)
+    try:
+        return MemSpill(bytes=parse_mem(key, value).bytes, centi=0)
+    except AnnotationError:
+        raise _fail(key, value, MEM_SPILL_FORM) from None
+
+
+def _choice(key: str, value: str, choices: Mapping[str, _T], form: str) -> _T:
     try:
         return choices[value]
     except KeyError:
@@ -159,8 +206,10 @@ def parse(
     mem_all = UNLIMITED
     sm_dev: dict[int, int] = {}
     mem_dev: dict[int, MemQuota] = {}
-    mode, mem_mode = default_mode, default_mem_mode
-    priority, tenant = abi.Priority.BEST_EFFORT, ""
+    chosen: dict[str, int] = {}
+    tenant = ""
+    spill: MemSpill | None = None
+    profile = "default"
 
     for key in sorted(annotations):
         if not key.startswith(PREFIX):
@@ -178,16 +227,14 @@ def parse(
         elif per_device:
             index = _device_index(key, value, int(per_device.group(2)), device_count)
             mem_dev[index] = parse_mem(key, value)
-        elif name == "mem-mode":
-            mem_mode = abi.MemMode(_choice(key, value, _MEM_MODES, MEM_MODE_FORM))
-        elif name == "mode":
-            mode = abi.IsolationMode(_choice(key, value, _MODES, MODE_FORM))
-        elif name == "priority":
-            priority = abi.Priority(_choice(key, value, _PRIORITIES, PRIORITY_FORM))
+        elif name in _ENUM_KEYS:
+            chosen[name] = _choice(key, value, *_ENUM_KEYS[name])
+        elif name == "mem-spill":
+            spill = parse_spill(key, value)
+        elif name == "uvm-profile":
+            profile = _choice(key, value, _PROFILES, uvm.PROFILE_FORM)
         elif name == "tenant":
-            if not _TENANT_RE.fullmatch(value):
-                raise _fail(key, value, TENANT_FORM)
-            tenant = value
+            tenant = parse_tenant(key, value)
         else:
             known = ", ".join(f"{PREFIX}{k}" for k in KNOWN_KEYS)
             raise AnnotationError(
@@ -195,11 +242,24 @@ def parse(
                 f"{PREFIX}sm.<i> or {PREFIX}mem.<i>"
             )
 
+    mem_mode = abi.MemMode(chosen.get("mem-mode", default_mem_mode))
+    if spill is not None and mem_mode != abi.MemMode.SPILL:
+        raise AnnotationError(
+            f"annotation {PREFIX}mem-spill needs {PREFIX}mem-mode=spill: expected both or neither"
+        )
     devices = tuple(
         DeviceRequest(sm_centi=sm_dev.get(i, sm_all), mem=mem_dev.get(i, mem_all))
         for i in range(min(device_count, abi.MAX_DEVICES))
     )
-    return TenantRequest(devices, mode, mem_mode, priority, tenant)
+    return TenantRequest(
+        devices,
+        abi.IsolationMode(chosen.get("mode", default_mode)),
+        mem_mode,
+        abi.Priority(chosen.get("priority", abi.Priority.BEST_EFFORT)),
+        tenant,
+        spill or DEFAULT_SPILL,
+        profile,
+    )
 
 
 def has_fcsp_annotations(annotations: Mapping[str, str]) -> bool:

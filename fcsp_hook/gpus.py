@@ -113,7 +113,7 @@ def parse_driver_information(text: str) -> tuple[int, str] | None:
 
 def host_gpu_uuids(driver_dir: Path) -> dict[int, str]:
     """Minor number -> UUID of the host's GPUs, from the driver's procfs files."""
-    uuids = {}
+    uuids: dict[int, str] = {}
     try:
         buses = sorted(os.listdir(driver_dir / "gpus"))  # no glob: it compiles a pattern
     except OSError:

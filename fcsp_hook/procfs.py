@@ -39,3 +39,16 @@ def process_alive(pid: int, start_time: int, proc: Path = PROC) -> bool | None:
     if stat[0] in {"Z", "X"}:
         return False
     return not (start_time and stat[1] != start_time)
+
+
+def memory_total(meminfo: Path = PROC / "meminfo") -> int:
+    """The host's memory in bytes (MemTotal); 0 when it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemTotal":
+                number, _, unit = value.strip().partition(" ")
+                return int(number) * (1024 if unit == "kB" else 1)
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -124,6 +124,20 @@ def test_hard_quotas_add_up_against_the_gpus_memory(run_dir: Path, log: HookLogg
         _admit(run_dir, log, {"fcsp.mem": "13%"})
 
 
+def test_a_spill_quota_is_promised_on_the_gpu_like_a_hard_one(
+    run_dir: Path, log: HookLogger
+) -> None:
+    """Spill mode keeps the tenant's quota on the GPU (only its excess goes to the host), so
+    its quota is a guarantee: held and asked alike."""
+    _inventory(run_dir, 80 * GiB)
+    _slot(run_dir, "a", _dev(mem=60 * GiB), mem_mode=abi.MemMode.SPILL)
+    with pytest.raises(admission.AdmissionError, match=r"fcsp.mem=24.0 GiB \(spill\): 60.0 GiB"):
+        _admit(run_dir, log, {"fcsp.mem": "24G", "fcsp.mem-mode": "spill"})
+    with pytest.raises(admission.AdmissionError, match=r"\(hard\): 60.0 GiB"):
+        _admit(run_dir, log, {"fcsp.mem": "24G"})
+    _admit(run_dir, log, {"fcsp.mem": "20G", "fcsp.mem-mode": "spill", "fcsp.mem-spill": "4x"})
+
+
 def test_without_the_total_only_percentages_decide(run_dir: Path, log: HookLogger) -> None:
     """Before the observer has read the GPU's memory, percentages add up among themselves
     (past 100 %, or all of it with bytes on top); bytes alone cannot be decided."""

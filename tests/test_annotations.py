@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fcsp_hook.annotations import MemQuota, TenantRequest, parse
+from fcsp_hook.annotations import MemQuota, MemSpill, TenantRequest, parse
 from fcsp_hook.errors import AnnotationError
 from fcsp_hook.slot import abi
 
@@ -87,6 +87,36 @@ def test_modes_priority_and_tenant() -> None:
     assert request.tenant == "team-a.prod_1"
 
 
+@pytest.mark.parametrize(
+    ("value", "spill"),
+    [
+        (None, MemSpill(centi=10_000)),  # 1x the quota unless told
+        ("1.5x", MemSpill(centi=15_000)),
+        ("0.25x", MemSpill(centi=2_500)),
+        ("100x", MemSpill(centi=1_000_000)),
+        ("12G", MemSpill(bytes=12 * G, centi=0)),
+    ],
+)
+def test_spill_mode_and_its_bound(value: str | None, spill: MemSpill) -> None:
+    """fcsp.mem-mode=spill, bounded past the quota by bytes or a multiple of the quota."""
+    given = {"fcsp.mem": "8G", "fcsp.mem-mode": "spill", "fcsp.uvm-profile": "training"}
+    if value is not None:
+        given["fcsp.mem-spill"] = value
+    request = _one(given)
+    assert request.mem_mode == abi.MemMode.SPILL
+    assert request.mem_spill == spill
+    assert request.uvm_profile == "training"
+
+
+def test_a_spill_bound_without_spill_mode_is_refused() -> None:
+    """fcsp.mem-spill under a hard quota would silently do nothing: it is an error."""
+    with pytest.raises(AnnotationError) as err:
+        _one({"fcsp.mem": "8G", "fcsp.mem-spill": "1.5x"})
+    assert str(err.value) == (
+        "annotation fcsp.mem-spill needs fcsp.mem-mode=spill: expected both or neither"
+    )
+
+
 def test_other_annotations_are_not_ours() -> None:
     """Keys outside fcsp. (io.podman..., xfcsp.sm) are ignored, not rejected."""
     request = _one({"io.podman.annotations.init": "FALSE", "xfcsp.sm": "abc", "fcsp.sm": "40"})
@@ -114,7 +144,14 @@ BAD = [
     ("fcsp.mem", "512K", "from 1M to 1024T"),
     ("fcsp.mem", "2000T", "from 1M to 1024T"),
     ("fcsp.mem", "8gb", "expected bytes"),
-    ("fcsp.mem-mode", "medium", "expected hard or soft"),
+    ("fcsp.mem-mode", "medium", "expected hard, soft or spill"),
+    ("fcsp.mem-spill", "abc", "expected bytes as for fcsp.mem (e.g. 8G) or a multiple"),
+    ("fcsp.mem-spill", "50%", "or a multiple of the quota"),
+    ("fcsp.mem-spill", "0x", "or a multiple of the quota"),
+    ("fcsp.mem-spill", "101x", "or a multiple of the quota"),
+    ("fcsp.mem-spill", "1.5", "or a multiple of the quota"),
+    ("fcsp.mem-spill", "1.5X", "or a multiple of the quota"),
+    ("fcsp.uvm-profile", "llm", "expected default or llm_inference or training"),
     ("fcsp.mode", "STRICT", "expected none, balanced, strict or adaptive"),
     ("fcsp.priority", "urgent", "expected latency or best-effort"),
     ("fcsp.tenant", "", "expected 1 to 63 characters"),
@@ -207,6 +244,7 @@ def test_any_mebibyte_count_round_trips(mib: int) -> None:
 
 GOOD = [
     ("fcsp.sm", "40"),
+    ("fcsp.uvm-profile", "llm_inference"),
     ("fcsp.sm.0", "40"),
     ("fcsp.mem", "8G"),
     ("fcsp.mem", "50%"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fcsp_hook import procfs
-from fcsp_hook.slot import abi, files
+from fcsp_hook.slot import abi, files, rules
 from tests.containers import GLIBC_IN_ROOTFS, ULIMITS, HookSetup, add_cuda_sim, podman
 
 pytestmark = pytest.mark.e2e
@@ -236,6 +236,56 @@ def test_bad_annotation_fails_the_start_with_one_line(
     assert "Traceback" not in result.stderr
     hook_lines = [line for line in result.stderr.split("stderr: ")[-1].splitlines() if line.strip()]
     assert len(hook_lines) == 1
+    _no_fcsp_traces(hook, rootfs)
+
+
+def test_a_spill_tenant_gets_its_bound_and_profile_and_spills_past_its_quota(
+    hook: HookSetup, rootfs: Path
+) -> None:
+    """fcsp.mem-mode=spill: the slot carries the bound and the profile's knobs, and a CUDA
+    process in the container holds its quota on the device and the rest in host memory."""
+    add_cuda_sim(rootfs)
+    name = f"fcsp-e2e-{uuid.uuid4().hex[:8]}"
+    annotations = {
+        "fcsp.mem": "64M",
+        "fcsp.mem-mode": "spill",
+        "fcsp.mem-spill": "0.5x",
+        "fcsp.uvm-profile": "llm_inference",
+    }
+    program = ["/usr/bin/fcsp-sim-client", "init", "alloc", "mem", "48M", "alloc", "mem", "24M"]
+    started = podman(
+        hook, rootfs, [*program, "wait"], annotations, GPU, extra=("-d", "-i", "--name", name)
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        (slot_dir,) = hook.slots()
+        limits = files.read_limits(slot_dir / "limits")
+        assert limits.mem_mode == abi.MemMode.SPILL
+        assert (limits.device[0].mem_spill_bytes, limits.device[0].mem_spill_centi) == (0, 5000)
+        assert limits.uvm_profile == abi.UvmProfile.LLM_INFERENCE
+        assert rules.unpack_pressure(limits.pressure_pct) == (70, 85, 95)
+        assert limits.prefetch_bytes == 64 << 20
+
+        def spilled() -> tuple[int, int]:
+            device = files.read_usage(slot_dir / "usage").device[0]
+            return device.mem_used_bytes, device.mem_spilled_bytes
+
+        deadline = time.monotonic() + 30
+        while spilled() != (48 << 20, 24 << 20) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spilled() == (48 << 20, 24 << 20)
+    finally:
+        _podman("rm", "-f", "-t", "0", name)
+    assert hook.slots() == []
+
+
+def test_a_spill_bound_past_the_hosts_memory_is_refused(hook: HookSetup, rootfs: Path) -> None:
+    """A bound the host could not back fails the start with one line naming the key."""
+    annotations = {"fcsp.mem": "8G", "fcsp.mem-mode": "spill", "fcsp.mem-spill": "1024T"}
+    result = podman(hook, rootfs, [CAT, "/proc/self/maps"], annotations, GPU)
+    assert result.returncode != 0
+    assert "annotation fcsp.mem-spill asks for up to 1073741824 MiB of host memory" in result.stderr
+    assert "Traceback" not in result.stderr
     _no_fcsp_traces(hook, rootfs)
 
 

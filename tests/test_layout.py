@@ -7,7 +7,17 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fcsp_hook"
-DUTIES = ("tenants", "shares", "clocks", "backends", "reaper", "crosscheck", "backstop", "publish")
+DUTIES = (
+    "tenants",
+    "memory",
+    "shares",
+    "clocks",
+    "backends",
+    "reaper",
+    "crosscheck",
+    "backstop",
+    "publish",
+)
 
 
 def _module_name(path: Path) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fcsp_hook import procfs
-from fcsp_hook.slot import abi, files, live
+from fcsp_hook.slot import abi, files, live, rules, uvm
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 USAGE_SIZE = ctypes.sizeof(abi.Usage)
@@ -239,3 +239,23 @@ def test_a_slot_is_removed_only_once_its_container_is_gone(tmp_path: Path) -> No
         os.close(holder)
     assert files.remove_if_gone(tmp_path, "busy") is files.Removal.REMOVED
     assert [p.name for p in files.tenants_dir(tmp_path).iterdir()] == ["restarted"]
+
+
+def test_a_spill_slot_carries_its_bound_and_its_profiles_knobs(tmp_path: Path) -> None:
+    """What the hook writes for fcsp.mem-mode=spill, fcsp.mem-spill=1.5x and the training
+    profile is what the shim and the observer read back."""
+    spec = files.SlotSpec(
+        container_id="spill",
+        mem_mode=abi.MemMode.SPILL,
+        devices=(files.DeviceLimits(mem_limit_bytes=8 << 30, mem_spill_centi=15_000),),
+        uvm=uvm.PROFILES["training"],
+    )
+    files.write_slot(tmp_path / "spill", spec, {})
+    limits = files.read_limits(tmp_path / "spill" / abi.LIMITS_FILE)
+    assert limits.mem_mode == abi.MemMode.SPILL
+    assert (limits.device[0].mem_spill_bytes, limits.device[0].mem_spill_centi) == (0, 15_000)
+    assert rules.device_memory_spill(limits.device[0], 8 << 30) == 12 << 30
+    assert limits.uvm_profile == abi.UvmProfile.TRAINING
+    assert rules.unpack_pressure(limits.pressure_pct) == (80, 90, 97)
+    assert limits.prefetch_bytes == 32 << 20
+    assert limits.evict_policy == abi.EvictPolicy.FIFO

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcsp_hook import config, mps
+from fcsp_hook import config, inventory, mps
 from fcsp_hook.errors import FcspError
 from fcsp_hook.observer import STATE_FILE
 from fcsp_hook.slot import abi, files, live, rules
@@ -33,6 +33,15 @@ class DeviceRow:
     # From the observer's state file; None while no observer runs.
     active: bool | None = None
     throttled_pct: int | None = None
+    # Memory against the quota (slot.rules.pressure_level): ok, warning, high, critical;
+    # None without a quota.  The observer's when it runs, else computed from the slot.
+    pressure: str | None = None
+    # Spill mode: bytes served past the quota from host memory, their peak, and unified
+    # memory moved to the GPU and to the host (the tenant's report, bounded).
+    mem_spilled_bytes: int = 0
+    mem_spill_peak_bytes: int = 0
+    mem_migrated_in_bytes: int = 0
+    mem_migrated_out_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,27 +84,56 @@ def _percent(centi: int) -> float:
     return min(max(centi, 0), abi.WHOLE_GPU_CENTI) / abi.CENTI_PER_PERCENT
 
 
-def read_tenant(directory: Path) -> TenantRow:
+@dataclass(frozen=True)
+class Inventory:
+    """The host's GPUs as fcsp-observer last read them from NVML (<run_dir>/gpus.json):
+    memory total per UUID, UUID per minor; empty when it never ran."""
+
+    totals: dict[str, int] = field(default_factory=dict)
+    minors: dict[int, str] = field(default_factory=dict)
+
+    def memory_total(self, dev: abi.LimitsDevice) -> int:
+        uuid = dev.uuid.decode(errors="replace") or self.minors.get(int(dev.host_index), "")
+        return self.totals.get(uuid, 0)
+
+
+def _pressure(used: int, dev: abi.LimitsDevice, pressure_pct: int, gpus: Inventory) -> str | None:
+    """The observer's rule on the slot: the level of the memory held against the quota
+    (None without one, or a percentage of a GPU whose total is unknown)."""
+    quota = rules.device_memory_quota(dev, gpus.memory_total(dev))
+    return rules.pressure_level(used, quota, pressure_pct).name.lower() if quota else None
+
+
+def read_tenant(directory: Path, gpus: Inventory | None = None) -> TenantRow:
     """One tenant from its slot; a slot that cannot be read is reported, not fatal."""
     try:
         limits = files.read_limits(directory / abi.LIMITS_FILE)
         usage = files.read_usage(directory / abi.USAGE_FILE)
     except (FcspError, OSError) as exc:
         return TenantRow(directory.name, "", "?", "?", "?", 0, [], problem=str(exc))
+    gpus = gpus if gpus is not None else Inventory()
     count = min(limits.device_count, abi.MAX_DEVICES)
-    devices = [
-        DeviceRow(
-            index=i,
-            gpu=limits.device[i].uuid.decode(errors="replace") or f"{limits.device[i].host_index}",
-            sm_requested_pct=_percent(limits.device[i].sm_requested_centi),
-            sm_effective_pct=_percent(limits.device[i].sm_effective_centi),
-            mem_used_bytes=usage.device[i].mem_used_bytes,
-            mem_quota=_quota(limits.device[i]),
-            backend=mps.backend_name(limits.device[i].backend),
-            turn_ms=_turn_ms(int(limits.device[i].turn)),
+    devices = []
+    for i in range(count):
+        dev = limits.device[i]
+        used = live.device_usage(usage.device[i])  # the tenant's report: bounded
+        devices.append(
+            DeviceRow(
+                index=i,
+                gpu=dev.uuid.decode(errors="replace") or f"{dev.host_index}",
+                sm_requested_pct=_percent(dev.sm_requested_centi),
+                sm_effective_pct=_percent(dev.sm_effective_centi),
+                mem_used_bytes=used.mem_used_bytes,
+                mem_quota=_quota(dev),
+                backend=mps.backend_name(dev.backend),
+                turn_ms=_turn_ms(int(dev.turn)),
+                pressure=_pressure(used.mem_used_bytes, dev, int(limits.pressure_pct), gpus),
+                mem_spilled_bytes=used.mem_spilled_bytes,
+                mem_spill_peak_bytes=used.mem_spill_peak_bytes,
+                mem_migrated_in_bytes=used.mem_migrated_in_bytes,
+                mem_migrated_out_bytes=used.mem_migrated_out_bytes,
+            )
         )
-        for i in range(count)
-    ]
     return TenantRow(
         container_id=limits.container_id.decode(errors="replace"),
         tenant=limits.tenant.decode(errors="replace"),
@@ -121,9 +159,10 @@ def tenants(run_dir: Path) -> Iterator[TenantRow]:
     if not base.is_dir():
         return
     state = observer_state(run_dir)
+    gpus = Inventory(*inventory.read(run_dir))
     for entry in sorted(base.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
-            yield _with_observer_view(read_tenant(entry), state)
+            yield _with_observer_view(read_tenant(entry, gpus), state)
 
 
 # ---- what the observer says ----------------------------------------------------------------
@@ -250,18 +289,31 @@ def _list(value: object) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+PRESSURE_NAMES = frozenset(p.name.lower() for p in rules.Pressure)
+
+
+def _published_level(value: object, dev: DeviceRow) -> str | None:
+    """The observer's level of a device (it knows each GPU's total from NVML; None: no
+    quota) where it published one, else the one status computed from the slot."""
+    if value is None or value in PRESSURE_NAMES:
+        return value
+    return dev.pressure
+
+
 def _with_observer_view(row: TenantRow, state: ObserverView) -> TenantRow:
     info = state.tenants.get(row.container_id)
     if not state.running or not isinstance(info, dict):
         return row
     active = _list(info.get("active"))
     throttled = _list(info.get("throttled_pct"))
+    pressure = _list(info.get("pressure"))
     devices = [
         DeviceRow(
             **{
                 **asdict(dev),
                 "active": bool(active[i]) if i < len(active) else None,
                 "throttled_pct": _int(throttled[i]) if i < len(throttled) else None,
+                "pressure": _published_level(pressure[i] if i < len(pressure) else "", dev),
             }
         )
         for i, dev in enumerate(row.devices)
@@ -289,6 +341,7 @@ def render_status(rows: list[TenantRow]) -> str:
         "SM REQ",
         "SM EFF",
         "MEMORY USED / QUOTA",
+        "PRESSURE",
         "PROCS",
         "STATE",
         "THROTTLED",
@@ -298,7 +351,7 @@ def render_status(rows: list[TenantRow]) -> str:
     for row in rows:
         if row.problem:
             lines.append(
-                (row.container_id[:12], "?", "?", "?", "?", "?", "?", row.problem) + ("?",) * 4
+                (row.container_id[:12], "?", "?", "?", "?", "?", "?", row.problem) + ("?",) * 5
             )
             continue
         unshimmed = str(len(row.unshimmed_host_pids)) if row.unshimmed_host_pids else "-"
@@ -308,6 +361,7 @@ def render_status(rows: list[TenantRow]) -> str:
                     row.container_id[:12],
                     row.tenant or "-",
                     row.mode,
+                    "-",
                     "-",
                     "-",
                     "-",
@@ -329,7 +383,8 @@ def render_status(rows: list[TenantRow]) -> str:
                     dev.backend,
                     f"{dev.sm_requested_pct:g}%",
                     f"{dev.sm_effective_pct:g}%",
-                    f"{format_bytes(dev.mem_used_bytes)} / {dev.mem_quota}",
+                    _memory(dev, row),
+                    dev.pressure or "-",
                     str(row.processes),
                     _state(dev, row),
                     "-" if dev.throttled_pct is None else f"{dev.throttled_pct}%",
@@ -340,6 +395,14 @@ def render_status(rows: list[TenantRow]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )
+
+
+def _memory(dev: DeviceRow, row: TenantRow) -> str:
+    """Used / quota; a spill tenant's bytes in host memory after them."""
+    text = f"{format_bytes(dev.mem_used_bytes)} / {dev.mem_quota}"
+    if row.mem_mode == abi.MemMode.SPILL.name.lower():
+        text += f" +{format_bytes(dev.mem_spilled_bytes)} spilled"
+    return text
 
 
 def _turn_ms(word: int) -> tuple[float, float, float] | None:

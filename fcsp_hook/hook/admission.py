@@ -63,6 +63,7 @@ class Ask:
     sm_centi: int = 0  # strict share; 0: none
     mem_bytes: int = 0  # hard quota in bytes; 0: none
     mem_basis_points: int = 0  # hard quota as a share of the GPU's memory; 0: none
+    mem_mode: str = "hard"  # or "spill": its quota is on the GPU all the same
 
     @property
     def any(self) -> bool:
@@ -90,12 +91,16 @@ def gpu_key(uuid: str, host_index: int, minors: Mapping[int, str]) -> str:
     return ""
 
 
+# Quotas that promise device memory: a spill tenant's quota is on the GPU, its excess not.
+GUARANTEED_MEMORY = (abi.MemMode.HARD, abi.MemMode.SPILL)
+
+
 def asks(
     request: TenantRequest, gpus: Iterable[Gpu], minors: Mapping[int, str] | None = None
 ) -> list[Ask]:
     """The guarantees a request makes on each of its GPUs (none: an empty list)."""
     strict = request.mode == abi.IsolationMode.STRICT
-    hard = request.mem_mode == abi.MemMode.HARD
+    hard = request.mem_mode in GUARANTEED_MEMORY
     out = []
     for gpu, dev in zip(gpus, request.devices, strict=True):
         if gpu.mig >= 0 and not gpu.uuid:
@@ -112,6 +117,7 @@ def asks(
             sm_centi=dev.sm_centi if strict else 0,
             mem_bytes=dev.mem.bytes if hard else 0,
             mem_basis_points=dev.mem.basis_points if hard else 0,
+            mem_mode=request.mem_mode.name.lower(),
         )
         if ask.any:
             out.append(ask)
@@ -145,7 +151,7 @@ def promised(
         if alive is False:
             continue  # its container is gone; a slot naming no pid still counts
         strict = int(limits.isolation_mode) == abi.IsolationMode.STRICT
-        hard = int(limits.mem_mode) == abi.MemMode.HARD
+        hard = int(limits.mem_mode) in GUARANTEED_MEMORY
         for i in range(min(int(limits.device_count), abi.MAX_DEVICES)):
             dev = limits.device[i]
             key = gpu_key(dev.uuid.decode(errors="replace"), int(dev.host_index), minors or {})
@@ -214,8 +220,8 @@ def problems(
             limit = f"{_pct(points)}{' and more' if points == WHOLE else ''} > 100%"
         if over:
             out.append(
-                f"{ask.label} cannot guarantee fcsp.mem={asked} (hard): {shown} is already "
-                f"promised to {_holders(p.mem_holders)}, {limit}"
+                f"{ask.label} cannot guarantee fcsp.mem={asked} ({ask.mem_mode}): {shown} is "
+                f"already promised to {_holders(p.mem_holders)}, {limit}"
             )
     return out
 

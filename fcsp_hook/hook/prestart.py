@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fcsp_hook import annotations as fcsp_annotations
-from fcsp_hook import cgroups, config, gpus, linux, mps, oci, procfs
+from fcsp_hook import cgroups, config, gpus, inventory, linux, mps, oci, procfs
 from fcsp_hook.errors import HookError
 from fcsp_hook.hook import admission, mounts
 from fcsp_hook.log import HookLogger
-from fcsp_hook.slot import abi, files, kubernetes
+from fcsp_hook.slot import abi, files, kubernetes, rules, uvm
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def choose_backends(
 
 def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> files.SlotSpec:
     request = setup.request
+    spill = request.mem_spill if request.mem_mode == abi.MemMode.SPILL else None
     devices = tuple(
         files.DeviceLimits(
             host_index=gpu.host_index,
@@ -87,6 +89,8 @@ def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> file
             )
             if backend == abi.Backend.MPS
             else 0,
+            mem_spill_bytes=spill.bytes if spill else 0,
+            mem_spill_centi=spill.centi if spill else 0,
         )
         for gpu, dev, backend in zip(
             setup.gpus,
@@ -102,6 +106,7 @@ def slot_spec(container_id: str, setup: Setup, init_start_time: int = 0) -> file
         mem_mode=request.mem_mode,
         priority=request.priority,
         devices=devices,
+        uvm=uvm.PROFILES[request.uvm_profile],
         init_host_pid=setup.pid,
         init_start_time=init_start_time,
     )
@@ -138,6 +143,8 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     request = fcsp_annotations.parse(
         state.annotations, len(found), cfg.defaults.mode, cfg.defaults.mem_mode
     )
+    if request.mem_mode == abi.MemMode.SPILL:
+        check_spill_fits_host(request, found, cfg.paths.run_dir)
     if state.pid is None:
         raise HookError("the OCI state has no pid; prestart needs the container's init process")
     rootfs = bundle.root or _init_cwd(state.pid)
@@ -156,6 +163,31 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
         backends=backends,
         mps_reserved_centi=reserved,
     )
+
+
+def check_spill_fits_host(
+    request: fcsp_annotations.TenantRequest,
+    found: Sequence[gpus.Gpu],
+    run_dir: Path,
+    meminfo: Path = Path("/proc/meminfo"),
+) -> None:
+    """A spill bound is host memory the tenant may come to hold: all of its GPUs' bounds
+    together may not pass the host's memory (HookError naming fcsp.mem-spill).  A quota in
+    percent of a GPU whose total the observer has not published counts as unknown."""
+    totals, minors = inventory.read(run_dir)
+    spill = request.mem_spill
+    bound = 0
+    for gpu, dev in zip(found, request.devices, strict=True):
+        total = totals.get(gpu.uuid or minors.get(gpu.host_index, ""), 0)
+        quota = rules.memory_quota(dev.mem.bytes, dev.mem.basis_points, total)
+        bound += rules.memory_spill(spill.bytes, spill.centi, quota)
+    host = procfs.memory_total(meminfo)
+    if host and bound > host:
+        raise HookError(
+            f"annotation fcsp.mem-spill asks for up to {bound >> 20} MiB of host memory past "
+            f"the quota on {len(found)} GPU(s), more than the host's {host >> 20} MiB: expected "
+            "a smaller fcsp.mem-spill or fcsp.mem"
+        )
 
 
 def _cgroup_record(pid: int, log: HookLogger) -> dict[str, tuple[bytes, int]]:

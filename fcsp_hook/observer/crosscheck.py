@@ -23,7 +23,7 @@ from fcsp_hook import config, nvml
 from fcsp_hook.errors import SlotError
 from fcsp_hook.observer import contexts
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
-from fcsp_hook.slot import abi, rules
+from fcsp_hook.slot import abi
 
 
 class CrossCheck(Duty):
@@ -102,14 +102,7 @@ def views(state: HostState) -> list[nvml.TenantView]:
     """What each tenant is granted and which of its pids report through the shim."""
     out = []
     for cid, tenant in state.tenants.items():
-        quotas = {
-            d.grant.gpu: rules.memory_quota(
-                d.grant.mem_limit_bytes,
-                d.grant.mem_limit_basis_points,
-                state.memory_total(d.grant.gpu),
-            )
-            for d in tenant.devices
-        }
+        quotas = {d.grant.gpu: state.memory_quota(d.grant) for d in tenant.devices}
         try:
             shimmed = frozenset(r.pid for r in tenant.usage.live_processes())
         except SlotError:

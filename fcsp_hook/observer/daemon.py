@@ -1,11 +1,11 @@
 """fcsp-observer: the host-wide daemon that shares every GPU among its tenants.
 
 The daemon is a loop over duties (observer.state.Duty), each run when it is due, in this
-order within a tick: find and sample tenants, decide shares and turns (and beat), reap
-slots of containers that are gone, keep MPS daemons, normalise clocks, cross-check with
-NVML, publish.  This module owns the loop: the tick timer, signals through a self-pipe
-(SIGHUP reloads config.toml, SIGTERM/SIGINT stop), sd_notify (READY, WATCHDOG, RELOADING,
-STOPPING) and the clean exit.
+order within a tick: find and sample tenants, rate their memory pressure, decide shares
+and turns (and beat), reap slots of containers that are gone, keep MPS daemons, normalise
+clocks, cross-check with NVML, publish.  This module owns the loop: the tick timer,
+signals through a self-pipe (SIGHUP reloads config.toml, SIGTERM/SIGINT stop), sd_notify
+(READY, WATCHDOG, RELOADING, STOPPING) and the clean exit.
 
 On SIGTERM every tenant's requested share goes back into its slot as the share in force,
 with a zero heartbeat ("no observer"), so that the shims run on their requests at once.
@@ -31,6 +31,7 @@ from fcsp_hook.observer.backends import Backends
 from fcsp_hook.observer.backstop import Backstop
 from fcsp_hook.observer.clocks import Clocks
 from fcsp_hook.observer.crosscheck import CrossCheck
+from fcsp_hook.observer.memory import Memory
 from fcsp_hook.observer.publish import Publish, status_text
 from fcsp_hook.observer.reaper import Reaper
 from fcsp_hook.observer.shares import Shares
@@ -70,6 +71,7 @@ def duties(notifier: notify.Notifier, exporter: metrics.Metrics) -> list[Duty]:
     """Every duty, in the order a tick runs them."""
     return [
         Tenants(),
+        Memory(),
         Shares(),
         Reaper(),
         Backends(),

@@ -42,6 +42,10 @@ class TenantGpuSample:
     driver_used_pct: int | None = None  # its GPU time by NVML's count; None: not measured
     mem_driver_bytes: int | None = None  # its memory by NVML's count; None: not measured
     held_pct: int = 0  # of the time the host backstop keeps it frozen
+    pressure_level: int | None = None  # slot.rules.Pressure, 0-3; None: no quota
+    mem_spilled_bytes: int = 0  # spill mode: served past the quota from host memory
+    mem_migrated_in_bytes: int = 0  # unified memory moved to the GPU, in total
+    mem_migrated_out_bytes: int = 0  # ... and to the host
     # Kubernetes: the pod, namespace and container the hook recorded ('' elsewhere).
     pod: str = ""
     namespace: str = ""
@@ -121,6 +125,22 @@ class _Collector(Collector):
                 "share by the driver's count (0-1)",
                 labels=labels,
             ),
+            "pressure": GaugeMetricFamily(
+                "fcsp_memory_pressure_level",
+                "Device memory against the quota at the tenant's profile's levels "
+                "(0 ok, 1 warning, 2 high, 3 critical; absent without a quota)",
+                labels=labels,
+            ),
+            "spilled": GaugeMetricFamily(
+                "fcsp_memory_spilled_bytes",
+                "Memory served past the quota from host memory the GPU maps (spill mode)",
+                labels=labels,
+            ),
+            "migrated": CounterMetricFamily(
+                "fcsp_memory_migrated_bytes",
+                "Unified memory moved to the GPU (in) and to the host (out)",
+                labels=[*labels, "direction"],
+            ),
         }
         for s in snap.samples:
             key = [s.container_id, s.tenant, s.gpu, s.pod, s.namespace, s.container]
@@ -139,6 +159,11 @@ class _Collector(Collector):
             if s.mem_driver_bytes is not None:
                 fams["driver_mem"].add_metric(key, s.mem_driver_bytes)
             fams["held"].add_metric(key, s.held_pct / 100)
+            if s.pressure_level is not None:
+                fams["pressure"].add_metric(key, s.pressure_level)
+            fams["spilled"].add_metric(key, s.mem_spilled_bytes)
+            fams["migrated"].add_metric([*key, "in"], s.mem_migrated_in_bytes)
+            fams["migrated"].add_metric([*key, "out"], s.mem_migrated_out_bytes)
         yield from fams.values()
         contention = GaugeMetricFamily(
             "fcsp_gpu_contention_ratio", "Unmet compute demand on the GPU (0-1)", labels=["gpu"]

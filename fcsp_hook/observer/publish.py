@@ -128,6 +128,13 @@ def snapshot(state: HostState) -> dict[str, object]:
             "driver_used_pct": [d.driver_used_pct for d in t.devices],
             "driver_memory_bytes": [state.nvml_memory.get((cid, d.grant.gpu)) for d in t.devices],
             "held_pct": t.held_pct,
+            # Memory per device: the pressure level (None: no quota) and, in spill mode,
+            # the bytes served from host memory and moved between it and the GPU.
+            "pressure": [pressure_name(d.pressure) for d in t.devices],
+            "mem_spilled_bytes": [d.usage.mem_spilled_bytes for d in t.devices],
+            "mem_spill_peak_bytes": [d.usage.mem_spill_peak_bytes for d in t.devices],
+            "mem_migrated_in_bytes": [d.usage.mem_migrated_in_bytes for d in t.devices],
+            "mem_migrated_out_bytes": [d.usage.mem_migrated_out_bytes for d in t.devices],
             "pod": t.pod,
             "namespace": t.namespace,
             "container": t.container,
@@ -153,6 +160,10 @@ def snapshot(state: HostState) -> dict[str, object]:
     }
 
 
+def pressure_name(level: rules.Pressure | None) -> str | None:
+    return None if level is None else level.name.lower()
+
+
 def turn_ratio(word: int) -> float:
     cycle, _, length = abi.unpack_turn(word)
     return length / cycle if cycle else 0.0
@@ -172,11 +183,7 @@ def metrics_snapshot(state: HostState) -> metrics.Snapshot:
                     requested_centi=grant.requested_centi,
                     effective_centi=t.limits.effective(i),
                     mem_used_bytes=device.usage.mem_used_bytes,
-                    mem_quota_bytes=rules.memory_quota(
-                        grant.mem_limit_bytes,
-                        grant.mem_limit_basis_points,
-                        state.memory_total(grant.gpu),
-                    ),
+                    mem_quota_bytes=state.memory_quota(grant),
                     throttled_ns=device.usage.throttled_ns,
                     busy_ns=device.usage.busy_ns,
                     active=device.active,
@@ -186,6 +193,10 @@ def metrics_snapshot(state: HostState) -> metrics.Snapshot:
                     driver_used_pct=device.driver_used_pct,
                     mem_driver_bytes=state.nvml_memory.get((cid, grant.gpu)),
                     held_pct=t.held_pct,
+                    pressure_level=None if device.pressure is None else int(device.pressure),
+                    mem_spilled_bytes=device.usage.mem_spilled_bytes,
+                    mem_migrated_in_bytes=device.usage.mem_migrated_in_bytes,
+                    mem_migrated_out_bytes=device.usage.mem_migrated_out_bytes,
                     pod=t.pod,
                     namespace=t.namespace,
                     container=t.container,

@@ -22,7 +22,7 @@ from fcsp_hook import config, nvml
 from fcsp_hook.cgroups import Cgroup
 from fcsp_hook.observer import policy
 from fcsp_hook.observer.mpsd import DaemonState
-from fcsp_hook.slot import abi, live
+from fcsp_hook.slot import abi, live, rules
 
 NS_PER_MS = 1_000_000
 NS_PER_US = 1_000
@@ -44,6 +44,8 @@ class Grant:
     backend: abi.Backend
     mem_limit_bytes: int
     mem_limit_basis_points: int
+    mem_mode: abi.MemMode = abi.MemMode.HARD
+    pressure_pct: int = 0  # the tenant's pressure levels (rules.unpack_pressure); 0: default
 
 
 @dataclass
@@ -63,6 +65,12 @@ class TenantDevice:
     kernel_spans: deque[float] = field(default_factory=lambda: deque(maxlen=KERNEL_SPANS))
     usage: live.DeviceUsage = field(default_factory=live.DeviceUsage)
     driver_used_pct: int | None = None  # its processes' time on the GPU by NVML's count
+    # Its memory against its quota (duties.memory): the level now, None without a quota;
+    # the level last logged, and since when the level has been below it.
+    pressure: rules.Pressure | None = None
+    pressure_logged: rules.Pressure = rules.Pressure.OK
+    pressure_lower_since_ns: int | None = None
+    rated: tuple[int, Grant] | None = None  # (bytes used, grant) the level was taken from
 
     def restart_kernel_span(self) -> None:
         """Measure the size of its launches afresh from the next sample on; spans already
@@ -178,6 +186,13 @@ class HostState:
     def memory_total(self, gpu: str) -> int:
         return next((g.memory_total for g in self.gpus if g.uuid == gpu), 0)
 
+    def memory_quota(self, grant: Grant) -> int:
+        """The bytes a grant's tenant may hold on its GPU, as the shim computes it from
+        the GPU's real total (NVML's); 0: no quota."""
+        return rules.memory_quota(
+            grant.mem_limit_bytes, grant.mem_limit_basis_points, self.memory_total(grant.gpu)
+        )
+
     def drop_tenant(self, container_id: str, why: str) -> None:
         tenant = self.tenants.pop(container_id)
         tenant.close()
@@ -217,6 +232,13 @@ def isolation_mode(value: int) -> abi.IsolationMode:
         return abi.IsolationMode(value)
     except ValueError:
         return abi.IsolationMode.BALANCED  # host-written, but never let a bad byte stop us
+
+
+def mem_mode(value: int) -> abi.MemMode:
+    try:
+        return abi.MemMode(value)
+    except ValueError:
+        return abi.MemMode.HARD  # host-written; the shim treats an unknown mode as hard
 
 
 def priority(value: int) -> abi.Priority:

@@ -3,7 +3,8 @@
 Slots appear under <run_dir>/tenants as the hook creates them; each is opened (limits
 mapped, usage read with pread: the tenant writes it), dropped when it goes, reopened when
 a restarted container rewrote it.  Each tick folds every tenant's counters into what the
-share duty decides on: active or idle, unmet demand, and the size of its launches.
+share duty decides on: active or idle, unmet demand, and the size of its launches; the
+memory counters (held, spilled, migrated) are kept for the memory duty and publishing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fcsp_hook.observer.state import (
     TenantDevice,
     backend,
     isolation_mode,
+    mem_mode,
     priority,
 )
 from fcsp_hook.slot import abi, files, kubernetes, live
@@ -63,6 +65,8 @@ def grants(spec: abi.Limits, container_id: str, minors: dict[int, str]) -> list[
                 backend=backend(int(dev.backend)),
                 mem_limit_bytes=int(dev.mem_limit_bytes),
                 mem_limit_basis_points=int(dev.mem_limit_basis_points),
+                mem_mode=mem_mode(int(spec.mem_mode)),
+                pressure_pct=int(spec.pressure_pct),
             )
         )
     return out

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from fcsp_hook import linux, procfs
 from fcsp_hook.errors import SlotError
-from fcsp_hook.slot import abi, rules
+from fcsp_hook.slot import abi, rules, uvm
 
 TENANTS_SUBDIR = "tenants"
 # <run_dir>/locks/<container-id>: what host-side writers of a slot's seqlocked fields
@@ -61,6 +61,9 @@ class DeviceLimits:
     sm_requested_centi: int = abi.WHOLE_GPU_CENTI
     backend: abi.Backend = abi.Backend.TIMESLICE
     mps_threads_centi: int = 0
+    # Spill mode: how far past the quota (rules.memory_spill).
+    mem_spill_bytes: int = 0
+    mem_spill_centi: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class SlotSpec:
     mem_mode: abi.MemMode = abi.MemMode.HARD
     priority: abi.Priority = abi.Priority.BEST_EFFORT
     devices: tuple[DeviceLimits, ...] = field(default_factory=tuple)
+    uvm: uvm.UvmKnobs = uvm.PROFILES["default"]
     # The container's init process on the host: the observer reaps the slot once it is gone.
     init_host_pid: int = 0
     init_start_time: int = 0
@@ -121,6 +125,10 @@ def encode_limits(spec: SlotSpec) -> bytes:
     limits.tenant = spec.tenant.encode()[: abi.TENANT_LEN - 1]
     limits.init_host_pid = spec.init_host_pid
     limits.init_start_time = spec.init_start_time
+    limits.uvm_profile = spec.uvm.profile
+    limits.pressure_pct = spec.uvm.pressure_word()
+    limits.prefetch_bytes = spec.uvm.prefetch_bytes
+    limits.evict_policy = spec.uvm.evict_policy
     for i, dev in enumerate(spec.devices):
         entry = limits.device[i]
         entry.host_index = dev.host_index
@@ -132,6 +140,8 @@ def encode_limits(spec: SlotSpec) -> bytes:
         entry.sm_effective_centi = rules.share_to_write(dev.sm_requested_centi)
         entry.backend = dev.backend
         entry.mps_threads_centi = dev.mps_threads_centi
+        entry.mem_spill_bytes = dev.mem_spill_bytes
+        entry.mem_spill_centi = dev.mem_spill_centi
     return bytes(limits)
 
 

@@ -212,6 +212,12 @@ class DeviceUsage:
     throttled_ns: int = 0
     demand_centi: int = 0
     busy_sq: int = 0  # sum of the launches' costs squared, (ns >> 10) ** 2
+    # Spill mode: bytes served past the quota from host memory, and their peak; unified
+    # memory moved to the device (prefetch) and to the host (eviction), in total.
+    mem_spilled_bytes: int = 0
+    mem_spill_peak_bytes: int = 0
+    mem_migrated_in_bytes: int = 0
+    mem_migrated_out_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,11 @@ _DEVICE_COUNTERS = tuple(
         ("busy_ns", MAX_COUNTER),
         ("throttled_ns", MAX_COUNTER),
         ("busy_sq", MAX_COUNTER),
+        ("mem_spilled_bytes", MAX_BYTES),
+        ("mem_spill_peak_bytes", MAX_BYTES),
+        # Totals over the tenant's life, not amounts held: bounded as counters.
+        ("mem_migrated_in_bytes", MAX_COUNTER),
+        ("mem_migrated_out_bytes", MAX_COUNTER),
     )
 )
 _DEMAND = _USAGE_DEVICE.fields["demand_centi"].start
@@ -247,6 +258,14 @@ _DEMAND = _USAGE_DEVICE.fields["demand_centi"].start
 
 def _bounded(value: int, limit: int) -> int:
     return value if 0 <= value <= limit else 0
+
+
+def device_usage(record: abi.UsageDevice) -> DeviceUsage:
+    """One GPU's counters from a usage record read whole (fcspctl status), bounded as
+    UsageReader.devices bounds them."""
+    counters = {n: _bounded(int(getattr(record, n)), bound) for n, _, bound in _DEVICE_COUNTERS}
+    demand = min(int(record.demand_centi), abi.WHOLE_GPU_CENTI)
+    return DeviceUsage(**counters, demand_centi=demand)
 
 
 class UsageReader:

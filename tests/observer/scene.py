@@ -19,7 +19,7 @@ from structlog.testing import CapturingLogger
 
 from fcsp_hook import config, nvml
 from fcsp_hook.observer.state import Duty, HostState, Tenant
-from fcsp_hook.slot import abi, files, live
+from fcsp_hook.slot import abi, files, live, uvm
 
 MS = 1_000_000
 GiB = 1 << 30
@@ -112,12 +112,16 @@ class Scene:
         priority: abi.Priority = abi.Priority.BEST_EFFORT,
         init_pid: int = 0,
         init_start_time: int = 0,
+        mem_mode: abi.MemMode = abi.MemMode.HARD,
+        uvm_profile: str = "default",
     ) -> UsageWriter:
         """A slot as the hook writes it (one GPU, index 0, 25 % unless devices are given)."""
         spec = files.SlotSpec(
             container_id=cid,
             tenant=f"team-{cid}",
             isolation_mode=mode,
+            mem_mode=mem_mode,
+            uvm=uvm.PROFILES[uvm_profile],
             priority=priority,
             devices=devices or (files.DeviceLimits(host_index=0, sm_requested_centi=2500),),
             init_host_pid=init_pid,

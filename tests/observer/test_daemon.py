@@ -61,10 +61,12 @@ def test_duties_run_when_due_in_order(tmp_path: Path) -> None:
 
 
 def test_the_duties_of_a_tick_and_their_order() -> None:
-    """Tenants are sampled before shares are decided; publishing comes last."""
+    """Tenants are sampled before their memory is rated and shares are decided;
+    publishing comes last."""
     names = [d.name for d in daemon.duties(notify.Notifier({}), daemon.metrics.Metrics())]
     assert names == [
         "tenants",
+        "memory",
         "shares",
         "reaper",
         "backends",
