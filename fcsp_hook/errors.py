@@ -23,6 +23,15 @@ class SlotError(FcspError):
     """A tenant slot cannot be created, read or removed."""
 
 
+class SlotVersionError(SlotError):
+    """A slot file of another FCSP slot version: its container started under another
+    install of FCSP."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class HookError(FcspError):
     """The OCI state or bundle is not what the hook needs."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fcsp_hook import procfs
+from fcsp_hook.errors import SlotError, SlotVersionError
 from fcsp_hook.slot import abi, files, live, rules, uvm
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -259,3 +260,26 @@ def test_a_spill_slot_carries_its_bound_and_its_profiles_knobs(tmp_path: Path) -
     assert rules.unpack_pressure(limits.pressure_pct) == (80, 90, 97)
     assert limits.prefetch_bytes == 32 << 20
     assert limits.evict_policy == abi.EvictPolicy.FIFO
+
+
+@pytest.mark.parametrize(("version", "readable"), [(1, True), (2, True), (3, False), (0, False)])
+def test_the_init_record_is_read_from_this_and_earlier_slot_versions(
+    tmp_path: Path, version: int, readable: bool
+) -> None:
+    """The reaper's proof (init pid and start time) comes from any limits file up to this
+    version, whose layout has not moved since version 1; later or foreign files prove
+    nothing, and the full reader names the version it found."""
+    files.write_slot(tmp_path / "s", files.SlotSpec("s", init_host_pid=42, init_start_time=7), {})
+    path = tmp_path / "s" / abi.LIMITS_FILE
+    limits = files.read_limits(path)
+    limits.version = version
+    path.write_bytes(bytes(limits))
+    if readable:
+        assert files.read_init_process(path) == (42, 7)
+    else:
+        with pytest.raises(SlotError, match="not an FCSP limits file"):
+            files.read_init_process(path)
+    if version != abi.SLOT_VERSION:
+        with pytest.raises(SlotVersionError, match=f"slot version {version}, not 2") as err:
+            files.read_limits(path)
+        assert err.value.version == version

@@ -28,7 +28,7 @@ from fcsp_hook import cgroups
 from fcsp_hook.errors import SlotError
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState, Tenant
 from fcsp_hook.procfs import PROC, process_alive
-from fcsp_hook.slot import files
+from fcsp_hook.slot import abi, files
 
 
 def cgroup_members(tenants: dict[str, Tenant], proc: Path = PROC) -> dict[int, tuple[str, int]]:
@@ -117,6 +117,7 @@ class Reaper(Duty):
                 state.drop_tenant(cid, f"container gone, slot {removal.value}")
             elif alive:
                 init_pids[cid] = int(tenant.spec.init_host_pid)
+        reap_unwatched(state)
         by_namespace = {c: p for c, p in init_pids.items() if state.tenants[c].cgroup is None}
         state.members = namespace_members(by_namespace) if by_namespace else {}
         state.members |= cgroup_members(state.tenants)
@@ -126,6 +127,24 @@ class Reaper(Duty):
         for cid, tenant in state.tenants.items():
             counted = cid in init_pids or tenant.cgroup is not None
             report_dead(state, tenant, known.get(cid, set()) if counted else None)
+
+
+def reap_unwatched(state: HostState) -> None:
+    """Slots no tenant is watched for (an earlier install's, a usage file that cannot be
+    read) are removed on the same proof: the init process their limits record is gone."""
+    for cid in list(state.unwatched):
+        try:
+            pid, start = files.read_init_process(
+                files.slot_path(state.run_dir, cid) / abi.LIMITS_FILE
+            )
+        except (SlotError, OSError):
+            continue  # no record to prove anything by
+        if process_alive(pid, start) is False:
+            removal = files.remove_if_gone(state.run_dir, cid)
+            if removal is not files.Removal.FAILED:
+                del state.unwatched[cid]
+                state.log.info("unwatched slot's container gone", container_id=cid,
+                               slot=removal.value)  # fmt: skip
 
 
 def report_dead(state: HostState, tenant: Tenant, live: set[int] | None) -> None:

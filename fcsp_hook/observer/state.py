@@ -164,6 +164,8 @@ class HostState:
     interval_ns: int
     gpus: list[nvml.GpuInfo] = field(default_factory=list)  # NVML's inventory, at start
     tenants: dict[str, Tenant] = field(default_factory=dict)
+    # Slots the tenants duty cannot watch now, and why ('' while not worth saying).
+    unwatched: dict[str, str] = field(default_factory=dict)
     shares: dict[str, GpuShare] = field(default_factory=dict)  # per host GPU key
     clocks: dict[str, GpuClock] = field(default_factory=dict)  # per GPU UUID
     backends: dict[str, DaemonState] = field(default_factory=dict)  # MPS, per GPU UUID

@@ -14,7 +14,7 @@ import os
 import statistics
 
 from fcsp_hook import cgroups, config
-from fcsp_hook.errors import SlotError
+from fcsp_hook.errors import SlotError, SlotVersionError
 from fcsp_hook.observer.state import (
     NS_PER_MS,
     NS_PER_US,
@@ -144,7 +144,6 @@ class Tenants(Duty):
     def __init__(self) -> None:
         self.tenants_mtime = -1
         self.next_scan_ns = 0
-        self.unwatched: dict[str, str] = {}  # slots it cannot open now, and why
         self.last_ns = 0
 
     def run(self, state: HostState, now_ns: int) -> None:
@@ -188,11 +187,14 @@ class Tenants(Duty):
                 tenant = None
             if tenant is None:
                 problem = _open(state, name, now_ns)
-                if problem and self.unwatched.get(name) != problem:
+                if problem and state.unwatched.get(name) != problem:
                     state.log.error("tenant not watched", container_id=name, error=problem)
-                self.unwatched[name] = problem
-        for name in set(self.unwatched) - seen:
-            del self.unwatched[name]
+                if name in state.tenants:
+                    state.unwatched.pop(name, None)
+                else:
+                    state.unwatched[name] = problem
+        for name in set(state.unwatched) - seen:
+            del state.unwatched[name]
         for name in set(state.tenants) - seen:
             state.drop_tenant(name, "tenant slot gone")
 
@@ -275,6 +277,8 @@ def _open(state: HostState, name: str, now_ns: int) -> str:
 
 
 def _not_opened(log: Logger, exc: SlotError) -> str:
+    if isinstance(exc, SlotVersionError):
+        return str(exc)  # an older install's container: the reaper still removes its slot
     cause = exc.__cause__
     if isinstance(cause, OSError) and cause.errno in {errno.EMFILE, errno.ENFILE}:
         return f"out of descriptors (raise LimitNOFILE): {exc}"

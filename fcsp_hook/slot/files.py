@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from fcsp_hook import linux, procfs
-from fcsp_hook.errors import SlotError
+from fcsp_hook.errors import SlotError, SlotVersionError
 from fcsp_hook.slot import abi, rules, uvm
 
 TENANTS_SUBDIR = "tenants"
@@ -495,10 +495,7 @@ def remove_if_gone(
             if not path.is_dir():
                 return Removal.ABSENT
             with contextlib.suppress(SlotError, OSError):
-                limits = read_limits(path / abi.LIMITS_FILE)
-                alive = procfs.process_alive(
-                    int(limits.init_host_pid), int(limits.init_start_time), proc
-                )
+                alive = procfs.process_alive(*read_init_process(path / abi.LIMITS_FILE), proc)
                 if alive:
                     return Removal.RUNNING
             return Removal.REMOVED if remove_slot(run_dir, container_id) else Removal.FAILED
@@ -552,9 +549,40 @@ def _read_record(path: Path, cls: type[_Record], magic: int, what: str) -> _Reco
     if len(data) != size:
         raise SlotError(f"{path}: {len(data)} bytes, expected {size}")
     record = cls.from_buffer_copy(data)
-    if record.magic != magic or record.version != abi.SLOT_VERSION:
-        raise SlotError(f"{path}: not an FCSP v{abi.SLOT_VERSION} {what} file")
+    check_version(path, what, record.magic, magic, record.version)
     return record
+
+
+def check_version(path: Path, what: str, found_magic: int, magic: int, version: int) -> None:
+    """SlotVersionError for a slot file of another version, SlotError for no slot file."""
+    if found_magic != magic:
+        raise SlotError(f"{path}: not an FCSP {what} file")
+    if version != abi.SLOT_VERSION:
+        raise SlotVersionError(
+            f"{path}: slot version {version}, not {abi.SLOT_VERSION} (an earlier FCSP): its "
+            "shim enforces it alone until the container restarts",
+            version,
+        )
+
+
+def read_init_process(path: Path) -> tuple[int, int]:
+    """The container's init process (host pid, start time) that a limits file of this
+    slot version or an earlier one records: the limits' layout is the same since version 1
+    (only reserved words took meanings), so the reaper can tell when an older install's
+    container is gone.  SlotError when it is no limits file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SlotError(f"{path}: not a regular file")
+        data = os.pread(fd, ctypes.sizeof(abi.Limits) + 1, 0)
+    finally:
+        os.close(fd)
+    if len(data) != ctypes.sizeof(abi.Limits):
+        raise SlotError(f"{path}: {len(data)} bytes, expected {ctypes.sizeof(abi.Limits)}")
+    limits = abi.Limits.from_buffer_copy(data)
+    if limits.magic != abi.LIMITS_MAGIC or not 1 <= limits.version <= abi.SLOT_VERSION:
+        raise SlotError(f"{path}: not an FCSP limits file")
+    return int(limits.init_host_pid), int(limits.init_start_time)
 
 
 def read_limits(path: Path) -> abi.Limits:

@@ -119,9 +119,13 @@ class LimitsMap:
         self.view = abi.Limits.from_buffer(self._mm)
         self._u32 = memoryview(self._mm).cast("I")
         self._u64 = memoryview(self._mm).cast("Q")
-        if self.view.magic != abi.LIMITS_MAGIC or self.view.version != abi.SLOT_VERSION:
+        try:
+            files.check_version(
+                path, "limits", self.view.magic, abi.LIMITS_MAGIC, self.view.version
+            )
+        except SlotError:
             self.close()
-            raise SlotError(f"{path}: not an FCSP v{abi.SLOT_VERSION} limits file")
+            raise
 
     def snapshot(self) -> abi.Limits:
         """A consistent copy of the seqlocked fields (the two live fields as of the copy)."""
@@ -303,12 +307,9 @@ class UsageReader:
             return self._last_devices
         values = layout.unpack(raw)
         head = {name: values[at.start] for name, at in _USAGE_HEAD.fields.items()}
-        if (head["magic"], head["version"], head["size"]) != (
-            abi.USAGE_MAGIC,
-            abi.SLOT_VERSION,
-            USAGE_SIZE,
-        ):
-            raise SlotError(f"{self.path}: not an FCSP v{abi.SLOT_VERSION} usage file")
+        files.check_version(self.path, "usage", head["magic"], abi.USAGE_MAGIC, head["version"])
+        if head["size"] != USAGE_SIZE:
+            raise SlotError(f"{self.path}: not an FCSP usage file of {USAGE_SIZE} bytes")
         out = []
         for i in range(count):
             base = _USAGE_HEAD.items + _USAGE_DEVICE.items * i

@@ -17,7 +17,7 @@ from fcsp_hook import procfs
 from fcsp_hook.observer import reaper
 from fcsp_hook.observer.reaper import Reaper
 from fcsp_hook.observer.tenants import Tenants
-from fcsp_hook.slot import files
+from fcsp_hook.slot import abi, files
 from tests.observer.scene import Scene
 
 
@@ -147,3 +147,42 @@ def test_a_tenants_processes_are_those_of_its_cgroup(scene: Scene) -> None:
             for proc in (plain, nested, outside):
                 proc.kill()
                 proc.wait()
+
+
+def _as_version_1(scene: Scene, cid: str) -> None:
+    """Rewrite the slot as an earlier install's hook wrote it: the same limits layout,
+    version 1 (every later word was reserved, 0); its usage file of the older size."""
+    directory = files.slot_path(scene.run_dir, cid)
+    limits = files.read_limits(directory / abi.LIMITS_FILE)
+    limits.version = 1
+    (directory / abi.LIMITS_FILE).write_bytes(bytes(limits))
+    with open(directory / abi.USAGE_FILE, "r+b") as usage:
+        usage.truncate(12880)
+
+
+def test_an_earlier_installs_slot_is_said_and_reaped_once_gone(
+    scene: Scene, init: subprocess.Popen[bytes]
+) -> None:
+    """A slot of slot version 1 (its container started before an upgrade) is not watched,
+    says so once, and is removed like any other once its container's init is gone."""
+    scene.add("old", init_pid=init.pid, init_start_time=_start_time(init.pid))
+    _as_version_1(scene, "old")
+    scene.run(Tenants(), Reaper(), ticks=3)
+    assert "old" not in scene.state.tenants
+    (line,) = scene.events("tenant not watched")
+    assert line["container_id"] == "old"
+    assert "slot version 1, not 2 (an earlier FCSP)" in line["error"]
+    assert files.slot_path(scene.run_dir, "old").exists()  # its container runs
+    init.kill()
+    init.wait()
+    scene.run(Tenants(), Reaper())
+    assert not files.slot_path(scene.run_dir, "old").exists()
+    assert scene.events("unwatched slot's container gone")[0]["slot"] == "removed"
+
+
+def test_an_unwatched_slot_without_proof_stays(scene: Scene) -> None:
+    """An unwatched slot whose limits name no init process is never removed."""
+    scene.add("old")
+    _as_version_1(scene, "old")
+    scene.run(Tenants(), Reaper(), ticks=3)
+    assert files.slot_path(scene.run_dir, "old").exists()
