@@ -255,7 +255,8 @@ def test_a_spill_slot_carries_its_bound_and_its_profiles_knobs(tmp_path: Path) -
     limits = files.read_limits(tmp_path / "spill" / abi.LIMITS_FILE)
     assert limits.mem_mode == abi.MemMode.SPILL
     assert (limits.device[0].mem_spill_bytes, limits.device[0].mem_spill_centi) == (0, 15_000)
-    assert rules.device_memory_spill(limits.device[0], 8 << 30) == 12 << 30
+    device = limits.device[0]
+    assert rules.memory_spill(device.mem_spill_bytes, device.mem_spill_centi, 8 << 30) == 12 << 30
     assert limits.uvm_profile == abi.UvmProfile.TRAINING
     assert rules.unpack_pressure(limits.pressure_pct) == (80, 90, 97)
     assert limits.prefetch_bytes == 32 << 20

@@ -97,10 +97,6 @@ def memory_spill(spill_bytes: int, spill_centi: int, quota: int) -> int:
     return spill_bytes or min(quota * spill_centi // abi.WHOLE_GPU_CENTI, U64_MAX)
 
 
-def device_memory_spill(device: abi.LimitsDevice, quota: int) -> int:
-    return memory_spill(int(device.mem_spill_bytes), int(device.mem_spill_centi), quota)
-
-
 class Pressure(enum.IntEnum):
     """A tenant's memory on one GPU against its quota, at its profile's percentages."""
 
