@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "shim.h"
+#include "uvm.h"
 
 struct shim_device {
     CUdevice handle;
@@ -171,6 +172,7 @@ static void format_uuid(const CUuuid *u, char *out, size_t len)
 
 static void reload_limits(uint64_t generation)
 {
+    bool spill_mode = false;
     for (int ord = 0; ord < shim_ndevices; ord++) {
         struct shim_device *d = &devices[ord];
         uint64_t spill = 0;
@@ -180,7 +182,10 @@ static void reload_limits(uint64_t generation)
         atomic_store_explicit(&d->limit_bytes, limit.bytes, memory_order_relaxed);
         atomic_store_explicit(&d->limit_mode, (int)limit.mode, memory_order_relaxed);
         atomic_store_explicit(&d->spill_bytes, spill, memory_order_relaxed);
+        spill_mode |= limit.mode == FCSP_MEM_SPILL && limit.bytes;
     }
+    /* Allocations and launches look at uvm.c only while some device is in spill mode. */
+    atomic_store_explicit(&shim_uvm_live, spill_mode, memory_order_relaxed);
     atomic_store_explicit(&generation_seen, generation, memory_order_release);
 }
 

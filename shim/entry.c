@@ -11,6 +11,7 @@
 #include "calib.h"
 #include "shim.h"
 #include "slot.h"
+#include "uvm.h"
 
 struct shim_state shim;
 
@@ -40,6 +41,7 @@ static void child_after_fork(void)
     shim_dispatch_after_fork_child();
     shim_after_fork_child();
     shim_memory_after_fork_child();
+    shim_uvm_after_fork_child();
     shim_calib_after_fork_child();
     shim_compute_after_fork_child();
 }

@@ -4,9 +4,19 @@
  * that a _ptsz launch stays on the per-thread default stream.  Each hook
  * brackets the real call with compute_begin/compute_end (compute.h): count,
  * charge the tenant's share, wait if it is spent, and now and then measure
- * the launch with a pair of events.
+ * the launch with a pair of events.  In spill mode the kernel launches first let uvm.c
+ * bring the spilled ranges they use to the device (uvm.h); elsewhere that costs one
+ * relaxed load.
  */
 #include "compute.h"
+#include "uvm.h"
+
+/* Spill mode only: the ranges the kernel's arguments point into, moved before it runs. */
+static inline void uvm_before(CUfunction f, void **params, CUstream stream, bool ptsz)
+{
+    if (unlikely(shim_uvm_on()))
+        shim_uvm_before_launch(f, params, stream, ptsz);
+}
 
 SHIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
                                     unsigned int gridDimZ, unsigned int blockDimX,
@@ -14,6 +24,7 @@ SHIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigne
                                     unsigned int sharedMemBytes, CUstream hStream,
                                     void **kernelParams, void **extra)
 {
+    uvm_before(f, kernelParams, hStream, false);
     struct compute_launch l;
     compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
                   hStream, false);
@@ -29,6 +40,7 @@ SHIM_EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX,
                                          unsigned int blockDimZ, unsigned int sharedMemBytes,
                                          CUstream hStream, void **kernelParams, void **extra)
 {
+    uvm_before(f, kernelParams, hStream, true);
     struct compute_launch l;
     compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
                   hStream, true);
@@ -50,6 +62,7 @@ static uint64_t config_key(const CUlaunchConfig *c, CUfunction f)
 SHIM_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f,
                                       void **kernelParams, void **extra)
 {
+    uvm_before(f, kernelParams, config ? config->hStream : NULL, false);
     struct compute_launch l;
     compute_begin(&l, config_key(config, f), config ? config->hStream : NULL, false);
     CUresult rc = REAL(cuLaunchKernelEx)(config, f, kernelParams, extra);
@@ -60,6 +73,7 @@ SHIM_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f
 SHIM_EXPORT CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f,
                                            void **kernelParams, void **extra)
 {
+    uvm_before(f, kernelParams, config ? config->hStream : NULL, true);
     struct compute_launch l;
     compute_begin(&l, config_key(config, f), config ? config->hStream : NULL, true);
     CUresult rc = REAL(cuLaunchKernelEx_ptsz)(config, f, kernelParams, extra);
@@ -74,6 +88,7 @@ SHIM_EXPORT CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDi
                                                unsigned int sharedMemBytes, CUstream hStream,
                                                void **kernelParams)
 {
+    uvm_before(f, kernelParams, hStream, false);
     struct compute_launch l;
     compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
                   hStream, false);
@@ -91,6 +106,7 @@ SHIM_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int g
                                                     unsigned int sharedMemBytes, CUstream hStream,
                                                     void **kernelParams)
 {
+    uvm_before(f, kernelParams, hStream, true);
     struct compute_launch l;
     compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
                   hStream, true);

@@ -35,7 +35,7 @@
  * checks the spill bound, never to mem_used_bytes; past the bound, or where
  * the driver will not take the advice, it is refused as in hard mode.
  *  - spill: cuMemAlloc_v2; cuMemAllocManaged, already managed, advised the
- *    same way.
+ *    same way; never past what the GPU has free (gpu_could_hold).
  *  - refused past the quota, as in hard mode: cuMemAlloc (its 32-bit pointer
  *    cannot hold a managed one: 64-bit drivers place none below 4 GiB), pitch (the pitch is the driver's
  *    choice for device memory, which managed memory has none of), stream-ordered
@@ -43,6 +43,10 @@
  *    back to one at cuMemFreeAsync), VMM (a managed allocation cannot back a
  *    handle), arrays (an opaque device layout) and IPC imports (the exporter's
  *    memory, mapped where it is).
+ * In spill mode cuMemAlloc_v2 within the quota is managed memory too, advised to live
+ * on the device, so that uvm.c can move ranges between the device and the host as
+ * launches use them; such ranges are tracked as TRACK_UVM, and the range table in uvm.c
+ * says which counter holds their charge at free time.
  * The tenant's view (cuMemGetInfo, cuDeviceTotalMem, NVML) stays the quota,
  * so that frameworks size themselves to the device memory they really have.
  */
@@ -51,6 +55,7 @@
 #include "calib.h"
 #include "shim.h"
 #include "track.h"
+#include "uvm.h"
 
 struct alloc_site {
     int ordinal; /* CUDA ordinal */
@@ -158,23 +163,37 @@ static void uncharge(int entry, uint64_t size)
     saturating_sub(&shim.usage->device[entry].mem_used_bytes, size);
 }
 
-/* Spill mode: take `size` bytes of the bound past the quota, in one compare-and-swap. */
-static bool charge_spill(const struct alloc_site *site, uint64_t size)
+/* Add `size` to counter unless that passes bound, in one compare-and-swap: the new value,
+ * or 0 when it does not fit. */
+static uint64_t add_within(_Atomic uint64_t *counter, uint64_t size, uint64_t bound)
 {
-    struct fcsp_usage_device *u = &shim.usage->device[site->entry];
-    uint64_t bound = shim_device_spill(site->ordinal);
-    uint64_t spilled = atomic_load_explicit(&u->mem_spilled_bytes, memory_order_relaxed);
+    uint64_t value = atomic_load_explicit(counter, memory_order_relaxed);
     uint64_t next;
     do {
-        next = spilled + size;
-        if (next < spilled || next > bound)
-            return false;
-    } while (!atomic_compare_exchange_weak_explicit(&u->mem_spilled_bytes, &spilled, next,
-                                                    memory_order_acq_rel, memory_order_relaxed));
+        next = value + size;
+        if (next < value || next > bound)
+            return 0;
+    } while (!atomic_compare_exchange_weak_explicit(counter, &value, next, memory_order_acq_rel,
+                                                    memory_order_relaxed));
+    return next;
+}
+
+/* Spill mode: take `size` bytes of the bound past the quota (any, if force). */
+static bool charge_spill_at(int ordinal, int entry, uint64_t size, bool force)
+{
+    struct fcsp_usage_device *u = &shim.usage->device[entry];
+    uint64_t next = add_within(&u->mem_spilled_bytes, size,
+                               force ? UINT64_MAX : shim_device_spill(ordinal));
+    if (!next)
+        return false;
     update_peak(&u->mem_spill_peak_bytes, next);
-    atomic_fetch_add_explicit(&shim_proc()->mem_spilled_bytes[site->entry], size,
-                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&shim_proc()->mem_spilled_bytes[entry], size, memory_order_relaxed);
     return true;
+}
+
+static bool charge_spill(const struct alloc_site *site, uint64_t size)
+{
+    return charge_spill_at(site->ordinal, site->entry, size, false);
 }
 
 static void uncharge_spill(int entry, uint64_t size)
@@ -195,9 +214,44 @@ static void uncharge_as(enum track_kind kind, int entry, uint64_t size)
         uncharge(entry, size);
 }
 
+/* Where a migratable range's charge is: uvm.c's table says, until the range is forgotten. */
+static enum track_kind charged_kind(uint64_t key)
+{
+    enum uvm_state state = UVM_RESIDENT;
+    shim_uvm_forget(key, &state);
+    return state == UVM_SPILLED ? TRACK_SPILL : TRACK_DEVPTR;
+}
+
 static void uncharge_hit(const struct track_hit *hit)
 {
-    uncharge_as(hit->kind, hit->entry, hit->size);
+    enum track_kind kind = hit->kind == TRACK_UVM ? charged_kind(hit->key) : hit->kind;
+    uncharge_as(kind, hit->entry, hit->size);
+}
+
+/* ---- spill mode: a range's charge moving with it (uvm.c) ------------------------------ */
+
+bool shim_memory_charge_resident(int ordinal, int entry, uint64_t size, bool force)
+{
+    if (atomic_load_explicit(&shim.exiting, memory_order_relaxed))
+        return false;
+    struct fcsp_usage_device *u = &shim.usage->device[entry];
+    uint64_t quota = shim_device_limit(ordinal).bytes;
+    uint64_t next = add_within(&u->mem_used_bytes, size, force || !quota ? UINT64_MAX : quota);
+    if (!next)
+        return false;
+    update_peak(&u->mem_peak_bytes, next);
+    atomic_fetch_add_explicit(&shim_proc()->mem_used_bytes[entry], size, memory_order_relaxed);
+    uncharge_spill(entry, size);
+    return true;
+}
+
+bool shim_memory_charge_spilled(int ordinal, int entry, uint64_t size, bool force)
+{
+    if (atomic_load_explicit(&shim.exiting, memory_order_relaxed) ||
+        !charge_spill_at(ordinal, entry, size, force))
+        return false;
+    uncharge(entry, size);
+    return true;
 }
 
 /* Where an allocation made now lands: the current context's device. */
@@ -275,8 +329,26 @@ static CUresult end_free(const struct pending_free *f, CUresult rc)
  * memory may be a spilled one. */
 static _Atomic bool spilled_any;
 
+/*
+ * A migratable range: forgotten by uvm.c before the driver frees it (no migration can then
+ * touch it, nor confuse it with a new allocation at its address), charged as its state
+ * says.  Should the driver refuse the free, it goes back as a fixed charge of that kind.
+ */
+static struct pending_free begin_free_migratable(CUdeviceptr dptr)
+{
+    struct pending_free f = begin_free(dptr, TRACK_UVM);
+    if (f.found)
+        f.kind = f.hit.kind = charged_kind(dptr);
+    return f;
+}
+
 static struct pending_free begin_free_ptr(CUdeviceptr dptr)
 {
+    if (unlikely(shim_uvm_on())) {
+        struct pending_free f = begin_free_migratable(dptr);
+        if (f.found)
+            return f;
+    }
     struct pending_free f = begin_free(dptr, TRACK_DEVPTR);
     if (!f.found && atomic_load_explicit(&spilled_any, memory_order_relaxed))
         f = begin_free(dptr, TRACK_SPILL);
@@ -328,10 +400,26 @@ static CUresult refuse_unadvised(const struct alloc_site *site, CUresult advice)
  * Past the quota: in spill mode, managed memory kept in host memory, charged as spilled;
  * past the spill bound, or in hard mode, refused.
  */
+/*
+ * What a tenant spills never exceeds what the GPU has free: unified memory is then never
+ * more than the device could hold, whatever the driver decides to migrate, and the driver
+ * is never asked to oversubscribe the device with it.
+ */
+static bool gpu_could_hold(const struct alloc_site *site, uint64_t size)
+{
+    size_t free_bytes = 0, total_bytes = 0;
+    if (REAL(cuMemGetInfo_v2)(&free_bytes, &total_bytes) != CUDA_SUCCESS)
+        return false;
+    uint64_t spilled = atomic_load_explicit(&shim.usage->device[site->entry].mem_spilled_bytes,
+                                            memory_order_relaxed);
+    return spilled + size >= spilled && spilled + size <= free_bytes;
+}
+
 static CUresult spill(const struct alloc_site *site, CUdeviceptr *dptr, uint64_t size,
                       unsigned int flags)
 {
-    if (shim_device_limit(site->ordinal).mode != FCSP_MEM_SPILL || !charge_spill(site, size))
+    if (shim_device_limit(site->ordinal).mode != FCSP_MEM_SPILL || !gpu_could_hold(site, size) ||
+        !charge_spill(site, size))
         return refuse(site);
     CUresult rc = REAL(cuMemAllocManaged)(dptr, size, flags);
     if (rc != CUDA_SUCCESS) {
@@ -345,8 +433,48 @@ static CUresult spill(const struct alloc_site *site, CUdeviceptr *dptr, uint64_t
         return refuse_unadvised(site, advice);
     }
     note_spill(site);
-    settle(site, size, rc, *dptr, TRACK_SPILL);
+    bool migratable = shim_uvm_on() && flags == CU_MEM_ATTACH_GLOBAL &&
+                      shim_uvm_add(*dptr, size, site->ordinal, site->entry, site->ctx,
+                                   UVM_SPILLED);
+    settle(site, size, rc, *dptr, migratable ? TRACK_UVM : TRACK_SPILL);
     return rc;
+}
+
+/* Keep a managed range on site's device, and mapped there when it moves to the host. */
+static void advise_device(const struct alloc_site *site, CUdeviceptr ptr, uint64_t size)
+{
+    __typeof__(&cuMemAdvise_v2) advise = REAL(cuMemAdvise_v2);
+    CUmemLocation device = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = site_handle(site)};
+    if (advise && advise(ptr, size, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, device) == CUDA_SUCCESS)
+        advise(ptr, size, CU_MEM_ADVISE_SET_ACCESSED_BY, device);
+}
+
+/*
+ * Spill mode, within the quota (already reserved): managed memory that prefers the device,
+ * which uvm.c may later move to the host to make room for a hotter range.  Without the
+ * advice it is still managed memory charged to the quota, and placed where it is touched.
+ */
+static CUresult alloc_resident(const struct alloc_site *site, CUdeviceptr *dptr, uint64_t size)
+{
+    CUresult rc = REAL(cuMemAllocManaged)(dptr, size, CU_MEM_ATTACH_GLOBAL);
+    if (rc != CUDA_SUCCESS) {
+        uncharge(site->entry, size);
+        return rc;
+    }
+    advise_device(site, *dptr, size);
+    bool migratable = shim_uvm_add(*dptr, size, site->ordinal, site->entry, site->ctx,
+                                   UVM_RESIDENT);
+    settle(site, size, rc, *dptr, migratable ? TRACK_UVM : TRACK_DEVPTR);
+    return rc;
+}
+
+/* Spill mode on site's device: first shrink to a quota that was lowered. */
+static bool migratable_site(const struct alloc_site *site)
+{
+    if (shim_device_limit(site->ordinal).mode != FCSP_MEM_SPILL)
+        return false;
+    shim_uvm_fit_quota(site->ordinal, site->entry);
+    return true;
 }
 
 /* ---- linear allocations ------------------------------------------------------- */
@@ -356,8 +484,11 @@ SHIM_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)
     struct alloc_site site;
     if (!site_current(&site))
         return REAL(cuMemAlloc_v2)(dptr, bytesize);
+    bool migratable = unlikely(shim_uvm_on()) && migratable_site(&site);
     if (unlikely(reserve(&site, bytesize) != CUDA_SUCCESS))
         return spill(&site, dptr, bytesize, CU_MEM_ATTACH_GLOBAL);
+    if (migratable)
+        return alloc_resident(&site, dptr, bytesize);
     CUresult rc = REAL(cuMemAlloc_v2)(dptr, bytesize);
     settle(&site, bytesize, rc, rc == CUDA_SUCCESS ? *dptr : 0, TRACK_DEVPTR);
     return rc;
@@ -757,6 +888,8 @@ static void release_context(CUcontext ctx)
 {
     atomic_fetch_add_explicit(&shim_context_epoch, 1, memory_order_relaxed);
     shim_calib_forget_context(ctx);
+    if (shim_uvm_on())
+        shim_uvm_forget_context(ctx);
     if (ctx)
         shim_track_remove_ctx(ctx, uncharge_hit);
 }

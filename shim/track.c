@@ -89,6 +89,7 @@ static bool claim(struct track_entry *e, uint32_t meta, struct track_hit *hit)
     if (!atomic_compare_exchange_strong_explicit(&e->meta, &meta, 0, memory_order_acq_rel,
                                                  memory_order_relaxed))
         return false;
+    hit->key = atomic_load_explicit(&e->key, memory_order_relaxed);
     hit->size = atomic_load_explicit(&e->size, memory_order_relaxed);
     hit->entry = (int)((meta >> 8) & 0xff);
     hit->kind = (enum track_kind)(meta & 0xff);

@@ -13,9 +13,12 @@ enum track_kind {
     TRACK_MIPMAP = 4,
     TRACK_IPC = 5,    /* cuIpcOpenMemHandle mappings */
     TRACK_SPILL = 6,  /* spill mode: managed memory past the quota, charged as spilled */
+    TRACK_UVM = 7,    /* spill mode: managed memory that uvm.c moves; its range says which
+                       * counter holds the charge */
 };
 
 struct track_hit {
+    uint64_t key;
     uint64_t size;
     int entry; /* usage entry the size was charged to */
     enum track_kind kind;

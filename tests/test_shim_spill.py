@@ -66,10 +66,13 @@ def spilled(r: Result) -> list[int]:
     return [int(line.split()[2]) for line in r.lines if line.startswith("spill 0 ")]
 
 
+MOVES = ("in", "out")  # how often the sim moved an allocation: tests/test_shim_uvm.py
+
+
 def advice(r: Result) -> list[dict[str, str]]:
-    """Every `advice` line as its key=value pairs."""
+    """Every `advice` line as its key=value pairs: where the allocation is and is advised."""
     return [
-        dict(word.split("=", 1) for word in line.split()[1:])
+        {k: v for k, v in (word.split("=", 1) for word in line.split()[1:]) if k not in MOVES}
         for line in r.lines
         if line.startswith("advice ")
     ]
@@ -83,10 +86,11 @@ def warnings(r: Result, name: str) -> list[str]:
 
 
 def test_allocations_past_the_quota_spill_to_host_memory_up_to_the_bound(tmp_path: Path) -> None:
-    """With a 256 MiB quota and a 1x bound: allocations to the quota are device memory; the
-    next ones (cuMemAlloc and cuMemAllocManaged) succeed as managed memory that prefers the
-    host and is accessed by device 0, charged as spilled while the device charge stays at the
-    quota; past quota + bound, CUDA_ERROR_OUT_OF_MEMORY, counted as a refusal."""
+    """With a 256 MiB quota and a 1x bound: allocations to the quota are managed memory kept
+    on the device (what eviction may later move); the next ones (cuMemAlloc and
+    cuMemAllocManaged) succeed as managed memory that prefers the host and is accessed by
+    device 0, charged as spilled while the device charge stays at the quota; past quota +
+    bound, CUDA_ERROR_OUT_OF_MEMORY, counted as a refusal."""
     env = spill_env(tmp_path)
     r = run(
         env,
@@ -124,9 +128,9 @@ def test_allocations_past_the_quota_spill_to_host_memory_up_to_the_bound(tmp_pat
     assert spilled(r) == [QUOTA]
     device, *spills = advice(r)
     assert device == {
-        "managed": "0",
-        "preferred": "none",
-        "accessed_by": "0",
+        "managed": "1",
+        "preferred": "device0",
+        "accessed_by": "1",
         "resident": str(128 * MiB),
     }
     assert spills == [HOST_MAPPED] * 3
@@ -533,3 +537,18 @@ def test_a_gib_quota_spills_a_gib(tmp_path: Path) -> None:
     env = spill_env(tmp_path, quota=GiB)
     r = run(env, "init", "alloc", "mem", "1G", "alloc", "mem", "1G", "alloc", "mem", "1M")
     assert r.outcomes() == ["ok 0", "ok 1", OOM]
+
+
+def test_a_spill_never_takes_more_than_the_gpu_has_free(tmp_path: Path) -> None:
+    """On a 384 MiB GPU with 256 MiB of it the tenant's, 128 MiB are free: spilling more
+    than that in all is refused, within the 1x bound or not, so unified memory never
+    exceeds what the device could hold."""
+    env = spill_env(tmp_path)
+    env.mem_bytes = 384 * MiB
+    r = run(
+        env,
+        *("init", "alloc", "mem", "256M", "alloc", "mem", "200M"),
+        *("alloc", "mem", "100M", "alloc", "mem", "30M", "usage"),
+    )
+    assert r.outcomes() == ["ok 0", OOM, "ok 1", OOM]
+    assert spilled(r) == [100 * MiB]

@@ -13,7 +13,11 @@
  *   resolve NAME VERSION FLAGS | usage | wait | fork | exec | sleep MS
  *   advice ID              where the sim's driver keeps allocation ID: prints
  *                          "advice managed=0|1 preferred=none|host|deviceN
- *                          accessed_by=MASK resident=BYTES" (bit d: device d)
+ *                          accessed_by=MASK resident=BYTES in=N out=N" (bit d: device d;
+ *                          in, out: how many times it moved to the device and back)
+ *   use FUNC KIND N ID...  launch KIND (kernel kernelex coop) of function FUNC once with the
+ *                          sim's parameters: the count N, then the addresses of allocations
+ *                          ID... (at most 8); prints "use RC"
  *   func NAME              a function; in the sim "k_200us" runs 200 us
  *   graph US               a sim executable graph whose replay runs US us
  *   batch N                later runs synchronize after every N launches
@@ -200,6 +204,33 @@ static CUresult launch_obj(const char *kind, void *obj)
     exit(2);
 }
 
+/* "use": one launch of function `func` whose pointer arguments are `ptrs`. */
+static CUresult launch_using(const char *kind, void *func, uint32_t n, const CUdeviceptr *ptrs)
+{
+    enum { POINTERS = 8 }; /* the sim's functions: a 4-byte count, then 8 pointers */
+    uint32_t count = n;
+    CUdeviceptr args[POINTERS] = {0};
+    void *params[1 + POINTERS] = {&count};
+    for (uint32_t k = 0; k < POINTERS; k++) {
+        if (k < n)
+            args[k] = ptrs[k];
+        params[1 + k] = &args[k];
+    }
+    if (strcmp(kind, "kernel") == 0)
+        return api.launch_kernel(func, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL);
+    if (strcmp(kind, "kernelex") == 0) {
+        CUlaunchConfig config;
+        memset(&config, 0, sizeof(config));
+        config.gridDimX = config.gridDimY = config.gridDimZ = 1;
+        config.blockDimX = config.blockDimY = config.blockDimZ = 1;
+        return api.launch_kernel_ex(&config, func, params, NULL);
+    }
+    if (strcmp(kind, "coop") == 0)
+        return api.launch_coop(func, 1, 1, 1, 1, 1, 1, 0, NULL, params);
+    fprintf(stderr, "unknown launch kind %s\n", kind);
+    exit(2);
+}
+
 static CUresult launch(const char *kind)
 {
     return launch_obj(kind, NULL);
@@ -317,6 +348,10 @@ static void print_usage(void)
         if (dev->mem_spilled_bytes || dev->mem_spill_peak_bytes)
             printf("spill %u %llu peak %llu\n", d, (unsigned long long)dev->mem_spilled_bytes,
                    (unsigned long long)dev->mem_spill_peak_bytes);
+        if (dev->mem_migrated_in_bytes || dev->mem_migrated_out_bytes)
+            printf("migrated %u in %llu out %llu\n", d,
+                   (unsigned long long)dev->mem_migrated_in_bytes,
+                   (unsigned long long)dev->mem_migrated_out_bytes);
     }
     for (unsigned i = 0; i < FCSP_MAX_PROCS; i++)
         if (u->proc[i].state == FCSP_PROC_LIVE)
@@ -344,8 +379,13 @@ static void print_advice(int id)
         snprintf(preferred, sizeof(preferred), "host");
     else if (where.type == CU_MEM_LOCATION_TYPE_DEVICE)
         snprintf(preferred, sizeof(preferred), "device%d", where.id);
-    printf("advice managed=%d preferred=%s accessed_by=%u resident=%llu\n", managed, preferred,
-           accessed_by, (unsigned long long)resident);
+    CUresult (*moves)(CUdeviceptr, uint32_t *, uint32_t *) =
+        (CUresult(*)(CUdeviceptr, uint32_t *, uint32_t *))sim_entry("fcspSimMigrations");
+    uint32_t moved_in = 0, moved_out = 0;
+    if (moves)
+        moves(objects[id].value, &moved_in, &moved_out);
+    printf("advice managed=%d preferred=%s accessed_by=%u resident=%llu in=%u out=%u\n", managed,
+           preferred, accessed_by, (unsigned long long)resident, moved_in, moved_out);
 }
 
 static void resolve(const char *name, int version, unsigned long long flags)
@@ -495,6 +535,14 @@ int main(int argc, char **argv)
                 rc = launch_obj(ARG(1), id >= 0 ? (void *)(uintptr_t)objects[id].value : NULL);
             printf("launches %d %ld\n", (int)rc, k);
             i += 4;
+        } else if (strcmp(cmd, "use") == 0) { /* FUNC KIND N ID... */
+            int n = atoi(ARG(3));
+            CUdeviceptr ptrs[8] = {0};
+            for (int k = 0; k < n && k < 8; k++)
+                ptrs[k] = objects[atoi(ARG(4 + k))].value;
+            void *func = (void *)(uintptr_t)objects[atoi(ARG(1))].value;
+            printf("use %d\n", (int)launch_using(ARG(2), func, (uint32_t)(n < 8 ? n : 8), ptrs));
+            i += 4 + n;
         } else if (strcmp(cmd, "sync") == 0) {
             printf("sync %d\n", (int)api.ctx_sync());
             i += 1;

@@ -50,6 +50,7 @@ static struct counter counters[] = {
     {"cuMemAllocFromPoolAsync", 0}, {"cuMemAllocFromPoolAsync_ptsz", 0},
     {"cuMemFreeAsync", 0}, {"cuMemFreeAsync_ptsz", 0},
     {"cuMemAdvise_v2", 0}, {"cuMemPrefetchAsync_v2", 0},
+    {"cuFuncGetParamInfo", 0}, {"cuStreamWaitEvent", 0},
 };
 
 static void count(const char *name)
@@ -369,6 +370,8 @@ struct allocation {
     int managed;
     CUmemLocation preferred;
     uint32_t accessed_by;
+    /* Managed memory only: how many times it moved from the host to a device, and back. */
+    uint32_t moved_in, moved_out;
 };
 
 static struct allocation *allocs;
@@ -577,6 +580,10 @@ static void place(struct allocation *a, CUmemLocation where)
         return;
     if (a->counted)
         sim_give(a->device, a->size);
+    if (on_device && !a->counted)
+        a->moved_in++;
+    if (!on_device && a->counted)
+        a->moved_out++;
     a->counted = on_device;
     if (on_device)
         a->device = where.id;
@@ -648,6 +655,19 @@ SIM_EXPORT CUresult fcspSimAdvice(CUdeviceptr ptr, int *managed, CUmemLocation *
         *preferred = a->preferred;
         *accessed_by = a->accessed_by;
         *device_bytes = a->counted ? a->size : 0;
+    }
+    pthread_mutex_unlock(&lock);
+    return a ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+/* Test hook: how many times the managed allocation holding ptr moved to a device and back. */
+SIM_EXPORT CUresult fcspSimMigrations(CUdeviceptr ptr, uint32_t *moved_in, uint32_t *moved_out)
+{
+    pthread_mutex_lock(&lock);
+    const struct allocation *a = find_containing(ptr);
+    if (a) {
+        *moved_in = a->moved_in;
+        *moved_out = a->moved_out;
     }
     pthread_mutex_unlock(&lock);
     return a ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
@@ -1019,6 +1039,22 @@ SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const 
     return CUDA_SUCCESS;
 }
 
+/*
+ * Every sim function takes the same parameters: a 4-byte count, then SIM_POINTER_PARAMS
+ * device pointers (drv's "use" command fills them with allocations).
+ */
+#define SIM_POINTER_PARAMS 8
+
+SIM_EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size)
+{
+    count("cuFuncGetParamInfo");
+    if (!f || !offset || !size || index > SIM_POINTER_PARAMS)
+        return CUDA_ERROR_INVALID_VALUE;
+    *offset = index ? 8 * index : 0;
+    *size = index ? sizeof(CUdeviceptr) : sizeof(uint32_t);
+    return CUDA_SUCCESS;
+}
+
 /* Test hook: an executable graph whose replay runs ns on the device. */
 SIM_EXPORT CUgraphExec fcspSimGraphExec(uint64_t ns)
 {
@@ -1182,6 +1218,17 @@ SIM_EXPORT CUresult cuEventRecord(CUevent ev, CUstream s)
 SIM_EXPORT CUresult cuEventRecord_ptsz(CUevent ev, CUstream s)
 {
     return event_record(ev, s, 1, "cuEventRecord_ptsz");
+}
+
+/* The stream's later work starts once the event is reached. */
+SIM_EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent ev, unsigned int flags)
+{
+    uint64_t at = ev ? atomic_load(&ev->at_ns) : 0;
+    if (!ev)
+        return CUDA_ERROR_INVALID_HANDLE;
+    count("cuStreamWaitEvent");
+    raise_to(&stream_of(s, 0)->ready_ns, at);
+    return CUDA_SUCCESS;
 }
 
 SIM_EXPORT CUresult cuEventQuery(CUevent ev)
@@ -1511,6 +1558,8 @@ static const struct proc_entry procs[] = {
     {"cuGraphLaunch", 10000, PER_THREAD, (void *)cuGraphLaunch_ptsz},
     {"cuModuleLoadData", 2000, ANY, (void *)cuModuleLoadData},
     {"cuModuleGetFunction", 2000, ANY, (void *)cuModuleGetFunction},
+    {"cuFuncGetParamInfo", 12040, ANY, (void *)cuFuncGetParamInfo},
+    {"cuStreamWaitEvent", 2000, ANY, (void *)cuStreamWaitEvent},
     {"cuStreamCreate", 2000, ANY, (void *)cuStreamCreate},
     {"cuStreamDestroy", 2000, ANY, (void *)cuStreamDestroy},
     {"cuStreamDestroy", 4000, ANY, (void *)cuStreamDestroy_v2},

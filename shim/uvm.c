@@ -1,0 +1,545 @@
+/*
+ * Spill mode's eviction and prefetch: keeping the hot set of a tenant's memory on the GPU.
+ *
+ * In spill mode every cuMemAlloc_v2 is managed memory (memory.c): ranges within the quota
+ * are advised to live on the device ("resident", charged to mem_used_bytes), ranges past
+ * it in host memory ("spilled", charged to mem_spilled_bytes), and the device accesses
+ * both.  This module keeps them in a table sorted by address and, before each kernel
+ * launch:
+ *
+ *  1. finds the ranges the kernel uses: its 8-byte parameters (cuFuncGetParamInfo, asked
+ *     once per function) looked up in the table, and marks them used by this launch;
+ *  2. if the quota was lowered below what the tenant holds on the device, moves this
+ *     process's resident ranges to the host until it fits again (spilled tenants shrink
+ *     first: what lets a neighbour's guaranteed quota get its memory back);
+ *  3. promotes the spilled ranges the kernel uses: reserves room in the quota (the same
+ *     compare-and-swap as an allocation), evicting this process's resident ranges that
+ *     the launch does not use, least recently used first (LRU) or oldest first (FIFO), when
+ *     it has none; advises the device and prefetches to it on a stream of the shim's own,
+ *     which the launch's stream then waits for.
+ *
+ * Why each step is safe: managed memory is coherent wherever its pages are, so a kernel
+ * that touches a range while it moves, or one that was left on the host, reads the right
+ * data (over the bus, or after a fault); moving data is never needed for correctness,
+ * only for speed, and each failure along the way leaves a range where it was, charged as
+ * it was.  The charges never pass the quota: a promotion reserves before it moves, an
+ * eviction gives the quota back only after taking room in the spill bound, and on the
+ * shim's stream the evictions run before the promotions they made room for.
+ *
+ * Cost in spill mode: one uncontended mutex, a hash probe for the function's layout and a
+ * binary search per pointer argument; migrations (the driver's advice and prefetches, a
+ * scan of the table for a victim) only when a launch uses a spilled range or the quota
+ * was lowered, and at most prefetch_bytes of promotions per launch, so that no launch
+ * stalls for long.  Launches without kernelParams (the `extra` form), of functions whose
+ * layout the driver does not give, or into a capturing stream move nothing.
+ */
+#include "uvm.h"
+
+#include <pthread.h>
+#include <string.h>
+
+#define UVM_MAX_RANGES 4096u  /* ranges managed; past that they are fixed charges */
+#define UVM_MAX_FUNCS 1024u   /* functions whose parameter layout is cached (a power of 2) */
+#define UVM_FUNC_PROBES 8u
+#define UVM_MAX_PARAMS 64u    /* parameters looked at per kernel: a bit each in a mask */
+#define UVM_MAX_CONTEXTS 16u  /* contexts with a migration stream */
+#define UVM_MAX_WANTED 64u    /* spilled ranges one launch may promote */
+#define UVM_NO_LAUNCH UINT64_MAX
+
+_Atomic bool shim_uvm_live;
+
+struct uvm_range {
+    uint64_t base;
+    uint64_t size;
+    uint64_t last_launch; /* the last launch that used it; 0: none yet */
+    uint64_t seq;         /* allocation order, for FIFO */
+    CUcontext ctx;
+    int ordinal;
+    int entry;
+    enum uvm_state state;
+};
+
+struct uvm_func {
+    CUfunction f;             /* NULL: free */
+    bool known;               /* the driver gave its layout */
+    uint64_t pointer_params;  /* bit i: parameter i is 8 bytes, maybe a pointer */
+};
+
+/* A stream of the shim's own per context: migrations queue there, off the tenant's streams. */
+struct uvm_mover {
+    CUcontext ctx; /* NULL: free */
+    CUstream stream;
+    CUevent done;
+};
+
+/*
+ * Fixed size, no allocation on the launch path.  Past UVM_MAX_RANGES live ranges a new one
+ * is not managed: it keeps the charge and advice it was allocated with for its lifetime.
+ */
+static struct {
+    pthread_mutex_t lock;
+    struct uvm_range ranges[UVM_MAX_RANGES]; /* sorted by base */
+    uint32_t count;
+    uint64_t next_seq;
+    uint64_t launches;
+    uint32_t funcs_epoch;
+    struct uvm_func funcs[UVM_MAX_FUNCS];
+    struct uvm_mover movers[UVM_MAX_CONTEXTS];
+} table = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* What one launch (or one allocation: launch UVM_NO_LAUNCH) works with. */
+struct uvm_pass {
+    uint64_t launch;
+    int ordinal;
+    int entry;
+    CUcontext ctx;
+    uint64_t quota;
+    uint32_t wanted[UVM_MAX_WANTED]; /* indices of spilled ranges the launch uses */
+    uint32_t nwanted;
+    struct uvm_mover *mover;         /* set at the first migration */
+    bool mover_failed;
+    bool promoted;
+};
+
+/* ---- the range table (lock held) ------------------------------------------------------ */
+
+/* The first index whose base is above addr. */
+static uint32_t upper_bound(uint64_t addr)
+{
+    uint32_t lo = 0, hi = table.count;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (table.ranges[mid].base <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* The range holding addr (a kernel may be passed a pointer into one), or NULL. */
+static struct uvm_range *find_containing(uint64_t addr)
+{
+    uint32_t i = upper_bound(addr);
+    if (i == 0)
+        return NULL;
+    struct uvm_range *r = &table.ranges[i - 1];
+    return addr - r->base < r->size ? r : NULL;
+}
+
+static void remove_at(uint32_t i)
+{
+    memmove(&table.ranges[i], &table.ranges[i + 1],
+            (table.count - i - 1) * sizeof(table.ranges[0]));
+    table.count--;
+}
+
+bool shim_uvm_add(uint64_t base, uint64_t size, int ordinal, int entry, CUcontext ctx,
+                  enum uvm_state state)
+{
+    pthread_mutex_lock(&table.lock);
+    uint32_t i = upper_bound(base);
+    if (i > 0 && table.ranges[i - 1].base == base)
+        remove_at(--i); /* a stale entry for a reused address (its free went unseen) */
+    bool added = table.count < UVM_MAX_RANGES;
+    if (added) {
+        memmove(&table.ranges[i + 1], &table.ranges[i],
+                (table.count - i) * sizeof(table.ranges[0]));
+        table.ranges[i] = (struct uvm_range){.base = base, .size = size, .seq = ++table.next_seq,
+                                             .ctx = ctx, .ordinal = ordinal, .entry = entry,
+                                             .state = state};
+        table.count++;
+    }
+    pthread_mutex_unlock(&table.lock);
+    return added;
+}
+
+bool shim_uvm_forget(uint64_t base, enum uvm_state *state)
+{
+    pthread_mutex_lock(&table.lock);
+    uint32_t i = upper_bound(base);
+    bool found = i > 0 && table.ranges[i - 1].base == base;
+    if (found) {
+        *state = table.ranges[i - 1].state;
+        remove_at(i - 1);
+    }
+    pthread_mutex_unlock(&table.lock);
+    return found;
+}
+
+void shim_uvm_forget_context(CUcontext ctx)
+{
+    pthread_mutex_lock(&table.lock);
+    for (uint32_t m = 0; m < UVM_MAX_CONTEXTS; m++)
+        if (table.movers[m].ctx == ctx)
+            table.movers[m] = (struct uvm_mover){0}; /* the driver destroyed its stream */
+    pthread_mutex_unlock(&table.lock);
+}
+
+void shim_uvm_after_fork_child(void)
+{
+    /* The parent's ranges, streams and functions are not the child's. */
+    pthread_mutex_init(&table.lock, NULL);
+    table.count = 0;
+    memset(table.funcs, 0, sizeof(table.funcs));
+    memset(table.movers, 0, sizeof(table.movers));
+}
+
+/* ---- which ranges a launch uses ------------------------------------------------------- */
+
+/* Ask the driver once: which parameters are 8 bytes wide (pointers are among them). */
+static void learn_layout(struct uvm_func *slot, CUfunction f)
+{
+    __typeof__(&cuFuncGetParamInfo) param_info = REAL(cuFuncGetParamInfo);
+    *slot = (struct uvm_func){.f = f};
+    if (!param_info)
+        return;
+    for (uint32_t i = 0; i < UVM_MAX_PARAMS; i++) {
+        size_t offset = 0, size = 0;
+        CUresult rc = param_info(f, i, &offset, &size);
+        if (rc != CUDA_SUCCESS) {
+            /* past the last parameter; any other answer at the first: no layout */
+            slot->known = i > 0 || rc == CUDA_ERROR_INVALID_VALUE;
+            return;
+        }
+        if (size == sizeof(CUdeviceptr))
+            slot->pointer_params |= 1ull << i;
+    }
+    slot->known = true; /* more than UVM_MAX_PARAMS: the first ones are looked at */
+}
+
+static uint32_t func_hash(CUfunction f)
+{
+    uint64_t x = (uint64_t)(uintptr_t)f * 0x9e3779b97f4a7c15ull;
+    return (uint32_t)(x >> 40) & (UVM_MAX_FUNCS - 1);
+}
+
+/*
+ * f's layout from the cache, asking the driver on a miss.  The cache starts over when a
+ * context is destroyed (a module's function handles may come back for other functions);
+ * a full probe sequence replaces its first entry.  A stale layout only misplaces a
+ * prefetch.
+ */
+static const struct uvm_func *layout_of(CUfunction f)
+{
+    uint32_t epoch = atomic_load_explicit(&shim_context_epoch, memory_order_relaxed);
+    if (epoch != table.funcs_epoch) {
+        memset(table.funcs, 0, sizeof(table.funcs));
+        table.funcs_epoch = epoch;
+    }
+    uint32_t h = func_hash(f);
+    for (uint32_t p = 0; p < UVM_FUNC_PROBES; p++) {
+        struct uvm_func *slot = &table.funcs[(h + p) & (UVM_MAX_FUNCS - 1)];
+        if (slot->f == f)
+            return slot;
+        if (!slot->f) {
+            learn_layout(slot, f);
+            return slot;
+        }
+    }
+    learn_layout(&table.funcs[h], f);
+    return &table.funcs[h];
+}
+
+static void want(struct uvm_pass *pass, struct uvm_range *r)
+{
+    uint32_t index = (uint32_t)(r - table.ranges);
+    for (uint32_t w = 0; w < pass->nwanted; w++)
+        if (pass->wanted[w] == index)
+            return;
+    if (pass->nwanted < UVM_MAX_WANTED)
+        pass->wanted[pass->nwanted++] = index;
+}
+
+/* Mark the ranges the launch's pointer arguments fall in; note the spilled ones. */
+static void mark_used(struct uvm_pass *pass, CUfunction f, void **params)
+{
+    const struct uvm_func *layout = layout_of(f);
+    if (!layout->known)
+        return;
+    for (uint64_t mask = layout->pointer_params; mask; mask &= mask - 1) {
+        const void *value = params[__builtin_ctzll(mask)];
+        if (!value)
+            continue;
+        uint64_t addr;
+        memcpy(&addr, value, sizeof(addr)); /* the argument's bytes, however aligned */
+        struct uvm_range *r = find_containing(addr);
+        if (!r || r->ordinal != pass->ordinal)
+            continue;
+        r->last_launch = pass->launch;
+        if (r->state == UVM_SPILLED)
+            want(pass, r);
+    }
+}
+
+/* ---- moving ranges -------------------------------------------------------------------- */
+
+static struct uvm_mover *mover_for(CUcontext ctx)
+{
+    struct uvm_mover *free_slot = NULL;
+    for (uint32_t m = 0; m < UVM_MAX_CONTEXTS; m++) {
+        if (table.movers[m].ctx == ctx)
+            return &table.movers[m];
+        if (!table.movers[m].ctx && !free_slot)
+            free_slot = &table.movers[m];
+    }
+    if (!free_slot)
+        return NULL;
+    CUstream stream = NULL;
+    CUevent done = NULL;
+    /* Non-blocking: it never waits for, nor holds up, the tenant's legacy stream. */
+    if (REAL(cuStreamCreate)(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS)
+        return NULL;
+    if (REAL(cuEventCreate)(&done, CU_EVENT_DISABLE_TIMING) != CUDA_SUCCESS) {
+        REAL(cuStreamDestroy_v2)(stream);
+        return NULL;
+    }
+    *free_slot = (struct uvm_mover){.ctx = ctx, .stream = stream, .done = done};
+    return free_slot;
+}
+
+static bool have_mover(struct uvm_pass *pass)
+{
+    if (!pass->mover && !pass->mover_failed) {
+        pass->mover = mover_for(pass->ctx);
+        pass->mover_failed = pass->mover == NULL;
+    }
+    return pass->mover != NULL;
+}
+
+static CUmemLocation device_location(int ordinal)
+{
+    CUdevice dev = 0;
+    REAL(cuDeviceGet)(&dev, ordinal);
+    return (CUmemLocation){.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = dev};
+}
+
+static CUmemLocation host_location(void)
+{
+    return (CUmemLocation){.type = CU_MEM_LOCATION_TYPE_HOST, .id = 0};
+}
+
+/*
+ * Queue the range's move to `where` on the shim's stream, prefetch_bytes at a time.  A
+ * refused prefetch is not an error: the advice already placed the range, and pages follow
+ * it when they are touched.
+ */
+static void prefetch(const struct uvm_pass *pass, const struct uvm_range *r, CUmemLocation where)
+{
+    __typeof__(&cuMemPrefetchAsync_v2) move = REAL(cuMemPrefetchAsync_v2);
+    if (!move)
+        return;
+    uint64_t chunk = shim.uvm.prefetch_bytes ? shim.uvm.prefetch_bytes : r->size;
+    for (uint64_t off = 0; off < r->size; off += chunk) {
+        uint64_t len = r->size - off < chunk ? r->size - off : chunk;
+        if (move(r->base + off, len, where, 0, pass->mover->stream) != CUDA_SUCCESS)
+            return;
+    }
+}
+
+static CUresult prefer(const struct uvm_range *r, CUmemLocation where)
+{
+    __typeof__(&cuMemAdvise_v2) advise = REAL(cuMemAdvise_v2);
+    if (!advise)
+        return CUDA_ERROR_NOT_SUPPORTED;
+    return advise(r->base, r->size, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, where);
+}
+
+static void count_migrated(_Atomic uint64_t *counter, uint64_t bytes)
+{
+    atomic_fetch_add_explicit(counter, bytes, memory_order_relaxed);
+}
+
+/*
+ * Move a resident range to the host: first take its room in the spill bound (past it the
+ * range stays, and nothing is evicted), then advise and prefetch it there.
+ */
+static bool evict(struct uvm_pass *pass, struct uvm_range *r)
+{
+    if (!have_mover(pass) ||
+        !shim_memory_charge_spilled(r->ordinal, r->entry, r->size, false))
+        return false;
+    if (prefer(r, host_location()) != CUDA_SUCCESS) {
+        shim_memory_charge_resident(r->ordinal, r->entry, r->size, true);
+        return false;
+    }
+    prefetch(pass, r, host_location());
+    r->state = UVM_SPILLED;
+    count_migrated(&shim.usage->device[r->entry].mem_migrated_out_bytes, r->size);
+    return true;
+}
+
+/* The next resident range to evict by the policy, or NULL; the launch's own only if asked. */
+static struct uvm_range *victim(const struct uvm_pass *pass, bool own_too)
+{
+    bool fifo = shim.uvm.evict_policy == FCSP_EVICT_FIFO;
+    struct uvm_range *best = NULL;
+    uint64_t best_key = UINT64_MAX;
+    for (uint32_t i = 0; i < table.count; i++) {
+        struct uvm_range *r = &table.ranges[i];
+        if (r->state != UVM_RESIDENT || r->ordinal != pass->ordinal || r->ctx != pass->ctx ||
+            (r->last_launch == pass->launch && !own_too))
+            continue;
+        /* seq breaks ties: of ranges never used, the oldest goes first */
+        uint64_t key = fifo ? r->seq : r->last_launch;
+        if (!best || key < best_key || (key == best_key && r->seq < best->seq)) {
+            best = r;
+            best_key = key;
+        }
+    }
+    return best;
+}
+
+static uint64_t used_bytes(const struct uvm_pass *pass)
+{
+    return atomic_load_explicit(&shim.usage->device[pass->entry].mem_used_bytes,
+                                memory_order_relaxed);
+}
+
+/* Bytes of resident ranges the launch could evict. */
+static uint64_t evictable_bytes(const struct uvm_pass *pass)
+{
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < table.count; i++) {
+        const struct uvm_range *r = &table.ranges[i];
+        if (r->state == UVM_RESIDENT && r->ordinal == pass->ordinal && r->ctx == pass->ctx &&
+            r->last_launch != pass->launch)
+            bytes += r->size;
+    }
+    return bytes;
+}
+
+/*
+ * The quota was lowered below what the tenant holds on the device: evict by the policy,
+ * the launch's own ranges last, until it fits or this process has nothing left to move.
+ * Not bounded per launch: the quota is a limit, and a neighbour's guarantee waits on it.
+ */
+static void shrink_to_quota(struct uvm_pass *pass)
+{
+    while (used_bytes(pass) > pass->quota) {
+        struct uvm_range *r = victim(pass, false);
+        if (!r)
+            r = victim(pass, true);
+        if (!r || !evict(pass, r))
+            return;
+    }
+}
+
+/* Room for `size` bytes in the quota, evicting what the launch does not use. */
+static bool make_room(struct uvm_pass *pass, uint64_t size)
+{
+    uint64_t used = used_bytes(pass);
+    uint64_t room = pass->quota > used ? pass->quota - used : 0;
+    if (room >= size)
+        return true;
+    if (room + evictable_bytes(pass) < size)
+        return false; /* would evict for nothing */
+    while (!(used_bytes(pass) + size <= pass->quota)) {
+        struct uvm_range *r = victim(pass, false);
+        if (!r || !evict(pass, r))
+            return false;
+    }
+    return true;
+}
+
+/* Bring a spilled range to the device: reserve its room, then advise and prefetch it. */
+static bool promote(struct uvm_pass *pass, struct uvm_range *r)
+{
+    if (r->size > pass->quota || !have_mover(pass))
+        return false;
+    bool charged = false;
+    for (int tries = 0; tries < 2 && !charged; tries++)
+        charged = make_room(pass, r->size) &&
+                  shim_memory_charge_resident(r->ordinal, r->entry, r->size, false);
+    if (!charged)
+        return false;
+    CUmemLocation device = device_location(r->ordinal);
+    if (prefer(r, device) != CUDA_SUCCESS) {
+        shim_memory_charge_spilled(r->ordinal, r->entry, r->size, true);
+        return false;
+    }
+    prefetch(pass, r, device);
+    r->state = UVM_RESIDENT;
+    count_migrated(&shim.usage->device[r->entry].mem_migrated_in_bytes, r->size);
+    pass->promoted = true;
+    return true;
+}
+
+/* At most prefetch_bytes promoted per launch (one range at least), so no launch stalls. */
+static void promote_wanted(struct uvm_pass *pass)
+{
+    uint64_t moved = 0;
+    for (uint32_t w = 0; w < pass->nwanted && moved < shim.uvm.prefetch_bytes; w++) {
+        struct uvm_range *r = &table.ranges[pass->wanted[w]];
+        if (r->state == UVM_SPILLED && promote(pass, r))
+            moved += r->size;
+    }
+}
+
+/* The launch's stream waits for the promotions, so that its kernel finds them in place. */
+static void order_launch(const struct uvm_pass *pass, CUstream stream, bool ptsz)
+{
+    if (!pass->promoted)
+        return;
+    if (ptsz && !stream)
+        stream = CU_STREAM_PER_THREAD;
+    if (REAL(cuEventRecord)(pass->mover->done, pass->mover->stream) == CUDA_SUCCESS)
+        REAL(cuStreamWaitEvent)(stream, pass->mover->done, 0);
+}
+
+/* Work queued into a stream being captured would join the graph: move nothing then. */
+static bool capturing(CUstream stream, bool ptsz)
+{
+    __typeof__(&cuStreamIsCapturing) query =
+        ptsz ? REAL(cuStreamIsCapturing_ptsz) : REAL(cuStreamIsCapturing);
+    CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (!query || query(stream, &status) != CUDA_SUCCESS)
+        return true; /* cannot tell: leave the stream alone */
+    return status != CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+/* The device, its spill-mode quota and the current context; false outside spill mode. */
+static bool begin_pass(struct uvm_pass *pass, uint64_t launch)
+{
+    *pass = (struct uvm_pass){.launch = launch};
+    pass->entry = shim_current_device(&pass->ordinal);
+    if (pass->entry < 0 || atomic_load_explicit(&shim.exiting, memory_order_relaxed))
+        return false;
+    struct shim_limit limit = shim_device_limit(pass->ordinal);
+    if (limit.mode != FCSP_MEM_SPILL || !limit.bytes)
+        return false;
+    pass->quota = limit.bytes;
+    return REAL(cuCtxGetCurrent)(&pass->ctx) == CUDA_SUCCESS && pass->ctx;
+}
+
+void shim_uvm_before_launch(CUfunction f, void **params, CUstream stream, bool ptsz)
+{
+    struct uvm_pass pass;
+    if (!begin_pass(&pass, 0))
+        return;
+    pthread_mutex_lock(&table.lock);
+    pass.launch = ++table.launches;
+    if (params && f)
+        mark_used(&pass, f, params);
+    bool over = used_bytes(&pass) > pass.quota;
+    bool promote_some = pass.nwanted && shim.uvm.prefetch_bytes;
+    if ((over || promote_some) && !capturing(stream, ptsz)) {
+        if (over)
+            shrink_to_quota(&pass);
+        if (promote_some)
+            promote_wanted(&pass);
+        order_launch(&pass, stream, ptsz);
+    }
+    pthread_mutex_unlock(&table.lock);
+}
+
+void shim_uvm_fit_quota(int ordinal, int entry)
+{
+    struct uvm_pass pass;
+    if (!begin_pass(&pass, UVM_NO_LAUNCH) || pass.ordinal != ordinal || pass.entry != entry ||
+        used_bytes(&pass) <= pass.quota)
+        return;
+    pthread_mutex_lock(&table.lock);
+    shrink_to_quota(&pass);
+    pthread_mutex_unlock(&table.lock);
+}

@@ -1,0 +1,374 @@
+"""Spill mode's eviction and prefetch on the simulated driver: every allocation is managed
+memory, a launch brings the spilled ranges its arguments point into to the device, evicting
+the process's other resident ranges by the profile's policy to make room, a lowered quota
+is shrunk to, and every charge is released whichever side of the bus a range is on.
+
+The sim's functions take a 4-byte count and eight pointers (cuFuncGetParamInfo); drv's
+`use FUNC KIND N ID...` launches one with the addresses of allocations ID..., and `advice
+ID` tells where the driver keeps an allocation and how often it moved there and back."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from fcsp_hook.slot import abi, live
+from tests.shim.harness import (
+    Env,
+    MiB,
+    Result,
+    make_slot,
+    read_until_ready,
+    run,
+    start,
+    usage,
+)
+
+QUOTA = 64 * MiB
+RANGE = 16 * MiB
+TWO_X = 2 * abi.WHOLE_GPU_CENTI
+# Four ranges fill the quota (ids 0-3, on the device), two more spill (ids 4, 5); id 6 is
+# the function every launch runs.
+SETUP = ("init", *("alloc", "mem", "16M") * 6, "func", "k_1us")
+FUNC = "6"
+ON_DEVICE = "D"
+IN_HOST = "H"
+
+
+def uvm_env(
+    tmp_path: Path,
+    *,
+    mode: abi.MemMode = abi.MemMode.SPILL,
+    profile: str = "default",
+    extra: dict[str, str] | None = None,
+) -> Env:
+    slot = make_slot(tmp_path / "slot", [QUOTA], mode=mode, spill_centi=TWO_X, uvm_profile=profile)
+    return Env(state=tmp_path / "sim-state", slot=slot, extra=extra)
+
+
+def use(*ids: int, func: str = FUNC, kind: str = "kernel") -> tuple[str, ...]:
+    """One launch of the sim function whose pointer arguments are allocations `ids`."""
+    return ("use", func, kind, str(len(ids)), *(str(i) for i in ids))
+
+
+def advise_all(count: int = 6) -> tuple[str, ...]:
+    return tuple(word for i in range(count) for word in ("advice", str(i)))
+
+
+def advice(r: Result) -> list[dict[str, str]]:
+    return [
+        dict(word.split("=", 1) for word in line.split()[1:])
+        for line in r.lines
+        if line.startswith("advice ")
+    ]
+
+
+def place(a: dict[str, str]) -> str:
+    """D: advised to and held on device 0; H: advised to and held in host memory."""
+    if a["preferred"] == "device0" and a["resident"] != "0":
+        return ON_DEVICE
+    assert a["preferred"] == "host" and a["resident"] == "0", a
+    return IN_HOST
+
+
+def places(r: Result, count: int = 6) -> list[str]:
+    """Where the allocations were at each group of `count` advice lines, as D/H strings."""
+    marks = [place(a) for a in advice(r)]
+    return ["".join(marks[i : i + count]) for i in range(0, len(marks), count)]
+
+
+def counter(r: Result, word: str) -> list[int]:
+    """Device 0's figure at each `usage` that printed a `word` line."""
+    return [int(line.split()[2]) for line in r.lines if line.startswith(f"{word} 0 ")]
+
+
+def migrated(r: Result) -> tuple[int, int]:
+    """Bytes moved to the device and to the host, at the last `usage`."""
+    lines = [line.split() for line in r.lines if line.startswith("migrated 0 ")]
+    return (int(lines[-1][3]), int(lines[-1][5])) if lines else (0, 0)
+
+
+def uses(r: Result) -> list[str]:
+    return [line for line in r.lines if line.startswith("use ")]
+
+
+# ---- managed memory in spill mode only ---------------------------------------------------
+
+
+def test_spill_mode_allocations_within_the_quota_are_managed_on_the_device(
+    tmp_path: Path,
+) -> None:
+    """In spill mode a cuMemAlloc_v2 within the quota is managed memory advised to live on
+    device 0 and accessed by it, charged to the quota as before."""
+    env = uvm_env(tmp_path)
+    r = run(env, "init", "alloc", "mem", "16M", "usage", "advice", "0")
+    assert advice(r) == [
+        {
+            "managed": "1",
+            "preferred": "device0",
+            "accessed_by": "1",
+            "resident": str(RANGE),
+            "in": "0",
+            "out": "0",
+        }
+    ]
+    assert counter(r, "used") == [RANGE]
+
+
+@pytest.mark.parametrize("mode", [abi.MemMode.HARD, abi.MemMode.SOFT])
+def test_hard_and_soft_allocations_stay_plain_device_memory(
+    tmp_path: Path, mode: abi.MemMode
+) -> None:
+    """Outside spill mode cuMemAlloc_v2 is plain device memory with no advice, and a launch
+    with pointer arguments moves nothing and asks the driver for no parameter layout."""
+    env = uvm_env(tmp_path, mode=mode)
+    r = run(
+        env,
+        "init",
+        "alloc",
+        "mem",
+        "16M",
+        "func",
+        "k_1us",
+        *use(0, func="1"),
+        "advice",
+        "0",
+        "count",
+        "cuFuncGetParamInfo",
+        "count",
+        "cuMemPrefetchAsync_v2",
+    )
+    assert uses(r) == ["use 0"]
+    assert advice(r)[0] == {
+        "managed": "0",
+        "preferred": "none",
+        "accessed_by": "0",
+        "resident": str(RANGE),
+        "in": "0",
+        "out": "0",
+    }
+    assert r.field("count")[1:] == ["cuFuncGetParamInfo", "0"]
+    assert r.lines[-1].split()[1:] == ["cuMemPrefetchAsync_v2", "0"]
+
+
+# ---- promotion --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "ptsz"),
+    [("kernel", False), ("kernel", True), ("kernelex", False), ("coop", False)],
+    ids=["kernel", "kernel_ptsz", "kernelex", "coop"],
+)
+def test_a_launch_promotes_a_spilled_range_when_the_quota_has_room(
+    tmp_path: Path, kind: str, ptsz: bool
+) -> None:
+    """32 + 32 MiB fill the quota, a 16 MiB range spills; once 32 MiB are freed, a launch
+    whose argument points into the spilled range (not at its start) moves it to the device:
+    advised there and resident, its charge moved from spilled to used, 16 MiB counted as
+    migrated in, and the launch's stream made to wait for the move."""
+    env = uvm_env(tmp_path)
+    prefix = ("--ptsz",) if ptsz else ()
+    r = run(
+        env,
+        *prefix,
+        "init",
+        "alloc", "mem", "32M",
+        "alloc", "mem", "32M",
+        "alloc", "mem", "16M",
+        "func", "k_1us",
+        "free", "0",
+        "usage",
+        *use(2, func="3", kind=kind),
+        "usage",
+        "advice", "2",
+        "count", "cuStreamWaitEvent",
+    )  # fmt: skip
+    assert uses(r) == ["use 0"]
+    assert counter(r, "used") == [32 * MiB, 48 * MiB]
+    assert counter(r, "spill") == [RANGE, 0]
+    assert places(r, 1) == [ON_DEVICE]
+    assert advice(r)[0]["in"] == "1"
+    assert migrated(r) == (RANGE, 0)
+    assert r.field("count")[1:] == ["cuStreamWaitEvent", "1"]
+
+
+# ---- eviction by the policy -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("profile", "warm", "hot", "expected"),
+    [
+        # LRU: 3, then 2, then 1 are the least recently used when room is needed.
+        ("default", [3, 2, 1, 0], [4, 5, 3], ["DDDHDH", "DDHHDD", "DHHDDD"]),
+        # FIFO (training): the oldest allocations go first, however recently used.
+        ("training", [3, 2, 1, 0], [4, 5, 2], ["HDDDDH", "HHDDDD", "HHDDDD"]),
+        ("training", [0, 1, 2, 3], [4, 5, 0], ["HDDDDH", "HHDDDD", "DHHDDD"]),
+    ],
+    ids=["lru", "fifo", "fifo-moving"],
+)
+def test_a_full_quota_evicts_by_the_policy_to_promote(
+    tmp_path: Path, profile: str, warm: list[int], hot: list[int], expected: list[str]
+) -> None:
+    """With the quota full of ranges 0-3 (used by launches in the order `warm`) and 4, 5
+    spilled, each launch of the moving hot set `hot` evicts one resident range, by the
+    profile's policy, and promotes the one it uses; the device charge never passes the
+    quota at any point, and the driver is asked for the function's layout once."""
+    env = uvm_env(tmp_path, profile=profile)
+    steps: list[str] = []
+    for i in hot:
+        steps += [*use(i), "usage", *advise_all()]
+    r = run(env, *SETUP, *(w for i in warm for w in use(i)), *steps, "count", "cuFuncGetParamInfo")
+    assert uses(r) == ["use 0"] * (len(warm) + len(hot))
+    assert places(r) == expected
+    assert all(u <= QUOTA for u in counter(r, "used")), counter(r, "used")
+    assert counter(r, "used")[-1] == QUOTA
+    before = ["DDDDHH", *expected[:-1]]
+    promotions = sum(
+        (was, now) == (IN_HOST, ON_DEVICE)
+        for old, new in zip(before, expected, strict=True)
+        for was, now in zip(old, new, strict=True)
+    )
+    assert migrated(r) == (promotions * RANGE, promotions * RANGE)  # each evicted one
+    # 8 pointers and a count, then the index past the last: 10 questions, once.
+    assert r.field("count")[1:] == ["cuFuncGetParamInfo", "10"]
+
+
+def test_a_launch_never_evicts_the_ranges_it_uses(tmp_path: Path) -> None:
+    """A launch that uses all four resident ranges and a spilled one cannot make room
+    without evicting its own: nothing moves, and the kernel still runs (the spilled range is
+    read from host memory).  A later launch that leaves range 3 out evicts exactly that."""
+    env = uvm_env(tmp_path)
+    r = run(
+        env,
+        *SETUP,
+        *use(0, 1, 2, 3, 4),
+        "usage",
+        *advise_all(),
+        *use(0, 1, 2, 4),
+        "usage",
+        *advise_all(),
+    )
+    assert uses(r) == ["use 0", "use 0"]
+    assert places(r) == ["DDDDHH", "DDDHDH"]
+    assert counter(r, "used") == [QUOTA, QUOTA]
+    assert migrated(r) == (RANGE, RANGE)
+
+
+def test_prefetch_disabled_leaves_spilled_ranges_in_host_memory(tmp_path: Path) -> None:
+    """BUD_PREFETCH_ENABLED=0: with room in the quota a launch still promotes nothing; its
+    kernel runs on the spilled range where it is."""
+    env = uvm_env(tmp_path, extra={"BUD_PREFETCH_ENABLED": "0"})
+    r = run(
+        env,
+        "init",
+        "alloc", "mem", "32M",
+        "alloc", "mem", "32M",
+        "alloc", "mem", "16M",
+        "func", "k_1us",
+        "free", "0",
+        *use(2, func="3"),
+        "usage",
+        "advice", "2",
+        "count", "cuMemPrefetchAsync_v2",
+    )  # fmt: skip
+    assert uses(r) == ["use 0"]
+    assert places(r, 1) == [IN_HOST]
+    assert counter(r, "spill") == [RANGE]
+    assert counter(r, "used") == [32 * MiB]
+    assert migrated(r) == (0, 0)
+    assert r.field("count")[1:] == ["cuMemPrefetchAsync_v2", "0"]
+
+
+# ---- a lowered quota ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [("use", "4", "kernel", "0"), ("alloc", "mem", "1M")],
+    ids=["launch", "allocation"],
+)
+def test_a_lowered_quota_is_shrunk_to_at_the_next_launch_or_allocation(
+    tmp_path: Path, trigger: tuple[str, ...]
+) -> None:
+    """The host halves the quota (limits rewritten, generation bumped) while the process
+    holds 64 MiB on the device: its next launch or allocation evicts, least recently used
+    first (2 and 3, never used), until the tenant's device charge fits the new quota."""
+    env = uvm_env(tmp_path)
+    proc = start(
+        env,
+        "init",
+        *("alloc", "mem", "16M") * 4,
+        "func", "k_1us",
+        *use(0, func="4"),
+        *use(1, func="4"),
+        "wait",
+        *trigger,
+        "usage",
+        *advise_all(4),
+    )  # fmt: skip
+    try:
+        read_until_ready(proc)
+        assert usage(env.slot).device[0].mem_used_bytes == QUOTA  # type: ignore[arg-type]
+        limits = live.LimitsMap(env.slot / abi.LIMITS_FILE)  # type: ignore[operator]
+        try:
+            with limits.update() as view:
+                view.device[0].mem_limit_bytes = QUOTA // 2
+        finally:
+            limits.close()
+        out, err = proc.communicate("go\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    r = Result(proc.returncode, out.splitlines(), err)
+    assert places(r, 4) == ["DDHH"]
+    assert counter(r, "used") == [QUOTA // 2]
+    assert migrated(r) == (0, QUOTA // 2)
+
+
+# ---- releasing every charge -----------------------------------------------------------------
+
+
+def test_freeing_ranges_in_either_state_releases_every_charge(tmp_path: Path) -> None:
+    """After a promotion and an eviction, freeing all six ranges (resident, evicted,
+    promoted, spilled) returns both the device and the spill charge to 0."""
+    env = uvm_env(tmp_path)
+    frees = [w for i in range(6) for w in ("free", str(i))]
+    r = run(env, *SETUP, *use(4), "usage", *advise_all(), *frees, "usage")
+    assert places(r) == ["HDDDDH"]
+    assert r.lines.count("free 0") == 6
+    assert counter(r, "used") == [QUOTA, 0]
+    assert counter(r, "spill") == [2 * RANGE, 0]
+
+
+def test_exit_releases_every_charge_after_migrations(tmp_path: Path) -> None:
+    """A process that exits holding resident, evicted and promoted ranges leaves nothing
+    charged: its record held each range's charge on the side it was."""
+    env = uvm_env(tmp_path)
+    r = run(env, *SETUP, *use(4), *use(5), "usage")
+    assert counter(r, "used") == [QUOTA]
+    u = usage(env.slot)  # type: ignore[arg-type]
+    assert (u.device[0].mem_used_bytes, u.device[0].mem_spilled_bytes) == (0, 0)
+    assert u.device[0].mem_migrated_in_bytes == 2 * RANGE
+
+
+def test_a_sigkilled_process_charges_are_released_after_migrations(tmp_path: Path) -> None:
+    """A SIGKILLed process that promoted and evicted ranges is reaped by the next process
+    of the tenant, which then finds both counters at 0."""
+    env = uvm_env(tmp_path)
+    victim = start(env, *SETUP, *use(4), "wait")
+    try:
+        read_until_ready(victim)
+        record = next(p for p in usage(env.slot).proc if p.pid == victim.pid)  # type: ignore[arg-type]
+        assert (record.mem_used_bytes[0], record.mem_spilled_bytes[0]) == (QUOTA, 2 * RANGE)
+        os.kill(victim.pid, signal.SIGKILL)
+        r = run(env, "init", "meminfo", "usage")
+        assert counter(r, "used") in ([], [0])
+        assert counter(r, "spill") in ([], [0])
+        u = usage(env.slot)  # type: ignore[arg-type]
+        assert (u.device[0].mem_used_bytes, u.device[0].mem_spilled_bytes) == (0, 0)
+    finally:
+        victim.communicate(timeout=10)
