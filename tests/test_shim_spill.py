@@ -23,6 +23,7 @@ from tests.shim.harness import (
     read_until_ready,
     run,
     start,
+    steps,
     usage,
 )
 
@@ -94,34 +95,8 @@ def test_allocations_past_the_quota_spill_to_host_memory_up_to_the_bound(tmp_pat
     env = spill_env(tmp_path)
     r = run(
         env,
-        "init",
-        "alloc",
-        "mem",
-        "128M",
-        "alloc",
-        "mem",
-        "128M",
-        "alloc",
-        "mem",
-        "64M",
-        "alloc",
-        "managed",
-        "128M",
-        "alloc",
-        "mem",
-        "64M",
-        "usage",
-        "alloc",
-        "mem",
-        "1M",
-        "advice",
-        "0",
-        "advice",
-        "2",
-        "advice",
-        "3",
-        "advice",
-        "4",
+        *steps("init alloc mem 128M alloc mem 128M alloc mem 64M alloc managed 128M alloc"),
+        *steps("mem 64M usage alloc mem 1M advice 0 advice 2 advice 3 advice 4"),
     )
     assert r.outcomes() == ["ok 0", "ok 1", "ok 2", "ok 3", "ok 4", OOM]
     assert used(r) == [QUOTA]
@@ -158,21 +133,7 @@ def test_freeing_a_spilled_allocation_releases_its_charge(tmp_path: Path) -> Non
     env = spill_env(tmp_path)
     r = run(
         env,
-        "init",
-        "alloc",
-        "mem",
-        "256M",
-        "alloc",
-        "mem",
-        "200M",
-        "usage",
-        "free",
-        "1",
-        "usage",
-        "alloc",
-        "mem",
-        "256M",
-        "usage",
+        *steps("init alloc mem 256M alloc mem 200M usage free 1 usage alloc mem 256M usage"),
     )
     assert r.outcomes() == ["ok 0", "ok 1", "ok 2"]
     assert r.field("free")[1] == "0"
@@ -185,19 +146,7 @@ def test_destroying_a_context_releases_its_spill_charge(tmp_path: Path) -> None:
     env = spill_env(tmp_path)
     r = run(
         env,
-        "init",
-        "ctx",
-        "0",
-        "alloc",
-        "mem",
-        "256M",
-        "alloc",
-        "mem",
-        "100M",
-        "usage",
-        "destroyctx",
-        "0",
-        "usage",
+        *steps("init ctx 0 alloc mem 256M alloc mem 100M usage destroyctx 0 usage"),
     )
     assert r.outcomes() == ["ok 0", "ok 1", "ok 2"]
     assert spilled(r) == [100 * MiB, 0]
@@ -268,17 +217,7 @@ def test_the_tenant_still_sees_its_quota_as_total(tmp_path: Path) -> None:
     env = spill_env(tmp_path)
     r = run(
         env,
-        "init",
-        "alloc",
-        "mem",
-        "256M",
-        "alloc",
-        "mem",
-        "100M",
-        "meminfo",
-        "meminfo1",
-        "totalmem",
-        "0",
+        *steps("init alloc mem 256M alloc mem 100M meminfo meminfo1 totalmem 0"),
     )
     assert r.outcomes() == ["ok 0", "ok 1"]
     assert r.field("meminfo")[1:3] == ["0", str(QUOTA)]
@@ -375,18 +314,7 @@ def test_bud_spill_tightens_a_soft_slot(tmp_path: Path) -> None:
     )
     r = run(
         env,
-        "init",
-        "alloc",
-        "mem",
-        "256M",
-        "alloc",
-        "mem",
-        "256M",
-        "alloc",
-        "mem",
-        "1M",
-        "advice",
-        "1",
+        *steps("init alloc mem 256M alloc mem 256M alloc mem 1M advice 1"),
     )
     assert r.outcomes() == ["ok 0", "ok 1", OOM]
     assert advice(r) == [HOST_MAPPED]
@@ -433,19 +361,9 @@ def test_bare_process_spills_up_to_its_bound(
     env = bare_env(tmp_path, extra)
     r = run(
         env,
-        "init",
-        "alloc",
-        "mem",
-        "256M",
-        "alloc",
-        "mem",
+        *steps("init alloc mem 256M alloc mem"),
         str(bound),
-        "alloc",
-        "mem",
-        "1M",
-        "advice",
-        "1",
-        "meminfo",
+        *steps("alloc mem 1M advice 1 meminfo"),
     )
     assert r.outcomes() == ["ok 0", "ok 1", OOM]
     assert advice(r) == [HOST_MAPPED]

@@ -24,6 +24,7 @@ from tests.shim.harness import (
     read_until_ready,
     run,
     start,
+    steps,
     usage,
 )
 
@@ -127,19 +128,9 @@ def test_hard_and_soft_allocations_stay_plain_device_memory(
     env = uvm_env(tmp_path, mode=mode)
     r = run(
         env,
-        "init",
-        "alloc",
-        "mem",
-        "16M",
-        "func",
-        "k_1us",
+        *steps("init alloc mem 16M func k_1us"),
         *use(0, func="1"),
-        "advice",
-        "0",
-        "count",
-        "cuFuncGetParamInfo",
-        "count",
-        "cuMemPrefetchAsync_v2",
+        *steps("advice 0 count cuFuncGetParamInfo count cuMemPrefetchAsync_v2"),
     )
     assert uses(r) == ["use 0"]
     assert advice(r)[0] == {

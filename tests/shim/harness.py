@@ -71,6 +71,11 @@ def make_slot(
     return directory
 
 
+def steps(text: str) -> list[str]:
+    """A test program's command line, written as one line."""
+    return text.split()
+
+
 def usage(slot: Path) -> abi.Usage:
     return read_usage(slot / abi.USAGE_FILE)
 
