@@ -7,8 +7,9 @@
  * both.  This module keeps them in a table sorted by address and, before each kernel
  * launch:
  *
- *  1. finds the ranges the kernel uses: its 8-byte parameters (cuFuncGetParamInfo, asked
- *     once per function) looked up in the table, and marks them used by this launch;
+ *  1. finds the ranges the kernel uses: the 8-byte words of its parameters (their sizes
+ *     from cuFuncGetParamInfo, asked once per function) looked up in the table, and marks
+ *     them used by this launch;
  *  2. if the quota was lowered below what the tenant holds on the device, moves this
  *     process's resident ranges to the host until it fits again (spilled tenants shrink
  *     first: what lets a neighbour's guaranteed quota get its memory back);
@@ -26,8 +27,9 @@
  * eviction gives the quota back only after taking room in the spill bound, and on the
  * shim's stream the evictions run before the promotions they made room for.
  *
- * Cost in spill mode: one uncontended mutex, a hash probe for the function's layout and a
- * binary search per pointer argument; migrations (the driver's advice and prefetches, a
+ * Cost in spill mode: one uncontended mutex, a hash probe for the function's layout, a
+ * bounds check per 8-byte word of the arguments and a binary search per word that falls
+ * among the ranges; migrations (the driver's advice and prefetches, a
  * scan of the table for a victim) only when a launch uses a spilled range or the quota
  * was lowered, and at most prefetch_bytes of promotions per launch, so that no launch
  * stalls for long.  Launches without kernelParams (the `extra` form), of functions whose
@@ -41,7 +43,13 @@
 #define UVM_MAX_RANGES 4096u  /* ranges managed; past that they are fixed charges */
 #define UVM_MAX_FUNCS 1024u   /* functions whose parameter layout is cached (a power of 2) */
 #define UVM_FUNC_PROBES 8u
-#define UVM_MAX_PARAMS 64u    /* parameters looked at per kernel: a bit each in a mask */
+#define UVM_MAX_PARAMS 64u    /* parameters looked at per kernel */
+/*
+ * 8-byte words looked at per parameter: frameworks pass their pointers inside structures
+ * (PyTorch's elementwise kernels an array of them, CUTLASS's GEMMs a Params block), so a
+ * parameter of any size may hold some; the first 256 bytes of each are read.
+ */
+#define UVM_MAX_WORDS 32u
 #define UVM_MAX_CONTEXTS 16u  /* contexts with a migration stream */
 #define UVM_MAX_WANTED 64u    /* spilled ranges one launch may promote */
 #define UVM_NO_LAUNCH UINT64_MAX
@@ -60,9 +68,10 @@ struct uvm_range {
 };
 
 struct uvm_func {
-    CUfunction f;             /* NULL: free */
-    bool known;               /* the driver gave its layout */
-    uint64_t pointer_params;  /* bit i: parameter i is 8 bytes, maybe a pointer */
+    CUfunction f;                  /* NULL: free */
+    bool known;                    /* the driver gave its layout */
+    uint8_t params;                /* parameters to look at */
+    uint8_t words[UVM_MAX_PARAMS]; /* 8-byte words of each that may hold a pointer */
 };
 
 /* A stream of the shim's own per context: migrations queue there, off the tenant's streams. */
@@ -187,7 +196,7 @@ void shim_uvm_after_fork_child(void)
 
 /* ---- which ranges a launch uses ------------------------------------------------------- */
 
-/* Ask the driver once: which parameters are 8 bytes wide (pointers are among them). */
+/* Ask the driver once: how many 8-byte words each parameter has (pointers are among them). */
 static void learn_layout(struct uvm_func *slot, CUfunction f)
 {
     __typeof__(&cuFuncGetParamInfo) param_info = REAL(cuFuncGetParamInfo);
@@ -202,8 +211,9 @@ static void learn_layout(struct uvm_func *slot, CUfunction f)
             slot->known = i > 0 || rc == CUDA_ERROR_INVALID_VALUE;
             return;
         }
-        if (size == sizeof(CUdeviceptr))
-            slot->pointer_params |= 1ull << i;
+        size_t words = size / sizeof(CUdeviceptr);
+        slot->words[i] = (uint8_t)(words < UVM_MAX_WORDS ? words : UVM_MAX_WORDS);
+        slot->params = (uint8_t)(i + 1);
     }
     slot->known = true; /* more than UVM_MAX_PARAMS: the first ones are looked at */
 }
@@ -251,24 +261,39 @@ static void want(struct uvm_pass *pass, struct uvm_range *r)
         pass->wanted[pass->nwanted++] = index;
 }
 
-/* Mark the ranges the launch's pointer arguments fall in; note the spilled ones. */
+/* A word of a launch's arguments that points into a range: mark it used by the launch. */
+static void mark_word(struct uvm_pass *pass, uint64_t addr, uint64_t lowest, uint64_t highest)
+{
+    if (addr < lowest || addr >= highest)
+        return; /* most words (sizes, strides, flags) are nowhere near the ranges */
+    struct uvm_range *r = find_containing(addr);
+    if (!r || r->ordinal != pass->ordinal)
+        return;
+    r->last_launch = pass->launch;
+    if (r->state == UVM_SPILLED)
+        want(pass, r);
+}
+
+/*
+ * Mark the ranges the launch's arguments point into, read as 8-byte words (a structure's
+ * pointers sit at multiples of 8 from its start); note the spilled ones.  A word that only
+ * looks like a pointer into a range marks it too: at worst a prefetch the kernel did not
+ * need.
+ */
 static void mark_used(struct uvm_pass *pass, CUfunction f, void **params)
 {
     const struct uvm_func *layout = layout_of(f);
-    if (!layout->known)
+    if (!layout->known || !table.count)
         return;
-    for (uint64_t mask = layout->pointer_params; mask; mask &= mask - 1) {
-        const void *value = params[__builtin_ctzll(mask)];
-        if (!value)
-            continue;
-        uint64_t addr;
-        memcpy(&addr, value, sizeof(addr)); /* the argument's bytes, however aligned */
-        struct uvm_range *r = find_containing(addr);
-        if (!r || r->ordinal != pass->ordinal)
-            continue;
-        r->last_launch = pass->launch;
-        if (r->state == UVM_SPILLED)
-            want(pass, r);
+    const struct uvm_range *last = &table.ranges[table.count - 1];
+    uint64_t lowest = table.ranges[0].base, highest = last->base + last->size;
+    for (uint32_t i = 0; i < layout->params; i++) {
+        const unsigned char *value = params[i];
+        for (uint32_t w = 0; value && w < layout->words[i]; w++) {
+            uint64_t addr;
+            memcpy(&addr, value + w * sizeof(addr), sizeof(addr)); /* however aligned */
+            mark_word(pass, addr, lowest, highest);
+        }
     }
 }
 

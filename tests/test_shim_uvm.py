@@ -150,8 +150,14 @@ def test_hard_and_soft_allocations_stay_plain_device_memory(
 
 @pytest.mark.parametrize(
     ("kind", "ptsz"),
-    [("kernel", False), ("kernel", True), ("kernelex", False), ("coop", False)],
-    ids=["kernel", "kernel_ptsz", "kernelex", "coop"],
+    [
+        ("kernel", False),
+        ("kernel", True),
+        ("kernelex", False),
+        ("coop", False),
+        ("packed", False),  # the pointers inside a structure, as PyTorch and CUTLASS pass them
+    ],
+    ids=["kernel", "kernel_ptsz", "kernelex", "coop", "packed"],
 )
 def test_a_launch_promotes_a_spilled_range_when_the_quota_has_room(
     tmp_path: Path, kind: str, ptsz: bool
@@ -169,7 +175,7 @@ def test_a_launch_promotes_a_spilled_range_when_the_quota_has_room(
         "alloc", "mem", "32M",
         "alloc", "mem", "32M",
         "alloc", "mem", "16M",
-        "func", "k_1us",
+        "func", "p_k_1us" if kind == "packed" else "k_1us",
         "free", "0",
         "usage",
         *use(2, func="3", kind=kind),

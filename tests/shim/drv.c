@@ -227,6 +227,15 @@ static CUresult launch_using(const char *kind, void *func, uint32_t n, const CUd
     }
     if (strcmp(kind, "coop") == 0)
         return api.launch_coop(func, 1, 1, 1, 1, 1, 1, 0, NULL, params);
+    if (strcmp(kind, "packed") == 0) { /* a p_ function: the pointers in one structure */
+        struct {
+            uint64_t n;
+            CUdeviceptr ptrs[POINTERS];
+        } packed = {.n = n};
+        memcpy(packed.ptrs, args, sizeof(args));
+        void *packed_params[] = {&count, &packed};
+        return api.launch_kernel(func, 1, 1, 1, 1, 1, 1, 0, NULL, packed_params, NULL);
+    }
     fprintf(stderr, "unknown launch kind %s\n", kind);
     exit(2);
 }

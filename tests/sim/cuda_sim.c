@@ -967,6 +967,7 @@ SIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
  * one unit.
  */
 struct CUfunc_st {
+    int packed; /* named p_...: its pointers come in one structure (see cuFuncGetParamInfo) */
     uint64_t dur_ns;
     uint64_t other_ns;          /* if not 0: every other launch takes this long instead */
     _Atomic uint64_t launches;
@@ -1034,24 +1035,30 @@ SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const 
     if (!hmod || !name)
         return CUDA_ERROR_INVALID_VALUE;
     struct CUfunc_st *f = calloc(1, sizeof(*f));
-    parse_duration(name, f);
+    f->packed = strncmp(name, "p_", 2) == 0;
+    parse_duration(f->packed ? name + 2 : name, f);
     *hfunc = f;
     return CUDA_SUCCESS;
 }
 
 /*
- * Every sim function takes the same parameters: a 4-byte count, then SIM_POINTER_PARAMS
- * device pointers (drv's "use" command fills them with allocations).
+ * Every sim function takes a 4-byte count, then SIM_POINTER_PARAMS device pointers (drv's
+ * "use" command fills them with allocations); a packed one (p_...), as frameworks' kernels
+ * do, one structure of an 8-byte count and the pointers.
  */
 #define SIM_POINTER_PARAMS 8
 
 SIM_EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size)
 {
     count("cuFuncGetParamInfo");
-    if (!f || !offset || !size || index > SIM_POINTER_PARAMS)
+    size_t params = f && f->packed ? 1 : SIM_POINTER_PARAMS;
+    if (!f || !offset || !size || index > params)
         return CUDA_ERROR_INVALID_VALUE;
     *offset = index ? 8 * index : 0;
-    *size = index ? sizeof(CUdeviceptr) : sizeof(uint32_t);
+    if (!index)
+        *size = sizeof(uint32_t);
+    else
+        *size = f->packed ? 8 + SIM_POINTER_PARAMS * sizeof(CUdeviceptr) : sizeof(CUdeviceptr);
     return CUDA_SUCCESS;
 }
 
