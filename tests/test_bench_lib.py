@@ -262,8 +262,14 @@ def test_slots_carry_devices_mode_and_priority_and_go_like_after_poststop(tmp_pa
     assert (entry.host_index, entry.uuid, entry.sm_requested_centi, entry.mem_limit_bytes) == (
         1, b"GPU-abc", 3000, MiB,
     )  # fmt: skip
-    private = s.slot("p1", observed=False)
+    private = s.slot(
+        "p1", observed=False, mem_mode=abi.MemMode.SPILL, spill_centi=5000, uvm_profile="training"
+    )
     assert private.parent == s.work / "slots"
+    spill = files.read_limits(private / abi.LIMITS_FILE)
+    assert (spill.mem_mode, spill.device[0].mem_spill_centi, spill.uvm_profile) == (
+        abi.MemMode.SPILL, 5000, abi.UvmProfile.TRAINING,
+    )  # fmt: skip
     assert sorted(p.name for p in files.tenants_dir(s.run_dir).iterdir()) == ["t1"]
     s.drop_slot("t1")
     s.drop_slot("p1", observed=False)

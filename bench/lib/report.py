@@ -53,6 +53,7 @@ NAMES = (
     "multigpu",
     "observer",
     "overhead",
+    "spill",
 )
 # Titles of documents made of parts, one per probe.
 DOCUMENTS = {"compute-diagnosis": "What a tenant's throughput depends on, besides its share"}

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fcsp_hook import mps
-from fcsp_hook.slot import abi, files
+from fcsp_hook.slot import abi, files, uvm
 from lib import REPO, SHIM
 
 GRACE_S = 10.0  # how long siblings of a failed child may still finish (a collective hangs)
@@ -261,6 +261,9 @@ class Scene:
         *,
         mode: abi.IsolationMode = abi.IsolationMode.BALANCED,
         priority: abi.Priority = abi.Priority.BEST_EFFORT,
+        mem_mode: abi.MemMode = abi.MemMode.HARD,
+        spill_centi: int = 0,
+        uvm_profile: str = "default",
         observed: bool = True,
     ) -> Path:
         """A fresh slot, as the hook writes it.  observed: in the run_dir the observer
@@ -278,11 +281,18 @@ class Scene:
                 sm_requested_centi=d.sm_centi,
                 backend=d.backend,
                 mps_threads_centi=d.mps_threads_centi,
+                mem_spill_centi=spill_centi,
             )
             for d in devices or (Device(),)
         )
         spec = files.SlotSpec(
-            container_id=name, tenant=name, isolation_mode=mode, priority=priority, devices=limits
+            container_id=name,
+            tenant=name,
+            isolation_mode=mode,
+            mem_mode=mem_mode,
+            priority=priority,
+            devices=limits,
+            uvm=uvm.PROFILES[uvm_profile],
         )
         files.write_slot(directory, spec, {})
         return directory

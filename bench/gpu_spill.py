@@ -1,0 +1,223 @@
+"""Memory past the quota on a real GPU: spill mode against the same work with room in its
+quota, and against spill without FCSP's prefetch.
+
+    OUT=$OUT python3 bench/gpu_spill.py [--quota-gib 8] [--seconds 10] [--only serve,...]
+
+Sections (each tenant a process under libvgpu.so with a slot of this bench's making; no
+observer: spill mode is the shim's own):
+  serve     sessions' KV-cache buffers totalling 1.5x and 2x the quota, 4 hot at a time, the
+            hot set moving: GB/s under spill, spill without prefetch (BUD_PREFETCH_ENABLED=0),
+            and with room in the quota
+  infer     an fp16 MLP whose weights take 1.0, 1.1 and 1.25x the quota: tokens/s (and a PNG)
+  train     one training step of a model whose state takes 1.25x the quota completes
+  neighbour a tenant at its hard quota running matmuls at strict 50 %, next to a tenant at
+            strict 50 % serving 2x its quota, against next to the same tenant with room
+
+Never more unified memory than the card has free: the largest working set is 2x the quota
+(and the shim refuses a spill past the GPU's free memory).  Writes $OUT/spill.md,
+$OUT/spill.png and $OUT/spill-raw.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lib  # noqa: F401  # the checkout first on sys.path
+from lib.report import Report, out_dir, save_json
+from lib.scene import Device, Scene
+
+from fcsp_hook.slot import abi
+
+WORKER = Path(__file__).resolve().parent / "spill_workers.py"
+GiB_MIB = 1024
+SECTIONS = ("serve", "infer", "train", "neighbour")
+SESSION_MIB = 256
+HOT = 4
+ONE_X = abi.WHOLE_GPU_CENTI
+
+
+class Bench:
+    def __init__(self, scene: Scene, quota_mib: int, seconds: float) -> None:
+        self.scene = scene
+        self.quota_mib = quota_mib
+        self.seconds = seconds
+        self.runs = 0
+
+    def slot(self, quota_mib: int, *, spill: bool, sm_centi: int = ONE_X, **slot: Any) -> Path:
+        """A fresh private slot: the quota on GPU 0, spill mode (bound 1x) or hard."""
+        self.runs += 1
+        return self.scene.slot(
+            f"t{self.runs}",
+            [Device(mem_bytes=quota_mib << 20, sm_centi=sm_centi)],
+            mode=abi.IsolationMode.STRICT if sm_centi < ONE_X else abi.IsolationMode.NONE,
+            mem_mode=abi.MemMode.SPILL if spill else abi.MemMode.HARD,
+            spill_centi=ONE_X if spill else 0,
+            observed=False,
+            **slot,
+        )
+
+    def start(self, slot: Path, *args: str, **env: str) -> Any:
+        return self.scene.spawn(
+            f"{args[0]}-{self.runs}",
+            [sys.executable, str(WORKER), *args],
+            env=self.scene.env(slot, extra=env),
+        )
+
+    def run(self, slot: Path, *args: str, **env: str) -> dict[str, Any]:
+        child = self.start(slot, *args, **env)
+        return self.scene.collect_one(child, timeout=self.seconds + 600)
+
+    def room(self, working_mib: int) -> int:
+        """A quota with room for the working set and the framework's own."""
+        return working_mib + 2 * GiB_MIB
+
+
+def section_serve(b: Bench, raw: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for ratio in (1.5, 2.0):
+        total = int(b.quota_mib * ratio)
+        args = ("serve", str(total), str(SESSION_MIB), str(HOT), str(b.seconds))
+        room = b.run(b.slot(b.room(total), spill=False), *args)["gbps"]
+        spill = b.run(b.slot(b.quota_mib, spill=True), *args)["gbps"]
+        plain = b.run(b.slot(b.quota_mib, spill=True), *args, BUD_PREFETCH_ENABLED="0")["gbps"]
+        raw[f"serve {ratio}x"] = {"room": room, "spill": spill, "no_prefetch": plain}
+        rows.append(
+            [
+                f"serve, sessions {ratio}x the quota",
+                f"{spill:.1f} GB/s",
+                f"{room:.1f} GB/s",
+                f"{spill / room:.2f}",
+                f"{plain:.1f} GB/s ({plain / room:.2f})",
+            ]
+        )
+    return rows
+
+
+def section_infer(b: Bench, raw: dict[str, Any], report: Report) -> list[list[Any]]:
+    rows, points = [], []
+    room = b.run(
+        b.slot(b.room(int(b.quota_mib * 1.25)), spill=False),
+        "infer",
+        str(int(b.quota_mib * 1.25)),
+        str(b.seconds),
+    )["tokens_per_s"]
+    for ratio in (1.0, 1.1, 1.25):
+        weights = int(b.quota_mib * ratio)
+        spill = b.run(b.slot(b.quota_mib, spill=True), "infer", str(weights), str(b.seconds))
+        points.append((ratio, spill["tokens_per_s"]))
+        rows.append(
+            [
+                f"inference, weights {ratio}x the quota",
+                f"{spill['tokens_per_s']:.0f} tokens/s",
+                f"{room:.0f} tokens/s (1.25x)",
+                f"{spill['tokens_per_s'] / room:.2f}",
+                "",
+            ]
+        )
+    raw["infer"] = {"points": points, "room_1.25x": room}
+
+    def draw(plt: Any) -> Any:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="spill")
+        ax.axhline(room, linestyle="--", color="gray", label="room in the quota (1.25x)")
+        ax.set_xlabel("weights / quota")
+        ax.set_ylabel("tokens/s")
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
+    report.plot(draw)
+    return rows
+
+
+def section_train(b: Bench, raw: dict[str, Any]) -> list[list[Any]]:
+    model = int(b.quota_mib * 1.25)
+    result = b.run(b.slot(b.quota_mib, spill=True), "train", str(model))
+    raw["train"] = result
+    return [
+        [
+            "training step, state 1.25x the quota",
+            f"completes in {result['seconds']:.1f} s",
+            "",
+            "",
+            f"loss {result['loss']:.3g}",
+        ]
+    ]
+
+
+def section_neighbour(b: Bench, raw: dict[str, Any]) -> list[list[Any]]:
+    total = int(b.quota_mib * 2)
+    per_s = {}
+    for case, spill in (("next to room", False), ("next to spill", True)):
+        other = b.slot(b.quota_mib if spill else b.room(total), spill=spill, sm_centi=ONE_X // 2)
+        neighbour = b.slot(b.quota_mib, spill=False, sm_centi=ONE_X // 2)
+        serving = b.start(
+            other, "serve", str(total), str(SESSION_MIB), str(HOT), str(b.seconds + 20)
+        )
+        result = b.run(neighbour, "matmul", str(b.seconds))
+        b.scene.collect_one(serving, timeout=b.seconds + 600)
+        per_s[case] = result["per_s"]
+    raw["neighbour"] = per_s
+    ratio = per_s["next to spill"] / per_s["next to room"]
+    return [
+        [
+            "neighbour at strict 50 %, matmuls/s",
+            f"{per_s['next to spill']:.1f} next to spill",
+            f"{per_s['next to room']:.1f} next to room",
+            f"{ratio:.3f}",
+            "",
+        ]
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quota-gib", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--only", default=",".join(SECTIONS))
+    args = parser.parse_args(argv)
+    out = out_dir()
+    report = Report(
+        "spill",
+        "Memory past the quota: spill mode on a real GPU",
+        "The same work past its quota in spill mode, with room in its quota, and in spill "
+        "mode without prefetch; a neighbour's throughput next to a spilling tenant.",
+        out,
+        extra=[
+            f"quota {args.quota_gib} GiB, {args.seconds} s per run, sessions of "
+            f"{SESSION_MIB} MiB, {HOT} hot"
+        ],
+    )
+    raw: dict[str, Any] = {}
+    rows: list[list[Any]] = []
+    with Scene(
+        Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp")), out / "spill-raw", name="spill"
+    ) as scene:
+        b = Bench(scene, int(args.quota_gib * GiB_MIB), args.seconds)
+        for name in (s for s in args.only.split(",") if s):
+            try:
+                if name == "infer":
+                    rows += section_infer(b, raw, report)
+                else:
+                    rows += {
+                        "serve": section_serve,
+                        "train": section_train,
+                        "neighbour": section_neighbour,
+                    }[name](b, raw)
+            except Exception as exc:  # one section failing leaves the others' figures
+                rows.append([name, f"failed: {type(exc).__name__}: {exc}"[:200], "", "", ""])
+            print(f"[{name}] done", flush=True)
+    report.table(["what", "spill", "with room", "spill / room", "note"], rows)
+    save_json(out / "spill-raw.json", {"meta": report.meta, "raw": raw})
+    print(report.write())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
