@@ -261,13 +261,17 @@ static void want(struct uvm_pass *pass, struct uvm_range *r)
         pass->wanted[pass->nwanted++] = index;
 }
 
-/* A word of a launch's arguments that points into a range: mark it used by the launch. */
+/*
+ * A word of a launch's arguments that points into a range of the launch's context: mark it
+ * used by the launch.  Another context's ranges are that context's to move, as its own
+ * launches use them (victim() never takes them either).
+ */
 static void mark_word(struct uvm_pass *pass, uint64_t addr, uint64_t lowest, uint64_t highest)
 {
     if (addr < lowest || addr >= highest)
         return; /* most words (sizes, strides, flags) are nowhere near the ranges */
     struct uvm_range *r = find_containing(addr);
-    if (!r || r->ordinal != pass->ordinal)
+    if (!r || r->ordinal != pass->ordinal || r->ctx != pass->ctx)
         return;
     r->last_launch = pass->launch;
     if (r->state == UVM_SPILLED)

@@ -369,3 +369,256 @@ def test_a_sigkilled_process_charges_are_released_after_migrations(tmp_path: Pat
         assert (u.device[0].mem_used_bytes, u.device[0].mem_spilled_bytes) == (0, 0)
     finally:
         victim.communicate(timeout=10)
+
+
+# ---- launches that move nothing ------------------------------------------------------------
+
+# The quota with 16 MiB of room (range 0 freed) and range 4 spilled: a launch using range 4
+# with `kernelParams` would promote it (test_a_launch_promotes_a_spilled_range...).
+ROOM = (*SETUP, "free", "0", "usage")
+
+
+def unmoved(r: Result) -> None:
+    """At the second `usage` and the five `advice` lines after it: ranges 1-3 still on the
+    device and 4, 5 in host memory, charged as before, nothing migrated."""
+    assert places(r, 5)[0] == "DDDHH"
+    assert counter(r, "used")[:2] == [3 * RANGE, 3 * RANGE]
+    assert counter(r, "spill")[:2] == [2 * RANGE, 2 * RANGE]
+    second = [i for i, line in enumerate(r.lines) if line == "usage end"][1]
+    assert not [line for line in r.lines[:second] if line.startswith("migrated ")]
+
+
+def test_an_extra_form_launch_moves_nothing(tmp_path: Path) -> None:
+    """A launch whose arguments come in one buffer (`extra`, CU_LAUNCH_PARAM_BUFFER_POINTER;
+    kernelParams NULL) that points into spilled range 4, with room in the quota: it
+    succeeds, nothing moves nor changes charge, and the driver is not asked for a layout
+    nor for a prefetch."""
+    env = uvm_env(tmp_path)
+    r = run(
+        env,
+        *ROOM,
+        *use(4, kind="extra"),
+        "usage",
+        *steps("advice 1 advice 2 advice 3 advice 4 advice 5"),
+        *steps("count cuFuncGetParamInfo count cuMemPrefetchAsync_v2 count cuMemAdvise_v2"),
+    )
+    assert uses(r) == ["use 0"]
+    unmoved(r)
+    counts = [line.split()[1:] for line in r.lines if line.startswith("count ")]
+    # cuMemAdvise_v2: the six allocations' two pieces of advice each, nothing since
+    assert counts == [["cuFuncGetParamInfo", "0"], ["cuMemPrefetchAsync_v2", "0"],
+                      ["cuMemAdvise_v2", "12"]]  # fmt: skip
+
+
+def test_a_function_without_a_layout_moves_nothing_and_is_asked_about_once(
+    tmp_path: Path,
+) -> None:
+    """A function whose layout the driver does not give (the sim's n_... names): three
+    launches pointing into spilled range 4, with room in the quota, all succeed and move
+    nothing; the driver was asked for the layout once, not at every launch.  A function
+    with a layout then promotes the same range in the same process."""
+    env = uvm_env(tmp_path)
+    r = run(
+        env,
+        *SETUP[:-2],
+        *steps("func n_k_1us free 0 usage"),
+        *use(4) * 3,
+        "usage",
+        *steps("advice 1 advice 2 advice 3 advice 4 advice 5 count cuFuncGetParamInfo"),
+        *steps("count cuMemPrefetchAsync_v2 func k_1us"),
+        *use(4, func="7"),
+        *steps("usage advice 4"),
+    )
+    assert uses(r) == ["use 0"] * 4
+    assert places(r, 5)[0] == "DDDHH"
+    assert counter(r, "used") == [3 * RANGE, 3 * RANGE, QUOTA]
+    assert counter(r, "spill") == [2 * RANGE, 2 * RANGE, RANGE]
+    assert r.field("count")[1:] == ["cuFuncGetParamInfo", "1"]
+    assert [line for line in r.lines if "Prefetch" in line] == ["count cuMemPrefetchAsync_v2 0"]
+    assert places(r, 1)[-1] == ON_DEVICE
+    assert migrated(r) == (RANGE, 0)
+
+
+@pytest.mark.parametrize("ptsz", [False, True], ids=["legacy", "per_thread"])
+def test_a_launch_into_a_capturing_stream_moves_nothing(tmp_path: Path, ptsz: bool) -> None:
+    """While the launch's stream is being captured into a graph, a launch pointing into
+    spilled range 4 with room in the quota moves nothing and queues nothing on the stream
+    (no event wait joins the graph); once capture ends, the same launch promotes it."""
+    env = uvm_env(tmp_path)
+    query = "cuStreamIsCapturing_ptsz" if ptsz else "cuStreamIsCapturing"
+    r = run(
+        env,
+        *(("--ptsz",) if ptsz else ()),
+        *ROOM,
+        *steps("capture 1"),
+        *use(4),
+        "usage",
+        *steps(f"advice 1 advice 2 advice 3 advice 4 advice 5 count {query}"),
+        *steps("count cuMemPrefetchAsync_v2 count cuStreamWaitEvent capture 0"),
+        *use(4),
+        *steps("usage advice 4"),
+    )
+    assert r.lines.count("capture 0") == 2  # the sim's hook was found, both times
+    assert uses(r) == ["use 0", "use 0"]
+    unmoved(r)
+    counts = [line.split()[1:] for line in r.lines if line.startswith("count ")]
+    assert counts == [[query, "1"], ["cuMemPrefetchAsync_v2", "0"], ["cuStreamWaitEvent", "0"]]
+    assert places(r, 1)[-1] == ON_DEVICE
+    assert counter(r, "used")[-1] == QUOTA
+    assert migrated(r) == (RANGE, 0)
+
+
+# ---- contexts ----------------------------------------------------------------------------------
+
+SIX_AND_FUNC = (*("alloc", "mem", "16M") * 6, "func", "k_1us")
+
+
+@pytest.mark.parametrize("end", ["destroy", "release"], ids=["cuCtxDestroy", "primary_release"])
+def test_a_context_destroyed_after_migrations_releases_everything(tmp_path: Path, end: str) -> None:
+    """A context (created, or the primary one) whose ranges were promoted and evicted is
+    destroyed (cuCtxDestroy, or the primary context's last release): both charges return
+    to 0.  A new context (the sim hands out the same handle again) then allocates, spills,
+    and promotes again, on a migration stream of its own: the shim forgot the destroyed
+    context's stream (cuStreamCreate a second time) rather than queueing on a dead one."""
+    env = uvm_env(tmp_path)
+    if end == "destroy":  # ids: context 0, ranges 1-6, function 7; context 8, 9-14, 15
+        begin, finish, again, first = ("init", "ctx", "0"), ("destroyctx", "0"), ("ctx", "0"), 1
+    else:  # ids: ranges 0-5, function 6; ranges 7-12, function 13
+        begin, finish, again, first = ("init",), ("releaseprimary", "0"), ("device", "0"), 0
+    func = first + 6
+    later = func + 1 + first  # the new context's first range
+    r = run(
+        env,
+        *begin,
+        *SIX_AND_FUNC,
+        *use(first + 4, func=str(func)),  # promotes 4, evicting 0
+        *use(first + 5, func=str(func)),  # promotes 5, evicting 1
+        "usage",
+        *finish,
+        "usage",
+        *again,
+        *SIX_AND_FUNC,
+        "usage",
+        *use(later + 4, func=str(later + 6)),
+        "usage",
+        *(w for i in range(later, later + 6) for w in ("advice", str(i))),
+        "count", "cuStreamCreate",
+    )  # fmt: skip
+    assert uses(r) == ["use 0"] * 3, r.lines
+    assert ("free 0" if end == "destroy" else "releaseprimary 0") in r.lines  # drv's words
+    # before the end, after it (nothing left), with the new context's six, after its launch
+    assert counter(r, "used") == [QUOTA, 0, QUOTA, QUOTA]
+    assert counter(r, "spill") == [2 * RANGE, 0, 2 * RANGE, 2 * RANGE]
+    assert migrated(r) == (3 * RANGE, 3 * RANGE)
+    # the process's own record: nothing on the device either
+    records = [line.split()[2] for line in r.lines if line.startswith("proc ")]
+    assert records[:2] == [str(QUOTA), "0"]
+    assert places(r) == ["HDDDDH"]
+    assert r.field("count")[1:] == ["cuStreamCreate", "2"]
+
+
+def test_a_launch_moves_only_its_own_contexts_ranges(tmp_path: Path) -> None:
+    """Two contexts on device 0 share the quota: the primary one holds ranges 0, 1, a
+    created one (id 2) ranges 3, 4, and spills 5.  A launch in the created context that
+    uses 5 evicts its own 3, never the primary context's 0 or 1.  Back in the primary
+    context, 7 spills; a launch there that uses the other context's spilled 3 first, then
+    7, promotes only 7, evicting the primary context's 0 (LRU: never used), never 4 or 5:
+    the other context's ranges are neither promoted nor evicted.  The charges stay equal to
+    what the driver holds on the device and in host memory."""
+    env = uvm_env(tmp_path)
+    r = run(
+        env,
+        *steps("init alloc mem 16M alloc mem 16M ctx 0 alloc mem 16M alloc mem 16M"),
+        *steps("alloc mem 16M func k_1us"),  # 5 spills; function 6
+        *use(5, func="6"),
+        "usage",
+        *(w for i in (0, 1, 3, 4, 5) for w in ("advice", str(i))),
+        *steps("device 0 alloc mem 16M"),  # 7 spills
+        *use(3, 7, func="6"),
+        "usage",
+        *(w for i in (0, 1, 3, 4, 5, 7) for w in ("advice", str(i))),
+    )
+    assert uses(r) == ["use 0", "use 0"]
+    marks = "".join(places(r, 1))
+    assert (marks[:5], marks[5:]) == ("DDHDD", "HDHDDD"), r.lines
+    assert counter(r, "used") == [QUOTA, QUOTA]
+    assert counter(r, "spill") == [RANGE, 2 * RANGE]
+    assert migrated(r) == (2 * RANGE, 2 * RANGE)
+
+
+# ---- the range table full ----------------------------------------------------------------------
+
+UVM_MAX_RANGES = 4096  # shim/uvm.c
+
+
+def test_past_the_range_table_allocations_keep_a_fixed_charge(tmp_path: Path) -> None:
+    """Ranges 0-3 fill the quota, 4 and 4091 small ones (5-4095) spill: the table's 4096
+    ranges.  Past it 4096 spills as a fixed charge: a launch that uses it and 4 promotes 4
+    (evicting 0) but never 4096.  Once 1 is freed, 8 MiB (4098) are managed again and the
+    next 8 MiB (4099) are a fixed charge on the device, which eviction never takes: a
+    launch that uses everything resident but 4099 and needs room for small spilled 5 moves
+    nothing.  Every charge, fixed or managed, is released when freed."""
+    env = uvm_env(tmp_path)
+    small = UVM_MAX_RANGES - 5
+    r = run(
+        env,
+        "init",
+        *("alloc", "mem", "16M") * 5,
+        "allocs", "mem", "4K", str(small),
+        "alloc", "mem", "16M",  # 4096: fixed, spilled
+        "func", "k_1us",  # 4097
+        *use(4, 4096, func="4097"),
+        *steps("usage advice 0 advice 4 advice 4096"),
+        *steps("free 1 alloc mem 8M alloc mem 8M"),  # 4098 managed, 4099 fixed on the device
+        *use(0, 4099, func="4097"),  # promotes 0, evicting 2 (LRU), never 4099
+        *use(0, 3, 4, 4098, 5, func="4097"),  # room for 5 only by evicting 4099: none
+        *steps("usage advice 0 advice 2 advice 3 advice 4 advice 4096 advice 4098 advice 5"),
+        *steps("advice 4099"),
+        *steps("free 4096 usage free 4099 usage frees 5"), str(small),
+        *steps("usage free 0 free 2 free 3 free 4 free 4098 usage"),
+    )  # fmt: skip
+    small_bytes = small * 4096
+    assert r.field("allocs")[1:] == [str(small), "5"]
+    assert uses(r) == ["use 0"] * 3
+    assert r.field("frees")[1:] == ["0"]
+    assert r.lines.count("free 0") == 8
+    marks = "".join(places(r, 1))
+    assert (marks[:3], marks[3:]) == ("HDH", "DHDDHDHD"), r.lines
+    moves = [a for a in advice(r) if a["resident"] != "0"]
+    assert moves[-1]["out"] == "0"  # 4099 never left the device
+    spilled = 2 * RANGE + small_bytes  # 0 (or 2) and 4096 and the small ones
+    assert counter(r, "used") == [QUOTA, QUOTA, QUOTA, QUOTA - 8 * MiB, QUOTA - 8 * MiB, 0]
+    assert counter(r, "spill")[:5] == [spilled, spilled, spilled - RANGE, spilled - RANGE, RANGE]
+    assert counter(r, "spill")[5] == 0
+    assert migrated(r) == (2 * RANGE, 2 * RANGE)
+
+
+# ---- threads ------------------------------------------------------------------------------------
+
+
+def test_two_threads_launching_at_once_keep_the_charges_consistent(tmp_path: Path) -> None:
+    """Two threads launch at once, 300 times each, each launch using one of the six ranges
+    in turn (four fit the quota): ranges are promoted and evicted under both.  Every launch
+    succeeds; the device charge ends within the quota; both charges add up to the six
+    ranges; the ranges the driver holds on the device are exactly those charged to the
+    quota; and what moved in less what moved out is what the device gained."""
+    env = uvm_env(tmp_path)
+    r = run(
+        env,
+        *SETUP,
+        *steps("usethreads 2 300 6 0 1 2 3 4 5 usage"),
+        *advise_all(),
+        *steps("usethreads 2 300 6 5 4 3 2 1 0 usage"),
+        *advise_all(),
+    )
+    assert r.rc == 0, r.stderr
+    assert [line for line in r.lines if line.startswith("usethreads ")] == ["usethreads 2 0"] * 2
+    used, spilled = counter(r, "used"), counter(r, "spill")
+    assert all(u <= QUOTA for u in used), used
+    assert [u + s for u, s in zip(used, spilled, strict=True)] == [6 * RANGE] * 2
+    assert [p.count(ON_DEVICE) * RANGE for p in places(r)] == used
+    moved = [line.split() for line in r.lines if line.startswith("migrated 0 ")]
+    assert moved, "nothing moved: the threads did not exercise eviction"
+    assert [int(m[3]) - int(m[5]) for m in moved] == [u - QUOTA for u in used]
+    procs = [int(line.split()[2]) for line in r.lines if line.startswith("proc ")]
+    assert procs == used

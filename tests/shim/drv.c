@@ -15,9 +15,15 @@
  *                          "advice managed=0|1 preferred=none|host|deviceN
  *                          accessed_by=MASK resident=BYTES in=N out=N" (bit d: device d;
  *                          in, out: how many times it moved to the device and back)
- *   use FUNC KIND N ID...  launch KIND (kernel kernelex coop) of function FUNC once with the
- *                          sim's parameters: the count N, then the addresses of allocations
- *                          ID... (at most 8); prints "use RC"
+ *   use FUNC KIND N ID...  launch KIND (kernel kernelex coop packed extra) of function FUNC
+ *                          once with the sim's parameters: the count N, then the addresses of
+ *                          allocations ID... (at most 8); prints "use RC".  extra: the same
+ *                          bytes in one buffer (CU_LAUNCH_PARAM_BUFFER_POINTER), no kernelParams
+ *   usethreads N LAUNCHES FUNC ID...  N threads at once, each launching FUNC LAUNCHES times
+ *                          with one pointer, allocation ID[(k * N + t) % count] at its k-th
+ *                          launch (thread t); prints "usethreads JOINED FAILED"
+ *   allocs FAMILY SIZE N   N allocations as "alloc"; prints "allocs OK FIRST_ID"
+ *   frees FIRST N          free objects FIRST..FIRST+N-1; prints "frees FAILED"
  *   func NAME              a function; in the sim "k_200us" runs 200 us
  *   graph US               a sim executable graph whose replay runs US us
  *   batch N                later runs synchronize after every N launches
@@ -26,7 +32,8 @@
  *                          "run RC launched N wall_ns W cpu_ns C"
  *   launches KIND ID N     launch KIND on object ID N times, without synchronizing;
  *                          prints "launches RC N" | sync: cuCtxSynchronize
- *   capture 0|1            the sim's legacy stream reports (not) capturing
+ *   capture 0|1            the sim's legacy stream (with --ptsz: the thread's per-thread
+ *                          stream) reports (not) capturing
  *   threads ID N LAUNCHES  N threads in turn, each launching function ID LAUNCHES
  *                          times and exiting; prints "threads JOINED"
  *   setenv NAME VALUE      the process's own setenv(), e.g. before init
@@ -53,7 +60,8 @@ struct object {
 };
 
 static struct api api;
-static struct object objects[4096];
+static struct object objects[8192];
+static cuuint64_t proc_flags = CU_GET_PROC_ADDRESS_DEFAULT; /* --ptsz: the per-thread stream */
 static int nobjects;
 
 static unsigned long long parse_size(const char *s)
@@ -68,17 +76,27 @@ static unsigned long long parse_size(const char *s)
     }
 }
 
+static int quiet; /* "allocs": no line per allocation */
+static CUresult last_rc;
+
 static void add_object(enum obj_kind kind, unsigned long long value)
 {
+    if (nobjects >= (int)(sizeof(objects) / sizeof(objects[0]))) {
+        fprintf(stderr, "too many objects\n");
+        exit(2);
+    }
     objects[nobjects] = (struct object){kind, value};
-    printf("ok %d\n", nobjects++);
+    if (!quiet)
+        printf("ok %d\n", nobjects);
+    nobjects++;
 }
 
 static void report(CUresult rc, enum obj_kind kind, unsigned long long value)
 {
+    last_rc = rc;
     if (rc == CUDA_SUCCESS)
         add_object(kind, value);
-    else
+    else if (!quiet)
         printf("err %d\n", (int)rc);
 }
 
@@ -227,6 +245,18 @@ static CUresult launch_using(const char *kind, void *func, uint32_t n, const CUd
     }
     if (strcmp(kind, "coop") == 0)
         return api.launch_coop(func, 1, 1, 1, 1, 1, 1, 0, NULL, params);
+    if (strcmp(kind, "extra") == 0) { /* the same bytes in one buffer, no kernelParams */
+        struct {
+            uint32_t n;
+            uint32_t pad;
+            CUdeviceptr ptrs[POINTERS];
+        } buffer = {.n = n};
+        memcpy(buffer.ptrs, args, sizeof(args));
+        size_t size = sizeof(buffer);
+        void *extra[] = {CU_LAUNCH_PARAM_BUFFER_POINTER, &buffer, CU_LAUNCH_PARAM_BUFFER_SIZE,
+                         &size, CU_LAUNCH_PARAM_END};
+        return api.launch_kernel(func, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, extra);
+    }
     if (strcmp(kind, "packed") == 0) { /* a p_ function: the pointers in one structure */
         struct {
             uint64_t n;
@@ -333,6 +363,61 @@ static void run_threads(int id, int n, long launches)
     printf("threads %d\n", joined);
 }
 
+/* "usethreads N LAUNCHES FUNC ID...": N threads launching at once over the allocations. */
+struct use_job {
+    void *func;
+    int thread, threads, count;
+    long launches;
+    const CUdeviceptr *ptrs;
+    pthread_barrier_t *start;
+    long failed;
+};
+
+static void *thread_uses(void *arg)
+{
+    struct use_job *job = arg;
+    if (use_device(0) != CUDA_SUCCESS) {
+        job->failed = job->launches;
+        pthread_barrier_wait(job->start);
+        return NULL;
+    }
+    pthread_barrier_wait(job->start);
+    for (long k = 0; k < job->launches; k++) {
+        CUdeviceptr p = job->ptrs[(k * job->threads + job->thread) % job->count];
+        job->failed += launch_using("kernel", job->func, 1, &p) != CUDA_SUCCESS;
+    }
+    return NULL;
+}
+
+static void run_use_threads(int n, long launches, void *func, int count, const CUdeviceptr *ptrs)
+{
+    enum { MAX_THREADS = 16 };
+    struct use_job jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    pthread_barrier_t start;
+    n = n < MAX_THREADS ? n : MAX_THREADS;
+    if (n < 1 || count < 1) {
+        fprintf(stderr, "usethreads: no threads or no allocations\n");
+        exit(2);
+    }
+    pthread_barrier_init(&start, NULL, (unsigned)n);
+    int started = 0, joined = 0;
+    long failed = 0;
+    for (int t = 0; t < n; t++) {
+        jobs[t] = (struct use_job){func, t, n, count, launches, ptrs, &start, 0};
+        if (pthread_create(&threads[t], NULL, thread_uses, &jobs[t]) != 0)
+            break;
+        started++;
+    }
+    for (int t = 0; t < started; t++)
+        if (pthread_join(threads[t], NULL) == 0) {
+            joined++;
+            failed += jobs[t].failed;
+        }
+    pthread_barrier_destroy(&start);
+    printf("usethreads %d %ld\n", joined, failed);
+}
+
 static void print_usage(void)
 {
     const char *dir = getenv("FCSP_SLOT_DIR");
@@ -417,13 +502,12 @@ static void resolve(const char *name, int version, unsigned long long flags)
 int main(int argc, char **argv)
 {
     int i = 1;
-    cuuint64_t flags = CU_GET_PROC_ADDRESS_DEFAULT;
     if (i < argc && strcmp(argv[i], "--ptsz") == 0) {
-        flags = CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM;
+        proc_flags = CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM;
         i++;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (drv_load(&api, flags) < 0) {
+    if (drv_load(&api, proc_flags) < 0) {
         printf("load failed\n");
         return 3;
     }
@@ -527,10 +611,11 @@ int main(int argc, char **argv)
             report(g ? CUDA_SUCCESS : CUDA_ERROR_NOT_SUPPORTED, OBJ_FUNC,
                    (unsigned long long)(uintptr_t)g);
             i += 2;
-        } else if (strcmp(cmd, "capture") == 0) { /* 0|1: the legacy stream reports capturing */
+        } else if (strcmp(cmd, "capture") == 0) { /* 0|1: the launches' stream reports capturing */
             void (*set)(CUstream, int) = (void (*)(CUstream, int))sim_entry("fcspSimSetCapturing");
+            int per_thread = proc_flags == CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM;
             if (set)
-                set(NULL, atoi(ARG(1)));
+                set(per_thread ? CU_STREAM_PER_THREAD : NULL, atoi(ARG(1)));
             printf("capture %d\n", set ? 0 : 1);
             i += 2;
         } else if (strcmp(cmd, "run") == 0) { /* KIND ID SECONDS */
@@ -552,6 +637,33 @@ int main(int argc, char **argv)
             void *func = (void *)(uintptr_t)objects[atoi(ARG(1))].value;
             printf("use %d\n", (int)launch_using(ARG(2), func, (uint32_t)(n < 8 ? n : 8), ptrs));
             i += 4 + n;
+        } else if (strcmp(cmd, "usethreads") == 0) { /* N LAUNCHES FUNC ID... */
+            static CUdeviceptr ptrs[64];
+            int count = 0;
+            while (i + 4 + count < argc && count < 64 && argv[i + 4 + count][0] >= '0' &&
+                   argv[i + 4 + count][0] <= '9')
+                count++;
+            for (int k = 0; k < count; k++)
+                ptrs[k] = objects[atoi(argv[i + 4 + k])].value;
+            run_use_threads(atoi(ARG(1)), atol(ARG(2)),
+                            (void *)(uintptr_t)objects[atoi(ARG(3))].value, count, ptrs);
+            i += 4 + count;
+        } else if (strcmp(cmd, "allocs") == 0) { /* FAMILY SIZE N */
+            int n = atoi(ARG(3)), first = nobjects, ok = 0;
+            quiet = 1;
+            for (int k = 0; k < n; k++) {
+                alloc(ARG(1), parse_size(ARG(2)));
+                ok += last_rc == CUDA_SUCCESS;
+            }
+            quiet = 0;
+            printf("allocs %d %d\n", ok, first);
+            i += 4;
+        } else if (strcmp(cmd, "frees") == 0) { /* FIRST N */
+            int first = atoi(ARG(1)), n = atoi(ARG(2)), failed = 0;
+            for (int k = first; k < first + n; k++)
+                failed += free_object(k) != CUDA_SUCCESS;
+            printf("frees %d\n", failed);
+            i += 3;
         } else if (strcmp(cmd, "sync") == 0) {
             printf("sync %d\n", (int)api.ctx_sync());
             i += 1;

@@ -51,6 +51,7 @@ static struct counter counters[] = {
     {"cuMemFreeAsync", 0}, {"cuMemFreeAsync_ptsz", 0},
     {"cuMemAdvise_v2", 0}, {"cuMemPrefetchAsync_v2", 0},
     {"cuFuncGetParamInfo", 0}, {"cuStreamWaitEvent", 0},
+    {"cuStreamCreate", 0}, {"cuStreamIsCapturing", 0}, {"cuStreamIsCapturing_ptsz", 0},
 };
 
 static void count(const char *name)
@@ -968,6 +969,7 @@ SIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
  */
 struct CUfunc_st {
     int packed; /* named p_...: its pointers come in one structure (see cuFuncGetParamInfo) */
+    int hidden; /* named n_...: cuFuncGetParamInfo does not give its layout */
     uint64_t dur_ns;
     uint64_t other_ns;          /* if not 0: every other launch takes this long instead */
     _Atomic uint64_t launches;
@@ -1036,7 +1038,8 @@ SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const 
         return CUDA_ERROR_INVALID_VALUE;
     struct CUfunc_st *f = calloc(1, sizeof(*f));
     f->packed = strncmp(name, "p_", 2) == 0;
-    parse_duration(f->packed ? name + 2 : name, f);
+    f->hidden = strncmp(name, "n_", 2) == 0;
+    parse_duration(f->packed || f->hidden ? name + 2 : name, f);
     *hfunc = f;
     return CUDA_SUCCESS;
 }
@@ -1044,13 +1047,16 @@ SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const 
 /*
  * Every sim function takes a 4-byte count, then SIM_POINTER_PARAMS device pointers (drv's
  * "use" command fills them with allocations); a packed one (p_...), as frameworks' kernels
- * do, one structure of an 8-byte count and the pointers.
+ * do, one structure of an 8-byte count and the pointers.  Of a function named n_... the
+ * driver gives no layout (CUDA_ERROR_NOT_SUPPORTED), as of one loaded without it.
  */
 #define SIM_POINTER_PARAMS 8
 
 SIM_EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size)
 {
     count("cuFuncGetParamInfo");
+    if (f && f->hidden)
+        return CUDA_ERROR_NOT_SUPPORTED;
     size_t params = f && f->packed ? 1 : SIM_POINTER_PARAMS;
     if (!f || !offset || !size || index > params)
         return CUDA_ERROR_INVALID_VALUE;
@@ -1101,6 +1107,7 @@ static void raise_to(_Atomic uint64_t *v, uint64_t t)
 
 SIM_EXPORT CUresult cuStreamCreate(CUstream *phStream, unsigned int flags)
 {
+    count("cuStreamCreate");
     *phStream = calloc(1, sizeof(struct CUstream_st));
     return CUDA_SUCCESS;
 }
@@ -1162,11 +1169,13 @@ static CUresult is_capturing(CUstream s, int ptsz, CUstreamCaptureStatus *status
 
 SIM_EXPORT CUresult cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus *status)
 {
+    count("cuStreamIsCapturing");
     return is_capturing(s, 0, status);
 }
 
 SIM_EXPORT CUresult cuStreamIsCapturing_ptsz(CUstream s, CUstreamCaptureStatus *status)
 {
+    count("cuStreamIsCapturing_ptsz");
     return is_capturing(s, 1, status);
 }
 
