@@ -88,8 +88,6 @@
 #define WATCHER_STACK (256u << 10)
 #define TURN_MASK ((1ull << FCSP_TURN_BITS) - 1)
 
-_Atomic int shim_launch_entry = LAUNCH_SLOW;
-
 void shim_launch_init(void)
 {
     atomic_store_explicit(&shim_launch_entry, shim.active ? LAUNCH_SLOW : LAUNCH_OFF,
@@ -586,8 +584,10 @@ void shim_compute_after_fork_child(void)
 static int entry_slow(int *ordinal)
 {
     int entry = shim_current_device(ordinal);
+    int slow = LAUNCH_SLOW; /* never over LAUNCH_UVM: spill mode looks at every launch */
     if (entry >= 0 && shim_ndevices == 1)
-        atomic_store_explicit(&shim_launch_entry, entry, memory_order_relaxed);
+        atomic_compare_exchange_strong_explicit(&shim_launch_entry, &slow, entry,
+                                                memory_order_relaxed, memory_order_relaxed);
     return entry;
 }
 

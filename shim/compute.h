@@ -22,14 +22,7 @@ struct compute_launch {
     int sample; /* calibration ring slot armed for this launch; -1: none */
 };
 
-/*
- * >= 0: the usage entry every launch of this process counts against (one
- * device); LAUNCH_SLOW: look the device up (several devices, or not yet
- * known); LAUNCH_OFF: inactive, count nothing.
- */
-#define LAUNCH_SLOW (-1)
-#define LAUNCH_OFF (-2)
-extern _Atomic int shim_launch_entry;
+
 
 void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUstream stream,
                          bool ptsz);
@@ -37,13 +30,20 @@ void shim_compute_thread_flush(void);
 /* After a measured launch: the first starts the watcher of kernels of unknown cost. */
 void shim_compute_measured(void);
 
+/* compute_begin with the launch word already loaded: its caller acted on LAUNCH_UVM. */
+static inline void compute_begin_entry(struct compute_launch *l, int entry, uint64_t key,
+                                       CUstream stream, bool ptsz)
+{
+    l->sample = -1;
+    if (likely(entry != LAUNCH_OFF))
+        shim_compute_charge(l, entry == LAUNCH_UVM ? LAUNCH_SLOW : entry, key, stream, ptsz);
+}
+
 static inline void compute_begin(struct compute_launch *l, uint64_t key, CUstream stream,
                                  bool ptsz)
 {
-    l->sample = -1;
-    int entry = atomic_load_explicit(&shim_launch_entry, memory_order_relaxed);
-    if (likely(entry != LAUNCH_OFF))
-        shim_compute_charge(l, entry, key, stream, ptsz);
+    compute_begin_entry(l, atomic_load_explicit(&shim_launch_entry, memory_order_relaxed), key,
+                        stream, ptsz);
 }
 
 static inline void compute_end(struct compute_launch *l, CUresult rc)

@@ -159,6 +159,24 @@ int shim_slot_entry_for(const char *uuid, int index)
     return index >= 0 && index < (int)slot.device_count ? index : -1;
 }
 
+/* ---- the launch word ------------------------------------------------------------ */
+
+_Atomic int shim_launch_entry = LAUNCH_SLOW;
+
+void shim_launch_uvm(bool on)
+{
+    int seen = atomic_load_explicit(&shim_launch_entry, memory_order_relaxed);
+    int want;
+    do {
+        if (seen == LAUNCH_OFF)
+            return;
+        want = on ? LAUNCH_UVM : seen == LAUNCH_UVM ? LAUNCH_SLOW : seen;
+        if (want == seen)
+            return;
+    } while (!atomic_compare_exchange_weak_explicit(&shim_launch_entry, &seen, want,
+                                                    memory_order_relaxed, memory_order_relaxed));
+}
+
 /* ---- CUDA devices ------------------------------------------------------------ */
 
 static void format_uuid(const CUuuid *u, char *out, size_t len)
@@ -186,6 +204,7 @@ static void reload_limits(uint64_t generation)
     }
     /* Allocations and launches look at uvm.c only while some device is in spill mode. */
     atomic_store_explicit(&shim_uvm_live, spill_mode, memory_order_relaxed);
+    shim_launch_uvm(spill_mode);
     atomic_store_explicit(&generation_seen, generation, memory_order_release);
 }
 

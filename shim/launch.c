@@ -5,17 +5,20 @@
  * brackets the real call with compute_begin/compute_end (compute.h): count,
  * charge the tenant's share, wait if it is spent, and now and then measure
  * the launch with a pair of events.  In spill mode the kernel launches first let uvm.c
- * bring the spilled ranges they use to the device (uvm.h); elsewhere that costs one
- * relaxed load.
+ * bring the spilled ranges they use to the device (begin_kernel).
  */
 #include "compute.h"
 #include "uvm.h"
 
-/* Spill mode only: the ranges the kernel's arguments point into, moved before it runs. */
-static inline void uvm_before(CUfunction f, void **params, CUstream stream, bool ptsz)
+/* compute_begin for a kernel launch of f with params (NULL: the `extra` form): in spill
+ * mode, which the launch word says, uvm.c moves the data the kernel uses first. */
+static inline void begin_kernel(struct compute_launch *l, uint64_t key, CUstream stream,
+                                bool ptsz, CUfunction f, void **params)
 {
-    if (unlikely(shim_uvm_on()))
+    int entry = atomic_load_explicit(&shim_launch_entry, memory_order_relaxed);
+    if (unlikely(entry == LAUNCH_UVM))
         shim_uvm_before_launch(f, params, stream, ptsz);
+    compute_begin_entry(l, entry, key, stream, ptsz);
 }
 
 SHIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigned int gridDimY,
@@ -24,10 +27,9 @@ SHIM_EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned int gridDimX, unsigne
                                     unsigned int sharedMemBytes, CUstream hStream,
                                     void **kernelParams, void **extra)
 {
-    uvm_before(f, kernelParams, hStream, false);
     struct compute_launch l;
-    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
-                  hStream, false);
+    begin_kernel(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, false, f, kernelParams);
     CUresult rc = REAL(cuLaunchKernel)(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
                                        blockDimZ, sharedMemBytes, hStream, kernelParams, extra);
     compute_end(&l, rc);
@@ -40,10 +42,9 @@ SHIM_EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned int gridDimX,
                                          unsigned int blockDimZ, unsigned int sharedMemBytes,
                                          CUstream hStream, void **kernelParams, void **extra)
 {
-    uvm_before(f, kernelParams, hStream, true);
     struct compute_launch l;
-    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
-                  hStream, true);
+    begin_kernel(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, true, f, kernelParams);
     CUresult rc = REAL(cuLaunchKernel_ptsz)(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,
                                             blockDimZ, sharedMemBytes, hStream, kernelParams,
                                             extra);
@@ -62,9 +63,8 @@ static uint64_t config_key(const CUlaunchConfig *c, CUfunction f)
 SHIM_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f,
                                       void **kernelParams, void **extra)
 {
-    uvm_before(f, kernelParams, config ? config->hStream : NULL, false);
     struct compute_launch l;
-    compute_begin(&l, config_key(config, f), config ? config->hStream : NULL, false);
+    begin_kernel(&l, config_key(config, f), config ? config->hStream : NULL, false, f, kernelParams);
     CUresult rc = REAL(cuLaunchKernelEx)(config, f, kernelParams, extra);
     compute_end(&l, rc);
     return rc;
@@ -73,9 +73,8 @@ SHIM_EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f
 SHIM_EXPORT CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f,
                                            void **kernelParams, void **extra)
 {
-    uvm_before(f, kernelParams, config ? config->hStream : NULL, true);
     struct compute_launch l;
-    compute_begin(&l, config_key(config, f), config ? config->hStream : NULL, true);
+    begin_kernel(&l, config_key(config, f), config ? config->hStream : NULL, true, f, kernelParams);
     CUresult rc = REAL(cuLaunchKernelEx_ptsz)(config, f, kernelParams, extra);
     compute_end(&l, rc);
     return rc;
@@ -88,10 +87,9 @@ SHIM_EXPORT CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned int gridDi
                                                unsigned int sharedMemBytes, CUstream hStream,
                                                void **kernelParams)
 {
-    uvm_before(f, kernelParams, hStream, false);
     struct compute_launch l;
-    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
-                  hStream, false);
+    begin_kernel(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, false, f, kernelParams);
     CUresult rc = REAL(cuLaunchCooperativeKernel)(f, gridDimX, gridDimY, gridDimZ, blockDimX,
                                                   blockDimY, blockDimZ, sharedMemBytes, hStream,
                                                   kernelParams);
@@ -106,10 +104,9 @@ SHIM_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int g
                                                     unsigned int sharedMemBytes, CUstream hStream,
                                                     void **kernelParams)
 {
-    uvm_before(f, kernelParams, hStream, true);
     struct compute_launch l;
-    compute_begin(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
-                  hStream, true);
+    begin_kernel(&l, compute_kernel_key(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ),
+                  hStream, true, f, kernelParams);
     CUresult rc = REAL(cuLaunchCooperativeKernel_ptsz)(f, gridDimX, gridDimY, gridDimZ, blockDimX,
                                                        blockDimY, blockDimZ, sharedMemBytes,
                                                        hStream, kernelParams);

@@ -155,6 +155,19 @@ void shim_uvm_init(void);
 
 /* ---- device.c: CUDA ordinals, slot entries, limits ----------------------- */
 
+/*
+ * The launch word, the one load of every launch's common path: >= 0, the usage entry every
+ * launch of this process counts against (one device); LAUNCH_SLOW: look the device up
+ * (several devices, or not yet known); LAUNCH_OFF: inactive, count nothing; LAUNCH_UVM:
+ * spill mode, uvm.c looks at each kernel launch first, then the device is looked up.
+ */
+#define LAUNCH_SLOW (-1)
+#define LAUNCH_OFF (-2)
+#define LAUNCH_UVM (-3)
+extern _Atomic int shim_launch_entry;
+/* Spill mode on or off for launches (device.c, as limits are read); LAUNCH_OFF stays. */
+void shim_launch_uvm(bool on);
+
 struct shim_limit {
     uint64_t bytes;          /* 0: no quota */
     enum fcsp_mem_mode mode; /* what an allocation past it gets */

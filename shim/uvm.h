@@ -2,8 +2,9 @@
  * Spill mode's eviction and prefetch (uvm.c): which of a process's managed ranges live on
  * the device, moved there when a launch uses them and back to the host to make room.
  *
- * Nothing here runs outside spill mode: every caller first tests shim_uvm_on(), one
- * relaxed load, and the other modes' paths stay as they were.
+ * Nothing here runs outside spill mode: allocations and frees first test shim_uvm_on(),
+ * one relaxed load; kernel launches learn it from the launch word they load anyway
+ * (LAUNCH_UVM, shim.h).  The other modes' paths stay as they were.
  */
 #ifndef FCSP_SHIM_UVM_H
 #define FCSP_SHIM_UVM_H
