@@ -9,8 +9,6 @@ with a slot of the bench's making, or plain).
     python3 bench/spill_workers.py train MODEL_MIB
         one training step (forward, backward, Adam) of an fp32 MLP whose parameters,
         gradients and Adam state take MODEL_MIB
-    python3 bench/spill_workers.py matmul SECONDS
-        bf16 4096^2 matmuls; how many a second
 
 Each prints one JSON line with its result; a failure, one line on stderr and exit 1.
 """
@@ -104,30 +102,11 @@ def train(model_mib: int) -> None:
     say(loss=float(loss), layers=len(params), seconds=time.perf_counter() - began)
 
 
-def matmul(seconds: float) -> None:
-    import torch
-
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-    for _ in range(20):
-        torch.mm(a, a, out=c)
-    torch.cuda.synchronize()
-    done = 0
-    began = time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        for _ in range(10):
-            torch.mm(a, a, out=c)
-        torch.cuda.synchronize()
-        done += 10
-    say(per_s=done / (time.perf_counter() - began))
-
-
 def main(argv: list[str]) -> int:
     commands = {
         "serve": lambda a: serve(int(a[0]), int(a[1]), int(a[2]), float(a[3])),
         "infer": lambda a: infer(int(a[0]), float(a[1])),
         "train": lambda a: train(int(a[0])),
-        "matmul": lambda a: matmul(float(a[0])),
     }
     try:
         commands[argv[0]](argv[1:])
