@@ -362,19 +362,6 @@ static CUdevice site_handle(const struct alloc_site *site)
     return dev;
 }
 
-/* Keep a managed range in host memory and mapped by site's device: it never takes the
- * device's memory, and the device reads it without faulting it over. */
-static CUresult advise_host(const struct alloc_site *site, CUdeviceptr ptr, uint64_t size)
-{
-    __typeof__(&cuMemAdvise_v2) advise = REAL(cuMemAdvise_v2);
-    if (!advise)
-        return CUDA_ERROR_NOT_SUPPORTED;
-    CUmemLocation host = {.type = CU_MEM_LOCATION_TYPE_HOST, .id = 0};
-    CUmemLocation device = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = site_handle(site)};
-    CUresult rc = advise(ptr, size, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, host);
-    return rc == CUDA_SUCCESS ? advise(ptr, size, CU_MEM_ADVISE_SET_ACCESSED_BY, device) : rc;
-}
-
 static void note_spill(const struct alloc_site *site)
 {
     static atomic_flag told = ATOMIC_FLAG_INIT;
@@ -397,10 +384,6 @@ static CUresult refuse_unadvised(const struct alloc_site *site, CUresult advice)
 }
 
 /*
- * Past the quota: in spill mode, managed memory kept in host memory, charged as spilled;
- * past the spill bound, or in hard mode, refused.
- */
-/*
  * What a tenant spills never exceeds what the GPU has free: unified memory is then never
  * more than the device could hold, whatever the driver decides to migrate, and the driver
  * is never asked to oversubscribe the device with it.
@@ -415,6 +398,11 @@ static bool gpu_could_hold(const struct alloc_site *site, uint64_t size)
     return spilled + size >= spilled && spilled + size <= free_bytes;
 }
 
+/*
+ * Past the quota: in spill mode, managed memory kept in host memory (it never takes the
+ * device's memory, and the device reads it without faulting it over), charged as spilled;
+ * past the spill bound, or in hard mode, refused.
+ */
 static CUresult spill(const struct alloc_site *site, CUdeviceptr *dptr, uint64_t size,
                       unsigned int flags)
 {
@@ -426,7 +414,7 @@ static CUresult spill(const struct alloc_site *site, CUdeviceptr *dptr, uint64_t
         uncharge_spill(site->entry, size);
         return rc;
     }
-    CUresult advice = advise_host(site, *dptr, size);
+    CUresult advice = shim_uvm_place(*dptr, size, site->ordinal, true);
     if (advice != CUDA_SUCCESS) {
         REAL(cuMemFree_v2)(*dptr);
         uncharge_spill(site->entry, size);
@@ -438,15 +426,6 @@ static CUresult spill(const struct alloc_site *site, CUdeviceptr *dptr, uint64_t
                                    UVM_SPILLED);
     settle(site, size, rc, *dptr, migratable ? TRACK_UVM : TRACK_SPILL);
     return rc;
-}
-
-/* Keep a managed range on site's device, and mapped there when it moves to the host. */
-static void advise_device(const struct alloc_site *site, CUdeviceptr ptr, uint64_t size)
-{
-    __typeof__(&cuMemAdvise_v2) advise = REAL(cuMemAdvise_v2);
-    CUmemLocation device = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = site_handle(site)};
-    if (advise && advise(ptr, size, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, device) == CUDA_SUCCESS)
-        advise(ptr, size, CU_MEM_ADVISE_SET_ACCESSED_BY, device);
 }
 
 /*
@@ -461,7 +440,7 @@ static CUresult alloc_resident(const struct alloc_site *site, CUdeviceptr *dptr,
         uncharge(site->entry, size);
         return rc;
     }
-    advise_device(site, *dptr, size);
+    shim_uvm_place(*dptr, size, site->ordinal, false);
     bool migratable = shim_uvm_add(*dptr, size, site->ordinal, site->entry, site->ctx,
                                    UVM_RESIDENT);
     settle(site, size, rc, *dptr, migratable ? TRACK_UVM : TRACK_DEVPTR);
@@ -471,9 +450,12 @@ static CUresult alloc_resident(const struct alloc_site *site, CUdeviceptr *dptr,
 /* Spill mode on site's device: first shrink to a quota that was lowered. */
 static bool migratable_site(const struct alloc_site *site)
 {
-    if (shim_device_limit(site->ordinal).mode != FCSP_MEM_SPILL)
+    struct shim_limit limit = shim_device_limit(site->ordinal);
+    if (limit.mode != FCSP_MEM_SPILL)
         return false;
-    shim_uvm_fit_quota(site->ordinal, site->entry);
+    if (limit.bytes && atomic_load_explicit(&shim.usage->device[site->entry].mem_used_bytes,
+                                            memory_order_relaxed) > limit.bytes)
+        shim_uvm_fit_quota(site->ordinal, site->entry);
     return true;
 }
 

@@ -336,16 +336,24 @@ static bool have_mover(struct uvm_pass *pass)
     return pass->mover != NULL;
 }
 
-static CUmemLocation device_location(int ordinal)
+static CUmemLocation location(int ordinal, bool on_host)
 {
+    if (on_host)
+        return (CUmemLocation){.type = CU_MEM_LOCATION_TYPE_HOST, .id = 0};
     CUdevice dev = 0;
     REAL(cuDeviceGet)(&dev, ordinal);
     return (CUmemLocation){.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = dev};
 }
 
-static CUmemLocation host_location(void)
+CUresult shim_uvm_place(CUdeviceptr base, uint64_t size, int ordinal, bool on_host)
 {
-    return (CUmemLocation){.type = CU_MEM_LOCATION_TYPE_HOST, .id = 0};
+    __typeof__(&cuMemAdvise_v2) advise = REAL(cuMemAdvise_v2);
+    if (!advise)
+        return CUDA_ERROR_NOT_SUPPORTED;
+    CUmemLocation device = location(ordinal, false);
+    CUresult rc = advise(base, size, CU_MEM_ADVISE_SET_PREFERRED_LOCATION,
+                         on_host ? location(ordinal, true) : device);
+    return rc == CUDA_SUCCESS ? advise(base, size, CU_MEM_ADVISE_SET_ACCESSED_BY, device) : rc;
 }
 
 /*
@@ -366,14 +374,6 @@ static void prefetch(const struct uvm_pass *pass, const struct uvm_range *r, CUm
     }
 }
 
-static CUresult prefer(const struct uvm_range *r, CUmemLocation where)
-{
-    __typeof__(&cuMemAdvise_v2) advise = REAL(cuMemAdvise_v2);
-    if (!advise)
-        return CUDA_ERROR_NOT_SUPPORTED;
-    return advise(r->base, r->size, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, where);
-}
-
 static void count_migrated(_Atomic uint64_t *counter, uint64_t bytes)
 {
     atomic_fetch_add_explicit(counter, bytes, memory_order_relaxed);
@@ -388,11 +388,11 @@ static bool evict(struct uvm_pass *pass, struct uvm_range *r)
     if (!have_mover(pass) ||
         !shim_memory_charge_spilled(r->ordinal, r->entry, r->size, false))
         return false;
-    if (prefer(r, host_location()) != CUDA_SUCCESS) {
+    if (shim_uvm_place(r->base, r->size, r->ordinal, true) != CUDA_SUCCESS) {
         shim_memory_charge_resident(r->ordinal, r->entry, r->size, true);
         return false;
     }
-    prefetch(pass, r, host_location());
+    prefetch(pass, r, location(r->ordinal, true));
     r->state = UVM_SPILLED;
     count_migrated(&shim.usage->device[r->entry].mem_migrated_out_bytes, r->size);
     return true;
@@ -482,12 +482,11 @@ static bool promote(struct uvm_pass *pass, struct uvm_range *r)
                   shim_memory_charge_resident(r->ordinal, r->entry, r->size, false);
     if (!charged)
         return false;
-    CUmemLocation device = device_location(r->ordinal);
-    if (prefer(r, device) != CUDA_SUCCESS) {
+    if (shim_uvm_place(r->base, r->size, r->ordinal, false) != CUDA_SUCCESS) {
         shim_memory_charge_spilled(r->ordinal, r->entry, r->size, true);
         return false;
     }
-    prefetch(pass, r, device);
+    prefetch(pass, r, location(r->ordinal, false));
     r->state = UVM_RESIDENT;
     count_migrated(&shim.usage->device[r->entry].mem_migrated_in_bytes, r->size);
     pass->promoted = true;

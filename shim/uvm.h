@@ -18,6 +18,12 @@
 /* Set while some device of the process is in spill mode (device.c, as limits load). */
 extern _Atomic bool shim_uvm_live;
 
+/*
+ * Advise a managed range to live on the host (the device reads it there) or on ordinal's
+ * device, and to be mapped by that device wherever it is.
+ */
+CUresult shim_uvm_place(CUdeviceptr base, uint64_t size, int ordinal, bool on_host);
+
 static inline bool shim_uvm_on(void)
 {
     return atomic_load_explicit(&shim_uvm_live, memory_order_relaxed);
