@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 FILE = "gpus.json"
@@ -57,3 +57,13 @@ def read(run_dir: Path) -> tuple[dict[str, int], dict[int, str]]:
         if isinstance(minor, int) and minor >= 0:
             minors[minor] = uuid
     return totals, minors
+
+
+def gpu_key(uuid: str, host_index: int, minors: Mapping[int, str]) -> str:
+    """A host GPU by one name wherever FCSP counts per GPU: its UUID, else the UUID NVML
+    gives its minor, else nvidia<minor>; '' for one nobody can name."""
+    if uuid:
+        return uuid
+    if host_index >= 0:
+        return minors.get(host_index, f"nvidia{host_index}")
+    return ""

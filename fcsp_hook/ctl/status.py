@@ -93,8 +93,8 @@ class Inventory:
     minors: dict[int, str] = field(default_factory=dict)
 
     def memory_total(self, dev: abi.LimitsDevice) -> int:
-        uuid = dev.uuid.decode(errors="replace") or self.minors.get(int(dev.host_index), "")
-        return self.totals.get(uuid, 0)
+        uuid = dev.uuid.decode(errors="replace")
+        return self.totals.get(inventory.gpu_key(uuid, int(dev.host_index), self.minors), 0)
 
 
 def _pressure(used: int, dev: abi.LimitsDevice, pressure_pct: int, gpus: Inventory) -> str | None:

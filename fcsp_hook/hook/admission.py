@@ -81,16 +81,6 @@ class Promised:
     mem_holders: int = 0
 
 
-def gpu_key(uuid: str, host_index: int, minors: Mapping[int, str]) -> str:
-    """A GPU as admission counts it: its UUID, else the UUID NVML gives its minor, else
-    nvidia<minor>; '' for one nobody can name."""
-    if uuid:
-        return uuid
-    if host_index >= 0:
-        return minors.get(host_index, f"nvidia{host_index}")
-    return ""
-
-
 # Quotas that promise device memory: a spill tenant's quota is on the GPU, its excess not.
 GUARANTEED_MEMORY = (abi.MemMode.HARD, abi.MemMode.SPILL)
 
@@ -105,7 +95,7 @@ def asks(
     for gpu, dev in zip(gpus, request.devices, strict=True):
         if gpu.mig >= 0 and not gpu.uuid:
             continue  # a MIG instance by index alone: slots cannot tell it from its GPU
-        key = gpu_key(gpu.uuid, gpu.host_index, minors or {})
+        key = inventory.gpu_key(gpu.uuid, gpu.host_index, minors or {})
         if not key:
             continue
         label = gpu.uuid if gpu.host_index < 0 else f"GPU {gpu.host_index}"
@@ -154,7 +144,9 @@ def promised(
         hard = int(limits.mem_mode) in GUARANTEED_MEMORY
         for i in range(min(int(limits.device_count), abi.MAX_DEVICES)):
             dev = limits.device[i]
-            key = gpu_key(dev.uuid.decode(errors="replace"), int(dev.host_index), minors or {})
+            key = inventory.gpu_key(
+                dev.uuid.decode(errors="replace"), int(dev.host_index), minors or {}
+            )
             if not key:
                 continue
             entry = out.setdefault(key, Promised())

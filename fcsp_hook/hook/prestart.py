@@ -178,7 +178,7 @@ def check_spill_fits_host(
     spill = request.mem_spill
     bound = 0
     for gpu, dev in zip(found, request.devices, strict=True):
-        total = totals.get(gpu.uuid or minors.get(gpu.host_index, ""), 0)
+        total = totals.get(inventory.gpu_key(gpu.uuid, gpu.host_index, minors), 0)
         quota = rules.memory_quota(dev.mem.bytes, dev.mem.basis_points, total)
         bound += rules.memory_spill(spill.bytes, spill.centi, quota)
     host = procfs.memory_total(meminfo)

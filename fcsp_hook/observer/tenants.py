@@ -13,7 +13,7 @@ import errno
 import os
 import statistics
 
-from fcsp_hook import cgroups, config
+from fcsp_hook import cgroups, config, inventory
 from fcsp_hook.errors import SlotError, SlotVersionError
 from fcsp_hook.observer.state import (
     NS_PER_MS,
@@ -40,13 +40,9 @@ MIN_KERNEL_SPANS = 3
 
 
 def gpu_key(dev: abi.LimitsDevice, container_id: str, index: int, minors: dict[int, str]) -> str:
-    """The host GPU a tenant's device entry is: UUID, else nvidia<minor>, else its own."""
-    uuid = str(dev.uuid.decode(errors="replace"))
-    if uuid:
-        return uuid
-    if dev.host_index >= 0:
-        return minors.get(int(dev.host_index), f"nvidia{dev.host_index}")
-    return f"{container_id}/{index}"  # unknown GPU: shares it with nobody we know of
+    """The host GPU a tenant's device entry is (inventory.gpu_key), else its own."""
+    key = inventory.gpu_key(dev.uuid.decode(errors="replace"), int(dev.host_index), minors)
+    return key or f"{container_id}/{index}"  # unknown GPU: shares it with nobody we know of
 
 
 def grants(spec: abi.Limits, container_id: str, minors: dict[int, str]) -> list[Grant]:
