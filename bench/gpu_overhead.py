@@ -5,9 +5,10 @@
 The probe (bench/gpu_overhead.cu, built by the shell script) runs with the shim preloaded
 and alternates blocks of calls through the driver's own entry points and through the
 hooks; the per-call difference is the shim's cost, free of the process-to-process spread
-that hides it when separate processes are compared.  Three shim states: no slot, a 64 GiB
+that hides it when separate processes are compared.  Four shim states: no slot, a 64 GiB
 quota at share 100 %, the same at share 90 % (the limiter's full path, never throttled
-by such tiny kernels).  Writes $OUT/overhead.md.  gpu_compute.py runs the same probe.
+by such tiny kernels), and the 64 GiB quota in spill mode (every launch looks for spilled
+ranges; none here).  Writes $OUT/overhead.md.  gpu_compute.py runs the same probe.
 """
 
 from __future__ import annotations
@@ -27,10 +28,21 @@ from fcsp_hook.slot import abi, files
 
 ROUNDS = 30
 QUOTA = 64 << 30
-MODES = (  # (name, label, sm_centi of the slot; None: no slot)
-    ("passthrough", "pass-through (no slot, no BUD_*)", None),
-    ("quota", "memory quota 64 GiB, share 100 %", 10000),
-    ("limited", "memory quota 64 GiB, share 90 % (limiter on, tokens available)", 9000),
+MODES = (  # (name, label, sm_centi of the slot, None: no slot; its memory mode)
+    ("passthrough", "pass-through (no slot, no BUD_*)", None, abi.MemMode.HARD),
+    ("quota", "memory quota 64 GiB, share 100 %", 10000, abi.MemMode.HARD),
+    (
+        "limited",
+        "memory quota 64 GiB, share 90 % (limiter on, tokens available)",
+        9000,
+        abi.MemMode.HARD,
+    ),
+    (
+        "spill",
+        "memory quota 64 GiB in spill mode, nothing spilled, share 100 %",
+        10000,
+        abi.MemMode.SPILL,
+    ),
 )
 FIELDS = ("hooked", "launch_us", "launch_extra_us", "malloc_free_us", "malloc_free_extra_us")
 
@@ -70,10 +82,16 @@ def measure(probe: str, rounds: int, scene: Scene, out: Path) -> Report:
     )
     rows = []
     throttled_ms = "?"
-    for mode, label, sm_centi in MODES:
+    for mode, label, sm_centi, mem_mode in MODES:
         slot = None
         if sm_centi is not None:
-            slot = scene.slot(mode, [Device(mem_bytes=QUOTA, sm_centi=sm_centi)], observed=False)
+            slot = scene.slot(
+                mode,
+                [Device(mem_bytes=QUOTA, sm_centi=sm_centi)],
+                mem_mode=mem_mode,
+                spill_centi=abi.WHOLE_GPU_CENTI if mem_mode == abi.MemMode.SPILL else 0,
+                observed=False,
+            )
         env = scene.env(slot) | {"LD_PRELOAD": str(scene.shim)}
         _, fields = run_probe(probe, env, rounds, scene.raw / f"overhead-{mode}.txt")
         rows.append([label, *(fields.get(name, "") for name in FIELDS)])
