@@ -83,6 +83,8 @@ __attribute__((destructor)) static void shim_fini(void)
 {
     if (shim.active) {
         shim_compute_thread_flush(); /* the exiting thread's batched busy time */
+        if (shim_uvm_on())
+            shim_uvm_report();
         shim_process_exit();
     }
 }

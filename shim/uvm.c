@@ -19,6 +19,15 @@
  *     it has none; advises the device and prefetches to it on a stream of the shim's own,
  *     which the launch's stream then waits for.
  *
+ * A full quota gives a range room only in place of ranges unused since the range's own
+ * previous use (or never used, for one used the first time): one used again sooner than
+ * anything it would evict.  Without that rule a
+ * working set larger than the quota used in a cycle (a model's layers, every forward pass)
+ * thrashes: the least recently used range is always the next one needed, so every launch
+ * would move a range in and one out.  With it, such a set settles with the quota full and
+ * the rest read where it is, and a hot set that moves (sessions of a server) comes to the
+ * device from its second use on.
+ *
  * Why each step is safe: managed memory is coherent wherever its pages are, so a kernel
  * that touches a range while it moves, or one that was left on the host, reads the right
  * data (over the bus, or after a fault); moving data is never needed for correctness,
@@ -52,6 +61,7 @@
 #define UVM_MAX_WORDS 32u
 #define UVM_MAX_CONTEXTS 16u  /* contexts with a migration stream */
 #define UVM_MAX_WANTED 64u    /* spilled ranges one launch may promote */
+#define UVM_NOT_USED 0u       /* last_launch of a range no launch used yet */
 #define UVM_NO_LAUNCH UINT64_MAX
 
 _Atomic bool shim_uvm_live;
@@ -93,6 +103,10 @@ static struct {
     uint64_t launches;
     uint32_t funcs_epoch;
     struct uvm_func funcs[UVM_MAX_FUNCS];
+    /* Reported once at exit (BUD_LOG_LEVEL=info): what spill mode did in this process. */
+    struct {
+        uint64_t without_layout, promoted, declined, evicted;
+    } seen;
     struct uvm_mover movers[UVM_MAX_CONTEXTS];
 } table = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
@@ -104,6 +118,7 @@ struct uvm_pass {
     CUcontext ctx;
     uint64_t quota;
     uint32_t wanted[UVM_MAX_WANTED]; /* indices of spilled ranges the launch uses */
+    uint64_t wanted_prev[UVM_MAX_WANTED]; /* the launch that used each before this one */
     uint32_t nwanted;
     struct uvm_mover *mover;         /* set at the first migration */
     bool mover_failed;
@@ -196,16 +211,37 @@ void shim_uvm_after_fork_child(void)
 
 /* ---- which ranges a launch uses ------------------------------------------------------- */
 
+/*
+ * The size of f's parameter `index`.  The CUDA runtime launches CUkernel handles of its
+ * libraries where a CUfunction is expected (the driver takes either); the driver answers
+ * for those through cuKernelGetParamInfo.
+ */
+static CUresult param_size(CUfunction f, uint32_t index, bool as_kernel, size_t *size)
+{
+    size_t offset = 0;
+    if (as_kernel) {
+        __typeof__(&cuKernelGetParamInfo) kernel_info = REAL(cuKernelGetParamInfo);
+        return kernel_info ? kernel_info((CUkernel)f, index, &offset, size)
+                           : CUDA_ERROR_NOT_SUPPORTED;
+    }
+    __typeof__(&cuFuncGetParamInfo) func_info = REAL(cuFuncGetParamInfo);
+    return func_info ? func_info(f, index, &offset, size) : CUDA_ERROR_NOT_SUPPORTED;
+}
+
 /* Ask the driver once: how many 8-byte words each parameter has (pointers are among them). */
 static void learn_layout(struct uvm_func *slot, CUfunction f)
 {
-    __typeof__(&cuFuncGetParamInfo) param_info = REAL(cuFuncGetParamInfo);
     *slot = (struct uvm_func){.f = f};
-    if (!param_info)
-        return;
+    size_t size = 0;
+    CUresult rc = param_size(f, 0, false, &size);
+    /* not a function the driver knows as one (INVALID_VALUE: one without parameters) */
+    bool as_kernel = rc != CUDA_SUCCESS && rc != CUDA_ERROR_INVALID_VALUE &&
+                     (rc = param_size(f, 0, true, &size)) == CUDA_SUCCESS;
     for (uint32_t i = 0; i < UVM_MAX_PARAMS; i++) {
-        size_t offset = 0, size = 0;
-        CUresult rc = param_info(f, i, &offset, &size);
+        if (i > 0) {
+            size = 0;
+            rc = param_size(f, i, as_kernel, &size);
+        }
         if (rc != CUDA_SUCCESS) {
             /* past the last parameter; any other answer at the first: no layout */
             slot->known = i > 0 || rc == CUDA_ERROR_INVALID_VALUE;
@@ -251,14 +287,16 @@ static const struct uvm_func *layout_of(CUfunction f)
     return &table.funcs[h];
 }
 
-static void want(struct uvm_pass *pass, struct uvm_range *r)
+static void want(struct uvm_pass *pass, struct uvm_range *r, uint64_t prev_launch)
 {
     uint32_t index = (uint32_t)(r - table.ranges);
     for (uint32_t w = 0; w < pass->nwanted; w++)
         if (pass->wanted[w] == index)
             return;
-    if (pass->nwanted < UVM_MAX_WANTED)
+    if (pass->nwanted < UVM_MAX_WANTED) {
+        pass->wanted_prev[pass->nwanted] = prev_launch;
         pass->wanted[pass->nwanted++] = index;
+    }
 }
 
 /*
@@ -271,11 +309,12 @@ static void mark_word(struct uvm_pass *pass, uint64_t addr, uint64_t lowest, uin
     if (addr < lowest || addr >= highest)
         return; /* most words (sizes, strides, flags) are nowhere near the ranges */
     struct uvm_range *r = find_containing(addr);
-    if (!r || r->ordinal != pass->ordinal || r->ctx != pass->ctx)
+    if (!r || r->ordinal != pass->ordinal || r->ctx != pass->ctx || r->last_launch == pass->launch)
         return;
+    uint64_t prev_launch = r->last_launch;
     r->last_launch = pass->launch;
     if (r->state == UVM_SPILLED)
-        want(pass, r);
+        want(pass, r, prev_launch);
 }
 
 /*
@@ -287,7 +326,11 @@ static void mark_word(struct uvm_pass *pass, uint64_t addr, uint64_t lowest, uin
 static void mark_used(struct uvm_pass *pass, CUfunction f, void **params)
 {
     const struct uvm_func *layout = layout_of(f);
-    if (!layout->known || !table.count)
+    if (!layout->known) {
+        table.seen.without_layout++;
+        return;
+    }
+    if (!table.count)
         return;
     const struct uvm_range *last = &table.ranges[table.count - 1];
     uint64_t lowest = table.ranges[0].base, highest = last->base + last->size;
@@ -394,20 +437,30 @@ static bool evict(struct uvm_pass *pass, struct uvm_range *r)
     }
     prefetch(pass, r, location(r->ordinal, true));
     r->state = UVM_SPILLED;
+    table.seen.evicted++;
     count_migrated(&shim.usage->device[r->entry].mem_migrated_out_bytes, r->size);
     return true;
 }
 
-/* The next resident range to evict by the policy, or NULL; the launch's own only if asked. */
-static struct uvm_range *victim(const struct uvm_pass *pass, bool own_too)
+/* A resident range of the launch's context it may evict: not its own unless asked, and
+ * only one last used before launch `before`. */
+static bool evictable(const struct uvm_pass *pass, const struct uvm_range *r, bool own_too,
+                      uint64_t before)
+{
+    return r->state == UVM_RESIDENT && r->ordinal == pass->ordinal && r->ctx == pass->ctx &&
+           (own_too || r->last_launch != pass->launch) &&
+           r->last_launch < before;
+}
+
+/* The next range to evict by the policy, or NULL. */
+static struct uvm_range *victim(const struct uvm_pass *pass, bool own_too, uint64_t before)
 {
     bool fifo = shim.uvm.evict_policy == FCSP_EVICT_FIFO;
     struct uvm_range *best = NULL;
     uint64_t best_key = UINT64_MAX;
     for (uint32_t i = 0; i < table.count; i++) {
         struct uvm_range *r = &table.ranges[i];
-        if (r->state != UVM_RESIDENT || r->ordinal != pass->ordinal || r->ctx != pass->ctx ||
-            (r->last_launch == pass->launch && !own_too))
+        if (!evictable(pass, r, own_too, before))
             continue;
         /* seq breaks ties: of ranges never used, the oldest goes first */
         uint64_t key = fifo ? r->seq : r->last_launch;
@@ -425,16 +478,13 @@ static uint64_t used_bytes(const struct uvm_pass *pass)
                                 memory_order_relaxed);
 }
 
-/* Bytes of resident ranges the launch could evict. */
-static uint64_t evictable_bytes(const struct uvm_pass *pass)
+/* Bytes of resident ranges the launch could evict for a range last used at `before`. */
+static uint64_t evictable_bytes(const struct uvm_pass *pass, uint64_t before)
 {
     uint64_t bytes = 0;
-    for (uint32_t i = 0; i < table.count; i++) {
-        const struct uvm_range *r = &table.ranges[i];
-        if (r->state == UVM_RESIDENT && r->ordinal == pass->ordinal && r->ctx == pass->ctx &&
-            r->last_launch != pass->launch)
-            bytes += r->size;
-    }
+    for (uint32_t i = 0; i < table.count; i++)
+        if (evictable(pass, &table.ranges[i], false, before))
+            bytes += table.ranges[i].size;
     return bytes;
 }
 
@@ -446,25 +496,30 @@ static uint64_t evictable_bytes(const struct uvm_pass *pass)
 static void shrink_to_quota(struct uvm_pass *pass)
 {
     while (used_bytes(pass) > pass->quota) {
-        struct uvm_range *r = victim(pass, false);
+        struct uvm_range *r = victim(pass, false, UVM_NO_LAUNCH);
         if (!r)
-            r = victim(pass, true);
+            r = victim(pass, true, UVM_NO_LAUNCH);
         if (!r || !evict(pass, r))
             return;
     }
 }
 
-/* Room for `size` bytes in the quota, evicting what the launch does not use. */
-static bool make_room(struct uvm_pass *pass, uint64_t size)
+/*
+ * Room for `size` bytes in the quota, evicting what the launch does not use and was last
+ * used before launch `before` (the previous use of the range that needs the room).
+ */
+static bool make_room(struct uvm_pass *pass, uint64_t size, uint64_t before)
 {
     uint64_t used = used_bytes(pass);
     uint64_t room = pass->quota > used ? pass->quota - used : 0;
     if (room >= size)
         return true;
-    if (room + evictable_bytes(pass) < size)
-        return false; /* would evict for nothing */
+    if (room + evictable_bytes(pass, before) < size) {
+        table.seen.declined++;
+        return false; /* would evict for nothing, or what is in use as recently */
+    }
     while (!(used_bytes(pass) + size <= pass->quota)) {
-        struct uvm_range *r = victim(pass, false);
+        struct uvm_range *r = victim(pass, false, before);
         if (!r || !evict(pass, r))
             return false;
     }
@@ -472,14 +527,19 @@ static bool make_room(struct uvm_pass *pass, uint64_t size)
 }
 
 /* Bring a spilled range to the device: reserve its room, then advise and prefetch it. */
-static bool promote(struct uvm_pass *pass, struct uvm_range *r)
+static bool promote(struct uvm_pass *pass, struct uvm_range *r, uint64_t prev_launch)
 {
     if (r->size > pass->quota || !have_mover(pass))
         return false;
+    /* A range never used before evicts only ranges never used either. */
+    uint64_t before = prev_launch == UVM_NOT_USED ? UVM_NOT_USED + 1 : prev_launch;
     bool charged = false;
-    for (int tries = 0; tries < 2 && !charged; tries++)
-        charged = make_room(pass, r->size) &&
-                  shim_memory_charge_resident(r->ordinal, r->entry, r->size, false);
+    for (int tries = 0; tries < 2 && !charged; tries++) {
+        if (!make_room(pass, r->size, before))
+            return false;
+        /* another thread's allocation may take the room first: one more try */
+        charged = shim_memory_charge_resident(r->ordinal, r->entry, r->size, false);
+    }
     if (!charged)
         return false;
     if (shim_uvm_place(r->base, r->size, r->ordinal, false) != CUDA_SUCCESS) {
@@ -489,6 +549,7 @@ static bool promote(struct uvm_pass *pass, struct uvm_range *r)
     prefetch(pass, r, location(r->ordinal, false));
     r->state = UVM_RESIDENT;
     count_migrated(&shim.usage->device[r->entry].mem_migrated_in_bytes, r->size);
+    table.seen.promoted++;
     pass->promoted = true;
     return true;
 }
@@ -499,7 +560,7 @@ static void promote_wanted(struct uvm_pass *pass)
     uint64_t moved = 0;
     for (uint32_t w = 0; w < pass->nwanted && moved < shim.uvm.prefetch_bytes; w++) {
         struct uvm_range *r = &table.ranges[pass->wanted[w]];
-        if (r->state == UVM_SPILLED && promote(pass, r))
+        if (r->state == UVM_SPILLED && promote(pass, r, pass->wanted_prev[w]))
             moved += r->size;
     }
 }
@@ -569,5 +630,16 @@ void shim_uvm_fit_quota(int ordinal, int entry)
         return;
     pthread_mutex_lock(&table.lock);
     shrink_to_quota(&pass);
+    pthread_mutex_unlock(&table.lock);
+}
+
+void shim_uvm_report(void)
+{
+    pthread_mutex_lock(&table.lock);
+    shim_log(LOG_INFO, "spill mode: %llu launches (%llu without a parameter layout), %llu ranges "
+                       "promoted, %llu evicted, %llu promotions declined",
+             (unsigned long long)table.launches, (unsigned long long)table.seen.without_layout,
+             (unsigned long long)table.seen.promoted, (unsigned long long)table.seen.evicted,
+             (unsigned long long)table.seen.declined);
     pthread_mutex_unlock(&table.lock);
 }

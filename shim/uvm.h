@@ -50,6 +50,8 @@ void shim_uvm_before_launch(CUfunction f, void **params, CUstream stream, bool p
 /* Before an allocation in spill mode: shrink to a lowered quota. */
 void shim_uvm_fit_quota(int ordinal, int entry);
 void shim_uvm_after_fork_child(void);
+/* At exit, in spill mode: one info line of what eviction and prefetch did. */
+void shim_uvm_report(void);
 
 /*
  * memory.c: move a range's charge between the tenant's two counters (and this process's

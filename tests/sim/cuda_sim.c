@@ -50,7 +50,7 @@ static struct counter counters[] = {
     {"cuMemAllocFromPoolAsync", 0}, {"cuMemAllocFromPoolAsync_ptsz", 0},
     {"cuMemFreeAsync", 0}, {"cuMemFreeAsync_ptsz", 0},
     {"cuMemAdvise_v2", 0}, {"cuMemPrefetchAsync_v2", 0},
-    {"cuFuncGetParamInfo", 0}, {"cuStreamWaitEvent", 0},
+    {"cuFuncGetParamInfo", 0}, {"cuKernelGetParamInfo", 0}, {"cuStreamWaitEvent", 0},
     {"cuStreamCreate", 0}, {"cuStreamIsCapturing", 0}, {"cuStreamIsCapturing_ptsz", 0},
 };
 
@@ -970,6 +970,7 @@ SIM_EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)
 struct CUfunc_st {
     int packed; /* named p_...: its pointers come in one structure (see cuFuncGetParamInfo) */
     int hidden; /* named n_...: cuFuncGetParamInfo does not give its layout */
+    int library; /* named l_...: a library's kernel, whose layout cuKernelGetParamInfo gives */
     uint64_t dur_ns;
     uint64_t other_ns;          /* if not 0: every other launch takes this long instead */
     _Atomic uint64_t launches;
@@ -1039,7 +1040,8 @@ SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const 
     struct CUfunc_st *f = calloc(1, sizeof(*f));
     f->packed = strncmp(name, "p_", 2) == 0;
     f->hidden = strncmp(name, "n_", 2) == 0;
-    parse_duration(f->packed || f->hidden ? name + 2 : name, f);
+    f->library = strncmp(name, "l_", 2) == 0;
+    parse_duration(f->packed || f->hidden || f->library ? name + 2 : name, f);
     *hfunc = f;
     return CUDA_SUCCESS;
 }
@@ -1048,13 +1050,14 @@ SIM_EXPORT CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const 
  * Every sim function takes a 4-byte count, then SIM_POINTER_PARAMS device pointers (drv's
  * "use" command fills them with allocations); a packed one (p_...), as frameworks' kernels
  * do, one structure of an 8-byte count and the pointers.  Of a function named n_... the
- * driver gives no layout (CUDA_ERROR_NOT_SUPPORTED), as of one loaded without it.
+ * driver gives no layout (CUDA_ERROR_NOT_SUPPORTED), as of one loaded without it; of one
+ * named l_... (a CUkernel of the runtime's libraries, launched as a function) only
+ * cuKernelGetParamInfo does.
  */
 #define SIM_POINTER_PARAMS 8
 
-SIM_EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size)
+static CUresult param_info(CUfunction f, size_t index, size_t *offset, size_t *size)
 {
-    count("cuFuncGetParamInfo");
     if (f && f->hidden)
         return CUDA_ERROR_NOT_SUPPORTED;
     size_t params = f && f->packed ? 1 : SIM_POINTER_PARAMS;
@@ -1066,6 +1069,19 @@ SIM_EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offse
     else
         *size = f->packed ? 8 + SIM_POINTER_PARAMS * sizeof(CUdeviceptr) : sizeof(CUdeviceptr);
     return CUDA_SUCCESS;
+}
+
+SIM_EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size)
+{
+    count("cuFuncGetParamInfo");
+    return f && f->library ? CUDA_ERROR_INVALID_HANDLE : param_info(f, index, offset, size);
+}
+
+SIM_EXPORT CUresult cuKernelGetParamInfo(CUkernel k, size_t index, size_t *offset, size_t *size)
+{
+    count("cuKernelGetParamInfo");
+    CUfunction f = (CUfunction)k;
+    return f && f->library ? param_info(f, index, offset, size) : CUDA_ERROR_INVALID_HANDLE;
 }
 
 /* Test hook: an executable graph whose replay runs ns on the device. */
@@ -1575,6 +1591,7 @@ static const struct proc_entry procs[] = {
     {"cuModuleLoadData", 2000, ANY, (void *)cuModuleLoadData},
     {"cuModuleGetFunction", 2000, ANY, (void *)cuModuleGetFunction},
     {"cuFuncGetParamInfo", 12040, ANY, (void *)cuFuncGetParamInfo},
+    {"cuKernelGetParamInfo", 12040, ANY, (void *)cuKernelGetParamInfo},
     {"cuStreamWaitEvent", 2000, ANY, (void *)cuStreamWaitEvent},
     {"cuStreamCreate", 2000, ANY, (void *)cuStreamCreate},
     {"cuStreamDestroy", 2000, ANY, (void *)cuStreamDestroy},
