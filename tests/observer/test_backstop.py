@@ -107,6 +107,83 @@ def test_a_tenant_at_its_share_is_never_frozen(
     assert group.frozen() is False
 
 
+R = backstop.Reading
+
+
+@pytest.mark.parametrize(
+    ("readings", "held", "points"),
+    [
+        # alone: judged on its reading as it is
+        ([R("a", "g", 25, 10, True)], set(), {"a": 15}),
+        # next to one further above its share: allowed the time the other ran within its
+        # share (10 of its 80), what it may have waited on; the other is judged as read
+        ([R("a", "g", 25, 10, True), R("b", "g", 80, 10, True)], set(), {"a": 5, "b": 70}),
+        # once that one is held near its share, everyone is judged on what is left
+        ([R("a", "g", 14, 10, True), R("b", "g", 12, 10, True)], {"b"}, {"a": -6, "b": -8}),
+        # (with nobody held, the furthest is judged as read, however little above)
+        ([R("a", "g", 14, 10, True), R("b", "g", 12, 10, True)], set(), {"a": 4, "b": -8}),
+        # an unlimited neighbour is never judged, but its time counts as waited on
+        ([R("a", "g", 40, 10, True), R("u", "g", 60, 100, False)], set(), {"a": 30}),
+        (
+            [R("a", "g", 40, 10, True), R("b", "g", 70, 10, True), R("u", "g", 60, 100, False)],
+            set(),
+            {"a": -40, "b": 60},
+        ),
+        # two who both take more: the furthest as read, the other less the first's 10
+        ([R("a", "g", 50, 10, True), R("b", "g", 45, 10, True)], set(), {"a": 40, "b": 25}),
+        # a tenant on two GPUs: its worst GPU's points; neighbours only count on their GPU
+        (
+            [R("a", "g", 30, 10, True), R("a", "h", 12, 10, True), R("b", "h", 90, 50, True)],
+            set(),
+            {"a": 20, "b": 40},
+        ),
+    ],
+)
+def test_points_above_share_allow_for_time_waited_on_neighbours(
+    readings: list[backstop.Reading], held: set[str], points: dict[str, float]
+) -> None:
+    assert backstop.points_above_share(readings, held) == pytest.approx(points)
+
+
+def _two(scene: Scene, honest_group: cgroups.Cgroup) -> Iterator[cgroups.Cgroup]:
+    with fresh_cgroup() as greedy_group:
+        proc = subprocess.Popen(["sleep", "600"])
+        join(greedy_group, proc)
+        try:
+            _tenant(scene, "honest", honest_group)
+            _tenant(scene, "greedy", greedy_group)
+            yield greedy_group
+        finally:
+            greedy_group.set_frozen(False)
+            proc.kill()
+            proc.wait()
+
+
+def test_a_tenant_next_to_a_greedy_one_is_never_frozen(scene: Scene, group: cgroups.Cgroup) -> None:
+    """Both at 10 % strict on one GPU, as measured on an H100: the one that bypasses its
+    shim reads 80 %, its shimmed neighbour 25 % (its kernels waiting on the other's time
+    slices).  The greedy one is frozen; held near its share, it still runs in bursts that
+    the neighbour waits on (14 %); neither then nor before is the neighbour frozen."""
+    duty = Backstop()
+    for _ in _two(scene, group):
+        _read(duty, scene, {"greedy": 80, "honest": 25}, seconds=3)
+        assert duty.holds["greedy"].duty > 0.5
+        _read(duty, scene, {"greedy": 12, "honest": 14}, seconds=60)
+        assert duty.holds["greedy"].duty > 0.0
+        assert duty.holds["honest"].duty == 0.0
+        assert scene.tenant("honest").held_pct == 0
+
+
+def test_two_greedy_tenants_on_one_gpu_are_both_frozen(scene: Scene, group: cgroups.Cgroup) -> None:
+    """Two tenants at 10 % that both bypass their shims and share the GPU evenly: the
+    allowance for the other's time does not hide either."""
+    duty = Backstop()
+    for _ in _two(scene, group):
+        _read(duty, scene, {"greedy": 50, "honest": 48}, seconds=3)
+        assert duty.holds["greedy"].duty > 0.0
+        assert duty.holds["honest"].duty > 0.0
+
+
 def test_one_burst_is_judged_over_the_window(scene: Scene, group: cgroups.Cgroup) -> None:
     """A tenant just seen, above its share for one reading (a shim's first burst), is
     averaged over the whole window: not frozen."""
