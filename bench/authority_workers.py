@@ -1,7 +1,7 @@
 """The tenants of bench/gpu_authority.py, one process each (torch on a GPU host; with
 --sim, the driver-API client of tests/shim on the simulated driver).
 
-    python3 bench/authority_workers.py hold GIB SECONDS            allocate, then wait
+    python3 bench/authority_workers.py hold GIB SECONDS            allocate (0: to the quota), wait
     python3 bench/authority_workers.py matmul SECONDS              matmuls; per-second counts
     python3 bench/authority_workers.py spin MS                     one kernel of MS, then exit
     python3 bench/authority_workers.py mps-env THREADS SECONDS     setenv, then matmuls
@@ -25,16 +25,25 @@ def say(**fields: object) -> None:
 
 
 def hold(gib: float, seconds: float) -> None:
-    """A tensor of gib GiB and a cuBLAS matmul (the libraries a real tenant loads), held."""
+    """A cuBLAS matmul (the libraries a real tenant loads) and gib GiB, held; gib 0: all
+    that the quota lets it allocate, to the last 2 MiB."""
     import torch
 
-    held = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device="cuda")
     a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
     (a @ a).sum().item()
+    held = []
+    if gib > 0:
+        held.append(torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device="cuda"))
+    for step in (256 << 20, 2 << 20) if gib <= 0 else ():
+        while True:
+            try:
+                held.append(torch.empty(step, dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                break
     torch.cuda.synchronize()
     say(ready=True, pid=os.getpid(), reserved=torch.cuda.memory_reserved())
     time.sleep(seconds)
-    say(held=int(held.numel()))
+    say(held=sum(int(t.numel()) for t in held))
 
 
 def matmul(seconds: float) -> None:

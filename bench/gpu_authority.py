@@ -37,7 +37,7 @@ from lib.scene import Device, Scene
 
 from fcsp_hook import cgroups, nvml
 from fcsp_hook.observer import contexts
-from fcsp_hook.slot import abi
+from fcsp_hook.slot import abi, files
 
 WORKER = Path(__file__).resolve().parent / "authority_workers.py"
 GiB = 1 << 30
@@ -149,9 +149,11 @@ def section_contexts(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
 def section_memory(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
     scene = t.scene
     honest_slot, honest_group = t.add("honest", 10_000, 6 * GiB)
-    honest = [t.worker(honest_group, honest_slot, "hold", "1.9", "15") for _ in range(3)]
-    for p in honest:
-        lines(p)
+    honest = []
+    for gib in ("1.9", "1.9", "0"):  # the last one fills the quota to its last 2 MiB
+        honest.append(t.worker(honest_group, honest_slot, "hold", gib, "15"))
+        lines(honest[-1])
+    charged = files.read_usage(honest_slot / abi.USAGE_FILE).device[0].mem_used_bytes
     forger_slot, forger_group = t.add("forger", 10_000, 4 * GiB)
     del forger_slot
     forger = t.worker(forger_group, None, "hold", "8", "60")  # no shim
@@ -162,14 +164,21 @@ def section_memory(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
     stopped = time.monotonic() - t_ready if forger.poll() is not None else None
     time.sleep(3)
     alive = sum(p.poll() is None for p in honest)
+    state = tenant_state(scene, "honest")
+    driver = (state.get("driver_memory_bytes") or [0])[0] or 0
     raw["memory"] = {
         "forger": ready,
         "stopped_after_s": stopped,
         "honest_alive": alive,
-        "honest_state": tenant_state(scene, "honest"),
+        "honest_charged": charged,
+        "honest_state": state,
     }
     return [
-        ["honest: 3 processes x 1.9 GiB under a 6 GiB quota, still running", f"{alive} of 3"],
+        [
+            "honest: 3 processes filling a 6 GiB quota, still running",
+            f"{alive} of 3",
+            f"charged {charged / GiB:.3f} GiB; the driver counts {driver / GiB:.2f} GiB",
+        ],
         [
             "forger: 8 GiB without the shim under 4 GiB, stopped after",
             f"{stopped:.1f} s" if stopped is not None else "not stopped in 20 s",
@@ -272,7 +281,7 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
                     [
                         f"MPS strict 30 %, setenv 100 %, {how} the shim",
                         f"{share(counts, solo):.1f} %",
-                        "",
+                        "" if shim else "MPS takes a client's limits from its own environment",
                     ]
                 )
         finally:

@@ -31,7 +31,7 @@ import lib  # noqa: F401  # the checkout first on sys.path
 from lib.report import Report, out_dir, save_json
 from lib.scene import Device, Scene
 
-from fcsp_hook.slot import abi
+from fcsp_hook.slot import abi, files
 
 WORKER = Path(__file__).resolve().parent / "spill_workers.py"
 MATMUL = Path(__file__).resolve().parent / "authority_workers.py"  # its `matmul` tenant
@@ -69,12 +69,23 @@ class Bench:
         return self.scene.spawn(
             f"{args[0]}-{self.runs}",
             [sys.executable, str(worker), *args],
-            env=self.scene.env(slot, extra=env),
+            env=self.scene.env(slot, extra={"BUD_LOG_LEVEL": "info", **env}),
         )
 
     def run(self, slot: Path, *args: str, worker: Path = WORKER, **env: str) -> dict[str, Any]:
+        """The worker's result, with what the shim moved (the slot's counters, and the
+        line spill mode writes at exit)."""
         child = self.start(slot, *args, worker=worker, **env)
-        return self.scene.collect_one(child, timeout=self.seconds + 600)
+        result = self.scene.collect_one(child, timeout=self.seconds + 600)
+        device = files.read_usage(slot / abi.USAGE_FILE).device[0]
+        result["moved_in_gib"] = device.mem_migrated_in_bytes / (1 << 30)
+        result["moved_out_gib"] = device.mem_migrated_out_bytes / (1 << 30)
+        result["spill_peak_gib"] = device.mem_spill_peak_bytes / (1 << 30)
+        result["shim"] = [
+            line for line in child.err.read_text(errors="replace").splitlines() if "spill" in line
+        ]
+        print(f"  {args[0]} {args[1]}: {result}", flush=True)
+        return result
 
     def room(self, working_mib: int) -> int:
         """A quota with room for the working set and the framework's own."""
@@ -86,10 +97,13 @@ def section_serve(b: Bench, raw: dict[str, Any]) -> list[list[Any]]:
     for ratio in (1.5, 2.0):
         total = int(b.quota_mib * ratio)
         args = ("serve", str(total), str(SESSION_MIB), str(HOT), str(b.seconds))
-        room = b.run(b.slot(b.room(total), spill=False), *args)["gbps"]
-        spill = b.run(b.slot(b.quota_mib, spill=True), *args)["gbps"]
-        plain = b.run(b.slot(b.quota_mib, spill=True), *args, BUD_PREFETCH_ENABLED="0")["gbps"]
-        raw[f"serve {ratio}x"] = {"room": room, "spill": spill, "no_prefetch": plain}
+        runs = {
+            "room": b.run(b.slot(b.room(total), spill=False), *args),
+            "spill": b.run(b.slot(b.quota_mib, spill=True), *args),
+            "no_prefetch": b.run(b.slot(b.quota_mib, spill=True), *args, BUD_PREFETCH_ENABLED="0"),
+        }
+        raw[f"serve {ratio}x"] = runs
+        room, spill, plain = (runs[k]["gbps"] for k in ("room", "spill", "no_prefetch"))
         rows.append(
             [
                 f"serve, sessions {ratio}x the quota",
@@ -110,9 +124,11 @@ def section_infer(b: Bench, raw: dict[str, Any], report: Report) -> list[list[An
         str(int(b.quota_mib * 1.25)),
         str(b.seconds),
     )["tokens_per_s"]
+    runs = []
     for ratio in (1.0, 1.1, 1.25):
         weights = int(b.quota_mib * ratio)
         spill = b.run(b.slot(b.quota_mib, spill=True), "infer", str(weights), str(b.seconds))
+        runs.append(spill)
         points.append((ratio, spill["tokens_per_s"]))
         rows.append(
             [
@@ -123,7 +139,7 @@ def section_infer(b: Bench, raw: dict[str, Any], report: Report) -> list[list[An
                 "",
             ]
         )
-    raw["infer"] = {"points": points, "room_1.25x": room}
+    raw["infer"] = {"points": points, "room_1.25x": room, "runs": runs}
 
     def draw(plt: Any) -> Any:
         fig, ax = plt.subplots(figsize=(6, 4))
