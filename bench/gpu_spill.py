@@ -7,11 +7,13 @@ Sections (each tenant a process under libvgpu.so with a slot of this bench's mak
 observer: spill mode is the shim's own):
   serve     sessions' KV-cache buffers totalling 1.5x and 2x the quota, 4 hot at a time, the
             hot set moving: GB/s under spill, spill with prefetch off
-            (BUD_PREFETCH_ENABLED=0), and with room in the quota
+            (BUD_PREFETCH_ENABLED=0), and with room in the quota (profile llm_inference, as
+            for infer and neighbour; train runs with the training profile)
   infer     an fp16 MLP whose weights take 1.0, 1.1 and 1.25x the quota: tokens/s (and a PNG)
   train     one training step of a model whose state takes 1.25x the quota completes
   neighbour a tenant at its hard quota running matmuls at strict 50 %, next to a tenant at
-            strict 50 % serving 2x its quota, against next to the same tenant with room
+            strict 50 % serving 2x its quota (once its sessions are written), against next
+            to the same tenant with room
 
 Never more unified memory than the card has free: the largest working set is 2x the quota,
 the spill bound 1.5x (and the shim refuses a spill past the GPU's free memory).
@@ -24,12 +26,14 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import lib  # noqa: F401  # the checkout first on sys.path
 from lib.report import Report, out_dir, save_json
 from lib.scene import Device, Scene
+from spill_workers import MOVE_EVERY
 
 from fcsp_hook.slot import abi, files
 
@@ -52,8 +56,17 @@ class Bench:
         self.seconds = seconds
         self.runs = 0
 
-    def slot(self, quota_mib: int, *, spill: bool, sm_centi: int = ONE_X, **slot: Any) -> Path:
-        """A fresh private slot: the quota on GPU 0, spill mode (bound SPILL_BOUND) or hard."""
+    def slot(
+        self,
+        quota_mib: int,
+        *,
+        spill: bool,
+        sm_centi: int = ONE_X,
+        profile: str = "llm_inference",
+        **slot: Any,
+    ) -> Path:
+        """A fresh private slot: the quota on GPU 0, spill mode (bound SPILL_BOUND, the
+        profile's eviction and prefetch) or hard."""
         self.runs += 1
         return self.scene.slot(
             f"t{self.runs}",
@@ -61,6 +74,7 @@ class Bench:
             mode=abi.IsolationMode.STRICT if sm_centi < ONE_X else abi.IsolationMode.NONE,
             mem_mode=abi.MemMode.SPILL if spill else abi.MemMode.HARD,
             spill_centi=SPILL_BOUND if spill else 0,
+            uvm_profile=profile,
             observed=False,
             **slot,
         )
@@ -86,6 +100,15 @@ class Bench:
         ]
         print(f"  {args[0]} {args[1]}: {result}", flush=True)
         return result
+
+    @staticmethod
+    def wait_ready(child: Any, timeout: float = 300) -> None:
+        """Until a worker says it is set up (its "ready" line)."""
+        end = time.monotonic() + timeout
+        while '"ready"' not in child.out.read_text() and child.proc.poll() is None:
+            if time.monotonic() > end:
+                raise TimeoutError(f"{child.tag}: not ready in {timeout} s")
+            time.sleep(0.1)
 
     def room(self, working_mib: int) -> int:
         """A quota with room for the working set and the framework's own."""
@@ -157,7 +180,7 @@ def section_infer(b: Bench, raw: dict[str, Any], report: Report) -> list[list[An
 
 def section_train(b: Bench, raw: dict[str, Any]) -> list[list[Any]]:
     model = int(b.quota_mib * 1.25)
-    result = b.run(b.slot(b.quota_mib, spill=True), "train", str(model))
+    result = b.run(b.slot(b.quota_mib, spill=True, profile="training"), "train", str(model))
     raw["train"] = result
     return [
         [
@@ -179,6 +202,7 @@ def section_neighbour(b: Bench, raw: dict[str, Any]) -> list[list[Any]]:
         serving = b.start(
             other, "serve", str(total), str(SESSION_MIB), str(HOT), str(b.seconds + 20)
         )
+        b.wait_ready(serving)  # past the prefill: the neighbour sees the serving itself
         counts = b.run(neighbour, "matmul", str(b.seconds), worker=MATMUL)["per_second"]
         b.scene.collect_one(serving, timeout=b.seconds + 600)
         per_s[case] = statistics.mean(counts[1:] or counts)  # the first second warms up
@@ -212,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         out,
         extra=[
             f"quota {args.quota_gib} GiB, {args.seconds} s per run, sessions of "
-            f"{SESSION_MIB} MiB, {HOT} hot"
+            f"{SESSION_MIB} MiB, {HOT} hot, the hot set moving on by one every {MOVE_EVERY} steps"
         ],
     )
     raw: dict[str, Any] = {}

@@ -10,11 +10,13 @@ backstop_window_s, is frozen (its cgroup) for part of every PERIOD_NS until it i
 its share.  A tenant held by its shim is at or below its share and is never frozen.
 
 The driver counts the time a tenant's kernels wait for a neighbour's time slice as the
-tenant's own (bench/results/authority.md: a shimmed tenant at 10 % read 25 % next to one
-that bypassed its shim).  So on a GPU where nobody is held, the tenant furthest above its share
-is judged on its reading as it is; every other one, and everyone on a GPU where a tenant is
-held, is first allowed the time its neighbours ran there within their shares: what it may
-have waited on.  The furthest is held first; the rest are judged on what is left.
+tenant's own (bench/results/authority.md: a shimmed tenant at 10 % read 25-61 % next to one
+that bypassed its shim).  So on a GPU where nobody is held, the tenant furthest above its
+share is judged on its reading as it is; every other one, and everyone on a GPU where a
+tenant is held, is first allowed the time the driver counted for its neighbours there: what
+it may have waited on.  The furthest is held first; the rest are judged on what is left.
+A tenant is judged on two readings at least, never on the first alone (a process's first
+reading can come before its neighbours' do).
 
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
@@ -72,7 +74,7 @@ class Reading:
 def points_above_share(readings: list[Reading], held: set[str]) -> dict[str, float]:
     """The points above its share each judged tenant is held to account for, its worst
     GPU's: on a GPU where no tenant is `held`, the furthest above its share as read;
-    every other one less the time its neighbours there ran within their shares."""
+    every other one less the time the driver counted for its neighbours there."""
     by_gpu: dict[str, list[Reading]] = {}
     for r in readings:
         by_gpu.setdefault(r.gpu, []).append(r)
@@ -86,9 +88,9 @@ def points_above_share(readings: list[Reading], held: set[str]) -> dict[str, flo
             if any(r.cid in held for r in on_gpu)
             else max(judged, key=lambda r: r.used_pct - r.share_pct)
         )
-        within = sum(min(r.used_pct, r.share_pct) for r in on_gpu)
+        everyone = sum(r.used_pct for r in on_gpu)
         for r in judged:
-            waited = 0.0 if r is furthest else within - min(r.used_pct, r.share_pct)
+            waited = 0.0 if r is furthest else everyone - r.used_pct
             p = r.used_pct - r.share_pct - waited
             points[r.cid] = max(points.get(r.cid, p), p)
     return points
@@ -196,7 +198,7 @@ class Backstop(Duty):
             over = excess(hold.samples, window_ns, now_ns, step_ns)
             margin = obs.backstop_margin_pct
             if hold.duty == 0.0:
-                if over > margin and points[cid] > margin:
+                if over > margin and points[cid] > margin and len(hold.samples) > 1:
                     hold.duty = next_duty(0.0, used_pct, share_pct)
                     tenant.log.warning(
                         "tenant above its share by the driver's count: frozen part of the time",
