@@ -41,19 +41,6 @@ class GpuProcess:
     mps_client: bool | None = None
 
 
-def time_shares(samples: list[tuple[int, int, int]]) -> dict[int, int]:
-    """Each process's percent of the GPU's time from NVML's (pid, timestamp, smUtil)
-    samples: its utilisation summed over every sample period in which some process ran,
-    divided by that number of periods.  The driver leaves out a process's periods without
-    kernels, so an average over its own samples alone would read a process that runs
-    one period in three as if it ran all the time."""
-    periods = len({at for _, at, _ in samples})
-    sums: dict[int, int] = {}
-    for pid, _, util in samples:
-        sums[pid] = sums.get(pid, 0) + min(max(util, 0), 100)
-    return {pid: total // max(periods, 1) for pid, total in sums.items()}
-
-
 class Nvml:
     """pynvml behind a small interface; every failure turns into `available = False`."""
 
@@ -120,9 +107,11 @@ class Nvml:
         return out
 
     def utilisation(self, gpu: GpuInfo, since_us: int) -> tuple[dict[int, int], int]:
-        """Each process's share of the GPU's time since since_us (NVML's sample clock; 0:
-        the last second it keeps), in percent (time_shares); and the newest sample's time,
-        to pass as since_us next.  ({}, since_us) when there is nothing."""
+        """Each process's share of the GPU's time in its newest sample after since_us
+        (NVML's sample clock, us; 0: the last second it keeps), in percent; and the newest
+        sample's time, to pass as since_us next.  ({}, since_us) when there is nothing.
+        The driver samples every 200 ms and answers with one sample per process, its
+        latest (H100, driver 580): a snapshot, which callers average over time."""
         if not self.available:
             return {}, since_us
         try:
@@ -132,8 +121,12 @@ class Nvml:
             if "Not Found" not in str(exc):
                 self.reason = f"NVML process utilisation of {gpu.uuid} failed: {exc}"
             return {}, since_us
-        rows = [(int(s.pid), int(s.timeStamp), int(s.smUtil)) for s in samples]
-        return time_shares(rows), max([since_us, *(at for _, at, _ in rows)])
+        sums: dict[int, list[int]] = {}
+        newest = since_us
+        for s in samples:
+            sums.setdefault(int(s.pid), []).append(min(max(int(s.smUtil), 0), 100))
+            newest = max(newest, int(s.timeStamp))
+        return {pid: sum(v) // len(v) for pid, v in sums.items()}, newest
 
     def driver_version(self) -> str:
         if not self.available:

@@ -1,7 +1,6 @@
 """fcsp_hook.nvml against the simulated NVML library (tests/sim): the inventory and the
 per-GPU process lists the observer cross-checks, read through the real pynvml; and a host
-without NVML (this one) reported as unavailable with the reason, never an exception; and
-each process's share of the GPU's time from the driver's samples."""
+without NVML (this one) reported as unavailable with the reason, never an exception."""
 
 from __future__ import annotations
 
@@ -10,9 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from fcsp_hook import nvml
 from tests.shim.harness import PROG_DIR, SIM_DIR, Env, build, read_until_ready, sim_uuid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,22 +75,3 @@ def test_a_host_without_nvml_is_unavailable_with_the_reason() -> None:
     assert "libnvidia-ml" in str(doc["reason"]) or "NVML" in str(doc["reason"])
     assert doc["gpus"] == [] and doc["processes"] == {}
     assert SIM_DIR.exists()  # the simulated library is there; only not on this path
-
-
-@pytest.mark.parametrize(
-    ("samples", "shares"),
-    [
-        ([], {}),
-        # one process alone in every period: its mean
-        ([(1, 10, 90), (1, 20, 100), (1, 30, 80)], {1: 90}),
-        # a process that ran in one period of three, beside one that ran in all: a third
-        # of its reading, not the reading of the one period it ran in
-        ([(1, 10, 90), (1, 20, 90), (1, 30, 90), (2, 20, 60)], {1: 90, 2: 20}),
-        # readings are bounded to 0-100
-        ([(1, 10, 250), (2, 10, -5)], {1: 100, 2: 0}),
-    ],
-)
-def test_time_shares_count_the_periods_a_process_did_not_run(
-    samples: list[tuple[int, int, int]], shares: dict[int, int]
-) -> None:
-    assert nvml.time_shares(samples) == shares
