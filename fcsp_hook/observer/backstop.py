@@ -12,11 +12,12 @@ its share.  A tenant held by its shim is at or below its share and is never froz
 The driver counts the time a tenant's kernels wait for a neighbour's time slice as the
 tenant's own (bench/results/authority.md: a shimmed tenant at 10 % read 25-61 % next to one
 that bypassed its shim).  So on a GPU where nobody is held, the tenant furthest above its
-share is judged on its reading as it is; every other one, and everyone on a GPU where a
-tenant is held, is first allowed the time the driver counted for its neighbours there: what
-it may have waited on.  The furthest is held first; the rest are judged on what is left.
-A tenant is judged on two readings at least, never on the first alone (a process's first
-reading can come before its neighbours' do).
+share by the latest reading is judged on its window's readings as they are; every other
+one, and everyone on a GPU where a tenant is held, is first allowed the time the driver
+counted for its neighbours there over the window: what it may have waited on.  The furthest
+is held first; the rest are judged on what is left.  A tenant is judged on two readings at
+least, never on the first alone (a process's first reading can come before its
+neighbours' do).
 
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
@@ -31,7 +32,8 @@ import contextlib
 import json
 import os
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from fcsp_hook import cgroups
 from fcsp_hook.cgroups import Cgroup, CgroupError
@@ -47,17 +49,9 @@ FROZEN_FILE = "frozen"
 class Hold:
     """One tenant under the backstop."""
 
-    samples: deque[tuple[int, float]] = field(default_factory=deque)  # (at, points above)
+    readings: int = 0  # taken since it was first seen
     duty: float = 0.0  # fraction of each period it is frozen
     frozen: bool = False  # frozen by this duty now
-
-
-def excess(samples: deque[tuple[int, float]], window_ns: int, now_ns: int, step_ns: int) -> float:
-    """Points above its share, averaged over the whole window (time before the first
-    sample counts as 0: a tenant just seen is not judged on one reading)."""
-    while samples and samples[0][0] <= now_ns - window_ns:
-        samples.popleft()
-    return sum(points for _, points in samples) * step_ns / window_ns
 
 
 @dataclass(frozen=True)
@@ -71,15 +65,18 @@ class Reading:
     judged: bool  # limited, so held by time (an unlimited tenant is only a neighbour)
 
 
-def points_above_share(readings: list[Reading], held: set[str]) -> dict[str, float]:
+def points_above_share(
+    readings: list[Reading], held: set[str], furthest_now: dict[str, str] | None = None
+) -> dict[str, float]:
     """The points above its share each judged tenant is held to account for, its worst
     GPU's: on a GPU where no tenant is `held`, the furthest above its share as read;
-    every other one less the time the driver counted for its neighbours there."""
+    every other one less the time the driver counted for its neighbours there.
+    furthest_now: per GPU, who is furthest by the latest reading (default: by these)."""
     by_gpu: dict[str, list[Reading]] = {}
     for r in readings:
         by_gpu.setdefault(r.gpu, []).append(r)
     points: dict[str, float] = {}
-    for on_gpu in by_gpu.values():
+    for gpu, on_gpu in by_gpu.items():
         judged = [r for r in on_gpu if r.judged]
         if not judged:
             continue
@@ -87,6 +84,8 @@ def points_above_share(readings: list[Reading], held: set[str]) -> dict[str, flo
             None
             if any(r.cid in held for r in on_gpu)
             else max(judged, key=lambda r: r.used_pct - r.share_pct)
+            if furthest_now is None
+            else next((r for r in judged if r.cid == furthest_now.get(gpu)), None)
         )
         everyone = sum(r.used_pct for r in on_gpu)
         for r in judged:
@@ -113,6 +112,7 @@ class Backstop(Duty):
 
     def __init__(self) -> None:
         self.holds: dict[str, Hold] = {}
+        self.history: deque[tuple[int, dict[tuple[str, str], int]]] = deque()  # the window's
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.next_measure_ns = 0
 
@@ -165,40 +165,55 @@ class Backstop(Duty):
     def record(
         self, state: HostState, now_ns: int, used: dict[tuple[str, str], int], step_ns: int
     ) -> None:
-        """A reading for every held-able tenant: its worst device's points above its share;
-        then each tenant's duty."""
+        """A reading for every held-able tenant: its worst device's points above its share
+        over the window (NVML's readings are snapshots: averaged, time before a tenant's
+        first one counting as 0); then each tenant's duty, by the latest reading."""
         obs = state.cfg.observer
         window_ns = obs.backstop_window_s * 1_000_000_000
         for cid in set(self.holds) - set(state.tenants):
             self.thaw(state, cid)
             del self.holds[cid]
-        readings = [
-            Reading(
-                cid,
-                d.grant.gpu,
-                used.get((cid, d.grant.gpu), 0),
-                tenant.limits.effective(i) / 100,
-                d.grant.mode != abi.IsolationMode.NONE,
-            )
-            for cid, tenant in state.tenants.items()
-            for i, d in enumerate(tenant.devices)
-            if d.grant.backend == abi.Backend.TIMESLICE
-        ]
-        points = points_above_share(readings, {c for c, h in self.holds.items() if h.duty > 0})
+        self.history.append((now_ns, used))
+        while self.history[0][0] <= now_ns - window_ns:
+            self.history.popleft()
+        averaged: dict[tuple[str, str], float] = {}
+        for _, snapshot in self.history:
+            for key, pct in snapshot.items():
+                averaged[key] = averaged.get(key, 0.0) + pct * step_ns / window_ns
+
+        def readings(source: dict[tuple[str, str], Any]) -> list[Reading]:
+            return [
+                Reading(
+                    cid,
+                    d.grant.gpu,
+                    source.get((cid, d.grant.gpu), 0),
+                    tenant.limits.effective(i) / 100,
+                    d.grant.mode != abi.IsolationMode.NONE,
+                )
+                for cid, tenant in state.tenants.items()
+                for i, d in enumerate(tenant.devices)
+                if d.grant.backend == abi.Backend.TIMESLICE
+            ]
+
+        latest = readings(used)
+        furthest_now = {
+            r.gpu: r.cid
+            for r in sorted((r for r in latest if r.judged), key=lambda r: r.used_pct - r.share_pct)
+        }
+        held = {c for c, h in self.holds.items() if h.duty > 0}
+        points = points_above_share(readings(averaged), held, furthest_now)
         for cid, tenant in state.tenants.items():
             for device in tenant.devices:
                 device.driver_used_pct = used.get((cid, device.grant.gpu))
-            mine = [r for r in readings if r.cid == cid and r.judged]
+            mine = [r for r in latest if r.cid == cid and r.judged]
             if not mine or tenant.cgroup is None:
                 continue
             worst = max(mine, key=lambda r: r.used_pct - r.share_pct)
             used_pct, share_pct = worst.used_pct, worst.share_pct
             hold = self.holds.setdefault(cid, Hold())
-            hold.samples.append((now_ns, points[cid]))
-            over = excess(hold.samples, window_ns, now_ns, step_ns)
-            margin = obs.backstop_margin_pct
+            hold.readings += 1
             if hold.duty == 0.0:
-                if over > margin and points[cid] > margin and len(hold.samples) > 1:
+                if points[cid] > obs.backstop_margin_pct and hold.readings > 1:
                     hold.duty = next_duty(0.0, used_pct, share_pct)
                     tenant.log.warning(
                         "tenant above its share by the driver's count: frozen part of the time",
