@@ -32,8 +32,8 @@ import contextlib
 import json
 import os
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from fcsp_hook import cgroups
 from fcsp_hook.cgroups import Cgroup, CgroupError
@@ -65,31 +65,36 @@ class Reading:
     judged: bool  # limited, so held by time (an unlimited tenant is only a neighbour)
 
 
+def furthest_above_share(readings: list[Reading]) -> dict[str, str]:
+    """Per GPU, the judged tenant furthest above its share in these readings."""
+    furthest: dict[str, Reading] = {}
+    for r in readings:
+        best = furthest.get(r.gpu)
+        if r.judged and (best is None or r.used_pct - r.share_pct > best.used_pct - best.share_pct):
+            furthest[r.gpu] = r
+    return {gpu: r.cid for gpu, r in furthest.items()}
+
+
 def points_above_share(
-    readings: list[Reading], held: set[str], furthest_now: dict[str, str] | None = None
+    readings: list[Reading], held: set[str], furthest: dict[str, str] | None = None
 ) -> dict[str, float]:
     """The points above its share each judged tenant is held to account for, its worst
     GPU's: on a GPU where no tenant is `held`, the furthest above its share as read;
     every other one less the time the driver counted for its neighbours there.
-    furthest_now: per GPU, who is furthest by the latest reading (default: by these)."""
+    furthest: per GPU, who that is (default: furthest_above_share of these readings)."""
+    if furthest is None:
+        furthest = furthest_above_share(readings)
     by_gpu: dict[str, list[Reading]] = {}
     for r in readings:
         by_gpu.setdefault(r.gpu, []).append(r)
     points: dict[str, float] = {}
     for gpu, on_gpu in by_gpu.items():
-        judged = [r for r in on_gpu if r.judged]
-        if not judged:
-            continue
-        furthest = (
-            None
-            if any(r.cid in held for r in on_gpu)
-            else max(judged, key=lambda r: r.used_pct - r.share_pct)
-            if furthest_now is None
-            else next((r for r in judged if r.cid == furthest_now.get(gpu)), None)
-        )
+        as_read = None if any(r.cid in held for r in on_gpu) else furthest.get(gpu)
         everyone = sum(r.used_pct for r in on_gpu)
-        for r in judged:
-            waited = 0.0 if r is furthest else everyone - r.used_pct
+        for r in on_gpu:
+            if not r.judged:
+                continue
+            waited = 0.0 if r.cid == as_read else everyone - r.used_pct
             p = r.used_pct - r.share_pct - waited
             points[r.cid] = max(points.get(r.cid, p), p)
     return points
@@ -181,7 +186,7 @@ class Backstop(Duty):
             for key, pct in snapshot.items():
                 averaged[key] = averaged.get(key, 0.0) + pct * step_ns / window_ns
 
-        def readings(source: dict[tuple[str, str], Any]) -> list[Reading]:
+        def readings(source: Mapping[tuple[str, str], float]) -> list[Reading]:
             return [
                 Reading(
                     cid,
@@ -196,12 +201,8 @@ class Backstop(Duty):
             ]
 
         latest = readings(used)
-        furthest_now = {
-            r.gpu: r.cid
-            for r in sorted((r for r in latest if r.judged), key=lambda r: r.used_pct - r.share_pct)
-        }
         held = {c for c, h in self.holds.items() if h.duty > 0}
-        points = points_above_share(readings(averaged), held, furthest_now)
+        points = points_above_share(readings(averaged), held, furthest_above_share(latest))
         for cid, tenant in state.tenants.items():
             for device in tenant.devices:
                 device.driver_used_pct = used.get((cid, device.grant.gpu))
