@@ -21,9 +21,8 @@
  *
  * A full quota gives a range room only in place of ranges unused since the range's own
  * previous use (or never used, for one used the first time): one used again sooner than
- * anything it would evict.  Without that rule a
- * working set larger than the quota used in a cycle (a model's layers, every forward pass)
- * thrashes: the least recently used range is always the next one needed, so every launch
+ * anything it would evict.  Without that rule a working set larger than the quota used in
+ * a cycle (a model's layers, every forward pass) thrashes: the least recently used range is always the next one needed, so every launch
  * would move a range in and one out.  With it, such a set settles with the quota full and
  * the rest read where it is, and a hot set that moves (sessions of a server) comes to the
  * device from its second use on.
@@ -234,9 +233,13 @@ static void learn_layout(struct uvm_func *slot, CUfunction f)
     *slot = (struct uvm_func){.f = f};
     size_t size = 0;
     CUresult rc = param_size(f, 0, false, &size);
+    bool as_kernel = false;
     /* not a function the driver knows as one (INVALID_VALUE: one without parameters) */
-    bool as_kernel = rc != CUDA_SUCCESS && rc != CUDA_ERROR_INVALID_VALUE &&
-                     (rc = param_size(f, 0, true, &size)) == CUDA_SUCCESS;
+    if (rc != CUDA_SUCCESS && rc != CUDA_ERROR_INVALID_VALUE &&
+        param_size(f, 0, true, &size) == CUDA_SUCCESS) {
+        as_kernel = true;
+        rc = CUDA_SUCCESS;
+    }
     for (uint32_t i = 0; i < UVM_MAX_PARAMS; i++) {
         if (i > 0) {
             size = 0;
