@@ -13,11 +13,13 @@ The driver counts the time a tenant's kernels wait for a neighbour's time slice 
 tenant's own (bench/results/authority.md: a shimmed tenant at 10 % read 25-61 % next to one
 that bypassed its shim).  So on a GPU where nobody is held, the tenant furthest above its
 share by the latest reading is judged on its window's readings as they are; every other
-one, and everyone on a GPU where a tenant is held, is first allowed the time the driver
-counted for its neighbours there over the window: what it may have waited on.  The furthest
-is held first; the rest are judged on what is left.  A tenant is judged on two readings at
-least, never on the first alone (a process's first reading can come before its
-neighbours' do).
+one is first allowed the time the driver counted for its neighbours there over the window:
+what it may have waited on.  The furthest is held first.  Once a tenant is held, its
+neighbours are judged on quiet readings: NVML samples taken wholly inside the part of a
+period in which every held tenant of that GPU is frozen, when nobody held is left to wait
+on (QUIET_AFTER_US); where a hold leaves too little frozen time for two of those in the
+window, on the allowance as before.  A tenant is judged on two readings at least, never on
+the first alone (a process's first reading can come before its neighbours' do).
 
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
@@ -37,10 +39,21 @@ from dataclasses import dataclass
 
 from fcsp_hook import cgroups
 from fcsp_hook.cgroups import Cgroup, CgroupError
+from fcsp_hook.nvml import SAMPLE_US
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
 from fcsp_hook.slot import abi
 
-PERIOD_NS = 500_000_000  # frozen for the first duty * PERIOD_NS of every period
+PERIOD_NS = 1_000_000_000  # frozen for the first duty * PERIOD_NS of every period
+# A frozen tenant's queued kernels are done within 50 ms (a stream holds a few ms of work).
+# The newest sample when the held tenants freeze ends at most one sample before that, so a
+# sample that ends QUIET_AFTER_US after it on the driver's clock lies wholly in the frozen
+# time, past the drain.
+QUIET_AFTER_US = 2 * SAMPLE_US + 50_000
+# Frozen from the first tick of a period (a tick late at most) to its thaw, a GPU's held
+# tenants give a quiet reading at the last tick before it if the driver's sample then (up
+# to one old) ends QUIET_AFTER_US after their freeze: with 50 ms ticks, frozen 0.75 of it.
+QUIET_DUTY = 0.75
+HELD_READ_NS = 100_000_000  # twice a sample: a tenant held runs in bursts
 MAX_DUTY = 0.95  # a tenant always runs a little: its processes must be able to exit
 FROZEN_FILE = "frozen"
 
@@ -52,6 +65,14 @@ class Hold:
     readings: int = 0  # taken since it was first seen
     duty: float = 0.0  # fraction of each period it is frozen
     frozen: bool = False  # frozen by this duty now
+
+
+@dataclass
+class Quiet:
+    """A GPU while every tenant held on it is frozen."""
+
+    from_us: int | None  # NVML's clock: samples after this are of the others alone
+    taken: bool = False  # its quiet reading, one per period
 
 
 @dataclass(frozen=True)
@@ -117,9 +138,12 @@ class Backstop(Duty):
 
     def __init__(self) -> None:
         self.holds: dict[str, Hold] = {}
-        self.history: deque[tuple[int, dict[tuple[str, str], int]]] = deque()  # the window's
-        self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
-        self.next_measure_ns = 0
+        # the window's readings: when, the time each stands for, percent per (tenant, GPU)
+        self.history: deque[tuple[int, int, dict[tuple[str, str], int]]] = deque()
+        self.quiet: dict[str, Quiet] = {}  # per GPU with every held tenant frozen now
+        self.quiet_history: deque[tuple[int, str, dict[str, int]]] = deque()  # the window's
+        self.read_ns = 0  # when NVML was last read
+        self.judged_ns = 0  # when the tenants were last judged
 
     def due(self, state: HostState, now_ns: int, next_ns: int) -> bool:
         return (state.cfg.observer.backstop_margin_pct > 0 and state.nv.available) or any(
@@ -144,11 +168,18 @@ class Backstop(Duty):
         if obs.backstop_margin_pct <= 0 or not state.nv.available:
             self.release(state)
             return
-        measure_ns = obs.nvml_interval_ms * NS_PER_MS
-        if now_ns >= self.next_measure_ns:
-            self.next_measure_ns = now_ns + measure_ns
-            self.record(state, now_ns, self.measure(state), measure_ns)
+        judge_ns = obs.nvml_interval_ms * NS_PER_MS
+        # Held, a tenant runs in bursts: the newest sample is read twice a sample, lest one
+        # reading a second always fall in (or out of) them.
+        read_ns = HELD_READ_NS if self.held_by_gpu(state) else judge_ns
+        if now_ns >= self.read_ns + read_ns:
+            step_ns = min(now_ns - self.read_ns, judge_ns)
+            self.read_ns = now_ns
+            self.record(state, now_ns, self.measure(state), step_ns)
+        if now_ns >= self.judged_ns + judge_ns:
+            self.judge(state, now_ns)
         self.actuate(state, now_ns)
+        self.read_quiet(state, now_ns)
 
     def stop(self, state: HostState) -> None:
         self.release(state)
@@ -157,76 +188,133 @@ class Backstop(Duty):
         """Percent of each GPU's time each tenant's processes ran there, per (tenant, GPU)."""
         used: dict[tuple[str, str], int] = {}
         for gpu in state.gpus:
-            by_pid, self.since_us[gpu.uuid] = state.nv.utilisation(
-                gpu, self.since_us.get(gpu.uuid, 0)
-            )
-            for pid, pct in by_pid.items():
-                owner = state.members.get(pid)
-                if owner is not None:
-                    key = (owner[0], gpu.uuid)
-                    used[key] = used.get(key, 0) + pct
+            by_pid, _ = state.nv.utilisation(gpu)
+            for cid, pct in _by_tenant(state, by_pid).items():
+                used[(cid, gpu.uuid)] = pct
         return used
+
+    def read_quiet(self, state: HostState, now_ns: int) -> None:
+        """Per GPU whose held tenants are all frozen now: when they freeze, NVML's clock;
+        at the last tick before the first of them thaws, a reading of the samples since
+        then (record_quiet)."""
+        held = self.held_by_gpu(state)
+        for gpu in state.gpus:
+            on_gpu = held.get(gpu.uuid, [])
+            if not on_gpu or not all(h.frozen for h in on_gpu):
+                self.quiet.pop(gpu.uuid, None)
+                continue
+            quiet = self.quiet.get(gpu.uuid)
+            if quiet is None:
+                _, newest = state.nv.utilisation(gpu)
+                self.quiet[gpu.uuid] = Quiet(newest + QUIET_AFTER_US if newest else None)
+                continue
+            thaw_ns = min(h.duty for h in on_gpu) * PERIOD_NS
+            if (
+                quiet.taken
+                or quiet.from_us is None
+                or now_ns % PERIOD_NS + state.interval_ns < thaw_ns
+            ):
+                continue
+            quiet.taken = True
+            by_pid, newest = state.nv.utilisation(gpu, quiet.from_us)
+            if newest > quiet.from_us:  # none yet: this period gives no quiet reading
+                self.record_quiet(now_ns, gpu.uuid, _by_tenant(state, by_pid))
+
+    def record_quiet(self, now_ns: int, gpu: str, used: dict[str, int]) -> None:
+        """A quiet reading of one GPU: percent of its time each tenant not held ran there."""
+        self.quiet_history.append((now_ns, gpu, used))
+
+    def held_by_gpu(self, state: HostState) -> dict[str, list[Hold]]:
+        """The holds in force, per time-sliced GPU of their tenants."""
+        held: dict[str, list[Hold]] = {}
+        for cid, hold in self.holds.items():
+            tenant = state.tenants.get(cid)
+            for device in tenant.devices if tenant is not None and hold.duty > 0 else ():
+                if device.grant.backend == abi.Backend.TIMESLICE:
+                    held.setdefault(device.grant.gpu, []).append(hold)
+        return held
 
     def record(
         self, state: HostState, now_ns: int, used: dict[tuple[str, str], int], step_ns: int
     ) -> None:
-        """A reading for every held-able tenant: its worst device's points above its share
-        over the window (NVML's readings are snapshots: averaged, time before a tenant's
-        first one counting as 0); then each tenant's duty, by the latest reading."""
-        obs = state.cfg.observer
-        window_ns = obs.backstop_window_s * 1_000_000_000
+        """A reading, standing for the step_ns before now_ns; the window's kept."""
+        window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
+        self.history.append((now_ns, step_ns, used))
+        while self.history[0][0] <= now_ns - window_ns:
+            self.history.popleft()
+
+    def judge(self, state: HostState, now_ns: int) -> None:
+        """Every held-able tenant: its worst device's points above its share over the window
+        (window_use); then its duty, by its readings since it was last judged."""
         for cid in set(self.holds) - set(state.tenants):
             self.thaw(state, cid)
             del self.holds[cid]
-        self.history.append((now_ns, used))
-        while self.history[0][0] <= now_ns - window_ns:
-            self.history.popleft()
-        averaged: dict[tuple[str, str], float] = {}
-        for _, snapshot in self.history:
-            for key, pct in snapshot.items():
-                averaged[key] = averaged.get(key, 0.0) + pct * step_ns / window_ns
-
-        def readings(source: Mapping[tuple[str, str], float]) -> list[Reading]:
-            return [
-                Reading(
-                    cid,
-                    d.grant.gpu,
-                    source.get((cid, d.grant.gpu), 0),
-                    tenant.limits.effective(i) / 100,
-                    d.grant.mode != abi.IsolationMode.NONE,
-                )
-                for cid, tenant in state.tenants.items()
-                for i, d in enumerate(tenant.devices)
-                if d.grant.backend == abi.Backend.TIMESLICE
-            ]
-
-        latest = readings(used)
+        recent = [h for h in self.history if h[0] > self.judged_ns]
+        if not recent:
+            return
+        self.judged_ns = now_ns
+        used = _mean(recent, sum(step for _, step, _ in recent))
+        latest = _readings(state, used)
         held = {c for c, h in self.holds.items() if h.duty > 0}
-        points = points_above_share(readings(averaged), held, furthest_above_share(latest))
+        use, waiting = self.window_use(state, now_ns)
+        judged = [r for r in _readings(state, use) if r.gpu not in waiting or r.cid in held]
+        points = points_above_share(judged, held, furthest_above_share(latest))
         for cid, tenant in state.tenants.items():
             for device in tenant.devices:
-                device.driver_used_pct = used.get((cid, device.grant.gpu))
+                pct = used.get((cid, device.grant.gpu))
+                device.driver_used_pct = round(pct) if pct is not None else None
             mine = [r for r in latest if r.cid == cid and r.judged]
-            if not mine or tenant.cgroup is None:
+            if mine and tenant.cgroup is not None:
+                worst = max(mine, key=lambda r: r.used_pct - r.share_pct)
+                self.hold(state, cid, worst, points.get(cid, 0.0))
+
+    def window_use(
+        self, state: HostState, now_ns: int
+    ) -> tuple[dict[tuple[str, str], float], set[str]]:
+        """Per (tenant, GPU), its readings over the window, NVML's being snapshots: averaged,
+        time before a tenant's first one counting as 0.  On a GPU with a tenant held, the
+        quiet readings instead, once there are two; and the GPUs whose holds freeze long
+        enough for quiet readings but have not given two yet, on which only the held are
+        judged."""
+        window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
+        while self.quiet_history and self.quiet_history[0][0] <= now_ns - window_ns:
+            self.quiet_history.popleft()
+        use = _mean(list(self.history), window_ns)
+        waiting: set[str] = set()
+        for gpu, holds in self.held_by_gpu(state).items():
+            quiet = [by_tenant for _, g, by_tenant in self.quiet_history if g == gpu]
+            if len(quiet) < 2:
+                if min(h.duty for h in holds) >= QUIET_DUTY:
+                    waiting.add(gpu)
                 continue
-            worst = max(mine, key=lambda r: r.used_pct - r.share_pct)
-            used_pct, share_pct = worst.used_pct, worst.share_pct
-            hold = self.holds.setdefault(cid, Hold())
-            hold.readings += 1
+            for key in [k for k in use if k[1] == gpu]:
+                del use[key]
+            for by_tenant in quiet:
+                for cid, pct in by_tenant.items():
+                    use[(cid, gpu)] = use.get((cid, gpu), 0.0) + pct / len(quiet)
+        return use, waiting
+
+    def hold(self, state: HostState, cid: str, worst: Reading, points: float) -> None:
+        """Hold a tenant more or less, by its worst device's latest reading, or start to
+        once its points above its share over the window pass the margin."""
+        tenant = state.tenants[cid]
+        hold = self.holds.setdefault(cid, Hold())
+        hold.readings += 1
+        if hold.duty == 0.0:
+            if points > state.cfg.observer.backstop_margin_pct and hold.readings > 1:
+                hold.duty = next_duty(0.0, worst.used_pct, worst.share_pct)
+                tenant.log.warning(
+                    "tenant above its share by the driver's count: frozen part of the time",
+                    used_pct=round(worst.used_pct), share_pct=worst.share_pct,
+                    frozen_pct=round(hold.duty * 100),
+                )  # fmt: skip
+                self.save(state)
+        else:
+            hold.duty = next_duty(hold.duty, worst.used_pct, worst.share_pct)
             if hold.duty == 0.0:
-                if points[cid] > obs.backstop_margin_pct and hold.readings > 1:
-                    hold.duty = next_duty(0.0, used_pct, share_pct)
-                    tenant.log.warning(
-                        "tenant above its share by the driver's count: frozen part of the time",
-                        used_pct=used_pct, share_pct=share_pct, frozen_pct=round(hold.duty * 100),
-                    )  # fmt: skip
-                    self.save(state)
-            else:
-                hold.duty = next_duty(hold.duty, used_pct, share_pct)
-                if hold.duty == 0.0:
-                    tenant.log.info("tenant back at its share: no longer frozen")
-                    self.save(state)
-            tenant.held_pct = round(hold.duty * 100)
+                tenant.log.info("tenant back at its share: no longer frozen")
+                self.save(state)
+        tenant.held_pct = round(hold.duty * 100)
 
     def actuate(self, state: HostState, now_ns: int) -> None:
         """Freeze or thaw each held tenant for its part of the period."""
@@ -283,6 +371,43 @@ class Backstop(Duty):
             os.replace(tmp, path)
         except OSError as exc:
             state.log.warning("cannot record frozen tenants", error=exc.strerror)
+
+
+def _readings(state: HostState, use: Mapping[tuple[str, str], float]) -> list[Reading]:
+    """Every tenant on each of its time-sliced GPUs: what it used there, and its share."""
+    return [
+        Reading(
+            cid,
+            d.grant.gpu,
+            use.get((cid, d.grant.gpu), 0.0),
+            tenant.limits.effective(i) / 100,
+            d.grant.mode != abi.IsolationMode.NONE,
+        )
+        for cid, tenant in state.tenants.items()
+        for i, d in enumerate(tenant.devices)
+        if d.grant.backend == abi.Backend.TIMESLICE
+    ]
+
+
+def _mean(
+    readings: list[tuple[int, int, dict[tuple[str, str], int]]], over_ns: int
+) -> dict[tuple[str, str], float]:
+    """Per (tenant, GPU), the readings weighted by the time each stands for, over over_ns."""
+    mean: dict[tuple[str, str], float] = {}
+    for _, step_ns, used in readings:
+        for key, pct in used.items():
+            mean[key] = mean.get(key, 0.0) + pct * step_ns / max(over_ns, 1)
+    return mean
+
+
+def _by_tenant(state: HostState, by_pid: dict[int, int]) -> dict[str, int]:
+    """Percent per tenant: its processes' (state.members) summed."""
+    used: dict[str, int] = {}
+    for pid, pct in by_pid.items():
+        owner = state.members.get(pid)
+        if owner is not None:
+            used[owner[0]] = used.get(owner[0], 0) + pct
+    return used
 
 
 def _cgroup(state: HostState, cid: str) -> Cgroup | None:

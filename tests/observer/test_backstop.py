@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from fcsp_hook import cgroups
+from fcsp_hook import cgroups, nvml
 from fcsp_hook.observer import backstop
 from fcsp_hook.observer.backstop import Backstop
 from fcsp_hook.observer.tenants import Tenants
@@ -47,6 +49,7 @@ def _read(duty: Backstop, scene: Scene, used: dict[str, int], seconds: int = 1) 
     for _ in range(seconds):
         scene.now_ns += SECOND
         duty.record(scene.state, scene.now_ns, {(c, "GPU-x"): u for c, u in used.items()}, SECOND)
+        duty.judge(scene.state, scene.now_ns)
 
 
 @pytest.mark.parametrize(
@@ -146,13 +149,15 @@ def test_points_above_share_allow_for_time_waited_on_neighbours(
     assert backstop.points_above_share(readings, held) == pytest.approx(points)
 
 
-def _two(scene: Scene, honest_group: cgroups.Cgroup) -> Iterator[cgroups.Cgroup]:
+def _two(
+    scene: Scene, honest_group: cgroups.Cgroup, greedy_sm: int = 1000
+) -> Iterator[cgroups.Cgroup]:
     with fresh_cgroup() as greedy_group:
         proc = subprocess.Popen(["sleep", "600"])
         join(greedy_group, proc)
         try:
             _tenant(scene, "honest", honest_group)
-            _tenant(scene, "greedy", greedy_group)
+            _tenant(scene, "greedy", greedy_group, greedy_sm)
             yield greedy_group
         finally:
             greedy_group.set_frozen(False)
@@ -177,15 +182,53 @@ def test_a_tenant_next_to_a_greedy_one_is_never_frozen(scene: Scene, group: cgro
         assert scene.tenant("honest").held_pct == 0
 
 
+def test_beside_a_held_tenant_a_neighbour_is_judged_while_that_one_is_frozen(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """As on an H100: once the greedy tenant is held, it runs in bursts that the shimmed
+    one waits on, which the driver counts as the shimmed one's (40 % against the greedy's
+    11 %); while the greedy one is frozen, the shimmed one reads its 10 %.  It is judged on
+    those quiet readings alone, and before there are two of them not at all: never
+    frozen."""
+    duty = Backstop()
+    for _ in _two(scene, group):
+        _read(duty, scene, {"greedy": 99, "honest": 61}, seconds=2)
+        assert duty.holds["greedy"].duty >= backstop.QUIET_DUTY
+        for _ in range(30):
+            _read(duty, scene, {"greedy": 11, "honest": 40})
+            duty.record_quiet(scene.now_ns, "GPU-x", {"honest": 10})
+            assert duty.holds["honest"].duty == 0.0
+        assert duty.holds["greedy"].duty > 0.0
+
+
 def test_two_greedy_tenants_on_one_gpu_are_both_frozen(scene: Scene, group: cgroups.Cgroup) -> None:
     """Two tenants at 10 % that both bypass their shims and share the GPU evenly: the
-    allowance for the other's time hides neither; the second is held once the first is
-    (frozen, it reads little)."""
+    allowance for the other's time hides neither; the second is held once the first is,
+    by what it reads while the first is frozen."""
     duty = Backstop()
     for _ in _two(scene, group):
         _read(duty, scene, {"greedy": 50, "honest": 48}, seconds=2)
         assert duty.holds["greedy"].duty > 0.0
-        _read(duty, scene, {"greedy": 10, "honest": 90}, seconds=2)
+        for _ in range(3):
+            _read(duty, scene, {"greedy": 10, "honest": 90})
+            duty.record_quiet(scene.now_ns, "GPU-x", {"honest": 100})
+        assert duty.holds["honest"].duty > 0.0
+
+
+def test_a_hold_too_short_for_quiet_readings_leaves_the_allowance(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """A greedy tenant at a 50 % share is frozen half the time, too little for a quiet
+    reading: its neighbour is judged on its readings less the time the driver counted for
+    the greedy one, and held once that leaves it above its share."""
+    duty = Backstop()
+    for _ in _two(scene, group, greedy_sm=5000):
+        while "greedy" not in duty.holds or duty.holds["greedy"].duty == 0.0:
+            _read(duty, scene, {"greedy": 100, "honest": 10})
+        assert duty.holds["greedy"].duty < backstop.QUIET_DUTY
+        _read(duty, scene, {"greedy": 50, "honest": 30}, seconds=2)
+        assert duty.holds["honest"].duty == 0.0
+        _read(duty, scene, {"greedy": 50, "honest": 80}, seconds=5)
         assert duty.holds["honest"].duty > 0.0
 
 
@@ -240,3 +283,60 @@ def test_tenants_without_a_cgroup_or_not_time_sliced_are_not_held(scene: Scene) 
     _read(duty, scene, {"old": 100, "free": 100}, seconds=5)
     assert duty.holds == {}
     assert scene.tenant("old").devices[0].driver_used_pct == 100
+
+
+class DriverSamples:
+    """pynvml's per-process utilisation as the driver answers it: a sample every 200 ms of
+    its clock (us, here the scene's), the newest one if it ends after lastSeenTimeStamp;
+    pct(pid, end_us) says what each process ran in the sample ending at end_us."""
+
+    def __init__(self, scene: Scene, pct: Callable[[int, int], int]) -> None:
+        self.scene, self.pct = scene, pct
+
+    def nvmlInit(self) -> None:  # pynvml's names
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetProcessUtilization(self, handle: int, since_us: int) -> list[Any]:
+        end = self.scene.now_ns // 1000 // nvml.SAMPLE_US * nvml.SAMPLE_US
+        if end <= since_us:
+            raise RuntimeError("Not Found")
+        ran = ((pid, self.pct(pid, end)) for pid in (GREEDY_PID, HONEST_PID))
+        return [SimpleNamespace(pid=p, timeStamp=end, smUtil=u) for p, u in ran if u]
+
+
+GREEDY_PID, HONEST_PID = 1_000_001, 1_000_002
+
+
+def test_quiet_readings_are_of_samples_wholly_inside_the_frozen_time(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """The greedy tenant held, the driver's samples as an H100 gives them: 40 % for the
+    shimmed neighbour in every sample that overlaps the greedy one's running time or the
+    50 ms after its freeze, 10 % in the others.  Read by the duty itself, tick by tick, the
+    quiet readings are all 10 %, and the neighbour is never frozen."""
+    period_us = backstop.PERIOD_NS // 1000
+
+    def pct(pid: int, end_us: int) -> int:
+        quiet = 50_000 <= (end_us - nvml.SAMPLE_US) % period_us <= 900_000 - nvml.SAMPLE_US
+        if pid == GREEDY_PID:
+            return 0 if quiet else 50
+        return 10 if quiet else 40
+
+    scene.state.nv = nvml.Nvml(lambda: DriverSamples(scene, pct))
+    scene.state.gpus = [nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)]
+    scene.state.interval_ns = 50 * MS
+    duty = Backstop()
+    for _ in _two(scene, group):
+        scene.state.members = {GREEDY_PID: ("greedy", 0), HONEST_PID: ("honest", 0)}
+        duty.holds["greedy"] = backstop.Hold(readings=2, duty=0.9)
+        scene.now_ns = 100 * backstop.PERIOD_NS
+        for _ in range(10 * backstop.PERIOD_NS // (50 * MS)):
+            duty.run(scene.state, scene.now_ns)
+            scene.now_ns += 50 * MS
+            assert duty.holds.get("honest", backstop.Hold()).duty == 0.0
+        quiet = [used.get("honest") for _, _, used in duty.quiet_history]
+        assert len(quiet) >= 4 and set(quiet) == {10}
+        assert duty.holds["greedy"].duty > 0.0

@@ -255,10 +255,13 @@ struct sim_process_sample {
 };
 
 /*
- * One sample per process that ran kernels on the device since lastSeenTimeStamp (us on
- * the sim's clock; 0: the last second): the percentage of that time the device ran its
- * kernels.  With samples NULL, or too few, the count needed and INSUFFICIENT_SIZE.
+ * As the driver answers (H100, driver 580): it samples every SIM_SAMPLE_NS, and tells of
+ * its latest sample if that ends after lastSeenTimeStamp (us on the sim's clock), one
+ * entry per process that ran kernels on the device in it: the percentage of the sample's
+ * time the device ran its kernels.  With samples NULL, or too few, the count needed and
+ * INSUFFICIENT_SIZE.
  */
+#define SIM_SAMPLE_NS 200000000ull
 SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
                                                         struct sim_process_sample *samples,
                                                         unsigned int *count,
@@ -268,10 +271,11 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
         return NVML_ERROR_UNINITIALIZED;
     if (!device || !count)
         return NVML_ERROR_INVALID_ARGUMENT;
-    uint64_t now = sim_now_ns();
-    uint64_t since = lastSeenTimeStamp ? lastSeenTimeStamp * 1000u : now - 1000000000u;
+    uint64_t end = sim_now_ns() / SIM_SAMPLE_NS * SIM_SAMPLE_NS;
     uint32_t pids[256], pct[256];
-    int n = sim_process_busy((int)device->index, since, pids, pct, 256);
+    int n = 0;
+    if (end / 1000u > lastSeenTimeStamp)
+        n = sim_process_busy((int)device->index, end - SIM_SAMPLE_NS, end, pids, pct, 256);
     if (n > 256)
         n = 256;
     if (!samples || *count < (unsigned)n) {
@@ -279,7 +283,7 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
         return n ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_ERROR_NOT_FOUND;
     }
     for (int i = 0; i < n; i++)
-        samples[i] = (struct sim_process_sample){pids[i], now / 1000u, pct[i], 0, 0, 0};
+        samples[i] = (struct sim_process_sample){pids[i], end / 1000u, pct[i], 0, 0, 0};
     *count = (unsigned)n;
     return NVML_SUCCESS;
 }

@@ -91,6 +91,8 @@ static void init(void)
     if (config.devices > SIM_MAX_DEVICES)
         config.devices = SIM_MAX_DEVICES;
     config.mem_bytes = mem ? strtoull(mem, NULL, 0) : (16ull << 30);
+    const char *wait_counts = getenv("FCSP_SIM_WAIT_COUNTS_US");
+    config.wait_counted_ns = wait_counts ? strtoull(wait_counts, NULL, 0) * 1000u : 0;
     const char *uuids = getenv("FCSP_SIM_UUIDS");
     for (int d = 0; d < SIM_MAX_DEVICES; d++) {
         unsigned char *u = config.uuid[d];
@@ -252,14 +254,17 @@ static void add_busy(int dev, uint64_t start, uint64_t end)
     }
 }
 
-int sim_process_busy(int dev, uint64_t since_ns, uint32_t *pids, uint32_t *pct, int max)
+int sim_process_busy(int dev, uint64_t from_ns, uint64_t to_ns, uint32_t *pids, uint32_t *pct,
+                     int max)
 {
     sim_config();
     uint64_t now = sim_now_ns();
-    if (dev < 0 || dev >= BUSY_DEVICES || since_ns >= now)
+    if (to_ns > now)
+        to_ns = now;
+    if (dev < 0 || dev >= BUSY_DEVICES || from_ns >= to_ns)
         return 0;
-    if (now - since_ns > (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS)
-        since_ns = now - (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS;
+    if (now - from_ns > (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS)
+        from_ns = now - (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS;
     int n = 0;
     for (int i = 0; i < SIM_MAX_PROCS; i++) {
         struct sim_proc *e = &shared->proc[i];
@@ -267,7 +272,7 @@ int sim_process_busy(int dev, uint64_t since_ns, uint32_t *pids, uint32_t *pct, 
         if (pid <= 0 || !alive(pid))
             continue;
         uint64_t ns = 0;
-        for (uint64_t b = since_ns / BUSY_BUCKET_NS; b * BUSY_BUCKET_NS < now; b++) {
+        for (uint64_t b = from_ns / BUSY_BUCKET_NS; b * BUSY_BUCKET_NS < to_ns; b++) {
             int slot = (int)(b % BUSY_BUCKETS);
             if (atomic_load(&e->busy[dev].bucket[slot]) == b + 1)
                 ns += atomic_load(&e->busy[dev].ns[slot]);
@@ -275,7 +280,7 @@ int sim_process_busy(int dev, uint64_t since_ns, uint32_t *pids, uint32_t *pct, 
         if (!ns)
             continue;
         if (n < max) {
-            uint64_t p = ns * 100 / (now - since_ns);
+            uint64_t p = ns * 100 / (to_ns - from_ns);
             pids[n] = (uint32_t)pid;
             pct[n] = (uint32_t)(p > 100 ? 100 : p);
         }
@@ -331,6 +336,7 @@ uint64_t sim_now_ns(void)
 
 uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns)
 {
+    static _Atomic uint64_t own_end[SIM_MAX_DEVICES]; /* this process's last kernel's end */
     sim_config();
     _Atomic uint64_t *busy = &shared->busy_until[dev];
     uint64_t now = sim_now_ns();
@@ -341,7 +347,19 @@ uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns)
             start = ready_ns;
         end = start + dur_ns;
     } while (!atomic_compare_exchange_weak(busy, &free_at, end));
-    if (dur_ns)
-        add_busy(dev, end - dur_ns, end);
+    if (!dur_ns)
+        return end;
+    uint64_t counted = end - dur_ns;
+    if (config.wait_counted_ns) {
+        uint64_t waited_from = now > ready_ns ? now : ready_ns;
+        uint64_t mine = atomic_exchange(&own_end[dev], end);
+        if (mine > waited_from)
+            waited_from = mine; /* behind its own work: not waiting on a neighbour */
+        if (counted > waited_from + config.wait_counted_ns)
+            waited_from = counted - config.wait_counted_ns;
+        if (waited_from < counted)
+            counted = waited_from;
+    }
+    add_busy(dev, counted, end);
     return end;
 }

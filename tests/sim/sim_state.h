@@ -26,6 +26,7 @@ struct sim_config {
     uint64_t mem_bytes;
     unsigned char uuid[SIM_MAX_DEVICES][16];
     char uuid_text[SIM_MAX_DEVICES][48];
+    uint64_t wait_counted_ns; /* FCSP_SIM_WAIT_COUNTS_US: waiting NVML counts as running */
 };
 
 const struct sim_config *sim_config(void);
@@ -42,11 +43,11 @@ void sim_mark_mps_client(void);
 /* This process made a context on dev: the first one takes FCSP_SIM_CONTEXT_BYTES. */
 void sim_context(int dev);
 /*
- * How much of (since_ns, now] dev's timeline ran each live process's kernels, in percent,
- * as NVML's per-process utilisation samples tell it: returns how many processes ran any,
- * filling at most max entries.
+ * How much of [from_ns, to_ns) dev's timeline ran each live process's kernels, in percent:
+ * returns how many processes ran any, filling at most max entries.
  */
-int sim_process_busy(int dev, uint64_t since_ns, uint32_t *pids, uint32_t *pct, int max);
+int sim_process_busy(int dev, uint64_t from_ns, uint64_t to_ns, uint32_t *pids, uint32_t *pct,
+                     int max);
 
 /* CLOCK_MONOTONIC in ns: the time base of the device timeline, events and the shim. */
 uint64_t sim_now_ns(void);
@@ -54,7 +55,9 @@ uint64_t sim_now_ns(void);
  * Run a kernel of dur_ns on dev's timeline, shared by every process like one
  * GPU time-sliced between contexts: it starts when the device is free, its
  * stream has reached it (ready_ns) and it was launched (now), whichever is
- * last, and holds the device until it ends.  Returns the end.
+ * last, and holds the device until it ends.  Returns the end.  NVML counts up to
+ * wait_counted_ns of the time it waited behind other processes' work as this process's, as
+ * the H100's driver counts a context's wait for a neighbour's time slice (at most one).
  */
 uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns);
 
