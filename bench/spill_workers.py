@@ -10,6 +10,8 @@ with a slot of the bench's making, or plain).
     python3 bench/spill_workers.py train MODEL_MIB
         one training step (forward, backward, Adam) of an fp32 MLP whose parameters,
         gradients and Adam state take MODEL_MIB
+    python3 bench/spill_workers.py h2d MIB
+        host (pinned) to device copies of MIB: GB/s, the bus that spilled memory is read over
 
 Each prints one JSON line with its result; a failure, one line on stderr and exit 1.
 """
@@ -104,11 +106,30 @@ def train(model_mib: int) -> None:
     say(loss=float(loss), layers=len(params), seconds=time.perf_counter() - began)
 
 
+def h2d(mib: int) -> None:
+    import torch
+
+    host = torch.empty(mib * MiB, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty_like(host, device="cuda")
+    device.copy_(host)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        device.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    say(gbps=mib * MiB / times[len(times) // 2] / 1e9)
+
+
 def main(argv: list[str]) -> int:
     commands = {
         "serve": lambda a: serve(int(a[0]), int(a[1]), int(a[2]), float(a[3])),
         "infer": lambda a: infer(int(a[0]), float(a[1])),
         "train": lambda a: train(int(a[0])),
+        "h2d": lambda a: h2d(int(a[0])),
     }
     try:
         commands[argv[0]](argv[1:])
