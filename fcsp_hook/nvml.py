@@ -109,12 +109,12 @@ class Nvml:
         return out
 
     def utilisation(self, gpu: GpuInfo, since_us: int = 0) -> tuple[dict[int, int], int]:
-        """Each process's share of the GPU's time in the driver's newest sample, if that
-        ends after since_us (NVML's sample clock, us), in percent; and the sample's time.
-        ({}, since_us) when there is none.  The driver samples every 200 ms and answers with
-        one sample per process, its latest (H100, driver 580): a snapshot, which callers
-        average over time; a process's sample older than the newest (it has stopped
-        running) is not of now, and left out."""
+        """Each process's share of the GPU's time in its newest sample after since_us
+        (NVML's sample clock: us of the wall clock), in percent; and the newest sample's
+        time, to pass as since_us next.  ({}, since_us) when there is none.  The driver
+        samples every SAMPLE_US and answers with one sample per process that ran in it,
+        its latest; with since_us 0 it answers for every process it still has a sample
+        of, stale ones included, with figures it averages over them (H100, driver 580)."""
         if not self.available:
             return {}, since_us
         try:
@@ -124,11 +124,11 @@ class Nvml:
             if "Not Found" not in str(exc):
                 self.reason = f"NVML process utilisation of {gpu.uuid} failed: {exc}"
             return {}, since_us
-        newest = max((int(s.timeStamp) for s in samples), default=since_us)
         sums: dict[int, list[int]] = {}
+        newest = since_us
         for s in samples:
-            if int(s.timeStamp) > newest - SAMPLE_US // 2:
-                sums.setdefault(int(s.pid), []).append(min(max(int(s.smUtil), 0), 100))
+            sums.setdefault(int(s.pid), []).append(min(max(int(s.smUtil), 0), 100))
+            newest = max(newest, int(s.timeStamp))
         return {pid: sum(v) // len(v) for pid, v in sums.items()}, newest
 
     def driver_version(self) -> str:

@@ -53,7 +53,7 @@ QUIET_AFTER_US = 2 * SAMPLE_US + 50_000
 # tenants give a quiet reading at the last tick before it if the driver's sample then (up
 # to one old) ends QUIET_AFTER_US after their freeze: with 50 ms ticks, frozen 0.75 of it.
 QUIET_DUTY = 0.75
-HELD_READ_NS = 100_000_000  # twice a sample: a tenant held runs in bursts
+HELD_READ_NS = SAMPLE_US * 1000 // 2  # while a tenant is held: every sample is seen
 MAX_DUTY = 0.95  # a tenant always runs a little: its processes must be able to exit
 FROZEN_FILE = "frozen"
 
@@ -142,6 +142,7 @@ class Backstop(Duty):
         self.history: deque[tuple[int, int, dict[tuple[str, str], int]]] = deque()
         self.quiet: dict[str, Quiet] = {}  # per GPU with every held tenant frozen now
         self.quiet_history: deque[tuple[int, str, dict[str, int]]] = deque()  # the window's
+        self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.read_ns = 0  # when NVML was last read
         self.judged_ns = 0  # when the tenants were last judged
 
@@ -169,13 +170,14 @@ class Backstop(Duty):
             self.release(state)
             return
         judge_ns = obs.nvml_interval_ms * NS_PER_MS
-        # Held, a tenant runs in bursts: the newest sample is read twice a sample, lest one
-        # reading a second always fall in (or out of) them.
+        # Held, a tenant runs in bursts: NVML is read twice a sample, every sample seen, lest
+        # one reading a second always fall in (or out of) them.  A sample stands for the
+        # time since the last read, and never for less than its own span.
         read_ns = HELD_READ_NS if self.held_by_gpu(state) else judge_ns
         if now_ns >= self.read_ns + read_ns:
-            step_ns = min(now_ns - self.read_ns, judge_ns)
+            span_ns = max(min(now_ns - self.read_ns, judge_ns), SAMPLE_US * 1000)
             self.read_ns = now_ns
-            self.record(state, now_ns, self.measure(state), step_ns)
+            self.record(state, now_ns, self.measure(state), span_ns)
         if now_ns >= self.judged_ns + judge_ns:
             self.judge(state, now_ns)
         self.actuate(state, now_ns)
@@ -185,10 +187,13 @@ class Backstop(Duty):
         self.release(state)
 
     def measure(self, state: HostState) -> dict[tuple[str, str], int]:
-        """Percent of each GPU's time each tenant's processes ran there, per (tenant, GPU)."""
+        """Percent of each GPU's time each tenant's processes ran there in the samples since
+        the last read, per (tenant, GPU)."""
         used: dict[tuple[str, str], int] = {}
         for gpu in state.gpus:
-            by_pid, _ = state.nv.utilisation(gpu)
+            by_pid, self.since_us[gpu.uuid] = state.nv.utilisation(
+                gpu, self.since_us.get(gpu.uuid, 0)
+            )
             for cid, pct in _by_tenant(state, by_pid).items():
                 used[(cid, gpu.uuid)] = pct
         return used
@@ -252,8 +257,9 @@ class Backstop(Duty):
         recent = [h for h in self.history if h[0] > self.judged_ns]
         if not recent:
             return
+        since_judged_ns = now_ns - self.judged_ns if self.judged_ns else recent[0][1]
         self.judged_ns = now_ns
-        used = _mean(recent, sum(step for _, step, _ in recent))
+        used = _mean(recent, since_judged_ns)
         latest = _readings(state, used)
         held = {c for c, h in self.holds.items() if h.duty > 0}
         use, waiting = self.window_use(state, now_ns)
