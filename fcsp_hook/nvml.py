@@ -28,6 +28,14 @@ class ClockReading:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One process's share of a GPU's time in one of the driver's samples, and its end."""
+
+    pct: int
+    at_us: int
+
+
+@dataclass(frozen=True)
 class GpuInfo:
     index: int
     uuid: str
@@ -108,13 +116,13 @@ class Nvml:
             ]
         return out
 
-    def utilisation(self, gpu: GpuInfo, since_us: int = 0) -> tuple[dict[int, int], int]:
-        """Each process's share of the GPU's time in its newest sample after since_us
-        (NVML's sample clock: us of the wall clock), in percent; and the newest sample's
-        time, to pass as since_us next.  ({}, since_us) when there is none.  The driver
-        samples every SAMPLE_US and answers with one sample per process that ran in it,
-        its latest; with since_us 0 it answers for every process it still has a sample
-        of, stale ones included, with figures it averages over them (H100, driver 580)."""
+    def utilisation(self, gpu: GpuInfo, since_us: int = 0) -> tuple[dict[int, Sample], int]:
+        """Each process's newest sample after since_us (NVML's sample clock: us of the wall
+        clock); and the newest sample's time.  ({}, since_us) when there is none.  The
+        driver samples every SAMPLE_US and answers with one sample per process that ran in
+        it, its latest, each process's at times of its own; with since_us 0 it answers for
+        every process it still has a sample of, stale ones included, with figures it
+        averages over them (H100, driver 580)."""
         if not self.available:
             return {}, since_us
         try:
@@ -124,12 +132,12 @@ class Nvml:
             if "Not Found" not in str(exc):
                 self.reason = f"NVML process utilisation of {gpu.uuid} failed: {exc}"
             return {}, since_us
-        sums: dict[int, list[int]] = {}
-        newest = since_us
+        newest: dict[int, Sample] = {}
         for s in samples:
-            sums.setdefault(int(s.pid), []).append(min(max(int(s.smUtil), 0), 100))
-            newest = max(newest, int(s.timeStamp))
-        return {pid: sum(v) // len(v) for pid, v in sums.items()}, newest
+            sample = Sample(min(max(int(s.smUtil), 0), 100), int(s.timeStamp))
+            if int(s.pid) not in newest or sample.at_us > newest[int(s.pid)].at_us:
+                newest[int(s.pid)] = sample
+        return newest, max((s.at_us for s in newest.values()), default=since_us)
 
     def driver_version(self) -> str:
         if not self.available:

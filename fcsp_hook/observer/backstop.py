@@ -143,6 +143,7 @@ class Backstop(Duty):
         self.quiet: dict[str, Quiet] = {}  # per GPU with every held tenant frozen now
         self.quiet_history: deque[tuple[int, str, dict[str, int]]] = deque()  # the window's
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
+        self.seen_us: dict[int, int] = {}  # per process: its newest sample read
         self.read_ns = 0  # when NVML was last read
         self.judged_ns = 0  # when the tenants were last judged
 
@@ -191,9 +192,17 @@ class Backstop(Duty):
         the last read, per (tenant, GPU)."""
         used: dict[tuple[str, str], int] = {}
         for gpu in state.gpus:
-            by_pid, self.since_us[gpu.uuid] = state.nv.utilisation(
-                gpu, self.since_us.get(gpu.uuid, 0)
+            # Each process's samples end at times of its own: asked from one sample before
+            # the newest seen, and each process's taken once.
+            last_us = self.since_us.get(gpu.uuid, 0)
+            samples, self.since_us[gpu.uuid] = state.nv.utilisation(
+                gpu, max(last_us - SAMPLE_US, 1) if last_us else 0
             )
+            by_pid: dict[int, int] = {}
+            for pid, sample in samples.items():
+                if sample.at_us > self.seen_us.get(pid, 0):
+                    by_pid[pid] = sample.pct
+                    self.seen_us[pid] = sample.at_us
             for cid, pct in _by_tenant(state, by_pid).items():
                 used[(cid, gpu.uuid)] = pct
         return used
@@ -221,8 +230,9 @@ class Backstop(Duty):
             ):
                 continue
             quiet.taken = True
-            by_pid, newest = state.nv.utilisation(gpu, quiet.from_us)
+            samples, newest = state.nv.utilisation(gpu, quiet.from_us)
             if newest > quiet.from_us:  # none yet: this period gives no quiet reading
+                by_pid = {pid: sample.pct for pid, sample in samples.items()}
                 self.record_quiet(now_ns, gpu.uuid, _by_tenant(state, by_pid))
 
     def record_quiet(self, now_ns: int, gpu: str, used: dict[str, int]) -> None:
@@ -254,6 +264,7 @@ class Backstop(Duty):
         for cid in set(self.holds) - set(state.tenants):
             self.thaw(state, cid)
             del self.holds[cid]
+        self.seen_us = {pid: at for pid, at in self.seen_us.items() if pid in state.members}
         recent = [h for h in self.history if h[0] > self.judged_ns]
         if not recent:
             return
