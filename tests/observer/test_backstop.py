@@ -97,6 +97,21 @@ def test_a_greedy_tenant_is_frozen_part_of_the_time(scene: Scene, group: cgroups
     assert not (scene.run_dir / backstop.FROZEN_FILE).exists()
 
 
+def test_a_held_tenant_that_stays_busy_runs_at_most_its_share_of_each_period(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """Held at 10 %, a tenant whose readings count less than it runs (6 %, as an H100's
+    did for one that took 25 %) is not let run longer: frozen 90 % of each period while it
+    reads at least half its share; once it reads less, let go step by step."""
+    duty = Backstop()
+    _tenant(scene, "greedy", group)
+    _read(duty, scene, {"greedy": 100}, seconds=2)
+    _read(duty, scene, {"greedy": 6}, seconds=10)
+    assert duty.holds["greedy"].duty == pytest.approx(0.9)
+    _read(duty, scene, {"greedy": 1}, seconds=10)
+    assert duty.holds["greedy"].duty == 0.0
+
+
 @pytest.mark.parametrize("used", [10, 12, 13])
 def test_a_tenant_at_its_share_is_never_frozen(
     scene: Scene, group: cgroups.Cgroup, used: int
