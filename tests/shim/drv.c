@@ -41,6 +41,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -198,20 +199,32 @@ static void host_fn(void *data)
     (*(int *)data)++;
 }
 
-/* One launch of `kind`; obj is a function (or a graph for "graph"), NULL for none. */
-static CUresult launch_obj(const char *kind, void *obj)
+/* One launch of function func with params by `kind` ("kernel", "kernelex", "coop") into
+ * *rc; false for another kind. */
+static bool launch_params(const char *kind, void *func, void **params, CUresult *rc)
 {
-    if (strcmp(kind, "kernel") == 0)
-        return api.launch_kernel(obj, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL);
-    if (strcmp(kind, "kernelex") == 0) {
+    if (strcmp(kind, "kernel") == 0) {
+        *rc = api.launch_kernel(func, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL);
+    } else if (strcmp(kind, "kernelex") == 0) {
         CUlaunchConfig config;
         memset(&config, 0, sizeof(config));
         config.gridDimX = config.gridDimY = config.gridDimZ = 1;
         config.blockDimX = config.blockDimY = config.blockDimZ = 1;
-        return api.launch_kernel_ex(&config, obj, NULL, NULL);
+        *rc = api.launch_kernel_ex(&config, func, params, NULL);
+    } else if (strcmp(kind, "coop") == 0) {
+        *rc = api.launch_coop(func, 1, 1, 1, 1, 1, 1, 0, NULL, params);
+    } else {
+        return false;
     }
-    if (strcmp(kind, "coop") == 0)
-        return api.launch_coop(obj, 1, 1, 1, 1, 1, 1, 0, NULL, NULL);
+    return true;
+}
+
+/* One launch of `kind`; obj is a function (or a graph for "graph"), NULL for none. */
+static CUresult launch_obj(const char *kind, void *obj)
+{
+    CUresult rc;
+    if (launch_params(kind, obj, NULL, &rc))
+        return rc;
     if (strcmp(kind, "graph") == 0)
         return api.graph_launch(obj, NULL);
     if (strcmp(kind, "host") == 0) {
@@ -234,17 +247,9 @@ static CUresult launch_using(const char *kind, void *func, uint32_t n, const CUd
             args[k] = ptrs[k];
         params[1 + k] = &args[k];
     }
-    if (strcmp(kind, "kernel") == 0)
-        return api.launch_kernel(func, 1, 1, 1, 1, 1, 1, 0, NULL, params, NULL);
-    if (strcmp(kind, "kernelex") == 0) {
-        CUlaunchConfig config;
-        memset(&config, 0, sizeof(config));
-        config.gridDimX = config.gridDimY = config.gridDimZ = 1;
-        config.blockDimX = config.blockDimY = config.blockDimZ = 1;
-        return api.launch_kernel_ex(&config, func, params, NULL);
-    }
-    if (strcmp(kind, "coop") == 0)
-        return api.launch_coop(func, 1, 1, 1, 1, 1, 1, 0, NULL, params);
+    CUresult rc;
+    if (launch_params(kind, func, params, &rc))
+        return rc;
     if (strcmp(kind, "extra") == 0) { /* the same bytes in one buffer, no kernelParams */
         struct {
             uint32_t n;
