@@ -420,9 +420,21 @@ static void prefetch(const struct uvm_pass *pass, const struct uvm_range *r, CUm
     }
 }
 
-static void count_migrated(_Atomic uint64_t *counter, uint64_t bytes)
+/*
+ * Advise a range, its charge already moved, to the host or the device and queue its move
+ * there, counting the bytes migrated; false, nothing moved, when the driver refuses the
+ * advice (the caller moves the charge back).
+ */
+static bool relocate(const struct uvm_pass *pass, struct uvm_range *r, bool to_host)
 {
-    atomic_fetch_add_explicit(counter, bytes, memory_order_relaxed);
+    if (shim_uvm_place(r->base, r->size, r->ordinal, to_host) != CUDA_SUCCESS)
+        return false;
+    prefetch(pass, r, location(r->ordinal, to_host));
+    r->state = to_host ? UVM_SPILLED : UVM_RESIDENT;
+    struct fcsp_usage_device *u = &shim.usage->device[r->entry];
+    atomic_fetch_add_explicit(to_host ? &u->mem_migrated_out_bytes : &u->mem_migrated_in_bytes,
+                              r->size, memory_order_relaxed);
+    return true;
 }
 
 /*
@@ -434,14 +446,11 @@ static bool evict(struct uvm_pass *pass, struct uvm_range *r)
     if (!have_mover(pass) ||
         !shim_memory_charge_spilled(r->ordinal, r->entry, r->size, false))
         return false;
-    if (shim_uvm_place(r->base, r->size, r->ordinal, true) != CUDA_SUCCESS) {
+    if (!relocate(pass, r, true)) {
         shim_memory_charge_resident(r->ordinal, r->entry, r->size, true);
         return false;
     }
-    prefetch(pass, r, location(r->ordinal, true));
-    r->state = UVM_SPILLED;
     table.seen.evicted++;
-    count_migrated(&shim.usage->device[r->entry].mem_migrated_out_bytes, r->size);
     return true;
 }
 
@@ -545,13 +554,10 @@ static bool promote(struct uvm_pass *pass, struct uvm_range *r, uint64_t prev_la
     }
     if (!charged)
         return false;
-    if (shim_uvm_place(r->base, r->size, r->ordinal, false) != CUDA_SUCCESS) {
+    if (!relocate(pass, r, false)) {
         shim_memory_charge_spilled(r->ordinal, r->entry, r->size, true);
         return false;
     }
-    prefetch(pass, r, location(r->ordinal, false));
-    r->state = UVM_RESIDENT;
-    count_migrated(&shim.usage->device[r->entry].mem_migrated_in_bytes, r->size);
     table.seen.promoted++;
     pass->promoted = true;
     return true;
