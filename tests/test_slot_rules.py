@@ -46,11 +46,8 @@ def test_memory_quota_is_the_smaller_of_what_is_set(
 def c_quota(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fcsp_mem_quota from shim/fcsp_slot.h over a limits file: argv[1] the file, then each
     device's real total; prints one quota per device."""
-    directory = tmp_path_factory.mktemp("quota")
-    source = directory / "quota.c"
-    source.write_text(
-        '#include <stdio.h>\n#include <stdlib.h>\n#include "fcsp_slot.h"\n'
-        "int main(int argc, char **argv) {\n"
+    return _compile(
+        tmp_path_factory.mktemp("quota"),
         "    struct fcsp_limits l;\n"
         '    FILE *f = fopen(argv[1], "rb");\n'
         "    if (!f || fread(&l, sizeof(l), 1, f) != 1) return 1;\n"
@@ -58,9 +55,18 @@ def c_quota(tmp_path_factory: pytest.TempPathFactory) -> Path:
         '        printf("%llu\\n", (unsigned long long)fcsp_mem_quota(\n'
         "            l.device[i].mem_limit_bytes, l.device[i].mem_limit_basis_points,\n"
         "            strtoull(argv[i + 2], NULL, 10)));\n"
-        "    return 0;\n}\n"
+        "    return 0;\n",
     )
-    exe = directory / "quota"
+
+
+def _compile(directory: Path, body: str) -> Path:
+    """A program of main's body over shim/fcsp_slot.h, built as C11, warnings as errors."""
+    source = directory / "main.c"
+    source.write_text(
+        '#include <stdio.h>\n#include <stdlib.h>\n#include "fcsp_slot.h"\n'
+        f"int main(int argc, char **argv) {{\n{body}}}\n"
+    )
+    exe = directory / "main"
     subprocess.run(
         ["gcc", "-std=c11", "-Wall", "-Werror", f"-I{REPO / 'shim'}", "-o", str(exe), str(source)],
         check=True,
@@ -225,23 +231,14 @@ def test_an_observer_is_alive_while_its_heartbeat_is_fresh(age_ns: int, alive: b
 def c_spill(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fcsp_mem_spill from shim/fcsp_slot.h: argv triples (bytes, centi, quota), one bound
     printed per triple."""
-    directory = tmp_path_factory.mktemp("spill")
-    source = directory / "spill.c"
-    source.write_text(
-        '#include <stdio.h>\n#include <stdlib.h>\n#include "fcsp_slot.h"\n'
-        "int main(int argc, char **argv) {\n"
+    return _compile(
+        tmp_path_factory.mktemp("spill"),
         "    for (int i = 1; i + 2 < argc; i += 3)\n"
         '        printf("%llu\\n", (unsigned long long)fcsp_mem_spill(\n'
         "            strtoull(argv[i], NULL, 10), (uint32_t)strtoul(argv[i + 1], NULL, 10),\n"
         "            strtoull(argv[i + 2], NULL, 10)));\n"
-        "    return 0;\n}\n"
+        "    return 0;\n",
     )
-    exe = directory / "spill"
-    subprocess.run(
-        ["gcc", "-std=c11", "-Wall", "-Werror", f"-I{REPO / 'shim'}", "-o", str(exe), str(source)],
-        check=True,
-    )
-    return exe
 
 
 @settings(max_examples=100, deadline=None)
