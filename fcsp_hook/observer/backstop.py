@@ -7,8 +7,9 @@ time-sliced tenant's GPU time from NVML's per-process utilisation of the process
 container's cgroup (state.members), and a tenant whose time stays more than
 [observer] backstop_margin_pct points above its share in force, averaged over
 backstop_window_s, is frozen (its cgroup) for part of every PERIOD_NS until it is back at
-its share: while it reads at least half its share, frozen for all but its share of each
-period at least, so that readings that count less than it ran cannot let it run longer.
+its share: while its readings over the window average at least a quarter of its share,
+frozen for all but its share of each period at least, so that readings that count less
+than it ran (a duty-cycled tenant's do) cannot let it run longer.
 A tenant held by its shim is at or below its share and is never frozen.
 
 The driver counts the time a tenant's kernels wait for a neighbour's time slice as the
@@ -274,6 +275,7 @@ class Backstop(Duty):
         self.judged_ns = now_ns
         used = _mean(recent, since_judged_ns)
         latest = _readings(state, used)
+        window = _mean(list(self.history), state.cfg.observer.backstop_window_s * 1_000_000_000)
         held = {c for c, h in self.holds.items() if h.duty > 0}
         use, waiting = self.window_use(state, now_ns)
         judged = [r for r in _readings(state, use) if r.gpu not in waiting or r.cid in held]
@@ -285,7 +287,8 @@ class Backstop(Duty):
             mine = [r for r in latest if r.cid == cid and r.judged]
             if mine and tenant.cgroup is not None:
                 worst = max(mine, key=lambda r: r.used_pct - r.share_pct)
-                self.hold(state, cid, worst, points.get(cid, 0.0))
+                busy = window.get((cid, worst.gpu), 0.0) >= worst.share_pct / 4
+                self.hold(state, cid, worst, points.get(cid, 0.0), busy)
 
     def window_use(
         self, state: HostState, now_ns: int
@@ -313,9 +316,10 @@ class Backstop(Duty):
                     use[(cid, gpu)] = use.get((cid, gpu), 0.0) + pct / len(quiet)
         return use, waiting
 
-    def hold(self, state: HostState, cid: str, worst: Reading, points: float) -> None:
+    def hold(self, state: HostState, cid: str, worst: Reading, points: float, busy: bool) -> None:
         """Hold a tenant more or less, by its worst device's latest reading, or start to
-        once its points above its share over the window pass the margin."""
+        once its points above its share over the window pass the margin.  busy: its
+        readings there over the window average a quarter of its share or more."""
         tenant = state.tenants[cid]
         hold = self.holds.setdefault(cid, Hold())
         hold.readings += 1
@@ -330,10 +334,10 @@ class Backstop(Duty):
                 self.save(state)
         else:
             hold.duty = next_duty(hold.duty, worst.used_pct, worst.share_pct)
-            if worst.used_pct >= worst.share_pct / 2:
-                # Still busy: never let it run for more than its share of each period,
-                # whatever the readings say (they can count less than it ran: 10 % read
-                # where it took 25 %, bench/results/authority.md).
+            if busy:
+                # Never let it run for more than its share of each period, whatever the
+                # latest readings say: a duty-cycled tenant's count less than it ran, and
+                # too few to judge by alone (bench/results/authority.md).
                 hold.duty = max(hold.duty, min(1.0 - worst.share_pct / 100, MAX_DUTY))
             if hold.duty == 0.0:
                 tenant.log.info("tenant back at its share: no longer frozen")
