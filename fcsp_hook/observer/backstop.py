@@ -195,14 +195,12 @@ class Backstop(Duty):
         the last read, per (tenant, GPU)."""
         used: dict[tuple[str, str], int] = {}
         for gpu in state.gpus:
-            # Each process's samples end at times of its own, and a duty-cycled one's can
-            # show up after its neighbours' newer ones: asked from a period before the
-            # newest seen, and each process's taken once.
+            # Each process's samples end at times of its own: asked from one sample before
+            # the newest seen, and each process's taken once.
             last_us = self.since_us.get(gpu.uuid, 0)
-            samples, newest_us = state.nv.utilisation(
-                gpu, max(last_us - PERIOD_NS // 1000, 1) if last_us else 0
+            samples, self.since_us[gpu.uuid] = state.nv.utilisation(
+                gpu, max(last_us - SAMPLE_US, 1) if last_us else 0
             )
-            self.since_us[gpu.uuid] = max(newest_us, last_us)
             by_pid: dict[int, int] = {}
             for pid, sample in samples.items():
                 if sample.at_us > self.seen_us.get(pid, 0):

@@ -304,14 +304,11 @@ def test_tenants_without_a_cgroup_or_not_time_sliced_are_not_held(scene: Scene) 
 
 class DriverSamples:
     """pynvml's per-process utilisation as the driver answers it: a sample every 200 ms of
-    its clock (us, here the scene's), each process's newest one if it ends after
-    lastSeenTimeStamp; pct(pid, end_us) says what each process ran in the sample ending at
-    end_us."""
+    its clock (us, here the scene's), the newest one if it ends after lastSeenTimeStamp;
+    pct(pid, end_us) says what each process ran in the sample ending at end_us."""
 
-    def __init__(
-        self, scene: Scene, pct: Callable[[int, int], int], late_us: dict[int, int] | None = None
-    ) -> None:
-        self.scene, self.pct, self.late_us = scene, pct, late_us or {}
+    def __init__(self, scene: Scene, pct: Callable[[int, int], int]) -> None:
+        self.scene, self.pct = scene, pct
 
     def nvmlInit(self) -> None:  # pynvml's names
         pass
@@ -320,38 +317,14 @@ class DriverSamples:
         return index
 
     def nvmlDeviceGetProcessUtilization(self, handle: int, since_us: int) -> list[Any]:
-        """late_us: a process's samples show up this long after they end."""
-        now_us = self.scene.now_ns // 1000
-        samples = []
-        for pid in (GREEDY_PID, HONEST_PID):
-            end = (now_us - self.late_us.get(pid, 0)) // nvml.SAMPLE_US * nvml.SAMPLE_US
-            if end > since_us and (u := self.pct(pid, end)):
-                samples.append(SimpleNamespace(pid=pid, timeStamp=end, smUtil=u))
-        if not samples:
+        end = self.scene.now_ns // 1000 // nvml.SAMPLE_US * nvml.SAMPLE_US
+        if end <= since_us:
             raise RuntimeError("Not Found")
-        return samples
+        ran = ((pid, self.pct(pid, end)) for pid in (GREEDY_PID, HONEST_PID))
+        return [SimpleNamespace(pid=p, timeStamp=end, smUtil=u) for p, u in ran if u]
 
 
 GREEDY_PID, HONEST_PID = 1_000_001, 1_000_002
-
-
-def test_a_sample_that_shows_up_after_newer_ones_is_counted_once(scene: Scene) -> None:
-    """The greedy process's samples show up 600 ms after they end, the honest one's at once
-    (a duty-cycled process's can come after its neighbours' newer ones): read every 100 ms,
-    each of both processes' samples is counted, and once."""
-    scene.state.nv = nvml.Nvml(
-        lambda: DriverSamples(scene, lambda pid, end: 30, {GREEDY_PID: 600_000})
-    )
-    scene.state.gpus = [nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)]
-    scene.state.members = {GREEDY_PID: ("greedy", 0), HONEST_PID: ("honest", 0)}
-    duty = Backstop()
-    counted = {"greedy": 0, "honest": 0}
-    scene.now_ns = 100 * backstop.PERIOD_NS
-    for _ in range(50):
-        scene.now_ns += 100 * MS
-        for (cid, _), pct in duty.measure(scene.state).items():
-            counted[cid] += pct // 30
-    assert counted == {"greedy": 26, "honest": 26}  # the newest when first read, then 25
 
 
 def test_quiet_readings_are_of_samples_wholly_inside_the_frozen_time(
