@@ -29,7 +29,8 @@ class ClockReading:
 
 @dataclass(frozen=True)
 class Sample:
-    """One process's share of a GPU's time in one of the driver's samples, and its end."""
+    """One process's (or the whole GPU's) share of a GPU's time in one of the driver's
+    samples, and its end."""
 
     pct: int
     at_us: int
@@ -138,6 +139,27 @@ class Nvml:
             if int(s.pid) not in newest or sample.at_us > newest[int(s.pid)].at_us:
                 newest[int(s.pid)] = sample
         return newest, max((s.at_us for s in newest.values()), default=since_us)
+
+    def busy(self, gpu: GpuInfo, since_us: int = 0) -> list[Sample]:
+        """The driver's samples of the whole GPU after since_us: the percentage of each
+        SAMPLE_US in which a kernel of any process ran.  Unlike the per-process samples,
+        these count a process that is frozen when the sample ends: the driver keeps no
+        per-process sample for it (H100, driver 580)."""
+        if not self.available:
+            return []
+        try:
+            handle = self._nv.nvmlDeviceGetHandleByIndex(gpu.index)
+            _, samples = self._nv.nvmlDeviceGetSamples(
+                handle, self._nv.NVML_GPU_UTILIZATION_SAMPLES, since_us
+            )
+        except Exception as exc:  # NOT_FOUND (no samples) included: nothing to add
+            if "Not Found" not in str(exc):
+                self.reason = f"NVML utilisation samples of {gpu.uuid} failed: {exc}"
+            return []
+        busy = [
+            Sample(min(max(int(s.sampleValue.uiVal), 0), 100), int(s.timeStamp)) for s in samples
+        ]
+        return sorted((b for b in busy if b.at_us > since_us), key=lambda b: b.at_us)
 
     def driver_version(self) -> str:
         if not self.available:

@@ -21,8 +21,12 @@ what it may have waited on.  The furthest is held first.  Once a tenant is held,
 neighbours are judged on quiet readings: NVML samples taken wholly inside the part of a
 period in which every held tenant of that GPU is frozen, when nobody held is left to wait
 on (QUIET_AFTER_US); where a hold leaves too little frozen time for two of those in the
-window, on the allowance as before.  A tenant is judged on two readings at least, never on
-the first alone (a process's first reading can come before its neighbours' do).
+window, on the allowance as before.  The held tenants themselves are charged the whole
+GPU's samples less what the quiet ones give everyone else: the driver keeps no per-process
+sample for a process frozen when the sample ends, so a held tenant's own read next to
+nothing (none at all for one frozen 0.9 of each second, on an H100).  A tenant is judged on
+two readings at least, never on the first alone (a process's first reading can come before
+its neighbours' do).
 
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
@@ -36,13 +40,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fcsp_hook import cgroups
 from fcsp_hook.cgroups import Cgroup, CgroupError
-from fcsp_hook.nvml import SAMPLE_US
+from fcsp_hook.nvml import SAMPLE_US, GpuInfo
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
 from fcsp_hook.slot import abi
 
@@ -145,6 +150,8 @@ class Backstop(Duty):
         self.history: deque[tuple[int, int, dict[tuple[str, str], int]]] = deque()
         self.quiet: dict[str, Quiet] = {}  # per GPU with every held tenant frozen now
         self.quiet_history: deque[tuple[int, str, dict[str, int]]] = deque()  # the window's
+        self.quiet_busy: deque[tuple[int, str, float]] = deque()  # and the whole GPU's then
+        self.busy_since_us: dict[str, int] = {}  # per GPU with a hold: its newest busy sample
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.seen_us: dict[int, int] = {}  # per process: its newest sample read
         self.read_ns = 0  # when NVML was last read
@@ -194,6 +201,7 @@ class Backstop(Duty):
         """Percent of each GPU's time each tenant's processes ran there in the samples since
         the last read, per (tenant, GPU)."""
         used: dict[tuple[str, str], int] = {}
+        held = self.held_by_gpu(state)
         for gpu in state.gpus:
             # Each process's samples end at times of its own: asked from one sample before
             # the newest seen, and each process's taken once.
@@ -208,7 +216,40 @@ class Backstop(Duty):
                     self.seen_us[pid] = sample.at_us
             for cid, pct in _by_tenant(state, by_pid).items():
                 used[(cid, gpu.uuid)] = pct
+            self.charge_held(state, gpu, held.get(gpu.uuid, {}), used)
         return used
+
+    def charge_held(
+        self,
+        state: HostState,
+        gpu: GpuInfo,
+        held: dict[str, Hold],
+        used: dict[tuple[str, str], int],
+    ) -> None:
+        """A GPU's held tenants, by the whole GPU's samples since the last read less what
+        its quiet ones say the others use, split by the time each runs: the driver keeps no
+        per-process sample for a process frozen when the sample ends, and a held tenant
+        mostly is (on an H100, none at all for one frozen 0.9 of each second)."""
+        baseline = [pct for _, g, pct in self.quiet_busy if g == gpu.uuid]
+        if not held or not baseline:
+            self.busy_since_us.pop(gpu.uuid, None)
+            return
+        since_us = self.busy_since_us.get(gpu.uuid)
+        samples = state.nv.busy(gpu, since_us or 0)
+        if samples:
+            self.busy_since_us[gpu.uuid] = samples[-1].at_us
+        if since_us is None:
+            return  # the driver's whole buffer: from the next read on
+        excess = (
+            max(statistics.mean(b.pct for b in samples) - statistics.mean(baseline), 0.0)
+            if samples
+            else 0.0
+        )
+        running = {cid: 1.0 - hold.duty for cid, hold in held.items()}
+        for cid, run in running.items():
+            used.pop((cid, gpu.uuid), None)
+            if samples:
+                used[(cid, gpu.uuid)] = round(excess * run / sum(running.values()))
 
     def read_quiet(self, state: HostState, now_ns: int) -> None:
         """Per GPU whose held tenants are all frozen now: when they freeze, NVML's clock;
@@ -216,7 +257,7 @@ class Backstop(Duty):
         then (record_quiet)."""
         held = self.held_by_gpu(state)
         for gpu in state.gpus:
-            on_gpu = held.get(gpu.uuid, [])
+            on_gpu = list(held.get(gpu.uuid, {}).values())
             if not on_gpu or not all(h.frozen for h in on_gpu):
                 self.quiet.pop(gpu.uuid, None)
                 continue
@@ -237,19 +278,21 @@ class Backstop(Duty):
             if newest > quiet.from_us:  # none yet: this period gives no quiet reading
                 by_pid = {pid: sample.pct for pid, sample in samples.items()}
                 self.record_quiet(now_ns, gpu.uuid, _by_tenant(state, by_pid))
+                if busy := state.nv.busy(gpu, quiet.from_us):
+                    self.quiet_busy.append((now_ns, gpu.uuid, statistics.mean(b.pct for b in busy)))
 
     def record_quiet(self, now_ns: int, gpu: str, used: dict[str, int]) -> None:
         """A quiet reading of one GPU: percent of its time each tenant not held ran there."""
         self.quiet_history.append((now_ns, gpu, used))
 
-    def held_by_gpu(self, state: HostState) -> dict[str, list[Hold]]:
+    def held_by_gpu(self, state: HostState) -> dict[str, dict[str, Hold]]:
         """The holds in force, per time-sliced GPU of their tenants."""
-        held: dict[str, list[Hold]] = {}
+        held: dict[str, dict[str, Hold]] = {}
         for cid, hold in self.holds.items():
             tenant = state.tenants.get(cid)
             for device in tenant.devices if tenant is not None and hold.duty > 0 else ():
                 if device.grant.backend == abi.Backend.TIMESLICE:
-                    held.setdefault(device.grant.gpu, []).append(hold)
+                    held.setdefault(device.grant.gpu, {})[cid] = hold
         return held
 
     def record(
@@ -301,12 +344,14 @@ class Backstop(Duty):
         window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
         while self.quiet_history and self.quiet_history[0][0] <= now_ns - window_ns:
             self.quiet_history.popleft()
+        while self.quiet_busy and self.quiet_busy[0][0] <= now_ns - window_ns:
+            self.quiet_busy.popleft()
         use = _mean(list(self.history), window_ns)
         waiting: set[str] = set()
         for gpu, holds in self.held_by_gpu(state).items():
             quiet = [by_tenant for _, g, by_tenant in self.quiet_history if g == gpu]
             if len(quiet) < 2:
-                if min(h.duty for h in holds) >= QUIET_DUTY:
+                if min(h.duty for h in holds.values()) >= QUIET_DUTY:
                     waiting.add(gpu)
                 continue
             for key in [k for k in use if k[1] == gpu]:

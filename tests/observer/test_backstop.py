@@ -305,10 +305,20 @@ def test_tenants_without_a_cgroup_or_not_time_sliced_are_not_held(scene: Scene) 
 class DriverSamples:
     """pynvml's per-process utilisation as the driver answers it: a sample every 200 ms of
     its clock (us, here the scene's), the newest one if it ends after lastSeenTimeStamp;
-    pct(pid, end_us) says what each process ran in the sample ending at end_us."""
+    pct(pid, end_us) says what each process ran in the sample ending at end_us, 0 for none.
+    The whole GPU's samples, every one after lastSeenTimeStamp of the last 4 s: busy(end_us)
+    (default: the processes' summed)."""
 
-    def __init__(self, scene: Scene, pct: Callable[[int, int], int]) -> None:
+    NVML_GPU_UTILIZATION_SAMPLES = 1
+
+    def __init__(
+        self,
+        scene: Scene,
+        pct: Callable[[int, int], int],
+        busy: Callable[[int], int] | None = None,
+    ) -> None:
         self.scene, self.pct = scene, pct
+        self.busy = busy or (lambda end: sum(pct(p, end) for p in (GREEDY_PID, HONEST_PID)))
 
     def nvmlInit(self) -> None:  # pynvml's names
         pass
@@ -322,6 +332,15 @@ class DriverSamples:
             raise RuntimeError("Not Found")
         ran = ((pid, self.pct(pid, end)) for pid in (GREEDY_PID, HONEST_PID))
         return [SimpleNamespace(pid=p, timeStamp=end, smUtil=u) for p, u in ran if u]
+
+    def nvmlDeviceGetSamples(self, handle: int, kind: int, since_us: int) -> tuple[int, list[Any]]:
+        newest = self.scene.now_ns // 1000 // nvml.SAMPLE_US * nvml.SAMPLE_US
+        ends = range(newest - 19 * nvml.SAMPLE_US, newest + 1, nvml.SAMPLE_US)
+        return 0, [
+            SimpleNamespace(timeStamp=end, sampleValue=SimpleNamespace(uiVal=self.busy(end)))
+            for end in ends
+            if end > since_us
+        ]
 
 
 GREEDY_PID, HONEST_PID = 1_000_001, 1_000_002
@@ -357,3 +376,41 @@ def test_quiet_readings_are_of_samples_wholly_inside_the_frozen_time(
         quiet = [used.get("honest") for _, _, used in duty.quiet_history]
         assert len(quiet) >= 4 and set(quiet) == {10}
         assert duty.holds["greedy"].duty > 0.0
+
+
+def test_a_held_tenant_is_charged_by_the_whole_gpus_samples(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """The driver keeps no per-process sample for a process frozen when the sample ends: the
+    greedy tenant, frozen 0.9 of each period, has none, as on an H100.  The whole GPU's
+    samples count it (50 % in the sample over its 100 ms, with the honest tenant's 8 %):
+    charged those less what the quiet samples give the others, it reads its share and
+    stays held at 0.9 for a minute; the honest one is never frozen."""
+    period_us = backstop.PERIOD_NS // 1000
+
+    def runs(end_us: int) -> int:  # percent of the sample the greedy tenant ran: [0.9, 1) P
+        start_us = end_us - nvml.SAMPLE_US
+        burst_us = (start_us // period_us + 1) * period_us - period_us // 10
+        overlap = min(end_us, burst_us + period_us // 10) - max(start_us, burst_us)
+        return max(overlap, 0) * 100 // nvml.SAMPLE_US
+
+    def pct(pid: int, end_us: int) -> int:
+        if pid == GREEDY_PID:
+            return 0  # frozen at every sample's end
+        return 40 if runs(end_us) else 8  # its wait behind the greedy one counted as its own
+
+    scene.state.nv = nvml.Nvml(lambda: DriverSamples(scene, pct, lambda end: runs(end) + 8))
+    scene.state.gpus = [nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)]
+    scene.state.interval_ns = 50 * MS
+    duty = Backstop()
+    for _ in _two(scene, group):
+        scene.state.members = {GREEDY_PID: ("greedy", 0), HONEST_PID: ("honest", 0)}
+        duty.holds["greedy"] = backstop.Hold(readings=2, duty=0.9)
+        scene.now_ns = 100 * backstop.PERIOD_NS
+        for tick in range(60 * backstop.PERIOD_NS // (50 * MS)):
+            duty.run(scene.state, scene.now_ns)
+            scene.now_ns += 50 * MS
+            assert duty.holds.get("honest", backstop.Hold()).duty == 0.0
+            if tick * 50 * MS > 10 * backstop.PERIOD_NS:
+                assert duty.holds["greedy"].duty == pytest.approx(0.9)
+        assert scene.tenant("greedy").devices[0].driver_used_pct in range(8, 13)
