@@ -182,7 +182,8 @@ def test_memory_past_the_quota_is_stopped_however_the_tenant_hides(
 
 def _driver_share(host: Host, pid: int, seconds: int) -> subprocess.Popen[str]:
     """A probe that prints the percent of the GPU's time the process ran over the next
-    seconds, by NVML's count: the mean of its 200 ms samples, as the driver gives them."""
+    seconds, by NVML's count: the mean of its 200 ms samples, as the driver gives them, those
+    of the samples that end while it is frozen included (the driver keeps none)."""
     probe = (
         "import sys, time, pynvml\n"
         "pynvml.nvmlInit()\n"
@@ -201,7 +202,7 @@ def _driver_share(host: Host, pid: int, seconds: int) -> subprocess.Popen[str]:
     )
     return subprocess.Popen(
         [sys.executable, "-c", probe, str(pid), str(seconds * 5)],
-        env={**sim_env(host), "PATH": "/usr/bin:/bin"},
+        env={**sim_env(host), "PATH": "/usr/bin:/bin", "FCSP_SIM_NVML_SEES_FROZEN": "1"},
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -214,7 +215,7 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
     NVML's count it is frozen part of the time and held within 5 points of its share over
     5 s.  An honest tenant beside it, also strict 10 % and as busy, under its shim, is
     never frozen, though NVML counts the time its kernels wait behind the other's as its
-    own."""
+    own, and keeps no sample of the held one's while it is frozen at the sample's end."""
     tenant = Tenant(host, "greedy", group, sm=1000, mode=abi.IsolationMode.STRICT)
     tenants.append(tenant)
     with fresh_cgroup() as other:

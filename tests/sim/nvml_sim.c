@@ -254,12 +254,53 @@ struct sim_process_sample {
     unsigned int smUtil, memUtil, encUtil, decUtil;
 };
 
+/* Whether the first line of path is text (a cgroup file). */
+static int reads(const char *path, const char *text)
+{
+    char line[64] = "";
+    FILE *f = fopen(path, "re");
+    int match = 0;
+    while (f && !match && fgets(line, sizeof(line), f))
+        match = strcmp(line, text) == 0;
+    if (f)
+        fclose(f);
+    return match;
+}
+
+/* Whether pid's cgroup is frozen now: the v2 hierarchy's or the v1 freezer's. */
+static int frozen(int pid)
+{
+    char path[4200], line[4096];
+    snprintf(path, sizeof(path), "/proc/%d/cgroup", pid);
+    FILE *f = fopen(path, "re");
+    int is_frozen = 0;
+    while (f && !is_frozen && fgets(line, sizeof(line), f)) {
+        line[strcspn(line, "\n")] = '\0';
+        char *group = strchr(line, ':') ? strchr(strchr(line, ':') + 1, ':') : NULL;
+        if (!group)
+            continue;
+        if (strncmp(line, "0::", 3) == 0) {
+            snprintf(path, sizeof(path), "/sys/fs/cgroup%s/cgroup.events", group + 1);
+            is_frozen = reads(path, "frozen 1\n");
+            snprintf(path, sizeof(path), "/sys/fs/cgroup/unified%s/cgroup.events", group + 1);
+            is_frozen |= reads(path, "frozen 1\n");
+        } else if (strstr(line, ":freezer:") == strchr(line, ':')) {
+            snprintf(path, sizeof(path), "/sys/fs/cgroup/freezer%s/freezer.state", group + 1);
+            is_frozen = reads(path, "FROZEN\n");
+        }
+    }
+    if (f)
+        fclose(f);
+    return is_frozen;
+}
+
 /*
  * As the driver answers (H100, driver 580): it samples every SIM_SAMPLE_NS, and tells of
  * its latest sample if that ends after lastSeenTimeStamp (us on the sim's clock), one
  * entry per process that ran kernels on the device in it: the percentage of the sample's
- * time the device ran its kernels.  With samples NULL, or too few, the count needed and
- * INSUFFICIENT_SIZE.
+ * time the device ran its kernels.  A process frozen when the sample ends (here: when
+ * asked) has no entry, unless FCSP_SIM_NVML_SEES_FROZEN is set (a test's own view of what
+ * ran).  With samples NULL, or too few, the count needed and INSUFFICIENT_SIZE.
  */
 #define SIM_SAMPLE_NS 200000000ull
 SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
@@ -278,6 +319,14 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
         n = sim_process_busy((int)device->index, end - SIM_SAMPLE_NS, end, pids, pct, 256);
     if (n > 256)
         n = 256;
+    int kept = 0, sees_frozen = getenv("FCSP_SIM_NVML_SEES_FROZEN") != NULL;
+    for (int i = 0; i < n; i++) {
+        if (sees_frozen || !frozen((int)pids[i])) {
+            pids[kept] = pids[i];
+            pct[kept++] = pct[i];
+        }
+    }
+    n = kept;
     if (!samples || *count < (unsigned)n) {
         *count = (unsigned)n;
         return n ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_ERROR_NOT_FOUND;
@@ -285,5 +334,61 @@ SIM_EXPORT nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device,
     for (int i = 0; i < n; i++)
         samples[i] = (struct sim_process_sample){pids[i], end / 1000u, pct[i], 0, 0, 0};
     *count = (unsigned)n;
+    return NVML_SUCCESS;
+}
+
+/* nvmlSample_t: a sample's end (us) and its value (an unsigned int for utilisation). */
+struct sim_sample {
+    unsigned long long timeStamp;
+    union {
+        double dVal;
+        unsigned int uiVal;
+        unsigned long long ullVal;
+    } sampleValue;
+};
+
+#define NVML_GPU_UTILIZATION_SAMPLES 1
+#define NVML_VALUE_TYPE_UNSIGNED_INT 1
+#define SIM_SAMPLES_KEPT 20
+
+/*
+ * The whole device's utilisation samples, as the driver keeps them: one every
+ * SIM_SAMPLE_NS, the last SIM_SAMPLES_KEPT, each the percentage of its time in which any
+ * process's kernels ran, those that end after lastSeenTimeStamp, oldest first.  With
+ * samples NULL, the count; with too few, the oldest that fit.
+ */
+SIM_EXPORT nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t device, unsigned int type,
+                                             unsigned long long lastSeenTimeStamp,
+                                             unsigned int *valueType, unsigned int *count,
+                                             struct sim_sample *samples)
+{
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    if (!device || !count || !valueType)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (type != NVML_GPU_UTILIZATION_SAMPLES)
+        return NVML_ERROR_NOT_SUPPORTED;
+    uint64_t newest = sim_now_ns() / SIM_SAMPLE_NS * SIM_SAMPLE_NS;
+    unsigned int n = 0;
+    for (uint64_t k = SIM_SAMPLES_KEPT; k-- > 0;) {
+        if (newest <= k * SIM_SAMPLE_NS)
+            continue; /* before the clock's start */
+        uint64_t end = newest - k * SIM_SAMPLE_NS;
+        if (end / 1000u <= lastSeenTimeStamp)
+            continue;
+        if (samples && n < *count) {
+            samples[n].timeStamp = end / 1000u;
+            samples[n].sampleValue.ullVal = 0;
+            samples[n].sampleValue.uiVal =
+                (unsigned int)sim_device_busy((int)device->index, end - SIM_SAMPLE_NS, end);
+        }
+        n++;
+    }
+    *valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+    if (!n)
+        return NVML_ERROR_NOT_FOUND;
+    if (samples && n > *count)
+        n = *count;
+    *count = n;
     return NVML_SUCCESS;
 }

@@ -38,6 +38,7 @@ struct sim_proc {
 struct sim_shared {
     struct sim_proc proc[SIM_MAX_PROCS];
     _Atomic uint64_t busy_until[SIM_MAX_DEVICES]; /* CLOCK_MONOTONIC ns */
+    struct sim_busy device_busy[BUSY_DEVICES];    /* every process's kernels, as they ran */
 };
 
 static struct sim_config config;
@@ -238,11 +239,8 @@ void sim_context(int dev)
     pthread_mutex_unlock(&take_lock);
 }
 
-static void add_busy(int dev, uint64_t start, uint64_t end)
+static void add_busy(struct sim_busy *busy, uint64_t start, uint64_t end)
 {
-    if (dev >= BUSY_DEVICES)
-        return;
-    struct sim_busy *busy = &my_entry()->busy[dev];
     for (uint64_t n = start / BUSY_BUCKET_NS; n * BUSY_BUCKET_NS < end; n++) {
         uint64_t from = n * BUSY_BUCKET_NS > start ? n * BUSY_BUCKET_NS : start;
         uint64_t to = (n + 1) * BUSY_BUCKET_NS < end ? (n + 1) * BUSY_BUCKET_NS : end;
@@ -254,29 +252,49 @@ static void add_busy(int dev, uint64_t start, uint64_t end)
     }
 }
 
-int sim_process_busy(int dev, uint64_t from_ns, uint64_t to_ns, uint32_t *pids, uint32_t *pct,
-                     int max)
+/* Clips [*from_ns, *to_ns) to what the rings still hold and has passed: 0 if nothing is left. */
+static int busy_span(int dev, uint64_t *from_ns, uint64_t *to_ns)
 {
     sim_config();
     uint64_t now = sim_now_ns();
-    if (to_ns > now)
-        to_ns = now;
-    if (dev < 0 || dev >= BUSY_DEVICES || from_ns >= to_ns)
+    if (*to_ns > now)
+        *to_ns = now;
+    if (now - *from_ns > (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS)
+        *from_ns = now - (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS;
+    return dev >= 0 && dev < BUSY_DEVICES && *from_ns < *to_ns;
+}
+
+static uint64_t busy_ns(struct sim_busy *busy, uint64_t from_ns, uint64_t to_ns)
+{
+    uint64_t ns = 0;
+    for (uint64_t b = from_ns / BUSY_BUCKET_NS; b * BUSY_BUCKET_NS < to_ns; b++) {
+        int slot = (int)(b % BUSY_BUCKETS);
+        if (atomic_load(&busy->bucket[slot]) == b + 1)
+            ns += atomic_load(&busy->ns[slot]);
+    }
+    return ns;
+}
+
+int sim_device_busy(int dev, uint64_t from_ns, uint64_t to_ns)
+{
+    if (!busy_span(dev, &from_ns, &to_ns))
         return 0;
-    if (now - from_ns > (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS)
-        from_ns = now - (BUSY_BUCKETS - 1) * BUSY_BUCKET_NS;
+    uint64_t p = busy_ns(&shared->device_busy[dev], from_ns, to_ns) * 100 / (to_ns - from_ns);
+    return p > 100 ? 100 : (int)p;
+}
+
+int sim_process_busy(int dev, uint64_t from_ns, uint64_t to_ns, uint32_t *pids, uint32_t *pct,
+                     int max)
+{
+    if (!busy_span(dev, &from_ns, &to_ns))
+        return 0;
     int n = 0;
     for (int i = 0; i < SIM_MAX_PROCS; i++) {
         struct sim_proc *e = &shared->proc[i];
         int32_t pid = atomic_load(&e->pid);
         if (pid <= 0 || !alive(pid))
             continue;
-        uint64_t ns = 0;
-        for (uint64_t b = from_ns / BUSY_BUCKET_NS; b * BUSY_BUCKET_NS < to_ns; b++) {
-            int slot = (int)(b % BUSY_BUCKETS);
-            if (atomic_load(&e->busy[dev].bucket[slot]) == b + 1)
-                ns += atomic_load(&e->busy[dev].ns[slot]);
-        }
+        uint64_t ns = busy_ns(&e->busy[dev], from_ns, to_ns);
         if (!ns)
             continue;
         if (n < max) {
@@ -360,6 +378,9 @@ uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns)
         if (waited_from < counted)
             counted = waited_from;
     }
-    add_busy(dev, counted, end);
+    if (dev < BUSY_DEVICES) {
+        add_busy(&my_entry()->busy[dev], counted, end);
+        add_busy(&shared->device_busy[dev], end - dur_ns, end);
+    }
     return end;
 }

@@ -48,6 +48,8 @@ void sim_context(int dev);
  */
 int sim_process_busy(int dev, uint64_t from_ns, uint64_t to_ns, uint32_t *pids, uint32_t *pct,
                      int max);
+/* How much of [from_ns, to_ns) dev's timeline ran anyone's kernels, in percent. */
+int sim_device_busy(int dev, uint64_t from_ns, uint64_t to_ns);
 
 /* CLOCK_MONOTONIC in ns: the time base of the device timeline, events and the shim. */
 uint64_t sim_now_ns(void);
