@@ -247,9 +247,7 @@ class Backstop(Duty):
         )
         running = {cid: 1.0 - hold.duty for cid, hold in held.items()}
         for cid, run in running.items():
-            used.pop((cid, gpu.uuid), None)
-            if samples:
-                used[(cid, gpu.uuid)] = round(excess * run / sum(running.values()))
+            used[(cid, gpu.uuid)] = round(excess * run / sum(running.values()))
 
     def read_quiet(self, state: HostState, now_ns: int) -> None:
         """Per GPU whose held tenants are all frozen now: when they freeze, NVML's clock;
