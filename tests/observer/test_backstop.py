@@ -414,3 +414,25 @@ def test_a_held_tenant_is_charged_by_the_whole_gpus_samples(
             if tick * 50 * MS > 10 * backstop.PERIOD_NS:
                 assert duty.holds["greedy"].duty == pytest.approx(0.9)
         assert scene.tenant("greedy").devices[0].driver_used_pct in range(8, 13)
+
+
+def test_held_tenants_of_one_gpu_share_its_excess_by_the_time_each_runs(scene: Scene) -> None:
+    """The whole GPU at 38 % where the quiet samples gave the others 8 %: 30 points, split
+    between a tenant frozen 0.9 and one frozen 0.8 of each period as 1 to 2.  Before the
+    first quiet reading, and on the first read (the driver's whole buffer), their own
+    samples stand."""
+    scene.state.nv = nvml.Nvml(lambda: DriverSamples(scene, lambda pid, end: 0, lambda end: 38))
+    gpu = nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)
+    held = {"a": backstop.Hold(duty=0.9), "b": backstop.Hold(duty=0.8)}
+    duty = Backstop()
+    own = {("a", "GPU-x"): 1, ("b", "GPU-x"): 2}
+    scene.now_ns = 100 * backstop.PERIOD_NS
+    used = dict(own)
+    duty.charge_held(scene.state, gpu, held, used)
+    assert used == own
+    duty.quiet_busy.append((scene.now_ns, "GPU-x", 8.0))
+    duty.charge_held(scene.state, gpu, held, used)
+    assert used == own
+    scene.now_ns += 200 * MS
+    duty.charge_held(scene.state, gpu, held, used)
+    assert used == {("a", "GPU-x"): 10, ("b", "GPU-x"): 20}
