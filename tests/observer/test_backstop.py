@@ -346,6 +346,26 @@ class DriverSamples:
 GREEDY_PID, HONEST_PID = 1_000_001, 1_000_002
 
 
+def _held_beside_honest(
+    duty: Backstop, scene: Scene, group: cgroups.Cgroup, driver: DriverSamples, seconds: int
+) -> Iterator[int]:
+    """The greedy tenant held at 0.9 beside the honest one, the driver's samples from
+    driver: the duty run tick by tick (50 ms) for seconds, each tick's number yielded once
+    it ran; the honest tenant is never frozen."""
+    scene.state.nv = nvml.Nvml(lambda: driver)
+    scene.state.gpus = [nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)]
+    scene.state.interval_ns = 50 * MS
+    for _ in _two(scene, group):
+        scene.state.members = {GREEDY_PID: ("greedy", 0), HONEST_PID: ("honest", 0)}
+        duty.holds["greedy"] = backstop.Hold(readings=2, duty=0.9)
+        scene.now_ns = 100 * backstop.PERIOD_NS
+        for tick in range(seconds * backstop.PERIOD_NS // (50 * MS)):
+            duty.run(scene.state, scene.now_ns)
+            scene.now_ns += 50 * MS
+            assert duty.holds.get("honest", backstop.Hold()).duty == 0.0
+            yield tick
+
+
 def test_quiet_readings_are_of_samples_wholly_inside_the_frozen_time(
     scene: Scene, group: cgroups.Cgroup
 ) -> None:
@@ -361,21 +381,12 @@ def test_quiet_readings_are_of_samples_wholly_inside_the_frozen_time(
             return 0 if quiet else 50
         return 10 if quiet else 40
 
-    scene.state.nv = nvml.Nvml(lambda: DriverSamples(scene, pct))
-    scene.state.gpus = [nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)]
-    scene.state.interval_ns = 50 * MS
     duty = Backstop()
-    for _ in _two(scene, group):
-        scene.state.members = {GREEDY_PID: ("greedy", 0), HONEST_PID: ("honest", 0)}
-        duty.holds["greedy"] = backstop.Hold(readings=2, duty=0.9)
-        scene.now_ns = 100 * backstop.PERIOD_NS
-        for _ in range(10 * backstop.PERIOD_NS // (50 * MS)):
-            duty.run(scene.state, scene.now_ns)
-            scene.now_ns += 50 * MS
-            assert duty.holds.get("honest", backstop.Hold()).duty == 0.0
-        quiet = [used.get("honest") for _, _, used in duty.quiet_history]
-        assert len(quiet) >= 4 and set(quiet) == {10}
-        assert duty.holds["greedy"].duty > 0.0
+    for _ in _held_beside_honest(duty, scene, group, DriverSamples(scene, pct), seconds=10):
+        pass
+    quiet = [used.get("honest") for _, _, used in duty.quiet_history]
+    assert len(quiet) >= 4 and set(quiet) == {10}
+    assert duty.holds["greedy"].duty > 0.0
 
 
 def test_a_held_tenant_is_charged_by_the_whole_gpus_samples(
@@ -399,21 +410,12 @@ def test_a_held_tenant_is_charged_by_the_whole_gpus_samples(
             return 0  # frozen at every sample's end
         return 40 if runs(end_us) else 8  # its wait behind the greedy one counted as its own
 
-    scene.state.nv = nvml.Nvml(lambda: DriverSamples(scene, pct, lambda end: runs(end) + 8))
-    scene.state.gpus = [nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)]
-    scene.state.interval_ns = 50 * MS
     duty = Backstop()
-    for _ in _two(scene, group):
-        scene.state.members = {GREEDY_PID: ("greedy", 0), HONEST_PID: ("honest", 0)}
-        duty.holds["greedy"] = backstop.Hold(readings=2, duty=0.9)
-        scene.now_ns = 100 * backstop.PERIOD_NS
-        for tick in range(60 * backstop.PERIOD_NS // (50 * MS)):
-            duty.run(scene.state, scene.now_ns)
-            scene.now_ns += 50 * MS
-            assert duty.holds.get("honest", backstop.Hold()).duty == 0.0
-            if tick * 50 * MS > 10 * backstop.PERIOD_NS:
-                assert duty.holds["greedy"].duty == pytest.approx(0.9)
-        assert scene.tenant("greedy").devices[0].driver_used_pct in range(8, 13)
+    driver = DriverSamples(scene, pct, lambda end: runs(end) + 8)
+    for tick in _held_beside_honest(duty, scene, group, driver, seconds=60):
+        if tick * 50 * MS > 10 * backstop.PERIOD_NS:
+            assert duty.holds["greedy"].duty == pytest.approx(0.9)
+    assert scene.tenant("greedy").devices[0].driver_used_pct in range(8, 13)
 
 
 def test_held_tenants_of_one_gpu_share_its_excess_by_the_time_each_runs(scene: Scene) -> None:
