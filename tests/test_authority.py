@@ -6,7 +6,9 @@ hook records it.  Its processes run the driver-API client (tests/shim/drv.c), wi
 without the shim.  The simulated driver gives every context 300 MiB that NVML counts and
 the shim does not, and counts up to 600 us of the time each kernel waits behind another
 process's work as its own (FCSP_SIM_WAIT_COUNTS_US): on an H100 a shimmed tenant at 10 %
-read 25-61 % beside one that took the whole GPU, and so does a simulated one.
+read 25-61 % beside one that took the whole GPU, and so does a simulated one.  Like the
+H100's driver, the simulated NVML keeps no per-process sample of a process frozen when
+the sample ends, and gives the whole GPU's samples (bench/results/frozen-samples.md).
 """
 
 from __future__ import annotations
