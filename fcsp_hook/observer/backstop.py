@@ -149,8 +149,8 @@ class Backstop(Duty):
         # the window's readings: when, the time each stands for, percent per (tenant, GPU)
         self.history: deque[tuple[int, int, dict[tuple[str, str], int]]] = deque()
         self.quiet: dict[str, Quiet] = {}  # per GPU with every held tenant frozen now
-        self.quiet_history: deque[tuple[int, str, dict[str, int]]] = deque()  # the window's
-        self.quiet_busy: deque[tuple[int, str, float]] = deque()  # and the whole GPU's then
+        # the window's quiet readings: when, the GPU, per tenant not held, the whole GPU's
+        self.quiet_history: deque[tuple[int, str, dict[str, int], float | None]] = deque()
         self.busy_since_us: dict[str, int] = {}  # per GPU with a hold: its newest busy sample
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.seen_us: dict[int, int] = {}  # per process: its newest sample read
@@ -206,9 +206,10 @@ class Backstop(Duty):
             # Each process's samples end at times of its own: asked from one sample before
             # the newest seen, and each process's taken once.
             last_us = self.since_us.get(gpu.uuid, 0)
-            samples, self.since_us[gpu.uuid] = state.nv.utilisation(
+            samples, newest_us = state.nv.utilisation(
                 gpu, max(last_us - SAMPLE_US, 1) if last_us else 0
             )
+            self.since_us[gpu.uuid] = max(newest_us, last_us)  # none: still from the last
             by_pid: dict[int, int] = {}
             for pid, sample in samples.items():
                 if sample.at_us > self.seen_us.get(pid, 0):
@@ -230,7 +231,7 @@ class Backstop(Duty):
         its quiet ones say the others use, split by the time each runs: the driver keeps no
         per-process sample for a process frozen when the sample ends, and a held tenant
         mostly is (on an H100, none at all for one frozen 0.9 of each second)."""
-        baseline = [pct for _, g, pct in self.quiet_busy if g == gpu.uuid]
+        baseline = [b for _, g, _, b in self.quiet_history if g == gpu.uuid and b is not None]
         if not held or not baseline:
             self.busy_since_us.pop(gpu.uuid, None)
             return
@@ -275,13 +276,20 @@ class Backstop(Duty):
             samples, newest = state.nv.utilisation(gpu, quiet.from_us)
             if newest > quiet.from_us:  # none yet: this period gives no quiet reading
                 by_pid = {pid: sample.pct for pid, sample in samples.items()}
-                self.record_quiet(now_ns, gpu.uuid, _by_tenant(state, by_pid))
-                if busy := state.nv.busy(gpu, quiet.from_us):
-                    self.quiet_busy.append((now_ns, gpu.uuid, statistics.mean(b.pct for b in busy)))
+                busy = state.nv.busy(gpu, quiet.from_us)
+                self.record_quiet(
+                    now_ns,
+                    gpu.uuid,
+                    _by_tenant(state, by_pid),
+                    statistics.mean(b.pct for b in busy) if busy else None,
+                )
 
-    def record_quiet(self, now_ns: int, gpu: str, used: dict[str, int]) -> None:
-        """A quiet reading of one GPU: percent of its time each tenant not held ran there."""
-        self.quiet_history.append((now_ns, gpu, used))
+    def record_quiet(
+        self, now_ns: int, gpu: str, used: dict[str, int], busy_pct: float | None = None
+    ) -> None:
+        """A quiet reading of one GPU: percent of its time each tenant not held ran there,
+        and the whole GPU was busy (None: the driver gave no such sample)."""
+        self.quiet_history.append((now_ns, gpu, used, busy_pct))
 
     def held_by_gpu(self, state: HostState) -> dict[str, dict[str, Hold]]:
         """The holds in force, per time-sliced GPU of their tenants."""
@@ -342,12 +350,10 @@ class Backstop(Duty):
         window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
         while self.quiet_history and self.quiet_history[0][0] <= now_ns - window_ns:
             self.quiet_history.popleft()
-        while self.quiet_busy and self.quiet_busy[0][0] <= now_ns - window_ns:
-            self.quiet_busy.popleft()
         use = _mean(list(self.history), window_ns)
         waiting: set[str] = set()
         for gpu, holds in self.held_by_gpu(state).items():
-            quiet = [by_tenant for _, g, by_tenant in self.quiet_history if g == gpu]
+            quiet = [by_tenant for _, g, by_tenant, _ in self.quiet_history if g == gpu]
             if len(quiet) < 2:
                 if min(h.duty for h in holds.values()) >= QUIET_DUTY:
                     waiting.add(gpu)

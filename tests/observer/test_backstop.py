@@ -384,7 +384,7 @@ def test_quiet_readings_are_of_samples_wholly_inside_the_frozen_time(
     duty = Backstop()
     for _ in _held_beside_honest(duty, scene, group, DriverSamples(scene, pct), seconds=10):
         pass
-    quiet = [used.get("honest") for _, _, used in duty.quiet_history]
+    quiet = [used.get("honest") for _, _, used, _ in duty.quiet_history]
     assert len(quiet) >= 4 and set(quiet) == {10}
     assert duty.holds["greedy"].duty > 0.0
 
@@ -432,7 +432,7 @@ def test_held_tenants_of_one_gpu_share_its_excess_by_the_time_each_runs(scene: S
     used = dict(own)
     duty.charge_held(scene.state, gpu, held, used)
     assert used == own
-    duty.quiet_busy.append((scene.now_ns, "GPU-x", 8.0))
+    duty.record_quiet(scene.now_ns, "GPU-x", {}, 8.0)
     duty.charge_held(scene.state, gpu, held, used)
     assert used == own
     scene.now_ns += 200 * MS
