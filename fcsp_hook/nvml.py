@@ -36,6 +36,11 @@ class Sample:
     at_us: int
 
 
+def _percent(value: Any) -> int:
+    """A driver's utilisation figure, clamped to 0-100 (it can report more)."""
+    return min(max(int(value), 0), 100)
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     index: int
@@ -135,7 +140,7 @@ class Nvml:
             return {}, since_us
         newest: dict[int, Sample] = {}
         for s in samples:
-            sample = Sample(min(max(int(s.smUtil), 0), 100), int(s.timeStamp))
+            sample = Sample(_percent(s.smUtil), int(s.timeStamp))
             if int(s.pid) not in newest or sample.at_us > newest[int(s.pid)].at_us:
                 newest[int(s.pid)] = sample
         return newest, max((s.at_us for s in newest.values()), default=since_us)
@@ -156,9 +161,7 @@ class Nvml:
             if "Not Found" not in str(exc):
                 self.reason = f"NVML utilisation samples of {gpu.uuid} failed: {exc}"
             return []
-        busy = [
-            Sample(min(max(int(s.sampleValue.uiVal), 0), 100), int(s.timeStamp)) for s in samples
-        ]
+        busy = [Sample(_percent(s.sampleValue.uiVal), int(s.timeStamp)) for s in samples]
         return sorted((b for b in busy if b.at_us > since_us), key=lambda b: b.at_us)
 
     def driver_version(self) -> str:

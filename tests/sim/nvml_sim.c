@@ -254,7 +254,7 @@ struct sim_process_sample {
     unsigned int smUtil, memUtil, encUtil, decUtil;
 };
 
-/* Whether the first line of path is text (a cgroup file). */
+/* Whether a line of the file at path is text (a cgroup file's). */
 static int reads(const char *path, const char *text)
 {
     char line[64] = "";
