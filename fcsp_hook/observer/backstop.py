@@ -72,7 +72,8 @@ class Hold:
 
     readings: int = 0  # taken since it was first seen
     duty: float = 0.0  # fraction of each period it is frozen
-    frozen: bool = False  # frozen by this duty now
+    frozen: Cgroup | None = None  # the cgroup this duty froze, while it is frozen: thawed
+    # even if the tenant's slot goes first
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Backstop(Duty):
 
     def due(self, state: HostState, now_ns: int, next_ns: int) -> bool:
         return (state.cfg.observer.backstop_margin_pct > 0 and state.nv.available) or any(
-            h.frozen for h in self.holds.values()
+            h.frozen is not None for h in self.holds.values()
         )
 
     def start(self, state: HostState) -> None:
@@ -257,7 +258,7 @@ class Backstop(Duty):
         held = self.held_by_gpu(state)
         for gpu in state.gpus:
             on_gpu = list(held.get(gpu.uuid, {}).values())
-            if not on_gpu or not all(h.frozen for h in on_gpu):
+            if not on_gpu or not all(h.frozen is not None for h in on_gpu):
                 self.quiet.pop(gpu.uuid, None)
                 continue
             quiet = self.quiet.get(gpu.uuid)
@@ -313,9 +314,12 @@ class Backstop(Duty):
     def judge(self, state: HostState, now_ns: int) -> None:
         """Every held-able tenant: its worst device's points above its share over the window
         (window_use); then its duty, by its readings since it was last judged."""
-        for cid in set(self.holds) - set(state.tenants):
-            self.thaw(state, cid)
+        gone = set(self.holds) - set(state.tenants)
+        for cid in gone:
+            self.thaw(cid)
             del self.holds[cid]
+        if gone:
+            self.save(state)
         self.seen_us = {pid: at for pid, at in self.seen_us.items() if pid in state.members}
         recent = [h for h in self.history if h[0] > self.judged_ns]
         if not recent:
@@ -401,30 +405,28 @@ class Backstop(Duty):
             if tenant is None or tenant.cgroup is None:
                 continue
             want = phase < hold.duty * PERIOD_NS
-            if want == hold.frozen:
+            if want == (hold.frozen is not None):
                 continue
             if want and tenant.cgroup.frozen():
                 continue  # frozen by someone else (a paused container): not ours to cycle
             try:
                 tenant.cgroup.set_frozen(want)
-                hold.frozen = want
+                hold.frozen = tenant.cgroup if want else None
             except CgroupError as exc:
                 tenant.log.error("cannot freeze the tenant's cgroup", error=str(exc))
                 hold.duty = 0.0
 
-    def thaw(self, state: HostState, cid: str) -> None:
+    def thaw(self, cid: str) -> None:
         hold = self.holds.get(cid)
-        tenant = state.tenants.get(cid)
-        if hold is None or not hold.frozen:
+        if hold is None or hold.frozen is None:
             return
-        hold.frozen = False
-        if tenant is not None and tenant.cgroup is not None:
-            with contextlib.suppress(CgroupError):
-                tenant.cgroup.set_frozen(False)
+        with contextlib.suppress(CgroupError):
+            hold.frozen.set_frozen(False)
+        hold.frozen = None
 
     def release(self, state: HostState) -> None:
         for cid, hold in self.holds.items():
-            self.thaw(state, cid)
+            self.thaw(cid)
             hold.duty = 0.0
             if cid in state.tenants:
                 state.tenants[cid].held_pct = 0

@@ -268,7 +268,7 @@ def test_a_paused_container_is_left_paused(scene: Scene, group: cgroups.Cgroup) 
     duty.actuate(scene.state, 10 * backstop.PERIOD_NS)
     duty.actuate(scene.state, 10 * backstop.PERIOD_NS + int(0.95 * backstop.PERIOD_NS))
     assert group.frozen() is True
-    assert not duty.holds["paused"].frozen
+    assert duty.holds["paused"].frozen is None
 
 
 def test_stopping_thaws_and_a_new_observer_thaws_what_an_old_one_left(
@@ -287,6 +287,24 @@ def test_stopping_thaws_and_a_new_observer_thaws_what_an_old_one_left(
     assert group.frozen() is True and (scene.run_dir / backstop.FROZEN_FILE).exists()
     Backstop().start(scene.state)
     assert group.frozen() is False
+    assert not (scene.run_dir / backstop.FROZEN_FILE).exists()
+
+
+def test_a_tenant_whose_slot_goes_while_frozen_is_thawed(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """Its slot removed while its processes still run (by hand, or a poststop that ran
+    early): the cgroup it froze is thawed, and no longer recorded as frozen."""
+    duty = Backstop()
+    _tenant(scene, "greedy", group)
+    _read(duty, scene, {"greedy": 100}, seconds=2)
+    duty.actuate(scene.state, 10 * backstop.PERIOD_NS)
+    assert group.frozen() is True
+    files.remove_slot(scene.run_dir, "greedy")
+    scene.run(Tenants())
+    _read(duty, scene, {})
+    assert group.frozen() is False
+    assert "greedy" not in duty.holds
     assert not (scene.run_dir / backstop.FROZEN_FILE).exists()
 
 
