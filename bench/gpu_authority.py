@@ -1,6 +1,6 @@
 """The host as the authority, on a real GPU: what a tenant that attacks gets.
 
-    OUT=$OUT python3 bench/gpu_authority.py [--only contexts,memory,compute,long,mps]
+    OUT=$OUT python3 bench/gpu_authority.py [--only contexts,memory,compute,compute40,long,mps]
 
 Sections (each tenant's container is a cgroup this bench makes, recorded in its slot as
 the hook records it; fcsp-observer runs from this checkout with its defaults):
@@ -10,6 +10,8 @@ the hook records it; fcsp-observer runs from this checkout with its defaults):
             process without the shim past the quota is stopped, and how soon
   compute   a tenant launching without the shim at strict 10 %, against one with it:
             the share each gets over the last 5 s, and the part of the time it is frozen
+  compute40 the same at strict 40 %, where a hold freezes a tenant too little of each
+            second for samples of its neighbours alone
   long      ten processes in turn, each one 200 ms kernel then exit, at strict 10 %
   mps       an MPS tenant at 30 % that setenv()s 100 % before CUDA starts, with and
             without the shim: the share the real daemon gives it
@@ -41,7 +43,7 @@ from fcsp_hook.slot import abi, files
 
 WORKER = Path(__file__).resolve().parent / "authority_workers.py"
 GiB = 1 << 30
-SECTIONS = ("contexts", "memory", "compute", "long", "mps")
+SECTIONS = ("contexts", "memory", "compute", "compute40", "long", "mps")
 
 
 class Tenants:
@@ -190,36 +192,43 @@ def share(counts: list[int], solo: float) -> float:
     return 100 * statistics.mean(counts[-5:]) / solo if counts and solo else float("nan")
 
 
-def section_compute(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
+def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list[Any]]:
     scene = t.scene
     solo_proc = t.worker(None, None, "matmul", "4")
     lines(solo_proc)
     solo = statistics.median(lines(solo_proc).get("per_second", [0])[1:] or [0])
     strict = abi.IsolationMode.STRICT
-    greedy_slot, greedy_group = t.add("greedy", 1000, mode=strict)
-    del greedy_slot
-    honest_slot, honest_group = t.add("honest10", 1000, mode=strict)
+    bypassing, honest_name = f"greedy{pct}", f"honest{pct}"
+    _, greedy_group = t.add(bypassing, pct * 100, mode=strict)
+    honest_slot, honest_group = t.add(honest_name, pct * 100, mode=strict)
     greedy = t.worker(greedy_group, None, "matmul", "16")
     honest = t.worker(honest_group, honest_slot, "matmul", "16")
     lines(greedy), lines(honest)
-    held = {"greedy": 0, "honest10": 0}
+    held = {bypassing: 0, honest_name: 0}
     end = time.monotonic() + 16
     while time.monotonic() < end and greedy.poll() is None:
         for name, most in held.items():
             held[name] = max(most, int(tenant_state(scene, name).get("held_pct", 0) or 0))
         time.sleep(0.2)
     g, h = lines(greedy).get("per_second", []), lines(honest).get("per_second", [])
-    raw["compute"] = {"solo_per_s": solo, "greedy": g, "honest": h, "held": held}
+    for name in held:  # gone, as after poststop: no hold of theirs is left on the GPU
+        scene.drop_slot(name)
+    raw[f"compute{pct}"] = {
+        "solo_per_s": solo,
+        "greedy": g,
+        "honest": h,
+        "held": held,
+    }
     return [
         [
-            "without the shim, strict 10 %: share of its solo throughput, last 5 s",
+            f"without the shim, strict {pct} %: share of its solo throughput, last 5 s",
             f"{share(g, solo):.1f} %",
-            f"frozen up to {held['greedy']} % of the time",
+            f"frozen up to {held[bypassing]} % of the time",
         ],
         [
-            "with the shim, strict 10 %, beside it",
+            f"with the shim, strict {pct} %, beside it",
             f"{share(h, solo):.1f} %",
-            f"frozen up to {held['honest10']} % of the time",
+            f"frozen up to {held[honest_name]} % of the time",
         ],
     ]
 
@@ -321,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                         "contexts": section_contexts,
                         "memory": section_memory,
                         "compute": section_compute,
+                        "compute40": lambda t, raw: section_compute(t, raw, 40),
                         "long": section_long,
                     }[name]
                     rows += [[*r, ""][:3] for r in section(t, raw)]
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             t.close()
     if "mps" in wanted:
         try:
-            rows += section_mps(raw, float(raw.get("compute", {}).get("solo_per_s") or 0))
+            rows += section_mps(raw, float(raw.get("compute10", {}).get("solo_per_s") or 0))
         except Exception as exc:
             rows.append(["mps", f"failed: {type(exc).__name__}: {exc}"[:200], ""])
     report.table(["what", "measured", "note"], rows)
