@@ -205,10 +205,15 @@ def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list
     honest = t.worker(honest_group, honest_slot, "matmul", "16")
     lines(greedy), lines(honest)
     held = {bypassing: 0, honest_name: 0}
+    # what the observer saw of each, every 0.2 s: NVML's percent for it, and its hold
+    seen: dict[str, list[tuple[Any, Any]]] = {bypassing: [], honest_name: []}
     end = time.monotonic() + 16
     while time.monotonic() < end and greedy.poll() is None:
         for name, most in held.items():
-            held[name] = max(most, int(tenant_state(scene, name).get("held_pct", 0) or 0))
+            state = tenant_state(scene, name)
+            held_pct = int(state.get("held_pct", 0) or 0)
+            held[name] = max(most, held_pct)
+            seen[name].append(((state.get("driver_used_pct") or [None])[0], held_pct))
         time.sleep(0.2)
     g, h = lines(greedy).get("per_second", []), lines(honest).get("per_second", [])
     for name in held:  # gone, as after poststop: no hold of theirs is left on the GPU
@@ -218,6 +223,7 @@ def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list
         "greedy": g,
         "honest": h,
         "held": held,
+        "seen": seen,
     }
     return [
         [
