@@ -72,8 +72,7 @@ class Hold:
 
     readings: int = 0  # taken since it was first seen
     duty: float = 0.0  # fraction of each period it is frozen
-    frozen: Cgroup | None = None  # the cgroup this duty froze, while it is frozen: thawed
-    # even if the tenant's slot goes first
+    frozen: Cgroup | None = None  # the cgroup it froze, while frozen: thawed if its slot goes
 
 
 @dataclass

@@ -293,8 +293,8 @@ def test_stopping_thaws_and_a_new_observer_thaws_what_an_old_one_left(
 def test_a_tenant_whose_slot_goes_while_frozen_is_thawed(
     scene: Scene, group: cgroups.Cgroup
 ) -> None:
-    """Its slot removed while its processes still run (by hand, or a poststop that ran
-    early): the cgroup it froze is thawed, and no longer recorded as frozen."""
+    """Its slot removed by hand while its processes still run: the cgroup it froze is
+    thawed, and no longer recorded as frozen."""
     duty = Backstop()
     _tenant(scene, "greedy", group)
     _read(duty, scene, {"greedy": 100}, seconds=2)
