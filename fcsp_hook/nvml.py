@@ -129,15 +129,11 @@ class Nvml:
         it, its latest, each process's at times of its own; with since_us 0 it answers for
         every process it still has a sample of, stale ones included, with figures it
         averages over them (H100, driver 580)."""
-        if not self.available:
-            return {}, since_us
-        try:
-            handle = self._nv.nvmlDeviceGetHandleByIndex(gpu.index)
-            samples = self._nv.nvmlDeviceGetProcessUtilization(handle, since_us)
-        except Exception as exc:  # NOT_FOUND (no samples) included: nothing ran
-            if "Not Found" not in str(exc):
-                self.reason = f"NVML process utilisation of {gpu.uuid} failed: {exc}"
-            return {}, since_us
+        samples = self._samples(
+            gpu,
+            "process utilisation",
+            lambda handle: self._nv.nvmlDeviceGetProcessUtilization(handle, since_us),
+        )
         newest: dict[int, Sample] = {}
         for s in samples:
             sample = Sample(_percent(s.smUtil), int(s.timeStamp))
@@ -150,19 +146,27 @@ class Nvml:
         SAMPLE_US in which a kernel of any process ran.  Unlike the per-process samples,
         these count a process that is frozen when the sample ends: the driver keeps no
         per-process sample for it (H100, driver 580)."""
+        samples = self._samples(
+            gpu,
+            "utilisation samples",
+            lambda handle: self._nv.nvmlDeviceGetSamples(
+                handle, self._nv.NVML_GPU_UTILIZATION_SAMPLES, since_us
+            )[1],
+        )
+        busy = [Sample(_percent(s.sampleValue.uiVal), int(s.timeStamp)) for s in samples]
+        return sorted((b for b in busy if b.at_us > since_us), key=lambda b: b.at_us)
+
+    def _samples(self, gpu: GpuInfo, what: str, ask: Callable[[Any], Any]) -> Any:
+        """ask(gpu's handle): the driver's samples; none where it has none after the time
+        asked (NOT_FOUND) or fails, and then self.reason says why."""
         if not self.available:
             return []
         try:
-            handle = self._nv.nvmlDeviceGetHandleByIndex(gpu.index)
-            _, samples = self._nv.nvmlDeviceGetSamples(
-                handle, self._nv.NVML_GPU_UTILIZATION_SAMPLES, since_us
-            )
-        except Exception as exc:  # NOT_FOUND (no samples) included: nothing to add
+            return ask(self._nv.nvmlDeviceGetHandleByIndex(gpu.index))
+        except Exception as exc:
             if "Not Found" not in str(exc):
-                self.reason = f"NVML utilisation samples of {gpu.uuid} failed: {exc}"
+                self.reason = f"NVML {what} of {gpu.uuid} failed: {exc}"
             return []
-        busy = [Sample(_percent(s.sampleValue.uiVal), int(s.timeStamp)) for s in samples]
-        return sorted((b for b in busy if b.at_us > since_us), key=lambda b: b.at_us)
 
     def driver_version(self) -> str:
         if not self.available:
