@@ -31,9 +31,9 @@ from typing import Any
 import lib  # noqa: F401  # the checkout first on sys.path
 
 from fcsp_hook import cgroups
+from fcsp_hook.nvml import SAMPLE_US
 
 SEGMENTS = [(4, 0.0), (8, 0.9), (5, 0.8), (5, 0.6)]  # seconds, frozen part of each second
-SAMPLE_US = 200_000
 GREEDY = """import json, time, torch
 a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16); c = torch.empty_like(a)
 for _ in range(20): torch.mm(a, a, out=c)

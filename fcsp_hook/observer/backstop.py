@@ -246,9 +246,9 @@ class Backstop(Duty):
             if samples
             else 0.0
         )
-        running = {cid: 1.0 - hold.duty for cid, hold in held.items()}
-        for cid, run in running.items():
-            used[(cid, gpu.uuid)] = round(excess * run / sum(running.values()))
+        running = sum(1.0 - hold.duty for hold in held.values())
+        for cid, hold in held.items():
+            used[(cid, gpu.uuid)] = round(excess * (1.0 - hold.duty) / running)
 
     def read_quiet(self, state: HostState, now_ns: int) -> None:
         """Per GPU whose held tenants are all frozen now: when they freeze, NVML's clock;
