@@ -6,27 +6,31 @@ escapes it; only what the tenant cannot write can hold it.  So this duty measure
 time-sliced tenant's GPU time from NVML's per-process utilisation of the processes in its
 container's cgroup (state.members), and a tenant whose time stays more than
 [observer] backstop_margin_pct points above its share in force, averaged over
-backstop_window_s, is frozen (its cgroup) for part of every PERIOD_NS until it is back at
-its share: while its readings over the window average at least a quarter of its share,
-frozen for all but its share of each period at least, so that readings that count less
-than it ran (a duty-cycled tenant's do) cannot let it run longer.
-A tenant held by its shim is at or below its share and is never frozen.
+backstop_window_s, is frozen (its cgroup) for the first part of every period until it is
+back at its share: while its readings over the window average at least a quarter of its
+share, frozen for all but the time it takes to use its share of what the others leave it,
+so that readings that count less than it ran (a duty-cycled tenant's do) cannot let it run
+longer.  A tenant held by its shim is at or below its share and is never held for long.
 
 The driver counts the time a tenant's kernels wait for a neighbour's time slice as the
 tenant's own (bench/results/authority.md: a shimmed tenant at 10 % read 25-61 % next to one
-that bypassed its shim).  So on a GPU where nobody is held, the tenant furthest above its
-share by the latest reading is judged on its window's readings as they are; every other
-one is first allowed the time the driver counted for its neighbours there over the window:
-what it may have waited on.  The furthest is held first.  Once a tenant is held, its
-neighbours are judged on quiet readings: NVML samples taken wholly inside the part of a
-period in which every held tenant of that GPU is frozen, when nobody held is left to wait
-on (QUIET_AFTER_US); where a hold leaves too little frozen time for two of those in the
-window, on the allowance as before.  The held tenants themselves are charged the whole
-GPU's samples less what the quiet ones give everyone else: the driver keeps no per-process
-sample for a process frozen when the sample ends, so a held tenant's own read next to
-nothing (none at all for one frozen 0.9 of each second, on an H100).  A tenant is judged on
-two readings at least, never on the first alone (a process's first reading can come before
-its neighbours' do).
+that bypassed its shim, one at 40 % read 79 %).  So on a GPU where nobody is held, the
+tenant furthest above its share by the latest reading is judged on its window's readings
+as they are; every other one is first allowed the time the driver counted for its
+neighbours there over the window: what it may have waited on.  The furthest is held first,
+on suspicion.  Once a tenant is held, its neighbours are judged on quiet readings: NVML
+samples taken wholly inside the part of a period in which every held tenant of that GPU is
+frozen, when nobody held is left to wait on (QUIET_AFTER_US).  A period lasts long enough
+for every hold to give them (hold_period_ns), up to half the window; where a hold still
+leaves too little frozen time, its neighbours are judged on the allowance as before.  A
+tenant found above its share on quiet readings is held on proof, and those held on
+suspicion there are let go: its time may be all they read above their shares; the quiet
+readings of them, once it is frozen, hold again those that are not.  The held tenants
+themselves are charged the whole GPU's samples less what the quiet ones give everyone else:
+the driver keeps no per-process sample for a process frozen when the sample ends, so a held
+tenant's own read next to nothing (none at all for one frozen 0.9 of each second, on an
+H100).  A tenant is judged on two readings at least, never on the first alone (a process's
+first reading can come before its neighbours' do).
 
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 from collections import deque
@@ -51,7 +56,7 @@ from fcsp_hook.nvml import SAMPLE_US, GpuInfo
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
 from fcsp_hook.slot import abi
 
-PERIOD_NS = 1_000_000_000  # frozen for the first duty * PERIOD_NS of every period
+PERIOD_NS = 1_000_000_000  # a period at least; frozen for the first duty of each
 # A frozen tenant's queued kernels are done within 50 ms (a stream holds a few ms of work).
 # The newest sample when the held tenants freeze ends at most one sample before that, so a
 # sample that ends QUIET_AFTER_US after it on the driver's clock lies wholly in the frozen
@@ -59,8 +64,9 @@ PERIOD_NS = 1_000_000_000  # frozen for the first duty * PERIOD_NS of every peri
 QUIET_AFTER_US = 2 * SAMPLE_US + 50_000
 # Frozen from the first tick of a period (a tick late at most) to its thaw, a GPU's held
 # tenants give a quiet reading at the last tick before it if the driver's sample then (up
-# to one old) ends QUIET_AFTER_US after their freeze: with 50 ms ticks, frozen 0.75 of it.
-QUIET_DUTY = 0.75
+# to one old) ends QUIET_AFTER_US after their freeze: with 50 ms ticks, frozen 750 ms.
+# A period is made that much longer than PERIOD_NS where the holds freeze less of it.
+QUIET_FROZEN_NS = 750_000_000
 HELD_READ_NS = SAMPLE_US * 1000 // 2  # while a tenant is held: every sample is seen
 MAX_DUTY = 0.95  # a tenant always runs a little: its processes must be able to exit
 FROZEN_FILE = "frozen"
@@ -73,6 +79,8 @@ class Hold:
     readings: int = 0  # taken since it was first seen
     duty: float = 0.0  # fraction of each period it is frozen
     frozen: Cgroup | None = None  # the cgroup it froze, while frozen: thawed if its slot goes
+    proven: bool = False  # held on quiet readings: what it ran while the held were frozen
+    changed_ns: int = 0  # when its duty last changed: moved again a period later at least
 
 
 @dataclass
@@ -81,6 +89,17 @@ class Quiet:
 
     from_us: int | None  # NVML's clock: samples after this are of the others alone
     taken: bool = False  # its quiet reading, one per period
+
+
+@dataclass(frozen=True)
+class QuietReading:
+    """One GPU while every tenant held on it was frozen."""
+
+    at_ns: int
+    gpu: str
+    held: frozenset[str]  # the tenants held on it then: it says nothing of other holds
+    used: dict[str, int]  # percent of the GPU's time each tenant not held ran there
+    busy_pct: float | None  # the whole GPU's; None: the driver gave no such sample
 
 
 @dataclass(frozen=True)
@@ -129,6 +148,21 @@ def points_above_share(
     return points
 
 
+def hold_period_ns(duties: list[float], window_ns: int) -> int:
+    """How long a period lasts while tenants are held these fractions of it: PERIOD_NS, or
+    long enough for the least of them to be frozen QUIET_FROZEN_NS, so that every hold
+    gives quiet readings; at most half the window, which is to hold two of them."""
+    if not duties:
+        return PERIOD_NS
+    longest = max(PERIOD_NS, window_ns // 2)
+    return min(max(PERIOD_NS, math.ceil(QUIET_FROZEN_NS / min(duties))), longest)
+
+
+def frozen_ns(duty: float, period_ns: int) -> int:
+    """How long a tenant held duty of a period is frozen at its start."""
+    return round(duty * period_ns)
+
+
 def next_duty(duty: float, used_pct: float, share_pct: float) -> float:
     """The fraction of time to freeze a tenant that used used_pct of the GPU while frozen
     duty of the time, so that it uses share_pct: its demand unfrozen is used / (1 - duty).
@@ -149,12 +183,15 @@ class Backstop(Duty):
         # the window's readings: when, the time each stands for, percent per (tenant, GPU)
         self.history: deque[tuple[int, int, dict[tuple[str, str], int]]] = deque()
         self.quiet: dict[str, Quiet] = {}  # per GPU with every held tenant frozen now
-        # the window's quiet readings: when, the GPU, per tenant not held, the whole GPU's
-        self.quiet_history: deque[tuple[int, str, dict[str, int], float | None]] = deque()
+        # per GPU: who is held there, and when one was last let go
+        self.held_on: dict[str, tuple[frozenset[str], int]] = {}
+        self.quiet_history: deque[QuietReading] = deque()  # the window's
         self.busy_since_us: dict[str, int] = {}  # per GPU with a hold: its newest busy sample
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.seen_us: dict[int, int] = {}  # per process: its newest sample read
         self.read_ns = 0  # when NVML was last read
+        self.hold_period_start_ns = 0
+        self.hold_period_ns = PERIOD_NS  # the one in force: set as it starts
         self.judged_ns = 0  # when the tenants were last judged
 
     def due(self, state: HostState, now_ns: int, next_ns: int) -> bool:
@@ -231,8 +268,8 @@ class Backstop(Duty):
         its quiet ones say the others use, split by the time each runs: the driver keeps no
         per-process sample for a process frozen when the sample ends, and a held tenant
         mostly is (on an H100, none at all for one frozen 0.9 of each second)."""
-        baseline = [b for _, g, _, b in self.quiet_history if g == gpu.uuid and b is not None]
-        if not held or not baseline:
+        baseline = self.baseline(gpu.uuid, set(held))
+        if not held or baseline is None:
             self.busy_since_us.pop(gpu.uuid, None)
             return
         since_us = self.busy_since_us.get(gpu.uuid)
@@ -241,11 +278,7 @@ class Backstop(Duty):
             self.busy_since_us[gpu.uuid] = samples[-1].at_us
         if since_us is None:
             return  # the driver's whole buffer: from the next read on
-        excess = (
-            max(statistics.mean(b.pct for b in samples) - statistics.mean(baseline), 0.0)
-            if samples
-            else 0.0
-        )
+        excess = max(statistics.mean(b.pct for b in samples) - baseline, 0.0) if samples else 0.0
         running = sum(1.0 - hold.duty for hold in held.values())
         for cid, hold in held.items():
             used[(cid, gpu.uuid)] = round(excess * (1.0 - hold.duty) / running)
@@ -253,9 +286,13 @@ class Backstop(Duty):
     def read_quiet(self, state: HostState, now_ns: int) -> None:
         """Per GPU whose held tenants are all frozen now: when they freeze, NVML's clock;
         at the last tick before the first of them thaws, a reading of the samples since
-        then (record_quiet)."""
+        then (record_quiet), unless a tenant held there was let go less than a period
+        before: it runs what its shim let build up while it was frozen."""
         held = self.held_by_gpu(state)
         for gpu in state.gpus:
+            who = frozenset(held.get(gpu.uuid, {}))
+            was, let_go_ns = self.held_on.get(gpu.uuid, (frozenset(), 0))
+            self.held_on[gpu.uuid] = (who, now_ns if was - who else let_go_ns)
             on_gpu = list(held.get(gpu.uuid, {}).values())
             if not on_gpu or not all(h.frozen is not None for h in on_gpu):
                 self.quiet.pop(gpu.uuid, None)
@@ -265,31 +302,41 @@ class Backstop(Duty):
                 _, newest = state.nv.utilisation(gpu)
                 self.quiet[gpu.uuid] = Quiet(newest + QUIET_AFTER_US if newest else None)
                 continue
-            thaw_ns = min(h.duty for h in on_gpu) * PERIOD_NS
+            thaw_ns = frozen_ns(min(h.duty for h in on_gpu), self.hold_period_ns)
             if (
                 quiet.taken
                 or quiet.from_us is None
-                or now_ns % PERIOD_NS + state.interval_ns < thaw_ns
+                or now_ns - self.hold_period_start_ns + state.interval_ns < thaw_ns
             ):
                 continue
             quiet.taken = True
+            if now_ns - self.held_on[gpu.uuid][1] < self.hold_period_ns:
+                continue
             samples, newest = state.nv.utilisation(gpu, quiet.from_us)
             if newest > quiet.from_us:  # none yet: this period gives no quiet reading
                 by_pid = {pid: sample.pct for pid, sample in samples.items()}
                 busy = state.nv.busy(gpu, quiet.from_us)
                 self.record_quiet(
-                    now_ns,
-                    gpu.uuid,
-                    _by_tenant(state, by_pid),
-                    statistics.mean(b.pct for b in busy) if busy else None,
+                    QuietReading(
+                        now_ns,
+                        gpu.uuid,
+                        frozenset(held[gpu.uuid]),
+                        _by_tenant(state, by_pid),
+                        statistics.mean(b.pct for b in busy) if busy else None,
+                    )
                 )
 
-    def record_quiet(
-        self, now_ns: int, gpu: str, used: dict[str, int], busy_pct: float | None = None
-    ) -> None:
-        """A quiet reading of one GPU: percent of its time each tenant not held ran there,
-        and the whole GPU was busy (None: the driver gave no such sample)."""
-        self.quiet_history.append((now_ns, gpu, used, busy_pct))
+    def record_quiet(self, reading: QuietReading) -> None:
+        self.quiet_history.append(reading)
+
+    def quiet_readings(self, gpu: str, held: set[str]) -> list[QuietReading]:
+        """The window's quiet readings of a GPU taken while these tenants were held there."""
+        return [q for q in self.quiet_history if q.gpu == gpu and q.held == held]
+
+    def baseline(self, gpu: str, held: set[str]) -> float | None:
+        """The whole GPU's use in its quiet readings with these held: everyone else's."""
+        busy = [q.busy_pct for q in self.quiet_readings(gpu, held) if q.busy_pct is not None]
+        return statistics.mean(busy) if busy else None
 
     def held_by_gpu(self, state: HostState) -> dict[str, dict[str, Hold]]:
         """The holds in force, per time-sliced GPU of their tenants."""
@@ -312,7 +359,7 @@ class Backstop(Duty):
 
     def judge(self, state: HostState, now_ns: int) -> None:
         """Every held-able tenant: its worst device's points above its share over the window
-        (window_use); then its duty, by its readings since it was last judged."""
+        (window_use), to be held; once held, its duty, by its readings over a period."""
         gone = set(self.holds) - set(state.tenants)
         for cid in gone:
             self.thaw(cid)
@@ -327,83 +374,135 @@ class Backstop(Duty):
         self.judged_ns = now_ns
         used = _mean(recent, since_judged_ns)
         latest = _readings(state, used)
-        window = _mean(list(self.history), state.cfg.observer.backstop_window_s * 1_000_000_000)
+        window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
+        window = _mean(list(self.history), window_ns)
         held = {c for c, h in self.holds.items() if h.duty > 0}
-        use, waiting = self.window_use(state, now_ns)
+        use, waiting, quiet = self.window_use(state, now_ns)
         judged = [r for r in _readings(state, use) if r.gpu not in waiting or r.cid in held]
         points = points_above_share(judged, held, furthest_above_share(latest))
+        proof = points_above_share([r for r in judged if r.gpu in quiet], held)
+        margin = state.cfg.observer.backstop_margin_pct
         for cid, tenant in state.tenants.items():
             for device in tenant.devices:
                 pct = used.get((cid, device.grant.gpu))
                 device.driver_used_pct = round(pct) if pct is not None else None
             mine = [r for r in latest if r.cid == cid and r.judged]
-            if mine and tenant.cgroup is not None:
-                worst = max(mine, key=lambda r: r.used_pct - r.share_pct)
+            if not mine or tenant.cgroup is None:
+                continue
+            hold = self.holds.setdefault(cid, Hold())
+            hold.readings += 1
+            if hold.duty == 0.0:
+                if points.get(cid, 0.0) > margin and hold.readings > 1:
+                    worst = max(mine, key=lambda r: r.used_pct - r.share_pct)
+                    self.start_hold(state, cid, worst, proof.get(cid, 0.0) > margin, now_ns)
+            elif now_ns - hold.changed_ns >= self.hold_period_ns:
+                # a whole period's readings, all taken under the duty in force
+                since_ns = now_ns - self.hold_period_ns
+                over = [h for h in self.history if h[0] > since_ns]
+                ran = _readings(state, _mean(over, self.hold_period_ns))
+                worst = max(
+                    (r for r in ran if r.cid == cid and r.judged),
+                    key=lambda r: r.used_pct - r.share_pct,
+                )
+                if worst.gpu in waiting and now_ns - hold.changed_ns < window_ns:
+                    continue  # its own samples count next to nothing while it is frozen
                 busy = window.get((cid, worst.gpu), 0.0) >= worst.share_pct / 4
-                self.hold(state, cid, worst, points.get(cid, 0.0), busy)
+                self.adjust_hold(state, cid, worst, busy, now_ns)
 
     def window_use(
         self, state: HostState, now_ns: int
-    ) -> tuple[dict[tuple[str, str], float], set[str]]:
+    ) -> tuple[dict[tuple[str, str], float], set[str], set[str]]:
         """Per (tenant, GPU), its readings over the window, NVML's being snapshots: averaged,
         time before a tenant's first one counting as 0.  On a GPU with a tenant held, the
-        quiet readings instead, once there are two; and the GPUs whose holds freeze long
-        enough for quiet readings but have not given two yet, on which only the held are
-        judged."""
+        quiet readings instead, once there are two (the GPUs judged so, the third set); and
+        the GPUs whose holds freeze long enough for quiet readings but have not given two
+        yet, on which only the held are judged (the second)."""
         window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
-        while self.quiet_history and self.quiet_history[0][0] <= now_ns - window_ns:
+        while self.quiet_history and self.quiet_history[0].at_ns <= now_ns - window_ns:
             self.quiet_history.popleft()
         use = _mean(list(self.history), window_ns)
         waiting: set[str] = set()
+        quiet_gpus: set[str] = set()
         for gpu, holds in self.held_by_gpu(state).items():
-            quiet = [by_tenant for _, g, by_tenant, _ in self.quiet_history if g == gpu]
+            quiet = [q.used for q in self.quiet_readings(gpu, set(holds))]
             if len(quiet) < 2:
-                if min(h.duty for h in holds.values()) >= QUIET_DUTY:
+                least = min(h.duty for h in holds.values())
+                if frozen_ns(least, self.hold_period_ns) >= QUIET_FROZEN_NS:
                     waiting.add(gpu)
                 continue
+            quiet_gpus.add(gpu)
             for key in [k for k in use if k[1] == gpu]:
                 del use[key]
             for by_tenant in quiet:
                 for cid, pct in by_tenant.items():
                     use[(cid, gpu)] = use.get((cid, gpu), 0.0) + pct / len(quiet)
-        return use, waiting
+        return use, waiting, quiet_gpus
 
-    def hold(self, state: HostState, cid: str, worst: Reading, points: float, busy: bool) -> None:
-        """Hold a tenant more or less, by its worst device's latest reading, or start to
-        once its points above its share over the window pass the margin.  busy: its
-        readings there over the window average a quarter of its share or more."""
+    def start_hold(
+        self, state: HostState, cid: str, worst: Reading, proven: bool, now_ns: int
+    ) -> None:
+        """Hold a tenant whose points above its share over the window passed the margin, by
+        its worst device's latest reading.  proven: on quiet readings, what it ran while
+        every tenant held on that GPU was frozen.  Tenants held there on readings that could
+        not tell running from waiting on it are let go: its time may be all they read above
+        their shares.  Quiet readings of them, once it is frozen, hold those that are not."""
+        hold = self.holds[cid]
+        hold.duty = next_duty(0.0, worst.used_pct, worst.share_pct)
+        hold.proven, hold.changed_ns = proven, now_ns
         tenant = state.tenants[cid]
-        hold = self.holds.setdefault(cid, Hold())
-        hold.readings += 1
+        tenant.held_pct = round(hold.duty * 100)
+        tenant.log.warning(
+            "tenant above its share by the driver's count: frozen part of the time",
+            used_pct=round(worst.used_pct), share_pct=worst.share_pct,
+            frozen_pct=tenant.held_pct, proven=proven,
+        )  # fmt: skip
+        if proven:
+            for other, held in self.held_by_gpu(state).get(worst.gpu, {}).items():
+                if not held.proven and other != cid:
+                    self.thaw(other)
+                    held.duty, held.changed_ns = 0.0, now_ns
+                    state.tenants[other].held_pct = 0
+                    state.tenants[other].log.info(
+                        "no longer frozen: a neighbour ran above its share while it was"
+                    )
+        self.save(state)
+
+    def adjust_hold(
+        self, state: HostState, cid: str, worst: Reading, busy: bool, now_ns: int
+    ) -> None:
+        """Hold a tenant more or less by its worst device's readings over the last period.
+        busy: its readings there over the window average a quarter of its share or more."""
+        tenant, hold = state.tenants[cid], self.holds[cid]
+        duty = next_duty(hold.duty, worst.used_pct, worst.share_pct)
+        if busy:
+            # Never let it run for longer than it takes to use its share of what the others
+            # leave it (the quiet readings' whole GPU), whatever the latest readings say: a
+            # duty-cycled tenant's count less than it ran, and too few to judge by alone
+            # (bench/results/authority.md).
+            held = set(self.held_by_gpu(state).get(worst.gpu, {}))
+            free_pct = 100.0 - (self.baseline(worst.gpu, held) or 0.0)
+            duty = max(duty, min(1.0 - worst.share_pct / max(free_pct, worst.share_pct), MAX_DUTY))
+        if duty != hold.duty:
+            hold.duty, hold.changed_ns = duty, now_ns
         if hold.duty == 0.0:
-            if points > state.cfg.observer.backstop_margin_pct and hold.readings > 1:
-                hold.duty = next_duty(0.0, worst.used_pct, worst.share_pct)
-                tenant.log.warning(
-                    "tenant above its share by the driver's count: frozen part of the time",
-                    used_pct=round(worst.used_pct), share_pct=worst.share_pct,
-                    frozen_pct=round(hold.duty * 100),
-                )  # fmt: skip
-                self.save(state)
-        else:
-            hold.duty = next_duty(hold.duty, worst.used_pct, worst.share_pct)
-            if busy:
-                # Never let it run for more than its share of each period, whatever the
-                # latest readings say: a duty-cycled tenant's count less than it ran, and
-                # too few to judge by alone (bench/results/authority.md).
-                hold.duty = max(hold.duty, min(1.0 - worst.share_pct / 100, MAX_DUTY))
-            if hold.duty == 0.0:
-                tenant.log.info("tenant back at its share: no longer frozen")
-                self.save(state)
+            tenant.log.info("tenant back at its share: no longer frozen")
+            self.save(state)
         tenant.held_pct = round(hold.duty * 100)
 
     def actuate(self, state: HostState, now_ns: int) -> None:
-        """Freeze or thaw each held tenant for its part of the period."""
-        phase = now_ns % PERIOD_NS
+        """Freeze or thaw each held tenant for its part of the period; a period's length is
+        set when it starts (hold_period_ns)."""
+        if now_ns >= self.hold_period_start_ns + self.hold_period_ns:
+            window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
+            duties = [h.duty for h in self.holds.values() if h.duty > 0]
+            self.hold_period_ns = hold_period_ns(duties, window_ns)
+            self.hold_period_start_ns = now_ns
+        phase = now_ns - self.hold_period_start_ns
         for cid, hold in self.holds.items():
             tenant = state.tenants.get(cid)
             if tenant is None or tenant.cgroup is None:
                 continue
-            want = phase < hold.duty * PERIOD_NS
+            want = phase < frozen_ns(hold.duty, self.hold_period_ns)
             if want == (hold.frozen is not None):
                 continue
             if want and tenant.cgroup.frozen():
