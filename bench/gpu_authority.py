@@ -8,10 +8,10 @@ the hook records it; fcsp-observer runs from this checkout with its defaults):
             PyTorch process holds beyond its allocations
   memory    an honest tenant at its quota with three processes is never touched; a
             process without the shim past the quota is stopped, and how soon
-  compute   a tenant launching without the shim at strict 10 %, against one with it:
-            the share each gets over the last 5 s, and the part of the time it is frozen
-  compute40 the same at strict 40 %, where a hold freezes a tenant too little of each
-            second for samples of its neighbours alone
+  compute   a tenant launching without the shim at strict 10 %, against one with it,
+            for COMPUTE_S: the share each gets over the last 5 s, the part of the time it
+            is frozen and when
+  compute40 the same at strict 40 %, where the shimmed tenant reads more than the other
   long      ten processes in turn, each one 200 ms kernel then exit, at strict 10 %
   mps       an MPS tenant at 30 % that setenv()s 100 % before CUDA starts, with and
             without the shim: the share the real daemon gives it
@@ -188,6 +188,9 @@ def section_memory(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
     ]
 
 
+COMPUTE_S = 24  # long enough for a hold to settle, and 5 s more
+
+
 def share(counts: list[int], solo: float) -> float:
     return 100 * statistics.mean(counts[-5:]) / solo if counts and solo else float("nan")
 
@@ -201,13 +204,13 @@ def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list
     bypassing, honest_name = f"greedy{pct}", f"honest{pct}"
     _, greedy_group = t.add(bypassing, pct * 100, mode=strict)
     honest_slot, honest_group = t.add(honest_name, pct * 100, mode=strict)
-    greedy = t.worker(greedy_group, None, "matmul", "16")
-    honest = t.worker(honest_group, honest_slot, "matmul", "16")
+    greedy = t.worker(greedy_group, None, "matmul", str(COMPUTE_S))
+    honest = t.worker(honest_group, honest_slot, "matmul", str(COMPUTE_S))
     lines(greedy), lines(honest)
     held = {bypassing: 0, honest_name: 0}
     # what the observer saw of each, every 0.2 s: NVML's percent for it, and its hold
     seen: dict[str, list[tuple[Any, Any]]] = {bypassing: [], honest_name: []}
-    end = time.monotonic() + 16
+    end = time.monotonic() + COMPUTE_S
     while time.monotonic() < end and greedy.poll() is None:
         for name, most in held.items():
             state = tenant_state(scene, name)
@@ -229,14 +232,22 @@ def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list
         [
             f"without the shim, strict {pct} %: share of its solo throughput, last 5 s",
             f"{share(g, solo):.1f} %",
-            f"frozen up to {held[bypassing]} % of the time",
+            frozen_note(held[bypassing], seen[bypassing]),
         ],
         [
             f"with the shim, strict {pct} %, beside it",
             f"{share(h, solo):.1f} %",
-            f"frozen up to {held[honest_name]} % of the time",
+            frozen_note(held[honest_name], seen[honest_name]),
         ],
     ]
+
+
+def frozen_note(most: int, seen: list[tuple[Any, Any]]) -> str:
+    """How much of the time a tenant was frozen at most, and when (seen: every 0.2 s)."""
+    held_s = [i * 0.2 for i, (_, held_pct) in enumerate(seen) if held_pct]
+    if not held_s:
+        return "never frozen"
+    return f"frozen up to {most} % of the time, {held_s[0]:.0f}-{held_s[-1]:.0f} s after the start"
 
 
 def section_long(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
