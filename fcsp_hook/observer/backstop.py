@@ -65,8 +65,10 @@ QUIET_AFTER_US = 2 * SAMPLE_US + 50_000
 # Frozen from the first tick of a period (a tick late at most) to its thaw, a GPU's held
 # tenants give a quiet reading at the last tick before it if the driver's sample then (up
 # to one old) ends QUIET_AFTER_US after their freeze: with 50 ms ticks, frozen 750 ms.
-# A period is made that much longer than PERIOD_NS where the holds freeze less of it.
 QUIET_FROZEN_NS = 750_000_000
+# A period is made long enough for the least held tenant to be frozen 100 ms longer than
+# that: near the edge a reading is missed now and then, and a duty shrinks within a period.
+PERIOD_FROZEN_NS = QUIET_FROZEN_NS + 100_000_000
 HELD_READ_NS = SAMPLE_US * 1000 // 2  # while a tenant is held: every sample is seen
 MAX_DUTY = 0.95  # a tenant always runs a little: its processes must be able to exit
 FROZEN_FILE = "frozen"
@@ -150,12 +152,12 @@ def points_above_share(
 
 def hold_period_ns(duties: list[float], window_ns: int) -> int:
     """How long a period lasts while tenants are held these fractions of it: PERIOD_NS, or
-    long enough for the least of them to be frozen QUIET_FROZEN_NS, so that every hold
+    long enough for the least of them to be frozen PERIOD_FROZEN_NS, so that every hold
     gives quiet readings; at most half the window, which is to hold two of them."""
     if not duties:
         return PERIOD_NS
     longest = max(PERIOD_NS, window_ns // 2)
-    return min(max(PERIOD_NS, math.ceil(QUIET_FROZEN_NS / min(duties))), longest)
+    return min(max(PERIOD_NS, math.ceil(PERIOD_FROZEN_NS / min(duties))), longest)
 
 
 def frozen_ns(duty: float, period_ns: int) -> int:
@@ -414,11 +416,14 @@ class Backstop(Duty):
     ) -> tuple[dict[tuple[str, str], float], set[str], set[str]]:
         """Per (tenant, GPU), its readings over the window, NVML's being snapshots: averaged,
         time before a tenant's first one counting as 0.  On a GPU with a tenant held, the
-        quiet readings instead, once there are two (the GPUs judged so, the third set); and
+        quiet readings instead (kept over the window or two periods, whichever is longer),
+        once there are two (the GPUs judged so, the third set); and
         the GPUs whose holds freeze long enough for quiet readings but have not given two
         yet, on which only the held are judged (the second)."""
         window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
-        while self.quiet_history and self.quiet_history[0].at_ns <= now_ns - window_ns:
+        # two periods' readings at least, however long the periods
+        kept_ns = max(window_ns, 2 * self.hold_period_ns + PERIOD_NS)
+        while self.quiet_history and self.quiet_history[0].at_ns <= now_ns - kept_ns:
             self.quiet_history.popleft()
         use = _mean(list(self.history), window_ns)
         waiting: set[str] = set()
