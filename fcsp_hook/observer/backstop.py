@@ -14,10 +14,11 @@ longer.  A tenant held by its shim is at or below its share and is never held fo
 
 The driver counts the time a tenant's kernels wait for a neighbour's time slice as the
 tenant's own (bench/results/authority.md: a shimmed tenant at 10 % read 25-61 % next to one
-that bypassed its shim, one at 40 % read 79 %).  So on a GPU where nobody is held, the
-tenant furthest above its share by the latest reading is judged on its window's readings
-as they are; every other one is first allowed the time the driver counted for its
-neighbours there over the window: what it may have waited on.  The furthest is held first,
+that bypassed its shim, one at 40 % read 79 %).  So on a GPU where nobody is held, one
+tenant is suspected (furthest_above_share: one with processes that run without the shim,
+else the one furthest above its share by the latest reading) and judged on its window's
+readings as they are; every other one is first allowed the time the driver counted for its
+neighbours there over the window: what it may have waited on.  The suspect is held first,
 on suspicion.  Once a tenant is held, its neighbours are judged on quiet readings: NVML
 samples taken wholly inside the part of a period in which every held tenant of that GPU is
 frozen, when nobody held is left to wait on (QUIET_AFTER_US).  A period lasts long enough
@@ -115,31 +116,41 @@ class Reading:
     judged: bool  # limited, so held by time (an unlimited tenant is only a neighbour)
 
 
-def furthest_above_share(readings: list[Reading]) -> dict[str, str]:
-    """Per GPU, the judged tenant furthest above its share in these readings."""
+def furthest_above_share(
+    readings: list[Reading], unshimmed: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Per GPU, the judged tenant to suspect first: of those above their shares in these
+    readings, one with processes that run without the shim (unshimmed) before one without,
+    else the furthest above its share.  Which processes run with the shim the tenant's own
+    records say: a forged one only has its neighbour suspected first, whom the quiet
+    readings then clear."""
+
+    def suspicion(r: Reading) -> tuple[bool, float]:
+        return r.cid in unshimmed and r.used_pct > r.share_pct, r.used_pct - r.share_pct
+
     furthest: dict[str, Reading] = {}
     for r in readings:
         best = furthest.get(r.gpu)
-        if r.judged and (best is None or r.used_pct - r.share_pct > best.used_pct - best.share_pct):
+        if r.judged and (best is None or suspicion(r) > suspicion(best)):
             furthest[r.gpu] = r
     return {gpu: r.cid for gpu, r in furthest.items()}
 
 
 def points_above_share(
-    readings: list[Reading], held: set[str], furthest: dict[str, str] | None = None
+    readings: list[Reading], held: set[str], suspects: dict[str, str] | None = None
 ) -> dict[str, float]:
     """The points above its share each judged tenant is held to account for, its worst
-    GPU's: on a GPU where no tenant is `held`, the furthest above its share as read;
-    every other one less the time the driver counted for its neighbours there.
-    furthest: per GPU, who that is (default: furthest_above_share of these readings)."""
-    if furthest is None:
-        furthest = furthest_above_share(readings)
+    GPU's: on a GPU where no tenant is `held`, its suspect's as read; every other one's
+    less the time the driver counted for its neighbours there.  suspects: per GPU, whom to
+    suspect (default: furthest_above_share of these readings)."""
+    if suspects is None:
+        suspects = furthest_above_share(readings)
     by_gpu: dict[str, list[Reading]] = {}
     for r in readings:
         by_gpu.setdefault(r.gpu, []).append(r)
     points: dict[str, float] = {}
     for gpu, on_gpu in by_gpu.items():
-        as_read = None if any(r.cid in held for r in on_gpu) else furthest.get(gpu)
+        as_read = None if any(r.cid in held for r in on_gpu) else suspects.get(gpu)
         everyone = sum(r.used_pct for r in on_gpu)
         for r in on_gpu:
             if not r.judged:
@@ -381,7 +392,8 @@ class Backstop(Duty):
         held = {c for c, h in self.holds.items() if h.duty > 0}
         use, waiting, quiet = self.window_use(state, now_ns)
         judged = [r for r in _readings(state, use) if r.gpu not in waiting or r.cid in held]
-        points = points_above_share(judged, held, furthest_above_share(latest))
+        unshimmed = frozenset(cid for cid, t in state.tenants.items() if t.unshimmed)
+        points = points_above_share(judged, held, furthest_above_share(latest, unshimmed))
         proof = points_above_share([r for r in judged if r.gpu in quiet], held)
         margin = state.cfg.observer.backstop_margin_pct
         for cid, tenant in state.tenants.items():

@@ -183,6 +183,21 @@ def test_points_above_share_allow_for_time_waited_on_neighbours(
     assert backstop.points_above_share(readings, held) == pytest.approx(points)
 
 
+@pytest.mark.parametrize(
+    ("readings", "unshimmed", "suspect"),
+    [
+        ([R("a", "g", 79, 40, True), R("b", "g", 58, 40, True)], set(), "a"),
+        # processes without the shim: suspected first, when above its share
+        ([R("a", "g", 79, 40, True), R("b", "g", 58, 40, True)], {"b"}, "b"),
+        ([R("a", "g", 79, 40, True), R("b", "g", 30, 40, True)], {"b"}, "a"),
+    ],
+)
+def test_a_tenant_with_processes_without_the_shim_is_suspected_first(
+    readings: list[backstop.Reading], unshimmed: set[str], suspect: str
+) -> None:
+    assert backstop.furthest_above_share(readings, frozenset(unshimmed)) == {"g": suspect}
+
+
 def _two(
     scene: Scene, honest_group: cgroups.Cgroup, greedy_sm: int = 1000, honest_sm: int = 1000
 ) -> Iterator[cgroups.Cgroup]:
@@ -268,6 +283,24 @@ def test_a_neighbour_held_first_is_let_go_once_the_greedy_one_is_found(
         assert duty.holds["greedy"].duty > 0.0 and duty.holds["greedy"].proven
         assert duty.holds["honest"].duty == 0.0 and scene.tenant("honest").held_pct == 0
         assert scene.events("no longer frozen: a neighbour ran above its share while it was")
+        for _ in range(30):
+            _read(duty, scene, {"greedy": 30, "honest": 60}, quiet={"honest": 40})
+            assert duty.holds["honest"].duty == 0.0
+        assert duty.holds["greedy"].duty > 0.0
+
+
+def test_beside_a_tenant_without_the_shim_a_shimmed_one_is_never_held(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """The same at 40 %, but the driver lists processes of the greedy tenant that run
+    without the shim: it is suspected first, though it reads less, and the shimmed one,
+    judged on quiet readings from then on, is never held."""
+    duty = Backstop()
+    for _ in _two(scene, group, greedy_sm=4000, honest_sm=4000):
+        scene.tenant("greedy").unshimmed = [GREEDY_PID]
+        while "greedy" not in duty.holds or duty.holds["greedy"].duty == 0.0:
+            _read(duty, scene, {"greedy": 58, "honest": 79})
+            assert duty.holds["honest"].duty == 0.0
         for _ in range(30):
             _read(duty, scene, {"greedy": 30, "honest": 60}, quiet={"honest": 40})
             assert duty.holds["honest"].duty == 0.0
