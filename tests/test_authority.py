@@ -13,6 +13,7 @@ the sample ends, and gives the whole GPU's samples (bench/results/frozen-samples
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from fcsp_hook import cgroups, procfs
 from fcsp_hook.ctl import status as ctl_status
 from fcsp_hook.slot import abi, files
 from tests.cgroup import fresh_cgroup
+from tests.observer.scene import UsageWriter
 from tests.shim.harness import PROG_DIR, SHIM, SIM_DIR, build, read_until_ready
 from tests.test_observer import Host, wait_for
 
@@ -211,29 +213,37 @@ def _driver_share(host: Host, pid: int, seconds: int) -> subprocess.Popen[str]:
     )
 
 
+# As on an H100 at 40 %: the shimmed tenant, whose few kernels wait behind the other's time
+# slices, reads more than the one that bypasses its shim, whose deep queue they barely delay
+# (79 % for 42 % of its solo throughput).
+AS_AT_40 = {"greedy": "0", "honest": "5000"}
+
+
 @pytest.mark.parametrize(
-    ("share", "waits_us"),
+    ("share", "waits_us", "forged"),
     [
-        (10, {}),
-        # As on an H100 at 40 %: the shimmed tenant, whose few kernels wait behind the other's
-        # time slices, reads more than the one that bypasses its shim, whose deep queue they
-        # barely delay (79 % for 42 % of its solo throughput), and is held first.
-        (40, {"greedy": "0", "honest": "5000"}),
+        (10, {}, False),
+        (40, AS_AT_40, False),
+        # Its process recorded as the shim's in its usage file: the shimmed one, reading
+        # more, is suspected first, and let go once the other is found above its share.
+        (40, AS_AT_40, True),
     ],
 )
 def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
     host: Host,
     group: cgroups.Cgroup,
     tenants: list[Tenant],
+    *,
     share: int,
     waits_us: dict[str, str],
+    forged: bool,
 ) -> None:
     """Strict at share %, kernels launched without the shim as fast as the GPU runs them: by
     NVML's count it is frozen part of the time and held within 5 points of its share over
     5 s.  An honest tenant beside it, strict at the same share and as busy, under its shim,
-    is not frozen once the other is held, though NVML counts the time its kernels wait
-    behind the other's as its own, and keeps no sample of the held one's while it is frozen
-    at the sample's end."""
+    is never frozen (not once the other is held, if the other forged a record of the shim),
+    though NVML counts the time its kernels wait behind the other's as its own, and keeps
+    no sample of the held one's while it is frozen at the sample's end."""
     tenant = Tenant(host, "greedy", group, sm=share * 100, mode=abi.IsolationMode.STRICT)
     tenants.append(tenant)
     with fresh_cgroup() as other:
@@ -243,6 +253,10 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
         waits = {cid: {"FCSP_SIM_WAIT_COUNTS_US": us} for cid, us in waits_us.items()}
         greedy = tenant.client(*run, **waits.get("greedy", {}))
         honest = honest_tenant.client(*run, shim=True, **waits.get("honest", {}))
+        if forged:
+            usage = UsageWriter(tenant.slot)
+            usage.process(0, greedy.pid)
+            usage.close()
         host.start(env=sim_env(host))
         for proc in (greedy, honest):
             assert proc.stdin is not None
@@ -258,12 +272,24 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
         assert float(probe.communicate()[0]) <= share + 5.0
         assert max(honest_held) == 0
         assert honest.poll() is None
-        assert "frozen part of the time" in host.log_text()
+        holds = [
+            e["container_id"]
+            for e in _events(
+                host, "tenant above its share by the driver's count: frozen part of the time"
+            )
+        ]
+        assert "greedy" in holds and (forged or "honest" not in holds)
         lines = ctl_status.status_text(host.run_dir).splitlines()
         rows = {line.split()[0]: line for line in lines if line.strip()}
         assert "HELD" in rows["greedy"] and "HELD" not in rows["honest"]
         other.set_frozen(False)
         honest_tenant.stop()
+
+
+def _events(host: Host, event: str) -> list[dict[str, object]]:
+    """The observer's log entries of this event."""
+    entries = (json.loads(line) for line in host.log_text().splitlines() if line.startswith("{"))
+    return [e for e in entries if e.get("event") == event]
 
 
 def _held(host: Host, cid: str) -> int:
