@@ -1,6 +1,7 @@
 """The host as the authority, on a real GPU: what a tenant that attacks gets.
 
-    OUT=$OUT python3 bench/gpu_authority.py [--only contexts,memory,compute,compute40,long,mps]
+    OUT=$OUT python3 bench/gpu_authority.py \
+        [--only contexts,memory,compute,compute40,forged40,long,mps]
 
 Sections (each tenant's container is a cgroup this bench makes, recorded in its slot as
 the hook records it; fcsp-observer runs from this checkout with its defaults):
@@ -12,6 +13,8 @@ the hook records it; fcsp-observer runs from this checkout with its defaults):
             for COMPUTE_S: the share each gets over the last 5 s, the part of the time it
             is frozen and when
   compute40 the same at strict 40 %, where the shimmed tenant reads more than the other
+  forged40  compute40 with a record of the shim forged for the process without it, so
+            that the shimmed tenant is suspected first
   long      ten processes in turn, each one 200 ms kernel then exit, at strict 10 %
   mps       an MPS tenant at 30 % that setenv()s 100 % before CUDA starts, with and
             without the shim: the share the real daemon gives it
@@ -43,7 +46,7 @@ from fcsp_hook.slot import abi, files
 
 WORKER = Path(__file__).resolve().parent / "authority_workers.py"
 GiB = 1 << 30
-SECTIONS = ("contexts", "memory", "compute", "compute40", "long", "mps")
+SECTIONS = ("contexts", "memory", "compute", "compute40", "forged40", "long", "mps")
 
 
 class Tenants:
@@ -195,17 +198,25 @@ def share(counts: list[int], solo: float) -> float:
     return 100 * statistics.mean(counts[-5:]) / solo if counts and solo else float("nan")
 
 
-def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list[Any]]:
+def section_compute(
+    t: Tenants, raw: dict[str, Any], pct: int = 10, forged: bool = False
+) -> list[list[Any]]:
     scene = t.scene
     solo_proc = t.worker(None, None, "matmul", "4")
     lines(solo_proc)
     solo = statistics.median(lines(solo_proc).get("per_second", [0])[1:] or [0])
     strict = abi.IsolationMode.STRICT
-    bypassing, honest_name = f"greedy{pct}", f"honest{pct}"
-    _, greedy_group = t.add(bypassing, pct * 100, mode=strict)
+    case = f"{pct}{'-forged' if forged else ''}"
+    bypassing, honest_name = f"greedy{case}", f"honest{case}"
+    greedy_slot, greedy_group = t.add(bypassing, pct * 100, mode=strict)
     honest_slot, honest_group = t.add(honest_name, pct * 100, mode=strict)
     greedy = t.worker(greedy_group, None, "matmul", str(COMPUTE_S))
     honest = t.worker(honest_group, honest_slot, "matmul", str(COMPUTE_S))
+    if forged:  # its process claimed as the shim's, as the tenant can write
+        record = abi.UsageProc(state=abi.ProcState.LIVE, pid=greedy.pid, heartbeat_ns=1)
+        fd = os.open(greedy_slot / abi.USAGE_FILE, os.O_WRONLY)
+        os.pwrite(fd, bytes(record), abi.Usage.proc.offset)
+        os.close(fd)
     lines(greedy), lines(honest)
     held = {bypassing: 0, honest_name: 0}
     # what the observer saw of each, every 0.2 s: NVML's percent for it, and its hold
@@ -221,7 +232,7 @@ def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list
     g, h = lines(greedy).get("per_second", []), lines(honest).get("per_second", [])
     for name in held:  # gone, as after poststop: no hold of theirs is left on the GPU
         scene.drop_slot(name)
-    raw[f"compute{pct}"] = {
+    raw[f"compute{case}"] = {
         "solo_per_s": solo,
         "greedy": g,
         "honest": h,
@@ -230,7 +241,8 @@ def section_compute(t: Tenants, raw: dict[str, Any], pct: int = 10) -> list[list
     }
     return [
         [
-            f"without the shim, strict {pct} %: share of its solo throughput, last 5 s",
+            f"without the shim{', a record of it forged' if forged else ''}, strict {pct} %: "
+            "share of its solo throughput, last 5 s",
             f"{share(g, solo):.1f} %",
             frozen_note(held[bypassing], seen[bypassing]),
         ],
@@ -348,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                         "memory": section_memory,
                         "compute": section_compute,
                         "compute40": lambda t, raw: section_compute(t, raw, 40),
+                        "forged40": lambda t, raw: section_compute(t, raw, 40, forged=True),
                         "long": section_long,
                     }[name]
                     rows += [[*r, ""][:3] for r in section(t, raw)]
