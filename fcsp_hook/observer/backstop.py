@@ -49,7 +49,7 @@ import os
 import statistics
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fcsp_hook import cgroups
 from fcsp_hook.cgroups import Cgroup, CgroupError
@@ -200,6 +200,9 @@ class Backstop(Duty):
         self.held_on: dict[str, tuple[frozenset[str], int]] = {}
         self.quiet_history: deque[QuietReading] = deque()  # the window's
         self.busy_since_us: dict[str, int] = {}  # per GPU with a hold: its newest busy sample
+        # the window's samples of held tenants' own: when read, tenant, GPU, percent; the
+        # driver keeps none of a process frozen when a sample ends, so they are of it running
+        self.running: deque[tuple[int, str, str, int]] = deque()
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.seen_us: dict[int, int] = {}  # per process: its newest sample read
         self.read_ns = 0  # when NVML was last read
@@ -238,7 +241,7 @@ class Backstop(Duty):
         if now_ns >= self.read_ns + read_ns:
             span_ns = max(min(now_ns - self.read_ns, judge_ns), SAMPLE_US * 1000)
             self.read_ns = now_ns
-            self.record(state, now_ns, self.measure(state), span_ns)
+            self.record(state, now_ns, self.measure(state, now_ns), span_ns)
         if now_ns >= self.judged_ns + judge_ns:
             self.judge(state, now_ns)
         self.actuate(state, now_ns)
@@ -247,9 +250,9 @@ class Backstop(Duty):
     def stop(self, state: HostState) -> None:
         self.release(state)
 
-    def measure(self, state: HostState) -> dict[tuple[str, str], int]:
+    def measure(self, state: HostState, now_ns: int) -> dict[tuple[str, str], int]:
         """Percent of each GPU's time each tenant's processes ran there in the samples since
-        the last read, per (tenant, GPU)."""
+        the last read, per (tenant, GPU); those of held tenants kept apart (running)."""
         used: dict[tuple[str, str], int] = {}
         held = self.held_by_gpu(state)
         for gpu in state.gpus:
@@ -267,6 +270,8 @@ class Backstop(Duty):
                     self.seen_us[pid] = sample.at_us
             for cid, pct in _by_tenant(state, by_pid).items():
                 used[(cid, gpu.uuid)] = pct
+                if cid in held.get(gpu.uuid, {}):
+                    self.running.append((now_ns, cid, gpu.uuid, pct))
             self.charge_held(state, gpu, held.get(gpu.uuid, {}), used)
         return used
 
@@ -369,6 +374,8 @@ class Backstop(Duty):
         self.history.append((now_ns, step_ns, used))
         while self.history[0][0] <= now_ns - window_ns:
             self.history.popleft()
+        while self.running and self.running[0][0] <= now_ns - window_ns:
+            self.running.popleft()
 
     def judge(self, state: HostState, now_ns: int) -> None:
         """Every held-able tenant: its worst device's points above its share over the window
@@ -413,15 +420,31 @@ class Backstop(Duty):
                 # a whole period's readings, all taken under the duty in force
                 since_ns = now_ns - self.hold_period_ns
                 over = [h for h in self.history if h[0] > since_ns]
-                ran = _readings(state, _mean(over, self.hold_period_ns))
-                worst = max(
-                    (r for r in ran if r.cid == cid and r.judged),
-                    key=lambda r: r.used_pct - r.share_pct,
-                )
+                ran = [
+                    self.at_least_as_ran(r, since_ns, hold.duty)
+                    for r in _readings(state, _mean(over, self.hold_period_ns))
+                    if r.cid == cid and r.judged
+                ]
+                worst = max(ran, key=lambda r: r.used_pct - r.share_pct)
                 if worst.gpu in waiting and now_ns - hold.changed_ns < window_ns:
                     continue  # its own samples count next to nothing while it is frozen
                 busy = window.get((cid, worst.gpu), 0.0) >= worst.share_pct / 4
                 self.adjust_hold(state, cid, worst, busy, now_ns)
+
+    def at_least_as_ran(self, r: Reading, since_ns: int, duty: float) -> Reading:
+        """A held tenant's reading, or more if its own samples since say so: the median of
+        them (taken while it ran, the first and last in part) for the part of the time it
+        runs.  Charged the whole GPU's samples less what the others use while it is frozen,
+        it is not charged what it takes from them while it runs (on the simulated GPU, a
+        fifth of a shimmed neighbour's 40 %)."""
+        own = [
+            pct
+            for at, cid, gpu, pct in self.running
+            if at > since_ns and (cid, gpu) == (r.cid, r.gpu)
+        ]
+        if not own:
+            return r
+        return replace(r, used_pct=max(r.used_pct, statistics.median(own) * (1.0 - duty)))
 
     def window_use(
         self, state: HostState, now_ns: int

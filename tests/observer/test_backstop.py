@@ -549,6 +549,20 @@ def test_a_held_tenant_is_charged_by_the_whole_gpus_samples(
     assert scene.tenant("greedy").devices[0].driver_used_pct in range(8, 13)
 
 
+def test_a_held_tenant_is_charged_at_least_what_its_own_samples_say_it_ran() -> None:
+    """Running 0.6 of the time beside a neighbour it takes from, its own samples (of it
+    running: none of a frozen process, the first and last in part) say 70 %: charged 42,
+    not the 36 the whole GPU's less the others' say; samples before the period do not
+    count, and with none the reading stands."""
+    duty = Backstop()
+    duty.running.extend((at * SECOND, "greedy", "GPU-x", pct) for at, pct in
+                        [(1, 99), (11, 30), (12, 70), (13, 70), (14, 70)])  # fmt: skip
+    reading = R("greedy", "GPU-x", 36, 40, True)
+    assert duty.at_least_as_ran(reading, 10 * SECOND, 0.4).used_pct == pytest.approx(42)
+    assert duty.at_least_as_ran(reading, 20 * SECOND, 0.4) == reading
+    assert duty.at_least_as_ran(R("greedy", "GPU-x", 50, 40, True), 10 * SECOND, 0.4).used_pct == 50
+
+
 def test_held_tenants_of_one_gpu_share_its_excess_by_the_time_each_runs(scene: Scene) -> None:
     """The whole GPU at 38 % where the quiet samples gave the others 8 %: 30 points, split
     between a tenant frozen 0.9 and one frozen 0.8 of each period as 1 to 2.  Before the
