@@ -417,19 +417,23 @@ class Backstop(Duty):
                     worst = max(mine, key=lambda r: r.used_pct - r.share_pct)
                     self.start_hold(state, cid, worst, proof.get(cid, 0.0) > margin, now_ns)
             elif now_ns - hold.changed_ns >= self.hold_period_ns:
-                # a whole period's readings, all taken under the duty in force
-                since_ns = now_ns - self.hold_period_ns
-                over = [h for h in self.history if h[0] > since_ns]
-                ran = [
-                    self.at_least_as_ran(r, since_ns, hold.duty)
-                    for r in _readings(state, _mean(over, self.hold_period_ns))
-                    if r.cid == cid and r.judged
-                ]
-                worst = max(ran, key=lambda r: r.used_pct - r.share_pct)
+                worst = self.worst_over_period(state, cid, hold.duty, now_ns)
                 if worst.gpu in waiting and now_ns - hold.changed_ns < window_ns:
                     continue  # its own samples count next to nothing while it is frozen
                 busy = window.get((cid, worst.gpu), 0.0) >= worst.share_pct / 4
                 self.adjust_hold(state, cid, worst, busy, now_ns)
+
+    def worst_over_period(self, state: HostState, cid: str, duty: float, now_ns: int) -> Reading:
+        """A held tenant's worst device over the last period, whose readings were all taken
+        under the duty in force, each at least as it ran."""
+        since_ns = now_ns - self.hold_period_ns
+        over = [h for h in self.history if h[0] > since_ns]
+        ran = [
+            self.at_least_as_ran(r, since_ns, duty)
+            for r in _readings(state, _mean(over, self.hold_period_ns))
+            if r.cid == cid and r.judged
+        ]
+        return max(ran, key=lambda r: r.used_pct - r.share_pct)
 
     def at_least_as_ran(self, r: Reading, since_ns: int, duty: float) -> Reading:
         """A held tenant's reading, or more if its own samples since say so: the median of
