@@ -267,6 +267,15 @@ def test_two_greedy_tenants_on_one_gpu_are_both_frozen(scene: Scene, group: cgro
         assert duty.holds["greedy"].duty > 0.0 and duty.holds["honest"].duty > 0.0
 
 
+def _honest_never_held_beside_greedy_held_at_40(duty: Backstop, scene: Scene) -> None:
+    """30 s of the greedy tenant held, the shimmed one reading 60 % while it runs (waiting
+    on it) and its 40 % while it is frozen: the shimmed one is never held."""
+    for _ in range(30):
+        _read(duty, scene, {"greedy": 30, "honest": 60}, quiet={"honest": 40})
+        assert duty.holds["honest"].duty == 0.0
+    assert duty.holds["greedy"].duty > 0.0
+
+
 def test_a_neighbour_held_first_is_let_go_once_the_greedy_one_is_found(
     scene: Scene, group: cgroups.Cgroup
 ) -> None:
@@ -283,10 +292,7 @@ def test_a_neighbour_held_first_is_let_go_once_the_greedy_one_is_found(
         assert duty.holds["greedy"].duty > 0.0 and duty.holds["greedy"].proven
         assert duty.holds["honest"].duty == 0.0 and scene.tenant("honest").held_pct == 0
         assert scene.events("no longer frozen: a neighbour ran above its share while it was")
-        for _ in range(30):
-            _read(duty, scene, {"greedy": 30, "honest": 60}, quiet={"honest": 40})
-            assert duty.holds["honest"].duty == 0.0
-        assert duty.holds["greedy"].duty > 0.0
+        _honest_never_held_beside_greedy_held_at_40(duty, scene)
 
 
 def test_beside_a_tenant_without_the_shim_a_shimmed_one_is_never_held(
@@ -301,10 +307,7 @@ def test_beside_a_tenant_without_the_shim_a_shimmed_one_is_never_held(
         while "greedy" not in duty.holds or duty.holds["greedy"].duty == 0.0:
             _read(duty, scene, {"greedy": 58, "honest": 79})
             assert duty.holds["honest"].duty == 0.0
-        for _ in range(30):
-            _read(duty, scene, {"greedy": 30, "honest": 60}, quiet={"honest": 40})
-            assert duty.holds["honest"].duty == 0.0
-        assert duty.holds["greedy"].duty > 0.0
+        _honest_never_held_beside_greedy_held_at_40(duty, scene)
 
 
 def test_a_hold_too_short_for_quiet_readings_leaves_the_allowance(
