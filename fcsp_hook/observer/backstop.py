@@ -15,7 +15,7 @@ longer.  A tenant held by its shim is at or below its share and is never held fo
 The driver counts the time a tenant's kernels wait for a neighbour's time slice as the
 tenant's own (bench/results/authority.md: a shimmed tenant at 10 % read 25-61 % next to one
 that bypassed its shim, one at 40 % read 79 %).  So on a GPU where nobody is held, one
-tenant is suspected (furthest_above_share: one with processes that run without the shim,
+tenant is suspected (suspect_per_gpu: one with processes that run without the shim,
 else the one furthest above its share by the latest reading) and judged on its window's
 readings as they are; every other one is first allowed the time the driver counted for its
 neighbours there over the window: what it may have waited on.  The suspect is held first,
@@ -27,11 +27,13 @@ leaves too little frozen time, its neighbours are judged on the allowance as bef
 tenant found above its share on quiet readings is held on proof, and those held on
 suspicion there are let go: its time may be all they read above their shares; the quiet
 readings of them, once it is frozen, hold again those that are not.  The held tenants
-themselves are charged the whole GPU's samples less what the quiet ones give everyone else:
-the driver keeps no per-process sample for a process frozen when the sample ends, so a held
-tenant's own read next to nothing (none at all for one frozen 0.9 of each second, on an
-H100).  A tenant is judged on two readings at least, never on the first alone (a process's
-first reading can come before its neighbours' do).
+themselves are charged the whole GPU's samples less what the quiet ones give everyone else,
+or what their own samples say they ran if more: the driver keeps no per-process sample for
+a process frozen when the sample ends, so a held tenant's own read next to nothing (none at
+all for one frozen 0.9 of each second, on an H100), but running, it can take more from a
+neighbour than the neighbour leaves while it is frozen.  A tenant is judged on two readings
+at least, never on the first alone (a process's first reading can come before its
+neighbours' do).
 
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
@@ -116,7 +118,7 @@ class Reading:
     judged: bool  # limited, so held by time (an unlimited tenant is only a neighbour)
 
 
-def furthest_above_share(
+def suspect_per_gpu(
     readings: list[Reading], unshimmed: frozenset[str] = frozenset()
 ) -> dict[str, str]:
     """Per GPU, the judged tenant to suspect first: of those above their shares in these
@@ -142,9 +144,9 @@ def points_above_share(
     """The points above its share each judged tenant is held to account for, its worst
     GPU's: on a GPU where no tenant is `held`, its suspect's as read; every other one's
     less the time the driver counted for its neighbours there.  suspects: per GPU, whom to
-    suspect (default: furthest_above_share of these readings)."""
+    suspect (default: suspect_per_gpu of these readings)."""
     if suspects is None:
-        suspects = furthest_above_share(readings)
+        suspects = suspect_per_gpu(readings)
     by_gpu: dict[str, list[Reading]] = {}
     for r in readings:
         by_gpu.setdefault(r.gpu, []).append(r)
@@ -400,7 +402,7 @@ class Backstop(Duty):
         use, waiting, quiet = self.window_use(state, now_ns)
         judged = [r for r in _readings(state, use) if r.gpu not in waiting or r.cid in held]
         unshimmed = frozenset(cid for cid, t in state.tenants.items() if t.unshimmed)
-        points = points_above_share(judged, held, furthest_above_share(latest, unshimmed))
+        points = points_above_share(judged, held, suspect_per_gpu(latest, unshimmed))
         proof = points_above_share([r for r in judged if r.gpu in quiet], held)
         margin = state.cfg.observer.backstop_margin_pct
         for cid, tenant in state.tenants.items():

@@ -195,7 +195,7 @@ def test_points_above_share_allow_for_time_waited_on_neighbours(
 def test_a_tenant_with_processes_without_the_shim_is_suspected_first(
     readings: list[backstop.Reading], unshimmed: set[str], suspect: str
 ) -> None:
-    assert backstop.furthest_above_share(readings, frozenset(unshimmed)) == {"g": suspect}
+    assert backstop.suspect_per_gpu(readings, frozenset(unshimmed)) == {"g": suspect}
 
 
 def _two(
