@@ -458,9 +458,9 @@ class Backstop(Duty):
         """Per (tenant, GPU), its readings over the window, NVML's being snapshots: averaged,
         time before a tenant's first one counting as 0.  On a GPU with a tenant held, the
         quiet readings instead (kept over the window or two periods, whichever is longer),
-        once there are two (the GPUs judged so, the third set); and
-        the GPUs whose holds freeze long enough for quiet readings but have not given two
-        yet, on which only the held are judged (the second)."""
+        once there are two (the GPUs judged so, the third set); and the GPUs whose holds
+        freeze long enough for quiet readings but have not given two yet, on which only the
+        held are judged (the second)."""
         window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
         # two periods' readings at least, however long the periods
         kept_ns = max(window_ns, 2 * self.hold_period_ns + PERIOD_NS)
