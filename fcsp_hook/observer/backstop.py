@@ -372,7 +372,7 @@ class Backstop(Duty):
         self, state: HostState, now_ns: int, used: dict[tuple[str, str], int], step_ns: int
     ) -> None:
         """A reading, standing for the step_ns before now_ns; the window's kept."""
-        window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
+        window_ns = _window_ns(state)
         self.history.append((now_ns, step_ns, used))
         while self.history[0][0] <= now_ns - window_ns:
             self.history.popleft()
@@ -396,7 +396,7 @@ class Backstop(Duty):
         self.judged_ns = now_ns
         used = _mean(recent, since_judged_ns)
         latest = _readings(state, used)
-        window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
+        window_ns = _window_ns(state)
         window = _mean(list(self.history), window_ns)
         held = {c for c, h in self.holds.items() if h.duty > 0}
         use, waiting, quiet = self.window_use(state, now_ns)
@@ -461,7 +461,7 @@ class Backstop(Duty):
         once there are two (the GPUs judged so, the third set); and the GPUs whose holds
         freeze long enough for quiet readings but have not given two yet, on which only the
         held are judged (the second)."""
-        window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
+        window_ns = _window_ns(state)
         # two periods' readings at least, however long the periods
         kept_ns = max(window_ns, 2 * self.hold_period_ns + PERIOD_NS)
         while self.quiet_history and self.quiet_history[0].at_ns <= now_ns - kept_ns:
@@ -539,9 +539,8 @@ class Backstop(Duty):
         """Freeze or thaw each held tenant for its part of the period; a period's length is
         set when it starts (hold_period_ns)."""
         if now_ns >= self.hold_period_start_ns + self.hold_period_ns:
-            window_ns = state.cfg.observer.backstop_window_s * 1_000_000_000
             duties = [h.duty for h in self.holds.values() if h.duty > 0]
-            self.hold_period_ns = hold_period_ns(duties, window_ns)
+            self.hold_period_ns = hold_period_ns(duties, _window_ns(state))
             self.hold_period_start_ns = now_ns
         phase = now_ns - self.hold_period_start_ns
         for cid, hold in self.holds.items():
@@ -631,6 +630,10 @@ def _by_tenant(state: HostState, by_pid: dict[int, int]) -> dict[str, int]:
         if owner is not None:
             used[owner[0]] = used.get(owner[0], 0) + pct
     return used
+
+
+def _window_ns(state: HostState) -> int:
+    return state.cfg.observer.backstop_window_s * 1_000_000_000
 
 
 def _cgroup(state: HostState, cid: str) -> Cgroup | None:
