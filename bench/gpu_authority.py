@@ -319,7 +319,7 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
                     [
                         f"MPS strict 30 %, setenv 100 %, {how} the shim",
                         f"{share(counts, solo):.1f} %",
-                        "" if shim else "MPS takes a client's limits from its own environment",
+                        "" if shim else "held by the daemon's setting: the GPU's largest grant",
                     ]
                 )
         finally:

@@ -9,6 +9,7 @@ with the CUDA_MPS_* values it was given); a podman container gets only the contr
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
@@ -24,6 +25,8 @@ from fcsp_hook import config, mps, procfs
 from fcsp_hook.ctl import main as ctl
 from fcsp_hook.ctl import status as ctl_status
 from fcsp_hook.errors import ConfigError
+from fcsp_hook.hook import prestart
+from fcsp_hook.log import HookLogger
 from fcsp_hook.observer import mpsd
 from fcsp_hook.slot import abi, files
 from tests.containers import HookSetup, add_cuda_sim, podman
@@ -426,6 +429,122 @@ def test_without_the_socket_the_process_runs_time_sliced(tmp_path: Path, daemon:
     assert "is not a socket: this process is time-sliced" in result.stderr
 
 
+def _granted(daemon_log: Path) -> list[int]:
+    """The thread percentage each client got, in order: what it asked, or its server's
+    setting if that is lower."""
+    text = (daemon_log / "control.log").read_text()
+    return [int(line.split()[-1]) for line in text.splitlines() if " ACTIVE THREADS " in line]
+
+
+def _tenant_slot(run_dir: Path, cid: str, share_centi: int) -> None:
+    """A strict single-GPU MPS tenant of GPU 1, as the hook writes it."""
+    mode, best = abi.IsolationMode.STRICT, abi.Priority.BEST_EFFORT
+    spec = files.SlotSpec(
+        container_id=cid,
+        isolation_mode=mode,
+        devices=(
+            files.DeviceLimits(
+                uuid=GPU1,
+                sm_requested_centi=share_centi,
+                backend=abi.Backend.MPS,
+                mps_threads_centi=mps.threads_centi(share_centi, mode, best, 0),
+            ),
+        ),
+    )
+    files.write_slot(files.slot_path(run_dir, cid), spec, {})
+
+
+def test_a_client_that_bypasses_the_shim_gets_no_more_than_the_gpus_largest_grant(
+    short_tmp: Path,
+) -> None:
+    """MPS takes a client's thread percentage from its own environment: a process of a
+    strict 30 % tenant that does not load the shim and asks for 100 % got 100 %.  The
+    observer's daemon now lets no client of the GPU have more than the largest grant of its
+    tenants, and lowers that as they go: 70 % beside a 70 % tenant, 30 % once it is gone."""
+    build()
+    run_dir = short_tmp / "run"
+    files.ensure_tenants_dir(run_dir)
+    daemon = mpsd.Daemon(run_dir, GPU1, str(SIM_CONTROL))
+    try:
+        _tenant_slot(run_dir, "small", 3000)
+        _tenant_slot(run_dir, "large", 7000)
+        daemon.ensure(time.monotonic())
+        assert mps.ready(run_dir, GPU1)
+        client = mps.client_dir(run_dir, GPU1)
+        bypass = Env(
+            state=short_tmp / "sim",
+            extra={
+                "CUDA_MPS_PIPE_DIRECTORY": str(client),
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
+            },
+        )
+        log = mps.gpu_dir(run_dir, GPU1) / "log"
+        assert run(bypass, "init", preload=False).field("init") == ["init", "0"]
+        files.remove_slot(run_dir, "large")
+        daemon.ensure(time.monotonic())
+        assert run(bypass, "init", preload=False).field("init") == ["init", "0"]
+        assert _granted(log) == [70, 30]
+        assert mps.recorded_ceiling(run_dir, GPU1) == 30
+    finally:
+        daemon.stop()
+
+
+def test_the_thread_ceiling_waits_for_a_container_start_and_counts_a_joining_tenant(
+    short_tmp: Path,
+) -> None:
+    """While a container start holds the slots lock the observer leaves the ceiling alone
+    (a slot may be half made) and links no socket for clients until it can set it; the
+    hook's arithmetic counts the tenant it is adding."""
+    build()
+    run_dir = short_tmp / "run"
+    files.ensure_tenants_dir(run_dir)
+    _tenant_slot(run_dir, "small", 3000)
+    tenants = files.tenants_dir(run_dir)
+    assert mps.threads_ceiling(tenants, GPU1) == 30
+    assert mps.threads_ceiling(tenants, GPU1, joining_centi=5050) == 51
+    assert mps.threads_ceiling(tenants, GPU0) == 0
+    daemon = mpsd.Daemon(run_dir, GPU1, str(SIM_CONTROL))
+    try:
+        with files.slots_locked(run_dir):
+            daemon.ensure(time.monotonic())
+            assert not mps.ready(run_dir, GPU1)
+        daemon.ensure(time.monotonic())
+        assert mps.ready(run_dir, GPU1)
+        assert mps.recorded_ceiling(run_dir, GPU1) == 30
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize(
+    ("allowed", "joins_mps"),
+    [(0, True), (20, False), (40, True)],
+    ids=["nothing-set-yet", "set-below-its-share", "set-above-its-share"],
+)
+def test_a_daemon_that_refuses_the_ceiling(tmp_path: Path, allowed: int, joins_mps: bool) -> None:
+    """When the daemon will not take the ceiling, a strict 30 % tenant stays on MPS unless
+    what the daemon allows now is below its share: then its clients would get less than it
+    was granted, and it is time-sliced (its share held by the launch limiter) instead."""
+    run_dir = tmp_path / "run"
+    cfg = config.from_mapping(
+        {"paths": {"run_dir": str(run_dir)}, "backend": {"mps_control": "/bin/false"}}
+    )
+    mps.gpu_dir(run_dir, GPU1).mkdir(parents=True)
+    if allowed:
+        (mps.gpu_dir(run_dir, GPU1) / mps.THREADS_FILE).write_text(str(allowed))
+    spec = files.SlotSpec(
+        container_id="new",
+        isolation_mode=abi.IsolationMode.STRICT,
+        devices=(
+            files.DeviceLimits(
+                uuid=GPU1, sm_requested_centi=3000, backend=abi.Backend.MPS, mps_threads_centi=3000
+            ),
+        ),
+    )
+    log = HookLogger(tmp_path / "hook.log", stderr=io.StringIO())
+    assert prestart.hold_mps_threads(cfg, GPU1, spec, log) is joins_mps
+    assert "MPS daemon refused the thread ceiling" in (tmp_path / "hook.log").read_text()
+
+
 # ---- a container ---------------------------------------------------------------------------
 
 
@@ -632,7 +751,8 @@ def mps_hook(short_tmp: Path, hook_python: Path) -> Iterator[HookSetup]:
         yield HookSetup.create(
             short_tmp / "fcsp",
             hook_python,
-            paths=f'driver_dir = "{driver}"\n[backend]\ngpus = {{ "1" = "mps" }}\n',
+            paths=f'driver_dir = "{driver}"\n[backend]\ngpus = {{ "1" = "mps" }}\n'
+            f'mps_control = "{SIM_CONTROL}"\n',
         )
     finally:
         daemon.stop()
@@ -652,6 +772,35 @@ def test_an_mps_tenants_slot_is_removed_when_it_stops(mps_hook: HookSetup, rootf
     assert done.stdout == "control\n"
     assert mps_hook.slots() == []
     assert "could not be removed" not in mps_hook.log_file.read_text()
+
+
+def test_the_hook_sets_the_thread_ceiling_before_the_container_runs(
+    mps_hook: HookSetup, rootfs: Path
+) -> None:
+    """A strict 30 % container on the MPS GPU: by the time its first process runs, the
+    daemon lets no client have more than 30 % of the SMs, so one that bypasses the shim
+    and asks for 100 % gets 30 %."""
+    done = podman(
+        mps_hook,
+        rootfs,
+        ["/bin/sh", "-c", "true"],
+        {"fcsp.sm": "30", "fcsp.mode": "strict"},
+        {"NVIDIA_VISIBLE_DEVICES": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    log = mps.gpu_dir(mps_hook.run_dir, GPU1) / "log"
+    assert (
+        "set_default_active_thread_percentage 30 (privileged)" in (log / "control.log").read_text()
+    )
+    bypass = Env(
+        state=mps_hook.run_dir.parent / "sim",
+        extra={
+            "CUDA_MPS_PIPE_DIRECTORY": str(mps.client_dir(mps_hook.run_dir, GPU1)),
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100",
+        },
+    )
+    assert run(bypass, "init", preload=False).field("init") == ["init", "0"]
+    assert _granted(log) == [30]
 
 
 def test_a_refused_mps_container_says_why_in_one_line(mps_hook: HookSetup, rootfs: Path) -> None:

@@ -498,8 +498,13 @@ class Scene:
             time.sleep(0.02)
 
     def link_mps(self, slot: Path, uuid: str) -> None:
-        """What the hook mounts into a container, as a link for a bare process."""
+        """What the hook mounts into a container, as a link for a bare process, and the
+        thread ceiling it sets for the GPU's clients before the tenant runs."""
         (slot / abi.MPS_DIR).symlink_to(mps.client_dir(self.run_dir, uuid))
+        with files.slots_locked(self.run_dir):
+            ceiling = mps.threads_ceiling(files.tenants_dir(self.run_dir), uuid)
+            if ceiling != mps.recorded_ceiling(self.run_dir, uuid):
+                mps.set_ceiling(self.run_dir, uuid, self.mps_control, ceiling)
 
     def mps_state(self, uuid: str) -> dict[str, object]:
         """The observer's account of its daemon: pid, restarts, faults, the last error."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fcsp_hook import annotations as fcsp_annotations
@@ -165,6 +165,38 @@ def plan_setup(state: oci.State, cfg: config.Config, log: HookLogger) -> Setup |
     )
 
 
+def hold_mps_threads(cfg: config.Config, uuid: str, spec: files.SlotSpec, log: HookLogger) -> bool:
+    """Under the slots lock, before any of the tenant's code runs: let the GPU's MPS daemon
+    give each client at most the largest grant of the GPU's tenants, this one's included
+    (mps.py says why).  False when this tenant's grant is above what the daemon allows now
+    and the daemon would not take more: it would get less than its share under MPS."""
+    dev = spec.devices[0]
+    mine = mps.client_threads_centi(
+        spec.isolation_mode, spec.priority, dev.sm_requested_centi, dev.mps_threads_centi
+    )
+    run_dir = cfg.paths.run_dir
+    want = mps.threads_ceiling(files.tenants_dir(run_dir), uuid, mine)
+    now = mps.recorded_ceiling(run_dir, uuid)
+    if want == now:
+        return True
+    try:
+        mps.set_ceiling(run_dir, uuid, cfg.backend.mps_control, want)
+    except (mps.MpsError, OSError) as exc:
+        below = bool(now) and now * abi.CENTI_PER_PERCENT < mine
+        log.warning(
+            "MPS daemon refused the thread ceiling: "
+            + (
+                "this container is time-sliced"
+                if below
+                else "a client that bypasses the shim sets its own"
+            ),
+            gpu=uuid,
+            error=str(exc),
+        )
+        return not below
+    return True
+
+
 def check_spill_fits_host(
     request: fcsp_annotations.TenantRequest,
     found: Sequence[gpus.Gpu],
@@ -247,6 +279,9 @@ def prestart(state: oci.State, cfg: config.Config, log: HookLogger) -> None:
                 setup.gpus,
                 log=log,
             )
+            if setup.mps_gpu and not hold_mps_threads(cfg, setup.mps_gpu, spec, log):
+                setup = replace(setup, backends=(abi.Backend.TIMESLICE,))
+                spec, mps_client = slot_spec(state.id, setup, init[1] if init else 0), None
             files.write_slot(
                 slot_dir,
                 spec,

@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcsp_hook import procfs
+from fcsp_hook import mps, procfs
+from fcsp_hook.errors import SlotError
 from fcsp_hook.mps import CONTROL, STATE_FILE, fault_pids, gpu_dir
+from fcsp_hook.slot import files
 
 PID_FILE = "nvidia-cuda-mps-control.pid"
 SERVER_LOG = "server.log"
@@ -75,6 +77,8 @@ class Daemon:
     state: DaemonState = field(init=False)
     log_offsets: dict[Path, int] = field(default_factory=dict)
     next_try: float = 0.0
+    ceiling_retry: float = 0.0  # after the daemon refused a thread ceiling
+    linked: bool = False  # its control socket is in the client directory
 
     def __post_init__(self) -> None:
         self.state = DaemonState(self.uuid)
@@ -86,12 +90,7 @@ class Daemon:
         return gpu_dir(self.run_dir, self.uuid)
 
     def _env(self) -> dict[str, str]:
-        return {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            "CUDA_MPS_PIPE_DIRECTORY": str(self.root / "pipe"),
-            "CUDA_MPS_LOG_DIRECTORY": str(self.root / "log"),
-            "CUDA_VISIBLE_DEVICES": self.uuid,
-        }
+        return mps.control_env(self.run_dir, self.uuid)
 
     def _pid_from_file(self) -> int:
         try:
@@ -100,10 +99,17 @@ class Daemon:
             return 0
 
     def ensure(self, now: float) -> None:
-        """Called every few ticks: keep a daemon running, or report why there is none."""
+        """Called every few ticks: keep a daemon running, or report why there is none.  Its
+        clients get the socket once their thread ceiling is in force (hold_threads)."""
         if self.state.pid and is_mps_process(self.state.pid):
             self._read_log()
-            return
+        else:
+            self._restart(now)
+        if self.state.pid and self.hold_threads(now) and not self.linked:
+            self._link_client()
+            self.write_state()
+
+    def _restart(self, now: float) -> None:
         if self.state.pid:
             self.log.error("MPS daemon died; restarting", gpu=self.uuid, pid=self.state.pid)
             self.state.pid = 0
@@ -112,15 +118,41 @@ class Daemon:
         if now < self.next_try:
             return
         adopted = self._pid_from_file()
-        if is_mps_process(adopted):
+        if is_mps_process(adopted):  # it keeps its settings
             self.state.pid = adopted
             self._skip_old_log()
             self.log.info("MPS daemon adopted", gpu=self.uuid, pid=adopted)
         else:
+            mps.forget_ceiling(self.run_dir, self.uuid)
             self._start(now)
-        if self.state.pid:
-            self._link_client()
         self.write_state()
+
+    def hold_threads(self, now: float) -> bool:
+        """Set what the daemon lets every client of the GPU use to the most its tenants'
+        slots grant, if that changed: the hook raises it as a tenant comes, this lowers it
+        as they go.  Whether it is in force: not while a container start holds the slots
+        lock (the next check does it); when the daemon refuses, it says so and lets
+        clients in regardless, every RETRY_AFTER_S."""
+        if now < self.ceiling_retry:
+            return True
+        try:
+            with files.slots_locked(self.run_dir, timeout_s=0):
+                want = mps.threads_ceiling(files.tenants_dir(self.run_dir), self.uuid)
+                if want and want != mps.recorded_ceiling(self.run_dir, self.uuid):
+                    mps.set_ceiling(self.run_dir, self.uuid, self.program, want)
+                    self.log.info("MPS clients held to the GPU's largest grant", gpu=self.uuid,
+                                  threads_pct=want)  # fmt: skip
+        except SlotError:
+            return False
+        except (mps.MpsError, OSError) as exc:
+            self.ceiling_retry = now + RETRY_AFTER_S
+            self.log.error(
+                "MPS daemon refused the thread ceiling: a client that bypasses the shim "
+                "sets its own",
+                gpu=self.uuid,
+                error=str(exc),
+            )
+        return True
 
     def _start(self, now: float) -> None:
         program = shutil.which(self.program, path=self._env()["PATH"]) or ""
@@ -185,11 +217,13 @@ class Daemon:
         os.link(self.root / "pipe" / CONTROL, tmp)
         os.replace(tmp, client / CONTROL)
         self.state.backend, self.state.error = "mps", ""
+        self.linked = True
 
     def _unlink_client(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / "client" / CONTROL).unlink()
         self.state.backend = "timeslice"
+        self.linked = False
 
     def _server_logs(self) -> list[Path]:
         # log/server.log, or log/<server>/server.log where the daemon names its servers

@@ -11,12 +11,17 @@
  *   (no argument) the command-line client: sends each stdin line to the
  *        daemon, through control_privileged when the caller may open it.
  *
- * Commands: get_server_list (anyone); quit and set_* (control_privileged only;
- * through `control` the real daemon answers "Not enough privilege").  The
- * simulated libcuda announces itself at cuInit with "client <pid> <threads>
- * <pinned>", logged as "NEW CLIENT": that is how tests see which processes
- * became MPS clients and with which limits.  Faults are not modelled: tests
- * append the real server's fault line to server.log.
+ * Commands: get_server_list and get_default_active_thread_percentage (anyone);
+ * quit and set_* (control_privileged only; through `control` the real daemon
+ * answers "Not enough privilege").  The simulated libcuda announces itself at
+ * cuInit with "client <pid> <threads> <pinned>", logged as "NEW CLIENT": that
+ * is how tests see which processes became MPS clients and with which limits.
+ * One server, listed under the daemon's own pid, starts with the first client
+ * and takes the default thread percentage then; set_active_thread_percentage
+ * changes it for the clients after.  A client gets the lower of what it asks
+ * and its server's, as the real one does, logged as "CLIENT <pid> ACTIVE
+ * THREADS <n>".  Faults are not modelled: tests append the real server's fault
+ * line to server.log.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -33,6 +38,7 @@
 #include <unistd.h>
 
 static char pipe_dir[512], log_dir[512];
+static int default_threads = 100, server_threads = 100, server_up;
 
 static void path_in(char *out, size_t size, const char *dir, const char *name)
 {
@@ -100,14 +106,31 @@ static int serve(int fd, int privileged)
     line[strcspn(line, "\r\n")] = '\0';
     char reply[300];
     int quit = 0;
+    int pid = 0, pct = 0;
     if (strcmp(line, "get_server_list") == 0) {
-        snprintf(reply, sizeof(reply), "%d\n", (int)getpid());
+        snprintf(reply, sizeof(reply), server_up ? "%d\n" : "\n", (int)getpid());
+    } else if (strcmp(line, "get_default_active_thread_percentage") == 0) {
+        snprintf(reply, sizeof(reply), "%d.0\n", default_threads);
     } else if (strncmp(line, "client ", 7) == 0) {
+        if (!server_up)
+            server_up = 1, server_threads = default_threads;
+        const char *asked = strstr(line, "threads=");
+        int want = asked && sscanf(asked, "threads=%d", &pct) == 1 ? pct : 100;
+        sscanf(line, "client %d", &pid);
         logf_("control.log", "NEW CLIENT %s", line + 7);
+        logf_("control.log", "CLIENT %d ACTIVE THREADS %d", pid,
+              want < server_threads ? want : server_threads);
         snprintf(reply, sizeof(reply), "ok\n");
     } else if (strcmp(line, "quit") == 0 || strncmp(line, "set_", 4) == 0) {
         if (!privileged) {
             snprintf(reply, sizeof(reply), "Not enough privilege to execute %s command\n", line);
+        } else if (sscanf(line, "set_default_active_thread_percentage %d", &pct) == 1) {
+            default_threads = pct;
+            snprintf(reply, sizeof(reply), "\n");
+        } else if (sscanf(line, "set_active_thread_percentage %d %d", &pid, &pct) == 2) {
+            if (server_up && pid == (int)getpid())
+                server_threads = pct;
+            snprintf(reply, sizeof(reply), server_threads == pct ? "\n" : "No server %d\n", pid);
         } else {
             snprintf(reply, sizeof(reply), "\n");
             quit = strcmp(line, "quit") == 0;
