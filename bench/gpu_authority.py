@@ -198,13 +198,18 @@ def share(counts: list[int], solo: float) -> float:
     return 100 * statistics.mean(counts[-5:]) / solo if counts and solo else float("nan")
 
 
+def solo_rate(t: Tenants) -> float:
+    """Matmuls a second of one process alone on the GPU, without the shim."""
+    solo_proc = t.worker(None, None, "matmul", "4")
+    lines(solo_proc)
+    return float(statistics.median(lines(solo_proc).get("per_second", [0])[1:] or [0]))
+
+
 def section_compute(
     t: Tenants, raw: dict[str, Any], pct: int = 10, forged: bool = False
 ) -> list[list[Any]]:
     scene = t.scene
-    solo_proc = t.worker(None, None, "matmul", "4")
-    lines(solo_proc)
-    solo = statistics.median(lines(solo_proc).get("per_second", [0])[1:] or [0])
+    solo = solo_rate(t)
     strict = abi.IsolationMode.STRICT
     case = f"{pct}{'-forged' if forged else ''}"
     bypassing, honest_name = f"greedy{case}", f"honest{case}"
@@ -291,6 +296,7 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
         scene.wait_mps(gpu)
         t = Tenants(scene)
         try:
+            solo = solo or solo_rate(t)  # before any MPS client: it runs outside MPS
             for shim in (True, False):
                 name = f"mps-{'shim' if shim else 'bare'}"
                 threads = scene.mps_threads(
