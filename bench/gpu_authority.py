@@ -17,7 +17,8 @@ the hook records it; fcsp-observer runs from this checkout with its defaults):
             that the shimmed tenant is suspected first
   long      ten processes in turn, each one 200 ms kernel then exit, at strict 10 %
   mps       an MPS tenant at 30 % that setenv()s 100 % before CUDA starts, with and
-            without the shim: the share the real daemon gives it
+            without the shim: the share the real daemon gives it; then two clients at
+            once: whom NVML's per-process utilisation names
 Writes $OUT/authority.md and $OUT/authority-raw.json.
 """
 
@@ -287,10 +288,43 @@ def section_long(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
     ]
 
 
+def mps_attribution(
+    t: Tenants, nv: nvml.Nvml, gpu: nvml.GpuInfo, clients: dict[str, Path]
+) -> list[Any]:
+    """Whom NVML's per-process utilisation names while two MPS clients are busy at once
+    (what a host-side check of MPS tenants' time would have to go by)."""
+    procs = [
+        t.worker(None, None, "mps-env", "100", "6", CUDA_MPS_PIPE_DIRECTORY=str(slot / abi.MPS_DIR))
+        for slot in clients.values()
+    ]
+    for proc in procs:
+        lines(proc)
+    named: dict[int, int] = {}
+    _, since = nv.utilisation(gpu)  # from now: the driver keeps samples of exited processes
+    end = time.monotonic() + 4
+    while time.monotonic() < end:
+        time.sleep(0.25)
+        samples, since = nv.utilisation(gpu, since)
+        for pid, sample in samples.items():
+            named[pid] = max(named.get(pid, 0), sample.pct)
+    for proc in procs:
+        lines(proc)
+    mine = {proc.pid for proc in procs}
+    others = {pid: pct for pid, pct in named.items() if pid not in mine}
+    return [
+        "NVML per-process utilisation, two MPS clients busy at once: clients named",
+        f"{len(mine & set(named))} of 2",
+        f"{len(others)} other process(es) named, at up to {max(others.values(), default=0)} %",
+    ]
+
+
 def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
     control = "/usr/local/nvidia/bin/nvidia-cuda-mps-control"
-    gpu = nvml.Nvml().inventory()[0].uuid
+    nv = nvml.Nvml()
+    gpu_info = nv.inventory()[0]
+    gpu = gpu_info.uuid
     rows = []
+    slots: dict[str, Path] = {}
     with Scene(Path(tempfile.mkdtemp(prefix="fa-", dir="/tmp")), name="mps") as scene:
         scene.start_observer(mps_gpus=[gpu], mps_control=control)
         scene.wait_mps(gpu)
@@ -315,6 +349,7 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
                     mode=abi.IsolationMode.STRICT,
                 )
                 scene.link_mps(slot, gpu)
+                slots[name] = slot
                 env = {} if shim else {"CUDA_MPS_PIPE_DIRECTORY": str(slot / abi.MPS_DIR)}
                 proc = t.worker(None, slot if shim else None, "mps-env", "100", "8", **env)
                 lines(proc)
@@ -328,6 +363,7 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
                         "" if shim else "held by the daemon's setting: the GPU's largest grant",
                     ]
                 )
+            rows.append(mps_attribution(t, nv, gpu_info, slots))
         finally:
             t.close()
     return rows
