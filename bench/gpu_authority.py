@@ -363,7 +363,10 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
                         "" if shim else "held by the daemon's setting: the GPU's largest grant",
                     ]
                 )
-            rows.append(mps_attribution(t, nv, gpu_info, slots))
+            try:  # failing, it leaves the rows above
+                rows.append(mps_attribution(t, nv, gpu_info, slots))
+            except Exception as exc:
+                rows.append(["mps attribution", f"failed: {type(exc).__name__}: {exc}"[:200], ""])
         finally:
             t.close()
     return rows
