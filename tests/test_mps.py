@@ -191,6 +191,23 @@ def test_a_client_fault_marks_the_gpus_tenants_and_restarts_the_daemon(
     assert "[ok] MPS      a daemon serves each of 1 MPS GPUs" in capsys.readouterr().out
 
 
+def test_status_shows_what_the_daemon_allows_any_client(
+    mps_host: Host, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The observer sets the ceiling for a strict 30 % tenant already there when it starts
+    the daemon, publishes it, and fcspctl status says it."""
+    files.ensure_tenants_dir(mps_host.run_dir)
+    _tenant_slot(mps_host.run_dir, "small", 3000)
+    mps_host.start()
+    wait_for("the ceiling", lambda: _backends(mps_host).get(GPU1, {}).get("threads_pct") == 30)
+    assert mps.ready(mps_host.run_dir, GPU1)
+    assert ctl.main(["--config", str(mps_host.config), "status"]) == 0
+    pid = _daemon_pid(mps_host, GPU1)
+    assert f"{GPU1}: mps, daemon pid {pid}, any client at most 30 % of the SMs" in (
+        capsys.readouterr().out
+    )
+
+
 def test_a_daemon_that_cannot_start_falls_back_to_timeslice_loudly(
     mps_host: Host, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

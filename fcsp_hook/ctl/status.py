@@ -251,7 +251,9 @@ def backend_lines(state: ObserverView) -> list[str]:
             continue
         counts = f"restarts {_int(info.get('restarts'))}, faults {_int(info.get('faults'))}"
         if info.get("backend") == "mps":
-            lines.append(f"{gpu}: mps, daemon pid {_int(info.get('pid'))}, {counts}")
+            threads = _int(info.get("threads_pct"))
+            most = f"any client at most {threads} % of the SMs, " if 0 < threads < 100 else ""
+            lines.append(f"{gpu}: mps, daemon pid {_int(info.get('pid'))}, {most}{counts}")
         else:
             error = str(info.get("error", ""))[:200]
             lines.append(f"{gpu}: mps FAILED, tenants time-sliced: {error} ({counts})")

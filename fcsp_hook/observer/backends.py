@@ -45,12 +45,12 @@ class Backends(Duty):
             if daemon is None:
                 daemon = mpsd.Daemon(state.run_dir, uuid, backend.mps_control, state.log)
                 self.daemons[uuid] = daemon
-            before = (daemon.state.backend, daemon.state.faults)
+            before = (daemon.state.backend, daemon.state.faults, daemon.state.threads_pct)
             daemon.ensure(now)
             state.backends[uuid] = daemon.state  # a (re)started daemon has a new record
             if daemon.state.faults != before[1]:
                 charge_fault(state, uuid)
-            if (daemon.state.backend, daemon.state.faults) != before:
+            if (daemon.state.backend, daemon.state.faults, daemon.state.threads_pct) != before:
                 state.dirty = True
 
 

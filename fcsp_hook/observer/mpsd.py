@@ -48,6 +48,7 @@ class DaemonState:
     faults: int = 0
     last_fault: float = 0.0
     error: str = ""
+    threads_pct: int = 0  # the most it lets any client have; 0: its default, all of it
 
 
 class _Silent:
@@ -120,6 +121,7 @@ class Daemon:
         adopted = self._pid_from_file()
         if is_mps_process(adopted):  # it keeps its settings
             self.state.pid = adopted
+            self.state.threads_pct = mps.recorded_ceiling(self.run_dir, self.uuid)
             self._skip_old_log()
             self.log.info("MPS daemon adopted", gpu=self.uuid, pid=adopted)
         else:
@@ -140,6 +142,8 @@ class Daemon:
                 want = mps.threads_ceiling(files.tenants_dir(self.run_dir), self.uuid)
                 if want and want != mps.recorded_ceiling(self.run_dir, self.uuid):
                     mps.set_ceiling(self.run_dir, self.uuid, self.program, want)
+                    self.state.threads_pct = want
+                    self.write_state()
                     self.log.info("MPS clients held to the GPU's largest grant", gpu=self.uuid,
                                   threads_pct=want)  # fmt: skip
         except SlotError:
