@@ -195,7 +195,8 @@ def test_status_shows_what_the_daemon_allows_any_client(
     mps_host: Host, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The observer sets the ceiling for a strict 30 % tenant already there when it starts
-    the daemon, publishes it, and fcspctl status says it."""
+    the daemon, publishes it, and fcspctl status says it; and it publishes the one the hook
+    sets as a larger tenant starts."""
     files.ensure_tenants_dir(mps_host.run_dir)
     _tenant_slot(mps_host.run_dir, "small", 3000)
     mps_host.start()
@@ -206,6 +207,10 @@ def test_status_shows_what_the_daemon_allows_any_client(
     assert f"{GPU1}: mps, daemon pid {pid}, any client at most 30 % of the SMs" in (
         capsys.readouterr().out
     )
+    with files.slots_locked(mps_host.run_dir):  # what the hook does as a tenant starts
+        _tenant_slot(mps_host.run_dir, "large", 7000)
+        mps.set_ceiling(mps_host.run_dir, GPU1, str(SIM_CONTROL), 70)
+    wait_for("the hook's ceiling", lambda: _backends(mps_host)[GPU1].get("threads_pct") == 70)
 
 
 def test_a_daemon_that_cannot_start_falls_back_to_timeslice_loudly(

@@ -79,7 +79,6 @@ class Daemon:
     log_offsets: dict[Path, int] = field(default_factory=dict)
     next_try: float = 0.0
     ceiling_retry: float = 0.0  # after the daemon refused a thread ceiling
-    linked: bool = False  # its control socket is in the client directory
 
     def __post_init__(self) -> None:
         self.state = DaemonState(self.uuid)
@@ -106,7 +105,8 @@ class Daemon:
             self._read_log()
         else:
             self._restart(now)
-        if self.state.pid and self.hold_threads(now) and not self.linked:
+        # backend "mps" once the control socket is in the client directory for tenants
+        if self.state.pid and self.hold_threads(now) and self.state.backend != "mps":
             self._link_client()
             self.write_state()
 
@@ -121,7 +121,6 @@ class Daemon:
         adopted = self._pid_from_file()
         if is_mps_process(adopted):  # it keeps its settings
             self.state.pid = adopted
-            self.state.threads_pct = mps.recorded_ceiling(self.run_dir, self.uuid)
             self._skip_old_log()
             self.log.info("MPS daemon adopted", gpu=self.uuid, pid=adopted)
         else:
@@ -142,10 +141,13 @@ class Daemon:
                 want = mps.threads_ceiling(files.tenants_dir(self.run_dir), self.uuid)
                 if want and want != mps.recorded_ceiling(self.run_dir, self.uuid):
                     mps.set_ceiling(self.run_dir, self.uuid, self.program, want)
-                    self.state.threads_pct = want
-                    self.write_state()
                     self.log.info("MPS clients held to the GPU's largest grant", gpu=self.uuid,
                                   threads_pct=want)  # fmt: skip
+                # the record is the hook's as much as ours: what is in force, whoever set it
+                threads = mps.recorded_ceiling(self.run_dir, self.uuid)
+                if threads != self.state.threads_pct:
+                    self.state.threads_pct = threads
+                    self.write_state()
         except SlotError:
             return False
         except (mps.MpsError, OSError) as exc:
@@ -193,7 +195,6 @@ class Daemon:
             if (self.root / "pipe" / CONTROL).is_socket() and is_mps_process(pid):
                 self.state = DaemonState(
                     self.uuid,
-                    backend="mps",
                     pid=pid,
                     started=time.time(),
                     restarts=self.state.restarts,
@@ -221,13 +222,11 @@ class Daemon:
         os.link(self.root / "pipe" / CONTROL, tmp)
         os.replace(tmp, client / CONTROL)
         self.state.backend, self.state.error = "mps", ""
-        self.linked = True
 
     def _unlink_client(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.root / "client" / CONTROL).unlink()
         self.state.backend = "timeslice"
-        self.linked = False
 
     def _server_logs(self) -> list[Path]:
         # log/server.log, or log/<server>/server.log where the daemon names its servers
