@@ -215,14 +215,15 @@ def set_ceiling(run_dir: Path, uuid: str, program: str, percent: int) -> None:
     _control(program, env, f"set_default_active_thread_percentage {percent}")
     now = _control(program, env, "get_default_active_thread_percentage").split()
     try:
-        taken = now and math.isclose(float(now[-1]), percent)
-    except ValueError:
+        taken = math.isclose(float(now[-1]), percent)
+    except (IndexError, ValueError):
         taken = False
     if not taken:
         raise MpsError(f"the daemon kept thread percentage {' '.join(now)!r}, not {percent}")
     servers = [w for w in _control(program, env, "get_server_list").split() if w.isdigit()]
-    for server in servers:
-        _control(program, env, f"set_active_thread_percentage {server} {percent}")
+    if servers:  # one command a line, in one run
+        sets = (f"set_active_thread_percentage {server} {percent}" for server in servers)
+        _control(program, env, "\n".join(sets))
     path = gpu_dir(run_dir, uuid) / THREADS_FILE
     tmp = path.with_name(f".{THREADS_FILE}.tmp")
     tmp.write_text(str(percent))
