@@ -230,6 +230,17 @@ def set_ceiling(run_dir: Path, uuid: str, program: str, percent: int) -> None:
     os.replace(tmp, path)
 
 
+def hold_ceiling(run_dir: Path, uuid: str, program: str, joining_centi: int = 0) -> int:
+    """Under the slots lock: the GPU's ceiling to threads_ceiling (a joining tenant's grant
+    included) where the record says otherwise.  The percent it set; 0: none to set.
+    MpsError as set_ceiling."""
+    want = threads_ceiling(files.tenants_dir(run_dir), uuid, joining_centi)
+    if not want or want == recorded_ceiling(run_dir, uuid):
+        return 0
+    set_ceiling(run_dir, uuid, program, want)
+    return want
+
+
 def fault_pids(log_chunk: bytes) -> list[int]:
     """Clients whose fatal GPU error the server reports in this piece of server.log."""
     return [int(m.group(1)) for m in _FAULT.finditer(log_chunk)]

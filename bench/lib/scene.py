@@ -502,9 +502,7 @@ class Scene:
         thread ceiling it sets for the GPU's clients before the tenant runs."""
         (slot / abi.MPS_DIR).symlink_to(mps.client_dir(self.run_dir, uuid))
         with files.slots_locked(self.run_dir):
-            ceiling = mps.threads_ceiling(files.tenants_dir(self.run_dir), uuid)
-            if ceiling != mps.recorded_ceiling(self.run_dir, uuid):
-                mps.set_ceiling(self.run_dir, uuid, self.mps_control, ceiling)
+            mps.hold_ceiling(self.run_dir, uuid, self.mps_control)
 
     def mps_state(self, uuid: str) -> dict[str, object]:
         """The observer's account of its daemon: pid, restarts, faults, the last error."""

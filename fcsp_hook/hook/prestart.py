@@ -174,25 +174,13 @@ def hold_mps_threads(cfg: config.Config, uuid: str, spec: files.SlotSpec, log: H
     mine = mps.client_threads_centi(
         spec.isolation_mode, spec.priority, dev.sm_requested_centi, dev.mps_threads_centi
     )
-    run_dir = cfg.paths.run_dir
-    want = mps.threads_ceiling(files.tenants_dir(run_dir), uuid, mine)
-    now = mps.recorded_ceiling(run_dir, uuid)
-    if want == now:
-        return True
+    was = mps.recorded_ceiling(cfg.paths.run_dir, uuid)
     try:
-        mps.set_ceiling(run_dir, uuid, cfg.backend.mps_control, want)
+        mps.hold_ceiling(cfg.paths.run_dir, uuid, cfg.backend.mps_control, mine)
     except (mps.MpsError, OSError) as exc:
-        below = bool(now) and now * abi.CENTI_PER_PERCENT < mine
-        log.warning(
-            "MPS daemon refused the thread ceiling: "
-            + (
-                "this container is time-sliced"
-                if below
-                else "a client that bypasses the shim sets its own"
-            ),
-            gpu=uuid,
-            error=str(exc),
-        )
+        below = bool(was) and was * abi.CENTI_PER_PERCENT < mine
+        then = "this container is time-sliced" if below else "a shimless client sets its own"
+        log.warning(f"MPS daemon refused the thread ceiling: {then}", gpu=uuid, error=str(exc))
         return not below
     return True
 

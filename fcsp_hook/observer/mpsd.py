@@ -138,11 +138,9 @@ class Daemon:
             return True
         try:
             with files.slots_locked(self.run_dir, timeout_s=0):
-                want = mps.threads_ceiling(files.tenants_dir(self.run_dir), self.uuid)
-                if want and want != mps.recorded_ceiling(self.run_dir, self.uuid):
-                    mps.set_ceiling(self.run_dir, self.uuid, self.program, want)
+                if set_pct := mps.hold_ceiling(self.run_dir, self.uuid, self.program):
                     self.log.info("MPS clients held to the GPU's largest grant", gpu=self.uuid,
-                                  threads_pct=want)  # fmt: skip
+                                  threads_pct=set_pct)  # fmt: skip
                 # the record is the hook's as much as ours: what is in force, whoever set it
                 threads = mps.recorded_ceiling(self.run_dir, self.uuid)
                 if threads != self.state.threads_pct:
