@@ -530,7 +530,8 @@ def test_a_held_tenant_is_charged_by_the_whole_gpus_samples(
     samples count it (50 % in the sample over its 100 ms, with the honest tenant's 8 %):
     charged those less what the quiet samples give the others, it reads its share and
     stays held at 0.9 for a minute, never less than all but the time it takes to use its
-    share of the 92 % the honest one leaves; the honest one is never frozen."""
+    share of the 90 % the honest one leaves (read at 8 % of its 10 %, it counts at its
+    share); the honest one is never frozen."""
     period_us = backstop.PERIOD_NS // 1000
 
     def runs(end_us: int) -> int:  # percent of the sample the greedy tenant ran: [0.9, 1) P
@@ -548,8 +549,30 @@ def test_a_held_tenant_is_charged_by_the_whole_gpus_samples(
     driver = DriverSamples(scene, pct, lambda end: runs(end) + 8)
     for tick in _held_beside_honest(duty, scene, group, driver, seconds=60):
         if tick * 50 * MS > 10 * backstop.PERIOD_NS:
-            assert 1 - 10 / 92 - 1e-9 <= duty.holds["greedy"].duty <= 0.91
+            assert 1 - 10 / 90 - 1e-9 <= duty.holds["greedy"].duty <= 0.91
     assert scene.tenant("greedy").devices[0].driver_used_pct in range(8, 13)
+
+
+def test_a_neighbour_at_its_share_counts_at_it_in_what_the_held_one_is_left(
+    scene: Scene, group: cgroups.Cgroup
+) -> None:
+    """Held beside a shimmed tenant at 40 % that the driver reads at 35 % while the greedy
+    one is frozen (as an H100 read one that ran 42 % of its solo throughput): the greedy one
+    is left 60 %, not 65, so it is frozen at most a third of each period for its 40 %.  A
+    neighbour read at half its share counts as read."""
+    duty = Backstop()
+    for _ in _two(scene, group, greedy_sm=4000, honest_sm=4000):
+        held = {"greedy"}
+        for quiet in ({"honest": 35}, {"honest": 36}):
+            duty.record_quiet(_quiet(scene, held, quiet, 35.5))
+        assert duty.others_use(scene.state, "GPU-x", held) == pytest.approx(40)
+        duty.holds["greedy"] = backstop.Hold(readings=5, duty=0.3)
+        reading = R("greedy", "GPU-x", 40, 40, True)
+        duty.adjust_hold(scene.state, "greedy", reading, True, scene.now_ns)
+        assert duty.holds["greedy"].duty == pytest.approx(1 - 40 / 60)
+        duty.quiet_history.clear()
+        duty.record_quiet(_quiet(scene, held, {"honest": 20}, 20))
+        assert duty.others_use(scene.state, "GPU-x", held) == pytest.approx(20)
 
 
 def test_a_held_tenant_is_charged_at_least_what_its_own_samples_say_it_ran() -> None:
