@@ -17,8 +17,9 @@ the hook records it; fcsp-observer runs from this checkout with its defaults):
             that the shimmed tenant is suspected first
   long      ten processes in turn, each one 200 ms kernel then exit, at strict 10 %
   mps       an MPS tenant at 30 % that setenv()s 100 % before CUDA starts, with and
-            without the shim: the share the real daemon gives it; then two clients at
-            once: whom NVML's per-process utilisation names
+            without the shim: the share the real daemon gives it; three of its
+            processes at once; two clients at once: whom NVML's per-process
+            utilisation names
 Writes $OUT/authority.md and $OUT/authority-raw.json.
 """
 
@@ -318,6 +319,21 @@ def mps_attribution(
     ]
 
 
+def mps_processes(t: Tenants, slot: Path, solo: float, raw: dict[str, Any]) -> list[Any]:
+    """A strict 30 % MPS tenant's three busy processes, each with the shim, together: MPS
+    caps each client's SMs, not a tenant's."""
+    procs = [t.worker(None, slot, "mps-env", "100", "8") for _ in range(3)]
+    for proc in procs:
+        lines(proc)
+    counts = [lines(proc).get("per_second", []) for proc in procs]
+    raw["mps-three"] = counts
+    return [
+        "MPS strict 30 %, three processes with the shim, together",
+        f"{sum(share(c, solo) for c in counts):.1f} %",
+        "MPS caps each process's SMs",
+    ]
+
+
 def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
     control = "/usr/local/nvidia/bin/nvidia-cuda-mps-control"
     nv = nvml.Nvml()
@@ -363,10 +379,11 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
                         "" if shim else "held by the daemon's setting: the GPU's largest grant",
                     ]
                 )
-            try:  # failing, it leaves the rows above
+            try:  # failing, they leave the rows above
+                rows.append(mps_processes(t, slots["mps-shim"], solo, raw))
                 rows.append(mps_attribution(t, nv, gpu_info, slots))
             except Exception as exc:
-                rows.append(["mps attribution", f"failed: {type(exc).__name__}: {exc}"[:200], ""])
+                rows.append(["mps", f"failed: {type(exc).__name__}: {exc}"[:200], ""])
         finally:
             t.close()
     return rows
