@@ -128,14 +128,19 @@ def latency_reserve(tenants_dir: Path, uuid: str, exclude: str) -> int:
     return min(total, abi.WHOLE_GPU_CENTI)
 
 
+def share_in_hardware(mode: int, priority: int) -> bool:
+    """Strict or latency: a tenant whose share is its clients' thread percentage, each
+    process's cap on the SMs, not throttled by launch timing on top (shim/mps.c)."""
+    return mode == abi.IsolationMode.STRICT or (
+        priority == abi.Priority.LATENCY and mode != abi.IsolationMode.NONE
+    )
+
+
 def client_threads_centi(mode: int, priority: int, requested_centi: int, granted_centi: int) -> int:
     """The thread percentage the shim makes a tenant's clients ask for (shim/mps.c): strict
     or latency, its share; else all of it; never more than the slot's grant."""
     share = min(requested_centi, abi.WHOLE_GPU_CENTI) or abi.WHOLE_GPU_CENTI
-    in_hardware = mode == abi.IsolationMode.STRICT or (
-        priority == abi.Priority.LATENCY and mode != abi.IsolationMode.NONE
-    )
-    centi = share if in_hardware else abi.WHOLE_GPU_CENTI
+    centi = share if share_in_hardware(mode, priority) else abi.WHOLE_GPU_CENTI
     return min(centi, granted_centi) if granted_centi else centi
 
 

@@ -241,6 +241,9 @@ class CrossCheck:
     # cid -> host pids on a GPU where the tenant is an MPS tenant that NVML does not list as
     # MPS clients: they run time-sliced beside the MPS server, outside its SM limits.
     outside_mps: dict[str, list[int]] = field(default_factory=dict)
+    # cid -> host pids NVML lists as MPS clients there: MPS caps each one's SMs, not the
+    # tenant's.
+    mps_clients: dict[str, list[int]] = field(default_factory=dict)
 
 
 def cross_check(
@@ -271,8 +274,9 @@ def cross_check(
             shimmed = ns_pid in by_id[cid].shimmed_pids
             if not shimmed:
                 result.unshimmed.setdefault(cid, []).append(proc.host_pid)
-            if proc.mps_client is False and uuid in by_id[cid].mps_gpus:
-                result.outside_mps.setdefault(cid, []).append(proc.host_pid)
+            if proc.mps_client is not None and uuid in by_id[cid].mps_gpus:
+                mps = result.mps_clients if proc.mps_client else result.outside_mps
+                mps.setdefault(cid, []).append(proc.host_pid)
             per_tenant.setdefault((cid, uuid), []).append((proc, shimmed))
     for (cid, uuid), entries in per_tenant.items():
         used = sum(p.used_bytes for p, _ in entries)

@@ -641,10 +641,11 @@ def _shell(rootfs: Path) -> str:
     raise AssertionError  # unreachable
 
 
-def test_a_tenant_process_outside_mps_is_flagged(short_tmp: Path) -> None:
-    """NVML (simulated) lists MPS clients apart: of two processes of an MPS tenant, the one
-    that started while the daemon's socket was missing ran time-sliced, outside the MPS
-    server's SM limits, and the observer names it; the client is not named."""
+def test_processes_outside_mps_and_several_inside_are_named(short_tmp: Path) -> None:
+    """NVML (simulated) lists MPS clients apart: of three processes of a strict 30 % MPS
+    tenant, the one that started while the daemon's socket was missing ran time-sliced,
+    outside the MPS server's SM limits, and the observer names it; the two clients are
+    not named so, but counted: MPS caps each one's SMs at 30 %, not the two together."""
     build()
     h = Host(short_tmp)
     sim = Env(state=short_tmp / "sim")
@@ -668,7 +669,12 @@ def test_a_tenant_process_outside_mps_is_flagged(short_tmp: Path) -> None:
         directory = files.slot_path(h.run_dir, "t1")
         spec = files.SlotSpec(
             container_id="t1",
-            devices=(files.DeviceLimits(host_index=0, uuid=gpu, backend=abi.Backend.MPS),),
+            devices=(
+                files.DeviceLimits(
+                    host_index=0, uuid=gpu, sm_requested_centi=3000, backend=abi.Backend.MPS
+                ),
+            ),
+            isolation_mode=abi.IsolationMode.STRICT,
         )
         files.write_slot(directory, spec, {})
         own = procfs.proc_stat(os.getpid())
@@ -680,19 +686,22 @@ def test_a_tenant_process_outside_mps_is_flagged(short_tmp: Path) -> None:
         procs.append(direct)
         read_until_ready(direct)
         mps_dir.symlink_to(mps.client_dir(h.run_dir, gpu))
-        client = start(client_env, "init", "alloc", "mem", "64M", "wait")
-        procs.append(client)
-        read_until_ready(client)
+        clients = [start(client_env, "init", "alloc", "mem", "64M", "wait") for _ in range(2)]
+        procs += clients
+        for client in clients:
+            read_until_ready(client)
 
-        def outside() -> list[int]:
+        def named(key: str) -> list[int]:
             tenant = h.state().get("tenants", {}).get("t1", {})  # type: ignore[union-attr]
-            return list(tenant.get("outside_mps_host_pids", []))  # type: ignore[union-attr]
+            return list(tenant.get(key, []))  # type: ignore[union-attr]
 
-        wait_for("the process outside MPS is flagged", lambda: direct.pid in outside())
-        assert client.pid not in outside()
+        wait_for("the process outside MPS is flagged", lambda: named("outside_mps_host_pids"))
+        assert named("outside_mps_host_pids") == [direct.pid]
+        assert sorted(named("mps_client_host_pids")) == sorted(c.pid for c in clients)
         assert "run outside MPS" in h.log_text()
-        status = ctl_status.status_text(h.run_dir)
-        assert "1 outside MPS" in status.split("\n", 2)[1], status
+        assert "MPS caps each process's SMs, not the tenant's" in h.log_text()
+        status = ctl_status.status_text(h.run_dir).split("\n", 2)[1]
+        assert "1 outside MPS, 2 MPS processes" in status, status
     finally:
         for proc in procs:
             proc.kill()

@@ -58,6 +58,7 @@ class TenantRow:
     dead_processes: list[int] = field(default_factory=list)
     mps_faults: int = 0
     outside_mps_host_pids: list[int] = field(default_factory=list)
+    mps_client_host_pids: list[int] = field(default_factory=list)
     # Of the time the observer keeps it frozen for using more than its share by the
     # driver's count (the host's backstop); 0: never.
     held_pct: int = 0
@@ -328,6 +329,7 @@ def _with_observer_view(row: TenantRow, state: ObserverView) -> TenantRow:
             "dead_processes": [_int(p) for p in _list(info.get("dead_processes"))],
             "mps_faults": _int(info.get("mps_faults")),
             "outside_mps_host_pids": [_int(p) for p in _list(info.get("outside_mps_host_pids"))],
+            "mps_client_host_pids": [_int(p) for p in _list(info.get("mps_client_host_pids"))],
             "held_pct": _int(info.get("held_pct")),
         }
     )
@@ -421,6 +423,8 @@ def _state(dev: DeviceRow, row: TenantRow) -> str:
         text += f", {row.mps_faults} MPS fault{'s' if row.mps_faults > 1 else ''}"
     if dev.backend == "mps" and row.outside_mps_host_pids:
         text += f", {len(row.outside_mps_host_pids)} outside MPS"
+    if dev.backend == "mps" and len(row.mps_client_host_pids) > 1:
+        text += f", {len(row.mps_client_host_pids)} MPS processes"
     if row.held_pct:
         text += f", HELD {row.held_pct}% by the host"
     return text

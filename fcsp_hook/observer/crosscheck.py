@@ -8,7 +8,8 @@ against the quota plus each process's allowance (its context, measured per GPU a
 driver by observer.contexts, and [observer] process_allowance_mib for the modules the
 driver loads), past it the processes stopped until the tenant is within it
 ([observer] over_quota_action = "kill"; "warn" only logs); processes that run without the
-shim (static or musl binaries), and processes of an MPS tenant outside MPS, reported.
+shim (static or musl binaries), processes of an MPS tenant outside MPS, and a tenant whose
+share MPS holds per process with several processes in MPS, reported.
 nvml.cross_check is the pure part.
 """
 
@@ -19,7 +20,7 @@ import os
 import signal
 from pathlib import Path
 
-from fcsp_hook import config, nvml
+from fcsp_hook import config, mps, nvml
 from fcsp_hook.errors import SlotError
 from fcsp_hook.observer import contexts
 from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
@@ -75,6 +76,16 @@ class CrossCheck(Duty):
                     host_pids=outside,
                 )
             tenant.outside_mps = outside
+            clients = sorted(result.mps_clients.get(cid, []))
+            if len(clients) > max(len(tenant.mps_clients), 1) and mps.share_in_hardware(
+                int(tenant.spec.isolation_mode), int(tenant.spec.priority)
+            ):
+                tenant.log.warning(
+                    "MPS caps each process's SMs, not the tenant's: its processes together "
+                    "may use more than its share",
+                    host_pids=clients,
+                )
+            tenant.mps_clients = clients
         now_over = set()
         for over in result.over_quota:
             key = (over.container_id, over.gpu)

@@ -125,6 +125,7 @@ def snapshot(state: HostState) -> dict[str, object]:
             "backend": [d.grant.backend.name.lower() for d in t.devices],
             "mps_faults": t.mps_faults,
             "outside_mps_host_pids": t.outside_mps,
+            "mps_client_host_pids": t.mps_clients,
             "driver_used_pct": [d.driver_used_pct for d in t.devices],
             "driver_memory_bytes": [state.nvml_memory.get((cid, d.grant.gpu)) for d in t.devices],
             "held_pct": t.held_pct,

@@ -96,6 +96,7 @@ class Tenant:
     unshimmed: list[int] = field(default_factory=list)  # host pids NVML saw without the shim
     mps_faults: int = 0  # neighbours' fatal GPU errors that tore down its MPS clients
     outside_mps: list[int] = field(default_factory=list)  # host pids NVML saw outside MPS
+    mps_clients: list[int] = field(default_factory=list)  # host pids NVML saw as MPS clients
     # The container's cgroup as the hook recorded it: whose processes are the tenant's.
     cgroup: Cgroup | None = None
     held_pct: int = 0  # of the time the host backstop keeps it frozen
