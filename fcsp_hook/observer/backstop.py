@@ -363,9 +363,8 @@ class Backstop(Duty):
         """What the tenants not held on a GPU use there, by its quiet readings with these
         held: the whole GPU's, or their own summed if more, where a limited tenant read at
         AT_SHARE of its share or more counts at its share.  Its shim holds it there, and the
-        driver reads such a tenant's bursts a little under what they take (on an H100, 35 %
-        of the GPU's time for one at 40 % that ran 42 % of its solo throughput:
-        bench/results/authority.md)."""
+        driver reads it a little under what it takes (on an H100, quiet readings of 35 % for
+        one at 40 % that ran 42 % of its solo throughput: bench/results/authority.md)."""
         quiet = self.quiet_readings(gpu, held)
         busy = [q.busy_pct for q in quiet if q.busy_pct is not None]
         if not busy:
