@@ -541,8 +541,8 @@ class Backstop(Duty):
         duty = next_duty(hold.duty, worst.used_pct, worst.share_pct)
         if busy:
             # Never let it run for longer than it takes to use its share of what the others
-            # leave it (others_use), whatever the latest readings say: a
-            # duty-cycled tenant's count less than it ran, and too few to judge by alone
+            # leave it (others_use), whatever the latest readings say: a duty-cycled
+            # tenant's count less than it ran, and too few to judge by alone
             # (bench/results/authority.md).
             held = set(self.held_by_gpu(state).get(worst.gpu, {}))
             free_pct = 100.0 - self.others_use(state, worst.gpu, held)
