@@ -18,18 +18,20 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fcsp_hook import cgroups, procfs
+from fcsp_hook import cgroups, mps, procfs
 from fcsp_hook.ctl import status as ctl_status
 from fcsp_hook.slot import abi, files
 from tests.cgroup import fresh_cgroup
 from tests.observer.scene import UsageWriter
-from tests.shim.harness import PROG_DIR, SHIM, SIM_DIR, build, read_until_ready
+from tests.shim.harness import PROG_DIR, SHIM, SIM_DIR, build, read_until_ready, sim_uuid
+from tests.test_mps import SIM_CONTROL
 from tests.test_observer import Host, wait_for
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -284,6 +286,61 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
         assert "HELD" in rows["greedy"] and "HELD" not in rows["honest"]
         other.set_frozen(False)
         honest_tenant.stop()
+
+
+def test_an_mps_tenant_that_runs_outside_mps_is_held_by_time(
+    group: cgroups.Cgroup, tenants: list[Tenant]
+) -> None:
+    """Strict 10 % on an MPS GPU, kernels launched as fast as the GPU runs them by a process
+    that skips both the shim and MPS (a context of its own, time-sliced beside the MPS
+    server, outside every thread percentage): held by time, within 5 points of its share
+    over 5 s.  A tenant whose MPS client is as busy under its shim is never frozen: the
+    driver's per-process utilisation does not tell MPS clients apart, and the daemon caps
+    their SMs."""
+    build()
+    root = Path(tempfile.mkdtemp(prefix="fcsp-auth-", dir="/tmp"))  # socket paths: short
+    host = Host(root)
+    try:
+        host.write_config("nvml_interval_ms = 1000\nprocess_allowance_mib = 64\n")
+        with host.config.open("a") as config:
+            config.write(f'[backend]\ngpus = {{ "0" = "mps" }}\nmps_control = "{SIM_CONTROL}"\n')
+        on_mps = {"sm": 1000, "mode": abi.IsolationMode.STRICT, "backend": abi.Backend.MPS}
+        greedy_tenant = Tenant(host, "greedy", group, uuid=sim_uuid(0), **on_mps)
+        tenants.append(greedy_tenant)
+        with fresh_cgroup() as other:
+            honest_tenant = Tenant(host, "honest", other, uuid=sim_uuid(0), **on_mps)
+            tenants.append(honest_tenant)
+            host.start(env=sim_env(host))
+            wait_for("the GPU's MPS daemon", lambda: mps.ready(host.run_dir, sim_uuid(0)))
+            (honest_tenant.slot / abi.MPS_DIR).symlink_to(mps.client_dir(host.run_dir, sim_uuid(0)))
+            run = ("init", "func", "k_200us", "wait", "run", "kernel", "0", "60")
+            greedy = greedy_tenant.client(*run)
+            honest = honest_tenant.client(*run, shim=True)
+            for proc in (greedy, honest):
+                assert proc.stdin is not None
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+
+            def named(cid: str, key: str) -> list[object]:
+                value = _tenant_state(host, cid).get(key, [])
+                return value if isinstance(value, list) else []
+
+            wait_for("held by the host", lambda: _held(host, "greedy") > 0)
+            assert named("greedy", "outside_mps_host_pids") == [greedy.pid]
+            assert named("honest", "mps_client_host_pids") == [honest.pid]
+            time.sleep(6)  # a window held: what it is held to, not the first guess
+            probe = _driver_share(host, greedy.pid, 5)
+            honest_held = []
+            while probe.poll() is None:
+                honest_held.append(_held(host, "honest"))
+                time.sleep(0.2)
+            assert float(probe.communicate()[0]) <= 10 + 5.0
+            assert max(honest_held) == 0 and honest.poll() is None
+            other.set_frozen(False)
+            honest_tenant.stop()
+    finally:
+        host.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _events(host: Host, event: str) -> list[dict[str, object]]:

@@ -82,6 +82,8 @@ class Host:
         mem: int = 0,
         *,
         priority: abi.Priority = abi.Priority.BEST_EFFORT,
+        uuid: str = "",
+        backend: abi.Backend = abi.Backend.TIMESLICE,
     ) -> Path:
         files.ensure_tenants_dir(self.run_dir)
         directory = files.slot_path(self.run_dir, cid)
@@ -92,7 +94,11 @@ class Host:
             priority=priority,
             devices=(
                 files.DeviceLimits(
-                    host_index=host_index, sm_requested_centi=sm, mem_limit_bytes=mem
+                    host_index=host_index,
+                    uuid=uuid,
+                    sm_requested_centi=sm,
+                    mem_limit_bytes=mem,
+                    backend=backend,
                 ),
             ),
         )

@@ -3,8 +3,8 @@
 The shim holds a tenant that cooperates to its share on the fast path.  One that forges
 its usage file, runs processes without the shim, or launches kernels the shim cannot see
 escapes it; only what the tenant cannot write can hold it.  So this duty measures each
-time-sliced tenant's GPU time from NVML's per-process utilisation of the processes in its
-container's cgroup (state.members), and a tenant whose time stays more than
+tenant's GPU time from NVML's per-process utilisation of the processes in its container's
+cgroup (state.members), and a tenant whose time stays more than
 [observer] backstop_margin_pct points above its share in force, averaged over
 backstop_window_s, is frozen (its cgroup) for the first part of every period until it is
 back at its share: while its readings over the window average at least a quarter of its
@@ -35,6 +35,16 @@ neighbour than the neighbour leaves while it is frozen.  A tenant is judged on t
 at least, never on the first alone (a process's first reading can come before its
 neighbours' do).
 
+On a GPU whose MPS daemon is up, an MPS tenant is read by its processes that NVML lists
+outside MPS (observer.crosscheck): a process that skips both the shim and MPS runs a context
+of its own, time-sliced beside the MPS server and outside every thread percentage.  The
+driver's per-process utilisation does not tell MPS clients apart, and the daemon caps their
+SMs, so they count for nobody.  There the MPS server's clients keep the whole GPU busy,
+frozen or not, so a held tenant is read by its own samples alone, its periods long enough
+to run RUNNING_SEEN_NS (the driver keeps samples of it only while it runs), and it is
+frozen for all but its share of each period while one of them says it is busy: the driver
+counts its waiting for the server's time slices as its own, all of the time it runs.
+
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
 something else froze (an engine's pause) is left alone, and every cgroup this duty froze
@@ -50,13 +60,13 @@ import math
 import os
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from fcsp_hook import cgroups
 from fcsp_hook.cgroups import Cgroup, CgroupError
 from fcsp_hook.nvml import SAMPLE_US, GpuInfo
-from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState
+from fcsp_hook.observer.state import NS_PER_MS, Duty, HostState, Tenant
 from fcsp_hook.slot import abi
 
 PERIOD_NS = 1_000_000_000  # a period at least; frozen for the first duty of each
@@ -73,6 +83,8 @@ QUIET_FROZEN_NS = 750_000_000
 # that: near the edge a reading is missed now and then, and a duty shrinks within a period.
 PERIOD_FROZEN_NS = QUIET_FROZEN_NS + 100_000_000
 HELD_READ_NS = SAMPLE_US * 1000 // 2  # while a tenant is held: every sample is seen
+# Running this long, a held tenant ends a driver's sample while it runs (one every 200 ms).
+RUNNING_SEEN_NS = SAMPLE_US * 1000 + 50_000_000
 MAX_DUTY = 0.95  # a tenant always runs a little: its processes must be able to exit
 AT_SHARE = 0.75  # a limited tenant read at this much of its share or more is at it
 FROZEN_FILE = "frozen"
@@ -164,14 +176,19 @@ def points_above_share(
     return points
 
 
-def hold_period_ns(duties: list[float], window_ns: int) -> int:
+def hold_period_ns(duties: list[float], window_ns: int, on_mps: Sequence[float] = ()) -> int:
     """How long a period lasts while tenants are held these fractions of it: PERIOD_NS, or
     long enough for the least of them to be frozen PERIOD_FROZEN_NS, so that every hold
-    gives quiet readings; at most half the window, which is to hold two of them."""
+    gives quiet readings, and for those held on a GPU an MPS server keeps busy (on_mps) to
+    run RUNNING_SEEN_NS, so that the driver gives samples of them (the only readings of
+    them there); at most half the window, which is to hold two of them."""
     if not duties:
         return PERIOD_NS
     longest = max(PERIOD_NS, window_ns // 2)
-    return min(max(PERIOD_NS, math.ceil(PERIOD_FROZEN_NS / min(duties))), longest)
+    period = max(PERIOD_NS, math.ceil(PERIOD_FROZEN_NS / min(duties)))
+    if on_mps:
+        period = max(period, math.ceil(RUNNING_SEEN_NS / (1.0 - max(on_mps))))
+    return min(period, longest)
 
 
 def frozen_ns(duty: float, period_ns: int) -> int:
@@ -203,8 +220,9 @@ class Backstop(Duty):
         self.held_on: dict[str, tuple[frozenset[str], int]] = {}
         self.quiet_history: deque[QuietReading] = deque()  # the window's
         self.busy_since_us: dict[str, int] = {}  # per GPU with a hold: its newest busy sample
-        # the window's samples of held tenants' own: when read, tenant, GPU, percent; the
-        # driver keeps none of a process frozen when a sample ends, so they are of it running
+        # the last two windows' samples of held tenants' own: when read, tenant, GPU,
+        # percent; the driver keeps none of a process frozen when a sample ends, so they are
+        # of it running
         self.running: deque[tuple[int, str, str, int]] = deque()
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.seen_us: dict[int, int] = {}  # per process: its newest sample read
@@ -271,7 +289,7 @@ class Backstop(Duty):
                 if sample.at_us > self.seen_us.get(pid, 0):
                     by_pid[pid] = sample.pct
                     self.seen_us[pid] = sample.at_us
-            for cid, pct in _by_tenant(state, by_pid).items():
+            for cid, pct in _by_tenant(state, gpu.uuid, by_pid).items():
                 used[(cid, gpu.uuid)] = pct
                 if cid in held.get(gpu.uuid, {}):
                     self.running.append((now_ns, cid, gpu.uuid, pct))
@@ -288,9 +306,10 @@ class Backstop(Duty):
         """A GPU's held tenants, by the whole GPU's samples since the last read less what
         its quiet ones say the others use, split by the time each runs: the driver keeps no
         per-process sample for a process frozen when the sample ends, and a held tenant
-        mostly is (on an H100, none at all for one frozen 0.9 of each second)."""
+        mostly is (on an H100, none at all for one frozen 0.9 of each second).  Not beside an
+        MPS server, whose clients keep the whole GPU busy: there its own samples stand."""
         baseline = self.baseline(gpu.uuid, set(held))
-        if not held or baseline is None:
+        if not held or baseline is None or _mps_served(state, gpu.uuid):
             self.busy_since_us.pop(gpu.uuid, None)
             return
         since_us = self.busy_since_us.get(gpu.uuid)
@@ -342,7 +361,7 @@ class Backstop(Duty):
                         now_ns,
                         gpu.uuid,
                         frozenset(held[gpu.uuid]),
-                        _by_tenant(state, by_pid),
+                        _by_tenant(state, gpu.uuid, by_pid),
                         statistics.mean(b.pct for b in busy) if busy else None,
                     )
                 )
@@ -378,13 +397,12 @@ class Backstop(Duty):
         return min(max(statistics.mean(busy), theirs), 100.0)
 
     def held_by_gpu(self, state: HostState) -> dict[str, dict[str, Hold]]:
-        """The holds in force, per time-sliced GPU of their tenants."""
+        """The holds in force, per GPU of their tenants."""
         held: dict[str, dict[str, Hold]] = {}
         for cid, hold in self.holds.items():
             tenant = state.tenants.get(cid)
             for device in tenant.devices if tenant is not None and hold.duty > 0 else ():
-                if device.grant.backend == abi.Backend.TIMESLICE:
-                    held.setdefault(device.grant.gpu, {})[cid] = hold
+                held.setdefault(device.grant.gpu, {})[cid] = hold
         return held
 
     def record(
@@ -395,7 +413,7 @@ class Backstop(Duty):
         self.history.append((now_ns, step_ns, used))
         while self.history[0][0] <= now_ns - window_ns:
             self.history.popleft()
-        while self.running and self.running[0][0] <= now_ns - window_ns:
+        while self.running and self.running[0][0] <= now_ns - 2 * window_ns:
             self.running.popleft()
 
     def judge(self, state: HostState, now_ns: int) -> None:
@@ -441,7 +459,14 @@ class Backstop(Duty):
                 worst = self.worst_over_period(state, cid, hold.duty, now_ns)
                 if worst.gpu in waiting and now_ns - hold.changed_ns < window_ns:
                     continue  # its own samples count next to nothing while it is frozen
-                busy = window.get((cid, worst.gpu), 0.0) >= worst.share_pct / 4
+                ran = window.get((cid, worst.gpu), 0.0)
+                if _mps_served(state, worst.gpu):
+                    # Its readings there are its own samples, a few a window, most of them
+                    # of it frozen for part of the sample: busy while one of the last two
+                    # windows' says it ran its share.
+                    own = self.own_samples(cid, worst.gpu, now_ns - 2 * window_ns)
+                    ran = max(ran, max(own, default=0) * (1.0 - hold.duty))
+                busy = ran >= worst.share_pct / 4
                 self.adjust_hold(state, cid, worst, busy, now_ns)
 
     def worst_over_period(self, state: HostState, cid: str, duty: float, now_ns: int) -> Reading:
@@ -462,14 +487,14 @@ class Backstop(Duty):
         runs.  Charged the whole GPU's samples less what the others use while it is frozen,
         it is not charged what it takes from them while it runs (on the simulated GPU, a
         fifth of a shimmed neighbour's 40 %)."""
-        own = [
-            pct
-            for at, cid, gpu, pct in self.running
-            if at > since_ns and (cid, gpu) == (r.cid, r.gpu)
-        ]
+        own = self.own_samples(r.cid, r.gpu, since_ns)
         if not own:
             return r
         return replace(r, used_pct=max(r.used_pct, statistics.median(own) * (1.0 - duty)))
+
+    def own_samples(self, cid: str, gpu: str, since_ns: int) -> list[int]:
+        """A held tenant's own samples on a GPU read since since_ns: of it running."""
+        return [p for at, c, g, p in self.running if at > since_ns and (c, g) == (cid, gpu)]
 
     def window_use(
         self, state: HostState, now_ns: int
@@ -543,9 +568,15 @@ class Backstop(Duty):
             # Never let it run for longer than it takes to use its share of what the others
             # leave it (others_use), whatever the latest readings say: a duty-cycled
             # tenant's count less than it ran, and too few to judge by alone
-            # (bench/results/authority.md).
+            # (bench/results/authority.md).  Beside an MPS server, what the others use
+            # cannot be told from what it does (the server's clients keep the whole GPU
+            # busy, it frozen or not), and the driver counts its waiting for the server's
+            # time slices as its own: it counts as using all the time it runs.
             held = set(self.held_by_gpu(state).get(worst.gpu, {}))
-            free_pct = 100.0 - self.others_use(state, worst.gpu, held)
+            others = (
+                0.0 if _mps_served(state, worst.gpu) else self.others_use(state, worst.gpu, held)
+            )
+            free_pct = 100.0 - others
             duty = max(duty, min(1.0 - worst.share_pct / max(free_pct, worst.share_pct), MAX_DUTY))
         if duty != hold.duty:
             hold.duty, hold.changed_ns = duty, now_ns
@@ -559,7 +590,13 @@ class Backstop(Duty):
         set when it starts (hold_period_ns)."""
         if now_ns >= self.hold_period_start_ns + self.hold_period_ns:
             duties = [h.duty for h in self.holds.values() if h.duty > 0]
-            self.hold_period_ns = hold_period_ns(duties, _window_ns(state))
+            on_mps = [
+                hold.duty
+                for gpu, holds in self.held_by_gpu(state).items()
+                if _mps_served(state, gpu)
+                for hold in holds.values()
+            ]
+            self.hold_period_ns = hold_period_ns(duties, _window_ns(state), on_mps)
             self.hold_period_start_ns = now_ns
         phase = now_ns - self.hold_period_start_ns
         for cid, hold in self.holds.items():
@@ -615,7 +652,7 @@ class Backstop(Duty):
 
 
 def _readings(state: HostState, use: Mapping[tuple[str, str], float]) -> list[Reading]:
-    """Every tenant on each of its time-sliced GPUs: what it used there, and its share."""
+    """Every tenant on each of its GPUs: what it used there, and its share."""
     return [
         Reading(
             cid,
@@ -626,7 +663,6 @@ def _readings(state: HostState, use: Mapping[tuple[str, str], float]) -> list[Re
         )
         for cid, tenant in state.tenants.items()
         for i, d in enumerate(tenant.devices)
-        if d.grant.backend == abi.Backend.TIMESLICE
     ]
 
 
@@ -641,14 +677,28 @@ def _mean(
     return mean
 
 
-def _by_tenant(state: HostState, by_pid: dict[int, int]) -> dict[str, int]:
-    """Percent per tenant: its processes' (state.members) summed."""
+def _by_tenant(state: HostState, gpu: str, by_pid: dict[int, int]) -> dict[str, int]:
+    """Percent of a GPU per tenant: its processes' (state.members) summed; of an MPS
+    tenant's, only those NVML lists outside MPS (the crosscheck's): the driver's per-process
+    utilisation does not tell MPS clients apart, and the daemon caps their SMs."""
     used: dict[str, int] = {}
     for pid, pct in by_pid.items():
         owner = state.members.get(pid)
-        if owner is not None:
-            used[owner[0]] = used.get(owner[0], 0) + pct
+        tenant = state.tenants.get(owner[0]) if owner is not None else None
+        if tenant is None or (pid not in tenant.outside_mps and _on_mps(tenant, gpu)):
+            continue
+        used[tenant.container_id] = used.get(tenant.container_id, 0) + pct
     return used
+
+
+def _mps_served(state: HostState, gpu: str) -> bool:
+    """An MPS server may run on the GPU: its daemon is up."""
+    served = state.backends.get(gpu)
+    return served is not None and served.backend == "mps"
+
+
+def _on_mps(tenant: Tenant, gpu: str) -> bool:
+    return any(d.grant.gpu == gpu and d.grant.backend == abi.Backend.MPS for d in tenant.devices)
 
 
 def _window_ns(state: HostState) -> int:

@@ -346,6 +346,33 @@ def test_a_hold_period_is_long_enough_for_quiet_readings(
     assert backstop.hold_period_ns(duties, window_s * SECOND) == period_ms * MS
 
 
+@pytest.mark.parametrize(
+    ("duties", "on_mps", "period_ms"),
+    [
+        ([0.5], [0.5], 1700),  # running 850 ms: samples of it
+        ([0.8], [0.6, 0.8], 1250),  # made long enough for the most held to run 250 ms
+        ([0.5, 0.9], [0.9], 2500),  # at most half the window
+    ],
+)
+def test_a_hold_beside_an_mps_server_runs_long_enough_for_samples_of_it(
+    duties: list[float], on_mps: list[float], period_ms: int
+) -> None:
+    assert backstop.hold_period_ns(duties, 5 * SECOND, on_mps) == pytest.approx(period_ms * MS)
+
+
+def test_an_mps_tenant_is_read_by_its_processes_outside_mps(scene: Scene) -> None:
+    """On its MPS GPU a tenant's MPS clients say nothing of it (the driver's per-process
+    utilisation does not tell them apart, and the daemon caps their SMs): only its processes
+    NVML lists outside MPS count.  A time-sliced tenant's processes all do."""
+    scene.add("mps", files.DeviceLimits(uuid="GPU-x", backend=abi.Backend.MPS))
+    scene.add("sliced", files.DeviceLimits(uuid="GPU-x"))
+    scene.run(Tenants())
+    scene.state.members = {1: ("mps", 1), 2: ("mps", 2), 3: ("sliced", 3), 4: ("sliced", 4)}
+    scene.tenant("mps").outside_mps = [2]
+    used = backstop._by_tenant(scene.state, "GPU-x", {1: 50, 2: 30, 3: 15, 4: 5, 9: 99})
+    assert used == {"mps": 30, "sliced": 20}
+
+
 def test_a_period_keeps_the_length_it_started_with(scene: Scene, group: cgroups.Cgroup) -> None:
     """Held half the time: periods of 1.7 s, frozen for the first 850 ms of each; a duty
     that changes within a period changes the length of the next."""
@@ -423,7 +450,7 @@ def test_a_tenant_whose_slot_goes_while_frozen_is_thawed(
     assert not (scene.run_dir / backstop.FROZEN_FILE).exists()
 
 
-def test_tenants_without_a_cgroup_or_not_time_sliced_are_not_held(scene: Scene) -> None:
+def test_tenants_without_a_cgroup_or_a_limit_are_not_held(scene: Scene) -> None:
     """No cgroup recorded (a slot from before), or mode none: readings, no hold."""
     duty = Backstop()
     _tenant(scene, "old", None)
