@@ -19,7 +19,8 @@ the hook records it; fcsp-observer runs from this checkout with its defaults):
   mps       an MPS tenant at 30 % that setenv()s 100 % before CUDA starts, with and
             without the shim: the share the real daemon gives it; three of its
             processes at once; two clients at once: whom NVML's per-process
-            utilisation names
+            utilisation names; a 10 % MPS tenant's process outside both the shim and
+            MPS beside a busy MPS client: what the host's hold leaves it
 Writes $OUT/authority.md and $OUT/authority-raw.json.
 """
 
@@ -59,8 +60,10 @@ class Tenants:
         self.groups: list[cgroups.Cgroup] = []
         self.procs: list[subprocess.Popen[str]] = []
 
-    def add(self, name: str, sm: int, mem: int = 0, **slot: Any) -> tuple[Path, cgroups.Cgroup]:
-        directory = self.scene.slot(name, [Device(sm_centi=sm, mem_bytes=mem)], **slot)
+    def add(
+        self, name: str, sm: int, mem: int = 0, device: Device | None = None, **slot: Any
+    ) -> tuple[Path, cgroups.Cgroup]:
+        directory = self.scene.slot(name, [device or Device(sm_centi=sm, mem_bytes=mem)], **slot)
         mine = cgroups.of_process(os.getpid())
         group = cgroups.Cgroup(mine.directory / f"fcsp-bench-{uuid.uuid4().hex[:8]}", mine.v2)
         group.directory.mkdir()
@@ -334,6 +337,34 @@ def mps_processes(t: Tenants, slot: Path, solo: float, raw: dict[str, Any]) -> l
     ]
 
 
+def mps_outside(t: Tenants, gpu: str, busy: Path, solo: float, raw: dict[str, Any]) -> list[Any]:
+    """A strict 10 % MPS tenant whose process skips both the shim and MPS (a context of its
+    own, time-sliced beside the MPS server), beside an MPS client as busy (of the tenant
+    whose slot is busy): what the host leaves it."""
+    device = Device(uuid=gpu, sm_centi=1000, backend=abi.Backend.MPS)
+    _, group = t.add("mps-outside", 1000, device=device, mode=abi.IsolationMode.STRICT)
+    client = t.worker(None, busy, "matmul", str(COMPUTE_S))
+    outside = t.worker(group, None, "matmul", str(COMPUTE_S))
+    lines(client), lines(outside)
+    seen = []
+    end = time.monotonic() + COMPUTE_S
+    while time.monotonic() < end and outside.poll() is None:
+        state = tenant_state(t.scene, "mps-outside")
+        seen.append(
+            ((state.get("driver_used_pct") or [None])[0], int(state.get("held_pct", 0) or 0))
+        )
+        time.sleep(0.2)
+    counts, beside = lines(outside).get("per_second", []), lines(client).get("per_second", [])
+    raw["mps-outside"] = {"outside": counts, "client": beside, "seen": seen}
+    return [
+        "MPS strict 10 %, a process outside both the shim and MPS: share of its solo "
+        "throughput, last 5 s",
+        f"{share(counts, solo):.1f} %",
+        f"{frozen_note(max((h for _, h in seen), default=0), seen)}; "
+        f"the MPS client beside it {share(beside, solo):.1f} %",
+    ]
+
+
 def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
     control = "/usr/local/nvidia/bin/nvidia-cuda-mps-control"
     nv = nvml.Nvml()
@@ -382,6 +413,7 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
             try:  # failing, they leave the rows above
                 rows.append(mps_processes(t, slots["mps-shim"], solo, raw))
                 rows.append(mps_attribution(t, nv, gpu_info, slots))
+                rows.append(mps_outside(t, gpu, slots["mps-shim"], solo, raw))
             except Exception as exc:
                 rows.append(["mps", f"failed: {type(exc).__name__}: {exc}"[:200], ""])
         finally:
