@@ -728,14 +728,22 @@ def test_a_config_without_mps_stops_the_daemon(mps_host: Host) -> None:
 
 
 def test_mps_daemons_are_in_the_metrics() -> None:
-    """Per GPU on MPS: whether its daemon serves tenants, its restarts and faults."""
+    """Per GPU on MPS: whether its daemon serves tenants, its restarts and faults; per
+    tenant, its MPS processes."""
     from prometheus_client import generate_latest  # noqa: PLC0415  # this test only
 
     from fcsp_hook.observer import metrics  # noqa: PLC0415
 
     exporter = metrics.Metrics()
-    exporter.publish(metrics.Snapshot(mps={GPU0: (True, 2, 1), GPU1: (False, 0, 0)}))
+    tenant = metrics.TenantGpuSample(
+        "t1", "team", GPU0, "strict", 3000, 3000, 0, 0, 0, 0, True, 0, mps_processes=2
+    )
+    exporter.publish(
+        metrics.Snapshot(samples=(tenant,), mps={GPU0: (True, 2, 1), GPU1: (False, 0, 0)})
+    )
     body = generate_latest(exporter.registry).decode()
+    line = next(x for x in body.splitlines() if x.startswith("fcsp_mps_processes{"))
+    assert 'container_id="t1"' in line and line.endswith(" 2.0"), line
     assert f'fcsp_mps_daemon_up{{gpu="{GPU0}"}} 1.0' in body
     assert f'fcsp_mps_daemon_up{{gpu="{GPU1}"}} 0.0' in body
     assert f'fcsp_mps_daemon_restarts_total{{gpu="{GPU0}"}} 2.0' in body

@@ -38,6 +38,7 @@ class TenantGpuSample:
     active: bool
     unshimmed_processes: int
     mps_faults: int = 0
+    mps_processes: int = 0  # its processes NVML lists as MPS clients there
     turn_ratio: float = 0.0  # its window of the observer's turn cycle; 0: no turns
     driver_used_pct: int | None = None  # its GPU time by NVML's count; None: not measured
     mem_driver_bytes: int | None = None  # its memory by NVML's count; None: not measured
@@ -104,6 +105,12 @@ class _Collector(Collector):
                 "Neighbours' fatal GPU errors that tore down the tenant's MPS clients",
                 labels=labels,
             ),
+            "mps_processes": GaugeMetricFamily(
+                "fcsp_mps_processes",
+                "The tenant's processes that are MPS clients of the GPU (MPS caps each one's "
+                "SMs, not the tenant's)",
+                labels=labels,
+            ),
             "turn": GaugeMetricFamily(
                 "fcsp_turn_ratio",
                 "The tenant's window of the GPU's turn cycle (0-1; 0: no turns)",
@@ -153,6 +160,7 @@ class _Collector(Collector):
             fams["active"].add_metric(key, 1.0 if s.active else 0.0)
             fams["unshim"].add_metric(key, s.unshimmed_processes)
             fams["mps_faults"].add_metric(key, s.mps_faults)
+            fams["mps_processes"].add_metric(key, s.mps_processes)
             fams["turn"].add_metric(key, s.turn_ratio)
             if s.driver_used_pct is not None:
                 fams["driver_used"].add_metric(key, s.driver_used_pct / 100)

@@ -190,6 +190,7 @@ def metrics_snapshot(state: HostState) -> metrics.Snapshot:
                     active=device.active,
                     unshimmed_processes=len(t.unshimmed),
                     mps_faults=t.mps_faults,
+                    mps_processes=len(t.mps_clients),
                     turn_ratio=turn_ratio(t.limits.turn(i)),
                     driver_used_pct=device.driver_used_pct,
                     mem_driver_bytes=state.nvml_memory.get((cid, grant.gpu)),
