@@ -384,17 +384,17 @@ class Backstop(Duty):
         AT_SHARE of its share or more counts at its share.  Its shim holds it there, and the
         driver reads it a little under what it takes (on an H100, quiet readings of 35 % for
         one at 40 % that ran 42 % of its solo throughput: bench/results/authority.md)."""
-        quiet = self.quiet_readings(gpu, held)
-        busy = [q.busy_pct for q in quiet if q.busy_pct is not None]
-        if not busy:
+        baseline = self.baseline(gpu, held)
+        if baseline is None:
             return 0.0
+        quiet = self.quiet_readings(gpu, held)
         theirs = 0.0
         for r in _readings(state, {}):
             if r.gpu == gpu and r.cid not in held:
                 read = statistics.mean(q.used.get(r.cid, 0) for q in quiet)
                 at_share = r.judged and AT_SHARE * r.share_pct <= read < r.share_pct
                 theirs += r.share_pct if at_share else read
-        return min(max(statistics.mean(busy), theirs), 100.0)
+        return min(max(baseline, theirs), 100.0)
 
     def held_by_gpu(self, state: HostState) -> dict[str, dict[str, Hold]]:
         """The holds in force, per GPU of their tenants."""
@@ -572,10 +572,10 @@ class Backstop(Duty):
             # cannot be told from what it does (the server's clients keep the whole GPU
             # busy, it frozen or not), and the driver counts its waiting for the server's
             # time slices as its own: it counts as using all the time it runs.
-            held = set(self.held_by_gpu(state).get(worst.gpu, {}))
-            others = (
-                0.0 if _mps_served(state, worst.gpu) else self.others_use(state, worst.gpu, held)
-            )
+            others = 0.0
+            if not _mps_served(state, worst.gpu):
+                held = set(self.held_by_gpu(state).get(worst.gpu, {}))
+                others = self.others_use(state, worst.gpu, held)
             free_pct = 100.0 - others
             duty = max(duty, min(1.0 - worst.share_pct / max(free_pct, worst.share_pct), MAX_DUTY))
         if duty != hold.duty:
