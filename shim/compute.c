@@ -28,7 +28,8 @@
  * than FCSP_OBSERVER_STALE_NS) such a raise is ignored and the request applies,
  * i.e. strict behaviour.  Isolation mode none means no compute limit; so does
  * an MPS client whose thread percentage is its share (strict, or latency
- * priority), since the hardware then keeps it to its SMs.
+ * priority), since the hardware then keeps it to its SMs, as long as it is the
+ * tenant's only MPS process (mps_sm_fraction says what holds several).
  * BUD_SM_LIMIT(_DEV<n>) can only lower the result.
  * 100 % skips everything but the launch counter.
  *
@@ -130,6 +131,36 @@ static uint64_t at_reference_clock(int entry, uint64_t gpu_ns, uint64_t now)
     return gpu_ns * scale / FCSP_WHOLE_GPU_CENTI; /* 64-bit: a multiply and a shift */
 }
 
+/*
+ * MPS caps each process's SMs, not the tenant's: k busy clients at a 30 % thread
+ * percentage use 30 % of the SMs each.  While the host sees more than one MPS process of
+ * the tenant on this GPU (fcsp_limits_device.mps_processes), a process whose percentage
+ * holds its share counts its kernel time at that fraction of the GPU, and the share
+ * applies to the tenant's sum as it does on a time-sliced GPU: its processes then run, in
+ * all, as much as one would alone.  One process is held by the percentage alone.  The
+ * count is the host's last word even if its observer is gone: a strict limit does not
+ * lapse with it.  Returns the fraction, 1/100 %, or 0 when the percentage alone holds.
+ */
+static uint32_t mps_sm_fraction(const struct fcsp_limits *limits, int entry)
+{
+    uint32_t sms = atomic_load_explicit(&shim_mps_capped_centi, memory_order_relaxed);
+    if (likely(sms == 0) || !limits)
+        return 0;
+    struct fcsp_limits_device *d = (struct fcsp_limits_device *)&limits->device[entry];
+    return atomic_load_explicit(&d->mps_processes, memory_order_relaxed) > 1 ? sms : 0;
+}
+
+/* A kernel's measured time as the GPU time it costs the tenant: at the reference clock,
+ * and at its SMs' fraction of the GPU where MPS processes share the tenant's share. */
+static uint64_t gpu_time(int entry, uint64_t kernel_ns, uint64_t now)
+{
+    uint64_t ns = at_reference_clock(entry, kernel_ns, now);
+    uint32_t sms = mps_sm_fraction(shim.limits, entry);
+    if (likely(sms == 0) || ns > UINT64_MAX / FCSP_WHOLE_GPU_CENTI)
+        return ns;
+    return ns * sms / FCSP_WHOLE_GPU_CENTI;
+}
+
 static uint32_t env_cap(int ordinal)
 {
     uint32_t cap = ordinal >= 0 && ordinal < (int)FCSP_MAX_DEVICES ? shim_env.sm_centi[ordinal] : 0;
@@ -148,9 +179,11 @@ static uint32_t share_in_force(int entry, int ordinal)
     if (!limits)
         return cap;
     /* none: no limit; an MPS client whose thread percentage is its share: the hardware
-     * holds it (mps.c) */
-    if (unlikely(limits->isolation_mode == FCSP_MODE_NONE ||
-                 atomic_load_explicit(&shim_mps_thread_capped, memory_order_relaxed)))
+     * holds it (mps.c), unless the tenant runs several (mps_sm_fraction) */
+    if (unlikely(limits->isolation_mode == FCSP_MODE_NONE))
+        return cap;
+    if (unlikely(atomic_load_explicit(&shim_mps_capped_centi, memory_order_relaxed)) &&
+        !mps_sm_fraction(limits, entry))
         return cap;
     struct fcsp_limits_device *d = (struct fcsp_limits_device *)&limits->device[entry];
     uint32_t share = atomic_load_explicit(&d->sm_effective_centi, memory_order_relaxed);
@@ -244,8 +277,8 @@ static void true_up(const struct calib_true_up *up)
     if (share >= FCSP_WHOLE_GPU_CENTI)
         return;
     uint64_t now = shim_monotonic_ns();
-    gpu_ns = gpu_ns > 0 ? (int64_t)at_reference_clock(entry, (uint64_t)gpu_ns, now)
-                        : -(int64_t)at_reference_clock(entry, (uint64_t)-gpu_ns, now);
+    gpu_ns = gpu_ns > 0 ? (int64_t)gpu_time(entry, (uint64_t)gpu_ns, now)
+                        : -(int64_t)gpu_time(entry, (uint64_t)-gpu_ns, now);
     int64_t tokens = gpu_ns * (int64_t)FCSP_WHOLE_GPU_CENTI / (int64_t)share;
     struct fcsp_usage_device *u = &shim.usage->device[entry];
     if (up->held_from_ns) {
@@ -611,7 +644,7 @@ void shim_compute_charge(struct compute_launch *l, int entry, uint64_t key, CUst
     uint64_t now = shim_monotonic_ns();
     bool sample = false;
     uint32_t index = 0;
-    uint64_t cost = at_reference_clock(entry, shim_calib_cost(key, now, &sample, &index), now);
+    uint64_t cost = gpu_time(entry, shim_calib_cost(key, now, &sample, &index), now);
     uint64_t tokens = cost * FCSP_WHOLE_GPU_CENTI / share;
     struct turn turn;
     bool turns = turn_in_force(entry, now, &turn);

@@ -222,7 +222,14 @@ struct fcsp_limits_device {
     /* FCSP_MEM_SPILL: how far past the quota, see fcsp_mem_spill(). */
     uint64_t mem_spill_bytes;
     uint32_t mem_spill_centi;
-    uint32_t reserved;
+    /*
+     * MPS only: how many of the tenant's processes the observer sees as clients of this
+     * GPU's MPS server.  MPS caps each client's SMs, not the tenant's: with more than one,
+     * a shim whose thread percentage holds its share also counts its kernel time at that
+     * percentage against the share (compute.c).  Written like sm_effective_centi (one
+     * aligned store, outside the seqlock); 0: none seen (or no observer).
+     */
+    _Atomic uint32_t mps_processes;
 };
 
 struct fcsp_limits {
@@ -230,8 +237,8 @@ struct fcsp_limits {
     uint32_t version;              /* FCSP_SLOT_VERSION */
     uint32_t size;                 /* sizeof(struct fcsp_limits) */
     /*
-     * Seqlock over every field below except sm_effective_centi,
-     * clock_scale_centi, turn and observer_heartbeat_ns: odd while the host writes, bumped
+     * Seqlock over every field below except sm_effective_centi, clock_scale_centi,
+     * turn, mps_processes and observer_heartbeat_ns: odd while the host writes, bumped
      * before and after.  Readers retry until they see the same even value twice.
      */
     _Atomic uint32_t seq;

@@ -36,7 +36,7 @@
 
 #define MPS_CONTROL_SOCKET "control"
 
-_Atomic bool shim_mps_thread_capped;
+_Atomic uint32_t shim_mps_capped_centi;
 
 /* What the slot grants this process, fixed in the constructor. */
 static struct {
@@ -89,21 +89,27 @@ static uint64_t own_pinned_limit(void)
     return shim_parse_size(first, &limit) == 0 ? limit.bytes : 0;
 }
 
+/* The percentage in force, 1/100 %, if it holds the tenant's share; else 0. */
+static uint32_t holding_share(uint32_t centi)
+{
+    return plan.share_in_hardware && centi <= plan.share ? centi : 0;
+}
+
 /*
  * The thread percentage: the tenant's own if it is lower, else the slot's.  Returns
- * whether the percentage now in force holds the tenant's share.
+ * the percentage now in force, 1/100 %, if it holds the tenant's share; else 0.
  */
-static bool set_thread_percentage(void)
+static uint32_t set_thread_percentage(void)
 {
     uint32_t pct = (plan.centi + 99) / 100;
     double own = own_percentage();
-    if (own > 0 && own <= pct)
-        return plan.share_in_hardware && own * 100 <= plan.share; /* the tenant asked for less */
+    if (own > 0 && own <= pct) /* the tenant asked for less */
+        return holding_share(own * 100 >= 1 ? (uint32_t)(own * 100) : 1);
     char text[16];
     snprintf(text, sizeof(text), "%u", pct);
     if (setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", text, 1) != 0)
-        return false;
-    return plan.share_in_hardware && plan.centi <= plan.share;
+        return 0;
+    return holding_share(plan.centi);
 }
 
 /* The pinned-memory fence: the tenant's own if it is lower, else the quota. */
@@ -120,25 +126,25 @@ static void set_pinned_limit(void)
 }
 
 /*
- * Put the slot's values in force; returns whether the thread percentage the driver will
- * read holds the share.  Without the daemon's socket the driver runs the process
- * time-sliced, outside any MPS limit.
+ * Put the slot's values in force; returns the thread percentage the driver will read,
+ * 1/100 %, if it holds the share, else 0.  Without the daemon's socket the driver runs
+ * the process time-sliced, outside any MPS limit.
  */
-static bool apply(void)
+static uint32_t apply(void)
 {
     if (!is_socket(plan.control)) {
         if (!warned_socket) /* the daemon is down or restarting */
             shim_log(LOG_WARN, "MPS backend, but %s is not a socket: this process is time-sliced",
                      plan.control);
         warned_socket = true;
-        return false;
+        return 0;
     }
     const char *pipe = getenv("CUDA_MPS_PIPE_DIRECTORY");
     bool ok = (pipe && strcmp(pipe, plan.pipe) == 0) ||
               setenv("CUDA_MPS_PIPE_DIRECTORY", plan.pipe, 1) == 0;
-    bool capped = set_thread_percentage();
+    uint32_t capped = set_thread_percentage();
     set_pinned_limit();
-    return ok && capped;
+    return ok ? capped : 0;
 }
 
 void shim_mps_init(const struct fcsp_limits *limits, const char *slot_dir)
@@ -184,14 +190,14 @@ void shim_mps_before_init(void)
     if (!plan.on)
         return;
     pthread_mutex_lock(&mps_lock);
-    bool capped = apply();
+    uint32_t capped = apply();
     if (!decided) {
         decided = true;
-        capped = capped && !driver_initialised();
-    } else {
-        capped = capped && atomic_load_explicit(&shim_mps_thread_capped, memory_order_relaxed);
+        capped = driver_initialised() ? 0 : capped;
+    } else if (!atomic_load_explicit(&shim_mps_capped_centi, memory_order_relaxed)) {
+        capped = 0;
     }
-    atomic_store_explicit(&shim_mps_thread_capped, capped, memory_order_relaxed);
+    atomic_store_explicit(&shim_mps_capped_centi, capped, memory_order_relaxed);
     pthread_mutex_unlock(&mps_lock);
 }
 
@@ -201,10 +207,11 @@ void shim_mps_before_context(void)
         return;
     pthread_mutex_lock(&mps_lock);
     /* A context made before the shim saw cuInit: the driver was initialised around it. */
-    bool capped = apply() && decided &&
-                  atomic_load_explicit(&shim_mps_thread_capped, memory_order_relaxed);
+    uint32_t capped = apply();
+    if (!decided || !atomic_load_explicit(&shim_mps_capped_centi, memory_order_relaxed))
+        capped = 0;
     decided = true;
-    atomic_store_explicit(&shim_mps_thread_capped, capped, memory_order_relaxed);
+    atomic_store_explicit(&shim_mps_capped_centi, capped, memory_order_relaxed);
     pthread_mutex_unlock(&mps_lock);
 }
 

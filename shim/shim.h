@@ -209,10 +209,10 @@ int shim_fstat(int fd, struct stat *st);
 /* ---- mps.c: the MPS backend, set up before the driver initialises ---------- */
 
 /*
- * True when the MPS thread percentage in force holds this process's share (strict,
- * latency): decided when CUDA initialises, false until then.
+ * The MPS thread percentage in force, 1/100 %, when it holds this process's share
+ * (strict, latency): decided when CUDA initialises, 0 until then and otherwise.
  */
-extern _Atomic bool shim_mps_thread_capped;
+extern _Atomic uint32_t shim_mps_capped_centi;
 void shim_mps_init(const struct fcsp_limits *limits, const char *slot_dir);
 /* Right before the driver reads CUDA_MPS_*: in cuInit, and before it creates a context. */
 void shim_mps_before_init(void);

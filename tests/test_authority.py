@@ -27,7 +27,7 @@ import pytest
 
 from fcsp_hook import cgroups, mps, procfs
 from fcsp_hook.ctl import status as ctl_status
-from fcsp_hook.slot import abi, files
+from fcsp_hook.slot import abi, files, live
 from tests.cgroup import fresh_cgroup
 from tests.observer.scene import UsageWriter
 from tests.shim.harness import PROG_DIR, SHIM, SIM_DIR, build, read_until_ready, sim_uuid
@@ -187,15 +187,16 @@ def test_memory_past_the_quota_is_stopped_however_the_tenant_hides(
     assert "over memory quota: processes killed" in host.log_text()
 
 
-def _driver_share(host: Host, pid: int, seconds: int) -> subprocess.Popen[str]:
-    """A probe that prints the percent of the GPU's time the process ran over the next
-    seconds, by NVML's count: the mean of its 200 ms samples, as the driver gives them, those
-    of the samples that end while it is frozen included (the driver keeps none)."""
+def _driver_share(host: Host, pids: list[int], seconds: int) -> subprocess.Popen[str]:
+    """A probe that prints the percent of the GPU's time the processes ran over the next
+    seconds, by NVML's count: the mean of their 200 ms samples, as the driver gives them,
+    those of the samples that end while they are frozen included (the driver keeps none)."""
     probe = (
         "import sys, time, pynvml\n"
         "pynvml.nvmlInit()\n"
         "h = pynvml.nvmlDeviceGetHandleByIndex(0)\n"
-        "pid, n, seen, got = int(sys.argv[1]), int(sys.argv[2]), 0, []\n"
+        "n, seen, got = int(sys.argv[1]), 0, []\n"
+        "pids = {int(p) for p in sys.argv[2:]}\n"
         "while len(got) < n:\n"
         "    try:\n"
         "        s = pynvml.nvmlDeviceGetProcessUtilization(h, seen)\n"
@@ -203,12 +204,12 @@ def _driver_share(host: Host, pid: int, seconds: int) -> subprocess.Popen[str]:
         "        s = []\n"
         "    if s and max(x.timeStamp for x in s) > seen:\n"
         "        seen = max(x.timeStamp for x in s)\n"
-        "        got.append(sum(x.smUtil for x in s if x.pid == pid))\n"
+        "        got.append(sum(x.smUtil for x in s if x.pid in pids))\n"
         "    time.sleep(0.05)\n"
         "print(sum(got) / n)\n"
     )
     return subprocess.Popen(
-        [sys.executable, "-c", probe, str(pid), str(seconds * 5)],
+        [sys.executable, "-c", probe, str(seconds * 5), *map(str, pids)],
         env={**sim_env(host), "PATH": "/usr/bin:/bin", "FCSP_SIM_NVML_SEES_FROZEN": "1"},
         stdout=subprocess.PIPE,
         text=True,
@@ -266,7 +267,7 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
             proc.stdin.flush()
         wait_for("held by the host", lambda: _held(host, "greedy") > 0 == _held(host, "honest"))
         time.sleep(6)  # a window held: what it is held to, not the first guess
-        probe = _driver_share(host, greedy.pid, 5)
+        probe = _driver_share(host, [greedy.pid], 5)
         honest_held = []
         while probe.poll() is None:  # a whole window held
             honest_held.append(_held(host, "honest"))
@@ -329,7 +330,7 @@ def test_an_mps_tenant_that_runs_outside_mps_is_held_by_time(
             assert named("greedy", "outside_mps_host_pids") == [greedy.pid]
             assert named("honest", "mps_client_host_pids") == [honest.pid]
             time.sleep(6)  # a window held: what it is held to, not the first guess
-            probe = _driver_share(host, greedy.pid, 5)
+            probe = _driver_share(host, [greedy.pid], 5)
             honest_held = []
             while probe.poll() is None:
                 honest_held.append(_held(host, "honest"))
@@ -338,6 +339,60 @@ def test_an_mps_tenant_that_runs_outside_mps_is_held_by_time(
             assert max(honest_held) == 0 and honest.poll() is None
             other.set_frozen(False)
             honest_tenant.stop()
+    finally:
+        host.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_several_mps_processes_of_a_tenant_are_held_to_its_share_together(
+    group: cgroups.Cgroup, tenants: list[Tenant]
+) -> None:
+    """Strict 30 % on an MPS GPU: MPS caps each process's SMs, not the tenant's, so three
+    busy processes would run 30 % each.  The observer publishes how many MPS processes the
+    tenant has, and their shims hold the three to 30 % together, within 5 points over 5 s
+    by the driver's count; one process alone runs its 30 %, not slowed by the shim."""
+    build()
+    root = Path(tempfile.mkdtemp(prefix="fcsp-auth-", dir="/tmp"))  # socket paths: short
+    host = Host(root)
+    try:
+        host.write_config("nvml_interval_ms = 1000\nprocess_allowance_mib = 64\n")
+        with host.config.open("a") as config:
+            config.write(f'[backend]\ngpus = {{ "0" = "mps" }}\nmps_control = "{SIM_CONTROL}"\n')
+        tenant = Tenant(
+            host,
+            "three",
+            group,
+            uuid=sim_uuid(0),
+            sm=3000,
+            mode=abi.IsolationMode.STRICT,
+            backend=abi.Backend.MPS,
+        )
+        tenants.append(tenant)
+        host.start(env=sim_env(host))
+        wait_for("the GPU's MPS daemon", lambda: mps.ready(host.run_dir, sim_uuid(0)))
+        (tenant.slot / abi.MPS_DIR).symlink_to(mps.client_dir(host.run_dir, sim_uuid(0)))
+        limits = live.LimitsMap(tenant.slot / abi.LIMITS_FILE)
+
+        def run() -> subprocess.Popen[str]:
+            proc = tenant.client(
+                "init", "func", "k_200us", "wait", "run", "kernel", "0", "60", shim=True
+            )
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            return proc
+
+        first = run()
+        wait_for("one MPS process seen", lambda: limits.mps_processes(0) == 1)
+        alone = float(_driver_share(host, [first.pid], 3).communicate()[0])
+        procs = [first, run(), run()]
+        wait_for("three MPS processes seen", lambda: limits.mps_processes(0) == 3)
+        time.sleep(1)
+        together = float(_driver_share(host, [p.pid for p in procs], 5).communicate()[0])
+        limits.close()
+        assert alone >= 30 - 5
+        assert 30 - 5 <= together <= 30 + 5
+        assert all(p.poll() is None for p in procs)
     finally:
         host.stop_all()
         shutil.rmtree(root, ignore_errors=True)

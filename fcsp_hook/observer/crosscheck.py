@@ -9,7 +9,9 @@ driver by observer.contexts, and [observer] process_allowance_mib for the module
 driver loads), past it the processes stopped until the tenant is within it
 ([observer] over_quota_action = "kill"; "warn" only logs); processes that run without the
 shim (static or musl binaries), processes of an MPS tenant outside MPS, and a tenant whose
-share MPS holds per process with several processes in MPS, reported.
+share MPS holds per process with several processes in MPS, reported; the number of a
+tenant's MPS processes is published in its limits, where its shims hold several to the
+share together.
 nvml.cross_check is the pure part.
 """
 
@@ -86,6 +88,11 @@ class CrossCheck(Duty):
                     host_pids=clients,
                 )
             tenant.mps_clients = clients
+            for i, device in enumerate(tenant.devices):
+                # Its shims count their kernel time against the share while it has several.
+                count = len(clients) if device.grant.backend == abi.Backend.MPS else 0
+                if tenant.limits.mps_processes(i) != count:
+                    tenant.limits.set_mps_processes(i, count)
         now_over = set()
         for over in result.over_quota:
             key = (over.container_id, over.gpu)

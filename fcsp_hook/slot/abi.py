@@ -101,7 +101,7 @@ class LimitsDevice(ctypes.Structure):
         ("turn", u64),
         ("mem_spill_bytes", u64),
         ("mem_spill_centi", u32),
-        ("reserved", u32),
+        ("mps_processes", u32),
     )
 
 

@@ -4,12 +4,13 @@ fcsp_hook.slot.files creates and removes slots with whole-file writes; this modu
 writes them in place, the way the shim sees them:
 
 - limits is mapped read-write (only the host can write it: inside the container it is a
-  read-only mount).  sm_effective_centi and observer_heartbeat_ns are single aligned
-  stores outside the seqlock; every other field is written under the seqlock `seq`
-  (odd while writing) with `generation` bumped, and read by retrying until `seq` is
-  the same even value before and after the copy.  Host-side writers of seqlocked
-  fields serialise on a lock file of their own (files.lock_path), never on the limits
-  file: a tenant can open its read-only limits and hold flock on it forever.
+  read-only mount).  sm_effective_centi, clock_scale_centi, turn, mps_processes and
+  observer_heartbeat_ns are single aligned stores outside the seqlock; every other
+  field is written under the seqlock `seq` (odd while writing) with `generation` bumped,
+  and read by retrying until `seq` is the same even value before and after the copy.
+  Host-side writers of seqlocked fields serialise on a lock file of their own
+  (files.lock_path), never on the limits file: a tenant can open its read-only limits
+  and hold flock on it forever.
 - usage belongs to the tenant, which can truncate or rewrite it at will: it is never
   mapped (a truncated mapping would SIGBUS the observer), only pread, and every value
   read from it is bounded by the caller.
@@ -47,6 +48,7 @@ _GENERATION_WORD = abi.Limits.generation.offset // 8
 _HEARTBEAT_WORD = abi.Limits.observer_heartbeat_ns.offset // 8
 _EFFECTIVE_WORD = (abi.Limits.device.offset + abi.LimitsDevice.sm_effective_centi.offset) // 4
 _CLOCK_WORD = (abi.Limits.device.offset + abi.LimitsDevice.clock_scale_centi.offset) // 4
+_MPS_PROCESSES_WORD = (abi.Limits.device.offset + abi.LimitsDevice.mps_processes.offset) // 4
 _DEVICE_WORDS = ctypes.sizeof(abi.LimitsDevice) // 4
 _TURN_WORD = (abi.Limits.device.offset + abi.LimitsDevice.turn.offset) // 8
 _DEVICE_WORDS64 = ctypes.sizeof(abi.LimitsDevice) // 8
@@ -159,6 +161,13 @@ class LimitsMap:
 
     def clock_scale(self, index: int) -> int:
         return self._u32[_CLOCK_WORD + index * _DEVICE_WORDS]
+
+    def set_mps_processes(self, index: int, count: int) -> None:
+        """One aligned 32-bit store, like set_effective: the tenant's MPS clients seen."""
+        self._u32[_MPS_PROCESSES_WORD + index * _DEVICE_WORDS] = count
+
+    def mps_processes(self, index: int) -> int:
+        return self._u32[_MPS_PROCESSES_WORD + index * _DEVICE_WORDS]
 
     def set_turn(self, index: int, word: int) -> None:
         """One aligned 64-bit store of abi.pack_turn's word; 0: no turns."""

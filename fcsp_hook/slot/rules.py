@@ -1,12 +1,14 @@
 """The rules of the slot's live words: what the host writes into a tenant's limits while it
 runs, and what each value means to the shim.  shim/fcsp_slot.h states the same rules for
 the C side; on the host side this module is the one place that applies them: the hook
-(a new slot), the observer (shares, turns, clocks, the heartbeat) and `fcspctl set`.
+(a new slot), the observer (shares, turns, clocks, MPS processes, the heartbeat) and
+`fcspctl set`.
 
 - sm_effective_centi, the share in force: 0 means "unset" to the shim, which then runs on
   its request, so a share is never written as 0 (the least is MIN_SHARE_CENTI).  A new
   slot carries the request there; so does a changed request while no observer runs.
-- clock_scale_centi: 0 = no scaling.  turn: 0 = no turns.
+- clock_scale_centi: 0 = no scaling.  turn: 0 = no turns.  mps_processes: the tenant's
+  MPS clients the host sees on the GPU; 0 = none seen.
 - observer_heartbeat_ns: CLOCK_MONOTONIC of the observer's last tick; 0 = no observer.
   Older than OBSERVER_STALE_NS, the observer is gone and the shims run on their requests.
 - The memory quota of a GPU: the smaller of the byte quota and the percentage of the

@@ -102,8 +102,12 @@ static int valid_device(CUdevice dev)
 /*
  * MPS: like the real driver, a process whose CUDA_MPS_PIPE_DIRECTORY holds a
  * control socket becomes a client of that daemon at cuInit.  The simulated
- * daemon (mps_control.c) logs the client with the limits it asked for.
+ * daemon (mps_control.c) logs the client with the limits it asked for and
+ * answers the thread percentage it granted: the client's kernels then run on
+ * that part of the SMs (sim_launch), beside the other clients'.
  */
+static _Atomic int mps_threads_pct = 100;
+
 static void mps_announce(void)
 {
     const char *dir = getenv("CUDA_MPS_PIPE_DIRECTORY");
@@ -121,9 +125,13 @@ static void mps_announce(void)
         int n = snprintf(line, sizeof(line), "client %d threads=%s pinned=%s\n", (int)getpid(),
                          threads ? threads : "-", pinned ? pinned : "-");
         if (n > 0 && write(fd, line, (size_t)n) > 0) {
-            char reply[16];
-            if (read(fd, reply, sizeof(reply)) > 0)
+            char reply[16] = {0};
+            int pct = 0;
+            if (read(fd, reply, sizeof(reply) - 1) > 0) {
                 sim_mark_mps_client();
+                if (sscanf(reply, "ok %d", &pct) == 1 && pct > 0 && pct < 100)
+                    atomic_store(&mps_threads_pct, pct);
+            }
         }
     }
     close(fd);
@@ -1371,7 +1379,10 @@ static void count_phases(uint64_t start, uint64_t end)
 /*
  * Every launch ends here.  Work that takes time goes on the device timeline
  * after whatever its stream already holds; the call itself returns once it is
- * submitted, as an asynchronous launch does.
+ * submitted, as an asynchronous launch does.  An MPS client held to part of the
+ * SMs takes the GPU's time its kernel needs, but the kernel ends no sooner than
+ * it would on that part alone: each client runs at most its percentage, and
+ * several clients together more.
  */
 static CUresult sim_launch(const char *variant, CUstream stream, int ptsz, uint64_t dur_ns)
 {
@@ -1392,6 +1403,9 @@ static CUresult sim_launch(const char *variant, CUstream stream, int ptsz, uint6
             dur_ns += event_gap_ns();
         uint64_t end = sim_timeline_run(dev, atomic_load(&st->ready_ns), dur_ns);
         count_phases(end - dur_ns, end);
+        int pct = atomic_load(&mps_threads_pct);
+        if (pct < 100 && end - dur_ns + dur_ns * 100 / (uint64_t)pct > end)
+            end = end - dur_ns + dur_ns * 100 / (uint64_t)pct;
         raise_to(&st->ready_ns, end);
         raise_to(&all_ready_ns, end);
     }

@@ -20,7 +20,8 @@
  * and takes the default thread percentage then; set_active_thread_percentage
  * changes it for the clients after.  A client gets the lower of what it asks
  * and its server's, as the real one does, logged as "CLIENT <pid> ACTIVE
- * THREADS <n>".  Faults are not modelled: tests append the real server's fault
+ * THREADS <n>" and answered, so that the client's kernels run on that part of
+ * the SMs (cuda_sim.c).  Faults are not modelled: tests append the real server's fault
  * line to server.log.
  */
 #include <errno.h>
@@ -118,9 +119,9 @@ static int serve(int fd, int privileged)
         int want = asked && sscanf(asked, "threads=%d", &pct) == 1 ? pct : 100;
         sscanf(line, "client %d", &pid);
         logf_("control.log", "NEW CLIENT %s", line + 7);
-        logf_("control.log", "CLIENT %d ACTIVE THREADS %d", pid,
-              want < server_threads ? want : server_threads);
-        snprintf(reply, sizeof(reply), "ok\n");
+        int granted = want < server_threads ? want : server_threads;
+        logf_("control.log", "CLIENT %d ACTIVE THREADS %d", pid, granted);
+        snprintf(reply, sizeof(reply), "ok %d\n", granted);
     } else if (strcmp(line, "quit") == 0 || strncmp(line, "set_", 4) == 0) {
         if (!privileged) {
             snprintf(reply, sizeof(reply), "Not enough privilege to execute %s command\n", line);
