@@ -322,18 +322,26 @@ def mps_attribution(
     ]
 
 
-def mps_processes(t: Tenants, slot: Path, solo: float, raw: dict[str, Any]) -> list[Any]:
+def mps_processes(t: Tenants, gpu: str, solo: float, raw: dict[str, Any]) -> list[Any]:
     """A strict 30 % MPS tenant's three busy processes, each with the shim, together: MPS
-    caps each client's SMs, not a tenant's."""
-    procs = [t.worker(None, slot, "mps-env", "100", "8") for _ in range(3)]
+    caps each client's SMs, not a tenant's; once the observer has counted them, their
+    shims hold them to the share together."""
+    threads = t.scene.mps_threads(
+        "mps-three", gpu, 3000, abi.IsolationMode.STRICT, abi.Priority.BEST_EFFORT
+    )
+    device = Device(uuid=gpu, sm_centi=3000, backend=abi.Backend.MPS, mps_threads_centi=threads)
+    slot, group = t.add("mps-three", 3000, device=device, mode=abi.IsolationMode.STRICT)
+    t.scene.link_mps(slot, gpu)
+    procs = [t.worker(group, slot, "matmul", "10") for _ in range(3)]
     for proc in procs:
         lines(proc)
     counts = [lines(proc).get("per_second", []) for proc in procs]
     raw["mps-three"] = counts
     return [
-        "MPS strict 30 %, three processes with the shim, together",
+        "MPS strict 30 %, three processes with the shim: share of its solo throughput "
+        "together, last 5 s",
         f"{sum(share(c, solo) for c in counts):.1f} %",
-        "MPS caps each process's SMs",
+        "MPS caps each process's SMs; the shims hold the three together",
     ]
 
 
@@ -411,7 +419,7 @@ def section_mps(raw: dict[str, Any], solo: float) -> list[list[Any]]:
                     ]
                 )
             try:  # failing, they leave the rows above
-                rows.append(mps_processes(t, slots["mps-shim"], solo, raw))
+                rows.append(mps_processes(t, gpu, solo, raw))
                 rows.append(mps_attribution(t, nv, gpu_info, slots))
                 rows.append(mps_outside(t, gpu, slots["mps-shim"], solo, raw))
             except Exception as exc:
