@@ -59,17 +59,21 @@ def test_a_writer_that_died_mid_update_is_detected_and_repaired(tmp_path: Path) 
 
 
 def test_live_fields_are_single_stores_visible_to_readers(tmp_path: Path) -> None:
-    """sm_effective_centi and the heartbeat land in the file at their ABI offsets."""
+    """sm_effective_centi, mps_processes and the heartbeat land in the file at their ABI
+    offsets."""
     directory = _slot(tmp_path)
     limits = live.LimitsMap(directory / abi.LIMITS_FILE)
     try:
         limits.set_effective(0, 4321)
+        limits.set_mps_processes(0, 3)
         limits.set_heartbeat(123456789)
     finally:
         limits.close()
     raw = (directory / abi.LIMITS_FILE).read_bytes()
     eff = abi.Limits.device.offset + abi.LimitsDevice.sm_effective_centi.offset
+    mps = abi.Limits.device.offset + abi.LimitsDevice.mps_processes.offset
     assert struct.unpack_from("<I", raw, eff)[0] == 4321
+    assert struct.unpack_from("<I", raw, mps)[0] == 3
     assert struct.unpack_from("<Q", raw, abi.Limits.observer_heartbeat_ns.offset)[0] == 123456789
 
 
