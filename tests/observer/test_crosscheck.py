@@ -14,7 +14,7 @@ import pytest
 from fcsp_hook import config, nvml
 from fcsp_hook.observer import crosscheck
 from fcsp_hook.observer.tenants import Tenants
-from fcsp_hook.slot import files
+from fcsp_hook.slot import abi, files
 from tests.observer.scene import GiB, Scene
 
 GPU = "GPU-00000000-0000-0000-0000-0000000000c2"
@@ -185,3 +185,19 @@ def test_the_mps_daemons_the_observer_started_are_nobodys(gpu_scene: Scene) -> N
     finally:
         child.kill()
         child.wait()
+
+
+def test_an_mps_tenants_clients_are_counted_into_its_limits(gpu_scene: Scene) -> None:
+    """The number of a tenant's MPS processes goes into its limits on its MPS GPU, where its
+    shims hold several to its share together; a time-sliced tenant's stays 0, and a count
+    that falls is written too."""
+    gpu_scene.add("mps", files.DeviceLimits(uuid=GPU, backend=abi.Backend.MPS))
+    gpu_scene.add("sliced", files.DeviceLimits(uuid=GPU))
+    gpu_scene.run(Tenants())
+    duty = crosscheck.CrossCheck()
+    three = nvml.CrossCheck(mps_clients={"mps": [11, 12, 13], "sliced": [21, 22]})
+    duty.apply(gpu_scene.state, three)
+    assert gpu_scene.tenant("mps").limits.mps_processes(0) == 3
+    assert gpu_scene.tenant("sliced").limits.mps_processes(0) == 0
+    duty.apply(gpu_scene.state, nvml.CrossCheck(mps_clients={"mps": [12]}))
+    assert gpu_scene.tenant("mps").limits.mps_processes(0) == 1
