@@ -304,12 +304,13 @@ class Backstop(Duty):
         used: dict[tuple[str, str], int],
     ) -> None:
         """A GPU's held tenants, by the whole GPU's samples since the last read less what
-        its quiet ones say the others use, split by the time each runs: the driver keeps no
-        per-process sample for a process frozen when the sample ends, and a held tenant
-        mostly is (on an H100, none at all for one frozen 0.9 of each second).  Not beside an
-        MPS server, whose clients keep the whole GPU busy: there its own samples stand."""
-        baseline = self.baseline(gpu.uuid, set(held))
-        if not held or baseline is None or _mps_served(state, gpu.uuid):
+        its quiet ones say the others use (others_use: a neighbour its shim holds at its
+        share takes that share while they run, though the driver reads it a little under),
+        split by the time each runs: the driver keeps no per-process sample for a process
+        frozen when the sample ends, and a held tenant mostly is (on an H100, none at all
+        for one frozen 0.9 of each second).  Not beside an MPS server, whose clients keep
+        the whole GPU busy: there its own samples stand."""
+        if not held or self.baseline(gpu.uuid, set(held)) is None or _mps_served(state, gpu.uuid):
             self.busy_since_us.pop(gpu.uuid, None)
             return
         since_us = self.busy_since_us.get(gpu.uuid)
@@ -318,7 +319,8 @@ class Backstop(Duty):
             self.busy_since_us[gpu.uuid] = samples[-1].at_us
         if since_us is None:
             return  # the driver's whole buffer: from the next read on
-        excess = max(statistics.mean(b.pct for b in samples) - baseline, 0.0) if samples else 0.0
+        others = self.others_use(state, gpu.uuid, set(held))
+        excess = max(statistics.mean(b.pct for b in samples) - others, 0.0) if samples else 0.0
         running = sum(1.0 - hold.duty for hold in held.values())
         for cid, hold in held.items():
             used[(cid, gpu.uuid)] = round(excess * (1.0 - hold.duty) / running)

@@ -585,8 +585,11 @@ def test_a_neighbour_at_its_share_counts_at_it_in_what_the_held_one_is_left(
 ) -> None:
     """Held beside a shimmed tenant at 40 % that the driver reads at 35 % while the greedy
     one is frozen (as an H100 read one that ran 42 % of its solo throughput): the greedy one
-    is left 60 %, not 65, so it is frozen at most a third of each period for its 40 %.  A
-    neighbour read at half its share counts as read."""
+    is left 60 %, not 65, so it is frozen at most a third of each period for its 40 %, and
+    charged the whole GPU's 78 % less those 40, not less 35.  A neighbour read at half its
+    share counts as read."""
+    scene.state.nv = nvml.Nvml(lambda: DriverSamples(scene, lambda pid, end: 0, lambda end: 78))
+    gpu = nvml.GpuInfo(0, "GPU-x", 0, 80 << 30)
     duty = Backstop()
     for _ in _two(scene, group, greedy_sm=4000, honest_sm=4000):
         held = {"greedy"}
@@ -597,6 +600,11 @@ def test_a_neighbour_at_its_share_counts_at_it_in_what_the_held_one_is_left(
         reading = R("greedy", "GPU-x", 40, 40, True)
         duty.adjust_hold(scene.state, "greedy", reading, True, scene.now_ns)
         assert duty.holds["greedy"].duty == pytest.approx(1 - 40 / 60)
+        used: dict[tuple[str, str], int] = {}
+        duty.charge_held(scene.state, gpu, duty.holds, used)
+        scene.now_ns += 200 * MS
+        duty.charge_held(scene.state, gpu, duty.holds, used)
+        assert used == {("greedy", "GPU-x"): 78 - 40}
         duty.quiet_history.clear()
         duty.record_quiet(_quiet(scene, held, {"honest": 20}, 20))
         assert duty.others_use(scene.state, "GPU-x", held) == pytest.approx(20)
