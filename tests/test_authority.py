@@ -54,6 +54,22 @@ def host(tmp_path: Path) -> Iterator[Host]:
     h.stop_all()
 
 
+@pytest.fixture
+def mps_host() -> Iterator[Host]:
+    """A host whose GPU is an MPS GPU, under /tmp: the daemon's socket paths must be short."""
+    build()
+    root = Path(tempfile.mkdtemp(prefix="fcsp-auth-", dir="/tmp"))
+    host = Host(root)
+    host.write_config("nvml_interval_ms = 1000\nprocess_allowance_mib = 64\n")
+    with host.config.open("a") as config:
+        config.write(f'[backend]\ngpus = {{ "0" = "mps" }}\nmps_control = "{SIM_CONTROL}"\n')
+    try:
+        yield host
+    finally:
+        host.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def sim_env(host: Host) -> dict[str, str]:
     return {
         "LD_LIBRARY_PATH": str(SIM_DIR),
@@ -290,7 +306,7 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
 
 
 def test_an_mps_tenant_that_runs_outside_mps_is_held_by_time(
-    group: cgroups.Cgroup, tenants: list[Tenant]
+    group: cgroups.Cgroup, tenants: list[Tenant], mps_host: Host
 ) -> None:
     """Strict 10 % on an MPS GPU, kernels launched as fast as the GPU runs them by a process
     that skips both the shim and MPS (a context of its own, time-sliced beside the MPS
@@ -298,104 +314,86 @@ def test_an_mps_tenant_that_runs_outside_mps_is_held_by_time(
     over 5 s.  A tenant whose MPS client is as busy under its shim is never frozen: the
     driver's per-process utilisation does not tell MPS clients apart, and the daemon caps
     their SMs."""
-    build()
-    root = Path(tempfile.mkdtemp(prefix="fcsp-auth-", dir="/tmp"))  # socket paths: short
-    host = Host(root)
-    try:
-        host.write_config("nvml_interval_ms = 1000\nprocess_allowance_mib = 64\n")
-        with host.config.open("a") as config:
-            config.write(f'[backend]\ngpus = {{ "0" = "mps" }}\nmps_control = "{SIM_CONTROL}"\n')
-        on_mps = {"sm": 1000, "mode": abi.IsolationMode.STRICT, "backend": abi.Backend.MPS}
-        greedy_tenant = Tenant(host, "greedy", group, uuid=sim_uuid(0), **on_mps)
-        tenants.append(greedy_tenant)
-        with fresh_cgroup() as other:
-            honest_tenant = Tenant(host, "honest", other, uuid=sim_uuid(0), **on_mps)
-            tenants.append(honest_tenant)
-            host.start(env=sim_env(host))
-            wait_for("the GPU's MPS daemon", lambda: mps.ready(host.run_dir, sim_uuid(0)))
-            (honest_tenant.slot / abi.MPS_DIR).symlink_to(mps.client_dir(host.run_dir, sim_uuid(0)))
-            run = ("init", "func", "k_200us", "wait", "run", "kernel", "0", "60")
-            greedy = greedy_tenant.client(*run)
-            honest = honest_tenant.client(*run, shim=True)
-            for proc in (greedy, honest):
-                assert proc.stdin is not None
-                proc.stdin.write("\n")
-                proc.stdin.flush()
+    host = mps_host
+    on_mps = {"sm": 1000, "mode": abi.IsolationMode.STRICT, "backend": abi.Backend.MPS}
+    greedy_tenant = Tenant(host, "greedy", group, uuid=sim_uuid(0), **on_mps)
+    tenants.append(greedy_tenant)
+    with fresh_cgroup() as other:
+        honest_tenant = Tenant(host, "honest", other, uuid=sim_uuid(0), **on_mps)
+        tenants.append(honest_tenant)
+        host.start(env=sim_env(host))
+        wait_for("the GPU's MPS daemon", lambda: mps.ready(host.run_dir, sim_uuid(0)))
+        (honest_tenant.slot / abi.MPS_DIR).symlink_to(mps.client_dir(host.run_dir, sim_uuid(0)))
+        run = ("init", "func", "k_200us", "wait", "run", "kernel", "0", "60")
+        greedy = greedy_tenant.client(*run)
+        honest = honest_tenant.client(*run, shim=True)
+        for proc in (greedy, honest):
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
 
-            def named(cid: str, key: str) -> list[object]:
-                value = _tenant_state(host, cid).get(key, [])
-                return value if isinstance(value, list) else []
+        def named(cid: str, key: str) -> list[object]:
+            value = _tenant_state(host, cid).get(key, [])
+            return value if isinstance(value, list) else []
 
-            wait_for("held by the host", lambda: _held(host, "greedy") > 0)
-            assert named("greedy", "outside_mps_host_pids") == [greedy.pid]
-            assert named("honest", "mps_client_host_pids") == [honest.pid]
-            time.sleep(6)  # a window held: what it is held to, not the first guess
-            probe = _driver_share(host, [greedy.pid], 5)
-            honest_held = []
-            while probe.poll() is None:
-                honest_held.append(_held(host, "honest"))
-                time.sleep(0.2)
-            assert float(probe.communicate()[0]) <= 10 + 5.0
-            assert max(honest_held) == 0 and honest.poll() is None
-            other.set_frozen(False)
-            honest_tenant.stop()
-    finally:
-        host.stop_all()
-        shutil.rmtree(root, ignore_errors=True)
+        wait_for("held by the host", lambda: _held(host, "greedy") > 0)
+        assert named("greedy", "outside_mps_host_pids") == [greedy.pid]
+        assert named("honest", "mps_client_host_pids") == [honest.pid]
+        time.sleep(6)  # a window held: what it is held to, not the first guess
+        probe = _driver_share(host, [greedy.pid], 5)
+        honest_held = []
+        while probe.poll() is None:
+            honest_held.append(_held(host, "honest"))
+            time.sleep(0.2)
+        assert float(probe.communicate()[0]) <= 10 + 5.0
+        assert max(honest_held) == 0 and honest.poll() is None
+        other.set_frozen(False)
+        honest_tenant.stop()
 
 
 def test_several_mps_processes_of_a_tenant_are_held_to_its_share_together(
-    group: cgroups.Cgroup, tenants: list[Tenant]
+    group: cgroups.Cgroup, tenants: list[Tenant], mps_host: Host
 ) -> None:
     """Strict 30 % on an MPS GPU: MPS caps each process's SMs, not the tenant's, so three
     busy processes would run 30 % each.  The observer publishes how many MPS processes the
     tenant has, and their shims hold the three to 30 % together, within 5 points over 5 s
     by the driver's count; one process alone runs its 30 %, not slowed by the shim."""
-    build()
-    root = Path(tempfile.mkdtemp(prefix="fcsp-auth-", dir="/tmp"))  # socket paths: short
-    host = Host(root)
-    try:
-        host.write_config("nvml_interval_ms = 1000\nprocess_allowance_mib = 64\n")
-        with host.config.open("a") as config:
-            config.write(f'[backend]\ngpus = {{ "0" = "mps" }}\nmps_control = "{SIM_CONTROL}"\n')
-        tenant = Tenant(
-            host,
-            "three",
-            group,
-            uuid=sim_uuid(0),
-            sm=3000,
-            mode=abi.IsolationMode.STRICT,
-            backend=abi.Backend.MPS,
+    host = mps_host
+    tenant = Tenant(
+        host,
+        "three",
+        group,
+        uuid=sim_uuid(0),
+        sm=3000,
+        mode=abi.IsolationMode.STRICT,
+        backend=abi.Backend.MPS,
+    )
+    tenants.append(tenant)
+    host.start(env=sim_env(host))
+    wait_for("the GPU's MPS daemon", lambda: mps.ready(host.run_dir, sim_uuid(0)))
+    (tenant.slot / abi.MPS_DIR).symlink_to(mps.client_dir(host.run_dir, sim_uuid(0)))
+    limits = live.LimitsMap(tenant.slot / abi.LIMITS_FILE)
+
+    def run() -> subprocess.Popen[str]:
+        proc = tenant.client(
+            "init", "func", "k_200us", "wait", "run", "kernel", "0", "60", shim=True
         )
-        tenants.append(tenant)
-        host.start(env=sim_env(host))
-        wait_for("the GPU's MPS daemon", lambda: mps.ready(host.run_dir, sim_uuid(0)))
-        (tenant.slot / abi.MPS_DIR).symlink_to(mps.client_dir(host.run_dir, sim_uuid(0)))
-        limits = live.LimitsMap(tenant.slot / abi.LIMITS_FILE)
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        return proc
 
-        def run() -> subprocess.Popen[str]:
-            proc = tenant.client(
-                "init", "func", "k_200us", "wait", "run", "kernel", "0", "60", shim=True
-            )
-            assert proc.stdin is not None
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            return proc
-
-        first = run()
-        wait_for("one MPS process seen", lambda: limits.mps_processes(0) == 1)
-        alone = float(_driver_share(host, [first.pid], 3).communicate()[0])
-        procs = [first, run(), run()]
-        wait_for("three MPS processes seen", lambda: limits.mps_processes(0) == 3)
-        time.sleep(1)
-        together = float(_driver_share(host, [p.pid for p in procs], 5).communicate()[0])
-        limits.close()
-        assert alone >= 30 - 5
-        assert 30 - 5 <= together <= 30 + 5
-        assert all(p.poll() is None for p in procs)
-    finally:
-        host.stop_all()
-        shutil.rmtree(root, ignore_errors=True)
+    first = run()
+    wait_for("one MPS process seen", lambda: limits.mps_processes(0) == 1)
+    alone = float(_driver_share(host, [first.pid], 3).communicate()[0])
+    procs = [first, run(), run()]
+    wait_for("three MPS processes seen", lambda: limits.mps_processes(0) == 3)
+    time.sleep(1)
+    together = float(_driver_share(host, [p.pid for p in procs], 5).communicate()[0])
+    limits.close()
+    assert alone >= 30 - 5
+    assert 30 - 5 <= together <= 30 + 5
+    assert all(p.poll() is None for p in procs)
 
 
 def _events(host: Host, event: str) -> list[dict[str, object]]:
