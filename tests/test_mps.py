@@ -695,7 +695,9 @@ def test_processes_outside_mps_and_several_inside_are_named(short_tmp: Path) -> 
             tenant = h.state().get("tenants", {}).get("t1", {})  # type: ignore[union-attr]
             return list(tenant.get(key, []))  # type: ignore[union-attr]
 
+        # flagged, maybe before the clients started: a later check counts them both
         wait_for("the process outside MPS is flagged", lambda: named("outside_mps_host_pids"))
+        wait_for("both MPS clients counted", lambda: len(named("mps_client_host_pids")) == 2)
         assert named("outside_mps_host_pids") == [direct.pid]
         assert sorted(named("mps_client_host_pids")) == sorted(c.pid for c in clients)
         assert "run outside MPS" in h.log_text()
