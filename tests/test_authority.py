@@ -301,6 +301,8 @@ def test_a_tenant_that_escapes_its_shim_is_held_to_its_share(
         lines = ctl_status.status_text(host.run_dir).splitlines()
         rows = {line.split()[0]: line for line in lines if line.strip()}
         assert "HELD" in rows["greedy"] and "HELD" not in rows["honest"]
+        assert isinstance(_tenant_state(host, "greedy").get("held_reading_pct"), int)
+        assert _tenant_state(host, "honest").get("held_reading_pct") is None
         other.set_frozen(False)
         honest_tenant.stop()
 

@@ -542,7 +542,7 @@ class Backstop(Duty):
         hold.duty = next_duty(0.0, worst.used_pct, worst.share_pct)
         hold.proven, hold.changed_ns = proven, now_ns
         tenant = state.tenants[cid]
-        tenant.held_pct = round(hold.duty * 100)
+        tenant.held_pct, tenant.held_reading_pct = round(hold.duty * 100), round(worst.used_pct)
         tenant.log.warning(
             "tenant above its share by the driver's count: frozen part of the time",
             used_pct=round(worst.used_pct), share_pct=worst.share_pct,
@@ -585,7 +585,7 @@ class Backstop(Duty):
         if hold.duty == 0.0:
             tenant.log.info("tenant back at its share: no longer frozen")
             self.save(state)
-        tenant.held_pct = round(hold.duty * 100)
+        tenant.held_pct, tenant.held_reading_pct = round(hold.duty * 100), round(worst.used_pct)
 
     def actuate(self, state: HostState, now_ns: int) -> None:
         """Freeze or thaw each held tenant for its part of the period; a period's length is

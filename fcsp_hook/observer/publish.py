@@ -129,6 +129,8 @@ def snapshot(state: HostState) -> dict[str, object]:
             "driver_used_pct": [d.driver_used_pct for d in t.devices],
             "driver_memory_bytes": [state.nvml_memory.get((cid, d.grant.gpu)) for d in t.devices],
             "held_pct": t.held_pct,
+            # what the hold follows: the tenant's reading over the last period, of the GPU
+            "held_reading_pct": t.held_reading_pct if t.held_pct else None,
             # Memory per device: the pressure level (None: no quota) and, in spill mode,
             # the bytes served from host memory and moved between it and the GPU.
             "pressure": [pressure_name(d.pressure) for d in t.devices],

@@ -100,6 +100,7 @@ class Tenant:
     # The container's cgroup as the hook recorded it: whose processes are the tenant's.
     cgroup: Cgroup | None = None
     held_pct: int = 0  # of the time the host backstop keeps it frozen
+    held_reading_pct: int = 0  # of the GPU: the reading its hold last followed
     # Kubernetes: its pod, namespace and container as the hook recorded them ('' elsewhere).
     pod: str = ""
     namespace: str = ""

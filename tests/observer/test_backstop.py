@@ -89,13 +89,15 @@ def test_the_duty_that_brings_a_tenant_to_its_share(
 
 
 def test_a_greedy_tenant_is_frozen_part_of_the_time(scene: Scene, group: cgroups.Cgroup) -> None:
-    """10 % strict, 100 % of the GPU by NVML's count: frozen 90 % of each period, its cgroup
-    recorded for a later observer; once it keeps to its share, thawed and released."""
+    """10 % strict, 100 % of the GPU by NVML's count: frozen 90 % of each period, the reading
+    it is held by published, its cgroup recorded for a later observer; once it keeps to its
+    share, thawed and released."""
     duty = Backstop()
     _tenant(scene, "greedy", group)
     _read(duty, scene, {"greedy": 100}, seconds=2)  # judged on two readings at least
     assert duty.holds["greedy"].duty == pytest.approx(0.9)
     assert scene.tenant("greedy").held_pct == 90
+    assert scene.tenant("greedy").held_reading_pct == 100
     assert scene.events("tenant above its share by the driver's count: frozen part of the time")
     recorded = json.loads((scene.run_dir / backstop.FROZEN_FILE).read_text())
     assert [cgroups.Cgroup.from_text(t) for t in recorded] == [group]
@@ -108,6 +110,7 @@ def test_a_greedy_tenant_is_frozen_part_of_the_time(scene: Scene, group: cgroups
     _read(duty, scene, {"greedy": 10}, seconds=6, quiet={})  # held at its share ...
     _read(duty, scene, {"greedy": 0}, seconds=10, quiet={})  # ... then idle: released
     assert duty.holds["greedy"].duty == 0.0 and scene.tenant("greedy").held_pct == 0
+    assert scene.tenant("greedy").held_reading_pct < 10 + 3
     duty.actuate(scene.state, 12 * backstop.PERIOD_NS)
     assert group.frozen() is False
     assert scene.events("tenant back at its share: no longer frozen")
