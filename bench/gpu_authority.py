@@ -132,6 +132,14 @@ def tenant_state(scene: Scene, name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def observed(scene: Scene, name: str) -> tuple[Any, int, Any]:
+    """What the observer says of a tenant now: NVML's percent for it on its GPU, the part of
+    the time it is held frozen, and the reading the hold follows."""
+    state = tenant_state(scene, name)
+    used = (state.get("driver_used_pct") or [None])[0]
+    return used, int(state.get("held_pct", 0) or 0), state.get("held_reading_pct")
+
+
 def section_contexts(t: Tenants, raw: dict[str, Any]) -> list[list[Any]]:
     nv = nvml.Nvml()
     gpu = nv.inventory()[0]
@@ -229,15 +237,12 @@ def section_compute(
         os.close(fd)
     lines(greedy), lines(honest)
     held = {bypassing: 0, honest_name: 0}
-    # what the observer saw of each, every 0.2 s: NVML's percent for it, and its hold
-    seen: dict[str, list[tuple[Any, Any]]] = {bypassing: [], honest_name: []}
+    seen: dict[str, list[tuple[Any, ...]]] = {bypassing: [], honest_name: []}  # every 0.2 s
     end = time.monotonic() + COMPUTE_S
     while time.monotonic() < end and greedy.poll() is None:
         for name, most in held.items():
-            state = tenant_state(scene, name)
-            held_pct = int(state.get("held_pct", 0) or 0)
-            held[name] = max(most, held_pct)
-            seen[name].append(((state.get("driver_used_pct") or [None])[0], held_pct))
+            seen[name].append(observed(scene, name))
+            held[name] = max(most, seen[name][-1][1])
         time.sleep(0.2)
     g, h = lines(greedy).get("per_second", []), lines(honest).get("per_second", [])
     for name in held:  # gone, as after poststop: no hold of theirs is left on the GPU
@@ -264,9 +269,9 @@ def section_compute(
     ]
 
 
-def frozen_note(most: int, seen: list[tuple[Any, Any]]) -> str:
+def frozen_note(most: int, seen: list[tuple[Any, ...]]) -> str:
     """How much of the time a tenant was frozen at most, and when (seen: every 0.2 s)."""
-    held_s = [i * 0.2 for i, (_, held_pct) in enumerate(seen) if held_pct]
+    held_s = [i * 0.2 for i, (_, held_pct, *_) in enumerate(seen) if held_pct]
     if not held_s:
         return "never frozen"
     return f"frozen up to {most} % of the time, {held_s[0]:.0f}-{held_s[-1]:.0f} s after the start"
@@ -359,10 +364,7 @@ def mps_outside(t: Tenants, gpu: str, busy: Path, solo: float, raw: dict[str, An
     seen = []
     end = time.monotonic() + COMPUTE_S
     while time.monotonic() < end and outside.poll() is None:
-        state = tenant_state(t.scene, "mps-outside")
-        seen.append(
-            ((state.get("driver_used_pct") or [None])[0], int(state.get("held_pct", 0) or 0))
-        )
+        seen.append(observed(t.scene, "mps-outside"))
         time.sleep(0.2)
     counts, beside = lines(outside).get("per_second", []), lines(client).get("per_second", [])
     raw["mps-outside"] = {"outside": counts, "client": beside, "seen": seen}
@@ -370,7 +372,7 @@ def mps_outside(t: Tenants, gpu: str, busy: Path, solo: float, raw: dict[str, An
         "MPS strict 10 %, a process outside both the shim and MPS: share of its solo "
         "throughput, last 5 s",
         f"{share(counts, solo):.1f} %",
-        f"{frozen_note(max((h for _, h in seen), default=0), seen)}; "
+        f"{frozen_note(max((h for _, h, _ in seen), default=0), seen)}; "
         f"the MPS client beside it {share(beside, solo):.1f} %",
     ]
 
