@@ -310,7 +310,8 @@ class Backstop(Duty):
         frozen when the sample ends, and a held tenant mostly is (on an H100, none at all
         for one frozen 0.9 of each second).  Not beside an MPS server, whose clients keep
         the whole GPU busy: there its own samples stand."""
-        if not held or self.baseline(gpu.uuid, set(held)) is None or _mps_served(state, gpu.uuid):
+        others = self.others_use(state, gpu.uuid, set(held)) if held else None
+        if others is None or _mps_served(state, gpu.uuid):
             self.busy_since_us.pop(gpu.uuid, None)
             return
         since_us = self.busy_since_us.get(gpu.uuid)
@@ -319,7 +320,6 @@ class Backstop(Duty):
             self.busy_since_us[gpu.uuid] = samples[-1].at_us
         if since_us is None:
             return  # the driver's whole buffer: from the next read on
-        others = self.others_use(state, gpu.uuid, set(held))
         excess = max(statistics.mean(b.pct for b in samples) - others, 0.0) if samples else 0.0
         running = sum(1.0 - hold.duty for hold in held.values())
         for cid, hold in held.items():
@@ -380,15 +380,16 @@ class Backstop(Duty):
         busy = [q.busy_pct for q in self.quiet_readings(gpu, held) if q.busy_pct is not None]
         return statistics.mean(busy) if busy else None
 
-    def others_use(self, state: HostState, gpu: str, held: set[str]) -> float:
+    def others_use(self, state: HostState, gpu: str, held: set[str]) -> float | None:
         """What the tenants not held on a GPU use there, by its quiet readings with these
         held: the whole GPU's, or their own summed if more, where a limited tenant read at
         AT_SHARE of its share or more counts at its share.  Its shim holds it there, and the
         driver reads it a little under what it takes (on an H100, quiet readings of 35 % for
-        one at 40 % that ran 42 % of its solo throughput: bench/results/authority.md)."""
+        one at 40 % that ran 42 % of its solo throughput: bench/results/authority.md).
+        None: no quiet reading yet."""
         baseline = self.baseline(gpu, held)
         if baseline is None:
-            return 0.0
+            return None
         quiet = self.quiet_readings(gpu, held)
         theirs = 0.0
         for r in _readings(state, {}):
@@ -577,7 +578,7 @@ class Backstop(Duty):
             others = 0.0
             if not _mps_served(state, worst.gpu):
                 held = set(self.held_by_gpu(state).get(worst.gpu, {}))
-                others = self.others_use(state, worst.gpu, held)
+                others = self.others_use(state, worst.gpu, held) or 0.0
             free_pct = 100.0 - others
             duty = max(duty, min(1.0 - worst.share_pct / max(free_pct, worst.share_pct), MAX_DUTY))
         if duty != hold.duty:
