@@ -42,8 +42,10 @@ driver's per-process utilisation does not tell MPS clients apart, and the daemon
 SMs, so they count for nobody.  There the MPS server's clients keep the whole GPU busy,
 frozen or not, so a held tenant is read by its own samples alone, its periods long enough
 to run RUNNING_SEEN_NS (the driver keeps samples of it only while it runs), and it is
-frozen for all but its share of each period while one of them says it is busy: the driver
-counts its waiting for the server's time slices as its own, all of the time it runs.
+frozen for all but what it takes to run its share while one of them says it is busy: the
+driver counts its waiting for the server's time slices as its own, all of the time it runs,
+so it is charged the part of that time the server leaves it (half, while the server is busy
+all the time it is frozen).
 
 Freezing stops a tenant's processes, not the kernels already on the GPU: kernels that run
 for longer than a period are held only as far as the next launches wait.  A cgroup that
@@ -399,6 +401,16 @@ class Backstop(Duty):
                 theirs += r.share_pct if at_share else read
         return min(max(baseline, theirs), 100.0)
 
+    def beside_mps_server(self, state: HostState, gpu: str, held: set[str]) -> float:
+        """The part of a GPU's time a held tenant gets of the time it runs beside the MPS
+        server there: the GPU time-slices the server's context and its own, so a server
+        busy all the time its tenants are frozen (their quiet readings) takes half of it
+        (an H100: a 30 % MPS client ran 38.2 % of its solo throughput alone, 35.3-36.4 %
+        beside one that ran a tenth of the time; bench/results/authority.md).  All of it
+        until there is a quiet reading."""
+        busy = self.baseline(gpu, held)
+        return 1.0 - min(busy or 0.0, 50.0) / 100
+
     def held_by_gpu(self, state: HostState) -> dict[str, dict[str, Hold]]:
         """The holds in force, per GPU of their tenants."""
         held: dict[str, dict[str, Hold]] = {}
@@ -481,6 +493,13 @@ class Backstop(Duty):
             self.at_least_as_ran(r, since_ns, duty)
             for r in _readings(state, _mean(over, self.hold_period_ns))
             if r.cid == cid and r.judged
+        ]
+        held = self.held_by_gpu(state)
+        ran = [
+            replace(r, used_pct=r.used_pct * self.beside_mps_server(state, r.gpu, set(held[r.gpu])))
+            if _mps_served(state, r.gpu) and r.gpu in held
+            else r
+            for r in ran
         ]
         return max(ran, key=lambda r: r.used_pct - r.share_pct)
 
@@ -573,13 +592,12 @@ class Backstop(Duty):
             # tenant's count less than it ran, and too few to judge by alone
             # (bench/results/authority.md).  Beside an MPS server, what the others use
             # cannot be told from what it does (the server's clients keep the whole GPU
-            # busy, it frozen or not), and the driver counts its waiting for the server's
-            # time slices as its own: it counts as using all the time it runs.
-            others = 0.0
-            if not _mps_served(state, worst.gpu):
-                held = set(self.held_by_gpu(state).get(worst.gpu, {}))
-                others = self.others_use(state, worst.gpu, held) or 0.0
-            free_pct = 100.0 - others
+            # busy, it frozen or not): it is left what the server's time slices leave it.
+            held = set(self.held_by_gpu(state).get(worst.gpu, {}))
+            if _mps_served(state, worst.gpu):
+                free_pct = 100.0 * self.beside_mps_server(state, worst.gpu, held)
+            else:
+                free_pct = 100.0 - (self.others_use(state, worst.gpu, held) or 0.0)
             duty = max(duty, min(1.0 - worst.share_pct / max(free_pct, worst.share_pct), MAX_DUTY))
         if duty != hold.duty:
             hold.duty, hold.changed_ns = duty, now_ns

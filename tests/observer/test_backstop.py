@@ -15,6 +15,7 @@ import pytest
 from fcsp_hook import cgroups, nvml
 from fcsp_hook.observer import backstop
 from fcsp_hook.observer.backstop import Backstop
+from fcsp_hook.observer.mpsd import DaemonState
 from fcsp_hook.observer.tenants import Tenants
 from fcsp_hook.slot import abi, files
 from tests.cgroup import fresh_cgroup, join
@@ -374,6 +375,37 @@ def test_an_mps_tenant_is_read_by_its_processes_outside_mps(scene: Scene) -> Non
     scene.tenant("mps").outside_mps = [2]
     used = backstop._by_tenant(scene.state, "GPU-x", {1: 50, 2: 30, 3: 15, 4: 5, 9: 99})
     assert used == {"mps": 30, "sliced": 20}
+
+
+@pytest.mark.parametrize(("server_busy", "frozen"), [(100.0, 0.8), (20.0, 1 - 10 / 80), (0.0, 0.9)])
+def test_beside_a_busy_mps_server_a_held_tenant_is_charged_the_time_it_is_left(
+    scene: Scene, group: cgroups.Cgroup, server_busy: float, frozen: float
+) -> None:
+    """A strict 10 % MPS tenant's process outside MPS, held beside the MPS server: the GPU
+    time-slices the two contexts, and the driver counts the process's wait for the server's
+    slices as its own, all the time it runs (its own samples: 100 %).  With the server busy
+    all the time the tenant is frozen (its quiet readings), it runs half of the time it is
+    let run: charged 100 % of a fifth of each period at half, 10 %, and left frozen 0.8 of
+    each period, not 0.9 (which held an H100's to 4.2-4.8 % of its solo throughput).  A
+    server busy 20 % of the time leaves it 80 %; an idle one, all."""
+    scene.add(
+        "greedy",
+        files.DeviceLimits(uuid="GPU-x", sm_requested_centi=1000, backend=abi.Backend.MPS),
+        mode=abi.IsolationMode.STRICT,
+    )
+    (files.slot_path(scene.run_dir, "greedy") / cgroups.CGROUP_FILE).write_text(group.to_text())
+    scene.run(Tenants())
+    scene.state.backends["GPU-x"] = DaemonState("GPU-x", backend="mps", pid=1)
+    duty = Backstop()
+    duty.holds["greedy"] = backstop.Hold(readings=5, duty=frozen, changed_ns=scene.now_ns)
+    held = {"greedy"}
+    duty.record_quiet(_quiet(scene, held, {}, server_busy))
+    scene.now_ns += 2 * SECOND
+    duty.running.extend((scene.now_ns - i * 200 * MS, "greedy", "GPU-x", 100) for i in range(5))
+    worst = duty.worst_over_period(scene.state, "greedy", frozen, scene.now_ns)
+    assert worst.used_pct == pytest.approx(100 * (1 - frozen) * (1 - min(server_busy, 50) / 100))
+    duty.adjust_hold(scene.state, "greedy", worst, True, scene.now_ns)
+    assert duty.holds["greedy"].duty == pytest.approx(frozen)
 
 
 def test_a_period_keeps_the_length_it_started_with(scene: Scene, group: cgroups.Cgroup) -> None:
