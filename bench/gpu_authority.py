@@ -238,12 +238,15 @@ def section_compute(
     lines(greedy), lines(honest)
     held = {bypassing: 0, honest_name: 0}
     seen: dict[str, list[tuple[Any, ...]]] = {bypassing: [], honest_name: []}  # every 0.2 s
+    trace = Trace({greedy.pid: "greedy", honest.pid: "honest"}, greedy_group)
     end = time.monotonic() + COMPUTE_S
     while time.monotonic() < end and greedy.poll() is None:
         for name, most in held.items():
             seen[name].append(observed(scene, name))
             held[name] = max(most, seen[name][-1][1])
-        time.sleep(0.2)
+        for _ in range(4):
+            trace.read()
+            time.sleep(0.05)
     g, h = lines(greedy).get("per_second", []), lines(honest).get("per_second", [])
     for name in held:  # gone, as after poststop: no hold of theirs is left on the GPU
         scene.drop_slot(name)
@@ -253,6 +256,7 @@ def section_compute(
         "honest": h,
         "held": held,
         "seen": seen,
+        "trace": trace.taken,
     }
     return [
         [
@@ -267,6 +271,36 @@ def section_compute(
             frozen_note(held[honest_name], seen[honest_name]),
         ],
     ]
+
+
+class Trace:
+    """What the driver says of two tenants every 50 ms, beside whether the held one was
+    frozen: each process's samples (its newest after the last read: every one of them), the
+    whole GPU's, as (seconds since the start, NVML's clock in us, percent)."""
+
+    def __init__(self, roles: dict[int, str], held: cgroups.Cgroup) -> None:
+        self.nv = nvml.Nvml()
+        self.gpu = self.nv.inventory()[0]
+        self.roles, self.held, self.start = roles, held, time.monotonic()
+        _, self.since_us = self.nv.utilisation(self.gpu)
+        self.busy_since_us = self.since_us
+        self.seen_us: dict[int, int] = {}
+        self.taken: dict[str, list[tuple[float, int, int]]] = {"frozen": [], "busy": []}
+
+    def read(self) -> None:
+        now = round(time.monotonic() - self.start, 3)
+        self.taken["frozen"].append((now, 0, int(bool(self.held.frozen()))))
+        # each process's samples end at times of its own: asked from a sample before
+        samples, newest = self.nv.utilisation(self.gpu, max(self.since_us - nvml.SAMPLE_US, 1))
+        for pid, sample in samples.items():
+            if sample.at_us > self.seen_us.get(pid, 0):
+                self.seen_us[pid] = sample.at_us
+                role = self.roles.get(pid, str(pid))
+                self.taken.setdefault(role, []).append((now, sample.at_us, sample.pct))
+        self.since_us = max(self.since_us, newest)
+        for b in self.nv.busy(self.gpu, self.busy_since_us):
+            self.taken["busy"].append((now, b.at_us, b.pct))
+            self.busy_since_us = b.at_us
 
 
 def frozen_note(most: int, seen: list[tuple[Any, ...]]) -> str:
