@@ -21,7 +21,9 @@ the hook records it; fcsp-observer runs from this checkout with its defaults):
             processes at once; two clients at once: whom NVML's per-process
             utilisation names; a 10 % MPS tenant's process outside both the shim and
             MPS beside a busy MPS client: what the host's hold leaves it
-Writes $OUT/authority.md and $OUT/authority-raw.json.
+Writes $OUT/authority.md and $OUT/authority-raw.json (for the compute sections, what the
+observer said of each tenant every 0.2 s, and the driver's samples every 50 ms beside
+whether the held one was frozen: "seen" and "trace").
 """
 
 from __future__ import annotations
