@@ -28,13 +28,7 @@
 
 #define SIM_EXPORT __attribute__((visibility("default")))
 #define SIM_DRIVER_VERSION 13000
-/*
- * Work a stream may hold before a launch blocks.  The device's one timeline runs
- * everyone's work in the order it was queued, so this is also the longest a neighbour's
- * kernel waits behind it: a time-sliced GPU gives the neighbour's context the device
- * after a time slice instead (a few ms), whatever is queued.
- */
-#define SIM_QUEUE_NS 2000000ull
+#define SIM_QUEUE_NS 10000000ull /* work a stream may hold before a launch blocks */
 
 /* ---- call counters ---------------------------------------------------------------- */
 
