@@ -8,7 +8,8 @@ against the quota plus each process's allowance (its context, measured per GPU a
 driver by observer.contexts, and [observer] process_allowance_mib for the modules the
 driver loads), past it the processes stopped until the tenant is within it
 ([observer] over_quota_action = "kill"; "warn" only logs); processes that run without the
-shim (static or musl binaries), processes of an MPS tenant outside MPS, and a tenant whose
+shim (static or musl binaries; a process the tenant's records name counts as shimmed only
+if it maps FCSP's library: ShimMaps), processes of an MPS tenant outside MPS, and a tenant whose
 share MPS holds per process with several processes in MPS, reported; the number of a
 tenant's MPS processes is published in its limits, where its shims hold several to the
 share together.
@@ -18,8 +19,10 @@ nvml.cross_check is the pure part.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from fcsp_hook import config, mps, nvml
@@ -35,6 +38,7 @@ class CrossCheck(Duty):
     def __init__(self) -> None:
         self.over_quota: set[tuple[str, str]] = set()  # (container, GPU) warned about
         self.context_bytes: dict[str, int] = {}  # per GPU UUID, measured
+        self.shim_maps: ShimMaps | None = None
 
     def start(self, state: HostState) -> None:
         """Each GPU's bare context, from the state directory or measured now."""
@@ -60,7 +64,11 @@ class CrossCheck(Duty):
     def run(self, state: HostState, now_ns: int) -> None:
         extra = state.cfg.observer.process_allowance_mib << 20
         allowance = {g.uuid: self.context_bytes.get(g.uuid, 0) + extra for g in state.gpus}
-        result = nvml.cross_check(views(state), processes(state), state.members.get, allowance)
+        if self.shim_maps is None or self.shim_maps.library != state.cfg.hook.library:
+            self.shim_maps = ShimMaps(state.cfg.hook.library)
+        maps_shim = self.shim_maps.checker(set(state.members))
+        tenants = views(state, maps_shim)
+        result = nvml.cross_check(tenants, processes(state), state.members.get, allowance)
         self.apply(state, result)
 
     def apply(self, state: HostState, result: nvml.CrossCheck) -> None:
@@ -116,8 +124,72 @@ class CrossCheck(Duty):
         self.over_quota = now_over
 
 
-def views(state: HostState) -> list[nvml.TenantView]:
-    """What each tenant is granted and which of its pids report through the shim."""
+class ShimMaps:
+    """Which host processes map FCSP's library (the file the hook mounts into containers as
+    libvgpu.so), from /proc/<pid>/maps and the mapped file's content, which a tenant cannot
+    give a file of its own but by copying the library: a record of the shim that it forges
+    for a process without it does not make that process shimmed.  By content, not by device
+    and inode, which an overlay filesystem shows as its own or the file's below it."""
+
+    def __init__(self, library: Path) -> None:
+        self.library = library
+        self.known: tuple[int, int, bytes] | None = None  # size, mtime, digest
+        self.mapping: set[int] = set()  # host pids found to map it
+
+    def digest(self) -> tuple[int, bytes] | None:
+        """The library's size and digest; None where it is not there."""
+        try:
+            st = os.stat(self.library)
+            if self.known is None or self.known[:2] != (st.st_size, st.st_mtime_ns):
+                digest = hashlib.sha256(self.library.read_bytes()).digest()
+                self.known = (st.st_size, st.st_mtime_ns, digest)
+        except OSError:
+            return None
+        return self.known[0], self.known[2]
+
+    def checker(self, live: set[int]) -> Callable[[int], bool] | None:
+        """maps_shim for views, over the processes in live; None where the library is not
+        there: the tenants' records alone then say which processes run the shim."""
+        library = self.digest()
+        self.mapping &= live
+        if library is None:
+            return None
+        size, digest = library
+
+        def maps_it(host_pid: int) -> bool:
+            if host_pid not in self.mapping and _maps(host_pid, self.library.name, size, digest):
+                self.mapping.add(host_pid)
+            return host_pid in self.mapping
+
+        return maps_it
+
+
+def _maps(host_pid: int, name: str, size: int, digest: bytes) -> bool:
+    """Whether a process maps a file called name with this size and digest; True where its
+    maps cannot be read (it is gone: NVML no longer lists it either)."""
+    try:
+        lines = Path(f"/proc/{host_pid}/maps").read_text().splitlines()
+    except OSError:
+        return True
+    ranges = {f[0] for line in lines if len(f := line.split()) >= 6 and f[5].endswith("/" + name)}
+    for span in sorted(ranges):
+        try:
+            with open(f"/proc/{host_pid}/map_files/{span}", "rb") as mapped:
+                if os.fstat(mapped.fileno()).st_size != size:
+                    continue
+                if hashlib.sha256(mapped.read(size + 1)).digest() == digest:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def views(
+    state: HostState, maps_shim: Callable[[int], bool] | None = None
+) -> list[nvml.TenantView]:
+    """What each tenant is granted and which of its pids report through the shim: those its
+    records name that, where maps_shim can tell (ShimMaps), map FCSP's library."""
+    host_pid_of = {(cid, ns_pid): pid for pid, (cid, ns_pid) in state.members.items()}
     out = []
     for cid, tenant in state.tenants.items():
         quotas = {d.grant.gpu: state.memory_quota(d.grant) for d in tenant.devices}
@@ -125,6 +197,10 @@ def views(state: HostState) -> list[nvml.TenantView]:
             shimmed = frozenset(r.pid for r in tenant.usage.live_processes())
         except SlotError:
             shimmed = frozenset()
+        if maps_shim is not None:
+            shimmed = frozenset(
+                p for p in shimmed if (h := host_pid_of.get((cid, p))) is None or maps_shim(h)
+            )
         on_mps = frozenset(
             d.grant.gpu for d in tenant.devices if d.grant.backend == abi.Backend.MPS
         )

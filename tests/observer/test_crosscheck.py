@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,51 @@ def test_shimmed_pids_come_from_the_tenants_process_records(gpu_scene: Scene) ->
     gpu_scene.run(Tenants())
     (view,) = crosscheck.views(gpu_scene.state)
     assert view.shimmed_pids == frozenset({7, 9})
+
+
+def _mapping(path: Path) -> subprocess.Popen[str]:
+    """A process that maps the file at path, as the loader maps a library."""
+    code = (
+        "import mmap, sys, time\n"
+        "f = open(sys.argv[1], 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "print('mapped', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    argv = [sys.executable, "-c", code, str(path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "mapped"
+    return proc
+
+
+def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_path: Path) -> None:
+    """Of the processes the tenant's records name, shimmed are those that map FCSP's library:
+    the file the hook mounts (here a copy of it, as an overlay filesystem shows it), not a
+    file of the tenant's named libvgpu.so, nor nothing.  Where the library is not installed,
+    the records alone say."""
+    library = tmp_path / "lib" / "libvgpu.so"
+    library.parent.mkdir()
+    library.write_bytes(bytes(range(256)) * 64)
+    copy, other = tmp_path / "copy" / "libvgpu.so", tmp_path / "other" / "libvgpu.so"
+    for path, content in ((copy, library.read_bytes()), (other, bytes(16384))):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    (tmp_path / "data").write_bytes(library.read_bytes())
+    procs = [_mapping(copy), _mapping(other), _mapping(tmp_path / "data")]
+    try:
+        usage = gpu_scene.add("c", files.DeviceLimits(uuid=GPU))
+        for slot in range(len(procs)):
+            usage.process(slot, 100 + slot)
+        gpu_scene.run(Tenants())
+        gpu_scene.state.members = {p.pid: ("c", 100 + i) for i, p in enumerate(procs)}
+        maps = crosscheck.ShimMaps(library)
+        (view,) = crosscheck.views(gpu_scene.state, maps.checker(set(gpu_scene.state.members)))
+        assert view.shimmed_pids == frozenset({100})
+        assert crosscheck.ShimMaps(tmp_path / "absent.so").checker(set()) is None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_cross_check_flags_unshimmed_foreign_and_over_quota() -> None:
