@@ -164,11 +164,17 @@ class ShimMaps:
         return maps_it
 
 
+# Of a process's maps, read at most this: a tenant can give a process any number of
+# mappings, and one whose library lies past it counts as unshimmed, its own doing.
+MAPS_READ = 4 << 20
+
+
 def _maps(host_pid: int, name: str, size: int, digest: bytes) -> bool:
     """Whether a process maps a file called name with this size and digest; True where its
     maps cannot be read (it is gone: NVML no longer lists it either)."""
     try:
-        lines = Path(f"/proc/{host_pid}/maps").read_text().splitlines()
+        with open(f"/proc/{host_pid}/maps", "rb") as maps:
+            lines = maps.read(MAPS_READ).decode(errors="replace").splitlines()
     except OSError:
         return True
     ranges = {f[0] for line in lines if len(f := line.split()) >= 6 and f[5].endswith("/" + name)}
