@@ -23,6 +23,7 @@ import hashlib
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fcsp_hook import config, mps, nvml
@@ -124,40 +125,58 @@ class CrossCheck(Duty):
         self.over_quota = now_over
 
 
+@dataclass(frozen=True)
+class Library:
+    """FCSP's library, as a process's maps show it."""
+
+    name: str
+    device: str  # as /proc/<pid>/maps writes it: major:minor in hex
+    inode: str
+    size: int
+    digest: bytes
+    changed: tuple[int, int]  # size and mtime when read
+
+
 class ShimMaps:
     """Which host processes map FCSP's library (the file the hook mounts into containers as
-    libvgpu.so), from /proc/<pid>/maps and the mapped file's content, which a tenant cannot
-    give a file of its own but by copying the library: a record of the shim that it forges
-    for a process without it does not make that process shimmed.  By content, not by device
-    and inode, which an overlay filesystem shows as its own or the file's below it."""
+    libvgpu.so), from /proc/<pid>/maps, which a tenant cannot write: a record of the shim
+    that it forges for a process without it does not make that process shimmed.  The mapped
+    file is the library if its device and inode are the library's, or else (an overlay
+    filesystem can show those of the file below it) if its content is, where the mapped
+    file can be opened (/proc/<pid>/map_files takes CAP_SYS_ADMIN or
+    CAP_CHECKPOINT_RESTORE); a tenant can give a file of its own the content only by copying
+    the library."""
 
     def __init__(self, library: Path) -> None:
         self.library = library
-        self.known: tuple[int, int, bytes] | None = None  # size, mtime, digest
+        self.known: Library | None = None
         self.mapping: set[int] = set()  # host pids found to map it
 
-    def digest(self) -> tuple[int, bytes] | None:
-        """The library's size and digest; None where it is not there."""
+    def identity(self) -> Library | None:
+        """The library as a mapping shows it; None where it is not there."""
         try:
             st = os.stat(self.library)
-            if self.known is None or self.known[:2] != (st.st_size, st.st_mtime_ns):
+            if self.known is None or self.known.changed != (st.st_size, st.st_mtime_ns):
                 digest = hashlib.sha256(self.library.read_bytes()).digest()
-                self.known = (st.st_size, st.st_mtime_ns, digest)
+                device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+                self.known = Library(
+                    self.library.name, device, str(st.st_ino), st.st_size, digest,
+                    (st.st_size, st.st_mtime_ns),
+                )  # fmt: skip
         except OSError:
             return None
-        return self.known[0], self.known[2]
+        return self.known
 
     def checker(self, live: set[int]) -> Callable[[int], bool] | None:
         """maps_shim for views, over the processes in live; None where the library is not
         there: the tenants' records alone then say which processes run the shim."""
-        library = self.digest()
+        library = self.identity()
         self.mapping &= live
         if library is None:
             return None
-        size, digest = library
 
         def maps_it(host_pid: int) -> bool:
-            if host_pid not in self.mapping and _maps(host_pid, self.library.name, size, digest):
+            if host_pid not in self.mapping and _maps(host_pid, library):
                 self.mapping.add(host_pid)
             return host_pid in self.mapping
 
@@ -169,21 +188,25 @@ class ShimMaps:
 MAPS_READ = 4 << 20
 
 
-def _maps(host_pid: int, name: str, size: int, digest: bytes) -> bool:
-    """Whether a process maps a file called name with this size and digest; True where its
-    maps cannot be read (it is gone: NVML no longer lists it either)."""
+def _maps(host_pid: int, library: Library) -> bool:
+    """Whether a process maps the library; True where its maps cannot be read (it is gone:
+    NVML no longer lists it either)."""
     try:
         with open(f"/proc/{host_pid}/maps", "rb") as maps:
             lines = maps.read(MAPS_READ).decode(errors="replace").splitlines()
     except OSError:
         return True
-    ranges = {f[0] for line in lines if len(f := line.split()) >= 6 and f[5].endswith("/" + name)}
-    for span in sorted(ranges):
+    named = [
+        f for line in lines if len(f := line.split()) >= 6 and f[5].endswith("/" + library.name)
+    ]
+    if any(f[3] == library.device and f[4] == library.inode for f in named):
+        return True
+    for span in sorted({f[0] for f in named}):
         try:
             with open(f"/proc/{host_pid}/map_files/{span}", "rb") as mapped:
-                if os.fstat(mapped.fileno()).st_size != size:
+                if os.fstat(mapped.fileno()).st_size != library.size:
                     continue
-                if hashlib.sha256(mapped.read(size + 1)).digest() == digest:
+                if hashlib.sha256(mapped.read(library.size + 1)).digest() == library.digest:
                     return True
         except OSError:
             continue

@@ -81,9 +81,9 @@ def _mapping(path: Path) -> subprocess.Popen[str]:
 
 def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_path: Path) -> None:
     """Of the processes the tenant's records name, shimmed are those that map FCSP's library:
-    the file the hook mounts (here a copy of it, as an overlay filesystem shows it), not a
-    file of the tenant's named libvgpu.so, nor nothing.  Where the library is not installed,
-    the records alone say."""
+    the file the hook mounts, or one with its content (as an overlay filesystem can show
+    it), not a file of the tenant's named libvgpu.so, nor nothing.  Where the library is not
+    installed, the records alone say."""
     library = tmp_path / "lib" / "libvgpu.so"
     library.parent.mkdir()
     library.write_bytes(bytes(range(256)) * 64)
@@ -92,7 +92,7 @@ def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_p
         path.parent.mkdir()
         path.write_bytes(content)
     (tmp_path / "data").write_bytes(library.read_bytes())
-    procs = [_mapping(copy), _mapping(other), _mapping(tmp_path / "data")]
+    procs = [_mapping(copy), _mapping(other), _mapping(tmp_path / "data"), _mapping(library)]
     try:
         usage = gpu_scene.add("c", files.DeviceLimits(uuid=GPU))
         for slot in range(len(procs)):
@@ -101,7 +101,7 @@ def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_p
         gpu_scene.state.members = {p.pid: ("c", 100 + i) for i, p in enumerate(procs)}
         maps = crosscheck.ShimMaps(library)
         (view,) = crosscheck.views(gpu_scene.state, maps.checker(set(gpu_scene.state.members)))
-        assert view.shimmed_pids == frozenset({100})
+        assert view.shimmed_pids == frozenset({100, 103})
         assert crosscheck.ShimMaps(tmp_path / "absent.so").checker(set()) is None
     finally:
         for proc in procs:
