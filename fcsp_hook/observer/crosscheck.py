@@ -19,11 +19,12 @@ nvml.cross_check is the pure part.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from fcsp_hook import config, mps, nvml
@@ -66,7 +67,7 @@ class CrossCheck(Duty):
         extra = state.cfg.observer.process_allowance_mib << 20
         allowance = {g.uuid: self.context_bytes.get(g.uuid, 0) + extra for g in state.gpus}
         if self.shim_maps is None or self.shim_maps.library != state.cfg.hook.library:
-            self.shim_maps = ShimMaps(state.cfg.hook.library)
+            self.shim_maps = ShimMaps(state.cfg.hook.library, state.cfg.paths.state_dir)
         maps_shim = self.shim_maps.checker(set(state.members))
         tenants = views(state, maps_shim)
         result = nvml.cross_check(tenants, processes(state), state.members.get, allowance)
@@ -125,16 +126,18 @@ class CrossCheck(Duty):
         self.over_quota = now_over
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Library:
     """FCSP's library, as a process's maps show it."""
 
-    name: str
     device: str  # as /proc/<pid>/maps writes it: major:minor in hex
     inode: str
     size: int
-    digest: bytes
-    changed: tuple[int, int]  # size and mtime when read
+    digest: str  # sha256, hex
+
+
+LIBRARIES_FILE = "libraries.json"
+LIBRARIES_KEPT = 8
 
 
 class ShimMaps:
@@ -145,42 +148,63 @@ class ShimMaps:
     filesystem can show those of the file below it) if its content is, where the mapped
     file can be opened (/proc/<pid>/map_files takes CAP_SYS_ADMIN or
     CAP_CHECKPOINT_RESTORE); a tenant can give a file of its own the content only by copying
-    the library."""
+    the library.  The library as it was before an upgrade still counts (its containers
+    mapped it when they started): the last LIBRARIES_KEPT are kept in
+    <state_dir>/libraries.json."""
 
-    def __init__(self, library: Path) -> None:
-        self.library = library
-        self.known: Library | None = None
+    def __init__(self, library: Path, state_dir: Path) -> None:
+        self.library, self.state_dir = library, state_dir
+        self.read_as: tuple[int, int] | None = None  # the library's size and mtime, read
+        self.known: list[Library] = _load_libraries(state_dir)
         self.mapping: set[int] = set()  # host pids found to map it
 
-    def identity(self) -> Library | None:
-        """The library as a mapping shows it; None where it is not there."""
+    def identities(self) -> list[Library]:
+        """The library now and as it was before; [] where it is not there now."""
         try:
             st = os.stat(self.library)
-            if self.known is None or self.known.changed != (st.st_size, st.st_mtime_ns):
-                digest = hashlib.sha256(self.library.read_bytes()).digest()
+            if self.read_as != (st.st_size, st.st_mtime_ns):
+                digest = hashlib.sha256(self.library.read_bytes()).hexdigest()
                 device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
-                self.known = Library(
-                    self.library.name, device, str(st.st_ino), st.st_size, digest,
-                    (st.st_size, st.st_mtime_ns),
-                )  # fmt: skip
+                now = Library(device, str(st.st_ino), st.st_size, digest)
+                self.read_as = (st.st_size, st.st_mtime_ns)
+                if now not in self.known:
+                    self.known = [*self.known, now][-LIBRARIES_KEPT:]
+                    _save_libraries(self.state_dir, self.known)
         except OSError:
-            return None
+            return []
         return self.known
 
     def checker(self, live: set[int]) -> Callable[[int], bool] | None:
         """maps_shim for views, over the processes in live; None where the library is not
         there: the tenants' records alone then say which processes run the shim."""
-        library = self.identity()
+        libraries = self.identities()
         self.mapping &= live
-        if library is None:
+        if not libraries:
             return None
+        name = self.library.name
 
         def maps_it(host_pid: int) -> bool:
-            if host_pid not in self.mapping and _maps(host_pid, library):
+            if host_pid not in self.mapping and _maps(host_pid, name, libraries):
                 self.mapping.add(host_pid)
             return host_pid in self.mapping
 
         return maps_it
+
+
+def _load_libraries(state_dir: Path) -> list[Library]:
+    try:
+        doc = json.loads((state_dir / LIBRARIES_FILE).read_text()[: 1 << 16])
+        return [Library(**entry) for entry in doc][-LIBRARIES_KEPT:]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _save_libraries(state_dir: Path, libraries: list[Library]) -> None:
+    with contextlib.suppress(OSError):
+        state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = state_dir / f".{LIBRARIES_FILE}.tmp"
+        tmp.write_text(json.dumps([dataclasses.asdict(lib) for lib in libraries]))
+        os.replace(tmp, state_dir / LIBRARIES_FILE)
 
 
 # Of a process's maps, read at most this: a tenant can give a process any number of
@@ -188,26 +212,26 @@ class ShimMaps:
 MAPS_READ = 4 << 20
 
 
-def _maps(host_pid: int, library: Library) -> bool:
-    """Whether a process maps the library; True where its maps cannot be read (it is gone:
-    NVML no longer lists it either)."""
+def _maps(host_pid: int, name: str, libraries: list[Library]) -> bool:
+    """Whether a process maps a file called name that is one of the libraries; True where
+    its maps cannot be read (it is gone: NVML no longer lists it either)."""
     try:
         with open(f"/proc/{host_pid}/maps", "rb") as maps:
             lines = maps.read(MAPS_READ).decode(errors="replace").splitlines()
     except OSError:
         return True
-    named = [
-        f for line in lines if len(f := line.split()) >= 6 and f[5].endswith("/" + library.name)
-    ]
-    if any(f[3] == library.device and f[4] == library.inode for f in named):
+    named = [f for line in lines if len(f := line.split()) >= 6 and f[5].endswith("/" + name)]
+    if any((f[3], f[4]) == (lib.device, lib.inode) for f in named for lib in libraries):
         return True
+    digests = {(lib.size, lib.digest) for lib in libraries}
     for span in sorted({f[0] for f in named}):
         try:
             with open(f"/proc/{host_pid}/map_files/{span}", "rb") as mapped:
-                if os.fstat(mapped.fileno()).st_size != library.size:
-                    continue
-                if hashlib.sha256(mapped.read(library.size + 1)).digest() == library.digest:
-                    return True
+                size = os.fstat(mapped.fileno()).st_size
+                if any(size == s for s, _ in digests):
+                    digest = hashlib.sha256(mapped.read(size + 1)).hexdigest()
+                    if (size, digest) in digests:
+                        return True
         except OSError:
             continue
     return False

@@ -82,8 +82,8 @@ def _mapping(path: Path) -> subprocess.Popen[str]:
 def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_path: Path) -> None:
     """Of the processes the tenant's records name, shimmed are those that map FCSP's library:
     the file the hook mounts, or one with its content (as an overlay filesystem can show
-    it), not a file of the tenant's named libvgpu.so, nor nothing.  Where the library is not
-    installed, the records alone say."""
+    it), not a file of the tenant's named libvgpu.so, nor nothing; the library as it was
+    before an upgrade too.  Where the library is not installed, the records alone say."""
     library = tmp_path / "lib" / "libvgpu.so"
     library.parent.mkdir()
     library.write_bytes(bytes(range(256)) * 64)
@@ -99,10 +99,17 @@ def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_p
             usage.process(slot, 100 + slot)
         gpu_scene.run(Tenants())
         gpu_scene.state.members = {p.pid: ("c", 100 + i) for i, p in enumerate(procs)}
-        maps = crosscheck.ShimMaps(library)
-        (view,) = crosscheck.views(gpu_scene.state, maps.checker(set(gpu_scene.state.members)))
+        live = set(gpu_scene.state.members)
+        maps = crosscheck.ShimMaps(library, tmp_path / "state")
+        (view,) = crosscheck.views(gpu_scene.state, maps.checker(live))
         assert view.shimmed_pids == frozenset({100, 103})
-        assert crosscheck.ShimMaps(tmp_path / "absent.so").checker(set()) is None
+        # Upgraded, with the observer restarted: what ran the library before still counts.
+        library.unlink()
+        library.write_bytes(bytes(4096))
+        maps = crosscheck.ShimMaps(library, tmp_path / "state")
+        (view,) = crosscheck.views(gpu_scene.state, maps.checker(live))
+        assert view.shimmed_pids == frozenset({100, 103})
+        assert crosscheck.ShimMaps(tmp_path / "absent.so", tmp_path).checker(set()) is None
     finally:
         for proc in procs:
             proc.kill()
