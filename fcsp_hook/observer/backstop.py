@@ -140,8 +140,9 @@ def suspect_per_gpu(
     Whatever they read: beside a busy neighbour the driver's per-process readings can give
     the one that runs without the shim less than its share and the other the rest (on an
     H100, 14 % and 81 % for tenants at 40 % that ran 54 % and 42 % of their solo
-    throughput).  Which processes run with the shim the tenant's own records say: a forged
-    one only has its neighbour suspected first, whom the quiet readings then clear."""
+    throughput).  Which processes run with the shim the tenant's records say and the host
+    checks (observer.crosscheck.ShimMaps): one that maps the shim and bypasses it only has
+    its neighbour suspected first, whom the quiet readings then clear."""
 
     def suspicion(r: Reading) -> tuple[bool, float]:
         return r.cid in unshimmed and r.used_pct > 0, r.used_pct - r.share_pct

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
+import mmap
 import os
 import signal
 from collections.abc import Callable
@@ -128,12 +128,10 @@ class CrossCheck(Duty):
 
 @dataclasses.dataclass(frozen=True)
 class Library:
-    """FCSP's library, as a process's maps show it."""
+    """FCSP's library as /proc/<pid>/maps shows a mapping of it."""
 
-    device: str  # as /proc/<pid>/maps writes it: major:minor in hex
+    device: str  # major:minor in hex
     inode: str
-    size: int
-    digest: str  # sha256, hex
 
 
 LIBRARIES_FILE = "libraries.json"
@@ -143,18 +141,16 @@ LIBRARIES_KEPT = 8
 class ShimMaps:
     """Which host processes map FCSP's library (the file the hook mounts into containers as
     libvgpu.so), from /proc/<pid>/maps, which a tenant cannot write: a record of the shim
-    that it forges for a process without it does not make that process shimmed.  The mapped
-    file is the library if its device and inode are the library's, or else (an overlay
-    filesystem can show those of the file below it) if its content is, where the mapped
-    file can be opened (/proc/<pid>/map_files takes CAP_SYS_ADMIN or
-    CAP_CHECKPOINT_RESTORE); a tenant can give a file of its own the content only by copying
-    the library.  The library as it was before an upgrade still counts (its containers
-    mapped it when they started): the last LIBRARIES_KEPT are kept in
-    <state_dir>/libraries.json."""
+    that it forges for a process without it does not make that process shimmed.  A mapping
+    is of the library if it shows the device and inode the observer's own mapping of it
+    shows (an overlay filesystem can show those of the file below it rather than stat's);
+    nothing of the tenant's is opened, so no file it serves can stall the observer.  The
+    library as it was before an upgrade still counts (its containers mapped it when they
+    started): the last LIBRARIES_KEPT are kept in <state_dir>/libraries.json."""
 
     def __init__(self, library: Path, state_dir: Path) -> None:
         self.library, self.state_dir = library, state_dir
-        self.read_as: tuple[int, int] | None = None  # the library's size and mtime, read
+        self.read_as: tuple[int, int, int] | None = None  # its inode, size and mtime, read
         self.known: list[Library] = _load_libraries(state_dir)
         self.mapping: set[int] = set()  # host pids found to map it
 
@@ -162,15 +158,13 @@ class ShimMaps:
         """The library now and as it was before; [] where it is not there now."""
         try:
             st = os.stat(self.library)
-            if self.read_as != (st.st_size, st.st_mtime_ns):
-                digest = hashlib.sha256(self.library.read_bytes()).hexdigest()
-                device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
-                now = Library(device, str(st.st_ino), st.st_size, digest)
-                self.read_as = (st.st_size, st.st_mtime_ns)
+            if self.read_as != (st.st_ino, st.st_size, st.st_mtime_ns):
+                now = _as_mapped(self.library)
+                self.read_as = (st.st_ino, st.st_size, st.st_mtime_ns)
                 if now not in self.known:
                     self.known = [*self.known, now][-LIBRARIES_KEPT:]
                     _save_libraries(self.state_dir, self.known)
-        except OSError:
+        except (OSError, ValueError):
             return []
         return self.known
 
@@ -189,6 +183,18 @@ class ShimMaps:
             return host_pid in self.mapping
 
         return maps_it
+
+
+def _as_mapped(library: Path) -> Library:
+    """The library as the observer's own mapping of it shows in /proc/self/maps."""
+    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ):
+        st = os.fstat(f.fileno())
+        path = str(library.resolve())
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5] == path:
+                return Library(fields[3], fields[4])
+    return Library(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino))
 
 
 def _load_libraries(state_dir: Path) -> list[Library]:
@@ -220,21 +226,11 @@ def _maps(host_pid: int, name: str, libraries: list[Library]) -> bool:
             lines = maps.read(MAPS_READ).decode(errors="replace").splitlines()
     except OSError:
         return True
-    named = [f for line in lines if len(f := line.split()) >= 6 and f[5].endswith("/" + name)]
-    if any((f[3], f[4]) == (lib.device, lib.inode) for f in named for lib in libraries):
-        return True
-    digests = {(lib.size, lib.digest) for lib in libraries}
-    for span in sorted({f[0] for f in named}):
-        try:
-            with open(f"/proc/{host_pid}/map_files/{span}", "rb") as mapped:
-                size = os.fstat(mapped.fileno()).st_size
-                if any(size == s for s, _ in digests):
-                    digest = hashlib.sha256(mapped.read(size + 1)).hexdigest()
-                    if (size, digest) in digests:
-                        return True
-        except OSError:
-            continue
-    return False
+    known = {(lib.device, lib.inode) for lib in libraries}
+    return any(
+        len(f := line.split()) >= 6 and f[5].endswith("/" + name) and (f[3], f[4]) in known
+        for line in lines
+    )
 
 
 def views(

@@ -81,19 +81,23 @@ def _mapping(path: Path) -> subprocess.Popen[str]:
 
 def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_path: Path) -> None:
     """Of the processes the tenant's records name, shimmed are those that map FCSP's library:
-    the file the hook mounts, or one with its content (as an overlay filesystem can show
-    it), not a file of the tenant's named libvgpu.so, nor nothing; the library as it was
+    the file the hook mounts (bind-mounted elsewhere, as into a container), not a copy of
+    it, nor a file of the tenant's named libvgpu.so, nor nothing; the library as it was
     before an upgrade too.  Where the library is not installed, the records alone say."""
     library = tmp_path / "lib" / "libvgpu.so"
     library.parent.mkdir()
     library.write_bytes(bytes(range(256)) * 64)
+    mounted = tmp_path / "mnt" / "libvgpu.so"
     copy, other = tmp_path / "copy" / "libvgpu.so", tmp_path / "other" / "libvgpu.so"
-    for path, content in ((copy, library.read_bytes()), (other, bytes(16384))):
+    for path, content in ((mounted, b""), (copy, library.read_bytes()), (other, bytes(16384))):
         path.parent.mkdir()
         path.write_bytes(content)
+    subprocess.run(["mount", "--bind", str(library), str(mounted)], check=True)
     (tmp_path / "data").write_bytes(library.read_bytes())
-    procs = [_mapping(copy), _mapping(other), _mapping(tmp_path / "data"), _mapping(library)]
+    procs = []
     try:
+        for path in (mounted, other, tmp_path / "data", library, copy):
+            procs.append(_mapping(path))
         usage = gpu_scene.add("c", files.DeviceLimits(uuid=GPU))
         for slot in range(len(procs)):
             usage.process(slot, 100 + slot)
@@ -114,6 +118,7 @@ def test_a_forged_record_does_not_make_a_process_shimmed(gpu_scene: Scene, tmp_p
         for proc in procs:
             proc.kill()
             proc.wait()
+        subprocess.run(["umount", str(mounted)], check=False)
 
 
 def test_cross_check_flags_unshimmed_foreign_and_over_quota() -> None:
