@@ -27,12 +27,13 @@ leaves too little frozen time, its neighbours are judged on the allowance as bef
 tenant found above its share on quiet readings is held on proof, and those held on
 suspicion there are let go: its time may be all they read above their shares; the quiet
 readings of them, once it is frozen, hold again those that are not.  The held tenants
-themselves are charged the whole GPU's samples less what the quiet ones give everyone else:
-the driver keeps no per-process sample for a process frozen when the sample ends, so a held
-tenant's own read next to nothing (none at all for one frozen 0.9 of each second, on an
-H100), and those of it running count its wait for a neighbour's slices as its own.  A
-tenant is judged on two readings at least, never on the first alone (a process's first
-reading can come before its neighbours' do).
+themselves are charged the whole GPU's samples less what the quiet ones give everyone else,
+or what their own samples say they ran if more: the driver keeps no per-process sample for
+a process frozen when the sample ends, so a held tenant's own read next to nothing (none at
+all for one frozen 0.9 of each second, on an H100), but running, it can take more from a
+neighbour than the neighbour leaves while it is frozen.  A tenant is judged on two readings
+at least, never on the first alone (a process's first reading can come before its
+neighbours' do).
 
 On a GPU whose MPS daemon is up, an MPS tenant is read by its processes that NVML lists
 outside MPS (observer.crosscheck): a process that skips both the shim and MPS runs a context
@@ -224,9 +225,9 @@ class Backstop(Duty):
         self.held_on: dict[str, tuple[frozenset[str], int]] = {}
         self.quiet_history: deque[QuietReading] = deque()  # the window's
         self.busy_since_us: dict[str, int] = {}  # per GPU with a hold: its newest busy sample
-        # the last two windows' samples of held tenants' own on GPUs an MPS server may run
-        # on: when read, tenant, GPU, percent; the driver keeps none of a process frozen
-        # when a sample ends, so they are of it running
+        # the last two windows' samples of held tenants' own: when read, tenant, GPU,
+        # percent; the driver keeps none of a process frozen when a sample ends, so they are
+        # of it running
         self.running: deque[tuple[int, str, str, int]] = deque()
         self.since_us: dict[str, int] = {}  # per GPU: NVML's sample clock, for the next read
         self.seen_us: dict[int, int] = {}  # per process: its newest sample read
@@ -295,7 +296,7 @@ class Backstop(Duty):
                     self.seen_us[pid] = sample.at_us
             for cid, pct in _by_tenant(state, gpu.uuid, by_pid).items():
                 used[(cid, gpu.uuid)] = pct
-                if cid in held.get(gpu.uuid, {}) and _mps_served(state, gpu.uuid):
+                if cid in held.get(gpu.uuid, {}):
                     self.running.append((now_ns, cid, gpu.uuid, pct))
             self.charge_held(state, gpu, held.get(gpu.uuid, {}), used)
         return used
@@ -488,34 +489,33 @@ class Backstop(Duty):
 
     def worst_over_period(self, state: HostState, cid: str, duty: float, now_ns: int) -> Reading:
         """A held tenant's worst device over the last period, whose readings were all taken
-        under the duty in force; beside an MPS server, as its own samples say it ran
-        (beside_mps_server_reading)."""
+        under the duty in force, each at least as it ran."""
         since_ns = now_ns - self.hold_period_ns
         over = [h for h in self.history if h[0] > since_ns]
         ran = [
-            self.beside_mps_server_reading(state, r, since_ns, duty)
-            if _mps_served(state, r.gpu)
-            else r
+            self.at_least_as_ran(r, since_ns, duty)
             for r in _readings(state, _mean(over, self.hold_period_ns))
             if r.cid == cid and r.judged
         ]
+        held = self.held_by_gpu(state)
+        ran = [
+            replace(r, used_pct=r.used_pct * self.beside_mps_server(state, r.gpu, set(held[r.gpu])))
+            if _mps_served(state, r.gpu) and r.gpu in held
+            else r
+            for r in ran
+        ]
         return max(ran, key=lambda r: r.used_pct - r.share_pct)
 
-    def beside_mps_server_reading(
-        self, state: HostState, r: Reading, since_ns: int, duty: float
-    ) -> Reading:
-        """A held tenant's reading on a GPU an MPS server may run on, where its readings are
-        its own samples, the driver keeping none of it frozen: the median of those since
-        since_ns (taken while it ran, the first and last in part) for the part of the time
-        it runs, or its reading if more; of that, the part the server's time slices leave it
-        (beside_mps_server).  Not on a time-sliced GPU: there its own samples count its wait
-        for a neighbour's slices as its own (on an H100, 50-99 % while it ran 54 % of its
-        solo throughput beside a tenant at 40 %; charged by them, it was held to 31 %), and
-        it is charged by the whole GPU's samples (charge_held)."""
+    def at_least_as_ran(self, r: Reading, since_ns: int, duty: float) -> Reading:
+        """A held tenant's reading, or more if its own samples since say so: the median of
+        them (taken while it ran, the first and last in part) for the part of the time it
+        runs.  Charged the whole GPU's samples less what the others use while it is frozen,
+        it is not charged what it takes from them while it runs (on the simulated GPU, a
+        fifth of a shimmed neighbour's 40 %)."""
         own = self.own_samples(r.cid, r.gpu, since_ns)
-        used = max(r.used_pct, statistics.median(own) * (1.0 - duty)) if own else r.used_pct
-        held = set(self.held_by_gpu(state).get(r.gpu, {}))
-        return replace(r, used_pct=used * self.beside_mps_server(state, r.gpu, held))
+        if not own:
+            return r
+        return replace(r, used_pct=max(r.used_pct, statistics.median(own) * (1.0 - duty)))
 
     def own_samples(self, cid: str, gpu: str, since_ns: int) -> list[int]:
         """A held tenant's own samples on a GPU read since since_ns: of it running."""

@@ -646,22 +646,18 @@ def test_a_neighbour_at_its_share_counts_at_it_in_what_the_held_one_is_left(
         assert duty.others_use(scene.state, "GPU-x", held) == pytest.approx(20)
 
 
-def test_on_a_time_sliced_gpu_a_held_tenant_is_read_by_the_whole_gpus_samples(
-    scene: Scene, group: cgroups.Cgroup
-) -> None:
-    """Held 0.4 of each period at 40 %, charged 36 % by the whole GPU's samples: it reads 36,
-    though its own samples of it running say 50-99 % (as an H100's did for one that ran 54 %
-    of its solo throughput beside a tenant at 40 %: they count its wait for the neighbour's
-    slices as its own; charged by them, it was held to 31 %)."""
-    _tenant(scene, "greedy", group, sm=4000)
+def test_a_held_tenant_is_charged_at_least_what_its_own_samples_say_it_ran() -> None:
+    """Running 0.6 of the time beside a neighbour it takes from, its own samples (of it
+    running: none of a frozen process, the first and last in part) say 70 %: charged 42,
+    not the 36 the whole GPU's less the others' say; samples before the period do not
+    count, and with none the reading stands."""
     duty = Backstop()
-    duty.holds["greedy"] = backstop.Hold(readings=5, duty=0.4, changed_ns=scene.now_ns)
-    for pct in (99, 50, 66, 99, 50):
-        scene.now_ns += SECOND
-        duty.record(scene.state, scene.now_ns, {("greedy", "GPU-x"): 36}, SECOND)
-        duty.running.append((scene.now_ns, "greedy", "GPU-x", pct))
-    worst = duty.worst_over_period(scene.state, "greedy", 0.4, scene.now_ns)
-    assert worst.used_pct == pytest.approx(36)
+    duty.running.extend((at * SECOND, "greedy", "GPU-x", pct) for at, pct in
+                        [(1, 99), (11, 30), (12, 70), (13, 70), (14, 70)])  # fmt: skip
+    reading = R("greedy", "GPU-x", 36, 40, True)
+    assert duty.at_least_as_ran(reading, 10 * SECOND, 0.4).used_pct == pytest.approx(42)
+    assert duty.at_least_as_ran(reading, 20 * SECOND, 0.4) == reading
+    assert duty.at_least_as_ran(R("greedy", "GPU-x", 50, 40, True), 10 * SECOND, 0.4).used_pct == 50
 
 
 def test_held_tenants_of_one_gpu_share_its_excess_by_the_time_each_runs(scene: Scene) -> None:

@@ -38,8 +38,6 @@ struct sim_proc {
 struct sim_shared {
     struct sim_proc proc[SIM_MAX_PROCS];
     _Atomic uint64_t busy_until[SIM_MAX_DEVICES]; /* CLOCK_MONOTONIC ns */
-    _Atomic uint32_t claimed_by[SIM_MAX_DEVICES];    /* a process's entry + 1; 0: nobody */
-    _Atomic uint64_t claimed_until[SIM_MAX_DEVICES]; /* CLOCK_MONOTONIC ns */
     struct sim_busy device_busy[BUSY_DEVICES];    /* every process's kernels, as they ran */
 };
 
@@ -354,40 +352,11 @@ uint64_t sim_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/*
- * A time-sliced GPU switches contexts every slice (a few ms), not every kernel: the kernels
- * a process times between two events run in the slice its first event runs in, with no
- * neighbour's work between them.  On one queue a neighbour that launches all the time would
- * get kernels in between nearly every time, and the process's shim would measure its
- * kernels the longer by them.  So an event claims the timeline for its process for
- * SIM_CLAIM_NS, and another process's kernel is queued after the claim lapses: its launch
- * waits, while the work it has queued keeps the device busy.
- */
-#define SIM_CLAIM_NS 500000ull
-
-static void claim_or_wait(int dev, uint32_t me, int event)
-{
-    if (event) {
-        atomic_store(&shared->claimed_until[dev], sim_now_ns() + SIM_CLAIM_NS);
-        atomic_store(&shared->claimed_by[dev], me);
-        return;
-    }
-    for (;;) {
-        uint32_t by = atomic_load(&shared->claimed_by[dev]);
-        uint64_t until = atomic_load(&shared->claimed_until[dev]), now = sim_now_ns();
-        if (by == 0 || by == me || now >= until)
-            return;
-        struct timespec ts = {0, (long)(until - now)};
-        nanosleep(&ts, NULL);
-    }
-}
-
 uint64_t sim_timeline_run(int dev, uint64_t ready_ns, uint64_t dur_ns)
 {
     static _Atomic uint64_t own_end[SIM_MAX_DEVICES]; /* this process's last kernel's end */
     sim_config();
     _Atomic uint64_t *busy = &shared->busy_until[dev];
-    claim_or_wait(dev, (uint32_t)(my_entry() - shared->proc) + 1, dur_ns == 0);
     uint64_t now = sim_now_ns();
     uint64_t free_at = atomic_load(busy), end;
     do {
